@@ -1,0 +1,422 @@
+//! Typed, validated fault specs.
+//!
+//! [`FaultRequest::from_pb`] turns a wire `FaultSpec` into a value the agent
+//! can act on, or a [`SpecError`] that names the bad field and its value.
+//! Families that exist in the contract but are not implemented yet come
+//! back as [`SpecError::Unimplemented`] naming the family: never a silent
+//! success. The domain types are serde-serializable because they go into
+//! the agent's on-disk journal.
+
+use std::{collections::BTreeMap, fmt, time::Duration};
+
+use nix::sys::signal::Signal;
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    convert::{duration_from_pb, duration_to_pb},
+    pb,
+};
+
+/// Longest id a caller may choose.
+pub const MAX_ID_LEN: usize = 64;
+
+/// Why a spec was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SpecError {
+    /// A field is missing or out of range.
+    #[error("{field} {message}")]
+    Invalid { field: String, message: String },
+    /// The family exists in the contract but this build cannot inject it.
+    #[error("fault family `{family}` is not implemented by this agent yet")]
+    Unimplemented { family: &'static str },
+}
+
+impl SpecError {
+    pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
+        SpecError::Invalid { field: field.into(), message: message.into() }
+    }
+}
+
+/// Where a fault lands (see `chaos.v1.Target`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TargetSpec {
+    Host,
+    Netns(String),
+    Pid(u32),
+    ProcessName(String),
+    CgroupPath(String),
+    Container(String),
+}
+
+impl fmt::Display for TargetSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TargetSpec::Host => write!(f, "host"),
+            TargetSpec::Netns(n) => write!(f, "netns {n}"),
+            TargetSpec::Pid(p) => write!(f, "pid {p}"),
+            TargetSpec::ProcessName(n) => write!(f, "process name {n}"),
+            TargetSpec::CgroupPath(c) => write!(f, "cgroup {c}"),
+            TargetSpec::Container(c) => write!(f, "container {c}"),
+        }
+    }
+}
+
+/// A signal, kept by name in the journal so the file is readable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct SignalName(pub Signal);
+
+impl TryFrom<String> for SignalName {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        parse_signal(&s).map(SignalName)
+    }
+}
+
+impl From<SignalName> for String {
+    fn from(s: SignalName) -> String {
+        s.0.as_str().to_string()
+    }
+}
+
+/// Parse `SIGKILL`, `KILL`, `kill` or `9`.
+pub fn parse_signal(s: &str) -> Result<Signal, String> {
+    let t = s.trim();
+    if let Ok(n) = t.parse::<i32>() {
+        return Signal::try_from(n).map_err(|_| format!("no signal number {n}"));
+    }
+    let upper = t.to_ascii_uppercase();
+    let name = if upper.starts_with("SIG") { upper } else { format!("SIG{upper}") };
+    name.parse::<Signal>().map_err(|_| format!("unknown signal {t:?}"))
+}
+
+/// The fault families this build can inject, with their parameters.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "family")]
+pub enum FaultKind {
+    /// SIGSTOP now, SIGCONT at revert.
+    ProcessPause,
+    /// Send a signal once; nothing to undo.
+    ProcessKill { signal: SignalName },
+}
+
+impl FaultKind {
+    /// The family's name as in `FaultSpec`'s oneof.
+    pub fn family(&self) -> &'static str {
+        match self {
+            FaultKind::ProcessPause => "process_pause",
+            FaultKind::ProcessKill { .. } => "process_kill",
+        }
+    }
+}
+
+/// Every family in the contract, by its oneof name, in contract order.
+pub const ALL_FAMILIES: &[&str] = &[
+    "network_partition",
+    "network_latency",
+    "network_loss",
+    "network_corrupt",
+    "network_duplicate",
+    "network_reorder",
+    "network_bandwidth",
+    "cpu_stress",
+    "memory_stress",
+    "disk_fill",
+    "io_throttle",
+    "process_kill",
+    "process_pause",
+    "container_action",
+];
+
+/// The oneof name of a wire fault.
+pub fn family_of(f: &pb::fault_spec::Fault) -> &'static str {
+    use pb::fault_spec::Fault as F;
+    match f {
+        F::NetworkPartition(_) => "network_partition",
+        F::NetworkLatency(_) => "network_latency",
+        F::NetworkLoss(_) => "network_loss",
+        F::NetworkCorrupt(_) => "network_corrupt",
+        F::NetworkDuplicate(_) => "network_duplicate",
+        F::NetworkReorder(_) => "network_reorder",
+        F::NetworkBandwidth(_) => "network_bandwidth",
+        F::CpuStress(_) => "cpu_stress",
+        F::MemoryStress(_) => "memory_stress",
+        F::DiskFill(_) => "disk_fill",
+        F::IoThrottle(_) => "io_throttle",
+        F::ProcessKill(_) => "process_kill",
+        F::ProcessPause(_) => "process_pause",
+        F::ContainerAction(_) => "container_action",
+    }
+}
+
+/// A validated fault request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FaultRequest {
+    /// Caller-chosen id, if any.
+    pub id: Option<String>,
+    pub target: TargetSpec,
+    /// Time to live.
+    #[serde(with = "duration_ms")]
+    pub duration: Duration,
+    pub labels: BTreeMap<String, String>,
+    pub kind: FaultKind,
+}
+
+impl FaultRequest {
+    /// Validate a wire spec. `max_duration` is the agent's ceiling.
+    pub fn from_pb(spec: &pb::FaultSpec, max_duration: Duration) -> Result<Self, SpecError> {
+        let id = if spec.id.is_empty() {
+            None
+        } else {
+            validate_id(&spec.id)?;
+            Some(spec.id.clone())
+        };
+        let duration = match &spec.duration {
+            None => return Err(SpecError::invalid("spec.duration", "is required (the fault's time to live)")),
+            Some(d) => duration_from_pb(d)
+                .ok_or_else(|| SpecError::invalid("spec.duration", format!("must not be negative, got {}s", d.seconds)))?,
+        };
+        if duration.is_zero() {
+            return Err(SpecError::invalid("spec.duration", "must be > 0, got 0s"));
+        }
+        if duration > max_duration {
+            return Err(SpecError::invalid(
+                "spec.duration",
+                format!("must be at most {}s (the agent's max_fault_duration), got {}s", max_duration.as_secs(), duration.as_secs()),
+            ));
+        }
+        let target = target_from_pb(spec.target.as_ref())?;
+        let fault = spec
+            .fault
+            .as_ref()
+            .ok_or_else(|| SpecError::invalid("spec.fault", format!("is required: set one of {}", ALL_FAMILIES.join(", "))))?;
+        let kind = kind_from_pb(fault)?;
+        match (&kind, &target) {
+            (FaultKind::ProcessPause | FaultKind::ProcessKill { .. }, TargetSpec::Pid(_) | TargetSpec::ProcessName(_)) => {}
+            (k, t) => {
+                return Err(SpecError::invalid(
+                    "spec.target",
+                    format!("{} needs a pid or process_name target, got {t}", k.family()),
+                ));
+            }
+        }
+        let labels = spec.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        Ok(FaultRequest { id, target, duration, labels, kind })
+    }
+
+    /// Back to the wire form (for ListFaults).
+    pub fn to_pb(&self, id: &str) -> pb::FaultSpec {
+        use pb::target::Kind as K;
+        let kind = match &self.target {
+            TargetSpec::Host => K::Host(pb::HostTarget {}),
+            TargetSpec::Netns(n) => K::Netns(n.clone()),
+            TargetSpec::Pid(p) => K::Pid(*p),
+            TargetSpec::ProcessName(n) => K::ProcessName(n.clone()),
+            TargetSpec::CgroupPath(c) => K::CgroupPath(c.clone()),
+            TargetSpec::Container(c) => K::Container(c.clone()),
+        };
+        let fault = match &self.kind {
+            FaultKind::ProcessPause => pb::fault_spec::Fault::ProcessPause(pb::ProcessPause {}),
+            FaultKind::ProcessKill { signal } => {
+                pb::fault_spec::Fault::ProcessKill(pb::ProcessKill { signal: signal.0.as_str().to_string() })
+            }
+        };
+        pb::FaultSpec {
+            id: id.to_string(),
+            target: Some(pb::Target { kind: Some(kind) }),
+            duration: Some(duration_to_pb(self.duration)),
+            labels: self.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            fault: Some(fault),
+        }
+    }
+}
+
+fn validate_id(id: &str) -> Result<(), SpecError> {
+    if id.len() > MAX_ID_LEN {
+        return Err(SpecError::invalid("spec.id", format!("must be at most {MAX_ID_LEN} characters, got {}", id.len())));
+    }
+    if let Some(c) = id.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))) {
+        return Err(SpecError::invalid(
+            "spec.id",
+            format!("may hold only letters, digits, '-', '_' and '.', got {id:?} (bad character {c:?})"),
+        ));
+    }
+    if id.starts_with('.') {
+        return Err(SpecError::invalid("spec.id", format!("must not start with '.', got {id:?}")));
+    }
+    Ok(())
+}
+
+fn target_from_pb(t: Option<&pb::Target>) -> Result<TargetSpec, SpecError> {
+    use pb::target::Kind as K;
+    let kind = t
+        .and_then(|t| t.kind.as_ref())
+        .ok_or_else(|| SpecError::invalid("spec.target", "is required: set one of host, netns, pid, process_name, cgroup_path, container"))?;
+    Ok(match kind {
+        K::Host(_) => TargetSpec::Host,
+        K::Netns(n) => {
+            if n.is_empty() || n.contains('/') || n == "." || n == ".." {
+                return Err(SpecError::invalid("spec.target.netns", format!("must be a namespace name under /run/netns, got {n:?}")));
+            }
+            TargetSpec::Netns(n.clone())
+        }
+        K::Pid(0) => return Err(SpecError::invalid("spec.target.pid", "must be > 0, got 0")),
+        K::Pid(p) => TargetSpec::Pid(*p),
+        K::ProcessName(n) => {
+            if n.is_empty() || n.contains('/') || n.contains('\0') {
+                return Err(SpecError::invalid(
+                    "spec.target.process_name",
+                    format!("must be a bare process name (no '/'), got {n:?}"),
+                ));
+            }
+            TargetSpec::ProcessName(n.clone())
+        }
+        K::CgroupPath(c) => {
+            if c.split('/').any(|seg| seg == "..") {
+                return Err(SpecError::invalid("spec.target.cgroup_path", format!("must not contain '..', got {c:?}")));
+            }
+            TargetSpec::CgroupPath(c.trim_start_matches('/').to_string())
+        }
+        K::Container(c) => {
+            if c.is_empty() {
+                return Err(SpecError::invalid("spec.target.container", "must not be empty"));
+            }
+            TargetSpec::Container(c.clone())
+        }
+    })
+}
+
+fn kind_from_pb(f: &pb::fault_spec::Fault) -> Result<FaultKind, SpecError> {
+    use pb::fault_spec::Fault as F;
+    match f {
+        F::ProcessPause(_) => Ok(FaultKind::ProcessPause),
+        F::ProcessKill(k) => {
+            let signal = if k.signal.trim().is_empty() {
+                Signal::SIGKILL
+            } else {
+                parse_signal(&k.signal).map_err(|e| SpecError::invalid("spec.process_kill.signal", e))?
+            };
+            if matches!(signal, Signal::SIGSTOP | Signal::SIGCONT) {
+                return Err(SpecError::invalid(
+                    "spec.process_kill.signal",
+                    format!("must not be {} (use process_pause, which reverts)", signal.as_str()),
+                ));
+            }
+            Ok(FaultKind::ProcessKill { signal: SignalName(signal) })
+        }
+        other => Err(SpecError::Unimplemented { family: family_of(other) }),
+    }
+}
+
+/// Serialize a `Duration` as integer milliseconds.
+mod duration_ms {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        Ok(Duration::from_millis(u64::deserialize(d)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MAX: Duration = Duration::from_secs(3600);
+
+    fn pause_pid(pid: u32, secs: i64) -> pb::FaultSpec {
+        pb::FaultSpec {
+            id: String::new(),
+            target: Some(pb::Target { kind: Some(pb::target::Kind::Pid(pid)) }),
+            duration: Some(prost_types::Duration { seconds: secs, nanos: 0 }),
+            labels: Default::default(),
+            fault: Some(pb::fault_spec::Fault::ProcessPause(pb::ProcessPause {})),
+        }
+    }
+
+    fn field_of(e: SpecError) -> String {
+        match e {
+            SpecError::Invalid { field, .. } => field,
+            SpecError::Unimplemented { family } => format!("unimplemented:{family}"),
+        }
+    }
+
+    #[test]
+    fn valid_pause_round_trips() {
+        let spec = pause_pid(42, 30);
+        let r = FaultRequest::from_pb(&spec, MAX).expect("valid");
+        assert_eq!(r.target, TargetSpec::Pid(42));
+        assert_eq!(r.duration, Duration::from_secs(30));
+        assert_eq!(r.to_pb("x").target, spec.target);
+    }
+
+    #[test]
+    fn duration_is_mandatory_positive_and_capped() {
+        let mut s = pause_pid(42, 0);
+        assert_eq!(field_of(FaultRequest::from_pb(&s, MAX).unwrap_err()), "spec.duration");
+        s.duration = None;
+        assert_eq!(field_of(FaultRequest::from_pb(&s, MAX).unwrap_err()), "spec.duration");
+        s.duration = Some(prost_types::Duration { seconds: -5, nanos: 0 });
+        assert_eq!(field_of(FaultRequest::from_pb(&s, MAX).unwrap_err()), "spec.duration");
+        let e = FaultRequest::from_pb(&pause_pid(42, 7200), MAX).unwrap_err();
+        assert!(e.to_string().contains("at most 3600s"), "{e}");
+        assert!(e.to_string().contains("7200"), "{e}");
+    }
+
+    #[test]
+    fn bad_fields_are_named_with_value() {
+        let e = FaultRequest::from_pb(&pause_pid(0, 5), MAX).unwrap_err();
+        assert_eq!(e.to_string(), "spec.target.pid must be > 0, got 0");
+        let mut s = pause_pid(1, 5);
+        s.id = "../etc".into();
+        let e = FaultRequest::from_pb(&s, MAX).unwrap_err();
+        assert_eq!(field_of(e.clone()), "spec.id");
+        assert!(e.to_string().contains("../etc"));
+        s.id = "ok-id_1.2".into();
+        assert!(FaultRequest::from_pb(&s, MAX).is_ok());
+        s.fault = Some(pb::fault_spec::Fault::ProcessKill(pb::ProcessKill { signal: "SIGBOGUS".into() }));
+        let e = FaultRequest::from_pb(&s, MAX).unwrap_err();
+        assert_eq!(field_of(e.clone()), "spec.process_kill.signal");
+        assert!(e.to_string().contains("SIGBOGUS"));
+        s.fault = Some(pb::fault_spec::Fault::ProcessKill(pb::ProcessKill { signal: "STOP".into() }));
+        assert_eq!(field_of(FaultRequest::from_pb(&s, MAX).unwrap_err()), "spec.process_kill.signal");
+        s.fault = None;
+        assert_eq!(field_of(FaultRequest::from_pb(&s, MAX).unwrap_err()), "spec.fault");
+        s.target = None;
+        s.fault = Some(pb::fault_spec::Fault::ProcessPause(pb::ProcessPause {}));
+        assert_eq!(field_of(FaultRequest::from_pb(&s, MAX).unwrap_err()), "spec.target");
+        s.target = Some(pb::Target { kind: Some(pb::target::Kind::ProcessName("a/b".into())) });
+        assert_eq!(field_of(FaultRequest::from_pb(&s, MAX).unwrap_err()), "spec.target.process_name");
+        s.target = Some(pb::Target { kind: Some(pb::target::Kind::Host(pb::HostTarget {})) });
+        let e = FaultRequest::from_pb(&s, MAX).unwrap_err();
+        assert_eq!(field_of(e.clone()), "spec.target");
+        assert!(e.to_string().contains("process_pause needs a pid or process_name"), "{e}");
+    }
+
+    #[test]
+    fn unimplemented_families_are_named() {
+        let mut s = pause_pid(5, 5);
+        s.fault = Some(pb::fault_spec::Fault::NetworkLoss(pb::NetworkLoss::default()));
+        assert_eq!(
+            FaultRequest::from_pb(&s, MAX).unwrap_err(),
+            SpecError::Unimplemented { family: "network_loss" }
+        );
+        s.fault = Some(pb::fault_spec::Fault::CpuStress(pb::CpuStress::default()));
+        assert!(FaultRequest::from_pb(&s, MAX).unwrap_err().to_string().contains("cpu_stress"));
+    }
+
+    #[test]
+    fn signals_parse_in_every_form() {
+        for s in ["SIGTERM", "TERM", "term", "15"] {
+            assert_eq!(parse_signal(s), Ok(Signal::SIGTERM), "{s}");
+        }
+        assert!(parse_signal("999").is_err());
+        assert_eq!(String::from(SignalName(Signal::SIGKILL)), "SIGKILL");
+        assert_eq!(SignalName::try_from("9".to_string()), Ok(SignalName(Signal::SIGKILL)));
+    }
+}
