@@ -1,0 +1,64 @@
+//! The agent's one error type, and the one place it maps to gRPC codes.
+
+use std::path::PathBuf;
+
+use chaos_proto::spec::SpecError;
+use nix::errno::Errno;
+use tonic::{Code, Status};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    #[error("agent is disarmed ({reason}); faults are refused until it is armed again (`chaos arm`)")]
+    Disarmed { reason: String },
+    #[error("dead-man lease lost: {0}; faults are refused until contact with the coordinator is back")]
+    LeaseLost(String),
+    #[error("revert of fault {id:?} failed: {error}; its journal record is kept and the revert is retried")]
+    RevertFailed { id: String, error: String },
+    #[error("target is protected: {0}")]
+    Protected(String),
+    #[error("target not found: {0}")]
+    TargetNotFound(String),
+    #[error("a fault with id {0:?} is already active on this agent")]
+    AlreadyExists(String),
+    #[error("no fault with id {0:?} on this agent")]
+    UnknownFault(String),
+    #[error("journal {path}: {source}")]
+    Journal { path: PathBuf, source: std::io::Error },
+    #[error("{op} on pid {pid}: {errno}")]
+    Os { op: String, pid: u32, errno: Errno },
+    #[error("reading the process table: {0}")]
+    ProcessTable(std::io::Error),
+    #[error("agent is shutting down")]
+    ShuttingDown,
+}
+
+impl AgentError {
+    pub fn journal(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        AgentError::Journal { path: path.into(), source }
+    }
+
+    /// The gRPC code for this error.
+    pub fn code(&self) -> Code {
+        match self {
+            AgentError::Spec(SpecError::Invalid { .. }) => Code::InvalidArgument,
+            AgentError::Spec(SpecError::Unimplemented { .. }) => Code::Unimplemented,
+            AgentError::Disarmed { .. } | AgentError::LeaseLost(_) => Code::FailedPrecondition,
+            AgentError::Protected(_) => Code::PermissionDenied,
+            AgentError::Os { errno: Errno::EPERM, .. } => Code::PermissionDenied,
+            AgentError::TargetNotFound(_) | AgentError::UnknownFault(_) => Code::NotFound,
+            AgentError::AlreadyExists(_) => Code::AlreadyExists,
+            AgentError::ShuttingDown => Code::Unavailable,
+            AgentError::Journal { .. } | AgentError::Os { .. } | AgentError::ProcessTable(_) | AgentError::RevertFailed { .. } => {
+                Code::Internal
+            }
+        }
+    }
+}
+
+impl From<AgentError> for Status {
+    fn from(e: AgentError) -> Status {
+        Status::new(e.code(), e.to_string())
+    }
+}

@@ -1,0 +1,88 @@
+//! Fault drivers: one module per family, each with `plan`, `apply` and
+//! `revert` side by side. The lifecycle never knows which family it runs.
+//!
+//! `plan` resolves the request on this host without side effects and
+//! returns a [`Plan`] that holds everything `revert` needs. The plan is
+//! journaled (fsync'd) before `apply` touches the host, so a new agent
+//! process can revert it after a crash from the plan alone.
+
+pub mod process;
+
+use async_trait::async_trait;
+use chaos_proto::{pb, spec::FaultRequest};
+use serde::{Deserialize, Serialize};
+
+use crate::error::AgentError;
+
+/// A process a fault acts on, named by pid and start time.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcRef {
+    pub pid: u32,
+    pub start_time_ticks: u64,
+    pub name: String,
+}
+
+impl From<&ProcRef> for pb::ProcessRef {
+    fn from(p: &ProcRef) -> Self {
+        pb::ProcessRef { pid: p.pid, start_time_ticks: p.start_time_ticks, name: p.name.clone() }
+    }
+}
+
+/// A resolved, host-specific plan: what `apply` will do and what `revert` undoes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "driver")]
+pub enum Plan {
+    /// Signal processes (pause: SIGSTOP, undone by SIGCONT; kill: not undone).
+    Process(process::ProcessPlan),
+}
+
+/// What `apply` achieved.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Applied {
+    pub backend: &'static str,
+    pub processes: Vec<ProcRef>,
+    pub summary: String,
+}
+
+impl From<&Applied> for pb::AppliedDetail {
+    fn from(a: &Applied) -> Self {
+        pb::AppliedDetail {
+            backend: a.backend.to_string(),
+            processes: a.processes.iter().map(Into::into).collect(),
+            summary: a.summary.clone(),
+        }
+    }
+}
+
+/// One fault family on this host.
+#[async_trait]
+pub trait FaultDriver: Send + Sync {
+    /// Resolve the request against this host; no side effects.
+    fn plan(&self, req: &FaultRequest) -> Result<Plan, AgentError>;
+    /// Make the plan true on the host.
+    async fn apply(&self, plan: &Plan) -> Result<Applied, AgentError>;
+    /// Undo the plan; idempotent, and a no-op on targets that are gone.
+    /// Returns a one-line summary of what it found and did.
+    async fn revert(&self, plan: &Plan) -> Result<String, AgentError>;
+}
+
+/// Every driver this build has, by family.
+pub struct Drivers {
+    pub process: process::ProcessDriver,
+}
+
+impl Drivers {
+    /// The driver that plans this request.
+    pub fn for_request(&self, _req: &FaultRequest) -> &dyn FaultDriver {
+        // Every family that validates today is a process family; new
+        // families add a match on `req.kind` here.
+        &self.process
+    }
+
+    /// The driver that applies and reverts this plan.
+    pub fn for_plan(&self, plan: &Plan) -> &dyn FaultDriver {
+        match plan {
+            Plan::Process(_) => &self.process,
+        }
+    }
+}

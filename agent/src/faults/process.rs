@@ -1,0 +1,271 @@
+//! Process faults: pause (SIGSTOP, reverted by SIGCONT) and kill (a signal
+//! of choice, nothing to undo), by pid or by exact process name.
+//!
+//! Every process is named by pid *and* start time; the signal goes through
+//! [`Signals::signal_if_same`], so a pid reused by another process after
+//! the plan (or after an agent crash) is never touched.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use chaos_proto::spec::{FaultKind, FaultRequest, SignalName, TargetSpec};
+use nix::sys::signal::Signal;
+use serde::{Deserialize, Serialize};
+
+use super::{Applied, FaultDriver, Plan, ProcRef};
+use crate::{
+    error::AgentError,
+    protect::Protection,
+    sys::{Delivery, ProcessTable, Signals},
+};
+
+/// What a process fault does to its processes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProcessAction {
+    Pause,
+    Kill { signal: SignalName },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessPlan {
+    pub action: ProcessAction,
+    pub processes: Vec<ProcRef>,
+}
+
+/// Driver for `process_pause` and `process_kill`.
+pub struct ProcessDriver {
+    table: Arc<dyn ProcessTable>,
+    signals: Arc<dyn Signals>,
+    protection: Arc<Protection>,
+}
+
+impl ProcessDriver {
+    pub fn new(table: Arc<dyn ProcessTable>, signals: Arc<dyn Signals>, protection: Arc<Protection>) -> Self {
+        Self { table, signals, protection }
+    }
+
+    fn resolve(&self, target: &TargetSpec) -> Result<Vec<ProcRef>, AgentError> {
+        let candidates = match target {
+            TargetSpec::Pid(pid) => {
+                let stat = self
+                    .table
+                    .stat(*pid)
+                    .map_err(AgentError::ProcessTable)?
+                    .ok_or_else(|| AgentError::TargetNotFound(format!("no process with pid {pid}")))?;
+                vec![stat]
+            }
+            TargetSpec::ProcessName(name) => {
+                if self.protection.name_is_protected(name) {
+                    return Err(AgentError::Protected(format!("process name {name:?} is listed in protected.names")));
+                }
+                let mut found = Vec::new();
+                for pid in self.table.pids().map_err(AgentError::ProcessTable)? {
+                    let Ok(Some(stat)) = self.table.stat(pid) else { continue };
+                    if stat.is_kernel_thread() {
+                        continue;
+                    }
+                    if stat.comm == *name || self.table.argv0_basename(pid).as_deref() == Some(name.as_str()) {
+                        found.push(stat);
+                    }
+                }
+                if found.is_empty() {
+                    return Err(AgentError::TargetNotFound(format!("no process named {name:?}")));
+                }
+                found
+            }
+            other => return Err(AgentError::TargetNotFound(format!("process faults need a pid or process name, got {other}"))),
+        };
+        let mut refs = Vec::with_capacity(candidates.len());
+        for stat in candidates {
+            if stat.state == 'Z' || stat.state == 'X' {
+                if matches!(target, TargetSpec::Pid(_)) {
+                    return Err(AgentError::TargetNotFound(format!("pid {} ({}) has exited (zombie)", stat.pid, stat.comm)));
+                }
+                continue;
+            }
+            let argv0 = self.table.argv0_basename(stat.pid);
+            if let Some(why) = self.protection.why_protected(&stat, argv0.as_deref()) {
+                return Err(AgentError::Protected(why));
+            }
+            refs.push(ProcRef { pid: stat.pid, start_time_ticks: stat.start_time_ticks, name: stat.comm });
+        }
+        if refs.is_empty() {
+            return Err(AgentError::TargetNotFound(format!("no live process for {target}")));
+        }
+        Ok(refs)
+    }
+
+    /// Send `sig` to each process; returns those reached and those gone.
+    fn send_all(&self, procs: &[ProcRef], sig: Signal) -> Result<(Vec<ProcRef>, Vec<ProcRef>), AgentError> {
+        let (mut sent, mut gone) = (Vec::new(), Vec::new());
+        for p in procs {
+            match self.signals.signal_if_same(p.pid, p.start_time_ticks, sig) {
+                Ok(Delivery::Sent) => sent.push(p.clone()),
+                Ok(Delivery::Gone) => gone.push(p.clone()),
+                Err(errno) => return Err(AgentError::Os { op: format!("sending {}", sig.as_str()), pid: p.pid, errno }),
+            }
+        }
+        Ok((sent, gone))
+    }
+}
+
+fn list(procs: &[ProcRef]) -> String {
+    procs.iter().map(|p| format!("{} {}", p.pid, p.name)).collect::<Vec<_>>().join(", ")
+}
+
+fn plan_of(plan: &Plan) -> &ProcessPlan {
+    match plan {
+        Plan::Process(p) => p,
+    }
+}
+
+#[async_trait]
+impl FaultDriver for ProcessDriver {
+    fn plan(&self, req: &FaultRequest) -> Result<Plan, AgentError> {
+        let action = match &req.kind {
+            FaultKind::ProcessPause => ProcessAction::Pause,
+            FaultKind::ProcessKill { signal } => ProcessAction::Kill { signal: *signal },
+        };
+        Ok(Plan::Process(ProcessPlan { action, processes: self.resolve(&req.target)? }))
+    }
+
+    async fn apply(&self, plan: &Plan) -> Result<Applied, AgentError> {
+        let plan = plan_of(plan);
+        let sig = match plan.action {
+            ProcessAction::Pause => Signal::SIGSTOP,
+            ProcessAction::Kill { signal } => signal.0,
+        };
+        let (sent, gone) = self.send_all(&plan.processes, sig)?;
+        if sent.is_empty() {
+            return Err(AgentError::TargetNotFound(format!("every target process exited before {}: {}", sig.as_str(), list(&gone))));
+        }
+        let mut summary = format!("{} sent to {} process(es): {}", sig.as_str(), sent.len(), list(&sent));
+        if !gone.is_empty() {
+            summary.push_str(&format!("; already gone: {}", list(&gone)));
+        }
+        Ok(Applied { backend: "signal", processes: sent, summary })
+    }
+
+    async fn revert(&self, plan: &Plan) -> Result<String, AgentError> {
+        let plan = plan_of(plan);
+        match plan.action {
+            ProcessAction::Kill { signal } => Ok(format!("nothing to undo for {}", signal.0.as_str())),
+            ProcessAction::Pause => {
+                let (sent, gone) = self.send_all(&plan.processes, Signal::SIGCONT)?;
+                let mut s = String::new();
+                if !sent.is_empty() {
+                    s.push_str(&format!("SIGCONT sent to {}", list(&sent)));
+                }
+                if !gone.is_empty() {
+                    if !s.is_empty() {
+                        s.push_str("; ");
+                    }
+                    s.push_str(&format!("already gone: {}", list(&gone)));
+                }
+                Ok(s)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{collections::BTreeMap, time::Duration};
+
+    use super::*;
+    use crate::sys::fake::FakeProcs;
+
+    fn driver(fake: &FakeProcs) -> ProcessDriver {
+        let prot = Arc::new(Protection::new(999, vec![], vec!["sshd".into()]));
+        ProcessDriver::new(Arc::new(fake.clone()), Arc::new(fake.clone()), prot)
+    }
+
+    fn req(target: TargetSpec, kind: FaultKind) -> FaultRequest {
+        FaultRequest { id: None, target, duration: Duration::from_secs(5), labels: BTreeMap::new(), kind }
+    }
+
+    #[tokio::test]
+    async fn pause_by_name_stops_all_matches_and_revert_continues_them() {
+        let fake = FakeProcs::default();
+        fake.spawn(10, "sleep", 100);
+        fake.spawn(11, "sleep", 101);
+        fake.spawn(12, "other", 102);
+        let d = driver(&fake);
+        let plan = d.plan(&req(TargetSpec::ProcessName("sleep".into()), FaultKind::ProcessPause)).expect("plan");
+        assert!(fake.sent().is_empty(), "plan must have no side effects");
+        let applied = d.apply(&plan).await.expect("apply");
+        assert_eq!(applied.processes.len(), 2);
+        assert_eq!((fake.state(10), fake.state(11), fake.state(12)), (Some('T'), Some('T'), Some('S')));
+        d.revert(&plan).await.expect("revert");
+        assert_eq!((fake.state(10), fake.state(11)), (Some('S'), Some('S')));
+        // Twice is harmless.
+        d.revert(&plan).await.expect("revert again");
+    }
+
+    #[tokio::test]
+    async fn reused_pid_is_never_signalled_at_revert() {
+        let fake = FakeProcs::default();
+        fake.spawn(10, "sleep", 100);
+        let d = driver(&fake);
+        let plan = d.plan(&req(TargetSpec::Pid(10), FaultKind::ProcessPause)).expect("plan");
+        d.apply(&plan).await.expect("apply");
+        fake.exit(10);
+        fake.spawn(10, "postgres", 555);
+        let s = d.revert(&plan).await.expect("revert");
+        assert!(s.contains("already gone"), "{s}");
+        assert_eq!(fake.sent(), vec![(10, Signal::SIGSTOP)]);
+    }
+
+    #[tokio::test]
+    async fn protected_and_missing_targets_are_refused() {
+        let fake = FakeProcs::default();
+        fake.spawn(1, "init", 1);
+        fake.spawn(999, "chaos-agent", 5);
+        fake.spawn(20, "sshd", 7);
+        fake.spawn_kthread(30, "kworker");
+        let d = driver(&fake);
+        for (t, want) in [
+            (TargetSpec::Pid(1), "init"),
+            (TargetSpec::Pid(999), "this agent"),
+            (TargetSpec::Pid(20), "protected.names"),
+            (TargetSpec::ProcessName("sshd".into()), "protected.names"),
+            (TargetSpec::Pid(30), "kernel thread"),
+        ] {
+            let e = d.plan(&req(t.clone(), FaultKind::ProcessPause)).expect_err("protected");
+            assert!(matches!(e, AgentError::Protected(_)), "{t}: {e}");
+            assert!(e.to_string().contains(want), "{t}: {e}");
+        }
+        let e = d.plan(&req(TargetSpec::Pid(4242), FaultKind::ProcessPause)).expect_err("missing");
+        assert!(matches!(e, AgentError::TargetNotFound(_)), "{e}");
+        let e = d.plan(&req(TargetSpec::ProcessName("nope".into()), FaultKind::ProcessPause)).expect_err("missing");
+        assert!(e.to_string().contains("nope"), "{e}");
+        assert!(fake.sent().is_empty());
+    }
+
+    #[tokio::test]
+    async fn kill_sends_the_chosen_signal_and_revert_does_nothing() {
+        let fake = FakeProcs::default();
+        fake.spawn(10, "worker", 100);
+        let d = driver(&fake);
+        let kind = FaultKind::ProcessKill { signal: SignalName(Signal::SIGTERM) };
+        let plan = d.plan(&req(TargetSpec::Pid(10), kind)).expect("plan");
+        let a = d.apply(&plan).await.expect("apply");
+        assert!(a.summary.contains("SIGTERM"), "{}", a.summary);
+        assert_eq!(fake.state(10), None);
+        assert!(d.revert(&plan).await.expect("revert").contains("nothing to undo"));
+        assert_eq!(fake.sent(), vec![(10, Signal::SIGTERM)]);
+    }
+
+    #[tokio::test]
+    async fn signal_errors_name_the_pid() {
+        let fake = FakeProcs::default();
+        fake.spawn(10, "worker", 100);
+        fake.fail_signals(10, nix::errno::Errno::EPERM);
+        let d = driver(&fake);
+        let plan = d.plan(&req(TargetSpec::Pid(10), FaultKind::ProcessPause)).expect("plan");
+        let e = d.apply(&plan).await.expect_err("eperm");
+        assert!(e.to_string().contains("pid 10"), "{e}");
+        assert_eq!(e.code(), tonic::Code::PermissionDenied);
+    }
+}

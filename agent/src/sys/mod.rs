@@ -1,0 +1,59 @@
+//! Narrow traits over the OS calls the agent makes, each with a real
+//! implementation and a recording fake, so the fault lifecycle is
+//! unit-tested without root and the real path is tested as root.
+
+pub mod fake;
+pub mod procfs;
+pub mod signals;
+
+use nix::{errno::Errno, sys::signal::Signal};
+
+/// The parts of `/proc/PID/stat` the agent acts on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcStat {
+    pub pid: u32,
+    /// `comm`, at most 15 characters.
+    pub comm: String,
+    /// One-letter state: R, S, D, T (stopped), t, Z, X, I.
+    pub state: char,
+    pub ppid: u32,
+    /// Kernel `PF_*` flags (field 9).
+    pub flags: u64,
+    /// Start time in clock ticks since boot (field 22): with the pid, it
+    /// names one process for the life of the host.
+    pub start_time_ticks: u64,
+}
+
+/// `PF_KTHREAD`: the process is a kernel thread.
+pub const PF_KTHREAD: u64 = 0x0020_0000;
+
+impl ProcStat {
+    pub fn is_kernel_thread(&self) -> bool {
+        self.flags & PF_KTHREAD != 0 || self.pid == 2 || self.ppid == 2
+    }
+}
+
+/// Read-only view of the process table.
+pub trait ProcessTable: Send + Sync {
+    /// The process's stat, or `None` when no such process exists.
+    fn stat(&self, pid: u32) -> std::io::Result<Option<ProcStat>>;
+    /// Every pid currently in the table.
+    fn pids(&self) -> std::io::Result<Vec<u32>>;
+    /// Basename of argv[0], when readable (comm is cut to 15 characters).
+    fn argv0_basename(&self, pid: u32) -> Option<String>;
+}
+
+/// What became of a signal aimed at one process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// The signal was delivered to the very process named.
+    Sent,
+    /// The process is gone, or its pid now belongs to another process.
+    Gone,
+}
+
+/// Sends signals, guarded against pid reuse.
+pub trait Signals: Send + Sync {
+    /// Send `sig` to `pid` only if that pid still has `start_time_ticks`.
+    fn signal_if_same(&self, pid: u32, start_time_ticks: u64, sig: Signal) -> Result<Delivery, Errno>;
+}
