@@ -1,0 +1,296 @@
+//! Agent configuration: flags, environment variables and a YAML file, in
+//! that order of precedence, validated at start with errors naming the key.
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::{Context, bail};
+use chaos_proto::serve::LogFormat;
+use clap::Parser;
+use serde::Deserialize;
+
+const EXAMPLES: &str = "\
+Examples:
+  # Standalone (no coordinator, no lease), journal in a scratch dir:
+  chaos-agent --journal-dir /tmp/chaos-journal
+
+  # Registered with a coordinator; reverts everything if it is silent for 10 s:
+  chaos-agent --coordinator http://127.0.0.1:50051 --label role=kafka
+
+  # From a config file (flags and CHAOS_AGENT_* variables override it):
+  chaos-agent --config /etc/chaos/agent.yaml
+
+Config file keys (YAML): listen, coordinator, journal_dir, agent_id, advertise,
+labels, lease, heartbeat_interval, max_fault_duration, shutdown_timeout,
+protected: { pids: [..], names: [..] }. Durations as \"10s\", \"500ms\", \"1h\".";
+
+/// Command line of `chaos-agent`.
+#[derive(Debug, Parser, Default)]
+#[command(
+    name = "chaos-agent",
+    version,
+    about = "Per-host chaos agent: applies real faults and reverts them for sure",
+    long_about = "Per-host chaos agent. Applies faults it is asked for over gRPC (chaos.v1.Agent), \
+                  journals each one to disk before touching the host, and reverts it at its TTL, on \
+                  request, on emergency stop, when the coordinator is silent for longer than the lease, \
+                  on SIGTERM/SIGINT, and at the next start after a crash.",
+    after_help = EXAMPLES
+)]
+pub struct AgentArgs {
+    /// YAML config file.
+    #[arg(long, env = "CHAOS_AGENT_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// gRPC listen address [default: 127.0.0.1:50052].
+    #[arg(long, env = "CHAOS_AGENT_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Coordinator URL, e.g. http://127.0.0.1:50051. Without it the agent runs standalone (no lease).
+    #[arg(long, env = "CHAOS_COORDINATOR")]
+    pub coordinator: Option<String>,
+    /// Directory of the fault journal [default: /var/lib/chaos-agent/journal].
+    #[arg(long, env = "CHAOS_AGENT_JOURNAL_DIR")]
+    pub journal_dir: Option<PathBuf>,
+    /// Agent id reported to the coordinator [default: the hostname].
+    #[arg(long, env = "CHAOS_AGENT_ID")]
+    pub agent_id: Option<String>,
+    /// URL the coordinator uses to reach this agent [default: http://LISTEN].
+    #[arg(long, env = "CHAOS_AGENT_ADVERTISE")]
+    pub advertise: Option<String>,
+    /// A label KEY=VALUE (repeatable), used by coordinator selectors.
+    #[arg(long = "label", value_name = "KEY=VALUE")]
+    pub labels: Vec<String>,
+    /// Dead-man lease: revert everything when the coordinator is silent this long [default: 10s].
+    #[arg(long, env = "CHAOS_AGENT_LEASE", value_parser = humantime::parse_duration)]
+    pub lease: Option<Duration>,
+    /// Heartbeat interval [default: a third of the lease].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub heartbeat_interval: Option<Duration>,
+    /// Longest fault duration accepted [default: 1h].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub max_fault_duration: Option<Duration>,
+    /// Bound on reverting everything at SIGTERM before exiting [default: 10s].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub shutdown_timeout: Option<Duration>,
+    /// A pid never to fault (repeatable; pid 1, the agent and the coordinator always are).
+    #[arg(long = "protect-pid", value_name = "PID")]
+    pub protect_pids: Vec<u32>,
+    /// A process name never to fault (repeatable; added to the defaults).
+    #[arg(long = "protect-name", value_name = "NAME")]
+    pub protect_names: Vec<String>,
+    /// Log format on stderr.
+    #[arg(long, env = "CHAOS_LOG_FORMAT", value_enum, default_value_t)]
+    pub log_format: LogFormat,
+}
+
+/// The YAML config file; every key optional, unknown keys refused.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentFile {
+    pub listen: Option<String>,
+    pub coordinator: Option<String>,
+    pub journal_dir: Option<PathBuf>,
+    pub agent_id: Option<String>,
+    pub advertise: Option<String>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    pub lease: Option<String>,
+    pub heartbeat_interval: Option<String>,
+    pub max_fault_duration: Option<String>,
+    pub shutdown_timeout: Option<String>,
+    #[serde(default)]
+    pub protected: ProtectedFile,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProtectedFile {
+    #[serde(default)]
+    pub pids: Vec<u32>,
+    #[serde(default)]
+    pub names: Vec<String>,
+}
+
+/// Names protected on every host unless the operator knows better.
+pub const DEFAULT_PROTECTED_NAMES: &[&str] = &["chaos-agent", "chaos-coordinator", "sshd", "systemd-journald"];
+
+/// The resolved configuration.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub listen: SocketAddr,
+    pub coordinator: Option<String>,
+    pub journal_dir: PathBuf,
+    pub agent_id: String,
+    pub advertise: String,
+    pub labels: BTreeMap<String, String>,
+    pub lease: Duration,
+    pub heartbeat_interval: Duration,
+    pub max_fault_duration: Duration,
+    pub shutdown_timeout: Duration,
+    pub protected_pids: Vec<u32>,
+    pub protected_names: Vec<String>,
+}
+
+fn dur(key: &str, v: &str) -> anyhow::Result<Duration> {
+    humantime::parse_duration(v).with_context(|| format!("{key}: invalid duration {v:?} (use e.g. \"10s\", \"500ms\")"))
+}
+
+fn parse_label(s: &str) -> anyhow::Result<(String, String)> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => bail!("--label: expected KEY=VALUE, got {s:?}"),
+    }
+}
+
+/// This host's name.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "unknown-host".into())
+}
+
+impl AgentFile {
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading config file {}", path.display()))?;
+        serde_yaml_ng::from_str(&text).with_context(|| format!("config file {}", path.display()))
+    }
+}
+
+impl AgentConfig {
+    /// Merge flags/env over the file over the defaults, and validate.
+    pub fn resolve(args: &AgentArgs) -> anyhow::Result<Self> {
+        let file = match &args.config {
+            Some(p) => AgentFile::load(p)?,
+            None => AgentFile::default(),
+        };
+        let in_file = |key: &str| match &args.config {
+            Some(p) => format!("config file {}: {key}", p.display()),
+            None => key.to_string(),
+        };
+        let listen = match (args.listen, &file.listen) {
+            (Some(a), _) => a,
+            (None, Some(s)) => s.parse().with_context(|| format!("{}: invalid address {s:?} (want IP:PORT)", in_file("listen")))?,
+            (None, None) => chaos_proto::DEFAULT_AGENT_ADDR.parse().context("default agent address")?,
+        };
+        let coordinator = args.coordinator.clone().or(file.coordinator.clone()).filter(|s| !s.is_empty());
+        if let Some(c) = &coordinator
+            && !(c.starts_with("http://") || c.starts_with("https://"))
+        {
+            bail!("coordinator: expected a URL like http://127.0.0.1:50051, got {c:?}");
+        }
+        let opt_dur = |flag: Option<Duration>, file_v: &Option<String>, key: &str| -> anyhow::Result<Option<Duration>> {
+            match (flag, file_v) {
+                (Some(d), _) => Ok(Some(d)),
+                (None, Some(s)) => dur(&in_file(key), s).map(Some),
+                (None, None) => Ok(None),
+            }
+        };
+        let lease = opt_dur(args.lease, &file.lease, "lease")?.unwrap_or(Duration::from_secs(10));
+        if lease < Duration::from_millis(300) {
+            bail!("lease: must be at least 300ms, got {}", humantime::format_duration(lease));
+        }
+        let heartbeat_interval = opt_dur(args.heartbeat_interval, &file.heartbeat_interval, "heartbeat_interval")?.unwrap_or(lease / 3);
+        if heartbeat_interval.is_zero() || heartbeat_interval >= lease {
+            bail!(
+                "heartbeat_interval: must be > 0 and shorter than the lease ({}), got {}",
+                humantime::format_duration(lease),
+                humantime::format_duration(heartbeat_interval)
+            );
+        }
+        let max_fault_duration =
+            opt_dur(args.max_fault_duration, &file.max_fault_duration, "max_fault_duration")?.unwrap_or(Duration::from_secs(3600));
+        if max_fault_duration.is_zero() {
+            bail!("max_fault_duration: must be > 0");
+        }
+        let shutdown_timeout = opt_dur(args.shutdown_timeout, &file.shutdown_timeout, "shutdown_timeout")?.unwrap_or(Duration::from_secs(10));
+        let mut labels = file.labels.clone();
+        for l in &args.labels {
+            let (k, v) = parse_label(l)?;
+            labels.insert(k, v);
+        }
+        let advertise = match args.advertise.clone().or(file.advertise.clone()) {
+            Some(a) => a,
+            None if listen.ip().is_unspecified() && coordinator.is_some() => {
+                bail!("advertise: listening on {listen} (all addresses); set --advertise to the URL the coordinator should use")
+            }
+            None => format!("http://{listen}"),
+        };
+        let mut protected_names: Vec<String> = DEFAULT_PROTECTED_NAMES.iter().map(|s| s.to_string()).collect();
+        protected_names.extend(file.protected.names.iter().cloned());
+        protected_names.extend(args.protect_names.iter().cloned());
+        let mut protected_pids = file.protected.pids.clone();
+        protected_pids.extend(&args.protect_pids);
+        Ok(AgentConfig {
+            listen,
+            coordinator,
+            journal_dir: args
+                .journal_dir
+                .clone()
+                .or(file.journal_dir.clone())
+                .unwrap_or_else(|| PathBuf::from("/var/lib/chaos-agent/journal")),
+            agent_id: args.agent_id.clone().or(file.agent_id.clone()).unwrap_or_else(hostname),
+            advertise,
+            labels,
+            lease,
+            heartbeat_interval,
+            max_fault_duration,
+            shutdown_timeout,
+            protected_pids,
+            protected_names,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_file(yaml: &str) -> (tempfile::TempDir, AgentArgs) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("agent.yaml");
+        std::fs::write(&p, yaml).expect("write");
+        (dir, AgentArgs { config: Some(p), ..Default::default() })
+    }
+
+    #[test]
+    fn defaults() {
+        let c = AgentConfig::resolve(&AgentArgs::default()).expect("resolve");
+        assert_eq!(c.listen.to_string(), "127.0.0.1:50052");
+        assert_eq!(c.lease, Duration::from_secs(10));
+        assert_eq!(c.advertise, "http://127.0.0.1:50052");
+        assert!(c.coordinator.is_none());
+        assert!(c.protected_names.iter().any(|n| n == "sshd"));
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let (_d, mut args) = with_file("listen: 127.0.0.1:6000\nlease: 4s\nlabels: {role: kafka}\nprotected: {names: [java]}\n");
+        let c = AgentConfig::resolve(&args).expect("resolve");
+        assert_eq!(c.listen.port(), 6000);
+        assert_eq!(c.lease, Duration::from_secs(4));
+        assert_eq!(c.labels.get("role").map(String::as_str), Some("kafka"));
+        assert!(c.protected_names.iter().any(|n| n == "java"));
+        args.listen = Some("127.0.0.1:7000".parse().expect("addr"));
+        args.labels = vec!["role=cassandra".into()];
+        let c = AgentConfig::resolve(&args).expect("resolve");
+        assert_eq!(c.listen.port(), 7000);
+        assert_eq!(c.labels.get("role").map(String::as_str), Some("cassandra"));
+    }
+
+    #[test]
+    fn errors_name_the_key_and_value() {
+        let (_d, args) = with_file("lease: 10q\n");
+        let e = format!("{:#}", AgentConfig::resolve(&args).expect_err("bad duration"));
+        assert!(e.contains("lease") && e.contains("10q"), "{e}");
+        let (_d, args) = with_file("leese: 10s\n");
+        let e = format!("{:#}", AgentConfig::resolve(&args).expect_err("unknown key"));
+        assert!(e.contains("leese"), "{e}");
+        let (_d, args) = with_file("coordinator: 127.0.0.1:50051\n");
+        let e = format!("{:#}", AgentConfig::resolve(&args).expect_err("not a url"));
+        assert!(e.contains("coordinator") && e.contains("127.0.0.1:50051"), "{e}");
+        let (_d, args) = with_file("lease: 3s\nheartbeat_interval: 5s\n");
+        assert!(format!("{:#}", AgentConfig::resolve(&args).expect_err("hb")).contains("heartbeat_interval"));
+        let args = AgentArgs { labels: vec!["novalue".into()], ..Default::default() };
+        assert!(format!("{:#}", AgentConfig::resolve(&args).expect_err("label")).contains("novalue"));
+    }
+}

@@ -1,0 +1,101 @@
+//! Wiring: journal, drivers, lifecycle (with replay), the gRPC server with
+//! reflection and health, the lease link; then the bounded drain at
+//! shutdown (revert every fault before exiting).
+
+use std::{future::Future, sync::Arc};
+
+use anyhow::Context;
+use chaos_proto::pb::agent_server::AgentServer;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tracing::{error, info, warn};
+
+use crate::{
+    config::{AgentConfig, hostname},
+    faults::{Drivers, process::ProcessDriver},
+    journal::DirJournal,
+    lease::{self, LeaseLink},
+    lifecycle::{LeaseConfig, Lifecycle, LifecycleConfig},
+    protect::Protection,
+    service::{AgentIdentity, AgentService, proc_line},
+    sys::{procfs::ProcFs, signals::PidfdSignals},
+};
+
+/// Serve the agent on `listener` until `shutdown` resolves, then revert
+/// every fault (bounded by `shutdown_timeout`) and return.
+pub async fn run(cfg: AgentConfig, listener: TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    let local = listener.local_addr().context("listener address")?;
+    let journal = Arc::new(DirJournal::open(&cfg.journal_dir).with_context(|| format!("opening journal {}", cfg.journal_dir.display()))?);
+    let protection = Arc::new(Protection::new(std::process::id(), cfg.protected_pids.clone(), cfg.protected_names.clone()));
+    let procfs = ProcFs::default();
+    let drivers = Arc::new(Drivers {
+        process: ProcessDriver::new(Arc::new(procfs.clone()), Arc::new(PidfdSignals::new(procfs)), protection.clone()),
+    });
+    let lc_cfg = LifecycleConfig {
+        max_fault_duration: cfg.max_fault_duration,
+        lease: cfg.coordinator.as_ref().map(|url| LeaseConfig { duration: cfg.lease, coordinator_url: url.clone() }),
+        ..Default::default()
+    };
+    let (lifecycle, _task, report) = Lifecycle::start(lc_cfg, drivers, journal).await.context("starting the fault lifecycle")?;
+    if report.reverted + report.failed + report.corrupt > 0 {
+        warn!(reverted = report.reverted, failed = report.failed, corrupt = report.corrupt,
+            "journal replay: a previous run left faults applied");
+    }
+    let identity = Arc::new(AgentIdentity {
+        agent_id: cfg.agent_id.clone(),
+        hostname: hostname(),
+        coordinator_url: cfg.coordinator.clone(),
+        lease: cfg.lease,
+        max_fault_duration: cfg.max_fault_duration,
+        kernel_release: proc_line("/proc/sys/kernel/osrelease"),
+        boot_id: proc_line("/proc/sys/kernel/random/boot_id"),
+        journal_dir: cfg.journal_dir.display().to_string(),
+        labels: cfg.labels.clone(),
+    });
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<AgentServer<AgentService>>().await;
+    let mut routes = tonic::service::RoutesBuilder::default();
+    routes.add_service(health_service).add_service(AgentServer::new(AgentService::new(lifecycle.clone(), identity.clone())));
+    chaos_proto::serve::add_reflection(&mut routes).context("building reflection service")?;
+
+    let lease_task = cfg.coordinator.as_ref().map(|url| {
+        tokio::spawn(lease::run(
+            LeaseLink { coordinator_url: url.clone(), advertise: cfg.advertise.clone(), heartbeat_interval: cfg.heartbeat_interval },
+            identity.clone(),
+            lifecycle.clone(),
+            protection.clone(),
+        ))
+    });
+    chaos_proto::serve::warn_if_exposed("chaos-agent", local);
+    match &cfg.coordinator {
+        Some(url) => info!(listen = %local, agent_id = %cfg.agent_id, coordinator = %url, lease = %humantime::format_duration(cfg.lease),
+            journal = %cfg.journal_dir.display(), "chaos-agent serving; faults accepted once the coordinator answers"),
+        None => info!(listen = %local, agent_id = %cfg.agent_id, journal = %cfg.journal_dir.display(),
+            "chaos-agent serving standalone (no coordinator, no dead-man lease)"),
+    }
+
+    let served = tonic::transport::Server::builder()
+        .add_routes(routes.routes())
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await;
+    if let Some(t) = lease_task {
+        t.abort();
+    }
+    health.set_not_serving::<AgentServer<AgentService>>().await;
+    info!(timeout = %humantime::format_duration(cfg.shutdown_timeout), "stopping: reverting every fault");
+    match tokio::time::timeout(cfg.shutdown_timeout, lifecycle.shutdown()).await {
+        Ok(Ok(out)) => {
+            if out.failed.is_empty() {
+                info!(reverted = out.reverted.len(), "all faults reverted; exiting");
+            } else {
+                error!(reverted = out.reverted.len(), failed = out.failed.len(),
+                    "some faults could not be reverted; their journal records remain and the next start retries them");
+            }
+        }
+        Ok(Err(e)) => error!(error = %e, "lifecycle gone before shutdown"),
+        Err(_) => error!("revert at shutdown timed out; the journal keeps what is left and the next start reverts it"),
+    }
+    served.context("gRPC server")?;
+    Ok(())
+}

@@ -1,0 +1,140 @@
+//! The gRPC surface of the agent (`chaos.v1.Agent`): one method per RPC,
+//! each a thin call into the [`Lifecycle`].
+
+use std::{pin::Pin, sync::Arc, time::Duration};
+
+use chaos_proto::{
+    convert::duration_to_pb,
+    pb::{self, RevertReason, agent_server::Agent},
+    spec::ALL_FAMILIES,
+};
+use futures::Stream;
+use tonic::{Request, Response, Status};
+use tracing::instrument;
+
+use crate::lifecycle::Lifecycle;
+
+/// Facts about this agent that do not change while it runs.
+#[derive(Debug, Clone, Default)]
+pub struct AgentIdentity {
+    pub agent_id: String,
+    pub hostname: String,
+    pub coordinator_url: Option<String>,
+    pub lease: Duration,
+    pub max_fault_duration: Duration,
+    pub kernel_release: String,
+    pub boot_id: String,
+    pub journal_dir: String,
+    pub labels: std::collections::BTreeMap<String, String>,
+}
+
+/// Read a one-line kernel fact from procfs, or "unknown".
+pub fn proc_line(path: &str) -> String {
+    std::fs::read_to_string(path).map(|s| s.trim().to_string()).unwrap_or_else(|_| "unknown".into())
+}
+
+impl AgentIdentity {
+    /// Capabilities with the lifecycle's current state.
+    pub fn capabilities(&self, armed: bool, lease_lost: bool) -> pb::Capabilities {
+        let families = ALL_FAMILIES
+            .iter()
+            .map(|f| {
+                let (supported, detail) = match *f {
+                    "process_pause" => (true, "SIGSTOP/SIGCONT through a pidfd, guarded against pid reuse"),
+                    "process_kill" => (true, "a signal of choice through a pidfd, guarded against pid reuse"),
+                    _ => (false, "not implemented by this agent version (ApplyFault answers UNIMPLEMENTED)"),
+                };
+                pb::FamilySupport { family: f.to_string(), supported, detail: detail.to_string() }
+            })
+            .collect();
+        pb::Capabilities {
+            agent_id: self.agent_id.clone(),
+            hostname: self.hostname.clone(),
+            version: chaos_proto::VERSION.to_string(),
+            standalone: self.coordinator_url.is_none(),
+            coordinator_url: self.coordinator_url.clone().unwrap_or_default(),
+            lease_duration: self.coordinator_url.as_ref().map(|_| duration_to_pb(self.lease)),
+            armed,
+            lease_lost,
+            families,
+            kernel_release: self.kernel_release.clone(),
+            boot_id: self.boot_id.clone(),
+            max_fault_duration: Some(duration_to_pb(self.max_fault_duration)),
+            agent_pid: std::process::id(),
+            journal_dir: self.journal_dir.clone(),
+            labels: self.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        }
+    }
+}
+
+/// `chaos.v1.Agent` implementation.
+#[derive(Clone)]
+pub struct AgentService {
+    lifecycle: Lifecycle,
+    identity: Arc<AgentIdentity>,
+}
+
+impl AgentService {
+    pub fn new(lifecycle: Lifecycle, identity: Arc<AgentIdentity>) -> Self {
+        Self { lifecycle, identity }
+    }
+}
+
+type MetricStream = Pin<Box<dyn Stream<Item = Result<pb::MetricSample, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Agent for AgentService {
+    #[instrument(skip_all, fields(fault_id = %req.get_ref().spec.as_ref().map(|s| s.id.as_str()).unwrap_or("")))]
+    async fn apply_fault(&self, req: Request<pb::ApplyFaultRequest>) -> Result<Response<pb::ApplyFaultResponse>, Status> {
+        let spec = req.into_inner().spec.ok_or_else(|| Status::invalid_argument("spec is required"))?;
+        let fault = self.lifecycle.apply(&spec).await?;
+        Ok(Response::new(pb::ApplyFaultResponse { fault: Some(fault) }))
+    }
+
+    #[instrument(skip_all, fields(fault_id = %req.get_ref().fault_id))]
+    async fn revert_fault(&self, req: Request<pb::RevertFaultRequest>) -> Result<Response<pb::RevertFaultResponse>, Status> {
+        let id = req.into_inner().fault_id;
+        if id.is_empty() {
+            return Err(Status::invalid_argument("fault_id is required"));
+        }
+        let (fault, already_reverted) = self.lifecycle.revert(&id).await?;
+        Ok(Response::new(pb::RevertFaultResponse { fault: Some(fault), already_reverted }))
+    }
+
+    #[instrument(skip_all, fields(reason = %req.get_ref().reason, disarm = req.get_ref().disarm))]
+    async fn revert_all(&self, req: Request<pb::RevertAllRequest>) -> Result<Response<pb::RevertAllResponse>, Status> {
+        let r = req.into_inner();
+        let reason = if r.emergency { RevertReason::EmergencyStop } else { RevertReason::RevertAll };
+        let disarm = r.disarm.then(|| if r.reason.is_empty() { "revert-all with disarm".to_string() } else { r.reason.clone() });
+        let out = self.lifecycle.revert_all(reason, disarm).await?;
+        Ok(Response::new(pb::RevertAllResponse {
+            reverted_count: u32::try_from(out.reverted.len()).unwrap_or(u32::MAX),
+            failed: out.failed,
+            reverted: out.reverted,
+            armed: out.armed,
+        }))
+    }
+
+    async fn list_faults(&self, req: Request<pb::ListFaultsRequest>) -> Result<Response<pb::ListFaultsResponse>, Status> {
+        let faults = self.lifecycle.list(req.into_inner().include_finished).await?;
+        Ok(Response::new(pb::ListFaultsResponse { faults }))
+    }
+
+    async fn get_capabilities(&self, _req: Request<pb::GetCapabilitiesRequest>) -> Result<Response<pb::Capabilities>, Status> {
+        let st = self.lifecycle.status().await?;
+        Ok(Response::new(self.identity.capabilities(st.armed, st.lease_lost)))
+    }
+
+    #[instrument(skip_all, fields(armed = req.get_ref().armed))]
+    async fn set_armed(&self, req: Request<pb::SetArmedRequest>) -> Result<Response<pb::SetArmedResponse>, Status> {
+        let r = req.into_inner();
+        let armed = self.lifecycle.set_armed(r.armed, r.reason).await?;
+        Ok(Response::new(pb::SetArmedResponse { armed }))
+    }
+
+    type StreamMetricsStream = MetricStream;
+
+    async fn stream_metrics(&self, _req: Request<pb::StreamMetricsRequest>) -> Result<Response<MetricStream>, Status> {
+        Err(Status::unimplemented("StreamMetrics is not implemented by this agent version (monitoring work pending)"))
+    }
+}

@@ -7,6 +7,7 @@
 //! conversions to typed domain values).
 
 pub mod convert;
+pub mod serve;
 pub mod spec;
 
 /// Generated code for package `chaos.v1`.

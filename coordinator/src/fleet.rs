@@ -1,0 +1,94 @@
+//! Fan-out to every agent at once: emergency stop (RevertAll + disarm) and
+//! arm (SetArmed). Each call has its own deadline so one dead agent never
+//! delays the answer about the others; an agent not reached reverts by its
+//! own dead-man lease, and the answer says by when.
+
+use std::time::{Duration, Instant};
+
+use chaos_proto::{
+    convert::{duration_to_pb, timestamp_to_pb},
+    pb,
+};
+use futures::future::join_all;
+use tracing::{info, warn};
+
+use crate::registry::{AgentRecord, Registry};
+
+/// Disarm the fleet, then revert every fault on every agent concurrently.
+pub async fn emergency_stop(registry: &Registry, reason: &str, deadline: Duration) -> pb::EmergencyStopResponse {
+    let started = Instant::now();
+    // Disarm first: any heartbeat answered from now on tells the agent to
+    // revert, even if the direct call below cannot reach it.
+    registry.disarm(reason);
+    let agents = registry.agents();
+    warn!(reason, agents = agents.len(), deadline = ?deadline, "EMERGENCY STOP: reverting every fault on every agent");
+    let calls = agents.into_iter().map(|a| stop_one(a, reason.to_string(), deadline));
+    let results = join_all(calls).await;
+    let reached = results.iter().filter(|r| r.reached).count();
+    let faults_reverted = results.iter().map(|r| r.reverted_count).sum();
+    let resp = pb::EmergencyStopResponse {
+        agents_reached: u32::try_from(reached).unwrap_or(u32::MAX),
+        agents_unreached: u32::try_from(results.len() - reached).unwrap_or(u32::MAX),
+        faults_reverted,
+        armed: false,
+        took: Some(duration_to_pb(started.elapsed())),
+        results,
+    };
+    info!(reached = resp.agents_reached, unreached = resp.agents_unreached, faults_reverted, took = ?started.elapsed(),
+        "emergency stop done; fleet disarmed until Arm");
+    resp
+}
+
+async fn stop_one(agent: AgentRecord, reason: String, deadline: Duration) -> pb::AgentStopResult {
+    let started = Instant::now();
+    let mut client = agent.client.clone();
+    let mut req = tonic::Request::new(pb::RevertAllRequest { reason, disarm: true, emergency: true });
+    req.set_timeout(deadline);
+    let call = tokio::time::timeout(deadline, client.revert_all(req)).await;
+    let mut res = pb::AgentStopResult { agent_id: agent.agent_id.clone(), address: agent.address.clone(), ..Default::default() };
+    match call {
+        Ok(Ok(r)) => {
+            let r = r.into_inner();
+            res.reached = true;
+            res.reverted_count = r.reverted_count;
+            res.failed_count = u32::try_from(r.failed.len()).unwrap_or(u32::MAX);
+            if !r.failed.is_empty() {
+                res.error = r.failed.iter().map(|f| format!("{}: {}", f.id, f.error)).collect::<Vec<_>>().join("; ");
+            }
+        }
+        Ok(Err(status)) => {
+            res.error = format!("{}: {}", status.code(), status.message());
+            res.lease_revert_by = Some(timestamp_to_pb(agent.lease_revert_by()));
+        }
+        Err(_) => {
+            res.error = format!("no answer within {deadline:?}");
+            res.lease_revert_by = Some(timestamp_to_pb(agent.lease_revert_by()));
+        }
+    }
+    if !res.reached {
+        warn!(agent_id = %agent.agent_id, address = %agent.address, error = %res.error,
+            "agent not reached by emergency stop; it reverts by its own lease");
+    }
+    res.took = Some(duration_to_pb(started.elapsed()));
+    res
+}
+
+/// Re-arm the fleet and tell every agent now (those missed follow on their next heartbeat).
+pub async fn arm(registry: &Registry, reason: &str, deadline: Duration) -> pb::ArmResponse {
+    registry.arm();
+    info!(reason, "fleet armed");
+    let calls = registry.agents().into_iter().map(|a| {
+        let reason = reason.to_string();
+        async move {
+            let mut client = a.client.clone();
+            let mut req = tonic::Request::new(pb::SetArmedRequest { armed: true, reason });
+            req.set_timeout(deadline);
+            match tokio::time::timeout(deadline, client.set_armed(req)).await {
+                Ok(Ok(_)) => None,
+                _ => Some(a.agent_id),
+            }
+        }
+    });
+    let agents_not_reached = join_all(calls).await.into_iter().flatten().collect();
+    pb::ArmResponse { armed: true, agents_not_reached }
+}

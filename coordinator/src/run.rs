@@ -1,0 +1,43 @@
+//! Wiring: registry, service, reflection and health, graceful shutdown.
+
+use std::{future::Future, sync::Arc, time::Duration};
+
+use anyhow::Context;
+use chaos_proto::pb::coordinator_server::CoordinatorServer;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tracing::info;
+
+use crate::{
+    config::CoordinatorConfig,
+    registry::Registry,
+    service::{CoordinatorService, ServiceConfig},
+};
+
+/// Serve the coordinator on `listener` until `shutdown` resolves.
+pub async fn run(cfg: CoordinatorConfig, listener: TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    let local = listener.local_addr().context("listener address")?;
+    let registry = Arc::new(Registry::new(Duration::from_millis(500)));
+    let svc = CoordinatorService::new(
+        registry,
+        ServiceConfig {
+            emergency_stop_deadline: cfg.emergency_stop_deadline,
+            heartbeat_interval: cfg.heartbeat_interval,
+            listen_address: local.to_string(),
+        },
+    );
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<CoordinatorServer<CoordinatorService>>().await;
+    let mut routes = tonic::service::RoutesBuilder::default();
+    routes.add_service(health_service).add_service(CoordinatorServer::new(svc));
+    chaos_proto::serve::add_reflection(&mut routes).context("building reflection service")?;
+    chaos_proto::serve::warn_if_exposed("chaos-coordinator", local);
+    info!(listen = %local, "chaos-coordinator serving");
+    tonic::transport::Server::builder()
+        .add_routes(routes.routes())
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await
+        .context("gRPC server")?;
+    info!("chaos-coordinator stopped");
+    Ok(())
+}
