@@ -57,7 +57,7 @@ pub async fn run(cfg: AgentConfig, listener: TcpListener, shutdown: impl Future<
     health.set_serving::<AgentServer<AgentService>>().await;
     let mut routes = tonic::service::RoutesBuilder::default();
     routes.add_service(health_service).add_service(AgentServer::new(AgentService::new(lifecycle.clone(), identity.clone())));
-    chaos_proto::serve::add_reflection(&mut routes).context("building reflection service")?;
+    chaos_proto::serve::add_reflection(&mut routes, &["chaos.v1.Agent"]).context("building reflection service")?;
 
     let lease_task = cfg.coordinator.as_ref().map(|url| {
         tokio::spawn(lease::run(

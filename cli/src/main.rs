@@ -1,1 +1,93 @@
-fn main(){}
+//! `chaos`: the command line of the chaos platform. One module per verb
+//! group; this file parses, dispatches, and turns errors into exit codes.
+
+mod agent;
+mod fleet;
+mod output;
+
+use std::{process::ExitCode, time::Duration};
+
+use clap::{Parser, Subcommand};
+use output::{CliError, Format, exit};
+use tonic::transport::{Channel, Endpoint};
+
+const EXAMPLES: &str = "\
+Examples:
+  chaos agents                                  # agents registered with the coordinator
+  chaos status                                  # armed?, agent health, active faults
+  chaos agent apply --pause-name sleep --duration 30s
+  chaos agent faults --all                      # active and recently finished faults
+  chaos emergency-stop --reason 'SLO breach'    # revert everything everywhere, disarm
+  chaos arm --reason 'incident closed'
+  chaos --output json agents | jq '.agents[].health'
+
+Environment: CHAOS_COORDINATOR (coordinator URL), CHAOS_AGENT (agent URL).";
+
+#[derive(Debug, Parser)]
+#[command(name = "chaos", version, about = "Drive the chaos platform: agents, faults, emergency stop",
+    after_help = format!("{EXAMPLES}\n\n{}", output::EXIT_CODES_HELP))]
+struct Cli {
+    /// Coordinator URL.
+    #[arg(long, global = true, env = "CHAOS_COORDINATOR", default_value = "http://127.0.0.1:50051")]
+    coordinator: String,
+    /// Output format: a table for people, JSON for scripts.
+    #[arg(long, short = 'o', global = true, value_enum, default_value = "table")]
+    output: Format,
+    /// Deadline of each call.
+    #[arg(long, global = true, default_value = "10s", value_parser = humantime::parse_duration)]
+    timeout: Duration,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// List the agents registered with the coordinator, with health and lease age.
+    Agents,
+    /// The coordinator's state: armed or not (and why), agent health, active faults.
+    Status,
+    /// Revert every fault on every agent now and disarm the fleet.
+    #[command(after_help = "Agents that cannot be reached revert by their own dead-man lease; the output says by when.\nExit code 7 when some agents were not reached.")]
+    EmergencyStop(fleet::EmergencyStopArgs),
+    /// Re-arm the fleet after an emergency stop.
+    Arm(fleet::ArmArgs),
+    /// Talk to one agent directly.
+    #[command(subcommand)]
+    Agent(agent::AgentCommand),
+}
+
+/// Normalise `HOST:PORT` to `http://HOST:PORT`.
+pub fn url(s: &str) -> String {
+    if s.contains("://") { s.to_string() } else { format!("http://{s}") }
+}
+
+/// A channel that connects on first use, with the call deadline.
+pub fn channel(target: &str, timeout: Duration) -> Result<Channel, CliError> {
+    let u = url(target);
+    Endpoint::from_shared(u.clone())
+        .map(|e| e.connect_timeout(Duration::from_secs(2).min(timeout)).timeout(timeout).connect_lazy())
+        .map_err(|e| CliError::new(exit::USAGE, format!("invalid address {target:?}: {e}")))
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+    ).init();
+    let fmt = cli.output;
+    let result = match cli.command {
+        Command::Agents => fleet::agents(&cli.coordinator, cli.timeout, fmt).await,
+        Command::Status => fleet::status(&cli.coordinator, cli.timeout, fmt).await,
+        Command::EmergencyStop(a) => fleet::emergency_stop(&cli.coordinator, cli.timeout, fmt, a).await,
+        Command::Arm(a) => fleet::arm(&cli.coordinator, cli.timeout, fmt, a).await,
+        Command::Agent(c) => agent::run(c, cli.timeout, fmt).await,
+    };
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            output::print_error(fmt, &e);
+            ExitCode::from(e.code)
+        }
+    }
+}

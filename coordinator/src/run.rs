@@ -30,7 +30,7 @@ pub async fn run(cfg: CoordinatorConfig, listener: TcpListener, shutdown: impl F
     health.set_serving::<CoordinatorServer<CoordinatorService>>().await;
     let mut routes = tonic::service::RoutesBuilder::default();
     routes.add_service(health_service).add_service(CoordinatorServer::new(svc));
-    chaos_proto::serve::add_reflection(&mut routes).context("building reflection service")?;
+    chaos_proto::serve::add_reflection(&mut routes, &["chaos.v1.Coordinator"]).context("building reflection service")?;
     chaos_proto::serve::warn_if_exposed("chaos-coordinator", local);
     info!(listen = %local, "chaos-coordinator serving");
     tonic::transport::Server::builder()

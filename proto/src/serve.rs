@@ -9,16 +9,22 @@ use tonic::service::RoutesBuilder;
 use tracing::warn;
 use tracing_subscriber::{EnvFilter, fmt, prelude::*};
 
-/// Add reflection (v1 + v1alpha) for chaos.v1 and grpc.health.v1 to a router.
-pub fn add_reflection(routes: &mut RoutesBuilder) -> Result<(), tonic_reflection::server::Error> {
-    let v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    let v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()?;
+/// Add reflection (v1 + v1alpha) to a router, advertising `services` (e.g.
+/// `chaos.v1.Agent`) plus `grpc.health.v1.Health` and reflection itself.
+/// Every chaos.v1 type stays resolvable for `grpcurl describe`.
+pub fn add_reflection(routes: &mut RoutesBuilder, services: &[&str]) -> Result<(), tonic_reflection::server::Error> {
+    let configure = || {
+        let mut b = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .with_service_name("grpc.health.v1.Health");
+        for s in services {
+            b = b.with_service_name(*s);
+        }
+        b
+    };
+    let v1 = configure().with_service_name("grpc.reflection.v1.ServerReflection").build_v1()?;
+    let v1alpha = configure().with_service_name("grpc.reflection.v1alpha.ServerReflection").build_v1alpha()?;
     routes.add_service(v1).add_service(v1alpha);
     Ok(())
 }

@@ -1,0 +1,310 @@
+//! Direct agent verbs: `chaos agent faults|apply|revert|revert-all|capabilities`.
+
+use std::{collections::HashMap, time::Duration};
+
+use chaos_proto::{
+    convert::duration_to_pb,
+    pb::{self, FaultState, RevertReason, agent_client::AgentClient, fault_spec::Fault as F, target::Kind},
+};
+use clap::{ArgGroup, Subcommand};
+use serde_json::json;
+
+use crate::{
+    channel,
+    output::{CliError, Format, emit, emit_json, exit, from_status, relative, rfc3339, table},
+    url,
+};
+
+const APPLY_EXAMPLES: &str = "\
+Examples:
+  chaos agent apply --pause-pid 4242 --duration 30s          # SIGSTOP now, SIGCONT in 30 s
+  chaos agent apply --pause-name java --duration 2m --id kafka-hang
+  chaos agent apply --kill-name processor --signal TERM --duration 1m
+  chaos agent apply --agent 198.18.0.2:50052 --kill-pid 812 --duration 10s
+
+Every fault reverts by itself at the end of --duration, even if the agent
+crashes (it replays its journal at start) or loses its coordinator (lease).";
+
+#[derive(Debug, clap::Args)]
+pub struct Target {
+    /// Agent address (HOST:PORT or URL).
+    #[arg(long, global = true, env = "CHAOS_AGENT", default_value = "http://127.0.0.1:50052")]
+    agent: String,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AgentCommand {
+    /// List the agent's active faults (--all: also recently finished ones).
+    Faults {
+        #[command(flatten)]
+        target: Target,
+        /// Include reverted and failed faults.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Apply one fault on the agent's host.
+    #[command(after_help = APPLY_EXAMPLES)]
+    Apply(Box<ApplyArgs>),
+    /// Revert one fault now (harmless if already reverted).
+    Revert {
+        #[command(flatten)]
+        target: Target,
+        /// The fault id (from `apply` or `faults`).
+        fault_id: String,
+    },
+    /// Revert every fault on the agent now.
+    RevertAll {
+        #[command(flatten)]
+        target: Target,
+        #[arg(long, default_value = "revert-all from the chaos CLI")]
+        reason: String,
+        /// Leave the agent disarmed (refusing faults) afterwards.
+        #[arg(long)]
+        disarm: bool,
+    },
+    /// What the agent and its host can do, and its state (armed, lease).
+    Capabilities {
+        #[command(flatten)]
+        target: Target,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+#[command(group(ArgGroup::new("fault").required(true).args(["pause_pid", "pause_name", "kill_pid", "kill_name"])))]
+pub struct ApplyArgs {
+    #[command(flatten)]
+    target: Target,
+    /// Pause (SIGSTOP) the process with this pid.
+    #[arg(long, value_name = "PID")]
+    pause_pid: Option<u32>,
+    /// Pause every process with exactly this name.
+    #[arg(long, value_name = "NAME")]
+    pause_name: Option<String>,
+    /// Send --signal to the process with this pid.
+    #[arg(long, value_name = "PID")]
+    kill_pid: Option<u32>,
+    /// Send --signal to every process with exactly this name.
+    #[arg(long, value_name = "NAME")]
+    kill_name: Option<String>,
+    /// Signal for --kill-* (name or number).
+    #[arg(long, default_value = "KILL")]
+    signal: String,
+    /// Time to live: the fault reverts itself after this long.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Fault id (default: a UUID chosen by the agent).
+    #[arg(long)]
+    id: Option<String>,
+    /// Label KEY=VALUE carried with the fault (repeatable).
+    #[arg(long = "label", value_name = "KEY=VALUE")]
+    labels: Vec<String>,
+}
+
+impl ApplyArgs {
+    fn spec(&self) -> Result<pb::FaultSpec, CliError> {
+        let (kind, fault) = match (self.pause_pid, &self.pause_name, self.kill_pid, &self.kill_name) {
+            (Some(p), ..) => (Kind::Pid(p), F::ProcessPause(pb::ProcessPause {})),
+            (_, Some(n), ..) => (Kind::ProcessName(n.clone()), F::ProcessPause(pb::ProcessPause {})),
+            (_, _, Some(p), _) => (Kind::Pid(p), F::ProcessKill(pb::ProcessKill { signal: self.signal.clone() })),
+            (_, _, _, Some(n)) => (Kind::ProcessName(n.clone()), F::ProcessKill(pb::ProcessKill { signal: self.signal.clone() })),
+            _ => return Err(CliError::new(exit::USAGE, "choose a fault: --pause-pid, --pause-name, --kill-pid or --kill-name")),
+        };
+        let mut labels = HashMap::new();
+        for l in &self.labels {
+            let (k, v) = l.split_once('=').ok_or_else(|| CliError::new(exit::USAGE, format!("--label: expected KEY=VALUE, got {l:?}")))?;
+            labels.insert(k.to_string(), v.to_string());
+        }
+        Ok(pb::FaultSpec {
+            id: self.id.clone().unwrap_or_default(),
+            target: Some(pb::Target { kind: Some(kind) }),
+            duration: Some(duration_to_pb(self.duration)),
+            labels,
+            fault: Some(fault),
+        })
+    }
+}
+
+fn client(agent: &str, timeout: Duration) -> Result<AgentClient<tonic::transport::Channel>, CliError> {
+    Ok(AgentClient::new(channel(agent, timeout)?))
+}
+
+fn state_name(s: i32) -> String {
+    FaultState::try_from(s).map(|s| s.as_str_name().trim_start_matches("FAULT_STATE_").to_string()).unwrap_or_else(|_| "?".into())
+}
+
+fn reason_name(r: i32) -> String {
+    match RevertReason::try_from(r) {
+        Ok(RevertReason::Unspecified) | Err(_) => String::new(),
+        Ok(r) => r.as_str_name().trim_start_matches("REVERT_REASON_").to_string(),
+    }
+}
+
+fn family(f: &pb::Fault) -> &'static str {
+    f.spec.as_ref().and_then(|s| s.fault.as_ref()).map(chaos_proto::spec::family_of).unwrap_or("?")
+}
+
+fn target_text(f: &pb::Fault) -> String {
+    match f.spec.as_ref().and_then(|s| s.target.as_ref()).and_then(|t| t.kind.as_ref()) {
+        Some(Kind::Pid(p)) => format!("pid {p}"),
+        Some(Kind::ProcessName(n)) => format!("name {n}"),
+        Some(Kind::Host(_)) => "host".into(),
+        Some(Kind::Netns(n)) => format!("netns {n}"),
+        Some(Kind::CgroupPath(c)) => format!("cgroup {c}"),
+        Some(Kind::Container(c)) => format!("container {c}"),
+        None => "-".into(),
+    }
+}
+
+pub fn fault_json(f: &pb::Fault) -> serde_json::Value {
+    json!({
+        "id": f.id, "family": family(f), "target": target_text(f), "state": state_name(f.state),
+        "backend": f.applied.as_ref().map(|a| a.backend.clone()),
+        "summary": f.applied.as_ref().map(|a| a.summary.clone()),
+        "processes": f.applied.as_ref().map(|a| a.processes.iter().map(|p| json!({"pid": p.pid, "name": p.name, "start_time_ticks": p.start_time_ticks})).collect::<Vec<_>>()),
+        "created_at": rfc3339(f.created_at.as_ref()), "applied_at": rfc3339(f.applied_at.as_ref()),
+        "expires_at": rfc3339(f.expires_at.as_ref()), "reverted_at": rfc3339(f.reverted_at.as_ref()),
+        "revert_reason": reason_name(f.revert_reason), "revert_summary": f.revert_summary, "error": f.error,
+        "labels": f.spec.as_ref().map(|s| s.labels.clone()).unwrap_or_default(),
+    })
+}
+
+fn fault_rows(faults: &[pb::Fault]) -> String {
+    let rows: Vec<Vec<String>> = faults
+        .iter()
+        .map(|f| {
+            let when = match FaultState::try_from(f.state) {
+                Ok(FaultState::Applied) => format!("reverts {}", relative(f.expires_at.as_ref())),
+                Ok(FaultState::Reverted) => format!("{} {}", reason_name(f.revert_reason), relative(f.reverted_at.as_ref())),
+                _ if !f.error.is_empty() => f.error.clone(),
+                _ => "-".into(),
+            };
+            vec![f.id.clone(), family(f).into(), target_text(f), state_name(f.state), when]
+        })
+        .collect();
+    table(&["ID", "FAMILY", "TARGET", "STATE", "WHEN"], &rows)
+}
+
+pub async fn run(cmd: AgentCommand, timeout: Duration, fmt: Format) -> Result<u8, CliError> {
+    match cmd {
+        AgentCommand::Faults { target, all } => {
+            let server = format!("agent {}", url(&target.agent));
+            let r = client(&target.agent, timeout)?
+                .list_faults(pb::ListFaultsRequest { include_finished: all })
+                .await
+                .map_err(|s| from_status(&server, s))?
+                .into_inner();
+            match fmt {
+                Format::Json => emit_json(&json!({"faults": r.faults.iter().map(fault_json).collect::<Vec<_>>()})),
+                Format::Table if r.faults.is_empty() => emit(if all { "no faults" } else { "no active faults (--all shows finished ones)" }),
+                Format::Table => emit(&fault_rows(&r.faults)),
+            }
+        }
+        AgentCommand::Apply(a) => {
+            let server = format!("agent {}", url(&a.target.agent));
+            let spec = a.spec()?;
+            let r = client(&a.target.agent, timeout)?
+                .apply_fault(pb::ApplyFaultRequest { spec: Some(spec) })
+                .await
+                .map_err(|s| from_status(&server, s))?
+                .into_inner();
+            let f = r.fault.ok_or_else(|| CliError::new(exit::FAILURE, "agent answered without a fault"))?;
+            match fmt {
+                Format::Json => emit_json(&fault_json(&f)),
+                Format::Table => emit(&format!(
+                    "fault {} applied: {}\nreverts by itself {} (at {}); revert now with: chaos agent revert {}",
+                    f.id,
+                    f.applied.as_ref().map(|a| a.summary.as_str()).unwrap_or(""),
+                    relative(f.expires_at.as_ref()),
+                    rfc3339(f.expires_at.as_ref()).unwrap_or_default(),
+                    f.id
+                )),
+            }
+        }
+        AgentCommand::Revert { target, fault_id } => {
+            let server = format!("agent {}", url(&target.agent));
+            let r = client(&target.agent, timeout)?
+                .revert_fault(pb::RevertFaultRequest { fault_id })
+                .await
+                .map_err(|s| from_status(&server, s))?
+                .into_inner();
+            let f = r.fault.unwrap_or_default();
+            match fmt {
+                Format::Json => emit_json(&json!({"already_reverted": r.already_reverted, "fault": fault_json(&f)})),
+                Format::Table if r.already_reverted => emit(&format!(
+                    "fault {} was already reverted ({} {})",
+                    f.id,
+                    reason_name(f.revert_reason),
+                    relative(f.reverted_at.as_ref())
+                )),
+                Format::Table => emit(&format!("fault {} reverted: {}", f.id, f.revert_summary)),
+            }
+        }
+        AgentCommand::RevertAll { target, reason, disarm } => {
+            let server = format!("agent {}", url(&target.agent));
+            let r = client(&target.agent, timeout)?
+                .revert_all(pb::RevertAllRequest { reason, disarm, emergency: false })
+                .await
+                .map_err(|s| from_status(&server, s))?
+                .into_inner();
+            match fmt {
+                Format::Json => emit_json(&json!({
+                    "reverted_count": r.reverted_count, "armed": r.armed,
+                    "reverted": r.reverted.iter().map(fault_json).collect::<Vec<_>>(),
+                    "failed": r.failed.iter().map(fault_json).collect::<Vec<_>>(),
+                })),
+                Format::Table => {
+                    emit(&format!("{} fault(s) reverted{}", r.reverted_count, if r.armed { "" } else { "; agent DISARMED" }));
+                    if !r.failed.is_empty() {
+                        emit(&format!("{} fault(s) FAILED to revert (journal kept, retried):\n{}", r.failed.len(), fault_rows(&r.failed)));
+                    }
+                }
+            }
+            if !r.failed.is_empty() {
+                return Ok(exit::FAILURE);
+            }
+        }
+        AgentCommand::Capabilities { target } => {
+            let server = format!("agent {}", url(&target.agent));
+            let c = client(&target.agent, timeout)?
+                .get_capabilities(pb::GetCapabilitiesRequest {})
+                .await
+                .map_err(|s| from_status(&server, s))?
+                .into_inner();
+            match fmt {
+                Format::Json => emit_json(&json!({
+                    "agent_id": c.agent_id, "hostname": c.hostname, "version": c.version, "standalone": c.standalone,
+                    "coordinator_url": c.coordinator_url, "lease_s": crate::output::dur_secs(c.lease_duration.as_ref()),
+                    "armed": c.armed, "lease_lost": c.lease_lost, "kernel_release": c.kernel_release, "boot_id": c.boot_id,
+                    "agent_pid": c.agent_pid, "journal_dir": c.journal_dir, "labels": c.labels,
+                    "families": c.families.iter().map(|f| json!({"family": f.family, "supported": f.supported, "detail": f.detail})).collect::<Vec<_>>(),
+                })),
+                Format::Table => {
+                    let mode = if c.standalone {
+                        "standalone (no coordinator, no lease)".to_string()
+                    } else {
+                        format!("coordinator {} (lease {})", c.coordinator_url, crate::output::dur(c.lease_duration.as_ref()))
+                    };
+                    emit(&format!(
+                        "agent     {} on {} (v{}, pid {}, kernel {})\nmode      {}\narmed     {}{}\njournal   {}",
+                        c.agent_id,
+                        c.hostname,
+                        c.version,
+                        c.agent_pid,
+                        c.kernel_release,
+                        mode,
+                        c.armed,
+                        if c.lease_lost { " (LEASE LOST: faults refused)" } else { "" },
+                        c.journal_dir
+                    ));
+                    let rows: Vec<Vec<String>> = c
+                        .families
+                        .iter()
+                        .map(|f| vec![f.family.clone(), if f.supported { "yes".into() } else { "no".into() }, f.detail.clone()])
+                        .collect();
+                    emit(&table(&["FAMILY", "SUPPORTED", "DETAIL"], &rows));
+                }
+            }
+        }
+    }
+    Ok(exit::OK)
+}
