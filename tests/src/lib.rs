@@ -1,1 +1,226 @@
-//! e2e
+//! Harness for end-to-end tests and benchmarks: start the real binaries
+//! (or in-process servers) on loopback, spawn victim processes, and tear
+//! everything down on drop — even when a test panics.
+//!
+//! Guards:
+//! - [`Daemon`]: a spawned `chaos-agent` / `chaos-coordinator`; dropped with
+//!   SIGTERM (so an agent reverts its faults), SIGKILL after 5 s.
+//! - [`Victim`]: a `sleep` process to fault; dropped with SIGKILL (which
+//!   also ends a stopped process).
+
+use std::{
+    net::TcpListener,
+    path::PathBuf,
+    process::{Child, Command, Output, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+use nix::{
+    sys::signal::{Signal, kill},
+    unistd::Pid,
+};
+
+/// Directory holding the workspace binaries (next to this test executable).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<test-binary> -> target/<profile>
+    let mut dir = exe.parent().expect("deps dir").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir
+}
+
+/// Path of a workspace binary; panics with a hint when it was not built.
+pub fn bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(p.exists(), "{} not found: build the workspace binaries first (cargo build --workspace --bins)", p.display());
+    p
+}
+
+/// A free loopback port (bound then released; a tiny race is acceptable in tests).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").expect("bind port 0").local_addr().expect("addr").port()
+}
+
+/// A spawned daemon, stopped on drop.
+pub struct Daemon {
+    pub child: Option<Child>,
+    pub name: String,
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    /// Spawn `bin(name)` with `args`, logging to `log`.
+    pub fn spawn(name: &str, args: &[String], log: PathBuf) -> Daemon {
+        let out = std::fs::File::create(&log).expect("log file");
+        let err = out.try_clone().expect("clone log");
+        let child = Command::new(bin(name))
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning {name}: {e}"));
+        Daemon { child: Some(child), name: name.to_string(), log }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).expect("running")
+    }
+
+    /// SIGKILL now (a crash), and reap.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait up to `timeout` for exit; returns whether it exited.
+    pub fn terminate(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let mut c = self.child.take()?;
+        let _ = kill(Pid::from_raw(c.id() as i32), Signal::SIGTERM);
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(st)) = c.try_wait() {
+                return Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+        None
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.terminate(Duration::from_secs(5));
+    }
+}
+
+/// A process to fault (`sleep 600`), killed on drop.
+pub struct Victim {
+    child: Child,
+}
+
+impl Victim {
+    pub fn spawn() -> Victim {
+        let child = Command::new("sleep").arg("600").stdin(Stdio::null()).spawn().expect("spawn sleep");
+        let v = Victim { child };
+        // Wait until it has exec'd (comm is "sleep"), so name matching works.
+        wait_until(Duration::from_secs(5), || proc_comm(v.pid()).as_deref() == Some("sleep"));
+        v
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// One-letter state from /proc/PID/stat (T = stopped).
+    pub fn state(&self) -> char {
+        proc_state(self.pid()).unwrap_or('?')
+    }
+}
+
+impl Drop for Victim {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// State letter of a process, or `None` when it is gone.
+pub fn proc_state(pid: u32) -> Option<char> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    s[s.rfind(')')? + 1..].split_whitespace().next()?.chars().next()
+}
+
+fn proc_comm(pid: u32) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/comm")).ok().map(|s| s.trim().to_string())
+}
+
+/// Poll `cond` every 10 ms until it holds or `timeout` passes; returns whether it held.
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Run the `chaos` CLI with args; returns its output.
+pub fn chaos(args: &[&str]) -> Output {
+    Command::new(bin("chaos")).args(args).env("RUST_LOG", "warn").stdin(Stdio::null()).output().expect("run chaos")
+}
+
+/// The CLI's stdout as text, asserting the expected exit code (with context on failure).
+pub fn chaos_ok(args: &[&str], want_code: i32) -> String {
+    let out = chaos(args);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(want_code), "chaos {args:?}\nstdout: {stdout}\nstderr: {stderr}");
+    stdout + &stderr
+}
+
+/// A coordinator binary on a free port.
+pub fn start_coordinator(dir: &std::path::Path) -> (Daemon, String) {
+    let port = free_port();
+    let d = Daemon::spawn("chaos-coordinator", &["--listen".into(), format!("127.0.0.1:{port}")], dir.join(format!("coordinator-{port}.log")));
+    let url = format!("http://127.0.0.1:{port}");
+    assert!(wait_until(Duration::from_secs(10), || chaos(&["--coordinator", &url, "status"]).status.success()), "coordinator did not start");
+    (d, url)
+}
+
+/// An agent binary on a free port with its own journal under `dir`.
+pub fn start_agent(dir: &std::path::Path, id: &str, coordinator: Option<&str>, lease: &str) -> (Daemon, String) {
+    let port = free_port();
+    let journal = dir.join(format!("journal-{id}"));
+    start_agent_at(dir, id, port, &journal, coordinator, lease)
+}
+
+/// An agent on a given port and journal (to restart one after a crash).
+pub fn start_agent_at(
+    dir: &std::path::Path,
+    id: &str,
+    port: u16,
+    journal: &std::path::Path,
+    coordinator: Option<&str>,
+    lease: &str,
+) -> (Daemon, String) {
+    let mut args = vec![
+        "--listen".to_string(),
+        format!("127.0.0.1:{port}"),
+        "--journal-dir".into(),
+        journal.display().to_string(),
+        "--agent-id".into(),
+        id.into(),
+        "--lease".into(),
+        lease.into(),
+    ];
+    if let Some(c) = coordinator {
+        args.extend(["--coordinator".into(), c.to_string()]);
+    }
+    static STARTS: AtomicU32 = AtomicU32::new(0);
+    let log = dir.join(format!("agent-{id}-{}.log", STARTS.fetch_add(1, Ordering::Relaxed)));
+    let d = Daemon::spawn("chaos-agent", &args, log);
+    let url = format!("http://127.0.0.1:{port}");
+    assert!(
+        wait_until(Duration::from_secs(10), || chaos(&["agent", "capabilities", "--agent", &url]).status.success()),
+        "agent {id} did not start:\n{}",
+        d.log_text()
+    );
+    (d, url)
+}

@@ -1,0 +1,84 @@
+//! A coordinator with three agents on loopback: registration, emergency
+//! stop (all reverted, fleet disarmed, faults refused), arm; and an agent
+//! that cannot answer the emergency stop reverts as soon as it hears the
+//! fleet is disarmed.
+
+use std::time::Duration;
+
+use chaos_e2e::{Victim, chaos, chaos_ok, start_agent, start_coordinator, wait_until};
+use nix::{sys::signal::{Signal, kill}, unistd::Pid};
+
+fn json(s: &str) -> serde_json::Value {
+    let end = s.rfind('}').map(|i| i + 1).unwrap_or(s.len());
+    serde_json::from_str(&s[..end]).unwrap_or_else(|e| panic!("not JSON ({e}): {s}"))
+}
+
+fn apply_when_ready(agent: &str, pid: u32) {
+    let pid = pid.to_string();
+    assert!(
+        wait_until(Duration::from_secs(10), || chaos(&["agent", "apply", "--agent", agent, "--pause-pid", &pid, "--duration", "5m"]).status.success()),
+        "agent {agent} never accepted a fault"
+    );
+}
+
+#[test]
+fn three_agents_register_emergency_stop_disarm_and_arm() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_c, curl) = start_coordinator(dir.path());
+    let agents: Vec<_> = ["a1", "a2", "a3"].iter().map(|id| start_agent(dir.path(), id, Some(&curl), "10s")).collect();
+    assert!(wait_until(Duration::from_secs(10), || {
+        let out = chaos(&["--coordinator", &curl, "-o", "json", "agents"]);
+        let v = json(&String::from_utf8_lossy(&out.stdout));
+        v["agents"].as_array().is_some_and(|a| a.len() == 3 && a.iter().all(|x| x["health"] == "healthy"))
+    }), "three healthy agents");
+    let victims: Vec<Victim> = (0..3).map(|_| Victim::spawn()).collect();
+    for ((_, url), v) in agents.iter().zip(&victims) {
+        apply_when_ready(url, v.pid());
+    }
+    assert!(victims.iter().all(|v| v.state() == 'T'));
+
+    let out = chaos_ok(&["--coordinator", &curl, "-o", "json", "emergency-stop", "--reason", "e2e drill"], 0);
+    let r = json(&out);
+    assert_eq!(r["agents_reached"], 3, "{r}");
+    assert_eq!(r["faults_reverted"], 3, "{r}");
+    assert_eq!(r["armed"], false);
+    assert!(victims.iter().all(|v| v.state() != 'T'), "every process resumed");
+
+    let e = chaos_ok(&["agent", "apply", "--agent", &agents[0].1, "--pause-pid", &victims[0].pid().to_string(), "--duration", "1m"], 3);
+    assert!(e.contains("disarmed") && e.contains("e2e drill"), "{e}");
+    let st = json(&chaos_ok(&["--coordinator", &curl, "-o", "json", "status"], 0));
+    assert_eq!(st["armed"], false);
+    assert_eq!(st["disarmed_reason"], "e2e drill");
+
+    let armed = json(&chaos_ok(&["--coordinator", &curl, "-o", "json", "arm"], 0));
+    assert_eq!(armed["armed"], true);
+    assert_eq!(armed["agents_not_reached"].as_array().map(Vec::len), Some(0));
+    chaos_ok(&["agent", "apply", "--agent", &agents[0].1, "--pause-pid", &victims[0].pid().to_string(), "--duration", "1m"], 0);
+    assert_eq!(victims[0].state(), 'T');
+}
+
+#[test]
+fn unreachable_agent_is_reported_and_reverts_when_it_hears_of_the_disarm() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_c, curl) = start_coordinator(dir.path());
+    let (ok_agent, ok_url) = start_agent(dir.path(), "ok", Some(&curl), "10s");
+    let (hung_agent, hung_url) = start_agent(dir.path(), "hung", Some(&curl), "10s");
+    let (v1, v2) = (Victim::spawn(), Victim::spawn());
+    apply_when_ready(&ok_url, v1.pid());
+    apply_when_ready(&hung_url, v2.pid());
+    // Freeze the second agent itself: it cannot answer the emergency stop.
+    kill(Pid::from_raw(hung_agent.pid() as i32), Signal::SIGSTOP).expect("stop agent");
+    let out = chaos_ok(&["--coordinator", &curl, "-o", "json", "emergency-stop", "--deadline", "500ms"], 7);
+    let r = json(&out);
+    assert_eq!(r["agents_reached"], 1, "{r}");
+    assert_eq!(r["agents_unreached"], 1, "{r}");
+    let hung = r["results"].as_array().and_then(|a| a.iter().find(|x| x["agent_id"] == "hung").cloned()).expect("hung result");
+    assert_eq!(hung["reached"], false);
+    assert!(hung["lease_revert_by"].is_string(), "says when its lease reverts: {hung}");
+    assert_ne!(v1.state(), 'T');
+    assert_eq!(v2.state(), 'T');
+    // It wakes up; its next heartbeat learns the fleet is disarmed and it reverts.
+    kill(Pid::from_raw(hung_agent.pid() as i32), Signal::SIGCONT).expect("cont agent");
+    assert!(wait_until(Duration::from_secs(8), || v2.state() != 'T'), "woken agent did not revert");
+    drop(ok_agent);
+}

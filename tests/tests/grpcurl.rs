@@ -1,0 +1,54 @@
+//! grpcurl, with no .proto at hand, sees each server's service, reflection
+//! and health, and can call the contract (reflection is part of the product).
+
+use std::{path::PathBuf, process::Command};
+
+use chaos_e2e::{start_agent, start_coordinator};
+
+fn grpcurl() -> PathBuf {
+    let mut candidates: Vec<PathBuf> = std::env::var_os("PATH").map(|p| std::env::split_paths(&p).map(|d| d.join("grpcurl")).collect()).unwrap_or_default();
+    if let Some(home) = std::env::var_os("HOME") {
+        candidates.push(PathBuf::from(home).join("go/bin/grpcurl"));
+    }
+    if let Some(gp) = std::env::var_os("GOPATH") {
+        candidates.push(PathBuf::from(gp).join("bin/grpcurl"));
+    }
+    candidates.into_iter().find(|p| p.exists()).expect("grpcurl not found: install it with `go install github.com/fullstorydev/grpcurl/cmd/grpcurl@v1.9.3` (.ci/run does)")
+}
+
+fn run(args: &[&str]) -> (bool, String) {
+    let out = Command::new(grpcurl()).args(args).output().expect("run grpcurl");
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+#[test]
+fn reflection_and_health_on_both_servers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_c, curl) = start_coordinator(dir.path());
+    let (_a, aurl) = start_agent(dir.path(), "g", None, "10s");
+    let chost = curl.trim_start_matches("http://");
+    let ahost = aurl.trim_start_matches("http://");
+
+    let (ok, list) = run(&["-plaintext", chost, "list"]);
+    assert!(ok, "{list}");
+    for s in ["chaos.v1.Coordinator", "grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection"] {
+        assert!(list.lines().any(|l| l == s), "coordinator list lacks {s}:\n{list}");
+    }
+    let (ok, list) = run(&["-plaintext", ahost, "list"]);
+    assert!(ok, "{list}");
+    assert!(list.lines().any(|l| l == "chaos.v1.Agent"), "{list}");
+    assert!(!list.lines().any(|l| l == "chaos.v1.Coordinator"), "agent must not advertise the coordinator:\n{list}");
+
+    let (ok, d) = run(&["-plaintext", ahost, "describe", "chaos.v1.FaultSpec"]);
+    assert!(ok && d.contains("process_pause") && d.contains("Time to live"), "{d}");
+    let (ok, h) = run(&["-plaintext", chost, "grpc.health.v1.Health/Check"]);
+    assert!(ok && h.contains("SERVING"), "{h}");
+
+    // A family that exists in the contract but not in this agent: UNIMPLEMENTED, by name.
+    let body = r#"{"spec":{"target":{"pid":4242},"duration":"5s","networkLoss":{"percent":10}}}"#;
+    let (ok, out) = run(&["-plaintext", "-d", body, ahost, "chaos.v1.Agent/ApplyFault"]);
+    assert!(!ok && out.contains("Unimplemented") && out.contains("network_loss"), "{out}");
+    // Scenario RPCs are declared, not yet implemented.
+    let (ok, out) = run(&["-plaintext", chost, "chaos.v1.Coordinator/ListScenarios"]);
+    assert!(!ok && out.contains("Unimplemented"), "{out}");
+}
