@@ -7,7 +7,7 @@ use std::{future::Future, sync::Arc};
 use anyhow::Context;
 use chaos_proto::pb::agent_server::AgentServer;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 use tracing::{error, info, warn};
 
 use crate::{
@@ -77,7 +77,7 @@ pub async fn run(cfg: AgentConfig, listener: TcpListener, shutdown: impl Future<
 
     let served = tonic::transport::Server::builder()
         .add_routes(routes.routes())
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), shutdown)
         .await;
     if let Some(t) = lease_task {
         t.abort();

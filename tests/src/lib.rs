@@ -113,10 +113,15 @@ pub struct Victim {
 
 impl Victim {
     pub fn spawn() -> Victim {
-        let child = Command::new("sleep").arg("600").stdin(Stdio::null()).spawn().expect("spawn sleep");
+        Self::spawn_program(std::path::Path::new("sleep"), "sleep")
+    }
+
+    /// Run `program 600` (a copy of `sleep` under another name) and wait
+    /// until it has exec'd, so that name matching sees `comm`.
+    pub fn spawn_program(program: &std::path::Path, comm: &str) -> Victim {
+        let child = Command::new(program).arg("600").stdin(Stdio::null()).spawn().expect("spawn victim");
         let v = Victim { child };
-        // Wait until it has exec'd (comm is "sleep"), so name matching works.
-        wait_until(Duration::from_secs(5), || proc_comm(v.pid()).as_deref() == Some("sleep"));
+        assert!(wait_until(Duration::from_secs(5), || proc_comm(v.pid()).as_deref() == Some(comm)), "victim never became {comm}");
         v
     }
 

@@ -30,12 +30,29 @@ fn pause_reverts_at_its_ttl() {
 }
 
 #[test]
-fn pause_by_name_and_explicit_revert_twice() {
+fn pause_by_exact_name_stops_every_match() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (_agent, url) = start_agent(dir.path(), "byname", None, "10s");
+    // A uniquely named copy of `sleep`, so no other process on the machine matches.
+    let name = format!("cv{}", std::process::id() % 1_000_000);
+    let exe = dir.path().join(&name);
+    std::fs::copy("/bin/sleep", &exe).expect("copy sleep");
+    let spawn = || chaos_e2e::Victim::spawn_program(&exe, &name);
+    let (a, b) = (spawn(), spawn());
+    let out = json(&chaos_ok(&["-o", "json", "agent", "apply", "--agent", &url, "--pause-name", &name, "--duration", "60s", "--id", "n1"], 0));
+    assert_eq!(out["processes"].as_array().map(Vec::len), Some(2), "{out}");
+    assert_eq!((a.state(), b.state()), ('T', 'T'));
+    chaos_ok(&["agent", "revert", "--agent", &url, "n1"], 0);
+    assert_ne!(a.state(), 'T');
+    assert_ne!(b.state(), 'T');
+}
+
+#[test]
+fn explicit_revert_twice_is_harmless() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_agent, url) = start_agent(dir.path(), "twice", None, "10s");
     let v = Victim::spawn();
-    // Other `sleep`s on the machine would be paused too: only run this when ours is the only one.
-    let out = chaos_ok(&["-o", "json", "agent", "apply", "--agent", &url, "--pause-pid", &v.pid().to_string(), "--duration", "60s", "--id", "r2"], 0);
+    let out = chaos_ok(&["agent", "apply", "--agent", &url, "--pause-pid", &v.pid().to_string(), "--duration", "60s", "--id", "r2"], 0);
     assert!(out.contains("SIGSTOP"), "{out}");
     assert_eq!(v.state(), 'T');
     let first = chaos_ok(&["agent", "revert", "--agent", &url, "r2"], 0);
