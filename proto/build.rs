@@ -13,8 +13,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for p in &protos {
         println!("cargo:rerun-if-changed={p}");
     }
-    tonic_prost_build::configure()
-        .file_descriptor_set_path(out.join("chaos_v1_descriptor.bin"))
-        .compile_protos(&protos, &["."])?;
+    tonic_prost_build::configure().file_descriptor_set_path(out.join("chaos_v1_descriptor.bin")).compile_protos(&protos, &["."])?;
     Ok(())
 }

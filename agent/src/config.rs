@@ -202,7 +202,8 @@ impl AgentConfig {
         if max_fault_duration.is_zero() {
             bail!("max_fault_duration: must be > 0");
         }
-        let shutdown_timeout = opt_dur(args.shutdown_timeout, &file.shutdown_timeout, "shutdown_timeout")?.unwrap_or(Duration::from_secs(10));
+        let shutdown_timeout =
+            opt_dur(args.shutdown_timeout, &file.shutdown_timeout, "shutdown_timeout")?.unwrap_or(Duration::from_secs(10));
         let mut labels = file.labels.clone();
         for l in &args.labels {
             let (k, v) = parse_label(l)?;
@@ -250,6 +251,14 @@ mod tests {
         let p = dir.path().join("agent.yaml");
         std::fs::write(&p, yaml).expect("write");
         (dir, AgentArgs { config: Some(p), ..Default::default() })
+    }
+
+    #[test]
+    fn shipped_example_file_is_valid() {
+        let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/config/agent.yaml");
+        let c = AgentConfig::resolve(&AgentArgs { config: Some(p), ..Default::default() }).expect("example config");
+        assert_eq!(c.coordinator.as_deref(), Some("http://127.0.0.1:50051"));
+        assert_eq!(c.labels.get("role").map(String::as_str), Some("kafka"));
     }
 
     #[test]

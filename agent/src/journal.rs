@@ -133,7 +133,10 @@ impl JournalStore for DirJournal {
             if !name.ends_with(".json") || name.starts_with('.') {
                 continue;
             }
-            match fs::read(&path).map_err(|e| e.to_string()).and_then(|b| serde_json::from_slice::<JournalRecord>(&b).map_err(|e| e.to_string())) {
+            match fs::read(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|b| serde_json::from_slice::<JournalRecord>(&b).map_err(|e| e.to_string()))
+            {
                 Ok(rec) => good.push(rec),
                 Err(error) => bad.push(CorruptRecord { path, error }),
             }

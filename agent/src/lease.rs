@@ -83,7 +83,7 @@ pub async fn run(link: LeaseLink, identity: Arc<AgentIdentity>, lifecycle: Lifec
             Err(s) => {
                 failures += 1;
                 // Log the first failure and then every tenth, not every beat.
-                if failures == 1 || failures % 10 == 0 {
+                if failures == 1 || failures.is_multiple_of(10) {
                     warn!(coordinator = %link.coordinator_url, failures, error = %s.message(), "heartbeat failed");
                 } else {
                     debug!(error = %s.message(), "heartbeat failed");

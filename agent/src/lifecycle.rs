@@ -620,7 +620,10 @@ mod tests {
 
     use super::*;
     use crate::{
-        faults::{ProcRef, process::{ProcessAction, ProcessDriver, ProcessPlan}},
+        faults::{
+            ProcRef,
+            process::{ProcessAction, ProcessDriver, ProcessPlan},
+        },
         journal::MemJournal,
         protect::Protection,
         sys::{Signals, fake::FakeProcs},

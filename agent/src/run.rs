@@ -38,8 +38,12 @@ pub async fn run(cfg: AgentConfig, listener: TcpListener, shutdown: impl Future<
     };
     let (lifecycle, _task, report) = Lifecycle::start(lc_cfg, drivers, journal).await.context("starting the fault lifecycle")?;
     if report.reverted + report.failed + report.corrupt > 0 {
-        warn!(reverted = report.reverted, failed = report.failed, corrupt = report.corrupt,
-            "journal replay: a previous run left faults applied");
+        warn!(
+            reverted = report.reverted,
+            failed = report.failed,
+            corrupt = report.corrupt,
+            "journal replay: a previous run left faults applied"
+        );
     }
     let identity = Arc::new(AgentIdentity {
         agent_id: cfg.agent_id.clone(),
@@ -89,8 +93,11 @@ pub async fn run(cfg: AgentConfig, listener: TcpListener, shutdown: impl Future<
             if out.failed.is_empty() {
                 info!(reverted = out.reverted.len(), "all faults reverted; exiting");
             } else {
-                error!(reverted = out.reverted.len(), failed = out.failed.len(),
-                    "some faults could not be reverted; their journal records remain and the next start retries them");
+                error!(
+                    reverted = out.reverted.len(),
+                    failed = out.failed.len(),
+                    "some faults could not be reverted; their journal records remain and the next start retries them"
+                );
             }
         }
         Ok(Err(e)) => error!(error = %e, "lifecycle gone before shutdown"),

@@ -195,7 +195,9 @@ pub async fn run(cmd: AgentCommand, timeout: Duration, fmt: Format) -> Result<u8
                 .into_inner();
             match fmt {
                 Format::Json => emit_json(&json!({"faults": r.faults.iter().map(fault_json).collect::<Vec<_>>()})),
-                Format::Table if r.faults.is_empty() => emit(if all { "no faults" } else { "no active faults (--all shows finished ones)" }),
+                Format::Table if r.faults.is_empty() => {
+                    emit(if all { "no faults" } else { "no active faults (--all shows finished ones)" })
+                }
                 Format::Table => emit(&fault_rows(&r.faults)),
             }
         }

@@ -94,7 +94,11 @@ pub async fn status(coordinator: &str, timeout: Duration, fmt: Format) -> Result
             let armed = if s.armed {
                 "yes".to_string()
             } else {
-                format!("NO — disarmed {} ({}); run `chaos arm` to accept faults again", relative(s.disarmed_at.as_ref()), s.disarmed_reason)
+                format!(
+                    "NO — disarmed {} ({}); run `chaos arm` to accept faults again",
+                    relative(s.disarmed_at.as_ref()),
+                    s.disarmed_reason
+                )
             };
             emit(&format!(
                 "coordinator  {} (v{}, up {})\narmed        {}\nagents       {} total: {} healthy, {} late, {} lost\nfaults       {} active",
@@ -161,10 +165,9 @@ pub async fn arm(coordinator: &str, timeout: Duration, fmt: Format, a: ArmArgs) 
     match fmt {
         Format::Json => emit_json(&json!({"armed": r.armed, "agents_not_reached": r.agents_not_reached})),
         Format::Table if r.agents_not_reached.is_empty() => emit("fleet armed: faults are accepted again"),
-        Format::Table => emit(&format!(
-            "fleet armed; not told directly (they follow on their next heartbeat): {}",
-            r.agents_not_reached.join(", ")
-        )),
+        Format::Table => {
+            emit(&format!("fleet armed; not told directly (they follow on their next heartbeat): {}", r.agents_not_reached.join(", ")))
+        }
     }
     Ok(exit::OK)
 }

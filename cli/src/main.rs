@@ -47,7 +47,9 @@ enum Command {
     /// The coordinator's state: armed or not (and why), agent health, active faults.
     Status,
     /// Revert every fault on every agent now and disarm the fleet.
-    #[command(after_help = "Agents that cannot be reached revert by their own dead-man lease; the output says by when.\nExit code 7 when some agents were not reached.")]
+    #[command(
+        after_help = "Agents that cannot be reached revert by their own dead-man lease; the output says by when.\nExit code 7 when some agents were not reached."
+    )]
     EmergencyStop(fleet::EmergencyStopArgs),
     /// Re-arm the fleet after an emergency stop.
     Arm(fleet::ArmArgs),
@@ -72,9 +74,12 @@ pub fn channel(target: &str, timeout: Duration) -> Result<Channel, CliError> {
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-    ).init();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .init();
     let fmt = cli.output;
     let result = match cli.command {
         Command::Agents => fleet::agents(&cli.coordinator, cli.timeout, fmt).await,

@@ -93,13 +93,23 @@ mod tests {
     use super::*;
 
     #[test]
+    fn shipped_example_file_is_valid() {
+        let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/config/coordinator.yaml");
+        let c = CoordinatorConfig::resolve(&CoordinatorArgs { config: Some(p), ..Default::default() }).expect("example config");
+        assert_eq!(c.emergency_stop_deadline, Duration::from_secs(2));
+    }
+
+    #[test]
     fn defaults_and_key_named_errors() {
         let c = CoordinatorConfig::resolve(&CoordinatorArgs::default()).expect("defaults");
         assert_eq!(c.listen.to_string(), "127.0.0.1:50051");
         let dir = tempfile::tempdir().expect("tempdir");
         let p = dir.path().join("c.yaml");
         std::fs::write(&p, "emergency_stop_deadline: soon\n").expect("write");
-        let e = format!("{:#}", CoordinatorConfig::resolve(&CoordinatorArgs { config: Some(p.clone()), ..Default::default() }).expect_err("bad"));
+        let e = format!(
+            "{:#}",
+            CoordinatorConfig::resolve(&CoordinatorArgs { config: Some(p.clone()), ..Default::default() }).expect_err("bad")
+        );
         assert!(e.contains("emergency_stop_deadline") && e.contains("soon"), "{e}");
         std::fs::write(&p, "listn: 1\n").expect("write");
         let e = format!("{:#}", CoordinatorConfig::resolve(&CoordinatorArgs { config: Some(p), ..Default::default() }).expect_err("bad"));

@@ -195,10 +195,7 @@ impl FaultRequest {
         match (&kind, &target) {
             (FaultKind::ProcessPause | FaultKind::ProcessKill { .. }, TargetSpec::Pid(_) | TargetSpec::ProcessName(_)) => {}
             (k, t) => {
-                return Err(SpecError::invalid(
-                    "spec.target",
-                    format!("{} needs a pid or process_name target, got {t}", k.family()),
-                ));
+                return Err(SpecError::invalid("spec.target", format!("{} needs a pid or process_name target, got {t}", k.family())));
             }
         }
         let labels = spec.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
@@ -250,9 +247,9 @@ fn validate_id(id: &str) -> Result<(), SpecError> {
 
 fn target_from_pb(t: Option<&pb::Target>) -> Result<TargetSpec, SpecError> {
     use pb::target::Kind as K;
-    let kind = t
-        .and_then(|t| t.kind.as_ref())
-        .ok_or_else(|| SpecError::invalid("spec.target", "is required: set one of host, netns, pid, process_name, cgroup_path, container"))?;
+    let kind = t.and_then(|t| t.kind.as_ref()).ok_or_else(|| {
+        SpecError::invalid("spec.target", "is required: set one of host, netns, pid, process_name, cgroup_path, container")
+    })?;
     Ok(match kind {
         K::Host(_) => TargetSpec::Host,
         K::Netns(n) => {
@@ -265,10 +262,7 @@ fn target_from_pb(t: Option<&pb::Target>) -> Result<TargetSpec, SpecError> {
         K::Pid(p) => TargetSpec::Pid(*p),
         K::ProcessName(n) => {
             if n.is_empty() || n.contains('/') || n.contains('\0') {
-                return Err(SpecError::invalid(
-                    "spec.target.process_name",
-                    format!("must be a bare process name (no '/'), got {n:?}"),
-                ));
+                return Err(SpecError::invalid("spec.target.process_name", format!("must be a bare process name (no '/'), got {n:?}")));
             }
             TargetSpec::ProcessName(n.clone())
         }
@@ -358,42 +352,42 @@ mod tests {
     #[test]
     fn duration_is_mandatory_positive_and_capped() {
         let mut s = pause_pid(42, 0);
-        assert_eq!(field_of(FaultRequest::from_pb(&s, MAX).unwrap_err()), "spec.duration");
+        assert_eq!(field_of(FaultRequest::from_pb(&s, MAX).expect_err("must be refused")), "spec.duration");
         s.duration = None;
-        assert_eq!(field_of(FaultRequest::from_pb(&s, MAX).unwrap_err()), "spec.duration");
+        assert_eq!(field_of(FaultRequest::from_pb(&s, MAX).expect_err("must be refused")), "spec.duration");
         s.duration = Some(prost_types::Duration { seconds: -5, nanos: 0 });
-        assert_eq!(field_of(FaultRequest::from_pb(&s, MAX).unwrap_err()), "spec.duration");
-        let e = FaultRequest::from_pb(&pause_pid(42, 7200), MAX).unwrap_err();
+        assert_eq!(field_of(FaultRequest::from_pb(&s, MAX).expect_err("must be refused")), "spec.duration");
+        let e = FaultRequest::from_pb(&pause_pid(42, 7200), MAX).expect_err("must be refused");
         assert!(e.to_string().contains("at most 3600s"), "{e}");
         assert!(e.to_string().contains("7200"), "{e}");
     }
 
     #[test]
     fn bad_fields_are_named_with_value() {
-        let e = FaultRequest::from_pb(&pause_pid(0, 5), MAX).unwrap_err();
+        let e = FaultRequest::from_pb(&pause_pid(0, 5), MAX).expect_err("must be refused");
         assert_eq!(e.to_string(), "spec.target.pid must be > 0, got 0");
         let mut s = pause_pid(1, 5);
         s.id = "../etc".into();
-        let e = FaultRequest::from_pb(&s, MAX).unwrap_err();
+        let e = FaultRequest::from_pb(&s, MAX).expect_err("must be refused");
         assert_eq!(field_of(e.clone()), "spec.id");
         assert!(e.to_string().contains("../etc"));
         s.id = "ok-id_1.2".into();
         assert!(FaultRequest::from_pb(&s, MAX).is_ok());
         s.fault = Some(pb::fault_spec::Fault::ProcessKill(pb::ProcessKill { signal: "SIGBOGUS".into() }));
-        let e = FaultRequest::from_pb(&s, MAX).unwrap_err();
+        let e = FaultRequest::from_pb(&s, MAX).expect_err("must be refused");
         assert_eq!(field_of(e.clone()), "spec.process_kill.signal");
         assert!(e.to_string().contains("SIGBOGUS"));
         s.fault = Some(pb::fault_spec::Fault::ProcessKill(pb::ProcessKill { signal: "STOP".into() }));
-        assert_eq!(field_of(FaultRequest::from_pb(&s, MAX).unwrap_err()), "spec.process_kill.signal");
+        assert_eq!(field_of(FaultRequest::from_pb(&s, MAX).expect_err("must be refused")), "spec.process_kill.signal");
         s.fault = None;
-        assert_eq!(field_of(FaultRequest::from_pb(&s, MAX).unwrap_err()), "spec.fault");
+        assert_eq!(field_of(FaultRequest::from_pb(&s, MAX).expect_err("must be refused")), "spec.fault");
         s.target = None;
         s.fault = Some(pb::fault_spec::Fault::ProcessPause(pb::ProcessPause {}));
-        assert_eq!(field_of(FaultRequest::from_pb(&s, MAX).unwrap_err()), "spec.target");
+        assert_eq!(field_of(FaultRequest::from_pb(&s, MAX).expect_err("must be refused")), "spec.target");
         s.target = Some(pb::Target { kind: Some(pb::target::Kind::ProcessName("a/b".into())) });
-        assert_eq!(field_of(FaultRequest::from_pb(&s, MAX).unwrap_err()), "spec.target.process_name");
+        assert_eq!(field_of(FaultRequest::from_pb(&s, MAX).expect_err("must be refused")), "spec.target.process_name");
         s.target = Some(pb::Target { kind: Some(pb::target::Kind::Host(pb::HostTarget {})) });
-        let e = FaultRequest::from_pb(&s, MAX).unwrap_err();
+        let e = FaultRequest::from_pb(&s, MAX).expect_err("must be refused");
         assert_eq!(field_of(e.clone()), "spec.target");
         assert!(e.to_string().contains("process_pause needs a pid or process_name"), "{e}");
     }
@@ -402,12 +396,9 @@ mod tests {
     fn unimplemented_families_are_named() {
         let mut s = pause_pid(5, 5);
         s.fault = Some(pb::fault_spec::Fault::NetworkLoss(pb::NetworkLoss::default()));
-        assert_eq!(
-            FaultRequest::from_pb(&s, MAX).unwrap_err(),
-            SpecError::Unimplemented { family: "network_loss" }
-        );
+        assert_eq!(FaultRequest::from_pb(&s, MAX).expect_err("must be refused"), SpecError::Unimplemented { family: "network_loss" });
         s.fault = Some(pb::fault_spec::Fault::CpuStress(pb::CpuStress::default()));
-        assert!(FaultRequest::from_pb(&s, MAX).unwrap_err().to_string().contains("cpu_stress"));
+        assert!(FaultRequest::from_pb(&s, MAX).expect_err("must be refused").to_string().contains("cpu_stress"));
     }
 
     #[test]

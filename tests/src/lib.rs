@@ -183,9 +183,13 @@ pub fn chaos_ok(args: &[&str], want_code: i32) -> String {
 /// A coordinator binary on a free port.
 pub fn start_coordinator(dir: &std::path::Path) -> (Daemon, String) {
     let port = free_port();
-    let d = Daemon::spawn("chaos-coordinator", &["--listen".into(), format!("127.0.0.1:{port}")], dir.join(format!("coordinator-{port}.log")));
+    let d =
+        Daemon::spawn("chaos-coordinator", &["--listen".into(), format!("127.0.0.1:{port}")], dir.join(format!("coordinator-{port}.log")));
     let url = format!("http://127.0.0.1:{port}");
-    assert!(wait_until(Duration::from_secs(10), || chaos(&["--coordinator", &url, "status"]).status.success()), "coordinator did not start");
+    assert!(
+        wait_until(Duration::from_secs(10), || chaos(&["--coordinator", &url, "status"]).status.success()),
+        "coordinator did not start"
+    );
     (d, url)
 }
 

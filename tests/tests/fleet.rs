@@ -6,7 +6,10 @@
 use std::time::Duration;
 
 use chaos_e2e::{Victim, chaos, chaos_ok, start_agent, start_coordinator, wait_until};
-use nix::{sys::signal::{Signal, kill}, unistd::Pid};
+use nix::{
+    sys::signal::{Signal, kill},
+    unistd::Pid,
+};
 
 fn json(s: &str) -> serde_json::Value {
     let end = s.rfind('}').map(|i| i + 1).unwrap_or(s.len());
@@ -16,7 +19,9 @@ fn json(s: &str) -> serde_json::Value {
 fn apply_when_ready(agent: &str, pid: u32) {
     let pid = pid.to_string();
     assert!(
-        wait_until(Duration::from_secs(10), || chaos(&["agent", "apply", "--agent", agent, "--pause-pid", &pid, "--duration", "5m"]).status.success()),
+        wait_until(Duration::from_secs(10), || chaos(&["agent", "apply", "--agent", agent, "--pause-pid", &pid, "--duration", "5m"])
+            .status
+            .success()),
         "agent {agent} never accepted a fault"
     );
 }
@@ -26,11 +31,14 @@ fn three_agents_register_emergency_stop_disarm_and_arm() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (_c, curl) = start_coordinator(dir.path());
     let agents: Vec<_> = ["a1", "a2", "a3"].iter().map(|id| start_agent(dir.path(), id, Some(&curl), "10s")).collect();
-    assert!(wait_until(Duration::from_secs(10), || {
-        let out = chaos(&["--coordinator", &curl, "-o", "json", "agents"]);
-        let v = json(&String::from_utf8_lossy(&out.stdout));
-        v["agents"].as_array().is_some_and(|a| a.len() == 3 && a.iter().all(|x| x["health"] == "healthy"))
-    }), "three healthy agents");
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            let out = chaos(&["--coordinator", &curl, "-o", "json", "agents"]);
+            let v = json(&String::from_utf8_lossy(&out.stdout));
+            v["agents"].as_array().is_some_and(|a| a.len() == 3 && a.iter().all(|x| x["health"] == "healthy"))
+        }),
+        "three healthy agents"
+    );
     let victims: Vec<Victim> = (0..3).map(|_| Victim::spawn()).collect();
     for ((_, url), v) in agents.iter().zip(&victims) {
         apply_when_ready(url, v.pid());

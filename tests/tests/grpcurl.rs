@@ -6,14 +6,18 @@ use std::{path::PathBuf, process::Command};
 use chaos_e2e::{start_agent, start_coordinator};
 
 fn grpcurl() -> PathBuf {
-    let mut candidates: Vec<PathBuf> = std::env::var_os("PATH").map(|p| std::env::split_paths(&p).map(|d| d.join("grpcurl")).collect()).unwrap_or_default();
+    let mut candidates: Vec<PathBuf> =
+        std::env::var_os("PATH").map(|p| std::env::split_paths(&p).map(|d| d.join("grpcurl")).collect()).unwrap_or_default();
     if let Some(home) = std::env::var_os("HOME") {
         candidates.push(PathBuf::from(home).join("go/bin/grpcurl"));
     }
     if let Some(gp) = std::env::var_os("GOPATH") {
         candidates.push(PathBuf::from(gp).join("bin/grpcurl"));
     }
-    candidates.into_iter().find(|p| p.exists()).expect("grpcurl not found: install it with `go install github.com/fullstorydev/grpcurl/cmd/grpcurl@v1.9.3` (.ci/run does)")
+    candidates
+        .into_iter()
+        .find(|p| p.exists())
+        .expect("grpcurl not found: install it with `go install github.com/fullstorydev/grpcurl/cmd/grpcurl@v1.9.3` (.ci/run does)")
 }
 
 fn run(args: &[&str]) -> (bool, String) {

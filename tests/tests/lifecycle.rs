@@ -39,7 +39,8 @@ fn pause_by_exact_name_stops_every_match() {
     std::fs::copy("/bin/sleep", &exe).expect("copy sleep");
     let spawn = || chaos_e2e::Victim::spawn_program(&exe, &name);
     let (a, b) = (spawn(), spawn());
-    let out = json(&chaos_ok(&["-o", "json", "agent", "apply", "--agent", &url, "--pause-name", &name, "--duration", "60s", "--id", "n1"], 0));
+    let out =
+        json(&chaos_ok(&["-o", "json", "agent", "apply", "--agent", &url, "--pause-name", &name, "--duration", "60s", "--id", "n1"], 0));
     assert_eq!(out["processes"].as_array().map(Vec::len), Some(2), "{out}");
     assert_eq!((a.state(), b.state()), ('T', 'T'));
     chaos_ok(&["agent", "revert", "--agent", &url, "n1"], 0);
@@ -120,7 +121,8 @@ fn sigterm_reverts_every_fault_before_exit() {
     assert!(status.success(), "exit status {status:?}:\n{}", agent.log_text());
     assert_ne!(a.state(), 'T');
     assert_ne!(b.state(), 'T');
-    let left: Vec<_> = std::fs::read_dir(&journal).expect("journal").flatten().filter(|e| e.file_name().to_string_lossy().ends_with(".json")).collect();
+    let left: Vec<_> =
+        std::fs::read_dir(&journal).expect("journal").flatten().filter(|e| e.file_name().to_string_lossy().ends_with(".json")).collect();
     assert!(left.is_empty(), "journal empty after a clean stop");
 }
 
@@ -133,7 +135,18 @@ fn lease_lost_when_the_coordinator_dies_reverts_and_refuses_until_it_returns() {
     let v = Victim::spawn();
     let pid = v.pid().to_string();
     // The agent accepts faults once its first registration succeeded.
-    assert!(wait_until(Duration::from_secs(5), || chaos_e2e::chaos(&["agent", "apply", "--agent", &url, "--pause-pid", &pid, "--duration", "5m"]).status.success()));
+    assert!(wait_until(Duration::from_secs(5), || chaos_e2e::chaos(&[
+        "agent",
+        "apply",
+        "--agent",
+        &url,
+        "--pause-pid",
+        &pid,
+        "--duration",
+        "5m"
+    ])
+    .status
+    .success()));
     assert_eq!(v.state(), 'T');
     coord.kill9();
     assert!(wait_until(Duration::from_secs(5), || v.state() != 'T'), "lease did not revert the fault");
@@ -144,9 +157,21 @@ fn lease_lost_when_the_coordinator_dies_reverts_and_refuses_until_it_returns() {
     let all = json(&chaos_ok(&["-o", "json", "agent", "faults", "--agent", &url, "--all"], 0));
     assert_eq!(all["faults"][0]["revert_reason"], "LEASE_LOST");
     // The coordinator comes back (a restart: it forgot the agent, which registers again).
-    let _coord2 = chaos_e2e::Daemon::spawn("chaos-coordinator", &["--listen".into(), format!("127.0.0.1:{port}")], dir.path().join("coord2.log"));
+    let _coord2 =
+        chaos_e2e::Daemon::spawn("chaos-coordinator", &["--listen".into(), format!("127.0.0.1:{port}")], dir.path().join("coord2.log"));
     assert!(
-        wait_until(Duration::from_secs(10), || chaos_e2e::chaos(&["agent", "apply", "--agent", &url, "--pause-pid", &pid, "--duration", "5m"]).status.success()),
+        wait_until(Duration::from_secs(10), || chaos_e2e::chaos(&[
+            "agent",
+            "apply",
+            "--agent",
+            &url,
+            "--pause-pid",
+            &pid,
+            "--duration",
+            "5m"
+        ])
+        .status
+        .success()),
         "faults still refused after the coordinator came back"
     );
     assert_eq!(v.state(), 'T');

@@ -34,9 +34,8 @@ fn pidfd_open(pid: u32) -> Result<OwnedFd, Errno> {
 fn pidfd_send_signal(fd: &OwnedFd, sig: Signal) -> Result<(), Errno> {
     // SAFETY: a valid pidfd, a valid signal number, a null siginfo (the kernel
     // fills it as for kill(2)) and flags 0.
-    let rc = unsafe {
-        libc::syscall(libc::SYS_pidfd_send_signal, fd.as_raw_fd(), sig as libc::c_int, std::ptr::null::<libc::siginfo_t>(), 0)
-    };
+    let rc =
+        unsafe { libc::syscall(libc::SYS_pidfd_send_signal, fd.as_raw_fd(), sig as libc::c_int, std::ptr::null::<libc::siginfo_t>(), 0) };
     if rc < 0 { Err(Errno::last()) } else { Ok(()) }
 }
 

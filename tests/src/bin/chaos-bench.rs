@@ -14,7 +14,11 @@
 //!
 //! Run: `cargo run --release -p chaos-e2e --bin chaos-bench -- [--faults N] [--agents M] [--runs R]`
 
-use std::{collections::BTreeMap, path::Path, time::{Duration, Instant}};
+use std::{
+    collections::BTreeMap,
+    path::Path,
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context, bail};
 use chaos_agent::config::AgentConfig;
@@ -84,7 +88,8 @@ async fn start_agent(journal: &Path, id: &str, coordinator: Option<&str>) -> any
 async fn start_coordinator() -> anyhow::Result<Server> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
-    let cfg = CoordinatorConfig { listen: addr, emergency_stop_deadline: Duration::from_secs(2), heartbeat_interval: Duration::from_secs(10) };
+    let cfg =
+        CoordinatorConfig { listen: addr, emergency_stop_deadline: Duration::from_secs(2), heartbeat_interval: Duration::from_secs(10) };
     let (tx, rx) = oneshot::channel();
     let task = tokio::spawn(chaos_coordinator::run::run(cfg, listener, async {
         let _ = rx.await;

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Quickstart demo (README's first command): builds the binaries, starts a
+# coordinator and an agent on loopback, pauses a real process with the CLI,
+# watches it revert at its TTL, runs an emergency stop, shows the refusal
+# while disarmed, re-arms, and cleans up everything it started — also on
+# failure or Ctrl-C.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
+WORK="$(mktemp -d /tmp/chaos-demo.XXXXXX)"
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+  for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+  rm -rf "$WORK"
+}
+trap cleanup EXIT INT TERM
+
+step "building (cargo build --release)"
+cargo build --release --workspace --bins --locked
+BIN="$PWD/target/release"
+CHAOS="$BIN/chaos"
+export CHAOS_COORDINATOR=http://127.0.0.1:50051 CHAOS_AGENT=http://127.0.0.1:50052
+
+step "starting chaos-coordinator on 127.0.0.1:50051 and chaos-agent on 127.0.0.1:50052 (logs in $WORK)"
+"$BIN/chaos-coordinator" >"$WORK/coordinator.log" 2>&1 & PIDS+=($!)
+"$BIN/chaos-agent" --coordinator "$CHAOS_COORDINATOR" --journal-dir "$WORK/journal" --label role=demo \
+  >"$WORK/agent.log" 2>&1 & PIDS+=($!)
+for _ in $(seq 50); do "$CHAOS" agents 2>/dev/null | grep -q healthy && break; sleep 0.2; done
+"$CHAOS" agents
+
+step "a victim process: sleep 300"
+sleep 300 & VICTIM=$!; PIDS+=($VICTIM)
+state() { awk '{print $3}' "/proc/$VICTIM/stat"; }
+
+step "chaos agent apply --pause-pid $VICTIM --duration 5s"
+for _ in $(seq 20); do "$CHAOS" agent apply --pause-pid "$VICTIM" --duration 5s && break; sleep 0.3; done
+echo "victim state: $(state)   (T = stopped)"
+"$CHAOS" agent faults
+
+step "waiting for the TTL ..."
+for _ in $(seq 80); do [ "$(state)" != T ] && break; sleep 0.1; done
+echo "victim state: $(state)   (resumed by its TTL)"
+"$CHAOS" agent faults --all
+
+step "pause again for 10 minutes, then: chaos emergency-stop"
+"$CHAOS" agent apply --pause-pid "$VICTIM" --duration 10m
+echo "victim state: $(state)"
+"$CHAOS" emergency-stop --reason "demo"
+echo "victim state: $(state)   (resumed by the emergency stop)"
+
+step "while disarmed, new faults are refused (exit code 3)"
+set +e; "$CHAOS" agent apply --pause-pid "$VICTIM" --duration 5s; echo "exit code: $?"; set -e
+"$CHAOS" status
+
+step "chaos arm"
+"$CHAOS" arm
+"$CHAOS" agent apply --pause-pid "$VICTIM" --duration 2s
+echo "victim state: $(state)"
+
+step "reflection: grpcurl -plaintext 127.0.0.1:50051 list"
+GRPCURL="$(command -v grpcurl || echo "$(go env GOPATH 2>/dev/null)/bin/grpcurl")"
+if [ -x "$GRPCURL" ]; then "$GRPCURL" -plaintext 127.0.0.1:50051 list; else echo "(grpcurl not installed: go install github.com/fullstorydev/grpcurl/cmd/grpcurl@v1.9.3)"; fi
+
+step "stopping (the agent reverts its remaining fault on SIGTERM)"

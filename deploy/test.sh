@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The test command (README "Run the tests"): installs what the tests need on
+# a fresh machine, then runs formatting and lint checks and the whole suite.
+# Idempotent; safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*" >&2; }
+
+command -v cargo >/dev/null || { echo "cargo not found: install Rust (rustup) first" >&2; exit 1; }
+command -v go >/dev/null || { echo "go not found: needed to install grpcurl" >&2; exit 1; }
+
+GOBIN_DIR="$(go env GOPATH)/bin"
+export PATH="$GOBIN_DIR:$PATH"
+if ! command -v grpcurl >/dev/null; then
+  step "installing grpcurl (go install)"
+  go install github.com/fullstorydev/grpcurl/cmd/grpcurl@v1.9.3
+fi
+command -v sleep >/dev/null || { echo "sleep (coreutils) not found" >&2; exit 1; }
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+step "cargo clippy (warnings are errors)"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+step "building binaries (the end-to-end tests drive them)"
+cargo build --workspace --bins --locked
+step "cargo test"
+cargo test --workspace --locked
