@@ -10,7 +10,9 @@ cd "$(dirname "$0")/.."
 step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
 WORK="$(mktemp -d /tmp/chaos-demo.XXXXXX)"
 PIDS=()
+VICTIM=""
 cleanup() {
+  [ -n "$VICTIM" ] && kill -KILL "$VICTIM" 2>/dev/null || true
   for p in "${PIDS[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
   for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
   rm -rf "$WORK"

@@ -24,6 +24,10 @@ pub async fn emergency_stop(registry: &Registry, reason: &str, deadline: Duratio
     warn!(reason, agents = agents.len(), deadline = ?deadline, "EMERGENCY STOP: reverting every fault on every agent");
     let calls = agents.into_iter().map(|a| stop_one(a, reason.to_string(), deadline));
     let results = join_all(calls).await;
+    for r in results.iter().filter(|r| r.reached) {
+        // What is left on a reached agent is what it failed to revert.
+        registry.set_active_faults(&r.agent_id, r.failed_count);
+    }
     let reached = results.iter().filter(|r| r.reached).count();
     let faults_reverted = results.iter().map(|r| r.reverted_count).sum();
     let resp = pb::EmergencyStopResponse {

@@ -146,6 +146,13 @@ impl Registry {
         Ok(armed)
     }
 
+    /// Record an agent's fault count learned outside a heartbeat (e.g. from emergency stop).
+    pub fn set_active_faults(&self, agent_id: &str, active: u32) {
+        if let Some(rec) = self.lock().agents.get_mut(agent_id) {
+            rec.active_faults = active;
+        }
+    }
+
     pub fn agents(&self) -> Vec<AgentRecord> {
         self.lock().agents.values().cloned().collect()
     }

@@ -29,7 +29,7 @@ fn apply_when_ready(agent: &str, pid: u32) {
 #[test]
 fn three_agents_register_emergency_stop_disarm_and_arm() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (_c, curl) = start_coordinator(dir.path());
+    let (coord, curl) = start_coordinator(dir.path());
     let agents: Vec<_> = ["a1", "a2", "a3"].iter().map(|id| start_agent(dir.path(), id, Some(&curl), "10s")).collect();
     assert!(
         wait_until(Duration::from_secs(10), || {
@@ -39,6 +39,9 @@ fn three_agents_register_emergency_stop_disarm_and_arm() {
         }),
         "three healthy agents"
     );
+    // The coordinator shares this host (same boot id): its pid is protected.
+    let e = chaos_ok(&["agent", "apply", "--agent", &agents[0].1, "--pause-pid", &coord.pid().to_string(), "--duration", "5s"], 3);
+    assert!(e.contains("is the coordinator"), "protected by pid, learned at registration: {e}");
     let victims: Vec<Victim> = (0..3).map(|_| Victim::spawn()).collect();
     for ((_, url), v) in agents.iter().zip(&victims) {
         apply_when_ready(url, v.pid());
@@ -57,6 +60,7 @@ fn three_agents_register_emergency_stop_disarm_and_arm() {
     let st = json(&chaos_ok(&["--coordinator", &curl, "-o", "json", "status"], 0));
     assert_eq!(st["armed"], false);
     assert_eq!(st["disarmed_reason"], "e2e drill");
+    assert_eq!(st["active_faults"], 0, "{st}");
 
     let armed = json(&chaos_ok(&["--coordinator", &curl, "-o", "json", "arm"], 0));
     assert_eq!(armed["armed"], true);
