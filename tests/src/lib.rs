@@ -233,3 +233,17 @@ pub fn start_agent_at(
     );
     (d, url)
 }
+
+/// Parse the CLI's JSON output (stdout; `chaos_ok` appends stderr after it).
+pub fn json(s: &str) -> serde_json::Value {
+    let end = s.rfind('}').map(|i| i + 1).unwrap_or(s.len());
+    serde_json::from_str(&s[..end]).unwrap_or_else(|e| panic!("not JSON ({e}): {s}"))
+}
+
+/// Pause `pid` through `agent` for 5 minutes, retrying while the agent
+/// still refuses (a registered agent accepts faults once its coordinator
+/// has answered).
+pub fn pause_when_ready(agent: &str, pid: u32, timeout: Duration) -> bool {
+    let pid = pid.to_string();
+    wait_until(timeout, || chaos(&["agent", "apply", "--agent", agent, "--pause-pid", &pid, "--duration", "5m"]).status.success())
+}

@@ -5,26 +5,11 @@
 
 use std::time::Duration;
 
-use chaos_e2e::{Victim, chaos, chaos_ok, start_agent, start_coordinator, wait_until};
+use chaos_e2e::{Victim, chaos, chaos_ok, json, pause_when_ready, start_agent, start_coordinator, wait_until};
 use nix::{
     sys::signal::{Signal, kill},
     unistd::Pid,
 };
-
-fn json(s: &str) -> serde_json::Value {
-    let end = s.rfind('}').map(|i| i + 1).unwrap_or(s.len());
-    serde_json::from_str(&s[..end]).unwrap_or_else(|e| panic!("not JSON ({e}): {s}"))
-}
-
-fn apply_when_ready(agent: &str, pid: u32) {
-    let pid = pid.to_string();
-    assert!(
-        wait_until(Duration::from_secs(10), || chaos(&["agent", "apply", "--agent", agent, "--pause-pid", &pid, "--duration", "5m"])
-            .status
-            .success()),
-        "agent {agent} never accepted a fault"
-    );
-}
 
 #[test]
 fn three_agents_register_emergency_stop_disarm_and_arm() {
@@ -44,7 +29,7 @@ fn three_agents_register_emergency_stop_disarm_and_arm() {
     assert!(e.contains("is the coordinator"), "protected by pid, learned at registration: {e}");
     let victims: Vec<Victim> = (0..3).map(|_| Victim::spawn()).collect();
     for ((_, url), v) in agents.iter().zip(&victims) {
-        apply_when_ready(url, v.pid());
+        assert!(pause_when_ready(url, v.pid(), Duration::from_secs(10)), "agent never accepted a fault");
     }
     assert!(victims.iter().all(|v| v.state() == 'T'));
 
@@ -76,8 +61,8 @@ fn unreachable_agent_is_reported_and_reverts_when_it_hears_of_the_disarm() {
     let (ok_agent, ok_url) = start_agent(dir.path(), "ok", Some(&curl), "10s");
     let (hung_agent, hung_url) = start_agent(dir.path(), "hung", Some(&curl), "10s");
     let (v1, v2) = (Victim::spawn(), Victim::spawn());
-    apply_when_ready(&ok_url, v1.pid());
-    apply_when_ready(&hung_url, v2.pid());
+    assert!(pause_when_ready(&ok_url, v1.pid(), Duration::from_secs(10)), "agent never accepted a fault");
+    assert!(pause_when_ready(&hung_url, v2.pid(), Duration::from_secs(10)), "agent never accepted a fault");
     // Freeze the second agent itself: it cannot answer the emergency stop.
     kill(Pid::from_raw(hung_agent.pid() as i32), Signal::SIGSTOP).expect("stop agent");
     let out = chaos_ok(&["--coordinator", &curl, "-o", "json", "emergency-stop", "--deadline", "500ms"], 7);

@@ -4,13 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use chaos_e2e::{Victim, chaos_ok, start_agent, start_agent_at, start_coordinator, wait_until};
-
-fn json(s: &str) -> serde_json::Value {
-    // The CLI prints JSON on stdout; chaos_ok appends stderr after it.
-    let end = s.rfind('}').map(|i| i + 1).unwrap_or(s.len());
-    serde_json::from_str(&s[..end]).unwrap_or_else(|e| panic!("not JSON ({e}): {s}"))
-}
+use chaos_e2e::{Victim, chaos_ok, json, pause_when_ready, start_agent, start_agent_at, start_coordinator, wait_until};
 
 #[test]
 fn pause_reverts_at_its_ttl() {
@@ -135,18 +129,7 @@ fn lease_lost_when_the_coordinator_dies_reverts_and_refuses_until_it_returns() {
     let v = Victim::spawn();
     let pid = v.pid().to_string();
     // The agent accepts faults once its first registration succeeded.
-    assert!(wait_until(Duration::from_secs(5), || chaos_e2e::chaos(&[
-        "agent",
-        "apply",
-        "--agent",
-        &url,
-        "--pause-pid",
-        &pid,
-        "--duration",
-        "5m"
-    ])
-    .status
-    .success()));
+    assert!(pause_when_ready(&url, v.pid(), Duration::from_secs(5)));
     assert_eq!(v.state(), 'T');
     coord.kill9();
     assert!(wait_until(Duration::from_secs(5), || v.state() != 'T'), "lease did not revert the fault");
@@ -159,20 +142,6 @@ fn lease_lost_when_the_coordinator_dies_reverts_and_refuses_until_it_returns() {
     // The coordinator comes back (a restart: it forgot the agent, which registers again).
     let _coord2 =
         chaos_e2e::Daemon::spawn("chaos-coordinator", &["--listen".into(), format!("127.0.0.1:{port}")], dir.path().join("coord2.log"));
-    assert!(
-        wait_until(Duration::from_secs(10), || chaos_e2e::chaos(&[
-            "agent",
-            "apply",
-            "--agent",
-            &url,
-            "--pause-pid",
-            &pid,
-            "--duration",
-            "5m"
-        ])
-        .status
-        .success()),
-        "faults still refused after the coordinator came back"
-    );
+    assert!(pause_when_ready(&url, v.pid(), Duration::from_secs(10)), "faults still refused after the coordinator came back");
     assert_eq!(v.state(), 'T');
 }

@@ -5,7 +5,7 @@
 //! [`Signals::signal_if_same`], so a pid reused by another process after
 //! the plan (or after an agent crash) is never touched.
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
 use async_trait::async_trait;
 use chaos_proto::spec::{FaultKind, FaultRequest, SignalName, TargetSpec};
@@ -110,6 +110,32 @@ impl ProcessDriver {
     }
 }
 
+/// How long apply waits to see a paused process stopped in /proc. A
+/// process in uninterruptible sleep (D) stops only when its IO completes.
+const STOP_VERIFY_TIMEOUT: Duration = Duration::from_millis(500);
+
+impl ProcessDriver {
+    /// Wait until every process is seen stopped (`T`/`t`) or gone; returns
+    /// those still not stopped when the time is up.
+    async fn await_stopped(&self, procs: &[ProcRef]) -> Vec<ProcRef> {
+        let deadline = tokio::time::Instant::now() + STOP_VERIFY_TIMEOUT;
+        loop {
+            let pending: Vec<ProcRef> = procs
+                .iter()
+                .filter(|p| match self.table.stat(p.pid) {
+                    Ok(Some(s)) => s.start_time_ticks == p.start_time_ticks && !matches!(s.state, 'T' | 't' | 'Z' | 'X'),
+                    _ => false,
+                })
+                .cloned()
+                .collect();
+            if pending.is_empty() || tokio::time::Instant::now() >= deadline {
+                return pending;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+}
+
 fn list(procs: &[ProcRef]) -> String {
     procs.iter().map(|p| format!("{} {}", p.pid, p.name)).collect::<Vec<_>>().join(", ")
 }
@@ -143,6 +169,19 @@ impl FaultDriver for ProcessDriver {
         let mut summary = format!("{} sent to {} process(es): {}", sig.as_str(), sent.len(), list(&sent));
         if !gone.is_empty() {
             summary.push_str(&format!("; already gone: {}", list(&gone)));
+        }
+        if plan.action == ProcessAction::Pause {
+            let not_stopped = self.await_stopped(&sent).await;
+            if not_stopped.is_empty() {
+                summary.push_str("; verified stopped in /proc");
+            } else {
+                tracing::warn!(pids = %list(&not_stopped), "SIGSTOP sent but not yet seen stopped (uninterruptible IO?)");
+                summary.push_str(&format!(
+                    "; NOT yet seen stopped after {} ms (uninterruptible IO?): {}",
+                    STOP_VERIFY_TIMEOUT.as_millis(),
+                    list(&not_stopped)
+                ));
+            }
         }
         Ok(Applied { backend: "signal", processes: sent, summary })
     }
@@ -185,6 +224,17 @@ mod tests {
         FaultRequest { id: None, target, duration: Duration::from_secs(5), labels: BTreeMap::new(), kind }
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn pause_reports_processes_that_do_not_stop() {
+        let fake = FakeProcs::default();
+        fake.spawn(10, "sleep", 100);
+        fake.stick_in_state(10, 'D');
+        let d = driver(&fake);
+        let plan = d.plan(&req(TargetSpec::Pid(10), FaultKind::ProcessPause)).expect("plan");
+        let a = d.apply(&plan).await.expect("apply");
+        assert!(a.summary.contains("NOT yet seen stopped") && a.summary.contains("10 sleep"), "{}", a.summary);
+    }
+
     #[tokio::test]
     async fn pause_by_name_stops_all_matches_and_revert_continues_them() {
         let fake = FakeProcs::default();
@@ -196,6 +246,7 @@ mod tests {
         assert!(fake.sent().is_empty(), "plan must have no side effects");
         let applied = d.apply(&plan).await.expect("apply");
         assert_eq!(applied.processes.len(), 2);
+        assert!(applied.summary.contains("verified stopped"), "{}", applied.summary);
         assert_eq!((fake.state(10), fake.state(11), fake.state(12)), (Some('T'), Some('T'), Some('S')));
         d.revert(&plan).await.expect("revert");
         assert_eq!((fake.state(10), fake.state(11)), (Some('S'), Some('S')));

@@ -18,6 +18,8 @@ struct Inner {
     /// Signals that fail with an errno (to test failure paths): by pid,
     /// for one signal or (None) for every signal.
     fail: Vec<(u32, Option<Signal>, Errno)>,
+    /// Pids whose state signals do not change.
+    stuck: std::collections::BTreeSet<u32>,
 }
 
 /// Fake process table + signals, cheap to clone (shared state).
@@ -41,6 +43,15 @@ impl FakeProcs {
     pub fn spawn_kthread(&self, pid: u32, comm: &str) {
         let stat = ProcStat { pid, comm: comm.to_string(), state: 'I', ppid: 2, flags: super::PF_KTHREAD, start_time_ticks: 1 };
         self.lock().procs.insert(pid, (stat, None));
+    }
+
+    /// Keep a process in `state` whatever it is sent (e.g. 'D': uninterruptible).
+    pub fn stick_in_state(&self, pid: u32, state: char) {
+        let mut g = self.lock();
+        g.stuck.insert(pid);
+        if let Some((s, _)) = g.procs.get_mut(&pid) {
+            s.state = state;
+        }
     }
 
     /// Remove a process (it exited).
@@ -93,12 +104,14 @@ impl Signals for FakeProcs {
         if let Some((_, _, e)) = g.fail.iter().find(|(p, s, _)| *p == pid && s.is_none_or(|s| s == sig)) {
             return Err(*e);
         }
+        let stuck = g.stuck.contains(&pid);
         let Some((stat, _)) = g.procs.get_mut(&pid) else { return Ok(Delivery::Gone) };
         if stat.start_time_ticks != start_time_ticks {
             return Ok(Delivery::Gone);
         }
         let mut exited = false;
         match sig {
+            _ if stuck => {}
             Signal::SIGSTOP => stat.state = 'T',
             Signal::SIGCONT => stat.state = 'S',
             Signal::SIGKILL | Signal::SIGTERM | Signal::SIGINT => exited = true,
