@@ -26,7 +26,7 @@ CHAOS="$BIN/chaos"
 export CHAOS_COORDINATOR=http://127.0.0.1:50051 CHAOS_AGENT=http://127.0.0.1:50052
 
 step "starting chaos-coordinator on 127.0.0.1:50051 and chaos-agent on 127.0.0.1:50052 (logs in $WORK)"
-"$BIN/chaos-coordinator" >"$WORK/coordinator.log" 2>&1 & PIDS+=($!)
+"$BIN/chaos-coordinator" --state-dir "$WORK/state" >"$WORK/coordinator.log" 2>&1 & PIDS+=($!)
 "$BIN/chaos-agent" --coordinator "$CHAOS_COORDINATOR" --journal-dir "$WORK/journal" --label role=demo \
   >"$WORK/agent.log" 2>&1 & PIDS+=($!)
 for _ in $(seq 50); do "$CHAOS" agents 2>/dev/null | grep -q healthy && break; sleep 0.2; done

@@ -14,7 +14,7 @@ Examples:
   chaos-coordinator --listen 127.0.0.1:6051 --emergency-stop-deadline 1s
   chaos-coordinator --config /etc/chaos/coordinator.yaml
 
-Config file keys (YAML): listen, emergency_stop_deadline, heartbeat_interval.";
+Config file keys (YAML): listen, emergency_stop_deadline, heartbeat_interval, state_dir.";
 
 #[derive(Debug, Parser, Default)]
 #[command(
@@ -33,6 +33,9 @@ pub struct CoordinatorArgs {
     /// Per-agent deadline of emergency stop [default: 2s].
     #[arg(long, value_parser = humantime::parse_duration)]
     pub emergency_stop_deadline: Option<Duration>,
+    /// Directory of persistent state (the fleet's armed flag) [default: /var/lib/chaos-coordinator].
+    #[arg(long, env = "CHAOS_COORDINATOR_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
     /// Heartbeat interval suggested to agents [default: 3s].
     #[arg(long, value_parser = humantime::parse_duration)]
     pub heartbeat_interval: Option<Duration>,
@@ -47,6 +50,7 @@ pub struct CoordinatorFile {
     pub listen: Option<String>,
     pub emergency_stop_deadline: Option<String>,
     pub heartbeat_interval: Option<String>,
+    pub state_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -54,6 +58,7 @@ pub struct CoordinatorConfig {
     pub listen: SocketAddr,
     pub emergency_stop_deadline: Duration,
     pub heartbeat_interval: Duration,
+    pub state_dir: PathBuf,
 }
 
 impl CoordinatorConfig {
@@ -84,7 +89,8 @@ impl CoordinatorConfig {
             bail!("emergency_stop_deadline: must be in (0s, 60s], got {}", humantime::format_duration(emergency_stop_deadline));
         }
         let heartbeat_interval = dur(args.heartbeat_interval, &file.heartbeat_interval, "heartbeat_interval", Duration::from_secs(3))?;
-        Ok(Self { listen, emergency_stop_deadline, heartbeat_interval })
+        let state_dir = args.state_dir.clone().or(file.state_dir.clone()).unwrap_or_else(|| PathBuf::from("/var/lib/chaos-coordinator"));
+        Ok(Self { listen, emergency_stop_deadline, heartbeat_interval, state_dir })
     }
 }
 

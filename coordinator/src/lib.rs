@@ -4,6 +4,7 @@
 //!
 //! Reading order: [`registry`], [`fleet`] (fan-out), [`service`], [`run`].
 
+pub mod armstore;
 pub mod config;
 pub mod error;
 pub mod fleet;

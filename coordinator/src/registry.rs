@@ -15,7 +15,7 @@ use chaos_proto::{
 use tokio::time::Instant;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::error::CoordinatorError;
+use crate::{armstore::ArmStore, error::CoordinatorError};
 
 /// Lease assumed for an agent that did not say (the agent's own default).
 pub const DEFAULT_AGENT_LEASE: Duration = Duration::from_secs(10);
@@ -89,11 +89,24 @@ struct Inner {
 pub struct Registry {
     inner: Mutex<Inner>,
     connect_timeout: Duration,
+    /// Where the armed flag is persisted; `None` keeps it in memory only (tests).
+    store: Option<ArmStore>,
 }
 
 impl Registry {
-    pub fn new(connect_timeout: Duration) -> Self {
-        Self { inner: Mutex::new(Inner { agents: BTreeMap::new(), arm: ArmState { armed: true, ..Default::default() } }), connect_timeout }
+    /// A registry starting from `arm` (loaded from `store` by the caller).
+    pub fn new(connect_timeout: Duration, arm: ArmState, store: Option<ArmStore>) -> Self {
+        Self { inner: Mutex::new(Inner { agents: BTreeMap::new(), arm }), connect_timeout, store }
+    }
+
+    /// Persist the armed state; a failure is logged loudly but never blocks
+    /// a disarm (stopping faults matters more than remembering it).
+    fn persist(&self, arm: &ArmState) {
+        if let Some(store) = &self.store
+            && let Err(e) = store.save(arm)
+        {
+            tracing::error!(error = %e, armed = arm.armed, "could not persist the armed state; a coordinator restart would forget it");
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -162,12 +175,18 @@ impl Registry {
     }
 
     pub fn disarm(&self, reason: &str) {
-        let mut g = self.lock();
-        g.arm = ArmState { armed: false, disarmed_reason: reason.to_string(), disarmed_at: Some(SystemTime::now()) };
+        let arm = ArmState { armed: false, disarmed_reason: reason.to_string(), disarmed_at: Some(SystemTime::now()) };
+        self.lock().arm = arm.clone();
+        self.persist(&arm);
     }
 
     pub fn arm(&self) {
-        self.lock().arm.armed = true;
+        let arm = {
+            let mut g = self.lock();
+            g.arm.armed = true;
+            g.arm.clone()
+        };
+        self.persist(&arm);
     }
 }
 
@@ -187,7 +206,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn health_follows_the_lease() {
-        let r = Registry::new(Duration::from_millis(100));
+        let r = Registry::new(Duration::from_millis(100), ArmState { armed: true, ..Default::default() }, None);
         assert!(r.register(reg("a", 10)).expect("register"));
         let age = |r: &Registry| r.agents()[0].health(Instant::now());
         assert_eq!(age(&r), AgentHealth::Healthy);
@@ -202,7 +221,7 @@ mod tests {
 
     #[tokio::test]
     async fn unknown_heartbeat_and_bad_registration_are_refused() {
-        let r = Registry::new(Duration::from_millis(100));
+        let r = Registry::new(Duration::from_millis(100), ArmState { armed: true, ..Default::default() }, None);
         let e = r.heartbeat(&pb::HeartbeatRequest { agent_id: "ghost".into(), ..Default::default() }).expect_err("unknown");
         assert_eq!(tonic::Status::from(e).code(), tonic::Code::NotFound);
         let mut bad = reg("a", 10);
@@ -215,7 +234,7 @@ mod tests {
 
     #[tokio::test]
     async fn disarm_is_reported_to_agents() {
-        let r = Registry::new(Duration::from_millis(100));
+        let r = Registry::new(Duration::from_millis(100), ArmState { armed: true, ..Default::default() }, None);
         r.register(reg("a", 10)).expect("register");
         r.disarm("drill");
         assert!(!r.heartbeat(&pb::HeartbeatRequest { agent_id: "a".into(), ..Default::default() }).expect("hb"));

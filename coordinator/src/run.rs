@@ -6,9 +6,10 @@ use anyhow::Context;
 use chaos_proto::pb::coordinator_server::CoordinatorServer;
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::{
+    armstore::ArmStore,
     config::CoordinatorConfig,
     registry::Registry,
     service::{CoordinatorService, ServiceConfig},
@@ -17,7 +18,12 @@ use crate::{
 /// Serve the coordinator on `listener` until `shutdown` resolves.
 pub async fn run(cfg: CoordinatorConfig, listener: TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
     let local = listener.local_addr().context("listener address")?;
-    let registry = Arc::new(Registry::new(Duration::from_millis(500)));
+    let store = ArmStore::open(&cfg.state_dir).with_context(|| format!("opening state dir {}", cfg.state_dir.display()))?;
+    let arm = store.load().context("loading the fleet's armed state")?;
+    if !arm.armed {
+        warn!(reason = %arm.disarmed_reason, "starting DISARMED (an emergency stop was not followed by Arm); run `chaos arm` to accept faults");
+    }
+    let registry = Arc::new(Registry::new(Duration::from_millis(500), arm, Some(store)));
     let svc = CoordinatorService::new(
         registry,
         ServiceConfig {

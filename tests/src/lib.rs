@@ -180,15 +180,23 @@ pub fn chaos_ok(args: &[&str], want_code: i32) -> String {
     stdout + &stderr
 }
 
-/// A coordinator binary on a free port.
+/// A coordinator binary on a free port, its state under `dir`.
 pub fn start_coordinator(dir: &std::path::Path) -> (Daemon, String) {
-    let port = free_port();
-    let d =
-        Daemon::spawn("chaos-coordinator", &["--listen".into(), format!("127.0.0.1:{port}")], dir.join(format!("coordinator-{port}.log")));
+    start_coordinator_at(dir, free_port())
+}
+
+/// A coordinator on a given port (to restart one); its state in `dir/coordinator-state`.
+pub fn start_coordinator_at(dir: &std::path::Path, port: u16) -> (Daemon, String) {
+    static STARTS: AtomicU32 = AtomicU32::new(0);
+    let state = dir.join("coordinator-state");
+    let args = ["--listen".to_string(), format!("127.0.0.1:{port}"), "--state-dir".into(), state.display().to_string()];
+    let log = dir.join(format!("coordinator-{port}-{}.log", STARTS.fetch_add(1, Ordering::Relaxed)));
+    let d = Daemon::spawn("chaos-coordinator", &args, log);
     let url = format!("http://127.0.0.1:{port}");
     assert!(
         wait_until(Duration::from_secs(10), || chaos(&["--coordinator", &url, "status"]).status.success()),
-        "coordinator did not start"
+        "coordinator did not start:\n{}",
+        d.log_text()
     );
     (d, url)
 }

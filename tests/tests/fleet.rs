@@ -79,3 +79,29 @@ fn unreachable_agent_is_reported_and_reverts_when_it_hears_of_the_disarm() {
     assert!(wait_until(Duration::from_secs(8), || v2.state() != 'T'), "woken agent did not revert");
     drop(ok_agent);
 }
+
+#[test]
+fn disarm_survives_a_coordinator_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut coord, curl) = start_coordinator(dir.path());
+    let port: u16 = curl.rsplit(':').next().and_then(|p| p.parse().ok()).expect("port");
+    let (_agent, url) = start_agent(dir.path(), "persist", Some(&curl), "10s");
+    let v = Victim::spawn();
+    assert!(pause_when_ready(&url, v.pid(), Duration::from_secs(10)), "agent never accepted a fault");
+    chaos_ok(&["--coordinator", &curl, "emergency-stop", "--reason", "before restart"], 0);
+    coord.kill9();
+    let (_coord2, curl2) = chaos_e2e::start_coordinator_at(dir.path(), port);
+    let st = json(&chaos_ok(&["--coordinator", &curl2, "-o", "json", "status"], 0));
+    assert_eq!(st["armed"], false, "a restarted coordinator must stay disarmed: {st}");
+    assert_eq!(st["disarmed_reason"], "before restart");
+    // The agent re-registers with the new coordinator and stays disarmed.
+    assert!(wait_until(Duration::from_secs(10), || {
+        json(&String::from_utf8_lossy(&chaos(&["--coordinator", &curl2, "-o", "json", "agents"]).stdout))["agents"]
+            .as_array()
+            .is_some_and(|a| a.len() == 1)
+    }));
+    let e = chaos_ok(&["agent", "apply", "--agent", &url, "--pause-pid", &v.pid().to_string(), "--duration", "1m"], 3);
+    assert!(e.contains("disarmed"), "{e}");
+    chaos_ok(&["--coordinator", &curl2, "arm"], 0);
+    chaos_ok(&["agent", "apply", "--agent", &url, "--pause-pid", &v.pid().to_string(), "--duration", "1m"], 0);
+}

@@ -140,8 +140,7 @@ fn lease_lost_when_the_coordinator_dies_reverts_and_refuses_until_it_returns() {
     let all = json(&chaos_ok(&["-o", "json", "agent", "faults", "--agent", &url, "--all"], 0));
     assert_eq!(all["faults"][0]["revert_reason"], "LEASE_LOST");
     // The coordinator comes back (a restart: it forgot the agent, which registers again).
-    let _coord2 =
-        chaos_e2e::Daemon::spawn("chaos-coordinator", &["--listen".into(), format!("127.0.0.1:{port}")], dir.path().join("coord2.log"));
+    let _coord2 = chaos_e2e::start_coordinator_at(dir.path(), port);
     assert!(pause_when_ready(&url, v.pid(), Duration::from_secs(10)), "faults still refused after the coordinator came back");
     assert_eq!(v.state(), 'T');
 }

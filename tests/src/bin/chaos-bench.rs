@@ -85,11 +85,15 @@ async fn start_agent(journal: &Path, id: &str, coordinator: Option<&str>) -> any
     Ok(Server { url: format!("http://{addr}"), stop: Some(tx), task })
 }
 
-async fn start_coordinator() -> anyhow::Result<Server> {
+async fn start_coordinator(state_dir: &Path) -> anyhow::Result<Server> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
-    let cfg =
-        CoordinatorConfig { listen: addr, emergency_stop_deadline: Duration::from_secs(2), heartbeat_interval: Duration::from_secs(10) };
+    let cfg = CoordinatorConfig {
+        listen: addr,
+        emergency_stop_deadline: Duration::from_secs(2),
+        heartbeat_interval: Duration::from_secs(10),
+        state_dir: state_dir.join("coordinator"),
+    };
     let (tx, rx) = oneshot::channel();
     let task = tokio::spawn(chaos_coordinator::run::run(cfg, listener, async {
         let _ = rx.await;
@@ -169,7 +173,7 @@ async fn bench_apply(n: usize, dir: &Path) -> anyhow::Result<(Stats, Stats)> {
 }
 
 async fn bench_estop(agents: usize, runs: usize, dir: &Path) -> anyhow::Result<(Stats, usize)> {
-    let coord = start_coordinator().await?;
+    let coord = start_coordinator(dir).await?;
     let mut cclient = CoordinatorClient::new(connect(&coord.url).await?);
     let mut servers = Vec::with_capacity(agents);
     for i in 0..agents {
