@@ -9,7 +9,7 @@ use std::{
 };
 
 use anyhow::{Context, bail};
-use chaos_proto::serve::LogFormat;
+use chaos_proto::{serve::LogFormat, spec::Cidr};
 use clap::Parser;
 use serde::Deserialize;
 
@@ -26,7 +26,7 @@ Examples:
 
 Config file keys (YAML): listen, coordinator, journal_dir, agent_id, advertise,
 labels, lease, heartbeat_interval, max_fault_duration, shutdown_timeout,
-protected: { pids: [..], names: [..] }. Durations as \"10s\", \"500ms\", \"1h\".";
+protected: { pids: [..], names: [..], cidrs: [..] }. Durations as \"10s\", \"500ms\", \"1h\".";
 
 /// Command line of `chaos-agent`.
 #[derive(Debug, Parser, Default)]
@@ -80,6 +80,9 @@ pub struct AgentArgs {
     /// A process name never to fault (repeatable; added to the defaults).
     #[arg(long = "protect-name", value_name = "NAME")]
     pub protect_names: Vec<String>,
+    /// A network (CIDR) that network faults never touch (repeatable).
+    #[arg(long = "protect-cidr", value_name = "CIDR")]
+    pub protect_cidrs: Vec<String>,
     /// Log format on stderr.
     #[arg(long, env = "CHAOS_LOG_FORMAT", value_enum, default_value_t)]
     pub log_format: LogFormat,
@@ -111,6 +114,8 @@ pub struct ProtectedFile {
     pub pids: Vec<u32>,
     #[serde(default)]
     pub names: Vec<String>,
+    #[serde(default)]
+    pub cidrs: Vec<String>,
 }
 
 /// Names protected on every host unless the operator knows better.
@@ -131,6 +136,7 @@ pub struct AgentConfig {
     pub shutdown_timeout: Duration,
     pub protected_pids: Vec<u32>,
     pub protected_names: Vec<String>,
+    pub protected_cidrs: Vec<Cidr>,
 }
 
 fn dur(key: &str, v: &str) -> anyhow::Result<Duration> {
@@ -219,6 +225,16 @@ impl AgentConfig {
         let mut protected_names: Vec<String> = DEFAULT_PROTECTED_NAMES.iter().map(|s| s.to_string()).collect();
         protected_names.extend(file.protected.names.iter().cloned());
         protected_names.extend(args.protect_names.iter().cloned());
+        let mut protected_cidrs = Vec::new();
+        for (c, key) in file
+            .protected
+            .cidrs
+            .iter()
+            .map(|c| (c, in_file("protected.cidrs")))
+            .chain(args.protect_cidrs.iter().map(|c| (c, "--protect-cidr".to_string())))
+        {
+            protected_cidrs.push(c.parse::<Cidr>().map_err(|e| anyhow::anyhow!("{key}: {e}"))?);
+        }
         let mut protected_pids = file.protected.pids.clone();
         protected_pids.extend(&args.protect_pids);
         Ok(AgentConfig {
@@ -238,6 +254,7 @@ impl AgentConfig {
             shutdown_timeout,
             protected_pids,
             protected_names,
+            protected_cidrs,
         })
     }
 }

@@ -32,6 +32,10 @@ pub enum AgentError {
     ProcessTable(std::io::Error),
     #[error("agent is shutting down")]
     ShuttingDown,
+    #[error("this host lacks {0}")]
+    MissingFeature(String),
+    #[error("{cmd} failed: {detail}")]
+    Command { cmd: String, detail: String },
 }
 
 impl AgentError {
@@ -44,15 +48,17 @@ impl AgentError {
         match self {
             AgentError::Spec(SpecError::Invalid { .. }) => Code::InvalidArgument,
             AgentError::Spec(SpecError::Unimplemented { .. }) => Code::Unimplemented,
-            AgentError::Disarmed { .. } | AgentError::LeaseLost(_) => Code::FailedPrecondition,
+            AgentError::Disarmed { .. } | AgentError::LeaseLost(_) | AgentError::MissingFeature(_) => Code::FailedPrecondition,
             AgentError::Protected(_) => Code::PermissionDenied,
             AgentError::Os { errno: Errno::EPERM, .. } => Code::PermissionDenied,
             AgentError::TargetNotFound(_) | AgentError::UnknownFault(_) => Code::NotFound,
             AgentError::AlreadyExists(_) => Code::AlreadyExists,
             AgentError::ShuttingDown => Code::Unavailable,
-            AgentError::Journal { .. } | AgentError::Os { .. } | AgentError::ProcessTable(_) | AgentError::RevertFailed { .. } => {
-                Code::Internal
-            }
+            AgentError::Journal { .. }
+            | AgentError::Os { .. }
+            | AgentError::ProcessTable(_)
+            | AgentError::RevertFailed { .. }
+            | AgentError::Command { .. } => Code::Internal,
         }
     }
 }

@@ -452,12 +452,14 @@ impl Actor {
         Ok(())
     }
 
-    async fn apply(&mut self, req: FaultRequest) -> Result<pb::Fault, AgentError> {
+    async fn apply(&mut self, mut req: FaultRequest) -> Result<pb::Fault, AgentError> {
         self.refuse_new()?;
         let id = req.id.clone().unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
         if self.active.contains_key(&id) {
             return Err(AgentError::AlreadyExists(id));
         }
+        // Drivers name what they create after the fault (e.g. nft tables).
+        req.id = Some(id.clone());
         let driver = self.drivers.for_request(&req);
         let plan = driver.plan(&req)?;
         let created_at = SystemTime::now();
@@ -622,11 +624,12 @@ mod tests {
     use crate::{
         faults::{
             ProcRef,
+            network::{Exemptions, NetworkDriver},
             process::{ProcessAction, ProcessDriver, ProcessPlan},
         },
         journal::MemJournal,
         protect::Protection,
-        sys::{Signals, fake::FakeProcs},
+        sys::{Signals, fake::FakeProcs, netexec::FakeExec},
     };
 
     struct Rig {
@@ -638,7 +641,8 @@ mod tests {
 
     async fn rig_with(cfg: LifecycleConfig, procs: FakeProcs, journal: MemJournal) -> Rig {
         let prot = Arc::new(Protection::new(4242, vec![], vec![]));
-        let drivers = Arc::new(Drivers { process: ProcessDriver::new(Arc::new(procs.clone()), Arc::new(procs.clone()), prot) });
+        let network = NetworkDriver::new(Arc::new(FakeExec::default()), Arc::new(procs.clone()), Exemptions::default());
+        let drivers = Arc::new(Drivers { process: ProcessDriver::new(Arc::new(procs.clone()), Arc::new(procs.clone()), prot), network });
         let (lc, _task, report) = Lifecycle::start(cfg, drivers, Arc::new(journal.clone())).await.expect("start");
         Rig { lc, procs, journal, report }
     }

@@ -12,14 +12,31 @@ use tracing::{error, info, warn};
 
 use crate::{
     config::{AgentConfig, hostname},
-    faults::{Drivers, process::ProcessDriver},
+    faults::{
+        Drivers,
+        network::{Exemptions, NetworkDriver},
+        process::ProcessDriver,
+    },
     journal::DirJournal,
     lease::{self, LeaseLink},
     lifecycle::{LeaseConfig, Lifecycle, LifecycleConfig},
     protect::Protection,
     service::{AgentIdentity, AgentService, proc_line},
-    sys::{procfs::ProcFs, signals::PidfdSignals},
+    sys::{netexec::NsenterExec, procfs::ProcFs, signals::PidfdSignals},
 };
+
+/// The coordinator's socket address from its URL (resolved once, at start).
+pub fn coordinator_socket(url: &str) -> Option<(std::net::IpAddr, u16)> {
+    use std::net::ToSocketAddrs;
+    let rest = url.split_once("://").map(|(_, r)| r).unwrap_or(url);
+    let authority = rest.split('/').next()?;
+    let with_port = if authority.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok()) && !authority.ends_with(']') {
+        authority.to_string()
+    } else {
+        format!("{authority}:{}", if url.starts_with("https") { 443 } else { 80 })
+    };
+    with_port.to_socket_addrs().ok()?.next().map(|a| (a.ip(), a.port()))
+}
 
 /// Serve the agent on `listener` until `shutdown` resolves, then revert
 /// every fault (bounded by `shutdown_timeout`) and return.
@@ -28,8 +45,20 @@ pub async fn run(cfg: AgentConfig, listener: TcpListener, shutdown: impl Future<
     let journal = Arc::new(DirJournal::open(&cfg.journal_dir).with_context(|| format!("opening journal {}", cfg.journal_dir.display()))?);
     let protection = Arc::new(Protection::new(std::process::id(), cfg.protected_pids.clone(), cfg.protected_names.clone()));
     let procfs = ProcFs::default();
+    let exemptions = Exemptions {
+        agent_port: local.port(),
+        coordinator: cfg.coordinator.as_deref().and_then(coordinator_socket),
+        cidrs: cfg.protected_cidrs.clone(),
+    };
+    if cfg.coordinator.is_some() && exemptions.coordinator.is_none() {
+        warn!(
+            "cannot resolve the coordinator's address: network faults on this host will NOT exempt the control channel by address (the agent port stays exempt)"
+        );
+    }
+    let nftables = crate::faults::network::nft_available();
     let drivers = Arc::new(Drivers {
-        process: ProcessDriver::new(Arc::new(procfs.clone()), Arc::new(PidfdSignals::new(procfs)), protection.clone()),
+        process: ProcessDriver::new(Arc::new(procfs.clone()), Arc::new(PidfdSignals::new(procfs.clone())), protection.clone()),
+        network: NetworkDriver::new(Arc::new(NsenterExec), Arc::new(procfs), exemptions),
     });
     let lc_cfg = LifecycleConfig {
         max_fault_duration: cfg.max_fault_duration,
@@ -55,6 +84,7 @@ pub async fn run(cfg: AgentConfig, listener: TcpListener, shutdown: impl Future<
         boot_id: proc_line("/proc/sys/kernel/random/boot_id"),
         journal_dir: cfg.journal_dir.display().to_string(),
         labels: cfg.labels.clone(),
+        nftables,
     });
 
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -105,4 +135,14 @@ pub async fn run(cfg: AgentConfig, listener: TcpListener, shutdown: impl Future<
     }
     served.context("gRPC server")?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn coordinator_socket_from_url() {
+        assert_eq!(super::coordinator_socket("http://198.18.0.1:50051"), Some(("198.18.0.1".parse().expect("ip"), 50051)));
+        assert_eq!(super::coordinator_socket("http://[::1]:7"), Some(("::1".parse().expect("ip"), 7)));
+        assert_eq!(super::coordinator_socket("http://127.0.0.1"), Some(("127.0.0.1".parse().expect("ip"), 80)));
+    }
 }

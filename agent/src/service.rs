@@ -15,7 +15,7 @@ use tracing::instrument;
 use crate::lifecycle::Lifecycle;
 
 /// Facts about this agent that do not change while it runs.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct AgentIdentity {
     pub agent_id: String,
     pub hostname: String,
@@ -26,6 +26,8 @@ pub struct AgentIdentity {
     pub boot_id: String,
     pub journal_dir: String,
     pub labels: std::collections::BTreeMap<String, String>,
+    /// `nft --version`, or why nftables is unusable.
+    pub nftables: Result<String, String>,
 }
 
 /// Read a one-line kernel fact from procfs, or "unknown".
@@ -39,12 +41,14 @@ impl AgentIdentity {
         let families = ALL_FAMILIES
             .iter()
             .map(|f| {
-                let (supported, detail) = match *f {
-                    "process_pause" => (true, "SIGSTOP/SIGCONT through a pidfd, guarded against pid reuse"),
-                    "process_kill" => (true, "a signal of choice through a pidfd, guarded against pid reuse"),
-                    _ => (false, "not implemented by this agent version (ApplyFault answers UNIMPLEMENTED)"),
+                let (supported, detail) = match (*f, &self.nftables) {
+                    ("process_pause", _) => (true, "SIGSTOP/SIGCONT through a pidfd, guarded against pid reuse".to_string()),
+                    ("process_kill", _) => (true, "a signal of choice through a pidfd, guarded against pid reuse".to_string()),
+                    ("network_partition", Ok(v)) => (true, format!("nftables ({v}): inet input + netdev egress, control channel exempt")),
+                    ("network_partition", Err(why)) => (false, format!("nftables unusable: {why}")),
+                    _ => (false, "not implemented by this agent version (ApplyFault answers UNIMPLEMENTED)".to_string()),
                 };
-                pb::FamilySupport { family: f.to_string(), supported, detail: detail.to_string() }
+                pb::FamilySupport { family: f.to_string(), supported, detail }
             })
             .collect();
         pb::Capabilities {

@@ -21,9 +21,13 @@ Examples:
   chaos agent apply --pause-name java --duration 2m --id kafka-hang
   chaos agent apply --kill-name processor --signal TERM --duration 1m
   chaos agent apply --agent 198.18.0.2:50052 --kill-pid 812 --duration 10s
+  chaos agent apply --partition 198.18.0.3/32 --direction both --duration 1m     # on the agent's host
+  chaos agent apply --partition all --netns lab-kafka --duration 30s             # isolate a namespace
+  chaos agent apply --partition 198.18.0.0/24 --port 9042 --protocol tcp --target-pid 4242 --duration 1m
 
 Every fault reverts by itself at the end of --duration, even if the agent
-crashes (it replays its journal at start) or loses its coordinator (lease).";
+crashes (it replays its journal at start) or loses its coordinator (lease).
+Network faults never touch the agent's own port or its coordinator link.";
 
 #[derive(Debug, clap::Args)]
 pub struct Target {
@@ -70,7 +74,8 @@ pub enum AgentCommand {
 }
 
 #[derive(Debug, clap::Args)]
-#[command(group(ArgGroup::new("fault").required(true).args(["pause_pid", "pause_name", "kill_pid", "kill_name"])))]
+#[command(group(ArgGroup::new("fault").required(true).args(["pause_pid", "pause_name", "kill_pid", "kill_name", "partition"])))]
+#[command(group(ArgGroup::new("netns_target").args(["netns", "target_pid"])))]
 pub struct ApplyArgs {
     #[command(flatten)]
     target: Target,
@@ -89,6 +94,27 @@ pub struct ApplyArgs {
     /// Signal for --kill-* (name or number).
     #[arg(long, default_value = "KILL")]
     signal: String,
+    /// Partition: drop traffic with this peer CIDR (repeatable), or `all` for every peer.
+    #[arg(long, value_name = "CIDR|all")]
+    partition: Vec<String>,
+    /// Network faults: which way packets are dropped.
+    #[arg(long, value_enum, default_value = "both")]
+    direction: DirectionArg,
+    /// Network faults: only this interface.
+    #[arg(long)]
+    interface: Option<String>,
+    /// Network faults: only these ports, local or peer (repeatable).
+    #[arg(long = "port", value_name = "PORT")]
+    ports: Vec<u32>,
+    /// Network faults: only this protocol (tcp, udp, icmp).
+    #[arg(long)]
+    protocol: Option<String>,
+    /// Network faults: in the named network namespace (/run/netns/NAME) [default: the agent's host].
+    #[arg(long, value_name = "NAME")]
+    netns: Option<String>,
+    /// Network faults: in the network namespace of this process.
+    #[arg(long, value_name = "PID")]
+    target_pid: Option<u32>,
     /// Time to live: the fault reverts itself after this long.
     #[arg(long, value_parser = humantime::parse_duration)]
     duration: Duration,
@@ -100,15 +126,54 @@ pub struct ApplyArgs {
     labels: Vec<String>,
 }
 
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum DirectionArg {
+    Both,
+    Ingress,
+    Egress,
+}
+
 impl ApplyArgs {
+    fn network_target(&self) -> Kind {
+        match (&self.netns, self.target_pid) {
+            (Some(n), _) => Kind::Netns(n.clone()),
+            (None, Some(p)) => Kind::Pid(p),
+            (None, None) => Kind::Host(pb::HostTarget {}),
+        }
+    }
+
     fn spec(&self) -> Result<pb::FaultSpec, CliError> {
+        if !self.partition.is_empty() {
+            let all = self.partition.iter().any(|p| p == "all");
+            let scope = pb::NetworkScope {
+                interface: self.interface.clone().unwrap_or_default(),
+                peer_cidrs: if all { vec![] } else { self.partition.clone() },
+                ports: self.ports.clone(),
+                protocol: self.protocol.clone().unwrap_or_default(),
+                direction: match self.direction {
+                    DirectionArg::Both => pb::Direction::Both,
+                    DirectionArg::Ingress => pb::Direction::Ingress,
+                    DirectionArg::Egress => pb::Direction::Egress,
+                } as i32,
+            };
+            return self.with_target(self.network_target(), F::NetworkPartition(pb::NetworkPartition { scope: Some(scope) }));
+        }
         let (kind, fault) = match (self.pause_pid, &self.pause_name, self.kill_pid, &self.kill_name) {
             (Some(p), ..) => (Kind::Pid(p), F::ProcessPause(pb::ProcessPause {})),
             (_, Some(n), ..) => (Kind::ProcessName(n.clone()), F::ProcessPause(pb::ProcessPause {})),
             (_, _, Some(p), _) => (Kind::Pid(p), F::ProcessKill(pb::ProcessKill { signal: self.signal.clone() })),
             (_, _, _, Some(n)) => (Kind::ProcessName(n.clone()), F::ProcessKill(pb::ProcessKill { signal: self.signal.clone() })),
-            _ => return Err(CliError::new(exit::USAGE, "choose a fault: --pause-pid, --pause-name, --kill-pid or --kill-name")),
+            _ => {
+                return Err(CliError::new(
+                    exit::USAGE,
+                    "choose a fault: --pause-pid, --pause-name, --kill-pid, --kill-name or --partition",
+                ));
+            }
         };
+        self.with_target(kind, fault)
+    }
+
+    fn with_target(&self, kind: Kind, fault: F) -> Result<pb::FaultSpec, CliError> {
         let mut labels = HashMap::new();
         for l in &self.labels {
             let (k, v) = l.split_once('=').ok_or_else(|| CliError::new(exit::USAGE, format!("--label: expected KEY=VALUE, got {l:?}")))?;

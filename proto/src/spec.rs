@@ -7,7 +7,7 @@
 //! success. The domain types are serde-serializable because they go into
 //! the agent's on-disk journal.
 
-use std::{collections::BTreeMap, fmt, time::Duration};
+use std::{collections::BTreeMap, fmt, net::IpAddr, time::Duration};
 
 use nix::sys::signal::Signal;
 use serde::{Deserialize, Serialize};
@@ -91,6 +91,81 @@ pub fn parse_signal(s: &str) -> Result<Signal, String> {
     name.parse::<Signal>().map_err(|_| format!("unknown signal {t:?}"))
 }
 
+/// Which way packets travel, seen from the target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Direction {
+    Ingress,
+    Egress,
+    Both,
+}
+
+impl Direction {
+    pub fn ingress(self) -> bool {
+        matches!(self, Direction::Ingress | Direction::Both)
+    }
+    pub fn egress(self) -> bool {
+        matches!(self, Direction::Egress | Direction::Both)
+    }
+}
+
+/// A peer network: address and prefix length, validated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cidr {
+    pub addr: IpAddr,
+    pub prefix: u8,
+}
+
+impl Cidr {
+    pub fn is_v4(&self) -> bool {
+        self.addr.is_ipv4()
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+impl std::str::FromStr for Cidr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (a, p) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let addr: IpAddr = a.parse().map_err(|_| format!("{s:?} is not an IP address or CIDR"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match p {
+            None => max,
+            Some(p) => p.parse::<u8>().ok().filter(|p| *p <= max).ok_or_else(|| format!("{s:?} has a bad prefix length (0..={max})"))?,
+        };
+        Ok(Cidr { addr, prefix })
+    }
+}
+
+/// Transport protocol filter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Icmp,
+}
+
+/// Which packets a network fault touches (see `chaos.v1.NetworkScope`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetScope {
+    pub interface: Option<String>,
+    /// Empty: any peer.
+    pub peers: Vec<Cidr>,
+    /// Empty: any port.
+    pub ports: Vec<u16>,
+    pub protocol: Option<Protocol>,
+    pub direction: Direction,
+}
+
 /// The fault families this build can inject, with their parameters.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "family")]
@@ -99,6 +174,8 @@ pub enum FaultKind {
     ProcessPause,
     /// Send a signal once; nothing to undo.
     ProcessKill { signal: SignalName },
+    /// Drop every packet in scope.
+    NetworkPartition { scope: NetScope },
 }
 
 impl FaultKind {
@@ -107,6 +184,7 @@ impl FaultKind {
         match self {
             FaultKind::ProcessPause => "process_pause",
             FaultKind::ProcessKill { .. } => "process_kill",
+            FaultKind::NetworkPartition { .. } => "network_partition",
         }
     }
 }
@@ -194,8 +272,15 @@ impl FaultRequest {
         let kind = kind_from_pb(fault)?;
         match (&kind, &target) {
             (FaultKind::ProcessPause | FaultKind::ProcessKill { .. }, TargetSpec::Pid(_) | TargetSpec::ProcessName(_)) => {}
-            (k, t) => {
+            (FaultKind::NetworkPartition { .. }, TargetSpec::Host | TargetSpec::Netns(_) | TargetSpec::Pid(_)) => {}
+            (k @ (FaultKind::ProcessPause | FaultKind::ProcessKill { .. }), t) => {
                 return Err(SpecError::invalid("spec.target", format!("{} needs a pid or process_name target, got {t}", k.family())));
+            }
+            (k, t) => {
+                return Err(SpecError::invalid(
+                    "spec.target",
+                    format!("{} needs a host, netns or pid (its network namespace) target, got {t}", k.family()),
+                ));
             }
         }
         let labels = spec.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
@@ -217,6 +302,9 @@ impl FaultRequest {
             FaultKind::ProcessPause => pb::fault_spec::Fault::ProcessPause(pb::ProcessPause {}),
             FaultKind::ProcessKill { signal } => {
                 pb::fault_spec::Fault::ProcessKill(pb::ProcessKill { signal: signal.0.as_str().to_string() })
+            }
+            FaultKind::NetworkPartition { scope } => {
+                pb::fault_spec::Fault::NetworkPartition(pb::NetworkPartition { scope: Some(scope_to_pb(scope)) })
             }
         };
         pb::FaultSpec {
@@ -281,6 +369,73 @@ fn target_from_pb(t: Option<&pb::Target>) -> Result<TargetSpec, SpecError> {
     })
 }
 
+fn scope_to_pb(s: &NetScope) -> pb::NetworkScope {
+    pb::NetworkScope {
+        interface: s.interface.clone().unwrap_or_default(),
+        peer_cidrs: s.peers.iter().map(ToString::to_string).collect(),
+        ports: s.ports.iter().map(|p| u32::from(*p)).collect(),
+        protocol: match s.protocol {
+            None => String::new(),
+            Some(Protocol::Tcp) => "tcp".into(),
+            Some(Protocol::Udp) => "udp".into(),
+            Some(Protocol::Icmp) => "icmp".into(),
+        },
+        direction: match s.direction {
+            Direction::Ingress => pb::Direction::Ingress,
+            Direction::Egress => pb::Direction::Egress,
+            Direction::Both => pb::Direction::Both,
+        } as i32,
+    }
+}
+
+/// Validate a wire scope; `field` is the scope's path for error messages.
+fn scope_from_pb(s: Option<&pb::NetworkScope>, field: &str) -> Result<NetScope, SpecError> {
+    let default = pb::NetworkScope::default();
+    let s = s.unwrap_or(&default);
+    let interface = if s.interface.is_empty() {
+        None
+    } else if s.interface.len() > 15 || s.interface.contains(['/', ' ', '"', '\'']) {
+        return Err(SpecError::invalid(
+            format!("{field}.interface"),
+            format!("must be an interface name (at most 15 characters), got {:?}", s.interface),
+        ));
+    } else {
+        Some(s.interface.clone())
+    };
+    let peers = s
+        .peer_cidrs
+        .iter()
+        .map(|c| c.parse::<Cidr>().map_err(|e| SpecError::invalid(format!("{field}.peer_cidrs"), e)))
+        .collect::<Result<Vec<_>, _>>()?;
+    let ports = s
+        .ports
+        .iter()
+        .map(|p| {
+            u16::try_from(*p)
+                .ok()
+                .filter(|p| *p > 0)
+                .ok_or_else(|| SpecError::invalid(format!("{field}.ports"), format!("must be in 1..=65535, got {p}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let protocol = match s.protocol.to_ascii_lowercase().as_str() {
+        "" => None,
+        "tcp" => Some(Protocol::Tcp),
+        "udp" => Some(Protocol::Udp),
+        "icmp" => Some(Protocol::Icmp),
+        other => return Err(SpecError::invalid(format!("{field}.protocol"), format!("must be tcp, udp, icmp or empty, got {other:?}"))),
+    };
+    if !ports.is_empty() && protocol == Some(Protocol::Icmp) {
+        return Err(SpecError::invalid(format!("{field}.ports"), "cannot be combined with protocol icmp"));
+    }
+    let direction = match pb::Direction::try_from(s.direction) {
+        Ok(pb::Direction::Unspecified | pb::Direction::Both) => Direction::Both,
+        Ok(pb::Direction::Ingress) => Direction::Ingress,
+        Ok(pb::Direction::Egress) => Direction::Egress,
+        Err(_) => return Err(SpecError::invalid(format!("{field}.direction"), format!("unknown value {}", s.direction))),
+    };
+    Ok(NetScope { interface, peers, ports, protocol, direction })
+}
+
 fn kind_from_pb(f: &pb::fault_spec::Fault) -> Result<FaultKind, SpecError> {
     use pb::fault_spec::Fault as F;
     match f {
@@ -298,6 +453,9 @@ fn kind_from_pb(f: &pb::fault_spec::Fault) -> Result<FaultKind, SpecError> {
                 ));
             }
             Ok(FaultKind::ProcessKill { signal: SignalName(signal) })
+        }
+        F::NetworkPartition(p) => {
+            Ok(FaultKind::NetworkPartition { scope: scope_from_pb(p.scope.as_ref(), "spec.network_partition.scope")? })
         }
         other => Err(SpecError::Unimplemented { family: family_of(other) }),
     }
@@ -399,6 +557,40 @@ mod tests {
         assert_eq!(FaultRequest::from_pb(&s, MAX).expect_err("must be refused"), SpecError::Unimplemented { family: "network_loss" });
         s.fault = Some(pb::fault_spec::Fault::CpuStress(pb::CpuStress::default()));
         assert!(FaultRequest::from_pb(&s, MAX).expect_err("must be refused").to_string().contains("cpu_stress"));
+    }
+
+    #[test]
+    fn partition_scope_is_validated_field_by_field() {
+        let mut s = pause_pid(5, 5);
+        let scope = |peers: &[&str], ports: &[u32], proto: &str| pb::NetworkScope {
+            peer_cidrs: peers.iter().map(|p| p.to_string()).collect(),
+            ports: ports.to_vec(),
+            protocol: proto.into(),
+            ..Default::default()
+        };
+        s.target = Some(pb::Target { kind: Some(pb::target::Kind::Netns("lab-a".into())) });
+        s.fault = Some(pb::fault_spec::Fault::NetworkPartition(pb::NetworkPartition {
+            scope: Some(scope(&["198.18.0.3", "198.18.1.0/24"], &[9092], "tcp")),
+        }));
+        let r = FaultRequest::from_pb(&s, MAX).expect("valid");
+        let FaultKind::NetworkPartition { scope: sc } = &r.kind else { panic!("kind") };
+        assert_eq!(sc.peers[0].to_string(), "198.18.0.3/32");
+        assert_eq!(sc.direction, Direction::Both);
+        assert_eq!(FaultRequest::from_pb(&r.to_pb(""), MAX).expect("round trip"), r);
+        for (bad, field, value) in [
+            (scope(&["198.18.0.300"], &[], ""), "spec.network_partition.scope.peer_cidrs", "198.18.0.300"),
+            (scope(&["198.18.0.0/33"], &[], ""), "spec.network_partition.scope.peer_cidrs", "198.18.0.0/33"),
+            (scope(&[], &[70000], ""), "spec.network_partition.scope.ports", "70000"),
+            (scope(&[], &[], "sctp"), "spec.network_partition.scope.protocol", "sctp"),
+        ] {
+            s.fault = Some(pb::fault_spec::Fault::NetworkPartition(pb::NetworkPartition { scope: Some(bad) }));
+            let e = FaultRequest::from_pb(&s, MAX).expect_err("must be refused");
+            assert_eq!(field_of(e.clone()), field, "{e}");
+            assert!(e.to_string().contains(value), "{e}");
+        }
+        s.target = Some(pb::Target { kind: Some(pb::target::Kind::ProcessName("java".into())) });
+        s.fault = Some(pb::fault_spec::Fault::NetworkPartition(pb::NetworkPartition::default()));
+        assert!(FaultRequest::from_pb(&s, MAX).expect_err("target").to_string().contains("network namespace"));
     }
 
     #[test]

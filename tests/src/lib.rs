@@ -54,9 +54,15 @@ pub struct Daemon {
 impl Daemon {
     /// Spawn `bin(name)` with `args`, logging to `log`.
     pub fn spawn(name: &str, args: &[String], log: PathBuf) -> Daemon {
+        Self::spawn_program(bin(name), args, log)
+    }
+
+    /// Spawn any program (e.g. `ip netns exec NS BIN ...`, which execs, so the pid stays the daemon's).
+    pub fn spawn_program(program: impl AsRef<std::ffi::OsStr>, args: &[String], log: PathBuf) -> Daemon {
+        let name = program.as_ref().to_string_lossy().into_owned();
         let out = std::fs::File::create(&log).expect("log file");
         let err = out.try_clone().expect("clone log");
-        let child = Command::new(bin(name))
+        let child = Command::new(program)
             .args(args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -254,4 +260,86 @@ pub fn json(s: &str) -> serde_json::Value {
 pub fn pause_when_ready(agent: &str, pid: u32, timeout: Duration) -> bool {
     let pid = pid.to_string();
     wait_until(timeout, || chaos(&["agent", "apply", "--agent", agent, "--pause-pid", &pid, "--duration", "5m"]).status.success())
+}
+
+/// Two network namespaces joined by a veth pair, with addresses in
+/// 198.18.0.0/15 only; both namespaces (and so the veth) are deleted on drop.
+pub struct NetPair {
+    pub a: String,
+    pub b: String,
+    pub a_ip: String,
+    pub b_ip: String,
+}
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("run ip");
+    assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+impl NetPair {
+    pub fn new() -> NetPair {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        // A distinct /24 per pair within this test process; the pid keeps names unique across processes.
+        let subnet = 100 + (std::process::id() % 50) * 3 + n;
+        let tag = format!("{}-{n}", std::process::id());
+        let p = NetPair {
+            a: format!("chaos-e2e-{tag}-a"),
+            b: format!("chaos-e2e-{tag}-b"),
+            a_ip: format!("198.18.{subnet}.1"),
+            b_ip: format!("198.18.{subnet}.2"),
+        };
+        let (va, vb) = (format!("ce{tag}a"), format!("ce{tag}b"));
+        ip(&["netns", "add", &p.a]);
+        ip(&["netns", "add", &p.b]);
+        ip(&["link", "add", &va, "type", "veth", "peer", "name", &vb]);
+        ip(&["link", "set", &va, "netns", &p.a]);
+        ip(&["link", "set", &vb, "netns", &p.b]);
+        ip(&["-n", &p.a, "addr", "add", &format!("{}/24", p.a_ip), "dev", &va]);
+        ip(&["-n", &p.b, "addr", "add", &format!("{}/24", p.b_ip), "dev", &vb]);
+        for (ns, dev) in [(&p.a, &va), (&p.b, &vb)] {
+            ip(&["-n", ns, "link", "set", dev, "up"]);
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+        }
+        p
+    }
+
+    /// Run a command inside namespace `ns`.
+    pub fn exec(ns: &str, argv: &[&str]) -> Output {
+        Command::new("ip").args(["netns", "exec", ns]).args(argv).stdin(Stdio::null()).output().expect("ip netns exec")
+    }
+
+    /// Pings `count` times (bounded: 1 s timeout each) from `ns` to `to`; returns replies received.
+    pub fn ping(ns: &str, to: &str, count: u32) -> u32 {
+        let out = Self::exec(ns, &["ping", "-n", "-q", "-c", &count.to_string(), "-W", "1", "-i", "0.2", to]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.lines().find_map(|l| l.split(',').nth(1).and_then(|r| r.trim().split(' ').next()).and_then(|n| n.parse().ok())).unwrap_or(0)
+    }
+
+    /// `nft list ruleset` inside `ns`.
+    pub fn ruleset(ns: &str) -> String {
+        String::from_utf8_lossy(&Self::exec(ns, &["nft", "list", "ruleset"]).stdout).into_owned()
+    }
+}
+
+impl Default for NetPair {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for NetPair {
+    fn drop(&mut self) {
+        for ns in [&self.a, &self.b] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+        }
+    }
+}
+
+/// Run the `chaos` CLI inside a network namespace.
+pub fn chaos_in(ns: &str, args: &[&str]) -> Output {
+    let bin = bin("chaos");
+    let mut argv = vec![bin.to_str().expect("utf-8 path")];
+    argv.extend_from_slice(args);
+    NetPair::exec(ns, &argv)
 }

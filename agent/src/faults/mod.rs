@@ -6,10 +6,14 @@
 //! journaled (fsync'd) before `apply` touches the host, so a new agent
 //! process can revert it after a crash from the plan alone.
 
+pub mod network;
 pub mod process;
 
 use async_trait::async_trait;
-use chaos_proto::{pb, spec::FaultRequest};
+use chaos_proto::{
+    pb,
+    spec::{FaultKind, FaultRequest},
+};
 use serde::{Deserialize, Serialize};
 
 use crate::error::AgentError;
@@ -34,6 +38,8 @@ impl From<&ProcRef> for pb::ProcessRef {
 pub enum Plan {
     /// Signal processes (pause: SIGSTOP, undone by SIGCONT; kill: not undone).
     Process(process::ProcessPlan),
+    /// nftables tables in a network namespace.
+    Network(Box<network::NetworkPlan>),
 }
 
 /// What `apply` achieved.
@@ -69,20 +75,23 @@ pub trait FaultDriver: Send + Sync {
 /// Every driver this build has, by family.
 pub struct Drivers {
     pub process: process::ProcessDriver,
+    pub network: network::NetworkDriver,
 }
 
 impl Drivers {
     /// The driver that plans this request.
-    pub fn for_request(&self, _req: &FaultRequest) -> &dyn FaultDriver {
-        // Every family that validates today is a process family; new
-        // families add a match on `req.kind` here.
-        &self.process
+    pub fn for_request(&self, req: &FaultRequest) -> &dyn FaultDriver {
+        match req.kind {
+            FaultKind::ProcessPause | FaultKind::ProcessKill { .. } => &self.process,
+            FaultKind::NetworkPartition { .. } => &self.network,
+        }
     }
 
     /// The driver that applies and reverts this plan.
     pub fn for_plan(&self, plan: &Plan) -> &dyn FaultDriver {
         match plan {
             Plan::Process(_) => &self.process,
+            Plan::Network(_) => &self.network,
         }
     }
 }

@@ -140,9 +140,10 @@ fn list(procs: &[ProcRef]) -> String {
     procs.iter().map(|p| format!("{} {}", p.pid, p.name)).collect::<Vec<_>>().join(", ")
 }
 
-fn plan_of(plan: &Plan) -> &ProcessPlan {
+fn plan_of(plan: &Plan) -> Result<&ProcessPlan, AgentError> {
     match plan {
-        Plan::Process(p) => p,
+        Plan::Process(p) => Ok(p),
+        other => Err(AgentError::Command { cmd: "process driver".into(), detail: format!("given a foreign plan {other:?}") }),
     }
 }
 
@@ -152,12 +153,13 @@ impl FaultDriver for ProcessDriver {
         let action = match &req.kind {
             FaultKind::ProcessPause => ProcessAction::Pause,
             FaultKind::ProcessKill { signal } => ProcessAction::Kill { signal: *signal },
+            other => return Err(AgentError::Command { cmd: "process driver".into(), detail: format!("cannot plan {}", other.family()) }),
         };
         Ok(Plan::Process(ProcessPlan { action, processes: self.resolve(&req.target)? }))
     }
 
     async fn apply(&self, plan: &Plan) -> Result<Applied, AgentError> {
-        let plan = plan_of(plan);
+        let plan = plan_of(plan)?;
         let sig = match plan.action {
             ProcessAction::Pause => Signal::SIGSTOP,
             ProcessAction::Kill { signal } => signal.0,
@@ -187,7 +189,7 @@ impl FaultDriver for ProcessDriver {
     }
 
     async fn revert(&self, plan: &Plan) -> Result<String, AgentError> {
-        let plan = plan_of(plan);
+        let plan = plan_of(plan)?;
         match plan.action {
             ProcessAction::Kill { signal } => Ok(format!("nothing to undo for {}", signal.0.as_str())),
             ProcessAction::Pause => {

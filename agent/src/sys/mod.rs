@@ -3,6 +3,7 @@
 //! unit-tested without root and the real path is tested as root.
 
 pub mod fake;
+pub mod netexec;
 pub mod procfs;
 pub mod signals;
 

@@ -77,6 +77,7 @@ async fn start_agent(journal: &Path, id: &str, coordinator: Option<&str>) -> any
         shutdown_timeout: Duration::from_secs(10),
         protected_pids: vec![],
         protected_names: vec![],
+        protected_cidrs: vec![],
     };
     let (tx, rx) = oneshot::channel();
     let task = tokio::spawn(chaos_agent::run::run(cfg, listener, async {

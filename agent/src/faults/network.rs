@@ -1,0 +1,471 @@
+//! Network faults with nftables, in the target's network namespace.
+//!
+//! A partition is one nftables table per fault (plus one `netdev` table for
+//! egress), added in one atomic `nft -f` transaction and removed by name,
+//! so `nft list ruleset` shows exactly what the fault added and revert
+//! leaves the namespace as it was. Ingress drops sit in an `inet` input
+//! chain (silent, like real loss); egress drops in `netdev` egress chains,
+//! one per interface (a drop in OUTPUT would hand EPERM to the sender,
+//! which real loss never does; raw ICMP sockets still see ENOBUFS).
+//!
+//! The control channel is exempt by construction: every chain first
+//! accepts the agent's own gRPC port, the agent <-> coordinator flows and
+//! the protected CIDRs, before any drop rule.
+
+use std::{fmt::Write as _, net::IpAddr, path::PathBuf, sync::Arc};
+
+use async_trait::async_trait;
+use chaos_proto::spec::{Cidr, FaultKind, FaultRequest, NetScope, Protocol, TargetSpec};
+use serde::{Deserialize, Serialize};
+
+use super::{Applied, FaultDriver, Plan};
+use crate::{
+    error::AgentError,
+    sys::{
+        ProcessTable,
+        netexec::{CmdOutput, NetExec, NsId},
+    },
+};
+
+/// Traffic that no network fault may touch.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Exemptions {
+    /// The agent's gRPC port (anyone may reach the agent, so it can always be told to revert).
+    pub agent_port: u16,
+    /// The coordinator's address and port.
+    pub coordinator: Option<(IpAddr, u16)>,
+    /// Configured `protected.cidrs`.
+    pub cidrs: Vec<Cidr>,
+}
+
+/// A network namespace, named by path and identity.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetnsRef {
+    /// `None`: the agent's own namespace.
+    pub path: Option<PathBuf>,
+    /// (dev, ino) of the namespace at plan time: revert only acts on the same namespace.
+    pub id: Option<NsId>,
+    /// For people: "host", "netns lab-a", "pid 812".
+    pub label: String,
+}
+
+/// What a partition fault will add, and what revert removes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkPlan {
+    pub ns: NetnsRef,
+    pub scope: NetScope,
+    /// Name of the `inet` table (ingress) and of the `netdev` table (egress).
+    pub table: String,
+    pub egress_table: String,
+    /// Rendered exemption rules, fixed at plan time.
+    pub exempt_in: Vec<String>,
+    pub exempt_out: Vec<String>,
+}
+
+/// Driver for `network_partition` (nftables backend).
+pub struct NetworkDriver {
+    exec: Arc<dyn NetExec>,
+    table: Arc<dyn ProcessTable>,
+    exempt: Exemptions,
+    netns_dir: PathBuf,
+    proc_root: PathBuf,
+}
+
+impl NetworkDriver {
+    pub fn new(exec: Arc<dyn NetExec>, table: Arc<dyn ProcessTable>, exempt: Exemptions) -> Self {
+        Self { exec, table, exempt, netns_dir: PathBuf::from("/run/netns"), proc_root: PathBuf::from("/proc") }
+    }
+
+    /// Use other roots (tests).
+    pub fn with_roots(mut self, netns_dir: impl Into<PathBuf>, proc_root: impl Into<PathBuf>) -> Self {
+        self.netns_dir = netns_dir.into();
+        self.proc_root = proc_root.into();
+        self
+    }
+
+    fn resolve_ns(&self, target: &TargetSpec) -> Result<NetnsRef, AgentError> {
+        let (path, label) = match target {
+            TargetSpec::Host => return Ok(NetnsRef { path: None, id: None, label: "host".into() }),
+            TargetSpec::Netns(n) => (self.netns_dir.join(n), format!("netns {n}")),
+            TargetSpec::Pid(p) => {
+                if self.table.stat(*p).map_err(AgentError::ProcessTable)?.is_none() {
+                    return Err(AgentError::TargetNotFound(format!("no process with pid {p}")));
+                }
+                (self.proc_root.join(p.to_string()).join("ns/net"), format!("pid {p}"))
+            }
+            other => return Err(AgentError::TargetNotFound(format!("network faults need host, netns or pid, got {other}"))),
+        };
+        let id = self
+            .exec
+            .ns_id(&path)
+            .map_err(|e| AgentError::Command { cmd: format!("stat {}", path.display()), detail: e.to_string() })?
+            .ok_or_else(|| AgentError::TargetNotFound(format!("no network namespace at {}", path.display())))?;
+        Ok(NetnsRef { path: Some(path), id: Some(id), label })
+    }
+
+    fn exemption_rules(&self) -> (Vec<String>, Vec<String>) {
+        let (mut inp, mut out) = (Vec::new(), Vec::new());
+        let p = self.exempt.agent_port;
+        if p != 0 {
+            inp.push(format!("tcp dport {p} accept"));
+            out.push(format!("tcp sport {p} accept"));
+        }
+        if let Some((ip, port)) = self.exempt.coordinator {
+            let fam = if ip.is_ipv4() { "ip" } else { "ip6" };
+            inp.push(format!("{fam} saddr {ip} tcp sport {port} accept"));
+            out.push(format!("{fam} daddr {ip} tcp dport {port} accept"));
+        }
+        for c in &self.exempt.cidrs {
+            let fam = if c.is_v4() { "ip" } else { "ip6" };
+            inp.push(format!("{fam} saddr {c} accept"));
+            out.push(format!("{fam} daddr {c} accept"));
+        }
+        (inp, out)
+    }
+
+    async fn nft(&self, ns: &NetnsRef, args: &[&str], stdin: Option<&str>) -> Result<CmdOutput, AgentError> {
+        let mut argv = vec!["nft"];
+        argv.extend_from_slice(args);
+        self.exec.run(ns.path.as_deref(), &argv, stdin).await.map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                AgentError::MissingFeature("nftables: the `nft` command (and `nsenter` for namespaces) must be installed".into())
+            } else {
+                AgentError::Command { cmd: argv.join(" "), detail: e.to_string() }
+            }
+        })
+    }
+
+    /// Interfaces of the namespace other than loopback (or the one asked for).
+    async fn interfaces(&self, plan: &NetworkPlan) -> Result<Vec<String>, AgentError> {
+        let out = self
+            .exec
+            .run(plan.ns.path.as_deref(), &["ip", "-o", "link", "show"], None)
+            .await
+            .map_err(|e| AgentError::Command { cmd: "ip -o link show".into(), detail: e.to_string() })?;
+        if !out.success {
+            return Err(AgentError::Command { cmd: "ip -o link show".into(), detail: out.stderr });
+        }
+        let all = parse_link_names(&out.stdout);
+        match &plan.scope.interface {
+            Some(i) if all.iter().any(|n| n == i) => Ok(vec![i.clone()]),
+            Some(i) => Err(AgentError::TargetNotFound(format!("no interface {i:?} in {} (has: {})", plan.ns.label, all.join(", ")))),
+            None => Ok(all.into_iter().filter(|n| n != "lo").collect()),
+        }
+    }
+}
+
+/// Interface names from `ip -o link show` ("2: veth0@if3: <...>").
+pub fn parse_link_names(text: &str) -> Vec<String> {
+    text.lines()
+        .filter_map(|l| l.split(':').nth(1))
+        .map(|n| n.trim().split('@').next().unwrap_or("").to_string())
+        .filter(|n| !n.is_empty())
+        .collect()
+}
+
+/// nft table names allow letters, digits and '_'.
+fn table_name(id: &str) -> String {
+    let clean: String = id.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
+    format!("chaos_{clean}")
+}
+
+/// Match expressions for the scope, one list per drop rule. `dir` is
+/// "saddr" for ingress, "daddr" for egress.
+fn drop_matches(scope: &NetScope, dir: &str) -> Vec<String> {
+    let mut addr: Vec<String> = Vec::new();
+    let v4: Vec<String> = scope.peers.iter().filter(|c| c.is_v4()).map(ToString::to_string).collect();
+    let v6: Vec<String> = scope.peers.iter().filter(|c| !c.is_v4()).map(ToString::to_string).collect();
+    if !v4.is_empty() {
+        addr.push(format!("ip {dir} {{ {} }}", v4.join(", ")));
+    }
+    if !v6.is_empty() {
+        addr.push(format!("ip6 {dir} {{ {} }}", v6.join(", ")));
+    }
+    if addr.is_empty() {
+        addr.push(String::new());
+    }
+    let proto = match scope.protocol {
+        None if scope.ports.is_empty() => vec![String::new()],
+        None => vec!["meta l4proto { tcp, udp }".to_string()],
+        Some(Protocol::Tcp) => vec!["meta l4proto tcp".to_string()],
+        Some(Protocol::Udp) => vec!["meta l4proto udp".to_string()],
+        Some(Protocol::Icmp) => vec!["meta l4proto { icmp, ipv6-icmp }".to_string()],
+    };
+    let ports: Vec<String> = if scope.ports.is_empty() {
+        vec![String::new()]
+    } else {
+        let set = scope.ports.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
+        vec![format!("th sport {{ {set} }}"), format!("th dport {{ {set} }}")]
+    };
+    let mut rules = Vec::new();
+    for a in &addr {
+        for p in &proto {
+            for port in &ports {
+                let m: Vec<&str> = [a.as_str(), p.as_str(), port.as_str()].into_iter().filter(|s| !s.is_empty()).collect();
+                rules.push(m.join(" "));
+            }
+        }
+    }
+    rules
+}
+
+/// The nft script that adds the fault's tables. Closing braces stand on
+/// their own lines (nft 1.0.6 rejects `drop } }`).
+pub fn render(plan: &NetworkPlan, egress_devices: &[String]) -> String {
+    let mut s = String::new();
+    if plan.scope.direction.ingress() {
+        let _ = writeln!(s, "table inet {} {{", plan.table);
+        let _ = writeln!(s, "\tchain input {{\n\t\ttype filter hook input priority -300; policy accept;");
+        let iface = plan.scope.interface.as_ref().map(|i| format!("iifname \"{i}\" ")).unwrap_or_default();
+        let _ = writeln!(s, "\t\tiifname \"lo\" accept");
+        for r in &plan.exempt_in {
+            let _ = writeln!(s, "\t\t{r}");
+        }
+        for m in drop_matches(&plan.scope, "saddr") {
+            let _ = writeln!(s, "\t\t{iface}{m} drop");
+        }
+        let _ = writeln!(s, "\t}}\n}}");
+    }
+    if plan.scope.direction.egress() && !egress_devices.is_empty() {
+        let _ = writeln!(s, "table netdev {} {{", plan.egress_table);
+        for dev in egress_devices {
+            let _ = writeln!(s, "\tchain egress_{} {{", dev.replace(|c: char| !c.is_ascii_alphanumeric(), "_"));
+            let _ = writeln!(s, "\t\ttype filter hook egress device \"{dev}\" priority -300; policy accept;");
+            for r in &plan.exempt_out {
+                let _ = writeln!(s, "\t\t{r}");
+            }
+            for m in drop_matches(&plan.scope, "daddr") {
+                // netdev sees every frame: restrict an address-less drop to IP so ARP/ND still flow.
+                let m = if m.is_empty() || !m.contains("ip") { format!("meta protocol {{ ip, ip6 }} {m}") } else { m };
+                let _ = writeln!(s, "\t\t{} drop", m.trim());
+            }
+            let _ = writeln!(s, "\t}}");
+        }
+        let _ = writeln!(s, "}}");
+    }
+    s
+}
+
+fn plan_of(plan: &Plan) -> Result<&NetworkPlan, AgentError> {
+    match plan {
+        Plan::Network(p) => Ok(p),
+        other => Err(AgentError::Command { cmd: "network driver".into(), detail: format!("given a foreign plan {other:?}") }),
+    }
+}
+
+fn is_missing_table(stderr: &str) -> bool {
+    stderr.contains("No such file or directory")
+}
+
+#[async_trait]
+impl FaultDriver for NetworkDriver {
+    fn plan(&self, req: &FaultRequest) -> Result<Plan, AgentError> {
+        let FaultKind::NetworkPartition { scope } = &req.kind else {
+            return Err(AgentError::Command { cmd: "network driver".into(), detail: format!("cannot plan {}", req.kind.family()) });
+        };
+        let id = req.id.as_deref().unwrap_or("unnamed");
+        let ns = self.resolve_ns(&req.target)?;
+        let (exempt_in, exempt_out) = self.exemption_rules();
+        let table = table_name(id);
+        Ok(Plan::Network(Box::new(NetworkPlan {
+            ns,
+            scope: scope.clone(),
+            egress_table: format!("{table}_eg"),
+            table,
+            exempt_in,
+            exempt_out,
+        })))
+    }
+
+    async fn apply(&self, plan: &Plan) -> Result<Applied, AgentError> {
+        let plan = plan_of(plan)?;
+        let devices = if plan.scope.direction.egress() { self.interfaces(plan).await? } else { Vec::new() };
+        if !plan.scope.direction.ingress() && devices.is_empty() {
+            return Err(AgentError::TargetNotFound(format!("{} has no interface besides lo to drop egress on", plan.ns.label)));
+        }
+        let script = render(plan, &devices);
+        let out = self.nft(&plan.ns, &["-f", "-"], Some(&script)).await?;
+        if !out.success {
+            return Err(AgentError::Command { cmd: format!("nft -f - (in {})", plan.ns.label), detail: out.stderr });
+        }
+        // Verify: the tables are there, as the kernel holds them.
+        let mut tables = Vec::new();
+        if plan.scope.direction.ingress() {
+            tables.push(("inet", plan.table.as_str()));
+        }
+        if !devices.is_empty() {
+            tables.push(("netdev", plan.egress_table.as_str()));
+        }
+        for (fam, t) in &tables {
+            let v = self.nft(&plan.ns, &["list", "table", fam, t], None).await?;
+            if !v.success || !v.stdout.contains("drop") {
+                return Err(AgentError::Command {
+                    cmd: format!("nft list table {fam} {t}"),
+                    detail: format!("rules not in place after apply: {}", v.stderr),
+                });
+            }
+        }
+        let peers = if plan.scope.peers.is_empty() {
+            "every peer".to_string()
+        } else {
+            plan.scope.peers.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+        };
+        let summary = format!(
+            "partition in {}: dropping {:?} traffic with {peers}{}; tables {} (verified); control channel exempt",
+            plan.ns.label,
+            plan.scope.direction,
+            if devices.is_empty() { String::new() } else { format!(" (egress on {})", devices.join(", ")) },
+            tables.iter().map(|(f, t)| format!("{f} {t}")).collect::<Vec<_>>().join(", "),
+        );
+        Ok(Applied { backend: "nftables", processes: Vec::new(), summary })
+    }
+
+    async fn revert(&self, plan: &Plan) -> Result<String, AgentError> {
+        let plan = plan_of(plan)?;
+        if let (Some(path), Some(id)) = (&plan.ns.path, plan.ns.id) {
+            let now = self
+                .exec
+                .ns_id(path)
+                .map_err(|e| AgentError::Command { cmd: format!("stat {}", path.display()), detail: e.to_string() })?;
+            if now != Some(id) {
+                return Ok(format!("{} is gone (or replaced): nothing left to remove", plan.ns.label));
+            }
+        }
+        let mut removed = Vec::new();
+        for (fam, t) in [("inet", &plan.table), ("netdev", &plan.egress_table)] {
+            let out = self.nft(&plan.ns, &["delete", "table", fam, t], None).await?;
+            if out.success {
+                removed.push(format!("{fam} {t}"));
+            } else if !is_missing_table(&out.stderr) {
+                return Err(AgentError::Command { cmd: format!("nft delete table {fam} {t} (in {})", plan.ns.label), detail: out.stderr });
+            }
+        }
+        Ok(if removed.is_empty() {
+            format!("no tables left in {}", plan.ns.label)
+        } else {
+            format!("removed {} from {}", removed.join(", "), plan.ns.label)
+        })
+    }
+}
+
+/// Is nftables usable here? (For capabilities; a fault re-checks by running it.)
+pub fn nft_available() -> Result<String, String> {
+    match std::process::Command::new("nft").arg("--version").output() {
+        Ok(o) if o.status.success() => Ok(String::from_utf8_lossy(&o.stdout).trim().to_string()),
+        Ok(o) => Err(String::from_utf8_lossy(&o.stderr).trim().to_string()),
+        Err(e) => Err(format!("`nft` not found ({e}): install nftables")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{collections::BTreeMap, time::Duration};
+
+    use chaos_proto::spec::Direction;
+
+    use std::path::Path;
+
+    use super::*;
+    use crate::sys::{fake::FakeProcs, netexec::FakeExec};
+
+    fn driver(exec: &FakeExec) -> NetworkDriver {
+        let exempt = Exemptions {
+            agent_port: 50052,
+            coordinator: Some(("198.18.0.1".parse().expect("ip"), 50051)),
+            cidrs: vec!["198.18.9.0/24".parse().expect("cidr")],
+        };
+        NetworkDriver::new(Arc::new(exec.clone()), Arc::new(FakeProcs::default()), exempt).with_roots("/run/netns", "/proc")
+    }
+
+    fn req(target: TargetSpec, scope: NetScope) -> FaultRequest {
+        FaultRequest {
+            id: Some("f-1".into()),
+            target,
+            duration: Duration::from_secs(5),
+            labels: BTreeMap::new(),
+            kind: FaultKind::NetworkPartition { scope },
+        }
+    }
+
+    fn scope(peers: &[&str], direction: Direction) -> NetScope {
+        NetScope {
+            interface: None,
+            peers: peers.iter().map(|p| p.parse().expect("cidr")).collect(),
+            ports: vec![],
+            protocol: None,
+            direction,
+        }
+    }
+
+    #[tokio::test]
+    async fn apply_renders_one_transaction_with_exemptions_first_and_verifies() {
+        let exec = FakeExec::default();
+        exec.add_namespace("/run/netns/lab-a", (1, 42));
+        exec.answer(
+            "ip -o link show",
+            CmdOutput { success: true, stdout: "1: lo: <LOOPBACK>\n2: veth0@if3: <UP>\n".into(), stderr: String::new() },
+        );
+        exec.answer("list table", CmdOutput { success: true, stdout: "table ... drop".into(), stderr: String::new() });
+        let d = driver(&exec);
+        let plan = d.plan(&req(TargetSpec::Netns("lab-a".into()), scope(&["198.18.0.3"], Direction::Both))).expect("plan");
+        assert!(exec.calls().is_empty(), "plan has no side effects");
+        let a = d.apply(&plan).await.expect("apply");
+        assert_eq!(a.backend, "nftables");
+        let calls = exec.calls();
+        let script = calls.iter().find_map(|c| c.stdin.clone()).expect("nft -f - script");
+        assert!(calls.iter().all(|c| c.ns.as_deref() == Some(Path::new("/run/netns/lab-a"))), "every command in the target netns");
+        assert!(script.contains("table inet chaos_f_1 {"), "{script}");
+        assert!(script.contains("hook egress device \"veth0\""), "{script}");
+        assert!(!script.contains("device \"lo\""), "{script}");
+        let exempt_at = script.find("ip saddr 198.18.0.1 tcp sport 50051 accept").expect("coordinator exempt");
+        let drop_at = script.find("ip saddr { 198.18.0.3/32 } drop").expect("ingress drop");
+        assert!(exempt_at < drop_at, "exemptions come before drops:\n{script}");
+        assert!(script.contains("tcp dport 50052 accept") && script.contains("ip daddr 198.18.9.0/24 accept"), "{script}");
+        assert!(script.contains("ip daddr { 198.18.0.3/32 } drop"), "{script}");
+        for line in script.lines() {
+            assert!(!line.contains("drop }"), "closing braces on their own lines: {line}");
+        }
+    }
+
+    #[tokio::test]
+    async fn revert_deletes_its_tables_and_tolerates_missing_ones_and_gone_namespaces() {
+        let exec = FakeExec::default();
+        exec.add_namespace("/run/netns/lab-a", (1, 42));
+        let d = driver(&exec);
+        let plan = d.plan(&req(TargetSpec::Netns("lab-a".into()), scope(&[], Direction::Ingress))).expect("plan");
+        exec.answer("netdev", CmdOutput { success: false, stdout: String::new(), stderr: "Error: No such file or directory".into() });
+        let s = d.revert(&plan).await.expect("revert");
+        assert!(s.contains("removed inet chaos_f_1"), "{s}");
+        exec.remove_namespace(Path::new("/run/netns/lab-a"));
+        exec.add_namespace("/run/netns/lab-a", (1, 99)); // same name, another namespace
+        let before = exec.calls().len();
+        let s = d.revert(&plan).await.expect("revert");
+        assert!(s.contains("gone"), "{s}");
+        assert_eq!(exec.calls().len(), before, "a replaced namespace is never touched");
+    }
+
+    #[tokio::test]
+    async fn missing_nft_is_a_named_precondition_and_missing_netns_not_found() {
+        let exec = FakeExec::default();
+        let d = driver(&exec);
+        let e = d.plan(&req(TargetSpec::Netns("nope".into()), scope(&[], Direction::Ingress))).expect_err("no ns");
+        assert!(matches!(e, AgentError::TargetNotFound(_)) && e.to_string().contains("/run/netns/nope"), "{e}");
+        exec.set_missing_program(true);
+        let plan = d.plan(&req(TargetSpec::Host, scope(&[], Direction::Ingress))).expect("plan");
+        let e = d.apply(&plan).await.expect_err("no nft");
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+        assert!(e.to_string().contains("nftables"), "{e}");
+    }
+
+    #[test]
+    fn scope_with_ports_and_protocol_matches_both_port_directions() {
+        let mut sc = scope(&["198.18.0.3", "2001:db8::/64"], Direction::Ingress);
+        sc.ports = vec![9092];
+        sc.protocol = Some(Protocol::Tcp);
+        let m = drop_matches(&sc, "saddr");
+        assert_eq!(m.len(), 4);
+        assert!(m.contains(&"ip saddr { 198.18.0.3/32 } meta l4proto tcp th sport { 9092 }".to_string()), "{m:?}");
+        assert!(m.contains(&"ip6 saddr { 2001:db8::/64 } meta l4proto tcp th dport { 9092 }".to_string()), "{m:?}");
+        assert_eq!(parse_link_names("1: lo: <LOOPBACK>\n5: eth0@if6: <UP>\n"), vec!["lo", "eth0"]);
+    }
+}

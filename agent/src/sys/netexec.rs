@@ -1,0 +1,148 @@
+//! Running network tools inside a network namespace without moving the
+//! agent: each command is spawned through `nsenter --net=PATH`, so only the
+//! child enters the namespace. A recording fake stands in for tests.
+
+use std::{
+    collections::BTreeMap,
+    io,
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+    process::Stdio,
+    sync::{Arc, Mutex},
+};
+
+use async_trait::async_trait;
+use tokio::io::AsyncWriteExt;
+
+/// A command's result.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CmdOutput {
+    pub success: bool,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Identity of a namespace: device and inode of its nsfs file.
+pub type NsId = (u64, u64);
+
+#[async_trait]
+pub trait NetExec: Send + Sync {
+    /// Run `argv` in the namespace at `ns` (`None`: the agent's own), with `stdin`.
+    /// `Err` only when the program could not be started (e.g. not installed).
+    async fn run(&self, ns: Option<&Path>, argv: &[&str], stdin: Option<&str>) -> io::Result<CmdOutput>;
+    /// Identity of the namespace file, `None` when it does not exist.
+    fn ns_id(&self, path: &Path) -> io::Result<Option<NsId>>;
+}
+
+/// The real thing: `nsenter` + the tool.
+#[derive(Debug, Default, Clone)]
+pub struct NsenterExec;
+
+#[async_trait]
+impl NetExec for NsenterExec {
+    async fn run(&self, ns: Option<&Path>, argv: &[&str], stdin: Option<&str>) -> io::Result<CmdOutput> {
+        let mut cmd = match ns {
+            None => {
+                let mut c = tokio::process::Command::new(argv[0]);
+                c.args(&argv[1..]);
+                c
+            }
+            Some(p) => {
+                let mut c = tokio::process::Command::new("nsenter");
+                c.arg(format!("--net={}", p.display())).arg("--").args(argv);
+                c
+            }
+        };
+        cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = cmd.spawn()?;
+        if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
+            pipe.write_all(text.as_bytes()).await?;
+            drop(pipe);
+        }
+        let out = child.wait_with_output().await?;
+        Ok(CmdOutput {
+            success: out.status.success(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        })
+    }
+
+    fn ns_id(&self, path: &Path) -> io::Result<Option<NsId>> {
+        match std::fs::metadata(path) {
+            Ok(m) => Ok(Some((m.dev(), m.ino()))),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// One recorded call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Call {
+    pub ns: Option<PathBuf>,
+    pub argv: Vec<String>,
+    pub stdin: Option<String>,
+}
+
+#[derive(Debug, Default)]
+struct FakeInner {
+    calls: Vec<Call>,
+    /// Canned answers: the first whose key is a substring of the joined argv wins.
+    answers: Vec<(String, CmdOutput)>,
+    namespaces: BTreeMap<PathBuf, NsId>,
+    missing_program: bool,
+}
+
+/// Records every command; answers success unless told otherwise.
+#[derive(Debug, Clone, Default)]
+pub struct FakeExec {
+    inner: Arc<Mutex<FakeInner>>,
+}
+
+impl FakeExec {
+    fn lock(&self) -> std::sync::MutexGuard<'_, FakeInner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+    pub fn calls(&self) -> Vec<Call> {
+        self.lock().calls.clone()
+    }
+    /// Answer commands containing `key` with `out`.
+    pub fn answer(&self, key: &str, out: CmdOutput) {
+        self.lock().answers.push((key.to_string(), out));
+    }
+    pub fn add_namespace(&self, path: impl Into<PathBuf>, id: NsId) {
+        self.lock().namespaces.insert(path.into(), id);
+    }
+    pub fn remove_namespace(&self, path: &Path) {
+        self.lock().namespaces.remove(path);
+    }
+    /// Behave as if the program were not installed.
+    pub fn set_missing_program(&self, missing: bool) {
+        self.lock().missing_program = missing;
+    }
+}
+
+#[async_trait]
+impl NetExec for FakeExec {
+    async fn run(&self, ns: Option<&Path>, argv: &[&str], stdin: Option<&str>) -> io::Result<CmdOutput> {
+        let mut g = self.lock();
+        if g.missing_program {
+            return Err(io::Error::new(io::ErrorKind::NotFound, "No such file or directory"));
+        }
+        g.calls.push(Call {
+            ns: ns.map(Path::to_path_buf),
+            argv: argv.iter().map(|s| s.to_string()).collect(),
+            stdin: stdin.map(str::to_string),
+        });
+        let joined = argv.join(" ");
+        let out = g.answers.iter().find(|(k, _)| joined.contains(k.as_str())).map(|(_, o)| o.clone());
+        Ok(out.unwrap_or(CmdOutput { success: true, ..Default::default() }))
+    }
+
+    fn ns_id(&self, path: &Path) -> io::Result<Option<NsId>> {
+        Ok(self.lock().namespaces.get(path).copied())
+    }
+}

@@ -1,0 +1,148 @@
+//! Network partition on the real kernel, between two network namespaces
+//! (198.18.0.0/15): packets really stop, revert restores the ruleset
+//! exactly, a crash is cleaned at restart, and the control channel between
+//! an agent and its coordinator survives a total partition of the agent's
+//! own namespace. Runs as root; namespaces are removed even on panic.
+
+use std::time::Duration;
+
+use chaos_e2e::{Daemon, NetPair, chaos_in, chaos_ok, free_port, json, start_agent, start_agent_at, wait_until};
+
+#[test]
+fn partition_drops_both_ways_and_revert_restores_the_ruleset_exactly() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pair = NetPair::new();
+    let (_agent, url) = start_agent(dir.path(), "net", None, "10s");
+    let before = NetPair::ruleset(&pair.a);
+    assert_eq!(NetPair::ping(&pair.a, &pair.b_ip, 3), 3, "baseline: the pair talks");
+    let peer = format!("{}/32", pair.b_ip);
+    let out = json(&chaos_ok(
+        &["-o", "json", "agent", "apply", "--agent", &url, "--netns", &pair.a, "--partition", &peer, "--duration", "60s", "--id", "p1"],
+        0,
+    ));
+    assert_eq!(out["backend"], "nftables", "{out}");
+    assert!(out["summary"].as_str().is_some_and(|s| s.contains("verified")), "{out}");
+    assert_eq!(NetPair::ping(&pair.a, &pair.b_ip, 5), 0, "no packet crosses a -> b");
+    assert_eq!(NetPair::ping(&pair.b, &pair.a_ip, 5), 0, "no packet crosses b -> a");
+    let during = NetPair::ruleset(&pair.a);
+    assert!(during.contains("table inet chaos_p1") && during.contains("table netdev chaos_p1_eg"), "{during}");
+    assert_eq!(NetPair::ruleset(&pair.b), "", "the peer namespace is untouched");
+    chaos_ok(&["agent", "revert", "--agent", &url, "p1"], 0);
+    assert_eq!(NetPair::ping(&pair.a, &pair.b_ip, 3), 3, "traffic flows again");
+    assert_eq!(NetPair::ruleset(&pair.a), before, "ruleset exactly as before");
+}
+
+#[test]
+fn scoped_partition_drops_only_its_port_and_ttl_reverts_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pair = NetPair::new();
+    let (_agent, url) = start_agent(dir.path(), "netport", None, "10s");
+    let peer = format!("{}/32", pair.b_ip);
+    chaos_ok(
+        &[
+            "agent",
+            "apply",
+            "--agent",
+            &url,
+            "--netns",
+            &pair.a,
+            "--partition",
+            &peer,
+            "--protocol",
+            "tcp",
+            "--port",
+            "9092",
+            "--duration",
+            "2s",
+        ],
+        0,
+    );
+    assert_eq!(NetPair::ping(&pair.a, &pair.b_ip, 3), 3, "ICMP is outside the scope: still flows");
+    let rules = NetPair::ruleset(&pair.a);
+    assert!(rules.contains("9092"), "{rules}");
+    assert!(wait_until(Duration::from_secs(6), || NetPair::ruleset(&pair.a).is_empty()), "TTL removed the tables");
+}
+
+#[test]
+fn kill9_mid_partition_then_restart_removes_the_rules() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pair = NetPair::new();
+    let journal = dir.path().join("journal-netcrash");
+    let port = free_port();
+    let (mut agent, url) = start_agent_at(dir.path(), "netcrash", port, &journal, None, "10s");
+    chaos_ok(&["agent", "apply", "--agent", &url, "--netns", &pair.a, "--partition", "all", "--duration", "5m"], 0);
+    assert_eq!(NetPair::ping(&pair.a, &pair.b_ip, 2), 0);
+    agent.kill9();
+    assert!(!NetPair::ruleset(&pair.a).is_empty(), "rules outlive the crashed agent");
+    let (_agent2, _) = start_agent_at(dir.path(), "netcrash", port, &journal, None, "10s");
+    assert!(wait_until(Duration::from_secs(5), || NetPair::ruleset(&pair.a).is_empty()), "restart replayed the journal");
+    assert_eq!(NetPair::ping(&pair.a, &pair.b_ip, 3), 3);
+}
+
+#[test]
+fn a_namespace_deleted_under_a_fault_reverts_as_a_recorded_no_op() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pair = NetPair::new();
+    let (_agent, url) = start_agent(dir.path(), "netgone", None, "10s");
+    chaos_ok(&["agent", "apply", "--agent", &url, "--netns", &pair.a, "--partition", "all", "--duration", "5m", "--id", "g1"], 0);
+    let out = std::process::Command::new("ip").args(["netns", "del", &pair.a]).output().expect("ip");
+    assert!(out.status.success());
+    let r = chaos_ok(&["agent", "revert", "--agent", &url, "g1"], 0);
+    assert!(r.contains("gone"), "{r}");
+}
+
+#[test]
+fn total_partition_of_the_agents_own_namespace_spares_the_control_channel() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pair = NetPair::new();
+    let (cport, aport) = (50051, 50052);
+    let curl = format!("http://{}:{cport}", pair.b_ip);
+    let aurl = format!("http://{}:{aport}", pair.a_ip);
+    let bin = |n: &str| chaos_e2e::bin(n).display().to_string();
+    let ns_daemon = |ns: &str, name: &str, args: &[String], log: &str| {
+        let mut argv = vec!["netns".to_string(), "exec".into(), ns.to_string(), bin(name)];
+        argv.extend_from_slice(args);
+        Daemon::spawn_program("ip", &argv, dir.path().join(log))
+    };
+    let _coord = ns_daemon(
+        &pair.b,
+        "chaos-coordinator",
+        &["--listen".into(), format!("{}:{cport}", pair.b_ip), "--state-dir".into(), dir.path().join("cstate").display().to_string()],
+        "coord.log",
+    );
+    let _agent = ns_daemon(
+        &pair.a,
+        "chaos-agent",
+        &[
+            "--listen".into(),
+            format!("{}:{aport}", pair.a_ip),
+            "--coordinator".into(),
+            curl.clone(),
+            "--lease".into(),
+            "2s".into(),
+            "--journal-dir".into(),
+            dir.path().join("jctl").display().to_string(),
+            "--agent-id".into(),
+            "ctl".into(),
+        ],
+        "agent.log",
+    );
+    let apply = || {
+        chaos_in(
+            &pair.b,
+            &["--coordinator", &curl, "agent", "apply", "--agent", &aurl, "--partition", "all", "--duration", "60s", "--id", "total"],
+        )
+    };
+    assert!(wait_until(Duration::from_secs(10), || apply().status.success()), "agent in netns a never accepted the fault");
+    assert_eq!(NetPair::ping(&pair.a, &pair.b_ip, 3), 0, "the namespace is cut off");
+    // Longer than the 2 s lease: had heartbeats been cut, the agent would have reverted by itself.
+    std::thread::sleep(Duration::from_secs(4));
+    let faults = json(&String::from_utf8_lossy(&chaos_in(&pair.b, &["-o", "json", "agent", "faults", "--agent", &aurl]).stdout));
+    assert_eq!(faults["faults"][0]["state"], "APPLIED", "lease kept through the partition: {faults}");
+    let agents = json(&String::from_utf8_lossy(&chaos_in(&pair.b, &["--coordinator", &curl, "-o", "json", "agents"]).stdout));
+    assert_eq!(agents["agents"][0]["health"], "healthy", "{agents}");
+    assert_eq!(NetPair::ping(&pair.a, &pair.b_ip, 2), 0, "still cut off for everything else");
+    let r = chaos_in(&pair.b, &["--coordinator", &curl, "emergency-stop"]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    assert_eq!(NetPair::ping(&pair.a, &pair.b_ip, 3), 3, "emergency stop reached the agent through the partition");
+}
