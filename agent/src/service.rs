@@ -45,7 +45,10 @@ impl AgentIdentity {
                     ("process_pause", _) => (true, "SIGSTOP/SIGCONT through a pidfd, guarded against pid reuse".to_string()),
                     ("process_kill", _) => (true, "a signal of choice through a pidfd, guarded against pid reuse".to_string()),
                     ("network_partition", Ok(v)) => (true, format!("nftables ({v}): inet input + netdev egress, control channel exempt")),
-                    ("network_partition", Err(why)) => (false, format!("nftables unusable: {why}")),
+                    ("network_partition", Err(why)) | ("network_loss", Err(why)) => (false, format!("nftables unusable: {why}")),
+                    ("network_loss", Ok(v)) => {
+                        (true, format!("nftables ({v}) numgen: each packet drawn independently; correlation needs sch_netem (refused)"))
+                    }
                     _ => (false, "not implemented by this agent version (ApplyFault answers UNIMPLEMENTED)".to_string()),
                 };
                 pb::FamilySupport { family: f.to_string(), supported, detail }

@@ -24,6 +24,7 @@ Examples:
   chaos agent apply --partition 198.18.0.3/32 --direction both --duration 1m     # on the agent's host
   chaos agent apply --partition all --netns lab-kafka --duration 30s             # isolate a namespace
   chaos agent apply --partition 198.18.0.0/24 --port 9042 --protocol tcp --target-pid 4242 --duration 1m
+  chaos agent apply --loss 10% --peer 198.18.0.3/32 --direction ingress --netns lab-kafka --duration 2m
 
 Every fault reverts by itself at the end of --duration, even if the agent
 crashes (it replays its journal at start) or loses its coordinator (lease).
@@ -74,7 +75,7 @@ pub enum AgentCommand {
 }
 
 #[derive(Debug, clap::Args)]
-#[command(group(ArgGroup::new("fault").required(true).args(["pause_pid", "pause_name", "kill_pid", "kill_name", "partition"])))]
+#[command(group(ArgGroup::new("fault").required(true).args(["pause_pid", "pause_name", "kill_pid", "kill_name", "partition", "loss"])))]
 #[command(group(ArgGroup::new("netns_target").args(["netns", "target_pid"])))]
 pub struct ApplyArgs {
     #[command(flatten)]
@@ -97,6 +98,12 @@ pub struct ApplyArgs {
     /// Partition: drop traffic with this peer CIDR (repeatable), or `all` for every peer.
     #[arg(long, value_name = "CIDR|all")]
     partition: Vec<String>,
+    /// Loss: drop this share of packets, e.g. `10%` or `0.5` (percent), with --peer to scope it.
+    #[arg(long, value_name = "PERCENT")]
+    loss: Option<String>,
+    /// Loss: only traffic with this peer CIDR (repeatable) [default: every peer].
+    #[arg(long = "peer", value_name = "CIDR")]
+    peers: Vec<String>,
     /// Network faults: which way packets are dropped.
     #[arg(long, value_enum, default_value = "both")]
     direction: DirectionArg,
@@ -142,21 +149,34 @@ impl ApplyArgs {
         }
     }
 
+    fn scope(&self, peers: Vec<String>) -> pb::NetworkScope {
+        pb::NetworkScope {
+            interface: self.interface.clone().unwrap_or_default(),
+            peer_cidrs: peers,
+            ports: self.ports.clone(),
+            protocol: self.protocol.clone().unwrap_or_default(),
+            direction: match self.direction {
+                DirectionArg::Both => pb::Direction::Both,
+                DirectionArg::Ingress => pb::Direction::Ingress,
+                DirectionArg::Egress => pb::Direction::Egress,
+            } as i32,
+        }
+    }
+
     fn spec(&self) -> Result<pb::FaultSpec, CliError> {
         if !self.partition.is_empty() {
             let all = self.partition.iter().any(|p| p == "all");
-            let scope = pb::NetworkScope {
-                interface: self.interface.clone().unwrap_or_default(),
-                peer_cidrs: if all { vec![] } else { self.partition.clone() },
-                ports: self.ports.clone(),
-                protocol: self.protocol.clone().unwrap_or_default(),
-                direction: match self.direction {
-                    DirectionArg::Both => pb::Direction::Both,
-                    DirectionArg::Ingress => pb::Direction::Ingress,
-                    DirectionArg::Egress => pb::Direction::Egress,
-                } as i32,
-            };
+            let scope = self.scope(if all { vec![] } else { self.partition.clone() });
             return self.with_target(self.network_target(), F::NetworkPartition(pb::NetworkPartition { scope: Some(scope) }));
+        }
+        if let Some(l) = &self.loss {
+            let percent: f64 = l
+                .trim()
+                .trim_end_matches('%')
+                .parse()
+                .map_err(|_| CliError::new(exit::USAGE, format!("--loss: expected a percentage like 10% or 0.5, got {l:?}")))?;
+            let loss = pb::NetworkLoss { scope: Some(self.scope(self.peers.clone())), percent, correlation_percent: 0.0 };
+            return self.with_target(self.network_target(), F::NetworkLoss(loss));
         }
         let (kind, fault) = match (self.pause_pid, &self.pause_name, self.kill_pid, &self.kill_name) {
             (Some(p), ..) => (Kind::Pid(p), F::ProcessPause(pb::ProcessPause {})),

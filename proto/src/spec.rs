@@ -176,6 +176,9 @@ pub enum FaultKind {
     ProcessKill { signal: SignalName },
     /// Drop every packet in scope.
     NetworkPartition { scope: NetScope },
+    /// Drop a share of the packets in scope, in hundredths of a percent
+    /// (1050 = 10.5 %). Correlation as asked (it needs sch_netem).
+    NetworkLoss { scope: NetScope, permyriad: u32, correlation_permyriad: u32 },
 }
 
 impl FaultKind {
@@ -185,6 +188,7 @@ impl FaultKind {
             FaultKind::ProcessPause => "process_pause",
             FaultKind::ProcessKill { .. } => "process_kill",
             FaultKind::NetworkPartition { .. } => "network_partition",
+            FaultKind::NetworkLoss { .. } => "network_loss",
         }
     }
 }
@@ -272,7 +276,10 @@ impl FaultRequest {
         let kind = kind_from_pb(fault)?;
         match (&kind, &target) {
             (FaultKind::ProcessPause | FaultKind::ProcessKill { .. }, TargetSpec::Pid(_) | TargetSpec::ProcessName(_)) => {}
-            (FaultKind::NetworkPartition { .. }, TargetSpec::Host | TargetSpec::Netns(_) | TargetSpec::Pid(_)) => {}
+            (
+                FaultKind::NetworkPartition { .. } | FaultKind::NetworkLoss { .. },
+                TargetSpec::Host | TargetSpec::Netns(_) | TargetSpec::Pid(_),
+            ) => {}
             (k @ (FaultKind::ProcessPause | FaultKind::ProcessKill { .. }), t) => {
                 return Err(SpecError::invalid("spec.target", format!("{} needs a pid or process_name target, got {t}", k.family())));
             }
@@ -306,6 +313,11 @@ impl FaultRequest {
             FaultKind::NetworkPartition { scope } => {
                 pb::fault_spec::Fault::NetworkPartition(pb::NetworkPartition { scope: Some(scope_to_pb(scope)) })
             }
+            FaultKind::NetworkLoss { scope, permyriad, correlation_permyriad } => pb::fault_spec::Fault::NetworkLoss(pb::NetworkLoss {
+                scope: Some(scope_to_pb(scope)),
+                percent: f64::from(*permyriad) / 100.0,
+                correlation_percent: f64::from(*correlation_permyriad) / 100.0,
+            }),
         };
         pb::FaultSpec {
             id: id.to_string(),
@@ -367,6 +379,17 @@ fn target_from_pb(t: Option<&pb::Target>) -> Result<TargetSpec, SpecError> {
             TargetSpec::Container(c.clone())
         }
     })
+}
+
+/// A percentage as hundredths of a percent; `zero_ok` for optional ones.
+fn percent_field(v: f64, field: &str, zero_ok: bool) -> Result<u32, SpecError> {
+    let lo_ok = if zero_ok { v >= 0.0 } else { v > 0.0 };
+    if !v.is_finite() || !lo_ok || v > 100.0 {
+        let range = if zero_ok { "0..=100" } else { "(0, 100]" };
+        return Err(SpecError::invalid(field, format!("must be in {range}, got {v}")));
+    }
+    // Bounded by the check above: 0..=10000.
+    Ok((v * 100.0).round() as u32)
 }
 
 fn scope_to_pb(s: &NetScope) -> pb::NetworkScope {
@@ -454,6 +477,11 @@ fn kind_from_pb(f: &pb::fault_spec::Fault) -> Result<FaultKind, SpecError> {
             }
             Ok(FaultKind::ProcessKill { signal: SignalName(signal) })
         }
+        F::NetworkLoss(l) => Ok(FaultKind::NetworkLoss {
+            scope: scope_from_pb(l.scope.as_ref(), "spec.network_loss.scope")?,
+            permyriad: percent_field(l.percent, "spec.network_loss.percent", false)?,
+            correlation_permyriad: percent_field(l.correlation_percent, "spec.network_loss.correlation_percent", true)?,
+        }),
         F::NetworkPartition(p) => {
             Ok(FaultKind::NetworkPartition { scope: scope_from_pb(p.scope.as_ref(), "spec.network_partition.scope")? })
         }
@@ -553,8 +581,8 @@ mod tests {
     #[test]
     fn unimplemented_families_are_named() {
         let mut s = pause_pid(5, 5);
-        s.fault = Some(pb::fault_spec::Fault::NetworkLoss(pb::NetworkLoss::default()));
-        assert_eq!(FaultRequest::from_pb(&s, MAX).expect_err("must be refused"), SpecError::Unimplemented { family: "network_loss" });
+        s.fault = Some(pb::fault_spec::Fault::NetworkLatency(pb::NetworkLatency::default()));
+        assert_eq!(FaultRequest::from_pb(&s, MAX).expect_err("must be refused"), SpecError::Unimplemented { family: "network_latency" });
         s.fault = Some(pb::fault_spec::Fault::CpuStress(pb::CpuStress::default()));
         assert!(FaultRequest::from_pb(&s, MAX).expect_err("must be refused").to_string().contains("cpu_stress"));
     }
@@ -591,6 +619,24 @@ mod tests {
         s.target = Some(pb::Target { kind: Some(pb::target::Kind::ProcessName("java".into())) });
         s.fault = Some(pb::fault_spec::Fault::NetworkPartition(pb::NetworkPartition::default()));
         assert!(FaultRequest::from_pb(&s, MAX).expect_err("target").to_string().contains("network namespace"));
+    }
+
+    #[test]
+    fn loss_percent_is_bounded_and_kept_to_a_hundredth() {
+        let mut s = pause_pid(5, 5);
+        s.target = Some(pb::Target { kind: Some(pb::target::Kind::Host(pb::HostTarget {})) });
+        s.fault = Some(pb::fault_spec::Fault::NetworkLoss(pb::NetworkLoss { percent: 10.5, ..Default::default() }));
+        let r = FaultRequest::from_pb(&s, MAX).expect("valid");
+        assert!(matches!(r.kind, FaultKind::NetworkLoss { permyriad: 1050, correlation_permyriad: 0, .. }), "{:?}", r.kind);
+        for bad in [0.0, -1.0, 140.0, f64::NAN] {
+            s.fault = Some(pb::fault_spec::Fault::NetworkLoss(pb::NetworkLoss { percent: bad, ..Default::default() }));
+            let e = FaultRequest::from_pb(&s, MAX).expect_err("must be refused");
+            assert_eq!(field_of(e.clone()), "spec.network_loss.percent", "{bad}: {e}");
+        }
+        s.fault =
+            Some(pb::fault_spec::Fault::NetworkLoss(pb::NetworkLoss { percent: 5.0, correlation_percent: 120.0, ..Default::default() }));
+        let e = FaultRequest::from_pb(&s, MAX).expect_err("must be refused");
+        assert_eq!(field_of(e), "spec.network_loss.correlation_percent");
     }
 
     #[test]

@@ -309,9 +309,15 @@ impl NetPair {
         Command::new("ip").args(["netns", "exec", ns]).args(argv).stdin(Stdio::null()).output().expect("ip netns exec")
     }
 
-    /// Pings `count` times (bounded: 1 s timeout each) from `ns` to `to`; returns replies received.
+    /// Pings `count` times, 0.2 s apart (1 s timeout each), from `ns` to `to`; returns replies received.
     pub fn ping(ns: &str, to: &str, count: u32) -> u32 {
-        let out = Self::exec(ns, &["ping", "-n", "-q", "-c", &count.to_string(), "-W", "1", "-i", "0.2", to]);
+        Self::ping_every(ns, to, count, "0.2")
+    }
+
+    /// Sends exactly `count` pings `interval` seconds apart (each waits 1 s at most for its
+    /// reply); returns replies received. No `-w`: with it ping sends until `count` replies arrive.
+    pub fn ping_every(ns: &str, to: &str, count: u32, interval: &str) -> u32 {
+        let out = Self::exec(ns, &["ping", "-n", "-q", "-c", &count.to_string(), "-W", "1", "-i", interval, to]);
         let text = String::from_utf8_lossy(&out.stdout);
         text.lines().find_map(|l| l.split(',').nth(1).and_then(|r| r.trim().split(' ').next()).and_then(|n| n.parse().ok())).unwrap_or(0)
     }

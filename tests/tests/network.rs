@@ -64,6 +64,42 @@ fn scoped_partition_drops_only_its_port_and_ttl_reverts_it() {
 }
 
 #[test]
+fn loss_drops_the_requested_share_of_packets() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pair = NetPair::new();
+    let (_agent, url) = start_agent(dir.path(), "loss", None, "10s");
+    let peer = format!("{}/32", pair.b_ip);
+    // Ingress only: each echo reply crosses the fault once, so replies received ~ 70 %.
+    let out = json(&chaos_ok(
+        &[
+            "-o",
+            "json",
+            "agent",
+            "apply",
+            "--agent",
+            &url,
+            "--netns",
+            &pair.a,
+            "--loss",
+            "30%",
+            "--peer",
+            &peer,
+            "--direction",
+            "ingress",
+            "--duration",
+            "60s",
+        ],
+        0,
+    ));
+    assert!(out["summary"].as_str().is_some_and(|s| s.starts_with("loss 30.00 %")), "{out}");
+    let n = 500;
+    let got = NetPair::ping_every(&pair.a, &pair.b_ip, n, "0.005");
+    // Binomial(500, 0.7): mean 350, sd 10.2; 4.4 sd either side.
+    assert!((305..=395).contains(&got), "30 % loss asked, {got}/{n} replies received");
+    eprintln!("loss 30 %: {got}/{n} replies ({:.1} % lost)", 100.0 * f64::from(n - got) / f64::from(n));
+}
+
+#[test]
 fn kill9_mid_partition_then_restart_removes_the_rules() {
     let dir = tempfile::tempdir().expect("tempdir");
     let pair = NetPair::new();

@@ -83,7 +83,7 @@ impl Drivers {
     pub fn for_request(&self, req: &FaultRequest) -> &dyn FaultDriver {
         match req.kind {
             FaultKind::ProcessPause | FaultKind::ProcessKill { .. } => &self.process,
-            FaultKind::NetworkPartition { .. } => &self.network,
+            FaultKind::NetworkPartition { .. } | FaultKind::NetworkLoss { .. } => &self.network,
         }
     }
 

@@ -60,6 +60,9 @@ pub struct NetworkPlan {
     /// Rendered exemption rules, fixed at plan time.
     pub exempt_in: Vec<String>,
     pub exempt_out: Vec<String>,
+    /// `None`: drop everything in scope (partition); `Some(n)`: drop n/10000 of it (loss).
+    #[serde(default)]
+    pub loss_permyriad: Option<u32>,
 }
 
 /// Driver for `network_partition` (nftables backend).
@@ -222,7 +225,7 @@ pub fn render(plan: &NetworkPlan, egress_devices: &[String]) -> String {
             let _ = writeln!(s, "\t\t{r}");
         }
         for m in drop_matches(&plan.scope, "saddr") {
-            let _ = writeln!(s, "\t\t{iface}{m} drop");
+            let _ = writeln!(s, "\t\t{}", format!("{iface}{m} {}drop", sample(plan)).trim());
         }
         let _ = writeln!(s, "\t}}\n}}");
     }
@@ -237,13 +240,21 @@ pub fn render(plan: &NetworkPlan, egress_devices: &[String]) -> String {
             for m in drop_matches(&plan.scope, "daddr") {
                 // netdev sees every frame: restrict an address-less drop to IP so ARP/ND still flow.
                 let m = if m.is_empty() || !m.contains("ip") { format!("meta protocol {{ ip, ip6 }} {m}") } else { m };
-                let _ = writeln!(s, "\t\t{} drop", m.trim());
+                let _ = writeln!(s, "\t\t{} {}drop", m.trim(), sample(plan));
             }
             let _ = writeln!(s, "\t}}");
         }
         let _ = writeln!(s, "}}");
     }
     s
+}
+
+/// The random draw that turns a drop into a loss: `numgen random mod 10000 < N`.
+fn sample(plan: &NetworkPlan) -> String {
+    match plan.loss_permyriad {
+        None => String::new(),
+        Some(n) => format!("numgen random mod 10000 < {n} "),
+    }
 }
 
 fn plan_of(plan: &Plan) -> Result<&NetworkPlan, AgentError> {
@@ -260,8 +271,15 @@ fn is_missing_table(stderr: &str) -> bool {
 #[async_trait]
 impl FaultDriver for NetworkDriver {
     fn plan(&self, req: &FaultRequest) -> Result<Plan, AgentError> {
-        let FaultKind::NetworkPartition { scope } = &req.kind else {
-            return Err(AgentError::Command { cmd: "network driver".into(), detail: format!("cannot plan {}", req.kind.family()) });
+        let (scope, loss_permyriad) = match &req.kind {
+            FaultKind::NetworkPartition { scope } => (scope, None),
+            FaultKind::NetworkLoss { correlation_permyriad, .. } if *correlation_permyriad > 0 => {
+                return Err(AgentError::MissingFeature(
+                    "loss correlation: it needs the sch_netem backend, which this agent does not drive yet (nftables numgen draws each packet independently)".into(),
+                ));
+            }
+            FaultKind::NetworkLoss { scope, permyriad, .. } => (scope, Some(*permyriad)),
+            other => return Err(AgentError::Command { cmd: "network driver".into(), detail: format!("cannot plan {}", other.family()) }),
         };
         let id = req.id.as_deref().unwrap_or("unnamed");
         let ns = self.resolve_ns(&req.target)?;
@@ -274,6 +292,7 @@ impl FaultDriver for NetworkDriver {
             table,
             exempt_in,
             exempt_out,
+            loss_permyriad,
         })))
     }
 
@@ -310,8 +329,12 @@ impl FaultDriver for NetworkDriver {
         } else {
             plan.scope.peers.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
         };
+        let what = match plan.loss_permyriad {
+            None => "partition".to_string(),
+            Some(n) => format!("loss {}.{:02} %", n / 100, n % 100),
+        };
         let summary = format!(
-            "partition in {}: dropping {:?} traffic with {peers}{}; tables {} (verified); control channel exempt",
+            "{what} in {}: dropping {:?} traffic with {peers}{}; tables {} (verified); control channel exempt",
             plan.ns.label,
             plan.scope.direction,
             if devices.is_empty() { String::new() } else { format!(" (egress on {})", devices.join(", ")) },
@@ -425,6 +448,25 @@ mod tests {
         for line in script.lines() {
             assert!(!line.contains("drop }"), "closing braces on their own lines: {line}");
         }
+    }
+
+    #[tokio::test]
+    async fn loss_draws_each_packet_and_correlation_is_refused_by_name() {
+        let exec = FakeExec::default();
+        exec.answer("list table", CmdOutput { success: true, stdout: "drop".into(), stderr: String::new() });
+        let d = driver(&exec);
+        let mut r = req(TargetSpec::Host, scope(&["198.18.0.3"], Direction::Ingress));
+        r.kind = FaultKind::NetworkLoss { scope: scope(&["198.18.0.3"], Direction::Ingress), permyriad: 1050, correlation_permyriad: 0 };
+        let plan = d.plan(&r).expect("plan");
+        let a = d.apply(&plan).await.expect("apply");
+        assert!(a.summary.starts_with("loss 10.50 %"), "{}", a.summary);
+        let script = exec.calls().iter().find_map(|c| c.stdin.clone()).expect("script");
+        assert!(script.contains("ip saddr { 198.18.0.3/32 } numgen random mod 10000 < 1050 drop"), "{script}");
+        assert!(script.contains("tcp dport 50052 accept\n"), "exemptions are never sampled:\n{script}");
+        r.kind = FaultKind::NetworkLoss { scope: scope(&[], Direction::Ingress), permyriad: 1000, correlation_permyriad: 2500 };
+        let e = d.plan(&r).expect_err("correlation");
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+        assert!(e.to_string().contains("sch_netem"), "{e}");
     }
 
     #[tokio::test]
