@@ -12,7 +12,12 @@
 //! the real libraries behind real gRPC servers); journals live in a
 //! temporary directory; victims are `sleep` children killed at the end.
 //!
-//! Run: `cargo run --release -p chaos-e2e --bin chaos-bench -- [--faults N] [--agents M] [--runs R]`
+//! (c..f) network faults between two network namespaces on a veth pair
+//!     (198.18.0.0/15; needs root): ApplyFault/RevertFault latency of a
+//!     partition, packets crossing a partition, loss achieved vs requested,
+//!     and the baseline after revert.
+//!
+//! Run: `cargo run --release -p chaos-e2e --bin chaos-bench -- [--suite lifecycle|network|all] [--faults N] [--agents M] [--runs R]`
 
 use std::{
     collections::BTreeMap,
@@ -23,7 +28,7 @@ use std::{
 use anyhow::{Context, bail};
 use chaos_agent::config::AgentConfig;
 use chaos_coordinator::config::CoordinatorConfig;
-use chaos_e2e::{Victim, proc_state};
+use chaos_e2e::{NetPair, Victim, proc_state};
 use chaos_proto::{
     convert::{duration_to_pb, timestamp_from_pb},
     pb::{self, agent_client::AgentClient, coordinator_client::CoordinatorClient},
@@ -44,6 +49,19 @@ struct Args {
     /// Emergency-stop runs for (b).
     #[arg(long, default_value_t = 20)]
     runs: usize,
+    /// Which measurements: lifecycle (a, b), network (c..f; needs root), or all.
+    #[arg(long, value_enum, default_value = "all")]
+    suite: Suite,
+    /// Packets for the loss measurement (d).
+    #[arg(long, default_value_t = 10_000)]
+    loss_packets: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Suite {
+    Lifecycle,
+    Network,
+    All,
 }
 
 struct Server {
@@ -242,27 +260,115 @@ async fn bench_estop(agents: usize, runs: usize, dir: &Path) -> anyhow::Result<(
     Ok((stats(took), reverted_total))
 }
 
+fn net_spec(ns: &str, fault: pb::fault_spec::Fault, id: String) -> pb::FaultSpec {
+    pb::FaultSpec {
+        id,
+        target: Some(pb::Target { kind: Some(pb::target::Kind::Netns(ns.to_string())) }),
+        duration: Some(duration_to_pb(Duration::from_secs(600))),
+        labels: Default::default(),
+        fault: Some(fault),
+    }
+}
+
+fn scope(peer: &str, direction: pb::Direction) -> Option<pb::NetworkScope> {
+    Some(pb::NetworkScope { peer_cidrs: vec![format!("{peer}/32")], direction: direction as i32, ..Default::default() })
+}
+
+/// Network figures between two namespaces on a veth pair (198.18.0.0/15).
+struct NetFigures {
+    apply: Stats,
+    revert: Stats,
+    partition_crossed: (u32, u32),
+    loss: (u32, u32),
+    baseline_after: (u32, u32),
+    ruleset_restored: bool,
+}
+
+async fn bench_network(dir: &Path, loss_packets: u32) -> anyhow::Result<NetFigures> {
+    let pair = NetPair::new();
+    let agent = start_agent(dir, "net-bench", None).await?;
+    let mut client = AgentClient::new(connect(&agent.url).await?);
+    let before = NetPair::ruleset(&pair.a);
+    // (c) apply -> effect: the answer comes after the nft transaction and its verification.
+    let (mut apply, mut revert) = (Vec::new(), Vec::new());
+    for i in 0..50 {
+        let partition = pb::fault_spec::Fault::NetworkPartition(pb::NetworkPartition { scope: scope(&pair.b_ip, pb::Direction::Both) });
+        let t0 = Instant::now();
+        client.apply_fault(pb::ApplyFaultRequest { spec: Some(net_spec(&pair.a, partition, format!("nb{i}"))) }).await?;
+        apply.push(t0.elapsed());
+        let t1 = Instant::now();
+        client.revert_fault(pb::RevertFaultRequest { fault_id: format!("nb{i}") }).await?;
+        revert.push(t1.elapsed());
+    }
+    let partition = pb::fault_spec::Fault::NetworkPartition(pb::NetworkPartition { scope: scope(&pair.b_ip, pb::Direction::Both) });
+    client.apply_fault(pb::ApplyFaultRequest { spec: Some(net_spec(&pair.a, partition, "np".into())) }).await?;
+    let crossed = NetPair::ping_every(&pair.a, &pair.b_ip, 200, "0.005");
+    client.revert_fault(pb::RevertFaultRequest { fault_id: "np".into() }).await?;
+    // (d) loss: ingress only, so each echo reply crosses the fault once.
+    let loss = pb::fault_spec::Fault::NetworkLoss(pb::NetworkLoss {
+        scope: scope(&pair.b_ip, pb::Direction::Ingress),
+        percent: 10.0,
+        correlation_percent: 0.0,
+    });
+    client.apply_fault(pb::ApplyFaultRequest { spec: Some(net_spec(&pair.a, loss, "nl".into())) }).await?;
+    let received = NetPair::ping_every(&pair.a, &pair.b_ip, loss_packets, "0.001");
+    client.revert_fault(pb::RevertFaultRequest { fault_id: "nl".into() }).await?;
+    let after = NetPair::ping_every(&pair.a, &pair.b_ip, 200, "0.005");
+    let restored = NetPair::ruleset(&pair.a) == before;
+    agent.shutdown().await?;
+    Ok(NetFigures {
+        apply: stats(apply),
+        revert: stats(revert),
+        partition_crossed: (crossed, 200),
+        loss: (loss_packets - received, loss_packets),
+        baseline_after: (after, 200),
+        ruleset_restored: restored,
+    })
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     chaos_proto::serve::init_tracing(chaos_proto::serve::LogFormat::Text);
     let dir = tempfile::tempdir().context("tempdir")?;
-    eprintln!("(a) {} x ApplyFault(process_pause) -> SIGSTOP visible in /proc ...", args.faults);
-    let (a_obs, a_in) = bench_apply(args.faults, dir.path()).await?;
-    eprintln!("(b) EmergencyStop with {} agents x {} runs ...", args.agents, args.runs);
-    let (b, reverted) = bench_estop(args.agents, args.runs, dir.path()).await?;
-    let rows = [
-        ("(a) ApplyFault sent -> process stopped (client view)", &a_obs, "<= 10 ms p99"),
-        ("(a') inside the agent: accepted -> applied (journal fsync + signal)", &a_in, "-"),
-        ("(b) EmergencyStop, every agent's fault reverted", &b, "<= 100 ms p99"),
-    ];
     let out = &mut String::new();
     use std::fmt::Write;
     writeln!(out, "{:<70} {:>6} {:>9} {:>9} {:>9}  goal", "measure", "n", "p50 ms", "p99 ms", "max ms")?;
-    for (name, s, goal) in rows {
-        writeln!(out, "{:<70} {:>6} {:>9} {:>9} {:>9}  {goal}", name, s.n, ms(s.p50), ms(s.p99), ms(s.max))?;
+    let row = |out: &mut String, name: &str, s: &Stats, goal: &str| {
+        let _ = writeln!(out, "{:<70} {:>6} {:>9} {:>9} {:>9}  {goal}", name, s.n, ms(s.p50), ms(s.p99), ms(s.max));
+    };
+    let mut notes = Vec::new();
+    if args.suite != Suite::Network {
+        eprintln!("(a) {} x ApplyFault(process_pause) -> SIGSTOP visible in /proc ...", args.faults);
+        let (a_obs, a_in) = bench_apply(args.faults, dir.path()).await?;
+        eprintln!("(b) EmergencyStop with {} agents x {} runs ...", args.agents, args.runs);
+        let (b, reverted) = bench_estop(args.agents, args.runs, dir.path()).await?;
+        row(out, "(a) ApplyFault sent -> process stopped (client view)", &a_obs, "<= 10 ms p99");
+        row(out, "(a') inside the agent: accepted -> applied (journal fsync + signal)", &a_in, "-");
+        row(out, "(b) EmergencyStop, every agent's fault reverted", &b, "<= 100 ms p99");
+        notes.push(format!("(b) {} agents, {reverted} faults reverted over {} runs, each checked in /proc", args.agents, args.runs));
     }
-    writeln!(out, "(b) {} agents, {} faults reverted over {} runs, each checked in /proc", args.agents, reverted, args.runs)?;
+    if args.suite != Suite::Lifecycle {
+        eprintln!("(c..f) network faults between two namespaces ...");
+        let n = bench_network(dir.path(), args.loss_packets).await?;
+        row(out, "(c) ApplyFault(partition) answered = rules verified in place", &n.apply, "<= 10 ms p99");
+        row(out, "(c') RevertFault(partition) answered = tables deleted", &n.revert, "-");
+        notes.push(format!("(d) partition: {}/{} pings crossed (goal 0)", n.partition_crossed.0, n.partition_crossed.1));
+        let achieved = 100.0 * f64::from(n.loss.0) / f64::from(n.loss.1);
+        notes.push(format!(
+            "(e) loss 10 % requested (nftables numgen, ingress): {achieved:.2} % achieved over {} packets (goal +/- 1 pp)",
+            n.loss.1
+        ));
+        notes.push(format!(
+            "(f) after revert: {}/{} pings answered, ruleset {}",
+            n.baseline_after.0,
+            n.baseline_after.1,
+            if n.ruleset_restored { "identical to before" } else { "DIFFERS from before" }
+        ));
+    }
+    for n in notes {
+        writeln!(out, "{n}")?;
+    }
     use std::io::Write as _;
     std::io::stdout().write_all(out.as_bytes())?;
     Ok(())
