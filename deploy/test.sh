@@ -10,9 +10,10 @@ step() { printf '\n==> %s\n' "$*" >&2; }
 command -v cargo >/dev/null || { echo "cargo not found: install Rust (rustup) first" >&2; exit 1; }
 command -v go >/dev/null || { echo "go not found: needed to install grpcurl" >&2; exit 1; }
 
-# Kernel tools the agent drives and the network tests use.
+# Kernel tools the agent drives and the network tests use (iptables: the NFQUEUE latency engine).
 need_pkgs=()
 command -v nft >/dev/null || need_pkgs+=(nftables)
+command -v iptables >/dev/null || need_pkgs+=(iptables)
 command -v ip >/dev/null || need_pkgs+=(iproute2)
 command -v ping >/dev/null || need_pkgs+=(iputils-ping)
 command -v nsenter >/dev/null || need_pkgs+=(util-linux)

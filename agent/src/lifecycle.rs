@@ -461,7 +461,7 @@ impl Actor {
         // Drivers name what they create after the fault (e.g. nft tables).
         req.id = Some(id.clone());
         let driver = self.drivers.for_request(&req);
-        let plan = driver.plan(&req)?;
+        let plan = driver.plan(&req).await?;
         let created_at = SystemTime::now();
         let rec = JournalRecord {
             version: 1,
@@ -755,10 +755,10 @@ mod tests {
         let e = r.lc.apply(&pause(10, 10_000)).await.expect_err("too long");
         assert!(e.to_string().contains("max_fault_duration"), "{e}");
         let mut s = pause(10, 5);
-        s.fault = Some(F::NetworkLatency(Default::default()));
+        s.fault = Some(F::NetworkDuplicate(Default::default()));
         let e = r.lc.apply(&s).await.expect_err("unimplemented");
         assert_eq!(e.code(), Code::Unimplemented);
-        assert!(e.to_string().contains("network_latency"), "{e}");
+        assert!(e.to_string().contains("network_duplicate"), "{e}");
         assert_eq!(r.lc.apply(&pause(777, 5)).await.expect_err("missing").code(), Code::NotFound);
         r.procs.spawn(4242, "chaos-agent", 1);
         assert_eq!(r.lc.apply(&pause(4242, 5)).await.expect_err("self").code(), Code::PermissionDenied);

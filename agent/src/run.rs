@@ -55,7 +55,8 @@ pub async fn run(cfg: AgentConfig, listener: TcpListener, shutdown: impl Future<
             "cannot resolve the coordinator's address: network faults on this host will NOT exempt the control channel by address (the agent port stays exempt)"
         );
     }
-    let nftables = crate::faults::network::nft_available();
+    let nftables = crate::faults::network::tool_version("nft", "--version", "nftables");
+    let iptables = crate::faults::network::tool_version("iptables", "-V", "iptables");
     let drivers = Arc::new(Drivers {
         process: ProcessDriver::new(Arc::new(procfs.clone()), Arc::new(PidfdSignals::new(procfs.clone())), protection.clone()),
         network: NetworkDriver::new(Arc::new(NsenterExec), Arc::new(procfs), exemptions),
@@ -85,6 +86,7 @@ pub async fn run(cfg: AgentConfig, listener: TcpListener, shutdown: impl Future<
         journal_dir: cfg.journal_dir.display().to_string(),
         labels: cfg.labels.clone(),
         nftables,
+        iptables,
     });
 
     let (health, health_service) = tonic_health::server::health_reporter();

@@ -28,6 +28,8 @@ pub struct AgentIdentity {
     pub labels: std::collections::BTreeMap<String, String>,
     /// `nft --version`, or why nftables is unusable.
     pub nftables: Result<String, String>,
+    /// `iptables -V`, or why iptables is unusable (the NFQUEUE latency engine needs it).
+    pub iptables: Result<String, String>,
 }
 
 /// Read a one-line kernel fact from procfs, or "unknown".
@@ -41,11 +43,18 @@ impl AgentIdentity {
         let families = ALL_FAMILIES
             .iter()
             .map(|f| {
-                let (supported, detail) = match (*f, &self.nftables) {
+                let (supported, detail) = match (*f, if *f == "network_latency" { &self.iptables } else { &self.nftables }) {
                     ("process_pause", _) => (true, "SIGSTOP/SIGCONT through a pidfd, guarded against pid reuse".to_string()),
                     ("process_kill", _) => (true, "a signal of choice through a pidfd, guarded against pid reuse".to_string()),
                     ("network_partition", Ok(v)) => (true, format!("nftables ({v}): inet input + netdev egress, control channel exempt")),
                     ("network_partition", Err(why)) | ("network_loss", Err(why)) => (false, format!("nftables unusable: {why}")),
+                    ("network_latency", Ok(v)) => (
+                        true,
+                        format!(
+                            "{v} NFQUEUE (--queue-bypass) + userspace delay engine, fail-open; IPv4; correlation needs sch_netem (refused)"
+                        ),
+                    ),
+                    ("network_latency", Err(why)) => (false, format!("iptables unusable: {why}")),
                     ("network_loss", Ok(v)) => {
                         (true, format!("nftables ({v}) numgen: each packet drawn independently; correlation needs sch_netem (refused)"))
                     }

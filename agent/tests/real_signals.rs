@@ -55,7 +55,7 @@ async fn driver_pauses_and_resumes_a_real_process() {
         labels: Default::default(),
         kind: FaultKind::ProcessPause,
     };
-    let plan = d.plan(&req).expect("plan");
+    let plan = d.plan(&req).await.expect("plan");
     let applied = d.apply(&plan).await.expect("apply");
     assert_eq!(applied.processes[0].pid, pid);
     assert!(wait(|| state(pid) == 'T'), "stopped");

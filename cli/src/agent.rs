@@ -25,6 +25,7 @@ Examples:
   chaos agent apply --partition all --netns lab-kafka --duration 30s             # isolate a namespace
   chaos agent apply --partition 198.18.0.0/24 --port 9042 --protocol tcp --target-pid 4242 --duration 1m
   chaos agent apply --loss 10% --peer 198.18.0.3/32 --direction ingress --netns lab-kafka --duration 2m
+  chaos agent apply --latency 50ms --jitter 10ms --peer 198.18.0.3/32 --direction ingress --duration 2m
 
 Every fault reverts by itself at the end of --duration, even if the agent
 crashes (it replays its journal at start) or loses its coordinator (lease).
@@ -75,7 +76,7 @@ pub enum AgentCommand {
 }
 
 #[derive(Debug, clap::Args)]
-#[command(group(ArgGroup::new("fault").required(true).args(["pause_pid", "pause_name", "kill_pid", "kill_name", "partition", "loss"])))]
+#[command(group(ArgGroup::new("fault").required(true).args(["pause_pid", "pause_name", "kill_pid", "kill_name", "partition", "loss", "latency"])))]
 #[command(group(ArgGroup::new("netns_target").args(["netns", "target_pid"])))]
 pub struct ApplyArgs {
     #[command(flatten)]
@@ -101,7 +102,13 @@ pub struct ApplyArgs {
     /// Loss: drop this share of packets, e.g. `10%` or `0.5` (percent), with --peer to scope it.
     #[arg(long, value_name = "PERCENT")]
     loss: Option<String>,
-    /// Loss: only traffic with this peer CIDR (repeatable) [default: every peer].
+    /// Latency: hold packets this long, e.g. `50ms` (with --jitter, --peer, --direction; prefer ingress).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    latency: Option<Duration>,
+    /// Latency: each packet's delay is drawn uniformly from latency ± jitter.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    jitter: Option<Duration>,
+    /// Loss/latency: only traffic with this peer CIDR (repeatable) [default: every peer].
     #[arg(long = "peer", value_name = "CIDR")]
     peers: Vec<String>,
     /// Network faults: which way packets are dropped.
@@ -168,6 +175,15 @@ impl ApplyArgs {
             let all = self.partition.iter().any(|p| p == "all");
             let scope = self.scope(if all { vec![] } else { self.partition.clone() });
             return self.with_target(self.network_target(), F::NetworkPartition(pb::NetworkPartition { scope: Some(scope) }));
+        }
+        if let Some(delay) = self.latency {
+            let lat = pb::NetworkLatency {
+                scope: Some(self.scope(self.peers.clone())),
+                delay: Some(duration_to_pb(delay)),
+                jitter: self.jitter.map(duration_to_pb),
+                correlation_percent: 0.0,
+            };
+            return self.with_target(self.network_target(), F::NetworkLatency(lat));
         }
         if let Some(l) = &self.loss {
             let percent: f64 = l

@@ -17,6 +17,9 @@ use crate::{
     pb,
 };
 
+/// Longest delay a latency fault may hold packets.
+pub const MAX_DELAY: Duration = Duration::from_secs(10);
+
 /// Longest id a caller may choose.
 pub const MAX_ID_LEN: usize = 64;
 
@@ -179,6 +182,8 @@ pub enum FaultKind {
     /// Drop a share of the packets in scope, in hundredths of a percent
     /// (1050 = 10.5 %). Correlation as asked (it needs sch_netem).
     NetworkLoss { scope: NetScope, permyriad: u32, correlation_permyriad: u32 },
+    /// Hold packets in scope for `delay` ± `jitter` (uniform).
+    NetworkLatency { scope: NetScope, delay: Duration, jitter: Duration, correlation_permyriad: u32 },
 }
 
 impl FaultKind {
@@ -189,6 +194,7 @@ impl FaultKind {
             FaultKind::ProcessKill { .. } => "process_kill",
             FaultKind::NetworkPartition { .. } => "network_partition",
             FaultKind::NetworkLoss { .. } => "network_loss",
+            FaultKind::NetworkLatency { .. } => "network_latency",
         }
     }
 }
@@ -277,7 +283,7 @@ impl FaultRequest {
         match (&kind, &target) {
             (FaultKind::ProcessPause | FaultKind::ProcessKill { .. }, TargetSpec::Pid(_) | TargetSpec::ProcessName(_)) => {}
             (
-                FaultKind::NetworkPartition { .. } | FaultKind::NetworkLoss { .. },
+                FaultKind::NetworkPartition { .. } | FaultKind::NetworkLoss { .. } | FaultKind::NetworkLatency { .. },
                 TargetSpec::Host | TargetSpec::Netns(_) | TargetSpec::Pid(_),
             ) => {}
             (k @ (FaultKind::ProcessPause | FaultKind::ProcessKill { .. }), t) => {
@@ -312,6 +318,14 @@ impl FaultRequest {
             }
             FaultKind::NetworkPartition { scope } => {
                 pb::fault_spec::Fault::NetworkPartition(pb::NetworkPartition { scope: Some(scope_to_pb(scope)) })
+            }
+            FaultKind::NetworkLatency { scope, delay, jitter, correlation_permyriad } => {
+                pb::fault_spec::Fault::NetworkLatency(pb::NetworkLatency {
+                    scope: Some(scope_to_pb(scope)),
+                    delay: Some(duration_to_pb(*delay)),
+                    jitter: (!jitter.is_zero()).then(|| duration_to_pb(*jitter)),
+                    correlation_percent: f64::from(*correlation_permyriad) / 100.0,
+                })
             }
             FaultKind::NetworkLoss { scope, permyriad, correlation_permyriad } => pb::fault_spec::Fault::NetworkLoss(pb::NetworkLoss {
                 scope: Some(scope_to_pb(scope)),
@@ -477,6 +491,39 @@ fn kind_from_pb(f: &pb::fault_spec::Fault) -> Result<FaultKind, SpecError> {
             }
             Ok(FaultKind::ProcessKill { signal: SignalName(signal) })
         }
+        F::NetworkLatency(l) => {
+            let field = "spec.network_latency";
+            let delay = match l.delay.as_ref().map(|d| (d, duration_from_pb(d))) {
+                None => return Err(SpecError::invalid(format!("{field}.delay"), "is required")),
+                Some((d, None)) => {
+                    return Err(SpecError::invalid(format!("{field}.delay"), format!("must not be negative, got {}s", d.seconds)));
+                }
+                Some((_, Some(d))) => d,
+            };
+            if delay.is_zero() || delay > MAX_DELAY {
+                return Err(SpecError::invalid(
+                    format!("{field}.delay"),
+                    format!("must be in (0, {}ms], got {}ms", MAX_DELAY.as_millis(), delay.as_millis()),
+                ));
+            }
+            let jitter = match l.jitter.as_ref() {
+                None => Duration::ZERO,
+                Some(j) => duration_from_pb(j)
+                    .ok_or_else(|| SpecError::invalid(format!("{field}.jitter"), format!("must not be negative, got {}s", j.seconds)))?,
+            };
+            if jitter > delay {
+                return Err(SpecError::invalid(
+                    format!("{field}.jitter"),
+                    format!("must not exceed the delay ({}ms), got {}ms", delay.as_millis(), jitter.as_millis()),
+                ));
+            }
+            Ok(FaultKind::NetworkLatency {
+                scope: scope_from_pb(l.scope.as_ref(), &format!("{field}.scope"))?,
+                delay,
+                jitter,
+                correlation_permyriad: percent_field(l.correlation_percent, &format!("{field}.correlation_percent"), true)?,
+            })
+        }
         F::NetworkLoss(l) => Ok(FaultKind::NetworkLoss {
             scope: scope_from_pb(l.scope.as_ref(), "spec.network_loss.scope")?,
             permyriad: percent_field(l.percent, "spec.network_loss.percent", false)?,
@@ -581,8 +628,8 @@ mod tests {
     #[test]
     fn unimplemented_families_are_named() {
         let mut s = pause_pid(5, 5);
-        s.fault = Some(pb::fault_spec::Fault::NetworkLatency(pb::NetworkLatency::default()));
-        assert_eq!(FaultRequest::from_pb(&s, MAX).expect_err("must be refused"), SpecError::Unimplemented { family: "network_latency" });
+        s.fault = Some(pb::fault_spec::Fault::NetworkCorrupt(pb::NetworkCorrupt::default()));
+        assert_eq!(FaultRequest::from_pb(&s, MAX).expect_err("must be refused"), SpecError::Unimplemented { family: "network_corrupt" });
         s.fault = Some(pb::fault_spec::Fault::CpuStress(pb::CpuStress::default()));
         assert!(FaultRequest::from_pb(&s, MAX).expect_err("must be refused").to_string().contains("cpu_stress"));
     }
@@ -637,6 +684,34 @@ mod tests {
             Some(pb::fault_spec::Fault::NetworkLoss(pb::NetworkLoss { percent: 5.0, correlation_percent: 120.0, ..Default::default() }));
         let e = FaultRequest::from_pb(&s, MAX).expect_err("must be refused");
         assert_eq!(field_of(e), "spec.network_loss.correlation_percent");
+    }
+
+    #[test]
+    fn latency_needs_a_bounded_delay_and_jitter_within_it() {
+        let mut s = pause_pid(5, 5);
+        s.target = Some(pb::Target { kind: Some(pb::target::Kind::Netns("a".into())) });
+        let lat = |d: Option<i64>, j_ms: i32| {
+            pb::fault_spec::Fault::NetworkLatency(pb::NetworkLatency {
+                delay: d.map(|ms| prost_types::Duration { seconds: ms / 1000, nanos: ((ms % 1000) * 1_000_000) as i32 }),
+                jitter: Some(prost_types::Duration { seconds: 0, nanos: j_ms * 1_000_000 }),
+                ..Default::default()
+            })
+        };
+        s.fault = Some(lat(Some(50), 10));
+        let r = FaultRequest::from_pb(&s, MAX).expect("valid");
+        assert!(
+            matches!(r.kind, FaultKind::NetworkLatency { delay, jitter, .. } if delay == Duration::from_millis(50) && jitter == Duration::from_millis(10))
+        );
+        assert_eq!(FaultRequest::from_pb(&r.to_pb(""), MAX).expect("round trip"), r);
+        for (f, field) in [
+            (lat(None, 0), "spec.network_latency.delay"),
+            (lat(Some(0), 0), "spec.network_latency.delay"),
+            (lat(Some(20_000), 0), "spec.network_latency.delay"),
+            (lat(Some(50), 60), "spec.network_latency.jitter"),
+        ] {
+            s.fault = Some(f);
+            assert_eq!(field_of(FaultRequest::from_pb(&s, MAX).expect_err("must be refused")), field);
+        }
     }
 
     #[test]

@@ -322,6 +322,21 @@ impl NetPair {
         text.lines().find_map(|l| l.split(',').nth(1).and_then(|r| r.trim().split(' ').next()).and_then(|n| n.parse().ok())).unwrap_or(0)
     }
 
+    /// User-to-user round-trip times (`ping -U`: the kernel's receive
+    /// timestamp predates a hold at PREROUTING) as (min, avg, max) ms.
+    pub fn rtt_ms(ns: &str, to: &str, count: u32) -> Option<(f64, f64, f64)> {
+        let out = Self::exec(ns, &["ping", "-U", "-n", "-q", "-c", &count.to_string(), "-W", "2", "-i", "0.05", to]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        let line = text.lines().find(|l| l.contains("min/avg/max"))?;
+        let nums: Vec<f64> = line.split('=').nth(1)?.trim().split(['/', ' ']).filter_map(|x| x.parse().ok()).collect();
+        Some((*nums.first()?, *nums.get(1)?, *nums.get(2)?))
+    }
+
+    /// `iptables -t raw -S` inside `ns`.
+    pub fn raw_rules(ns: &str) -> String {
+        String::from_utf8_lossy(&Self::exec(ns, &["iptables", "-w", "-t", "raw", "-S"]).stdout).into_owned()
+    }
+
     /// `nft list ruleset` inside `ns`.
     pub fn ruleset(ns: &str) -> String {
         String::from_utf8_lossy(&Self::exec(ns, &["nft", "list", "ruleset"]).stdout).into_owned()

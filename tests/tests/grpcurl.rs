@@ -49,9 +49,9 @@ fn reflection_and_health_on_both_servers() {
     assert!(ok && h.contains("SERVING"), "{h}");
 
     // A family that exists in the contract but not in this agent: UNIMPLEMENTED, by name.
-    let body = r#"{"spec":{"target":{"pid":4242},"duration":"5s","networkLatency":{"delay":"0.05s"}}}"#;
+    let body = r#"{"spec":{"target":{"pid":4242},"duration":"5s","networkCorrupt":{"percent":1}}}"#;
     let (ok, out) = run(&["-plaintext", "-d", body, ahost, "chaos.v1.Agent/ApplyFault"]);
-    assert!(!ok && out.contains("Unimplemented") && out.contains("network_latency"), "{out}");
+    assert!(!ok && out.contains("Unimplemented") && out.contains("network_corrupt"), "{out}");
     // Scenario RPCs are declared, not yet implemented.
     let (ok, out) = run(&["-plaintext", chost, "chaos.v1.Coordinator/ListScenarios"]);
     assert!(!ok && out.contains("Unimplemented"), "{out}");

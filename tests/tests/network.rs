@@ -100,6 +100,69 @@ fn loss_drops_the_requested_share_of_packets() {
 }
 
 #[test]
+fn latency_holds_packets_for_the_requested_delay_and_revert_is_exact() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pair = NetPair::new();
+    let (_agent, url) = start_agent(dir.path(), "lat", None, "10s");
+    let before = NetPair::ruleset(&pair.a);
+    let peer = format!("{}/32", pair.b_ip);
+    let out = json(&chaos_ok(
+        &[
+            "-o",
+            "json",
+            "agent",
+            "apply",
+            "--agent",
+            &url,
+            "--netns",
+            &pair.a,
+            "--latency",
+            "50ms",
+            "--peer",
+            &peer,
+            "--direction",
+            "ingress",
+            "--duration",
+            "60s",
+            "--id",
+            "l1",
+        ],
+        0,
+    ));
+    assert_eq!(out["backend"], "nfqueue", "{out}");
+    let (min, avg, max) = NetPair::rtt_ms(&pair.a, &pair.b_ip, 20).expect("rtt");
+    eprintln!("latency 50 ms: rtt min {min} avg {avg} max {max}");
+    assert!(min >= 49.5, "no packet may come early: min {min} ms");
+    assert!(avg <= 60.0, "held about 50 ms: avg {avg} ms");
+    let r = chaos_ok(&["agent", "revert", "--agent", &url, "l1"], 0);
+    assert!(r.contains("delaying 20 packets"), "the engine held each echo reply once: {r}");
+    let (_, avg_after, _) = NetPair::rtt_ms(&pair.a, &pair.b_ip, 5).expect("rtt");
+    assert!(avg_after < 10.0, "delay gone after revert: {avg_after} ms");
+    assert_eq!(NetPair::ruleset(&pair.a), before, "ruleset exactly as before (iptables-nft's raw table included)");
+}
+
+#[test]
+fn latency_fails_open_when_the_agent_dies_and_restart_removes_its_rules() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pair = NetPair::new();
+    let journal = dir.path().join("journal-latcrash");
+    let port = free_port();
+    let (mut agent, url) = start_agent_at(dir.path(), "latcrash", port, &journal, None, "10s");
+    chaos_ok(
+        &["agent", "apply", "--agent", &url, "--netns", &pair.a, "--latency", "200ms", "--direction", "ingress", "--duration", "5m"],
+        0,
+    );
+    let (min, _, _) = NetPair::rtt_ms(&pair.a, &pair.b_ip, 3).expect("rtt");
+    assert!(min >= 199.0, "delayed while the engine runs: {min} ms");
+    agent.kill9();
+    // The engine is gone; --queue-bypass lets packets through undelayed: no blackhole.
+    assert_eq!(NetPair::ping(&pair.a, &pair.b_ip, 3), 3, "traffic flows without the engine (fail open)");
+    assert!(NetPair::raw_rules(&pair.a).contains("NFQUEUE"), "rules outlive the crash");
+    let (_agent2, _) = start_agent_at(dir.path(), "latcrash", port, &journal, None, "10s");
+    assert!(wait_until(Duration::from_secs(5), || NetPair::ruleset(&pair.a).is_empty()), "restart replayed the journal");
+}
+
+#[test]
 fn kill9_mid_partition_then_restart_removes_the_rules() {
     let dir = tempfile::tempdir().expect("tempdir");
     let pair = NetPair::new();

@@ -6,6 +6,8 @@
 //! journaled (fsync'd) before `apply` touches the host, so a new agent
 //! process can revert it after a crash from the plan alone.
 
+pub mod delay_engine;
+pub mod latency;
 pub mod network;
 pub mod process;
 
@@ -40,6 +42,8 @@ pub enum Plan {
     Process(process::ProcessPlan),
     /// nftables tables in a network namespace.
     Network(Box<network::NetworkPlan>),
+    /// iptables NFQUEUE chains + the userspace delay engine.
+    Latency(Box<latency::LatencyPlan>),
 }
 
 /// What `apply` achieved.
@@ -63,8 +67,8 @@ impl From<&Applied> for pb::AppliedDetail {
 /// One fault family on this host.
 #[async_trait]
 pub trait FaultDriver: Send + Sync {
-    /// Resolve the request against this host; no side effects.
-    fn plan(&self, req: &FaultRequest) -> Result<Plan, AgentError>;
+    /// Resolve the request against this host; reads only, no side effects.
+    async fn plan(&self, req: &FaultRequest) -> Result<Plan, AgentError>;
     /// Make the plan true on the host.
     async fn apply(&self, plan: &Plan) -> Result<Applied, AgentError>;
     /// Undo the plan; idempotent, and a no-op on targets that are gone.
@@ -83,7 +87,7 @@ impl Drivers {
     pub fn for_request(&self, req: &FaultRequest) -> &dyn FaultDriver {
         match req.kind {
             FaultKind::ProcessPause | FaultKind::ProcessKill { .. } => &self.process,
-            FaultKind::NetworkPartition { .. } | FaultKind::NetworkLoss { .. } => &self.network,
+            FaultKind::NetworkPartition { .. } | FaultKind::NetworkLoss { .. } | FaultKind::NetworkLatency { .. } => &self.network,
         }
     }
 
@@ -91,7 +95,7 @@ impl Drivers {
     pub fn for_plan(&self, plan: &Plan) -> &dyn FaultDriver {
         match plan {
             Plan::Process(_) => &self.process,
-            Plan::Network(_) => &self.network,
+            Plan::Network(_) | Plan::Latency(_) => &self.network,
         }
     }
 }

@@ -12,13 +12,19 @@
 //! accepts the agent's own gRPC port, the agent <-> coordinator flows and
 //! the protected CIDRs, before any drop rule.
 
-use std::{fmt::Write as _, net::IpAddr, path::PathBuf, sync::Arc};
+use std::{
+    collections::HashMap,
+    fmt::Write as _,
+    net::IpAddr,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+};
 
 use async_trait::async_trait;
 use chaos_proto::spec::{Cidr, FaultKind, FaultRequest, NetScope, Protocol, TargetSpec};
 use serde::{Deserialize, Serialize};
 
-use super::{Applied, FaultDriver, Plan};
+use super::{Applied, FaultDriver, Plan, delay_engine::Engine};
 use crate::{
     error::AgentError,
     sys::{
@@ -67,16 +73,25 @@ pub struct NetworkPlan {
 
 /// Driver for `network_partition` (nftables backend).
 pub struct NetworkDriver {
-    exec: Arc<dyn NetExec>,
+    pub(crate) exec: Arc<dyn NetExec>,
     table: Arc<dyn ProcessTable>,
-    exempt: Exemptions,
+    pub(crate) exempt: Exemptions,
     netns_dir: PathBuf,
     proc_root: PathBuf,
+    /// Running delay engines, by the fault's ingress chain name.
+    pub(crate) engines: Mutex<HashMap<String, Engine>>,
 }
 
 impl NetworkDriver {
     pub fn new(exec: Arc<dyn NetExec>, table: Arc<dyn ProcessTable>, exempt: Exemptions) -> Self {
-        Self { exec, table, exempt, netns_dir: PathBuf::from("/run/netns"), proc_root: PathBuf::from("/proc") }
+        Self {
+            exec,
+            table,
+            exempt,
+            netns_dir: PathBuf::from("/run/netns"),
+            proc_root: PathBuf::from("/proc"),
+            engines: Mutex::new(HashMap::new()),
+        }
     }
 
     /// Use other roots (tests).
@@ -86,7 +101,7 @@ impl NetworkDriver {
         self
     }
 
-    fn resolve_ns(&self, target: &TargetSpec) -> Result<NetnsRef, AgentError> {
+    pub(crate) fn resolve_ns(&self, target: &TargetSpec) -> Result<NetnsRef, AgentError> {
         let (path, label) = match target {
             TargetSpec::Host => return Ok(NetnsRef { path: None, id: None, label: "host".into() }),
             TargetSpec::Netns(n) => (self.netns_dir.join(n), format!("netns {n}")),
@@ -126,7 +141,7 @@ impl NetworkDriver {
         (inp, out)
     }
 
-    async fn nft(&self, ns: &NetnsRef, args: &[&str], stdin: Option<&str>) -> Result<CmdOutput, AgentError> {
+    pub(crate) async fn nft(&self, ns: &NetnsRef, args: &[&str], stdin: Option<&str>) -> Result<CmdOutput, AgentError> {
         let mut argv = vec!["nft"];
         argv.extend_from_slice(args);
         self.exec.run(ns.path.as_deref(), &argv, stdin).await.map_err(|e| {
@@ -270,7 +285,7 @@ fn is_missing_table(stderr: &str) -> bool {
 
 #[async_trait]
 impl FaultDriver for NetworkDriver {
-    fn plan(&self, req: &FaultRequest) -> Result<Plan, AgentError> {
+    async fn plan(&self, req: &FaultRequest) -> Result<Plan, AgentError> {
         let (scope, loss_permyriad) = match &req.kind {
             FaultKind::NetworkPartition { scope } => (scope, None),
             FaultKind::NetworkLoss { correlation_permyriad, .. } if *correlation_permyriad > 0 => {
@@ -279,6 +294,15 @@ impl FaultDriver for NetworkDriver {
                 ));
             }
             FaultKind::NetworkLoss { scope, permyriad, .. } => (scope, Some(*permyriad)),
+            FaultKind::NetworkLatency { correlation_permyriad, .. } if *correlation_permyriad > 0 => {
+                return Err(AgentError::MissingFeature(
+                    "latency correlation: it needs the sch_netem backend, which this agent does not drive yet".into(),
+                ));
+            }
+            FaultKind::NetworkLatency { scope, delay, jitter, .. } => {
+                let id = req.id.as_deref().unwrap_or("unnamed");
+                return Ok(Plan::Latency(Box::new(self.plan_latency(id, &req.target, scope, *delay, *jitter).await?)));
+            }
             other => return Err(AgentError::Command { cmd: "network driver".into(), detail: format!("cannot plan {}", other.family()) }),
         };
         let id = req.id.as_deref().unwrap_or("unnamed");
@@ -297,6 +321,9 @@ impl FaultDriver for NetworkDriver {
     }
 
     async fn apply(&self, plan: &Plan) -> Result<Applied, AgentError> {
+        if let Plan::Latency(l) = plan {
+            return self.apply_latency(l).await;
+        }
         let plan = plan_of(plan)?;
         let devices = if plan.scope.direction.egress() { self.interfaces(plan).await? } else { Vec::new() };
         if !plan.scope.direction.ingress() && devices.is_empty() {
@@ -344,6 +371,9 @@ impl FaultDriver for NetworkDriver {
     }
 
     async fn revert(&self, plan: &Plan) -> Result<String, AgentError> {
+        if let Plan::Latency(l) = plan {
+            return self.revert_latency(l).await;
+        }
         let plan = plan_of(plan)?;
         if let (Some(path), Some(id)) = (&plan.ns.path, plan.ns.id) {
             let now = self
@@ -371,12 +401,13 @@ impl FaultDriver for NetworkDriver {
     }
 }
 
-/// Is nftables usable here? (For capabilities; a fault re-checks by running it.)
-pub fn nft_available() -> Result<String, String> {
-    match std::process::Command::new("nft").arg("--version").output() {
+/// The version line of a tool, or why it is unusable (for capabilities;
+/// a fault re-checks by running it). E.g. `tool_version("nft", "--version", "nftables")`.
+pub fn tool_version(cmd: &str, flag: &str, package: &str) -> Result<String, String> {
+    match std::process::Command::new(cmd).arg(flag).output() {
         Ok(o) if o.status.success() => Ok(String::from_utf8_lossy(&o.stdout).trim().to_string()),
         Ok(o) => Err(String::from_utf8_lossy(&o.stderr).trim().to_string()),
-        Err(e) => Err(format!("`nft` not found ({e}): install nftables")),
+        Err(e) => Err(format!("`{cmd}` not found ({e}): install {package}")),
     }
 }
 
@@ -430,7 +461,7 @@ mod tests {
         );
         exec.answer("list table", CmdOutput { success: true, stdout: "table ... drop".into(), stderr: String::new() });
         let d = driver(&exec);
-        let plan = d.plan(&req(TargetSpec::Netns("lab-a".into()), scope(&["198.18.0.3"], Direction::Both))).expect("plan");
+        let plan = d.plan(&req(TargetSpec::Netns("lab-a".into()), scope(&["198.18.0.3"], Direction::Both))).await.expect("plan");
         assert!(exec.calls().is_empty(), "plan has no side effects");
         let a = d.apply(&plan).await.expect("apply");
         assert_eq!(a.backend, "nftables");
@@ -457,14 +488,14 @@ mod tests {
         let d = driver(&exec);
         let mut r = req(TargetSpec::Host, scope(&["198.18.0.3"], Direction::Ingress));
         r.kind = FaultKind::NetworkLoss { scope: scope(&["198.18.0.3"], Direction::Ingress), permyriad: 1050, correlation_permyriad: 0 };
-        let plan = d.plan(&r).expect("plan");
+        let plan = d.plan(&r).await.expect("plan");
         let a = d.apply(&plan).await.expect("apply");
         assert!(a.summary.starts_with("loss 10.50 %"), "{}", a.summary);
         let script = exec.calls().iter().find_map(|c| c.stdin.clone()).expect("script");
         assert!(script.contains("ip saddr { 198.18.0.3/32 } numgen random mod 10000 < 1050 drop"), "{script}");
         assert!(script.contains("tcp dport 50052 accept\n"), "exemptions are never sampled:\n{script}");
         r.kind = FaultKind::NetworkLoss { scope: scope(&[], Direction::Ingress), permyriad: 1000, correlation_permyriad: 2500 };
-        let e = d.plan(&r).expect_err("correlation");
+        let e = d.plan(&r).await.expect_err("correlation");
         assert_eq!(e.code(), tonic::Code::FailedPrecondition);
         assert!(e.to_string().contains("sch_netem"), "{e}");
     }
@@ -474,7 +505,7 @@ mod tests {
         let exec = FakeExec::default();
         exec.add_namespace("/run/netns/lab-a", (1, 42));
         let d = driver(&exec);
-        let plan = d.plan(&req(TargetSpec::Netns("lab-a".into()), scope(&[], Direction::Ingress))).expect("plan");
+        let plan = d.plan(&req(TargetSpec::Netns("lab-a".into()), scope(&[], Direction::Ingress))).await.expect("plan");
         exec.answer("netdev", CmdOutput { success: false, stdout: String::new(), stderr: "Error: No such file or directory".into() });
         let s = d.revert(&plan).await.expect("revert");
         assert!(s.contains("removed inet chaos_f_1"), "{s}");
@@ -490,10 +521,10 @@ mod tests {
     async fn missing_nft_is_a_named_precondition_and_missing_netns_not_found() {
         let exec = FakeExec::default();
         let d = driver(&exec);
-        let e = d.plan(&req(TargetSpec::Netns("nope".into()), scope(&[], Direction::Ingress))).expect_err("no ns");
+        let e = d.plan(&req(TargetSpec::Netns("nope".into()), scope(&[], Direction::Ingress))).await.expect_err("no ns");
         assert!(matches!(e, AgentError::TargetNotFound(_)) && e.to_string().contains("/run/netns/nope"), "{e}");
         exec.set_missing_program(true);
-        let plan = d.plan(&req(TargetSpec::Host, scope(&[], Direction::Ingress))).expect("plan");
+        let plan = d.plan(&req(TargetSpec::Host, scope(&[], Direction::Ingress))).await.expect("plan");
         let e = d.apply(&plan).await.expect_err("no nft");
         assert_eq!(e.code(), tonic::Code::FailedPrecondition);
         assert!(e.to_string().contains("nftables"), "{e}");

@@ -149,7 +149,7 @@ fn plan_of(plan: &Plan) -> Result<&ProcessPlan, AgentError> {
 
 #[async_trait]
 impl FaultDriver for ProcessDriver {
-    fn plan(&self, req: &FaultRequest) -> Result<Plan, AgentError> {
+    async fn plan(&self, req: &FaultRequest) -> Result<Plan, AgentError> {
         let action = match &req.kind {
             FaultKind::ProcessPause => ProcessAction::Pause,
             FaultKind::ProcessKill { signal } => ProcessAction::Kill { signal: *signal },
@@ -232,7 +232,7 @@ mod tests {
         fake.spawn(10, "sleep", 100);
         fake.stick_in_state(10, 'D');
         let d = driver(&fake);
-        let plan = d.plan(&req(TargetSpec::Pid(10), FaultKind::ProcessPause)).expect("plan");
+        let plan = d.plan(&req(TargetSpec::Pid(10), FaultKind::ProcessPause)).await.expect("plan");
         let a = d.apply(&plan).await.expect("apply");
         assert!(a.summary.contains("NOT yet seen stopped") && a.summary.contains("10 sleep"), "{}", a.summary);
     }
@@ -244,7 +244,7 @@ mod tests {
         fake.spawn(11, "sleep", 101);
         fake.spawn(12, "other", 102);
         let d = driver(&fake);
-        let plan = d.plan(&req(TargetSpec::ProcessName("sleep".into()), FaultKind::ProcessPause)).expect("plan");
+        let plan = d.plan(&req(TargetSpec::ProcessName("sleep".into()), FaultKind::ProcessPause)).await.expect("plan");
         assert!(fake.sent().is_empty(), "plan must have no side effects");
         let applied = d.apply(&plan).await.expect("apply");
         assert_eq!(applied.processes.len(), 2);
@@ -261,7 +261,7 @@ mod tests {
         let fake = FakeProcs::default();
         fake.spawn(10, "sleep", 100);
         let d = driver(&fake);
-        let plan = d.plan(&req(TargetSpec::Pid(10), FaultKind::ProcessPause)).expect("plan");
+        let plan = d.plan(&req(TargetSpec::Pid(10), FaultKind::ProcessPause)).await.expect("plan");
         d.apply(&plan).await.expect("apply");
         fake.exit(10);
         fake.spawn(10, "postgres", 555);
@@ -285,13 +285,13 @@ mod tests {
             (TargetSpec::ProcessName("sshd".into()), "protected.names"),
             (TargetSpec::Pid(30), "kernel thread"),
         ] {
-            let e = d.plan(&req(t.clone(), FaultKind::ProcessPause)).expect_err("protected");
+            let e = d.plan(&req(t.clone(), FaultKind::ProcessPause)).await.expect_err("protected");
             assert!(matches!(e, AgentError::Protected(_)), "{t}: {e}");
             assert!(e.to_string().contains(want), "{t}: {e}");
         }
-        let e = d.plan(&req(TargetSpec::Pid(4242), FaultKind::ProcessPause)).expect_err("missing");
+        let e = d.plan(&req(TargetSpec::Pid(4242), FaultKind::ProcessPause)).await.expect_err("missing");
         assert!(matches!(e, AgentError::TargetNotFound(_)), "{e}");
-        let e = d.plan(&req(TargetSpec::ProcessName("nope".into()), FaultKind::ProcessPause)).expect_err("missing");
+        let e = d.plan(&req(TargetSpec::ProcessName("nope".into()), FaultKind::ProcessPause)).await.expect_err("missing");
         assert!(e.to_string().contains("nope"), "{e}");
         assert!(fake.sent().is_empty());
     }
@@ -302,7 +302,7 @@ mod tests {
         fake.spawn(10, "worker", 100);
         let d = driver(&fake);
         let kind = FaultKind::ProcessKill { signal: SignalName(Signal::SIGTERM) };
-        let plan = d.plan(&req(TargetSpec::Pid(10), kind)).expect("plan");
+        let plan = d.plan(&req(TargetSpec::Pid(10), kind)).await.expect("plan");
         let a = d.apply(&plan).await.expect("apply");
         assert!(a.summary.contains("SIGTERM"), "{}", a.summary);
         assert_eq!(fake.state(10), None);
@@ -316,7 +316,7 @@ mod tests {
         fake.spawn(10, "worker", 100);
         fake.fail_signals(10, nix::errno::Errno::EPERM);
         let d = driver(&fake);
-        let plan = d.plan(&req(TargetSpec::Pid(10), FaultKind::ProcessPause)).expect("plan");
+        let plan = d.plan(&req(TargetSpec::Pid(10), FaultKind::ProcessPause)).await.expect("plan");
         let e = d.apply(&plan).await.expect_err("eperm");
         assert!(e.to_string().contains("pid 10"), "{e}");
         assert_eq!(e.code(), tonic::Code::PermissionDenied);
