@@ -332,6 +332,16 @@ impl NetPair {
         Some((*nums.first()?, *nums.get(1)?, *nums.get(2)?))
     }
 
+    /// Per-packet user-to-user RTTs in ms (`ping -U`), `count` pings `interval` s apart.
+    pub fn rtts_ms(ns: &str, to: &str, count: u32, interval: &str) -> Vec<f64> {
+        let out = Self::exec(ns, &["ping", "-U", "-n", "-c", &count.to_string(), "-W", "2", "-i", interval, to]);
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split("time=").nth(1))
+            .filter_map(|t| t.split_whitespace().next()?.parse().ok())
+            .collect()
+    }
+
     /// `iptables -t raw -S` inside `ns`.
     pub fn raw_rules(ns: &str) -> String {
         String::from_utf8_lossy(&Self::exec(ns, &["iptables", "-w", "-t", "raw", "-S"]).stdout).into_owned()

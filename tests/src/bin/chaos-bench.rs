@@ -15,7 +15,7 @@
 //! (c..f) network faults between two network namespaces on a veth pair
 //!     (198.18.0.0/15; needs root): ApplyFault/RevertFault latency of a
 //!     partition, packets crossing a partition, loss achieved vs requested,
-//!     and the baseline after revert.
+//!     latency accuracy of the NFQUEUE engine, and the baseline after revert.
 //!
 //! Run: `cargo run --release -p chaos-e2e --bin chaos-bench -- [--suite lifecycle|network|all] [--faults N] [--agents M] [--runs R]`
 
@@ -282,6 +282,20 @@ struct NetFigures {
     loss: (u32, u32),
     baseline_after: (u32, u32),
     ruleset_restored: bool,
+    /// Per-packet added delay minus 50 ms (absolute), and the jitter run's spread.
+    latency_err: Vec<f64>,
+    latency_mean: f64,
+    jitter_sd: f64,
+    latency_apply: Stats,
+}
+
+fn median_p99(mut v: Vec<f64>) -> (f64, f64) {
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        return (f64::NAN, f64::NAN);
+    }
+    let at = |p: f64| v[((p * v.len() as f64).ceil() as usize).saturating_sub(1).min(v.len() - 1)];
+    (at(0.5), at(0.99))
 }
 
 async fn bench_network(dir: &Path, loss_packets: u32) -> anyhow::Result<NetFigures> {
@@ -313,6 +327,35 @@ async fn bench_network(dir: &Path, loss_packets: u32) -> anyhow::Result<NetFigur
     client.apply_fault(pb::ApplyFaultRequest { spec: Some(net_spec(&pair.a, loss, "nl".into())) }).await?;
     let received = NetPair::ping_every(&pair.a, &pair.b_ip, loss_packets, "0.001");
     client.revert_fault(pb::RevertFaultRequest { fault_id: "nl".into() }).await?;
+    // (g) latency 50 ms at ingress, then 50 ms ± 10 ms; RTT measured user to user.
+    let base: Vec<f64> = NetPair::rtts_ms(&pair.a, &pair.b_ip, 50, "0.01");
+    let base_mean = base.iter().sum::<f64>() / base.len().max(1) as f64;
+    let mut latency_apply = Vec::new();
+    let run_latency = |jitter_ms: i32, id: &'static str| {
+        let lat = pb::fault_spec::Fault::NetworkLatency(pb::NetworkLatency {
+            scope: scope(&pair.b_ip, pb::Direction::Ingress),
+            delay: Some(duration_to_pb(Duration::from_millis(50))),
+            jitter: (jitter_ms > 0).then(|| prost_types::Duration { seconds: 0, nanos: jitter_ms * 1_000_000 }),
+            correlation_percent: 0.0,
+        });
+        (net_spec(&pair.a, lat, id.into()), id)
+    };
+    let (spec, id) = run_latency(0, "nlat");
+    let t0 = Instant::now();
+    client.apply_fault(pb::ApplyFaultRequest { spec: Some(spec) }).await?;
+    latency_apply.push(t0.elapsed());
+    let fixed = NetPair::rtts_ms(&pair.a, &pair.b_ip, 500, "0.01");
+    client.revert_fault(pb::RevertFaultRequest { fault_id: id.into() }).await?;
+    let (spec, id) = run_latency(10, "njit");
+    let t0 = Instant::now();
+    client.apply_fault(pb::ApplyFaultRequest { spec: Some(spec) }).await?;
+    latency_apply.push(t0.elapsed());
+    let jittered = NetPair::rtts_ms(&pair.a, &pair.b_ip, 500, "0.01");
+    client.revert_fault(pb::RevertFaultRequest { fault_id: id.into() }).await?;
+    let latency_err: Vec<f64> = fixed.iter().map(|r| (r - base_mean - 50.0).abs()).collect();
+    let latency_mean = fixed.iter().sum::<f64>() / fixed.len().max(1) as f64 - base_mean;
+    let jm = jittered.iter().sum::<f64>() / jittered.len().max(1) as f64;
+    let jitter_sd = (jittered.iter().map(|x| (x - jm).powi(2)).sum::<f64>() / jittered.len().max(1) as f64).sqrt();
     let after = NetPair::ping_every(&pair.a, &pair.b_ip, 200, "0.005");
     let restored = NetPair::ruleset(&pair.a) == before;
     agent.shutdown().await?;
@@ -323,6 +366,10 @@ async fn bench_network(dir: &Path, loss_packets: u32) -> anyhow::Result<NetFigur
         loss: (loss_packets - received, loss_packets),
         baseline_after: (after, 200),
         ruleset_restored: restored,
+        latency_err,
+        latency_mean,
+        jitter_sd,
+        latency_apply: stats(latency_apply),
     })
 }
 
@@ -353,6 +400,7 @@ async fn main() -> anyhow::Result<()> {
         let n = bench_network(dir.path(), args.loss_packets).await?;
         row(out, "(c) ApplyFault(partition) answered = rules verified in place", &n.apply, "<= 10 ms p99");
         row(out, "(c') RevertFault(partition) answered = tables deleted", &n.revert, "-");
+        row(out, "(c'') ApplyFault(latency) answered = engine bound + rules verified", &n.latency_apply, "<= 10 ms p99");
         notes.push(format!("(d) partition: {}/{} pings crossed (goal 0)", n.partition_crossed.0, n.partition_crossed.1));
         let achieved = 100.0 * f64::from(n.loss.0) / f64::from(n.loss.1);
         notes.push(format!(
@@ -364,6 +412,13 @@ async fn main() -> anyhow::Result<()> {
             n.baseline_after.0,
             n.baseline_after.1,
             if n.ruleset_restored { "identical to before" } else { "DIFFERS from before" }
+        ));
+        let (med, p99) = median_p99(n.latency_err.clone());
+        notes.push(format!(
+            "(g) latency 50 ms (NFQUEUE engine, ingress, {} pings -U): mean added {:.2} ms, |error| median {med:.2} ms, p99 {p99:.2} ms (goal <= 1 / <= 3); jitter +/-10 ms: sd {:.2} ms (uniform: 5.77)",
+            n.latency_err.len(),
+            n.latency_mean,
+            n.jitter_sd
         ));
     }
     for n in notes {
