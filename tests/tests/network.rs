@@ -8,6 +8,13 @@ use std::time::Duration;
 
 use chaos_e2e::{Daemon, NetPair, chaos_in, chaos_ok, free_port, json, start_agent, start_agent_at, wait_until};
 
+/// `chaos -o json agent apply --agent URL --netns NS ARGS...`, expecting success.
+fn apply_in(url: &str, ns: &str, args: &[&str]) -> serde_json::Value {
+    let mut argv = vec!["-o", "json", "agent", "apply", "--agent", url, "--netns", ns];
+    argv.extend_from_slice(args);
+    json(&chaos_ok(&argv, 0))
+}
+
 #[test]
 fn partition_drops_both_ways_and_revert_restores_the_ruleset_exactly() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -16,10 +23,7 @@ fn partition_drops_both_ways_and_revert_restores_the_ruleset_exactly() {
     let before = NetPair::ruleset(&pair.a);
     assert_eq!(NetPair::ping(&pair.a, &pair.b_ip, 3), 3, "baseline: the pair talks");
     let peer = format!("{}/32", pair.b_ip);
-    let out = json(&chaos_ok(
-        &["-o", "json", "agent", "apply", "--agent", &url, "--netns", &pair.a, "--partition", &peer, "--duration", "60s", "--id", "p1"],
-        0,
-    ));
+    let out = apply_in(&url, &pair.a, &["--partition", &peer, "--duration", "60s", "--id", "p1"]);
     assert_eq!(out["backend"], "nftables", "{out}");
     assert!(out["summary"].as_str().is_some_and(|s| s.contains("verified")), "{out}");
     assert_eq!(NetPair::ping(&pair.a, &pair.b_ip, 5), 0, "no packet crosses a -> b");
@@ -70,27 +74,7 @@ fn loss_drops_the_requested_share_of_packets() {
     let (_agent, url) = start_agent(dir.path(), "loss", None, "10s");
     let peer = format!("{}/32", pair.b_ip);
     // Ingress only: each echo reply crosses the fault once, so replies received ~ 70 %.
-    let out = json(&chaos_ok(
-        &[
-            "-o",
-            "json",
-            "agent",
-            "apply",
-            "--agent",
-            &url,
-            "--netns",
-            &pair.a,
-            "--loss",
-            "30%",
-            "--peer",
-            &peer,
-            "--direction",
-            "ingress",
-            "--duration",
-            "60s",
-        ],
-        0,
-    ));
+    let out = apply_in(&url, &pair.a, &["--loss", "30%", "--peer", &peer, "--direction", "ingress", "--duration", "60s"]);
     assert!(out["summary"].as_str().is_some_and(|s| s.starts_with("loss 30.00 %")), "{out}");
     let n = 500;
     let got = NetPair::ping_every(&pair.a, &pair.b_ip, n, "0.005");
@@ -106,29 +90,7 @@ fn latency_holds_packets_for_the_requested_delay_and_revert_is_exact() {
     let (_agent, url) = start_agent(dir.path(), "lat", None, "10s");
     let before = NetPair::ruleset(&pair.a);
     let peer = format!("{}/32", pair.b_ip);
-    let out = json(&chaos_ok(
-        &[
-            "-o",
-            "json",
-            "agent",
-            "apply",
-            "--agent",
-            &url,
-            "--netns",
-            &pair.a,
-            "--latency",
-            "50ms",
-            "--peer",
-            &peer,
-            "--direction",
-            "ingress",
-            "--duration",
-            "60s",
-            "--id",
-            "l1",
-        ],
-        0,
-    ));
+    let out = apply_in(&url, &pair.a, &["--latency", "50ms", "--peer", &peer, "--direction", "ingress", "--duration", "60s", "--id", "l1"]);
     assert_eq!(out["backend"], "nfqueue", "{out}");
     let (min, avg, max) = NetPair::rtt_ms(&pair.a, &pair.b_ip, 20).expect("rtt");
     eprintln!("latency 50 ms: rtt min {min} avg {avg} max {max}");

@@ -196,17 +196,11 @@ impl NetworkDriver {
 
     pub(crate) async fn revert_latency(&self, plan: &LatencyPlan) -> Result<String, AgentError> {
         let engine = self.engines.lock().unwrap_or_else(|p| p.into_inner()).remove(&plan.chain_in);
-        if let (Some(path), Some(nsid)) = (&plan.ns.path, plan.ns.id) {
-            let now = self
-                .exec
-                .ns_id(path)
-                .map_err(|e| AgentError::Command { cmd: format!("stat {}", path.display()), detail: e.to_string() })?;
-            if now != Some(nsid) {
-                if let Some(e) = engine {
-                    e.stop();
-                }
-                return Ok(format!("{} is gone (or replaced): nothing left to remove", plan.ns.label));
+        if !self.still_there(&plan.ns)? {
+            if let Some(e) = engine {
+                e.stop();
             }
+            return Ok(format!("{} is gone (or replaced): nothing left to remove", plan.ns.label));
         }
         // Rules first (nothing new is queued), then the engine (it releases what it holds).
         let mut removed = Vec::new();

@@ -101,6 +101,21 @@ impl NetworkDriver {
         self
     }
 
+    /// Is the namespace the plan named still there, and the same one? A
+    /// namespace deleted (or a name reused) since the plan is never touched.
+    pub(crate) fn still_there(&self, ns: &NetnsRef) -> Result<bool, AgentError> {
+        match (&ns.path, ns.id) {
+            (Some(path), Some(id)) => {
+                let now = self
+                    .exec
+                    .ns_id(path)
+                    .map_err(|e| AgentError::Command { cmd: format!("stat {}", path.display()), detail: e.to_string() })?;
+                Ok(now == Some(id))
+            }
+            _ => Ok(true),
+        }
+    }
+
     pub(crate) fn resolve_ns(&self, target: &TargetSpec) -> Result<NetnsRef, AgentError> {
         let (path, label) = match target {
             TargetSpec::Host => return Ok(NetnsRef { path: None, id: None, label: "host".into() }),
@@ -375,14 +390,8 @@ impl FaultDriver for NetworkDriver {
             return self.revert_latency(l).await;
         }
         let plan = plan_of(plan)?;
-        if let (Some(path), Some(id)) = (&plan.ns.path, plan.ns.id) {
-            let now = self
-                .exec
-                .ns_id(path)
-                .map_err(|e| AgentError::Command { cmd: format!("stat {}", path.display()), detail: e.to_string() })?;
-            if now != Some(id) {
-                return Ok(format!("{} is gone (or replaced): nothing left to remove", plan.ns.label));
-            }
+        if !self.still_there(&plan.ns)? {
+            return Ok(format!("{} is gone (or replaced): nothing left to remove", plan.ns.label));
         }
         let mut removed = Vec::new();
         for (fam, t) in [("inet", &plan.table), ("netdev", &plan.egress_table)] {
