@@ -43,7 +43,8 @@ impl AgentIdentity {
         let families = ALL_FAMILIES
             .iter()
             .map(|f| {
-                let (supported, detail) = match (*f, if *f == "network_latency" { &self.iptables } else { &self.nftables }) {
+                let tool = if matches!(*f, "network_latency" | "network_reorder") { &self.iptables } else { &self.nftables };
+                let (supported, detail) = match (*f, tool) {
                     ("process_pause", _) => (true, "SIGSTOP/SIGCONT through a pidfd, guarded against pid reuse".to_string()),
                     ("process_kill", _) => (true, "a signal of choice through a pidfd, guarded against pid reuse".to_string()),
                     ("network_partition", Ok(v)) => (true, format!("nftables ({v}): inet input + netdev egress, control channel exempt")),
@@ -54,7 +55,10 @@ impl AgentIdentity {
                             "{v} NFQUEUE (--queue-bypass) + userspace delay engine, fail-open; IPv4; correlation needs sch_netem (refused)"
                         ),
                     ),
-                    ("network_latency", Err(why)) => (false, format!("iptables unusable: {why}")),
+                    ("network_reorder", Ok(v)) => {
+                        (true, format!("{v} NFQUEUE + userspace engine: a share passes at once, the rest is held"))
+                    }
+                    ("network_latency" | "network_reorder", Err(why)) => (false, format!("iptables unusable: {why}")),
                     ("network_loss", Ok(v)) => {
                         (true, format!("nftables ({v}) numgen: each packet drawn independently; correlation needs sch_netem (refused)"))
                     }

@@ -26,6 +26,7 @@ Examples:
   chaos agent apply --partition 198.18.0.0/24 --port 9042 --protocol tcp --target-pid 4242 --duration 1m
   chaos agent apply --loss 10% --peer 198.18.0.3/32 --direction ingress --netns lab-kafka --duration 2m
   chaos agent apply --latency 50ms --jitter 10ms --peer 198.18.0.3/32 --direction ingress --duration 2m
+  chaos agent apply --reorder 25% --latency 20ms --peer 198.18.0.3/32 --direction ingress --duration 2m
 
 Every fault reverts by itself at the end of --duration, even if the agent
 crashes (it replays its journal at start) or loses its coordinator (lease).
@@ -105,6 +106,9 @@ pub struct ApplyArgs {
     /// Latency: hold packets this long, e.g. `50ms` (with --jitter, --peer, --direction; prefer ingress).
     #[arg(long, value_parser = humantime::parse_duration)]
     latency: Option<Duration>,
+    /// Reorder: this share of packets passes at once while the rest is held for --latency, e.g. `25%`.
+    #[arg(long, value_name = "PERCENT", requires = "latency")]
+    reorder: Option<String>,
     /// Latency: each packet's delay is drawn uniformly from latency ± jitter.
     #[arg(long, value_parser = humantime::parse_duration)]
     jitter: Option<Duration>,
@@ -176,6 +180,14 @@ impl ApplyArgs {
             let scope = self.scope(if all { vec![] } else { self.partition.clone() });
             return self.with_target(self.network_target(), F::NetworkPartition(pb::NetworkPartition { scope: Some(scope) }));
         }
+        if let (Some(r), Some(delay)) = (&self.reorder, self.latency) {
+            let reorder = pb::NetworkReorder {
+                scope: Some(self.scope(self.peers.clone())),
+                percent: parse_percent("--reorder", r)?,
+                delay: Some(duration_to_pb(delay)),
+            };
+            return self.with_target(self.network_target(), F::NetworkReorder(reorder));
+        }
         if let Some(delay) = self.latency {
             let lat = pb::NetworkLatency {
                 scope: Some(self.scope(self.peers.clone())),
@@ -186,12 +198,11 @@ impl ApplyArgs {
             return self.with_target(self.network_target(), F::NetworkLatency(lat));
         }
         if let Some(l) = &self.loss {
-            let percent: f64 = l
-                .trim()
-                .trim_end_matches('%')
-                .parse()
-                .map_err(|_| CliError::new(exit::USAGE, format!("--loss: expected a percentage like 10% or 0.5, got {l:?}")))?;
-            let loss = pb::NetworkLoss { scope: Some(self.scope(self.peers.clone())), percent, correlation_percent: 0.0 };
+            let loss = pb::NetworkLoss {
+                scope: Some(self.scope(self.peers.clone())),
+                percent: parse_percent("--loss", l)?,
+                correlation_percent: 0.0,
+            };
             return self.with_target(self.network_target(), F::NetworkLoss(loss));
         }
         let (kind, fault) = match (self.pause_pid, &self.pause_name, self.kill_pid, &self.kill_name) {
@@ -223,6 +234,14 @@ impl ApplyArgs {
             fault: Some(fault),
         })
     }
+}
+
+/// `10%` or `10` -> 10.0.
+fn parse_percent(flag: &str, v: &str) -> Result<f64, CliError> {
+    v.trim()
+        .trim_end_matches('%')
+        .parse()
+        .map_err(|_| CliError::new(exit::USAGE, format!("{flag}: expected a percentage like 10% or 0.5, got {v:?}")))
 }
 
 fn client(agent: &str, timeout: Duration) -> Result<AgentClient<tonic::transport::Channel>, CliError> {

@@ -184,6 +184,9 @@ pub enum FaultKind {
     NetworkLoss { scope: NetScope, permyriad: u32, correlation_permyriad: u32 },
     /// Hold packets in scope for `delay` ± `jitter` (uniform).
     NetworkLatency { scope: NetScope, delay: Duration, jitter: Duration, correlation_permyriad: u32 },
+    /// Let `permyriad`/10000 of packets in scope pass at once and hold the
+    /// others for `delay`, so later packets overtake earlier ones.
+    NetworkReorder { scope: NetScope, permyriad: u32, delay: Duration },
 }
 
 impl FaultKind {
@@ -195,6 +198,7 @@ impl FaultKind {
             FaultKind::NetworkPartition { .. } => "network_partition",
             FaultKind::NetworkLoss { .. } => "network_loss",
             FaultKind::NetworkLatency { .. } => "network_latency",
+            FaultKind::NetworkReorder { .. } => "network_reorder",
         }
     }
 }
@@ -283,7 +287,10 @@ impl FaultRequest {
         match (&kind, &target) {
             (FaultKind::ProcessPause | FaultKind::ProcessKill { .. }, TargetSpec::Pid(_) | TargetSpec::ProcessName(_)) => {}
             (
-                FaultKind::NetworkPartition { .. } | FaultKind::NetworkLoss { .. } | FaultKind::NetworkLatency { .. },
+                FaultKind::NetworkPartition { .. }
+                | FaultKind::NetworkLoss { .. }
+                | FaultKind::NetworkLatency { .. }
+                | FaultKind::NetworkReorder { .. },
                 TargetSpec::Host | TargetSpec::Netns(_) | TargetSpec::Pid(_),
             ) => {}
             (k @ (FaultKind::ProcessPause | FaultKind::ProcessKill { .. }), t) => {
@@ -327,6 +334,11 @@ impl FaultRequest {
                     correlation_percent: f64::from(*correlation_permyriad) / 100.0,
                 })
             }
+            FaultKind::NetworkReorder { scope, permyriad, delay } => pb::fault_spec::Fault::NetworkReorder(pb::NetworkReorder {
+                scope: Some(scope_to_pb(scope)),
+                percent: f64::from(*permyriad) / 100.0,
+                delay: Some(duration_to_pb(*delay)),
+            }),
             FaultKind::NetworkLoss { scope, permyriad, correlation_permyriad } => pb::fault_spec::Fault::NetworkLoss(pb::NetworkLoss {
                 scope: Some(scope_to_pb(scope)),
                 percent: f64::from(*permyriad) / 100.0,
@@ -393,6 +405,19 @@ fn target_from_pb(t: Option<&pb::Target>) -> Result<TargetSpec, SpecError> {
             TargetSpec::Container(c.clone())
         }
     })
+}
+
+/// A mandatory delay in (0, MAX_DELAY].
+fn delay_field(d: Option<&prost_types::Duration>, field: &str) -> Result<Duration, SpecError> {
+    let delay = match d.map(|d| (d, duration_from_pb(d))) {
+        None => return Err(SpecError::invalid(field, "is required")),
+        Some((d, None)) => return Err(SpecError::invalid(field, format!("must not be negative, got {}s", d.seconds))),
+        Some((_, Some(d))) => d,
+    };
+    if delay.is_zero() || delay > MAX_DELAY {
+        return Err(SpecError::invalid(field, format!("must be in (0, {}ms], got {}ms", MAX_DELAY.as_millis(), delay.as_millis())));
+    }
+    Ok(delay)
 }
 
 /// A percentage as hundredths of a percent; `zero_ok` for optional ones.
@@ -491,21 +516,14 @@ fn kind_from_pb(f: &pb::fault_spec::Fault) -> Result<FaultKind, SpecError> {
             }
             Ok(FaultKind::ProcessKill { signal: SignalName(signal) })
         }
+        F::NetworkReorder(r) => Ok(FaultKind::NetworkReorder {
+            scope: scope_from_pb(r.scope.as_ref(), "spec.network_reorder.scope")?,
+            permyriad: percent_field(r.percent, "spec.network_reorder.percent", false)?,
+            delay: delay_field(r.delay.as_ref(), "spec.network_reorder.delay")?,
+        }),
         F::NetworkLatency(l) => {
             let field = "spec.network_latency";
-            let delay = match l.delay.as_ref().map(|d| (d, duration_from_pb(d))) {
-                None => return Err(SpecError::invalid(format!("{field}.delay"), "is required")),
-                Some((d, None)) => {
-                    return Err(SpecError::invalid(format!("{field}.delay"), format!("must not be negative, got {}s", d.seconds)));
-                }
-                Some((_, Some(d))) => d,
-            };
-            if delay.is_zero() || delay > MAX_DELAY {
-                return Err(SpecError::invalid(
-                    format!("{field}.delay"),
-                    format!("must be in (0, {}ms], got {}ms", MAX_DELAY.as_millis(), delay.as_millis()),
-                ));
-            }
+            let delay = delay_field(l.delay.as_ref(), &format!("{field}.delay"))?;
             let jitter = match l.jitter.as_ref() {
                 None => Duration::ZERO,
                 Some(j) => duration_from_pb(j)
@@ -712,6 +730,20 @@ mod tests {
             s.fault = Some(f);
             assert_eq!(field_of(FaultRequest::from_pb(&s, MAX).expect_err("must be refused")), field);
         }
+    }
+
+    #[test]
+    fn reorder_needs_a_share_and_a_delay() {
+        let mut s = pause_pid(5, 5);
+        s.target = Some(pb::Target { kind: Some(pb::target::Kind::Host(pb::HostTarget {})) });
+        let d = Some(prost_types::Duration { seconds: 0, nanos: 20_000_000 });
+        s.fault = Some(pb::fault_spec::Fault::NetworkReorder(pb::NetworkReorder { percent: 25.0, delay: d, ..Default::default() }));
+        let r = FaultRequest::from_pb(&s, MAX).expect("valid");
+        assert_eq!(FaultRequest::from_pb(&r.to_pb(""), MAX).expect("round trip"), r);
+        s.fault = Some(pb::fault_spec::Fault::NetworkReorder(pb::NetworkReorder { percent: 0.0, delay: d, ..Default::default() }));
+        assert_eq!(field_of(FaultRequest::from_pb(&s, MAX).expect_err("must be refused")), "spec.network_reorder.percent");
+        s.fault = Some(pb::fault_spec::Fault::NetworkReorder(pb::NetworkReorder { percent: 25.0, ..Default::default() }));
+        assert_eq!(field_of(FaultRequest::from_pb(&s, MAX).expect_err("must be refused")), "spec.network_reorder.delay");
     }
 
     #[test]

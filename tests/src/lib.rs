@@ -342,6 +342,19 @@ impl NetPair {
             .collect()
     }
 
+    /// (icmp_seq, user-to-user RTT ms) of each reply, in arrival order.
+    pub fn arrivals(ns: &str, to: &str, count: u32, interval: &str) -> Vec<(u32, f64)> {
+        let out = Self::exec(ns, &["ping", "-U", "-n", "-c", &count.to_string(), "-W", "2", "-i", interval, to]);
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| {
+                let seq = l.split("icmp_seq=").nth(1)?.split_whitespace().next()?.parse().ok()?;
+                let rtt = l.split("time=").nth(1)?.split_whitespace().next()?.parse().ok()?;
+                Some((seq, rtt))
+            })
+            .collect()
+    }
+
     /// `iptables -t raw -S` inside `ns`.
     pub fn raw_rules(ns: &str) -> String {
         String::from_utf8_lossy(&Self::exec(ns, &["iptables", "-w", "-t", "raw", "-S"]).stdout).into_owned()

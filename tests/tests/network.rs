@@ -104,6 +104,35 @@ fn latency_holds_packets_for_the_requested_delay_and_revert_is_exact() {
 }
 
 #[test]
+fn reorder_lets_later_packets_overtake_held_ones() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pair = NetPair::new();
+    let (_agent, url) = start_agent(dir.path(), "reorder", None, "10s");
+    let peer = format!("{}/32", pair.b_ip);
+    let out =
+        apply_in(&url, &pair.a, &["--reorder", "50%", "--latency", "20ms", "--peer", &peer, "--direction", "ingress", "--duration", "60s"]);
+    assert!(out["summary"].as_str().is_some_and(|s| s.starts_with("reorder 50.00 %")), "{out}");
+    // 5 ms apart with 20 ms holds: a reply let through at once overtakes the held ones before it.
+    let got = NetPair::arrivals(&pair.a, &pair.b_ip, 200, "0.005");
+    assert!(got.len() >= 195, "reorder must not lose packets: {} of 200", got.len());
+    let mut max_seen = 0;
+    let overtaken = got
+        .iter()
+        .filter(|(seq, _)| {
+            let late = *seq < max_seen;
+            max_seen = max_seen.max(*seq);
+            late
+        })
+        .count();
+    let fast = got.iter().filter(|(_, rtt)| *rtt < 5.0).count();
+    let held = got.iter().filter(|(_, rtt)| *rtt >= 19.5).count();
+    eprintln!("reorder 50 %: {overtaken} arrivals after a later one, {fast} fast, {held} held");
+    assert!(overtaken >= 20, "packets arrive out of order: {overtaken}");
+    // Binomial(200, 0.5): sd 7.1; both shares well inside 60..140.
+    assert!((60..=140).contains(&fast) && (60..=140).contains(&held), "fast {fast}, held {held}");
+}
+
+#[test]
 fn latency_fails_open_when_the_agent_dies_and_restart_removes_its_rules() {
     let dir = tempfile::tempdir().expect("tempdir");
     let pair = NetPair::new();

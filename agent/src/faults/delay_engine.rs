@@ -33,10 +33,15 @@ pub struct DelayProfile {
     pub delay: Duration,
     /// Each packet's delay is drawn uniformly from delay ± jitter.
     pub jitter: Duration,
+    /// Reorder: this share (in 1/10000) passes at once; the rest is held.
+    pub pass_permyriad: u32,
 }
 
 impl DelayProfile {
     fn draw(&self, rng: &mut impl Rng) -> Duration {
+        if self.pass_permyriad > 0 && rng.random_range(0..10_000) < self.pass_permyriad {
+            return Duration::ZERO;
+        }
         if self.jitter.is_zero() {
             return self.delay;
         }
@@ -205,13 +210,23 @@ mod tests {
 
     #[test]
     fn jitter_draws_stay_in_range_and_average_to_the_delay() {
-        let p = DelayProfile { delay: Duration::from_millis(50), jitter: Duration::from_millis(10) };
+        let p = DelayProfile { delay: Duration::from_millis(50), jitter: Duration::from_millis(10), pass_permyriad: 0 };
         let mut rng = rand::rng();
         let draws: Vec<Duration> = (0..10_000).map(|_| p.draw(&mut rng)).collect();
         assert!(draws.iter().all(|d| *d >= Duration::from_millis(40) && *d <= Duration::from_millis(60)));
         let mean = draws.iter().map(Duration::as_secs_f64).sum::<f64>() / draws.len() as f64;
         assert!((mean - 0.050).abs() < 0.0005, "mean {mean}");
-        let fixed = DelayProfile { delay: Duration::from_millis(5), jitter: Duration::ZERO };
+        let fixed = DelayProfile { delay: Duration::from_millis(5), jitter: Duration::ZERO, pass_permyriad: 0 };
         assert_eq!(fixed.draw(&mut rng), Duration::from_millis(5));
+    }
+
+    #[test]
+    fn reorder_lets_its_share_pass_at_once() {
+        let p = DelayProfile { delay: Duration::from_millis(20), jitter: Duration::ZERO, pass_permyriad: 2500 };
+        let mut rng = rand::rng();
+        let n = 20_000;
+        let passed = (0..n).filter(|_| p.draw(&mut rng).is_zero()).count();
+        // Binomial(20000, 0.25): sd 61; 5 sd either side.
+        assert!((4_700..=5_300).contains(&passed), "{passed}");
     }
 }

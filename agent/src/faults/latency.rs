@@ -35,6 +35,9 @@ pub struct LatencyPlan {
     /// Whether `table ip raw` existed before the fault (iptables-nft creates it).
     pub raw_table_existed: bool,
     pub exemptions: Vec<String>,
+    /// Reorder: share (1/10000) of packets that pass at once; 0 for plain latency.
+    #[serde(default)]
+    pub pass_permyriad: u32,
 }
 
 /// A queue number from the fault id, in 10000..60000 (other software tends to use low numbers).
@@ -120,6 +123,7 @@ impl NetworkDriver {
         scope: &NetScope,
         delay: Duration,
         jitter: Duration,
+        pass_permyriad: u32,
     ) -> Result<LatencyPlan, AgentError> {
         if let Some(c) = scope.peers.iter().find(|c: &&Cidr| !c.is_v4()) {
             return Err(AgentError::MissingFeature(format!("IPv6 latency (peer {c}): the NFQUEUE engine handles IPv4 only for now")));
@@ -138,6 +142,7 @@ impl NetworkDriver {
             chain_out: format!("CHAOS-{short}-O"),
             raw_table_existed,
             exemptions: exemption_matches(&self.exempt),
+            pass_permyriad,
         })
     }
 
@@ -155,8 +160,12 @@ impl NetworkDriver {
         let version = self.iptables(plan, &["iptables", "-V"], None).await?;
         let backend = if version.stdout.contains("nf_tables") { "iptables-nft" } else { "iptables-legacy" };
         // The engine first: with --queue-bypass, rules without a listener would pass traffic undelayed.
-        let engine = Engine::start(plan.ns.path.clone(), plan.queue_num, DelayProfile { delay: plan.delay, jitter: plan.jitter })
-            .map_err(|e| AgentError::Command { cmd: format!("delay engine (NFQUEUE {})", plan.queue_num), detail: e })?;
+        let engine = Engine::start(
+            plan.ns.path.clone(),
+            plan.queue_num,
+            DelayProfile { delay: plan.delay, jitter: plan.jitter, pass_permyriad: plan.pass_permyriad },
+        )
+        .map_err(|e| AgentError::Command { cmd: format!("delay engine (NFQUEUE {})", plan.queue_num), detail: e })?;
         let script = render(plan);
         let out = self.iptables(plan, &["iptables-restore", "-w", "--noflush"], Some(&script)).await?;
         if !out.success {
@@ -183,9 +192,17 @@ impl NetworkDriver {
             backend: "nfqueue",
             processes: Vec::new(),
             summary: format!(
-                "latency {} ms ± {} ms in {} ({:?}, IPv4) via {backend} NFQUEUE {} + userspace engine (fail-open); chains {} (verified); control channel exempt",
-                plan.delay.as_millis(),
-                plan.jitter.as_millis(),
+                "{} in {} ({:?}, IPv4) via {backend} NFQUEUE {} + userspace engine (fail-open); chains {} (verified); control channel exempt",
+                if plan.pass_permyriad > 0 {
+                    format!(
+                        "reorder {}.{:02} % pass at once, the rest held {} ms",
+                        plan.pass_permyriad / 100,
+                        plan.pass_permyriad % 100,
+                        plan.delay.as_millis()
+                    )
+                } else {
+                    format!("latency {} ms ± {} ms", plan.delay.as_millis(), plan.jitter.as_millis())
+                },
                 plan.ns.label,
                 plan.scope.direction,
                 plan.queue_num,
@@ -260,6 +277,7 @@ mod tests {
             chain_in: "CHAOS-x-I".into(),
             chain_out: "CHAOS-x-O".into(),
             raw_table_existed: false,
+            pass_permyriad: 0,
             exemptions: exemption_matches(&Exemptions {
                 agent_port: 50052,
                 coordinator: Some(("198.18.0.1".parse().expect("ip"), 50051)),

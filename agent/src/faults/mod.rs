@@ -87,7 +87,10 @@ impl Drivers {
     pub fn for_request(&self, req: &FaultRequest) -> &dyn FaultDriver {
         match req.kind {
             FaultKind::ProcessPause | FaultKind::ProcessKill { .. } => &self.process,
-            FaultKind::NetworkPartition { .. } | FaultKind::NetworkLoss { .. } | FaultKind::NetworkLatency { .. } => &self.network,
+            FaultKind::NetworkPartition { .. }
+            | FaultKind::NetworkLoss { .. }
+            | FaultKind::NetworkLatency { .. }
+            | FaultKind::NetworkReorder { .. } => &self.network,
         }
     }
 

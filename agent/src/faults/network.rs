@@ -18,6 +18,7 @@ use std::{
     net::IpAddr,
     path::PathBuf,
     sync::{Arc, Mutex},
+    time::Duration,
 };
 
 use async_trait::async_trait;
@@ -316,7 +317,11 @@ impl FaultDriver for NetworkDriver {
             }
             FaultKind::NetworkLatency { scope, delay, jitter, .. } => {
                 let id = req.id.as_deref().unwrap_or("unnamed");
-                return Ok(Plan::Latency(Box::new(self.plan_latency(id, &req.target, scope, *delay, *jitter).await?)));
+                return Ok(Plan::Latency(Box::new(self.plan_latency(id, &req.target, scope, *delay, *jitter, 0).await?)));
+            }
+            FaultKind::NetworkReorder { scope, permyriad, delay } => {
+                let id = req.id.as_deref().unwrap_or("unnamed");
+                return Ok(Plan::Latency(Box::new(self.plan_latency(id, &req.target, scope, *delay, Duration::ZERO, *permyriad).await?)));
             }
             other => return Err(AgentError::Command { cmd: "network driver".into(), detail: format!("cannot plan {}", other.family()) }),
         };
