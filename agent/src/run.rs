@@ -57,6 +57,7 @@ pub async fn run(cfg: AgentConfig, listener: TcpListener, shutdown: impl Future<
     }
     let nftables = crate::faults::network::tool_version("nft", "--version", "nftables");
     let iptables = crate::faults::network::tool_version("iptables", "-V", "iptables");
+    let tc = crate::faults::network::tool_version("tc", "-V", "iproute2");
     let drivers = Arc::new(Drivers {
         process: ProcessDriver::new(Arc::new(procfs.clone()), Arc::new(PidfdSignals::new(procfs.clone())), protection.clone()),
         network: NetworkDriver::new(Arc::new(NsenterExec), Arc::new(procfs), exemptions),
@@ -87,6 +88,7 @@ pub async fn run(cfg: AgentConfig, listener: TcpListener, shutdown: impl Future<
         labels: cfg.labels.clone(),
         nftables,
         iptables,
+        tc,
     });
 
     let (health, health_service) = tonic_health::server::health_reporter();

@@ -30,6 +30,8 @@ pub struct AgentIdentity {
     pub nftables: Result<String, String>,
     /// `iptables -V`, or why iptables is unusable (the NFQUEUE latency engine needs it).
     pub iptables: Result<String, String>,
+    /// `tc -V`, or why tc is unusable (bandwidth).
+    pub tc: Result<String, String>,
 }
 
 /// Read a one-line kernel fact from procfs, or "unknown".
@@ -43,7 +45,11 @@ impl AgentIdentity {
         let families = ALL_FAMILIES
             .iter()
             .map(|f| {
-                let tool = if matches!(*f, "network_latency" | "network_reorder") { &self.iptables } else { &self.nftables };
+                let tool = match *f {
+                    "network_latency" | "network_reorder" => &self.iptables,
+                    "network_bandwidth" => &self.tc,
+                    _ => &self.nftables,
+                };
                 let (supported, detail) = match (*f, tool) {
                     ("process_pause", _) => (true, "SIGSTOP/SIGCONT through a pidfd, guarded against pid reuse".to_string()),
                     ("process_kill", _) => (true, "a signal of choice through a pidfd, guarded against pid reuse".to_string()),
@@ -59,6 +65,10 @@ impl AgentIdentity {
                         (true, format!("{v} NFQUEUE + userspace engine: a share passes at once, the rest is held"))
                     }
                     ("network_latency" | "network_reorder", Err(why)) => (false, format!("iptables unusable: {why}")),
+                    ("network_bandwidth", Ok(v)) => {
+                        (true, format!("{v}: htb + u32 filters, egress, IPv4 scoping; never replaces a root qdisc it did not create"))
+                    }
+                    ("network_bandwidth", Err(why)) => (false, format!("tc unusable: {why}")),
                     ("network_loss", Ok(v)) => {
                         (true, format!("nftables ({v}) numgen: each packet drawn independently; correlation needs sch_netem (refused)"))
                     }

@@ -27,6 +27,7 @@ Examples:
   chaos agent apply --loss 10% --peer 198.18.0.3/32 --direction ingress --netns lab-kafka --duration 2m
   chaos agent apply --latency 50ms --jitter 10ms --peer 198.18.0.3/32 --direction ingress --duration 2m
   chaos agent apply --reorder 25% --latency 20ms --peer 198.18.0.3/32 --direction ingress --duration 2m
+  chaos agent apply --rate 1mbit --peer 198.18.0.3/32 --netns lab-kafka --duration 5m            # egress
 
 Every fault reverts by itself at the end of --duration, even if the agent
 crashes (it replays its journal at start) or loses its coordinator (lease).
@@ -77,7 +78,7 @@ pub enum AgentCommand {
 }
 
 #[derive(Debug, clap::Args)]
-#[command(group(ArgGroup::new("fault").required(true).args(["pause_pid", "pause_name", "kill_pid", "kill_name", "partition", "loss", "latency"])))]
+#[command(group(ArgGroup::new("fault").required(true).args(["pause_pid", "pause_name", "kill_pid", "kill_name", "partition", "loss", "latency", "rate"])))]
 #[command(group(ArgGroup::new("netns_target").args(["netns", "target_pid"])))]
 pub struct ApplyArgs {
     #[command(flatten)]
@@ -106,6 +107,9 @@ pub struct ApplyArgs {
     /// Latency: hold packets this long, e.g. `50ms` (with --jitter, --peer, --direction; prefer ingress).
     #[arg(long, value_parser = humantime::parse_duration)]
     latency: Option<Duration>,
+    /// Bandwidth: cap egress in scope at this rate, e.g. `1mbit`, `500kbit`, `2gbit` (bits per second).
+    #[arg(long, value_name = "RATE")]
+    rate: Option<String>,
     /// Reorder: this share of packets passes at once while the rest is held for --latency, e.g. `25%`.
     #[arg(long, value_name = "PERCENT", requires = "latency")]
     reorder: Option<String>,
@@ -180,6 +184,12 @@ impl ApplyArgs {
             let scope = self.scope(if all { vec![] } else { self.partition.clone() });
             return self.with_target(self.network_target(), F::NetworkPartition(pb::NetworkPartition { scope: Some(scope) }));
         }
+        if let Some(r) = &self.rate {
+            let mut scope = self.scope(self.peers.clone());
+            scope.direction = pb::Direction::Egress as i32;
+            let bw = pb::NetworkBandwidth { scope: Some(scope), rate_bits_per_second: parse_rate(r)?, burst_bytes: 0 };
+            return self.with_target(self.network_target(), F::NetworkBandwidth(bw));
+        }
         if let (Some(r), Some(delay)) = (&self.reorder, self.latency) {
             let reorder = pb::NetworkReorder {
                 scope: Some(self.scope(self.peers.clone())),
@@ -234,6 +244,18 @@ impl ApplyArgs {
             fault: Some(fault),
         })
     }
+}
+
+/// `1mbit`, `500kbit`, `2gbit`, `8000bit` or a plain number of bits per second.
+fn parse_rate(v: &str) -> Result<u64, CliError> {
+    let t = v.trim().to_ascii_lowercase();
+    let (num, mult) = [("gbit", 1_000_000_000u64), ("mbit", 1_000_000), ("kbit", 1_000), ("bit", 1)]
+        .iter()
+        .find_map(|(suffix, m)| t.strip_suffix(suffix).map(|n| (n.to_string(), *m)))
+        .unwrap_or((t.clone(), 1));
+    let n: f64 =
+        num.trim().parse().map_err(|_| CliError::new(exit::USAGE, format!("--rate: expected e.g. 1mbit or 500kbit, got {v:?}")))?;
+    Ok((n * mult as f64) as u64)
 }
 
 /// `10%` or `10` -> 10.0.

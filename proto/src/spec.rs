@@ -17,6 +17,10 @@ use crate::{
     pb,
 };
 
+/// Bandwidth limits accepted (bits per second): 8 kbit/s .. 100 Gbit/s.
+pub const MIN_RATE_BPS: u64 = 8_000;
+pub const MAX_RATE_BPS: u64 = 100_000_000_000;
+
 /// Longest delay a latency fault may hold packets.
 pub const MAX_DELAY: Duration = Duration::from_secs(10);
 
@@ -187,6 +191,8 @@ pub enum FaultKind {
     /// Let `permyriad`/10000 of packets in scope pass at once and hold the
     /// others for `delay`, so later packets overtake earlier ones.
     NetworkReorder { scope: NetScope, permyriad: u32, delay: Duration },
+    /// Cap the rate of egress traffic in scope.
+    NetworkBandwidth { scope: NetScope, rate_bits_per_second: u64, burst_bytes: u64 },
 }
 
 impl FaultKind {
@@ -199,6 +205,7 @@ impl FaultKind {
             FaultKind::NetworkLoss { .. } => "network_loss",
             FaultKind::NetworkLatency { .. } => "network_latency",
             FaultKind::NetworkReorder { .. } => "network_reorder",
+            FaultKind::NetworkBandwidth { .. } => "network_bandwidth",
         }
     }
 }
@@ -290,7 +297,8 @@ impl FaultRequest {
                 FaultKind::NetworkPartition { .. }
                 | FaultKind::NetworkLoss { .. }
                 | FaultKind::NetworkLatency { .. }
-                | FaultKind::NetworkReorder { .. },
+                | FaultKind::NetworkReorder { .. }
+                | FaultKind::NetworkBandwidth { .. },
                 TargetSpec::Host | TargetSpec::Netns(_) | TargetSpec::Pid(_),
             ) => {}
             (k @ (FaultKind::ProcessPause | FaultKind::ProcessKill { .. }), t) => {
@@ -332,6 +340,13 @@ impl FaultRequest {
                     delay: Some(duration_to_pb(*delay)),
                     jitter: (!jitter.is_zero()).then(|| duration_to_pb(*jitter)),
                     correlation_percent: f64::from(*correlation_permyriad) / 100.0,
+                })
+            }
+            FaultKind::NetworkBandwidth { scope, rate_bits_per_second, burst_bytes } => {
+                pb::fault_spec::Fault::NetworkBandwidth(pb::NetworkBandwidth {
+                    scope: Some(scope_to_pb(scope)),
+                    rate_bits_per_second: *rate_bits_per_second,
+                    burst_bytes: *burst_bytes,
                 })
             }
             FaultKind::NetworkReorder { scope, permyriad, delay } => pb::fault_spec::Fault::NetworkReorder(pb::NetworkReorder {
@@ -515,6 +530,33 @@ fn kind_from_pb(f: &pb::fault_spec::Fault) -> Result<FaultKind, SpecError> {
                 ));
             }
             Ok(FaultKind::ProcessKill { signal: SignalName(signal) })
+        }
+        F::NetworkBandwidth(b) => {
+            let field = "spec.network_bandwidth";
+            if !(MIN_RATE_BPS..=MAX_RATE_BPS).contains(&b.rate_bits_per_second) {
+                return Err(SpecError::invalid(
+                    format!("{field}.rate_bits_per_second"),
+                    format!("must be in {MIN_RATE_BPS}..={MAX_RATE_BPS}, got {}", b.rate_bits_per_second),
+                ));
+            }
+            if b.burst_bytes > 64 * 1024 * 1024 {
+                return Err(SpecError::invalid(format!("{field}.burst_bytes"), format!("must be at most 64 MiB, got {}", b.burst_bytes)));
+            }
+            let mut scope = scope_from_pb(b.scope.as_ref(), &format!("{field}.scope"))?;
+            // Shaping is an egress mechanism (qdiscs); ingress would need an ifb.
+            match b.scope.as_ref().map(|s| s.direction) {
+                None => scope.direction = Direction::Egress,
+                Some(d) if d == pb::Direction::Unspecified as i32 || d == pb::Direction::Egress as i32 => {
+                    scope.direction = Direction::Egress
+                }
+                Some(_) => {
+                    return Err(SpecError::invalid(
+                        format!("{field}.scope.direction"),
+                        "must be egress (or unset): ingress shaping (ifb) is not implemented yet",
+                    ));
+                }
+            }
+            Ok(FaultKind::NetworkBandwidth { scope, rate_bits_per_second: b.rate_bits_per_second, burst_bytes: b.burst_bytes })
         }
         F::NetworkReorder(r) => Ok(FaultKind::NetworkReorder {
             scope: scope_from_pb(r.scope.as_ref(), "spec.network_reorder.scope")?,
@@ -744,6 +786,27 @@ mod tests {
         assert_eq!(field_of(FaultRequest::from_pb(&s, MAX).expect_err("must be refused")), "spec.network_reorder.percent");
         s.fault = Some(pb::fault_spec::Fault::NetworkReorder(pb::NetworkReorder { percent: 25.0, ..Default::default() }));
         assert_eq!(field_of(FaultRequest::from_pb(&s, MAX).expect_err("must be refused")), "spec.network_reorder.delay");
+    }
+
+    #[test]
+    fn bandwidth_is_egress_and_bounded() {
+        let mut s = pause_pid(5, 5);
+        s.target = Some(pb::Target { kind: Some(pb::target::Kind::Host(pb::HostTarget {})) });
+        let bw = |rate: u64, dir: pb::Direction| {
+            pb::fault_spec::Fault::NetworkBandwidth(pb::NetworkBandwidth {
+                scope: Some(pb::NetworkScope { direction: dir as i32, ..Default::default() }),
+                rate_bits_per_second: rate,
+                burst_bytes: 0,
+            })
+        };
+        s.fault = Some(bw(1_000_000, pb::Direction::Unspecified));
+        let r = FaultRequest::from_pb(&s, MAX).expect("valid");
+        assert!(matches!(&r.kind, FaultKind::NetworkBandwidth { scope, .. } if scope.direction == Direction::Egress));
+        assert_eq!(FaultRequest::from_pb(&r.to_pb(""), MAX).expect("round trip"), r);
+        s.fault = Some(bw(10, pb::Direction::Egress));
+        assert_eq!(field_of(FaultRequest::from_pb(&s, MAX).expect_err("must be refused")), "spec.network_bandwidth.rate_bits_per_second");
+        s.fault = Some(bw(1_000_000, pb::Direction::Ingress));
+        assert_eq!(field_of(FaultRequest::from_pb(&s, MAX).expect_err("must be refused")), "spec.network_bandwidth.scope.direction");
     }
 
     #[test]

@@ -355,6 +355,43 @@ impl NetPair {
             .collect()
     }
 
+    /// Send `bytes` over TCP from namespace `from` to `to_ip:port` in `to_ns`;
+    /// returns the receiver's throughput in bit/s (bounded: 20 s per step).
+    pub fn throughput_bps(from: &str, to_ns: &str, to_ip: &str, port: u16, bytes: u64) -> f64 {
+        Self::probe(("sink", to_ns, format!("{to_ip}:{port}")), ("send", from), bytes)
+    }
+
+    /// Like [`Self::throughput_bps`], but the sender listens on `from_ip:port` and sends from that port.
+    pub fn throughput_from_port_bps(from: &str, from_ip: &str, port: u16, to_ns: &str, bytes: u64) -> f64 {
+        let addr = format!("{from_ip}:{port}");
+        let probe = bin("chaos-netprobe");
+        let source = Command::new("ip")
+            .args(["netns", "exec", from])
+            .arg(&probe)
+            .args(["source", &addr, &bytes.to_string()])
+            .spawn()
+            .expect("spawn source");
+        let out = Self::exec(to_ns, &[probe.to_str().expect("path"), "drain", &addr]);
+        let _ = source.wait_with_output();
+        parse_rate(&String::from_utf8_lossy(&out.stdout))
+    }
+
+    fn probe(recv: (&str, &str, String), send: (&str, &str), bytes: u64) -> f64 {
+        let probe = bin("chaos-netprobe");
+        let (mode, ns, addr) = recv;
+        let receiver = Command::new("ip")
+            .args(["netns", "exec", ns])
+            .arg(&probe)
+            .args([mode, &addr])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn receiver");
+        let sent = Self::exec(send.1, &[probe.to_str().expect("path"), send.0, &addr, &bytes.to_string()]);
+        assert!(sent.status.success(), "send: {}", String::from_utf8_lossy(&sent.stderr));
+        let out = receiver.wait_with_output().expect("receiver");
+        parse_rate(&String::from_utf8_lossy(&out.stdout))
+    }
+
     /// `iptables -t raw -S` inside `ns`.
     pub fn raw_rules(ns: &str) -> String {
         String::from_utf8_lossy(&Self::exec(ns, &["iptables", "-w", "-t", "raw", "-S"]).stdout).into_owned()
@@ -386,4 +423,12 @@ pub fn chaos_in(ns: &str, args: &[&str]) -> Output {
     let mut argv = vec![bin.to_str().expect("utf-8 path")];
     argv.extend_from_slice(args);
     NetPair::exec(ns, &argv)
+}
+
+/// "BYTES SECONDS" -> bit/s (0 when nothing arrived).
+fn parse_rate(text: &str) -> f64 {
+    let mut it = text.split_whitespace();
+    let n: f64 = it.next().and_then(|x| x.parse().ok()).unwrap_or(0.0);
+    let secs: f64 = it.next().and_then(|x| x.parse().ok()).unwrap_or(0.0);
+    if secs > 0.0 { n * 8.0 / secs } else { 0.0 }
 }

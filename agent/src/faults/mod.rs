@@ -6,6 +6,7 @@
 //! journaled (fsync'd) before `apply` touches the host, so a new agent
 //! process can revert it after a crash from the plan alone.
 
+pub mod bandwidth;
 pub mod delay_engine;
 pub mod latency;
 pub mod network;
@@ -44,6 +45,8 @@ pub enum Plan {
     Network(Box<network::NetworkPlan>),
     /// iptables NFQUEUE chains + the userspace delay engine.
     Latency(Box<latency::LatencyPlan>),
+    /// htb root qdiscs with u32 filters.
+    Bandwidth(Box<bandwidth::BandwidthPlan>),
 }
 
 /// What `apply` achieved.
@@ -90,7 +93,8 @@ impl Drivers {
             FaultKind::NetworkPartition { .. }
             | FaultKind::NetworkLoss { .. }
             | FaultKind::NetworkLatency { .. }
-            | FaultKind::NetworkReorder { .. } => &self.network,
+            | FaultKind::NetworkReorder { .. }
+            | FaultKind::NetworkBandwidth { .. } => &self.network,
         }
     }
 
@@ -98,7 +102,7 @@ impl Drivers {
     pub fn for_plan(&self, plan: &Plan) -> &dyn FaultDriver {
         match plan {
             Plan::Process(_) => &self.process,
-            Plan::Network(_) | Plan::Latency(_) => &self.network,
+            Plan::Network(_) | Plan::Latency(_) | Plan::Bandwidth(_) => &self.network,
         }
     }
 }

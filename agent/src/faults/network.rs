@@ -170,19 +170,19 @@ impl NetworkDriver {
     }
 
     /// Interfaces of the namespace other than loopback (or the one asked for).
-    async fn interfaces(&self, plan: &NetworkPlan) -> Result<Vec<String>, AgentError> {
+    pub(crate) async fn interfaces_of(&self, ns: &NetnsRef, wanted: Option<&str>) -> Result<Vec<String>, AgentError> {
         let out = self
             .exec
-            .run(plan.ns.path.as_deref(), &["ip", "-o", "link", "show"], None)
+            .run(ns.path.as_deref(), &["ip", "-o", "link", "show"], None)
             .await
             .map_err(|e| AgentError::Command { cmd: "ip -o link show".into(), detail: e.to_string() })?;
         if !out.success {
             return Err(AgentError::Command { cmd: "ip -o link show".into(), detail: out.stderr });
         }
         let all = parse_link_names(&out.stdout);
-        match &plan.scope.interface {
-            Some(i) if all.iter().any(|n| n == i) => Ok(vec![i.clone()]),
-            Some(i) => Err(AgentError::TargetNotFound(format!("no interface {i:?} in {} (has: {})", plan.ns.label, all.join(", ")))),
+        match wanted {
+            Some(i) if all.iter().any(|n| n == i) => Ok(vec![i.to_string()]),
+            Some(i) => Err(AgentError::TargetNotFound(format!("no interface {i:?} in {} (has: {})", ns.label, all.join(", ")))),
             None => Ok(all.into_iter().filter(|n| n != "lo").collect()),
         }
     }
@@ -319,6 +319,12 @@ impl FaultDriver for NetworkDriver {
                 let id = req.id.as_deref().unwrap_or("unnamed");
                 return Ok(Plan::Latency(Box::new(self.plan_latency(id, &req.target, scope, *delay, *jitter, 0).await?)));
             }
+            FaultKind::NetworkBandwidth { scope, rate_bits_per_second, burst_bytes } => {
+                let id = req.id.as_deref().unwrap_or("unnamed");
+                return Ok(Plan::Bandwidth(Box::new(
+                    self.plan_bandwidth(id, &req.target, scope, *rate_bits_per_second, *burst_bytes).await?,
+                )));
+            }
             FaultKind::NetworkReorder { scope, permyriad, delay } => {
                 let id = req.id.as_deref().unwrap_or("unnamed");
                 return Ok(Plan::Latency(Box::new(self.plan_latency(id, &req.target, scope, *delay, Duration::ZERO, *permyriad).await?)));
@@ -341,11 +347,14 @@ impl FaultDriver for NetworkDriver {
     }
 
     async fn apply(&self, plan: &Plan) -> Result<Applied, AgentError> {
-        if let Plan::Latency(l) = plan {
-            return self.apply_latency(l).await;
+        match plan {
+            Plan::Latency(l) => return self.apply_latency(l).await,
+            Plan::Bandwidth(b) => return self.apply_bandwidth(b).await,
+            _ => {}
         }
         let plan = plan_of(plan)?;
-        let devices = if plan.scope.direction.egress() { self.interfaces(plan).await? } else { Vec::new() };
+        let devices =
+            if plan.scope.direction.egress() { self.interfaces_of(&plan.ns, plan.scope.interface.as_deref()).await? } else { Vec::new() };
         if !plan.scope.direction.ingress() && devices.is_empty() {
             return Err(AgentError::TargetNotFound(format!("{} has no interface besides lo to drop egress on", plan.ns.label)));
         }
@@ -391,8 +400,10 @@ impl FaultDriver for NetworkDriver {
     }
 
     async fn revert(&self, plan: &Plan) -> Result<String, AgentError> {
-        if let Plan::Latency(l) = plan {
-            return self.revert_latency(l).await;
+        match plan {
+            Plan::Latency(l) => return self.revert_latency(l).await,
+            Plan::Bandwidth(b) => return self.revert_bandwidth(b).await,
+            _ => {}
         }
         let plan = plan_of(plan)?;
         if !self.still_there(&plan.ns)? {
