@@ -15,7 +15,8 @@
 //! (c..f) network faults between two network namespaces on a veth pair
 //!     (198.18.0.0/15; needs root): ApplyFault/RevertFault latency of a
 //!     partition, packets crossing a partition, loss achieved vs requested,
-//!     latency accuracy of the NFQUEUE engine, and the baseline after revert.
+//!     latency accuracy and throughput of the NFQUEUE engine, bandwidth
+//!     achieved vs requested, and the baseline after revert.
 //!
 //! Run: `cargo run --release -p chaos-e2e --bin chaos-bench -- [--suite lifecycle|network|all] [--faults N] [--agents M] [--runs R]`
 
@@ -287,6 +288,9 @@ struct NetFigures {
     latency_mean: f64,
     jitter_sd: f64,
     latency_apply: Stats,
+    /// Achieved bit/s under an 8 Mbit/s cap, and TCP bit/s through the delay engine (1 ms, ingress).
+    bandwidth_bps: f64,
+    engine_bps: f64,
 }
 
 fn median_p99(mut v: Vec<f64>) -> (f64, f64) {
@@ -356,6 +360,25 @@ async fn bench_network(dir: &Path, loss_packets: u32) -> anyhow::Result<NetFigur
     let latency_mean = fixed.iter().sum::<f64>() / fixed.len().max(1) as f64 - base_mean;
     let jm = jittered.iter().sum::<f64>() / jittered.len().max(1) as f64;
     let jitter_sd = (jittered.iter().map(|x| (x - jm).powi(2)).sum::<f64>() / jittered.len().max(1) as f64).sqrt();
+    // (h) bandwidth 8 Mbit/s towards b.
+    let bw = pb::fault_spec::Fault::NetworkBandwidth(pb::NetworkBandwidth {
+        scope: scope(&pair.b_ip, pb::Direction::Egress),
+        rate_bits_per_second: 8_000_000,
+        burst_bytes: 0,
+    });
+    client.apply_fault(pb::ApplyFaultRequest { spec: Some(net_spec(&pair.a, bw, "nbw".into())) }).await?;
+    let bandwidth_bps = NetPair::throughput_bps(&pair.a, &pair.b, &pair.b_ip, 9100, 4_000_000);
+    client.revert_fault(pb::RevertFaultRequest { fault_id: "nbw".into() }).await?;
+    // (i) what the delay engine sustains: bulk TCP into a with 1 ms held at a's ingress.
+    let lat = pb::fault_spec::Fault::NetworkLatency(pb::NetworkLatency {
+        scope: scope(&pair.b_ip, pb::Direction::Ingress),
+        delay: Some(duration_to_pb(Duration::from_millis(1))),
+        jitter: None,
+        correlation_percent: 0.0,
+    });
+    client.apply_fault(pb::ApplyFaultRequest { spec: Some(net_spec(&pair.a, lat, "neng".into())) }).await?;
+    let engine_bps = NetPair::throughput_bps(&pair.b, &pair.a, &pair.a_ip, 9101, 50_000_000);
+    client.revert_fault(pb::RevertFaultRequest { fault_id: "neng".into() }).await?;
     let after = NetPair::ping_every(&pair.a, &pair.b_ip, 200, "0.005");
     let restored = NetPair::ruleset(&pair.a) == before;
     agent.shutdown().await?;
@@ -370,6 +393,8 @@ async fn bench_network(dir: &Path, loss_packets: u32) -> anyhow::Result<NetFigur
         latency_mean,
         jitter_sd,
         latency_apply: stats(latency_apply),
+        bandwidth_bps,
+        engine_bps,
     })
 }
 
@@ -407,6 +432,8 @@ async fn main() -> anyhow::Result<()> {
             "(e) loss 10 % requested (nftables numgen, ingress): {achieved:.2} % achieved over {} packets (goal +/- 1 pp)",
             n.loss.1
         ));
+        notes.push(format!("(h) bandwidth 8 Mbit/s requested (htb): {:.2} Mbit/s achieved over TCP", n.bandwidth_bps / 1e6));
+        notes.push(format!("(i) delay engine throughput (TCP through 1 ms ingress hold): {:.0} Mbit/s", n.engine_bps / 1e6));
         notes.push(format!(
             "(f) after revert: {}/{} pings answered, ruleset {}",
             n.baseline_after.0,
