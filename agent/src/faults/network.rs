@@ -400,12 +400,26 @@ impl FaultDriver for NetworkDriver {
     }
 
     async fn revert(&self, plan: &Plan) -> Result<String, AgentError> {
-        match plan {
-            Plan::Latency(l) => return self.revert_latency(l).await,
-            Plan::Bandwidth(b) => return self.revert_bandwidth(b).await,
-            _ => {}
+        let (ns, result) = match plan {
+            Plan::Latency(l) => (&l.ns, self.revert_latency(l).await),
+            Plan::Bandwidth(b) => (&b.ns, self.revert_bandwidth(b).await),
+            other => {
+                let p = plan_of(other)?;
+                (&p.ns, self.revert_tables(p).await)
+            }
+        };
+        match result {
+            // A namespace deleted while its fault was being reverted leaves nothing behind.
+            Err(e) if !self.still_there(ns).unwrap_or(true) => {
+                Ok(format!("{} disappeared during the revert ({e}): nothing left to remove", ns.label))
+            }
+            other => other,
         }
-        let plan = plan_of(plan)?;
+    }
+}
+
+impl NetworkDriver {
+    async fn revert_tables(&self, plan: &NetworkPlan) -> Result<String, AgentError> {
         if !self.still_there(&plan.ns)? {
             return Ok(format!("{} is gone (or replaced): nothing left to remove", plan.ns.label));
         }
@@ -540,6 +554,17 @@ mod tests {
         let s = d.revert(&plan).await.expect("revert");
         assert!(s.contains("gone"), "{s}");
         assert_eq!(exec.calls().len(), before, "a replaced namespace is never touched");
+    }
+
+    #[tokio::test]
+    async fn a_namespace_vanishing_mid_revert_counts_as_reverted() {
+        let exec = FakeExec::default();
+        exec.add_namespace("/run/netns/lab-a", (1, 42));
+        let d = driver(&exec);
+        let plan = d.plan(&req(TargetSpec::Netns("lab-a".into()), scope(&[], Direction::Ingress))).await.expect("plan");
+        exec.vanish_on("delete table inet", "/run/netns/lab-a");
+        let s = d.revert(&plan).await.expect("a vanished namespace is not a failed revert");
+        assert!(s.contains("disappeared during the revert"), "{s}");
     }
 
     #[tokio::test]

@@ -94,6 +94,8 @@ struct FakeInner {
     answers: Vec<(String, CmdOutput)>,
     namespaces: BTreeMap<PathBuf, NsId>,
     missing_program: bool,
+    /// A namespace deleted when a command containing the key runs (races at teardown).
+    vanish: Option<(String, PathBuf)>,
 }
 
 /// Records every command; answers success unless told otherwise.
@@ -119,6 +121,11 @@ impl FakeExec {
     pub fn remove_namespace(&self, path: &Path) {
         self.lock().namespaces.remove(path);
     }
+    /// Delete namespace `path` as soon as a command containing `key` runs (and fail that command).
+    pub fn vanish_on(&self, key: &str, path: impl Into<PathBuf>) {
+        self.lock().vanish = Some((key.to_string(), path.into()));
+    }
+
     /// Behave as if the program were not installed.
     pub fn set_missing_program(&self, missing: bool) {
         self.lock().missing_program = missing;
@@ -138,6 +145,12 @@ impl NetExec for FakeExec {
             stdin: stdin.map(str::to_string),
         });
         let joined = argv.join(" ");
+        if let Some((key, path)) = g.vanish.clone()
+            && joined.contains(key.as_str())
+        {
+            g.namespaces.remove(&path);
+            return Ok(CmdOutput { success: false, stdout: String::new(), stderr: format!("nsenter: cannot open {}", path.display()) });
+        }
         let out = g.answers.iter().find(|(k, _)| joined.contains(k.as_str())).map(|(_, o)| o.clone());
         Ok(out.unwrap_or(CmdOutput { success: true, ..Default::default() }))
     }

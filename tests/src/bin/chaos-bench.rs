@@ -18,7 +18,8 @@
 //!     latency accuracy and throughput of the NFQUEUE engine, bandwidth
 //!     achieved vs requested, and the baseline after revert.
 //!
-//! Run: `cargo run --release -p chaos-e2e --bin chaos-bench -- [--suite lifecycle|network|all] [--faults N] [--agents M] [--runs R]`
+//! Run: `cargo build --release --workspace --bins && ./target/release/chaos-bench [--suite lifecycle|network|all] [--faults N] [--agents M] [--runs R]`
+//! (the network suite drives `chaos-netprobe`, built next to it).
 
 use std::{
     collections::BTreeMap,
