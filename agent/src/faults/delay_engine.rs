@@ -105,12 +105,9 @@ impl Engine {
         }
     }
 
-    /// Stop: every held packet is accepted, then the queue is unbound.
-    pub fn stop(mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+    /// Stop: every held packet is accepted, then the queue is unbound (what dropping it does).
+    pub fn stop(self) {
+        drop(self);
     }
 }
 
