@@ -60,7 +60,7 @@ pub async fn run(cfg: AgentConfig, listener: TcpListener, shutdown: impl Future<
     let tc = crate::faults::network::tool_version("tc", "-V", "iproute2");
     let drivers = Arc::new(Drivers {
         process: ProcessDriver::new(Arc::new(procfs.clone()), Arc::new(PidfdSignals::new(procfs.clone())), protection.clone()),
-        network: NetworkDriver::new(Arc::new(NsenterExec), Arc::new(procfs), exemptions),
+        network: NetworkDriver::new(Arc::new(NsenterExec), Arc::new(procfs), exemptions).with_iptables_version(iptables.as_deref().ok()),
     });
     let lc_cfg = LifecycleConfig {
         max_fault_duration: cfg.max_fault_duration,

@@ -113,18 +113,6 @@ pub fn render(plan: &BandwidthPlan) -> String {
 }
 
 impl NetworkDriver {
-    async fn tc(&self, ns: &NetnsRef, args: &[&str], stdin: Option<&str>) -> Result<crate::sys::netexec::CmdOutput, AgentError> {
-        let mut argv = vec!["tc"];
-        argv.extend_from_slice(args);
-        self.exec.run(ns.path.as_deref(), &argv, stdin).await.map_err(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                AgentError::MissingFeature("the `tc` command (iproute2)".into())
-            } else {
-                AgentError::Command { cmd: argv.join(" "), detail: e.to_string() }
-            }
-        })
-    }
-
     pub(crate) async fn plan_bandwidth(
         &self,
         id: &str,
@@ -142,7 +130,7 @@ impl NetworkDriver {
             return Err(AgentError::TargetNotFound(format!("{} has no interface besides lo to shape", ns.label)));
         }
         for dev in &devices {
-            let out = self.tc(&ns, &["qdisc", "show", "dev", dev], None).await?;
+            let out = self.run_tool(&ns, &["tc", "qdisc", "show", "dev", dev], None).await?;
             match root_qdisc(&out.stdout) {
                 Some((_, handle)) if handle == "0:" => {}
                 Some((kind, handle)) => {
@@ -166,13 +154,13 @@ impl NetworkDriver {
     }
 
     pub(crate) async fn apply_bandwidth(&self, plan: &BandwidthPlan) -> Result<Applied, AgentError> {
-        let out = self.tc(&plan.ns, &["-batch", "-"], Some(&render(plan))).await?;
+        let out = self.run_tool(&plan.ns, &["tc", "-batch", "-"], Some(&render(plan))).await?;
         if !out.success {
             return Err(AgentError::Command { cmd: format!("tc -batch (in {})", plan.ns.label), detail: out.stderr });
         }
         let h = format!("{:x}:", plan.handle);
         for dev in &plan.devices {
-            let v = self.tc(&plan.ns, &["qdisc", "show", "dev", dev], None).await?;
+            let v = self.run_tool(&plan.ns, &["tc", "qdisc", "show", "dev", dev], None).await?;
             if root_qdisc(&v.stdout) != Some(("htb".into(), h.clone())) {
                 return Err(AgentError::Command {
                     cmd: format!("tc qdisc show dev {dev}"),
@@ -199,14 +187,14 @@ impl NetworkDriver {
         let h = format!("{:x}:", plan.handle);
         let mut done = Vec::new();
         for dev in &plan.devices {
-            let show = self.tc(&plan.ns, &["qdisc", "show", "dev", dev], None).await?;
+            let show = self.run_tool(&plan.ns, &["tc", "qdisc", "show", "dev", dev], None).await?;
             if !show.success {
                 done.push(format!("{dev} gone"));
                 continue;
             }
             match root_qdisc(&show.stdout) {
                 Some((_, handle)) if handle == h => {
-                    let del = self.tc(&plan.ns, &["qdisc", "del", "dev", dev, "root", "handle", &h], None).await?;
+                    let del = self.run_tool(&plan.ns, &["tc", "qdisc", "del", "dev", dev, "root", "handle", &h], None).await?;
                     if !del.success {
                         return Err(AgentError::Command {
                             cmd: format!("tc qdisc del dev {dev} root (in {})", plan.ns.label),

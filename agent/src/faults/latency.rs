@@ -40,6 +40,28 @@ pub struct LatencyPlan {
     pub pass_permyriad: u32,
 }
 
+/// One direction of a latency fault: its chain and where it hooks in.
+struct Leg<'a> {
+    /// Whether the fault's direction includes this leg.
+    on: bool,
+    chain: &'a str,
+    hook: &'static str,
+    /// `-i` or `-o`: the interface flag valid in this hook.
+    iface_flag: &'static str,
+    /// `-s` or `-d`: the peer's side of the packet.
+    peer_flag: &'static str,
+}
+
+impl LatencyPlan {
+    /// Ingress (PREROUTING) and egress (OUTPUT), whether on or not (revert cleans both).
+    fn legs(&self) -> [Leg<'_>; 2] {
+        [
+            Leg { on: self.scope.direction.ingress(), chain: &self.chain_in, hook: "PREROUTING", iface_flag: "-i", peer_flag: "-s" },
+            Leg { on: self.scope.direction.egress(), chain: &self.chain_out, hook: "OUTPUT", iface_flag: "-o", peer_flag: "-d" },
+        ]
+    }
+}
+
 /// A queue number from the fault id, in 10000..60000 (other software tends to use low numbers).
 pub fn queue_num_for(id: &str) -> u16 {
     let h = id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
@@ -80,22 +102,15 @@ fn proto_port_matches(scope: &NetScope) -> Vec<String> {
 /// The `iptables-restore --noflush` script that adds the fault.
 pub fn render(plan: &LatencyPlan) -> String {
     let mut s = String::from("*raw\n");
-    let dirs: Vec<(&str, &str, &str, &str)> = [
-        (plan.scope.direction.ingress(), plan.chain_in.as_str(), "PREROUTING", "-s"),
-        (plan.scope.direction.egress(), plan.chain_out.as_str(), "OUTPUT", "-d"),
-    ]
-    .into_iter()
-    .filter(|(on, ..)| *on)
-    .map(|(_, chain, hook, peer_flag)| (chain, hook, peer_flag, if hook == "PREROUTING" { "-i" } else { "-o" }))
-    .collect();
-    for (chain, ..) in &dirs {
-        s.push_str(&format!(":{chain} - [0:0]\n"));
+    let legs: Vec<Leg<'_>> = plan.legs().into_iter().filter(|l| l.on).collect();
+    for leg in &legs {
+        s.push_str(&format!(":{} - [0:0]\n", leg.chain));
     }
-    for (chain, hook, peer_flag, lo_flag) in &dirs {
+    for Leg { chain, hook, iface_flag, peer_flag, .. } in &legs {
         for m in &plan.exemptions {
             s.push_str(&format!("-A {chain} {m} -j RETURN\n"));
         }
-        let iface = plan.scope.interface.as_ref().map(|i| format!("{lo_flag} {i} ")).unwrap_or_default();
+        let iface = plan.scope.interface.as_ref().map(|i| format!("{iface_flag} {i} ")).unwrap_or_default();
         let peers: Vec<String> = if plan.scope.peers.is_empty() {
             vec![String::new()]
         } else {
@@ -109,7 +124,7 @@ pub fn render(plan: &LatencyPlan) -> String {
                 );
             }
         }
-        s.push_str(&format!("-I {hook} 1 ! {lo_flag} lo -j {chain}\n"));
+        s.push_str(&format!("-I {hook} 1 ! {iface_flag} lo -j {chain}\n"));
     }
     s.push_str("COMMIT\n");
     s
@@ -129,7 +144,7 @@ impl NetworkDriver {
             return Err(AgentError::MissingFeature(format!("IPv6 latency (peer {c}): the NFQUEUE engine handles IPv4 only for now")));
         }
         let ns = self.resolve_ns(target)?;
-        let raw = self.nft(&ns, &["list", "table", "ip", "raw"], None).await;
+        let raw = self.run_tool(&ns, &["nft", "list", "table", "ip", "raw"], None).await;
         let raw_table_existed = !matches!(raw, Ok(ref o) if !o.success);
         let short: String = id.chars().filter(|c| c.is_ascii_alphanumeric()).take(16).collect();
         Ok(LatencyPlan {
@@ -146,19 +161,8 @@ impl NetworkDriver {
         })
     }
 
-    async fn iptables(&self, plan: &LatencyPlan, argv: &[&str], stdin: Option<&str>) -> Result<crate::sys::netexec::CmdOutput, AgentError> {
-        self.exec.run(plan.ns.path.as_deref(), argv, stdin).await.map_err(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                AgentError::MissingFeature(format!("iptables: `{}` is not installed (needed for the NFQUEUE latency engine)", argv[0]))
-            } else {
-                AgentError::Command { cmd: argv.join(" "), detail: e.to_string() }
-            }
-        })
-    }
-
     pub(crate) async fn apply_latency(&self, plan: &LatencyPlan) -> Result<Applied, AgentError> {
-        let version = self.iptables(plan, &["iptables", "-V"], None).await?;
-        let backend = if version.stdout.contains("nf_tables") { "iptables-nft" } else { "iptables-legacy" };
+        let backend = self.iptables_backend;
         // The engine first: with --queue-bypass, rules without a listener would pass traffic undelayed.
         let engine = Engine::start(
             plan.ns.path.clone(),
@@ -167,18 +171,14 @@ impl NetworkDriver {
         )
         .map_err(|e| AgentError::Command { cmd: format!("delay engine (NFQUEUE {})", plan.queue_num), detail: e })?;
         let script = render(plan);
-        let out = self.iptables(plan, &["iptables-restore", "-w", "--noflush"], Some(&script)).await?;
+        let out = self.run_tool(&plan.ns, &["iptables-restore", "-w", "--noflush"], Some(&script)).await?;
         if !out.success {
             engine.stop();
             return Err(AgentError::Command { cmd: format!("iptables-restore (in {})", plan.ns.label), detail: out.stderr });
         }
-        let chains: Vec<&str> = [(plan.scope.direction.ingress(), &plan.chain_in), (plan.scope.direction.egress(), &plan.chain_out)]
-            .into_iter()
-            .filter(|(on, _)| *on)
-            .map(|(_, c)| c.as_str())
-            .collect();
+        let chains: Vec<&str> = plan.legs().into_iter().filter(|l| l.on).map(|l| l.chain).collect();
         for c in &chains {
-            let v = self.iptables(plan, &["iptables", "-w", "-t", "raw", "-S", c], None).await?;
+            let v = self.run_tool(&plan.ns, &["iptables", "-w", "-t", "raw", "-S", c], None).await?;
             if !v.success || !v.stdout.contains("NFQUEUE") {
                 engine.stop();
                 return Err(AgentError::Command {
@@ -221,12 +221,13 @@ impl NetworkDriver {
         }
         // Rules first (nothing new is queued), then the engine (it releases what it holds).
         let mut removed = Vec::new();
-        for (chain, hook, lo_flag) in [(&plan.chain_in, "PREROUTING", "-i"), (&plan.chain_out, "OUTPUT", "-o")] {
-            let del = self.iptables(plan, &["iptables", "-w", "-t", "raw", "-D", hook, "!", lo_flag, "lo", "-j", chain], None).await?;
-            let flush = self.iptables(plan, &["iptables", "-w", "-t", "raw", "-F", chain], None).await?;
-            let drop = self.iptables(plan, &["iptables", "-w", "-t", "raw", "-X", chain], None).await?;
+        for Leg { chain, hook, iface_flag, .. } in plan.legs() {
+            let del =
+                self.run_tool(&plan.ns, &["iptables", "-w", "-t", "raw", "-D", hook, "!", iface_flag, "lo", "-j", chain], None).await?;
+            let flush = self.run_tool(&plan.ns, &["iptables", "-w", "-t", "raw", "-F", chain], None).await?;
+            let drop = self.run_tool(&plan.ns, &["iptables", "-w", "-t", "raw", "-X", chain], None).await?;
             if drop.success {
-                removed.push(chain.clone());
+                removed.push(chain.to_string());
             } else if flush.success || del.success {
                 return Err(AgentError::Command { cmd: format!("iptables -t raw -X {chain} (in {})", plan.ns.label), detail: drop.stderr });
             }
@@ -237,9 +238,9 @@ impl NetworkDriver {
             n
         });
         if !plan.raw_table_existed {
-            let rest = self.iptables(plan, &["iptables", "-w", "-t", "raw", "-S"], None).await?;
+            let rest = self.run_tool(&plan.ns, &["iptables", "-w", "-t", "raw", "-S"], None).await?;
             if rest.success && rest.stdout.lines().all(|l| l.starts_with("-P ")) {
-                let _ = self.nft(&plan.ns, &["delete", "table", "ip", "raw"], None).await;
+                let _ = self.run_tool(&plan.ns, &["nft", "delete", "table", "ip", "raw"], None).await;
             }
         }
         let mut s = if removed.is_empty() {

@@ -16,7 +16,7 @@ use std::{
     collections::HashMap,
     fmt::Write as _,
     net::IpAddr,
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -81,6 +81,8 @@ pub struct NetworkDriver {
     proc_root: PathBuf,
     /// Running delay engines, by the fault's ingress chain name.
     pub(crate) engines: Mutex<HashMap<String, Engine>>,
+    /// "iptables-nft" or "iptables-legacy", learned once at start (reported with each latency fault).
+    pub(crate) iptables_backend: &'static str,
 }
 
 impl NetworkDriver {
@@ -92,7 +94,18 @@ impl NetworkDriver {
             netns_dir: PathBuf::from("/run/netns"),
             proc_root: PathBuf::from("/proc"),
             engines: Mutex::new(HashMap::new()),
+            iptables_backend: "iptables",
         }
+    }
+
+    /// Name the iptables backend from `iptables -V` output (learned once at start).
+    pub fn with_iptables_version(mut self, version: Option<&str>) -> Self {
+        self.iptables_backend = match version {
+            Some(v) if v.contains("nf_tables") => "iptables-nft",
+            Some(v) if v.contains("legacy") => "iptables-legacy",
+            _ => "iptables",
+        };
+        self
     }
 
     /// Use other roots (tests).
@@ -106,15 +119,14 @@ impl NetworkDriver {
     /// namespace deleted (or a name reused) since the plan is never touched.
     pub(crate) fn still_there(&self, ns: &NetnsRef) -> Result<bool, AgentError> {
         match (&ns.path, ns.id) {
-            (Some(path), Some(id)) => {
-                let now = self
-                    .exec
-                    .ns_id(path)
-                    .map_err(|e| AgentError::Command { cmd: format!("stat {}", path.display()), detail: e.to_string() })?;
-                Ok(now == Some(id))
-            }
+            (Some(path), Some(id)) => Ok(self.ns_identity(path)? == Some(id)),
             _ => Ok(true),
         }
+    }
+
+    /// Identity of the namespace file at `path`, `None` when it does not exist.
+    fn ns_identity(&self, path: &Path) -> Result<Option<NsId>, AgentError> {
+        self.exec.ns_id(path).map_err(|e| AgentError::Command { cmd: format!("stat {}", path.display()), detail: e.to_string() })
     }
 
     pub(crate) fn resolve_ns(&self, target: &TargetSpec) -> Result<NetnsRef, AgentError> {
@@ -129,11 +141,8 @@ impl NetworkDriver {
             }
             other => return Err(AgentError::TargetNotFound(format!("network faults need host, netns or pid, got {other}"))),
         };
-        let id = self
-            .exec
-            .ns_id(&path)
-            .map_err(|e| AgentError::Command { cmd: format!("stat {}", path.display()), detail: e.to_string() })?
-            .ok_or_else(|| AgentError::TargetNotFound(format!("no network namespace at {}", path.display())))?;
+        let id =
+            self.ns_identity(&path)?.ok_or_else(|| AgentError::TargetNotFound(format!("no network namespace at {}", path.display())))?;
         Ok(NetnsRef { path: Some(path), id: Some(id), label })
     }
 
@@ -157,12 +166,17 @@ impl NetworkDriver {
         (inp, out)
     }
 
-    pub(crate) async fn nft(&self, ns: &NetnsRef, args: &[&str], stdin: Option<&str>) -> Result<CmdOutput, AgentError> {
-        let mut argv = vec!["nft"];
-        argv.extend_from_slice(args);
-        self.exec.run(ns.path.as_deref(), &argv, stdin).await.map_err(|e| {
+    /// Run a network tool (`nft`, `iptables*`, `tc`, `ip`) inside the namespace.
+    /// `Err` only when it cannot be started; a failing tool is `Ok` with `success: false`.
+    pub(crate) async fn run_tool(&self, ns: &NetnsRef, argv: &[&str], stdin: Option<&str>) -> Result<CmdOutput, AgentError> {
+        self.exec.run(ns.path.as_deref(), argv, stdin).await.map_err(|e| {
             if e.kind() == std::io::ErrorKind::NotFound {
-                AgentError::MissingFeature("nftables: the `nft` command (and `nsenter` for namespaces) must be installed".into())
+                let package = match argv[0] {
+                    "nft" => "nftables",
+                    p if p.starts_with("iptables") => "iptables",
+                    _ => "iproute2",
+                };
+                AgentError::MissingFeature(format!("`{}` (package {package}) or `nsenter` (util-linux): not installed", argv[0]))
             } else {
                 AgentError::Command { cmd: argv.join(" "), detail: e.to_string() }
             }
@@ -171,11 +185,7 @@ impl NetworkDriver {
 
     /// Interfaces of the namespace other than loopback (or the one asked for).
     pub(crate) async fn interfaces_of(&self, ns: &NetnsRef, wanted: Option<&str>) -> Result<Vec<String>, AgentError> {
-        let out = self
-            .exec
-            .run(ns.path.as_deref(), &["ip", "-o", "link", "show"], None)
-            .await
-            .map_err(|e| AgentError::Command { cmd: "ip -o link show".into(), detail: e.to_string() })?;
+        let out = self.run_tool(ns, &["ip", "-o", "link", "show"], None).await?;
         if !out.success {
             return Err(AgentError::Command { cmd: "ip -o link show".into(), detail: out.stderr });
         }
@@ -359,7 +369,7 @@ impl FaultDriver for NetworkDriver {
             return Err(AgentError::TargetNotFound(format!("{} has no interface besides lo to drop egress on", plan.ns.label)));
         }
         let script = render(plan, &devices);
-        let out = self.nft(&plan.ns, &["-f", "-"], Some(&script)).await?;
+        let out = self.run_tool(&plan.ns, &["nft", "-f", "-"], Some(&script)).await?;
         if !out.success {
             return Err(AgentError::Command { cmd: format!("nft -f - (in {})", plan.ns.label), detail: out.stderr });
         }
@@ -372,7 +382,7 @@ impl FaultDriver for NetworkDriver {
             tables.push(("netdev", plan.egress_table.as_str()));
         }
         for (fam, t) in &tables {
-            let v = self.nft(&plan.ns, &["list", "table", fam, t], None).await?;
+            let v = self.run_tool(&plan.ns, &["nft", "list", "table", fam, t], None).await?;
             if !v.success || !v.stdout.contains("drop") {
                 return Err(AgentError::Command {
                     cmd: format!("nft list table {fam} {t}"),
@@ -425,7 +435,7 @@ impl NetworkDriver {
         }
         let mut removed = Vec::new();
         for (fam, t) in [("inet", &plan.table), ("netdev", &plan.egress_table)] {
-            let out = self.nft(&plan.ns, &["delete", "table", fam, t], None).await?;
+            let out = self.run_tool(&plan.ns, &["nft", "delete", "table", fam, t], None).await?;
             if out.success {
                 removed.push(format!("{fam} {t}"));
             } else if !is_missing_table(&out.stderr) {
