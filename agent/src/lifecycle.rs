@@ -146,15 +146,29 @@ struct Actor {
     journal: Arc<dyn JournalStore>,
     active: BTreeMap<String, Entry>,
     history: VecDeque<pb::Fault>,
-    armed: bool,
-    disarm_reason: String,
-    /// A coordinator's disarm is lifted by the coordinator's next "armed";
-    /// a local one only by SetArmed.
-    disarmed_by_coordinator: bool,
+    arming: Arming,
     last_contact: Option<Instant>,
     started: Instant,
     lease_lost: bool,
     shutting_down: bool,
+}
+
+/// Whether the agent accepts new faults.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Arming {
+    Armed,
+    Disarmed {
+        reason: String,
+        /// A coordinator's disarm is lifted by the coordinator's next "armed";
+        /// a local one only by SetArmed.
+        by_coordinator: bool,
+    },
+}
+
+impl Arming {
+    fn is_armed(&self) -> bool {
+        matches!(self, Arming::Armed)
+    }
 }
 
 fn unix_ms(t: SystemTime) -> u64 {
@@ -177,9 +191,7 @@ impl Lifecycle {
             journal,
             active: BTreeMap::new(),
             history: VecDeque::new(),
-            armed: true,
-            disarm_reason: String::new(),
-            disarmed_by_coordinator: false,
+            arming: Arming::Armed,
             last_contact: None,
             started: now,
             shutting_down: false,
@@ -351,7 +363,7 @@ impl Actor {
                 if let Some(why) = disarm {
                     self.disarm(why, reason == RevertReason::EmergencyStop);
                 }
-                out.armed = self.armed;
+                out.armed = self.arming.is_armed();
                 let _ = reply.send(out);
             }
             Cmd::List(include_finished, reply) => {
@@ -370,14 +382,18 @@ impl Actor {
                 } else {
                     self.disarm(reason, false);
                 }
-                let _ = reply.send(self.armed);
+                let _ = reply.send(self.arming.is_armed());
             }
             Cmd::Contact { coordinator_armed, reply } => {
                 self.contact(coordinator_armed).await;
                 let _ = reply.send(());
             }
             Cmd::Status(reply) => {
-                let _ = reply.send(LifecycleStatus { armed: self.armed, lease_lost: self.lease_lost, active_faults: self.active.len() });
+                let _ = reply.send(LifecycleStatus {
+                    armed: self.arming.is_armed(),
+                    lease_lost: self.lease_lost,
+                    active_faults: self.active.len(),
+                });
             }
             Cmd::Shutdown(reply) => {
                 self.shutting_down = true;
@@ -388,21 +404,18 @@ impl Actor {
     }
 
     fn arm(&mut self, reason: &str) {
-        if !self.armed {
+        if !self.arming.is_armed() {
             info!(reason, "agent armed: faults accepted again");
         }
-        self.armed = true;
-        self.disarm_reason.clear();
-        self.disarmed_by_coordinator = false;
+        self.arming = Arming::Armed;
     }
 
     fn disarm(&mut self, reason: String, by_coordinator: bool) {
-        if self.armed {
+        if self.arming.is_armed() {
             warn!(reason = %reason, "agent disarmed: new faults are refused until it is armed again");
         }
-        self.armed = false;
-        self.disarm_reason = if reason.is_empty() { "no reason given".into() } else { reason };
-        self.disarmed_by_coordinator = by_coordinator;
+        let reason = if reason.is_empty() { "no reason given".into() } else { reason };
+        self.arming = Arming::Disarmed { reason, by_coordinator };
     }
 
     async fn contact(&mut self, coordinator_armed: bool) {
@@ -411,12 +424,13 @@ impl Actor {
             self.lease_lost = false;
             info!("coordinator answered: lease established, faults accepted");
         }
+        let by_coordinator = matches!(self.arming, Arming::Disarmed { by_coordinator: true, .. });
         if coordinator_armed {
-            if !self.armed && self.disarmed_by_coordinator {
+            if by_coordinator {
                 self.arm("the coordinator re-armed the fleet");
             }
         } else {
-            if self.armed || !self.disarmed_by_coordinator {
+            if !by_coordinator {
                 self.disarm("the coordinator has disarmed the fleet (emergency stop)".into(), true);
             }
             if !self.active.is_empty() {
@@ -430,8 +444,8 @@ impl Actor {
         if self.shutting_down {
             return Err(AgentError::ShuttingDown);
         }
-        if !self.armed {
-            return Err(AgentError::Disarmed { reason: self.disarm_reason.clone() });
+        if let Arming::Disarmed { reason, .. } = &self.arming {
+            return Err(AgentError::Disarmed { reason: reason.clone() });
         }
         if let (Some(l), true) = (&self.cfg.lease, self.lease_lost) {
             let detail = match self.last_contact {
@@ -592,7 +606,7 @@ impl Actor {
 
     async fn revert_all(&mut self, reason: RevertReason) -> RevertAllOutcome {
         let ids: Vec<String> = self.active.keys().cloned().collect();
-        let mut out = RevertAllOutcome { armed: self.armed, ..Default::default() };
+        let mut out = RevertAllOutcome { armed: self.arming.is_armed(), ..Default::default() };
         for id in ids {
             match self.revert_by_id(&id, reason).await {
                 Some(Ok(f)) => out.reverted.push(f),
