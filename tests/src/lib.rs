@@ -322,27 +322,21 @@ impl NetPair {
         text.lines().find_map(|l| l.split(',').nth(1).and_then(|r| r.trim().split(' ').next()).and_then(|n| n.parse().ok())).unwrap_or(0)
     }
 
-    /// User-to-user round-trip times (`ping -U`: the kernel's receive
-    /// timestamp predates a hold at PREROUTING) as (min, avg, max) ms.
+    /// (min, avg, max) user-to-user RTT in ms of `count` pings 50 ms apart (see [`Self::arrivals`]).
     pub fn rtt_ms(ns: &str, to: &str, count: u32) -> Option<(f64, f64, f64)> {
-        let out = Self::exec(ns, &["ping", "-U", "-n", "-q", "-c", &count.to_string(), "-W", "2", "-i", "0.05", to]);
-        let text = String::from_utf8_lossy(&out.stdout);
-        let line = text.lines().find(|l| l.contains("min/avg/max"))?;
-        let nums: Vec<f64> = line.split('=').nth(1)?.trim().split(['/', ' ']).filter_map(|x| x.parse().ok()).collect();
-        Some((*nums.first()?, *nums.get(1)?, *nums.get(2)?))
+        let rtts = Self::rtts_ms(ns, to, count, "0.05");
+        let min = rtts.iter().copied().reduce(f64::min)?;
+        let max = rtts.iter().copied().reduce(f64::max)?;
+        Some((min, rtts.iter().sum::<f64>() / rtts.len() as f64, max))
     }
 
-    /// Per-packet user-to-user RTTs in ms (`ping -U`), `count` pings `interval` s apart.
+    /// Per-packet user-to-user RTTs in ms, in arrival order (see [`Self::arrivals`]).
     pub fn rtts_ms(ns: &str, to: &str, count: u32, interval: &str) -> Vec<f64> {
-        let out = Self::exec(ns, &["ping", "-U", "-n", "-c", &count.to_string(), "-W", "2", "-i", interval, to]);
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter_map(|l| l.split("time=").nth(1))
-            .filter_map(|t| t.split_whitespace().next()?.parse().ok())
-            .collect()
+        Self::arrivals(ns, to, count, interval).into_iter().map(|(_, rtt)| rtt).collect()
     }
 
-    /// (icmp_seq, user-to-user RTT ms) of each reply, in arrival order.
+    /// (icmp_seq, RTT ms) of each reply, in arrival order, from `ping -U`: user-to-user
+    /// time, since the kernel's receive timestamp predates a hold at PREROUTING.
     pub fn arrivals(ns: &str, to: &str, count: u32, interval: &str) -> Vec<(u32, f64)> {
         let out = Self::exec(ns, &["ping", "-U", "-n", "-c", &count.to_string(), "-W", "2", "-i", interval, to]);
         String::from_utf8_lossy(&out.stdout)
