@@ -53,7 +53,7 @@ impl ProcessDriver {
                     .stat(*pid)
                     .map_err(AgentError::ProcessTable)?
                     .ok_or_else(|| AgentError::TargetNotFound(format!("no process with pid {pid}")))?;
-                vec![stat]
+                vec![(stat, None)]
             }
             TargetSpec::ProcessName(name) => {
                 if self.protection.name_is_protected(name) {
@@ -65,8 +65,11 @@ impl ProcessDriver {
                     if stat.is_kernel_thread() {
                         continue;
                     }
-                    if stat.comm == *name || self.table.argv0_basename(pid).as_deref() == Some(name.as_str()) {
-                        found.push(stat);
+                    if stat.comm == *name {
+                        found.push((stat, None));
+                    } else if let Some(argv0) = self.table.argv0_basename(pid).filter(|a| a == name) {
+                        // Keep what was read: the protection check below needs it too.
+                        found.push((stat, Some(argv0)));
                     }
                 }
                 if found.is_empty() {
@@ -77,14 +80,14 @@ impl ProcessDriver {
             other => return Err(AgentError::TargetNotFound(format!("process faults need a pid or process name, got {other}"))),
         };
         let mut refs = Vec::with_capacity(candidates.len());
-        for stat in candidates {
+        for (stat, argv0) in candidates {
             if stat.state == 'Z' || stat.state == 'X' {
                 if matches!(target, TargetSpec::Pid(_)) {
                     return Err(AgentError::TargetNotFound(format!("pid {} ({}) has exited (zombie)", stat.pid, stat.comm)));
                 }
                 continue;
             }
-            let argv0 = self.table.argv0_basename(stat.pid);
+            let argv0 = argv0.or_else(|| self.table.argv0_basename(stat.pid));
             if let Some(why) = self.protection.why_protected(&stat, argv0.as_deref()) {
                 return Err(AgentError::Protected(why));
             }
