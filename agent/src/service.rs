@@ -45,33 +45,30 @@ impl AgentIdentity {
         let families = ALL_FAMILIES
             .iter()
             .map(|f| {
-                let tool = match *f {
-                    "network_latency" | "network_reorder" => &self.iptables,
-                    "network_bandwidth" => &self.tc,
-                    _ => &self.nftables,
+                // Network families: the tool they drive, and how they use it.
+                let network = match *f {
+                    "network_partition" => Some((&self.nftables, "nftables", "inet input + netdev egress, control channel exempt")),
+                    "network_loss" => {
+                        Some((&self.nftables, "nftables", "numgen: each packet drawn independently; correlation needs sch_netem (refused)"))
+                    }
+                    "network_latency" => Some((
+                        &self.iptables,
+                        "iptables",
+                        "NFQUEUE (--queue-bypass) + userspace delay engine, fail-open; IPv4; correlation needs sch_netem (refused)",
+                    )),
+                    "network_reorder" => {
+                        Some((&self.iptables, "iptables", "NFQUEUE + userspace engine: a share passes at once, the rest is held"))
+                    }
+                    "network_bandwidth" => {
+                        Some((&self.tc, "tc", "htb + u32 filters, egress, IPv4 scoping; never replaces a root qdisc it did not create"))
+                    }
+                    _ => None,
                 };
-                let (supported, detail) = match (*f, tool) {
+                let (supported, detail) = match (*f, network) {
                     ("process_pause", _) => (true, "SIGSTOP/SIGCONT through a pidfd, guarded against pid reuse".to_string()),
                     ("process_kill", _) => (true, "a signal of choice through a pidfd, guarded against pid reuse".to_string()),
-                    ("network_partition", Ok(v)) => (true, format!("nftables ({v}): inet input + netdev egress, control channel exempt")),
-                    ("network_partition", Err(why)) | ("network_loss", Err(why)) => (false, format!("nftables unusable: {why}")),
-                    ("network_latency", Ok(v)) => (
-                        true,
-                        format!(
-                            "{v} NFQUEUE (--queue-bypass) + userspace delay engine, fail-open; IPv4; correlation needs sch_netem (refused)"
-                        ),
-                    ),
-                    ("network_reorder", Ok(v)) => {
-                        (true, format!("{v} NFQUEUE + userspace engine: a share passes at once, the rest is held"))
-                    }
-                    ("network_latency" | "network_reorder", Err(why)) => (false, format!("iptables unusable: {why}")),
-                    ("network_bandwidth", Ok(v)) => {
-                        (true, format!("{v}: htb + u32 filters, egress, IPv4 scoping; never replaces a root qdisc it did not create"))
-                    }
-                    ("network_bandwidth", Err(why)) => (false, format!("tc unusable: {why}")),
-                    ("network_loss", Ok(v)) => {
-                        (true, format!("nftables ({v}) numgen: each packet drawn independently; correlation needs sch_netem (refused)"))
-                    }
+                    (_, Some((Ok(version), _, how))) => (true, format!("{version}: {how}")),
+                    (_, Some((Err(why), tool, _))) => (false, format!("{tool} unusable: {why}")),
                     _ => (false, "not implemented by this agent version (ApplyFault answers UNIMPLEMENTED)".to_string()),
                 };
                 pb::FamilySupport { family: f.to_string(), supported, detail }
