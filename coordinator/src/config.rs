@@ -1,12 +1,14 @@
 //! Coordinator configuration: flags, environment variables and a YAML
 //! file, in that order of precedence; errors name the key.
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, time::Duration};
 
 use anyhow::{Context, bail};
 use chaos_proto::serve::LogFormat;
 use clap::Parser;
 use serde::Deserialize;
+
+use crate::policy::{ChaosTestingFile, DurationValue, LevelFile, Policy, PolicyFile, TypeFile};
 
 const EXAMPLES: &str = "\
 Examples:
@@ -14,7 +16,12 @@ Examples:
   chaos-coordinator --listen 127.0.0.1:6051 --emergency-stop-deadline 1s
   chaos-coordinator --config /etc/chaos/coordinator.yaml
 
-Config file keys (YAML): listen, emergency_stop_deadline, heartbeat_interval, state_dir.";
+Config file (YAML; deploy/config/coordinator.yaml documents every key):
+  listen, emergency_stop_deadline, heartbeat_interval, state_dir,
+  chaos_testing.* (default_duration, safety_timeout, blast_radius_limit,
+  max_concurrent_scenarios, default_severity, ...), severity_levels.N.*,
+  scenarios.TYPE.* (enabled, severity_levels, memory_pressure, cpu_throttle,
+  target_services, failure_types), monitoring.*, recovery.*";
 
 #[derive(Debug, Parser, Default)]
 #[command(
@@ -51,6 +58,45 @@ pub struct CoordinatorFile {
     pub emergency_stop_deadline: Option<String>,
     pub heartbeat_interval: Option<String>,
     pub state_dir: Option<PathBuf>,
+    pub chaos_testing: Option<ChaosTestingFile>,
+    pub severity_levels: Option<BTreeMap<u32, LevelFile>>,
+    pub scenarios: Option<BTreeMap<String, TypeFile>>,
+    pub monitoring: Option<MonitoringFile>,
+    pub recovery: Option<RecoveryFile>,
+}
+
+/// The seed's `monitoring:` section. Validated and kept; the metrics and
+/// probe work (not in this version) acts on it.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MonitoringFile {
+    pub enabled: Option<bool>,
+    pub metrics_interval: Option<DurationValue>,
+    pub alert_thresholds: Option<BTreeMap<String, f64>>,
+}
+
+/// The seed's `recovery:` section. Validated and kept; recovery validation
+/// (not in this version) acts on it.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecoveryFile {
+    pub auto_recovery: Option<bool>,
+    pub max_recovery_attempts: Option<u32>,
+    pub recovery_timeout: Option<DurationValue>,
+    pub health_check_interval: Option<DurationValue>,
+}
+
+/// " (line N)" for the first line of `text` that sets `key`, to point at a
+/// value that parsed but is out of range.
+fn line_of(text: &str, key: &str) -> String {
+    let leaf = key.rsplit('.').next().unwrap_or(key);
+    text.lines()
+        .position(|l| {
+            let t = l.trim_start().trim_start_matches('-').trim_start();
+            t.starts_with(&format!("{leaf}:")) || t.contains(&format!(" {leaf}:")) || t.contains(&format!("{{{leaf}:"))
+        })
+        .map(|n| format!(" (line {})", n + 1))
+        .unwrap_or_default()
 }
 
 #[derive(Debug, Clone)]
@@ -59,18 +105,43 @@ pub struct CoordinatorConfig {
     pub emergency_stop_deadline: Duration,
     pub heartbeat_interval: Duration,
     pub state_dir: PathBuf,
+    pub policy: Policy,
+    pub monitoring: MonitoringFile,
+    pub recovery: RecoveryFile,
 }
 
 impl CoordinatorConfig {
     pub fn resolve(args: &CoordinatorArgs) -> anyhow::Result<Self> {
-        let (file, origin) = match &args.config {
+        let (file, origin, text) = match &args.config {
             Some(p) => {
                 let text = std::fs::read_to_string(p).with_context(|| format!("reading config file {}", p.display()))?;
                 let f: CoordinatorFile = serde_yaml_ng::from_str(&text).with_context(|| format!("config file {}", p.display()))?;
-                (f, format!("config file {}: ", p.display()))
+                (f, format!("config file {}: ", p.display()), text)
             }
-            None => (CoordinatorFile::default(), String::new()),
+            None => (CoordinatorFile::default(), String::new(), String::new()),
         };
+        let policy = PolicyFile {
+            chaos_testing: file.chaos_testing.as_ref(),
+            severity_levels: file.severity_levels.as_ref(),
+            scenarios: file.scenarios.as_ref(),
+        }
+        .resolve()
+        .map_err(|e| {
+            let key = e.split(':').next().unwrap_or_default();
+            anyhow::anyhow!("{origin}{e}{}", line_of(&text, key))
+        })?;
+        let monitoring = file.monitoring.clone().unwrap_or_default();
+        if let Some(d) = &monitoring.metrics_interval {
+            d.resolve("monitoring.metrics_interval").map_err(|e| anyhow::anyhow!("{origin}{e}{}", line_of(&text, "metrics_interval")))?;
+        }
+        let recovery = file.recovery.clone().unwrap_or_default();
+        for (key, v) in
+            [("recovery.recovery_timeout", &recovery.recovery_timeout), ("recovery.health_check_interval", &recovery.health_check_interval)]
+        {
+            if let Some(d) = v {
+                d.resolve(key).map_err(|e| anyhow::anyhow!("{origin}{e}{}", line_of(&text, key)))?;
+            }
+        }
         let listen = match (args.listen, &file.listen) {
             (Some(a), _) => a,
             (None, Some(s)) => s.parse().with_context(|| format!("{origin}listen: invalid address {s:?} (want IP:PORT)"))?,
@@ -90,7 +161,7 @@ impl CoordinatorConfig {
         }
         let heartbeat_interval = dur(args.heartbeat_interval, &file.heartbeat_interval, "heartbeat_interval", Duration::from_secs(3))?;
         let state_dir = args.state_dir.clone().or(file.state_dir.clone()).unwrap_or_else(|| PathBuf::from("/var/lib/chaos-coordinator"));
-        Ok(Self { listen, emergency_stop_deadline, heartbeat_interval, state_dir })
+        Ok(Self { listen, emergency_stop_deadline, heartbeat_interval, state_dir, policy, monitoring, recovery })
     }
 }
 
@@ -120,5 +191,26 @@ mod tests {
         std::fs::write(&p, "listn: 1\n").expect("write");
         let e = format!("{:#}", CoordinatorConfig::resolve(&CoordinatorArgs { config: Some(p), ..Default::default() }).expect_err("bad"));
         assert!(e.contains("listn"), "{e}");
+    }
+
+    #[test]
+    fn policy_errors_name_file_key_value_and_line() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("c.yaml");
+        std::fs::write(&p, "listen: 127.0.0.1:1\nchaos_testing:\n  default_duration: 300\n  blast_radius_limit: 2\n").expect("write");
+        let e = format!(
+            "{:#}",
+            CoordinatorConfig::resolve(&CoordinatorArgs { config: Some(p.clone()), ..Default::default() }).expect_err("bad")
+        );
+        assert!(e.contains("chaos_testing.blast_radius_limit: must be a fraction in (0, 1], got 2 (line 4)"), "{e}");
+        std::fs::write(&p, "chaos_testing:\n  max_concurent_scenarios: 3\n").expect("write");
+        let e = format!(
+            "{:#}",
+            CoordinatorConfig::resolve(&CoordinatorArgs { config: Some(p.clone()), ..Default::default() }).expect_err("bad")
+        );
+        assert!(e.contains("max_concurent_scenarios") && e.contains("line 2"), "{e}");
+        std::fs::write(&p, "recovery:\n  max_recovery_attempts: 3\n  recovery_timeout: later\n").expect("write");
+        let e = format!("{:#}", CoordinatorConfig::resolve(&CoordinatorArgs { config: Some(p), ..Default::default() }).expect_err("bad"));
+        assert!(e.contains("recovery.recovery_timeout: invalid duration \"later\"") && e.contains("line 3"), "{e}");
     }
 }

@@ -10,9 +10,23 @@ pub enum CoordinatorError {
     UnknownAgent(String),
     #[error("{0}")]
     Unimplemented(String),
+    /// A safety rule refuses the request; the text names the rule and its numbers.
+    #[error("{0}")]
+    Refused(String),
+    /// The queue is full.
+    #[error("{0}")]
+    Exhausted(String),
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("state store: {0}")]
+    Store(String),
 }
 
 impl CoordinatorError {
+    pub fn store(e: rusqlite::Error) -> Self {
+        CoordinatorError::Store(e.to_string())
+    }
+
     pub fn invalid(field: &str, message: impl Into<String>) -> Self {
         CoordinatorError::Invalid { field: field.to_string(), message: message.into() }
     }
@@ -24,6 +38,10 @@ impl From<CoordinatorError> for Status {
             CoordinatorError::Invalid { .. } => Code::InvalidArgument,
             CoordinatorError::UnknownAgent(_) => Code::NotFound,
             CoordinatorError::Unimplemented(_) => Code::Unimplemented,
+            CoordinatorError::Refused(_) => Code::FailedPrecondition,
+            CoordinatorError::Exhausted(_) => Code::ResourceExhausted,
+            CoordinatorError::NotFound(_) => Code::NotFound,
+            CoordinatorError::Store(_) => Code::Internal,
         };
         Status::new(code, e.to_string())
     }

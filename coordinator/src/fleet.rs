@@ -3,27 +3,41 @@
 //! delays the answer about the others; an agent not reached reverts by its
 //! own dead-man lease, and the answer says by when.
 
-use std::time::{Duration, Instant};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use chaos_proto::{
     convert::{duration_to_pb, timestamp_to_pb},
     pb,
 };
-use futures::future::join_all;
+use futures::{StreamExt, stream};
 use tracing::{info, warn};
 
-use crate::registry::{AgentRecord, Registry};
+use crate::{
+    registry::{AgentRecord, Registry},
+    scenarios::Scenarios,
+};
 
 /// Disarm the fleet, then revert every fault on every agent concurrently.
-pub async fn emergency_stop(registry: &Registry, reason: &str, deadline: Duration) -> pb::EmergencyStopResponse {
+pub async fn emergency_stop(
+    registry: &Registry,
+    scenarios: &Arc<Scenarios>,
+    reason: &str,
+    deadline: Duration,
+) -> pb::EmergencyStopResponse {
     let started = Instant::now();
     // Disarm first: any heartbeat answered from now on tells the agent to
-    // revert, even if the direct call below cannot reach it.
+    // revert, even if the direct call below cannot reach it. Then no
+    // scenario may start: the queue is cancelled, running ones end.
     registry.disarm(reason);
+    scenarios.abort_all(reason);
     let agents = registry.agents();
     warn!(reason, agents = agents.len(), deadline = ?deadline, "EMERGENCY STOP: reverting every fault on every agent");
     let calls = agents.into_iter().map(|a| stop_one(a, reason.to_string(), deadline));
-    let results = join_all(calls).await;
+    let results: Vec<pb::AgentStopResult> =
+        stream::iter(calls).buffer_unordered(scenarios.policy().fanout_parallelism.max(1)).collect().await;
     for r in results.iter().filter(|r| r.reached) {
         // What is left on a reached agent is what it failed to revert.
         registry.set_active_faults(&r.agent_id, r.failed_count);
@@ -78,7 +92,7 @@ async fn stop_one(agent: AgentRecord, reason: String, deadline: Duration) -> pb:
 }
 
 /// Re-arm the fleet and tell every agent now (those missed follow on their next heartbeat).
-pub async fn arm(registry: &Registry, reason: &str, deadline: Duration) -> pb::ArmResponse {
+pub async fn arm(registry: &Registry, reason: &str, deadline: Duration, parallelism: usize) -> pb::ArmResponse {
     registry.arm();
     info!(reason, "fleet armed");
     let calls = registry.agents().into_iter().map(|a| {
@@ -93,6 +107,6 @@ pub async fn arm(registry: &Registry, reason: &str, deadline: Duration) -> pb::A
             }
         }
     });
-    let agents_not_reached = join_all(calls).await.into_iter().flatten().collect();
+    let agents_not_reached = stream::iter(calls).buffer_unordered(parallelism.max(1)).filter_map(|r| async move { r }).collect().await;
     pb::ArmResponse { armed: true, agents_not_reached }
 }

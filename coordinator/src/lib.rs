@@ -4,10 +4,14 @@
 //!
 //! Reading order: [`registry`], [`fleet`] (fan-out), [`service`], [`run`].
 
+pub mod admission;
 pub mod armstore;
 pub mod config;
 pub mod error;
 pub mod fleet;
+pub mod policy;
 pub mod registry;
 pub mod run;
+pub mod scenarios;
 pub mod service;
+pub mod store;

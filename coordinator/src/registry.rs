@@ -166,6 +166,19 @@ impl Registry {
         }
     }
 
+    /// A client for `agent_id`: the registered one when the address still
+    /// matches, else a lazily connecting one to `address` (an agent known
+    /// from the store that has not re-registered yet).
+    pub fn client(&self, agent_id: &str, address: &str) -> Option<AgentClient<Channel>> {
+        if let Some(rec) = self.lock().agents.get(agent_id)
+            && rec.address == address
+        {
+            return Some(rec.client.clone());
+        }
+        let ep = Endpoint::from_shared(address.to_string()).ok()?.connect_timeout(self.connect_timeout);
+        Some(AgentClient::new(ep.connect_lazy()))
+    }
+
     pub fn agents(&self) -> Vec<AgentRecord> {
         self.lock().agents.values().cloned().collect()
     }

@@ -12,7 +12,9 @@ use crate::{
     armstore::ArmStore,
     config::CoordinatorConfig,
     registry::Registry,
+    scenarios::{Scenarios, Timing},
     service::{CoordinatorService, ServiceConfig},
+    store::Store,
 };
 
 /// Serve the coordinator on `listener` until `shutdown` resolves.
@@ -24,8 +26,16 @@ pub async fn run(cfg: CoordinatorConfig, listener: TcpListener, shutdown: impl F
         warn!(reason = %arm.disarmed_reason, "starting DISARMED (an emergency stop was not followed by Arm); run `chaos arm` to accept faults");
     }
     let registry = Arc::new(Registry::new(Duration::from_millis(500), arm, Some(store)));
+    let db = cfg.state_dir.join("coordinator.db");
+    let db_store = Arc::new(Store::open(&db).with_context(|| format!("opening the scenario store {}", db.display()))?);
+    let scenarios = Scenarios::new(cfg.policy.clone(), Arc::clone(&registry), db_store, Timing::default());
+    let recovered = scenarios.recover().context("recovering unfinished scenarios")?;
+    if recovered > 0 {
+        info!(recovered, "picked up unfinished scenarios from the previous run");
+    }
     let svc = CoordinatorService::new(
         registry,
+        scenarios,
         ServiceConfig {
             emergency_stop_deadline: cfg.emergency_stop_deadline,
             heartbeat_interval: cfg.heartbeat_interval,

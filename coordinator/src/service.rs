@@ -11,7 +11,20 @@ use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 use tracing::{info, instrument};
 
-use crate::{error::CoordinatorError, fleet, registry::Registry};
+use crate::{error::CoordinatorError, fleet, registry::Registry, scenarios::Scenarios};
+
+/// Metadata key a client uses to say who it is (the CLI sends USER@HOST).
+pub const ACTOR_HEADER: &str = "x-chaos-actor";
+
+/// Who made a request: the declared actor and the peer address.
+fn actor<T>(req: &Request<T>) -> String {
+    let declared =
+        req.metadata().get(ACTOR_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("unknown").chars().take(128).collect::<String>();
+    match req.remote_addr() {
+        Some(a) => format!("{declared} ({a})"),
+        None => declared,
+    }
+}
 
 /// Settings the service needs.
 #[derive(Debug, Clone)]
@@ -26,21 +39,31 @@ pub struct ServiceConfig {
 /// `chaos.v1.Coordinator` implementation.
 pub struct CoordinatorService {
     registry: Arc<Registry>,
+    scenarios: Arc<Scenarios>,
     cfg: ServiceConfig,
     started: Instant,
     boot_id: String,
 }
 
 impl CoordinatorService {
-    pub fn new(registry: Arc<Registry>, cfg: ServiceConfig) -> Self {
+    pub fn new(registry: Arc<Registry>, scenarios: Arc<Scenarios>, cfg: ServiceConfig) -> Self {
         let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").map(|s| s.trim().to_string()).unwrap_or_default();
-        Self { registry, cfg, started: Instant::now(), boot_id }
+        Self { registry, scenarios, cfg, started: Instant::now(), boot_id }
     }
-}
 
-fn scenarios_pending() -> Status {
-    CoordinatorError::Unimplemented("scenarios are not implemented by this coordinator version (coordinator-safety work pending)".into())
-        .into()
+    /// Record a mutation in the audit log; a failed write is logged, never fatal.
+    fn audit<T>(&self, actor: &str, action: &str, target: &str, detail: &str, result: &Result<T, Status>) {
+        let outcome = match result {
+            Ok(_) => "ok".to_string(),
+            Err(s) if matches!(s.code(), tonic::Code::FailedPrecondition | tonic::Code::ResourceExhausted) => {
+                format!("refused: {}", s.message())
+            }
+            Err(s) => format!("error: {:?}: {}", s.code(), s.message()),
+        };
+        if let Err(e) = self.scenarios.store().audit(actor, action, target, detail, &outcome) {
+            tracing::error!(error = %e, action, "audit write failed");
+        }
+    }
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::ScenarioEvent, Status>> + Send>>;
@@ -49,8 +72,16 @@ type EventStream = Pin<Box<dyn Stream<Item = Result<pb::ScenarioEvent, Status>> 
 impl Coordinator for CoordinatorService {
     #[instrument(skip_all, fields(agent_id = %req.get_ref().agent_id, address = %req.get_ref().address))]
     async fn register_agent(&self, req: Request<pb::RegisterAgentRequest>) -> Result<Response<pb::RegisterAgentResponse>, Status> {
-        let armed = self.registry.register(req.into_inner())?;
+        let who = actor(&req);
+        let r = req.into_inner();
+        let (agent_id, address) = (r.agent_id.clone(), r.address.clone());
+        let result = self.registry.register(r).map_err(Status::from);
+        self.audit(&who, "RegisterAgent", &agent_id, &address, &result);
+        let armed = result?;
         info!(armed, "agent registered");
+        // Faults of scenarios that are not running any more (a coordinator
+        // crash between apply and revert) are reverted now.
+        tokio::spawn(Arc::clone(&self.scenarios).revert_orphans(agent_id, address));
         Ok(Response::new(pb::RegisterAgentResponse {
             armed,
             heartbeat_interval: Some(duration_to_pb(self.cfg.heartbeat_interval)),
@@ -72,6 +103,7 @@ impl Coordinator for CoordinatorService {
 
     #[instrument(skip_all, fields(reason = %req.get_ref().reason))]
     async fn emergency_stop(&self, req: Request<pb::EmergencyStopRequest>) -> Result<Response<pb::EmergencyStopResponse>, Status> {
+        let who = actor(&req);
         let r = req.into_inner();
         let deadline = match r.deadline.as_ref() {
             None => self.cfg.emergency_stop_deadline,
@@ -80,13 +112,22 @@ impl Coordinator for CoordinatorService {
                 .ok_or_else(|| CoordinatorError::invalid("deadline", format!("must be in (0s, 60s], got {}s", d.seconds)))?,
         };
         let reason = if r.reason.is_empty() { "emergency stop (no reason given)".to_string() } else { r.reason };
-        Ok(Response::new(fleet::emergency_stop(&self.registry, &reason, deadline).await))
+        let resp = fleet::emergency_stop(&self.registry, &self.scenarios, &reason, deadline).await;
+        let detail = format!(
+            "{reason}: {} agent(s) reached, {} not, {} fault(s) reverted",
+            resp.agents_reached, resp.agents_unreached, resp.faults_reverted
+        );
+        self.audit(&who, "EmergencyStop", "fleet", &detail, &Ok::<(), Status>(()));
+        Ok(Response::new(resp))
     }
 
     #[instrument(skip_all, fields(reason = %req.get_ref().reason))]
     async fn arm(&self, req: Request<pb::ArmRequest>) -> Result<Response<pb::ArmResponse>, Status> {
+        let who = actor(&req);
         let reason = req.into_inner().reason;
-        Ok(Response::new(fleet::arm(&self.registry, &reason, self.cfg.emergency_stop_deadline).await))
+        let resp = fleet::arm(&self.registry, &reason, self.cfg.emergency_stop_deadline, self.scenarios.policy().fanout_parallelism).await;
+        self.audit(&who, "Arm", "fleet", &reason, &Ok::<(), Status>(()));
+        Ok(Response::new(resp))
     }
 
     async fn get_status(&self, _req: Request<pb::GetStatusRequest>) -> Result<Response<pb::CoordinatorStatus>, Status> {
@@ -94,7 +135,12 @@ impl Coordinator for CoordinatorService {
         let agents = self.registry.agents();
         let count = |h: AgentHealth| u32::try_from(agents.iter().filter(|a| a.health(now) == h).count()).unwrap_or(u32::MAX);
         let arm = self.registry.arm_state();
+        let (running, queued) = self.scenarios.counts();
         Ok(Response::new(pb::CoordinatorStatus {
+            scenarios_running: running as u32,
+            scenarios_queued: queued as u32,
+            max_concurrent_scenarios: self.scenarios.policy().max_concurrent as u32,
+            blast_radius_limit: self.scenarios.policy().blast_radius_limit,
             version: chaos_proto::VERSION.to_string(),
             armed: arm.armed,
             disarmed_reason: arm.disarmed_reason,
@@ -109,25 +155,89 @@ impl Coordinator for CoordinatorService {
         }))
     }
 
-    async fn create_scenario(&self, _req: Request<pb::CreateScenarioRequest>) -> Result<Response<pb::Scenario>, Status> {
-        Err(scenarios_pending())
+    #[instrument(skip_all, fields(dry_run = req.get_ref().dry_run))]
+    async fn create_scenario(&self, req: Request<pb::CreateScenarioRequest>) -> Result<Response<pb::CreateScenarioResponse>, Status> {
+        let who = actor(&req);
+        let r = req.into_inner();
+        let spec = r.spec.ok_or_else(|| Status::from(CoordinatorError::invalid("spec", "is required")))?;
+        let detail = spec.fault.as_ref().map(chaos_proto::spec::describe).unwrap_or_default();
+        let result = self.scenarios.create(spec, r.dry_run, &who).map_err(Status::from);
+        if !r.dry_run {
+            let target = result.as_ref().ok().and_then(|c| c.scenario.as_ref()).map(|s| s.id.clone()).unwrap_or_else(|| "-".into());
+            self.audit(&who, "CreateScenario", &target, &detail, &result);
+        }
+        Ok(Response::new(result?))
     }
 
-    async fn list_scenarios(&self, _req: Request<pb::ListScenariosRequest>) -> Result<Response<pb::ListScenariosResponse>, Status> {
-        Err(scenarios_pending())
+    async fn list_scenarios(&self, req: Request<pb::ListScenariosRequest>) -> Result<Response<pb::ListScenariosResponse>, Status> {
+        let r = req.into_inner();
+        Ok(Response::new(pb::ListScenariosResponse { scenarios: self.scenarios.list(&r.states, r.limit)? }))
     }
 
-    async fn get_scenario(&self, _req: Request<pb::GetScenarioRequest>) -> Result<Response<pb::Scenario>, Status> {
-        Err(scenarios_pending())
+    async fn get_scenario(&self, req: Request<pb::GetScenarioRequest>) -> Result<Response<pb::Scenario>, Status> {
+        Ok(Response::new(self.scenarios.get(&req.into_inner().id)?))
     }
 
-    async fn stop_scenario(&self, _req: Request<pb::StopScenarioRequest>) -> Result<Response<pb::Scenario>, Status> {
-        Err(scenarios_pending())
+    #[instrument(skip_all, fields(id = %req.get_ref().id))]
+    async fn stop_scenario(&self, req: Request<pb::StopScenarioRequest>) -> Result<Response<pb::Scenario>, Status> {
+        let who = actor(&req);
+        let r = req.into_inner();
+        let result = self.scenarios.stop(&r.id, &r.reason).map_err(Status::from);
+        self.audit(&who, "StopScenario", &r.id, &r.reason, &result);
+        Ok(Response::new(result?))
     }
 
     type WatchScenarioStream = EventStream;
 
-    async fn watch_scenario(&self, _req: Request<pb::WatchScenarioRequest>) -> Result<Response<EventStream>, Status> {
-        Err(scenarios_pending())
+    async fn watch_scenario(&self, req: Request<pb::WatchScenarioRequest>) -> Result<Response<EventStream>, Status> {
+        let id = req.into_inner().id;
+        let (now, rx) = self.scenarios.watch(&id)?;
+        let (tx, out) = tokio::sync::mpsc::channel(64);
+        let scenarios = Arc::clone(&self.scenarios);
+        tokio::spawn(async move {
+            let first = pb::ScenarioEvent {
+                scenario_id: id.clone(),
+                at: Some(timestamp_to_pb(std::time::SystemTime::now())),
+                state: now.state,
+                message: format!("current state: {}", now.reason),
+                agent_id: String::new(),
+                scenario: Some(now),
+            };
+            if tx.send(Ok(first)).await.is_err() {
+                return;
+            }
+            let Some(mut rx) = rx else { return };
+            loop {
+                let ev = match rx.recv().await {
+                    Ok(ev) => ev,
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                    // A slow watcher skipped events: give it the state of now.
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => match scenarios.get(&id) {
+                        Ok(sc) => pb::ScenarioEvent {
+                            scenario_id: id.clone(),
+                            at: Some(timestamp_to_pb(std::time::SystemTime::now())),
+                            state: sc.state,
+                            message: format!("{n} event(s) skipped (slow watcher); current state"),
+                            agent_id: String::new(),
+                            scenario: Some(sc),
+                        },
+                        Err(_) => return,
+                    },
+                };
+                let done = crate::scenarios::is_final(ev.state);
+                if tx.send(Ok(ev)).await.is_err() || done {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(out))))
+    }
+
+    async fn list_audit(&self, req: Request<pb::ListAuditRequest>) -> Result<Response<pb::ListAuditResponse>, Status> {
+        let r = req.into_inner();
+        let since = r.since.as_ref().map(chaos_proto::convert::timestamp_from_pb);
+        let entries =
+            self.scenarios.store().list_audit(since, if r.limit == 0 { 100 } else { r.limit }).map_err(CoordinatorError::store)?;
+        Ok(Response::new(pb::ListAuditResponse { entries }))
     }
 }

@@ -249,6 +249,72 @@ pub fn family_of(f: &pb::fault_spec::Fault) -> &'static str {
     }
 }
 
+/// A one-line description of a wire fault for lists and logs, e.g.
+/// `network_loss 10% [peers 198.18.0.3/32, ingress] on netns lab-kafka`.
+pub fn describe(spec: &pb::FaultSpec) -> String {
+    use pb::{fault_spec::Fault as F, target::Kind};
+    let d = |x: &Option<prost_types::Duration>| x.as_ref().and_then(duration_from_pb).map(|d| format!("{d:?}")).unwrap_or_default();
+    let scope = |s: &Option<pb::NetworkScope>| {
+        let Some(s) = s else { return String::new() };
+        let mut parts = vec![];
+        if !s.peer_cidrs.is_empty() {
+            parts.push(format!("peers {}", s.peer_cidrs.join(",")));
+        }
+        if !s.ports.is_empty() {
+            parts.push(format!("ports {}", s.ports.iter().map(u32::to_string).collect::<Vec<_>>().join(",")));
+        }
+        for (name, v) in [("proto", &s.protocol), ("dev", &s.interface)] {
+            if !v.is_empty() {
+                parts.push(format!("{name} {v}"));
+            }
+        }
+        match pb::Direction::try_from(s.direction) {
+            Ok(pb::Direction::Egress) => parts.push("egress".into()),
+            Ok(pb::Direction::Ingress) => parts.push("ingress".into()),
+            _ => {}
+        }
+        if parts.is_empty() { String::new() } else { format!(" [{}]", parts.join(", ")) }
+    };
+    let what = match spec.fault.as_ref() {
+        None => "no fault".to_string(),
+        Some(f) => {
+            let fam = family_of(f);
+            match f {
+                F::NetworkPartition(p) => format!("{fam}{}", scope(&p.scope)),
+                F::NetworkLatency(l) => format!("{fam} {} ±{}{}", d(&l.delay), d(&l.jitter), scope(&l.scope)),
+                F::NetworkLoss(l) => format!("{fam} {}%{}", l.percent, scope(&l.scope)),
+                F::NetworkCorrupt(c) => format!("{fam} {}%{}", c.percent, scope(&c.scope)),
+                F::NetworkDuplicate(c) => format!("{fam} {}%{}", c.percent, scope(&c.scope)),
+                F::NetworkReorder(r) => format!("{fam} {}% delay {}{}", r.percent, d(&r.delay), scope(&r.scope)),
+                F::NetworkBandwidth(b) => format!("{fam} {} bit/s{}", b.rate_bits_per_second, scope(&b.scope)),
+                F::CpuStress(c) => format!("{fam} {} worker(s) at {}%", c.workers, c.load_percent),
+                F::MemoryStress(m) if m.bytes > 0 => format!("{fam} {} bytes", m.bytes),
+                F::MemoryStress(m) => format!("{fam} {}% of total", m.percent_of_total),
+                F::DiskFill(x) => format!("{fam} {} to {}%", x.path, x.fill_to_percent),
+                F::IoThrottle(io) => format!("{fam} read {} B/s write {} B/s", io.read_bytes_per_second, io.write_bytes_per_second),
+                F::ProcessKill(k) => format!("{fam} {}", if k.signal.is_empty() { "SIGKILL" } else { &k.signal }),
+                F::ProcessPause(_) => fam.to_string(),
+                F::ContainerAction(c) => format!(
+                    "{fam} {}",
+                    pb::ContainerVerb::try_from(c.verb)
+                        .map(|v| v.as_str_name().trim_start_matches("CONTAINER_VERB_").to_lowercase())
+                        .unwrap_or_default()
+                ),
+            }
+        }
+    };
+    let target = match spec.target.as_ref().and_then(|t| t.kind.as_ref()) {
+        None => "no target".into(),
+        Some(Kind::Host(_)) => "host".into(),
+        Some(Kind::Netns(n)) => format!("netns {n}"),
+        Some(Kind::Pid(p)) => format!("pid {p}"),
+        Some(Kind::ProcessName(n)) => format!("process {n}"),
+        Some(Kind::CgroupPath(c)) => format!("cgroup {c}"),
+        Some(Kind::Container(c)) => format!("container {c}"),
+    };
+    format!("{what} on {target}")
+}
+
 /// A validated fault request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FaultRequest {

@@ -1,0 +1,804 @@
+//! The scenario scheduler: admission, the FIFO queue behind the concurrency
+//! limit, one runner task per running scenario (apply → hold → revert), and
+//! recovery after a coordinator restart.
+//!
+//! All state of live scenarios sits behind one mutex; every change goes to
+//! the store first (a transaction), then out to watchers. A scenario holds
+//! a *slot* from the moment it starts until its faults are reverted.
+//! Faults carry the label `chaos.scenario=ID` and the scenario id as their
+//! fault id, and the agents' own TTL is the scenario's duration: if the
+//! coordinator dies, the agents still revert on time.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, VecDeque},
+    future::Future,
+    sync::{Arc, Mutex, MutexGuard},
+    time::{Duration, SystemTime},
+};
+
+use chaos_proto::{
+    convert::{duration_from_pb, duration_to_pb, timestamp_from_pb, timestamp_to_pb},
+    pb::{self, FaultState, ScenarioState, agent_client::AgentClient},
+    spec::{FaultRequest, SpecError, describe, family_of},
+};
+use futures::{StreamExt, stream};
+use rand::{SeedableRng, rngs::StdRng};
+use tokio::{
+    sync::{broadcast, oneshot},
+    time::Instant,
+};
+use tonic::transport::Channel;
+use tracing::{info, warn};
+
+use crate::{
+    admission::{self, AgentView},
+    error::CoordinatorError,
+    policy::Policy,
+    registry::Registry,
+    store::{Store, state_name},
+};
+
+/// Label every scenario fault carries.
+pub const SCENARIO_LABEL: &str = "chaos.scenario";
+
+/// Timing knobs (shortened in tests).
+#[derive(Debug, Clone)]
+pub struct Timing {
+    /// Deadline of one apply/revert/list call to an agent.
+    pub call_timeout: Duration,
+    /// How long reverting retries agents that did not answer.
+    pub revert_window: Duration,
+    pub revert_retry: Duration,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Timing { call_timeout: Duration::from_secs(10), revert_window: Duration::from_secs(30), revert_retry: Duration::from_secs(1) }
+    }
+}
+
+/// Why a runner stops holding its faults.
+type StopSignal = (ScenarioState, String);
+
+struct Active {
+    sc: pb::Scenario,
+    fault_text: String,
+    events: broadcast::Sender<pb::ScenarioEvent>,
+    stop: Option<oneshot::Sender<StopSignal>>,
+}
+
+#[derive(Default)]
+struct Inner {
+    active: BTreeMap<String, Active>,
+    queue: VecDeque<String>,
+    /// Scenarios holding a run slot (running or reverting).
+    slots: BTreeSet<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum RunMode {
+    /// Apply, hold, revert.
+    Fresh,
+    /// After a coordinator restart: check what agents hold, hold, revert.
+    Resume,
+    /// Revert only.
+    Revert(ScenarioState),
+}
+
+pub struct Scenarios {
+    policy: Policy,
+    registry: Arc<Registry>,
+    store: Arc<Store>,
+    timing: Timing,
+    inner: Mutex<Inner>,
+    rng: Mutex<StdRng>,
+}
+
+pub fn is_final(state: i32) -> bool {
+    matches!(
+        ScenarioState::try_from(state),
+        Ok(ScenarioState::Completed | ScenarioState::Stopped | ScenarioState::Aborted | ScenarioState::Failed)
+    )
+}
+
+fn now_pb() -> Option<prost_types::Timestamp> {
+    Some(timestamp_to_pb(SystemTime::now()))
+}
+
+fn status_text(s: &tonic::Status) -> String {
+    format!("{:?}: {}", s.code(), s.message())
+}
+
+impl Scenarios {
+    pub fn new(policy: Policy, registry: Arc<Registry>, store: Arc<Store>, timing: Timing) -> Arc<Self> {
+        Arc::new(Self { policy, registry, store, timing, inner: Mutex::default(), rng: Mutex::new(StdRng::from_os_rng()) })
+    }
+
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// (running, queued) counts.
+    pub fn counts(&self) -> (usize, usize) {
+        let g = self.lock();
+        (g.slots.len(), g.queue.len())
+    }
+
+    fn fleet(&self) -> Vec<AgentView> {
+        let now = Instant::now();
+        self.registry
+            .agents()
+            .into_iter()
+            .map(|a| AgentView {
+                health: a.health(now),
+                families: a
+                    .capabilities
+                    .as_ref()
+                    .filter(|c| !c.families.is_empty())
+                    .map(|c| c.families.iter().filter(|f| f.supported).map(|f| f.family.clone()).collect::<BTreeSet<_>>()),
+                agent_id: a.agent_id,
+                address: a.address,
+                labels: a.labels,
+            })
+            .collect()
+    }
+
+    fn busy(g: &Inner) -> BTreeSet<String> {
+        g.slots.iter().filter_map(|id| g.active.get(id)).flat_map(|a| a.sc.agents.iter().map(|x| x.agent_id.clone())).collect()
+    }
+
+    /// Validate a spec's shape; returns (family, severity, duration).
+    fn validate(&self, spec: &pb::ScenarioSpec) -> Result<(&'static str, u32, Duration), CoordinatorError> {
+        let fault = spec.fault.as_ref().ok_or_else(|| CoordinatorError::invalid("spec.fault", "is required"))?;
+        let family = fault.fault.as_ref().map(family_of).ok_or_else(|| CoordinatorError::invalid("spec.fault", "sets no fault family"))?;
+        let duration = match spec.duration.as_ref() {
+            None => self.policy.default_duration,
+            Some(d) => duration_from_pb(d)
+                .filter(|d| !d.is_zero())
+                .ok_or_else(|| CoordinatorError::invalid("spec.duration", format!("must be > 0, got {}s", d.seconds)))?,
+        };
+        let severity = if spec.severity == 0 { self.policy.default_severity } else { spec.severity };
+        if !(1..=5).contains(&severity) {
+            return Err(CoordinatorError::invalid("spec.severity", format!("must be 1..5 (0: default), got {severity}")));
+        }
+        // The agent's own validation, so a malformed fault is refused here
+        // with the same field names instead of failing on every agent.
+        let mut probe = fault.clone();
+        probe.id.clear();
+        probe.duration = Some(duration_to_pb(duration));
+        match FaultRequest::from_pb(&probe, Duration::MAX) {
+            Ok(_) => {}
+            Err(SpecError::Invalid { field, message }) => return Err(CoordinatorError::invalid(&format!("spec.fault.{field}"), message)),
+            Err(SpecError::Unimplemented { family }) => {
+                return Err(CoordinatorError::Unimplemented(format!("fault family `{family}` is not implemented by the agents yet")));
+            }
+        }
+        Ok((family, severity, duration))
+    }
+
+    /// Admission of a new scenario (or only its evaluation with `dry_run`).
+    pub fn create(
+        self: &Arc<Self>,
+        spec: pb::ScenarioSpec,
+        dry_run: bool,
+        actor: &str,
+    ) -> Result<pb::CreateScenarioResponse, CoordinatorError> {
+        let (family, severity, duration) = self.validate(&spec)?;
+        let fault = spec.fault.clone().unwrap_or_default();
+        let fleet = self.fleet();
+        let mut g = self.lock();
+        let arm = self.registry.arm_state();
+        let mut refusals = Vec::new();
+        if !arm.armed {
+            refusals.push(format!("the fleet is disarmed ({}): run `chaos arm` first", arm.disarmed_reason));
+        }
+        refusals.extend(self.policy.check_fault(&fault, severity, duration));
+        let busy = Self::busy(&g);
+        let decision = {
+            let mut rng = self.rng.lock().unwrap_or_else(|p| p.into_inner());
+            admission::decide(&self.policy, &fleet, &busy, &spec, family, &mut *rng)
+        };
+        refusals.extend(decision.refusals.iter().cloned());
+        let queued = g.slots.len() >= self.policy.max_concurrent;
+        let queue_full = queued && g.queue.len() >= self.policy.max_queued;
+        if queue_full {
+            refusals.push(format!(
+                "queue full: {} scenarios queued (chaos_testing.max_queued_scenarios {})",
+                g.queue.len(),
+                self.policy.max_queued
+            ));
+        }
+        let mut admission = pb::Admission {
+            admitted: refusals.is_empty(),
+            queued,
+            queue_position: if queued { g.queue.len() as u32 + 1 } else { 0 },
+            selected_agent_ids: decision.selected.iter().map(|a| a.agent_id.clone()).collect(),
+            blast_radius: Some(decision.blast.clone()),
+            refusals: refusals.clone(),
+            notes: decision.notes.clone(),
+            scenario_type: family.to_string(),
+            severity,
+            duration: Some(duration_to_pb(duration)),
+        };
+        if dry_run {
+            return Ok(pb::CreateScenarioResponse { scenario: None, admission: Some(admission) });
+        }
+        if !refusals.is_empty() {
+            let msg = format!("scenario refused: {}", refusals.join("; "));
+            return Err(if queue_full && refusals.len() == 1 { CoordinatorError::Exhausted(msg) } else { CoordinatorError::Refused(msg) });
+        }
+        let id = format!("sc-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        let b = &decision.blast;
+        let mut sc = pb::Scenario {
+            id: id.clone(),
+            spec: Some(pb::ScenarioSpec { name: if spec.name.is_empty() { family.to_string() } else { spec.name.clone() }, ..spec }),
+            scenario_type: family.to_string(),
+            severity,
+            duration: Some(duration_to_pb(duration)),
+            created_at: now_pb(),
+            created_by: actor.to_string(),
+            blast_radius: Some(decision.blast.clone()),
+            ..Default::default()
+        };
+        push_transition(
+            &mut sc,
+            ScenarioState::Pending,
+            format!(
+                "admitted: {} agent(s) selected, blast radius {} of {} agents with running scenarios (limit {:.0} %)",
+                decision.selected.len(),
+                b.affected_agents,
+                b.fleet_agents,
+                b.limit * 100.0
+            ),
+        );
+        let (events, _) = broadcast::channel(256);
+        let fault_text = describe(&fault);
+        g.active.insert(id.clone(), Active { sc, fault_text, events, stop: None });
+        if queued {
+            g.queue.push_back(id.clone());
+            let reason = format!("waiting for a slot: {} of {} running", g.slots.len(), self.policy.max_concurrent);
+            self.transition_locked(&mut g, &id, ScenarioState::Queued, reason);
+        } else {
+            self.start_locked(&mut g, &id, decision.selected);
+        }
+        admission.queue_position = queue_position(&g, &id);
+        let snapshot = self.snapshot_locked(&g, &id).unwrap_or_default();
+        info!(scenario = %id, family, severity, queued, agents = snapshot.agents.len(), "scenario admitted");
+        Ok(pb::CreateScenarioResponse { scenario: Some(snapshot), admission: Some(admission) })
+    }
+
+    /// Take a slot and spawn the runner.
+    fn start_locked(self: &Arc<Self>, g: &mut Inner, id: &str, selected: Vec<AgentView>) {
+        g.slots.insert(id.to_string());
+        let (tx, rx) = oneshot::channel();
+        if let Some(a) = g.active.get_mut(id) {
+            a.stop = Some(tx);
+            a.sc.agents = selected
+                .iter()
+                .map(|v| pb::ScenarioAgent {
+                    agent_id: v.agent_id.clone(),
+                    address: v.address.clone(),
+                    fault_id: id.to_string(),
+                    ..Default::default()
+                })
+                .collect();
+        }
+        let n = selected.len();
+        self.transition_locked(g, id, ScenarioState::Running, format!("started: applying on {n} agent(s)"));
+        tokio::spawn(Arc::clone(self).run(id.to_string(), rx, RunMode::Fresh));
+    }
+
+    /// Start queued scenarios while slots are free; each is admitted again
+    /// against the fleet and the running scenarios of now.
+    fn start_next(self: &Arc<Self>) {
+        let mut g = self.lock();
+        while g.slots.len() < self.policy.max_concurrent {
+            let Some(id) = g.queue.pop_front() else { break };
+            let Some(spec) = g.active.get(&id).and_then(|a| a.sc.spec.clone()) else { continue };
+            let (family, severity, duration) = match self.validate(&spec) {
+                Ok(v) => v,
+                Err(e) => {
+                    self.finish_locked(&mut g, &id, ScenarioState::Aborted, format!("refused when its turn came: {e}"));
+                    continue;
+                }
+            };
+            let arm = self.registry.arm_state();
+            let mut refusals = Vec::new();
+            if !arm.armed {
+                refusals.push(format!("the fleet is disarmed ({})", arm.disarmed_reason));
+            }
+            refusals.extend(self.policy.check_fault(spec.fault.as_ref().unwrap_or(&pb::FaultSpec::default()), severity, duration));
+            let busy = Self::busy(&g);
+            let decision = {
+                let mut rng = self.rng.lock().unwrap_or_else(|p| p.into_inner());
+                admission::decide(&self.policy, &self.fleet(), &busy, &spec, family, &mut *rng)
+            };
+            refusals.extend(decision.refusals);
+            if !refusals.is_empty() {
+                self.finish_locked(&mut g, &id, ScenarioState::Aborted, format!("refused when its turn came: {}", refusals.join("; ")));
+                continue;
+            }
+            if let Some(a) = g.active.get_mut(&id) {
+                a.sc.blast_radius = Some(decision.blast);
+            }
+            self.start_locked(&mut g, &id, decision.selected);
+        }
+        // Queue positions moved: tell the queued scenarios' watchers.
+        let queued: Vec<String> = g.queue.iter().cloned().collect();
+        for id in queued {
+            self.notify_locked(&g, &id, None, "queue position changed");
+        }
+    }
+
+    fn snapshot_locked(&self, g: &Inner, id: &str) -> Option<pb::Scenario> {
+        let a = g.active.get(id)?;
+        let mut sc = a.sc.clone();
+        sc.queue_position = queue_position(g, id);
+        Some(sc)
+    }
+
+    fn notify_locked(&self, g: &Inner, id: &str, agent_id: Option<&str>, message: &str) {
+        let Some(a) = g.active.get(id) else { return };
+        let snapshot = self.snapshot_locked(g, id);
+        let _ = a.events.send(pb::ScenarioEvent {
+            scenario_id: id.to_string(),
+            at: now_pb(),
+            state: a.sc.state,
+            message: message.to_string(),
+            agent_id: agent_id.unwrap_or_default().to_string(),
+            scenario: snapshot,
+        });
+    }
+
+    fn persist_locked(&self, g: &Inner, id: &str) {
+        if let Some(a) = g.active.get(id)
+            && let Err(e) = self.store.save(&a.sc, &a.fault_text)
+        {
+            tracing::error!(scenario = %id, error = %e, "could not persist scenario state");
+        }
+    }
+
+    /// Record a state change: store, then watchers.
+    fn transition_locked(&self, g: &mut Inner, id: &str, state: ScenarioState, reason: String) {
+        let Some(a) = g.active.get_mut(id) else { return };
+        info!(scenario = %id, state = %state_name(state as i32), %reason, "scenario transition");
+        push_transition(&mut a.sc, state, reason.clone());
+        if state == ScenarioState::Running && a.sc.started_at.is_none() {
+            a.sc.started_at = now_pb();
+        }
+        if is_final(state as i32) {
+            a.sc.ended_at = now_pb();
+        }
+        self.persist_locked(g, id);
+        self.notify_locked(g, id, None, &reason);
+    }
+
+    /// Move to a final state and free the slot.
+    fn finish_locked(&self, g: &mut Inner, id: &str, state: ScenarioState, reason: String) {
+        self.transition_locked(g, id, state, reason);
+        g.slots.remove(id);
+        g.queue.retain(|q| q != id);
+        g.active.remove(id);
+    }
+
+    fn finish(self: &Arc<Self>, id: &str, state: ScenarioState, reason: String) {
+        {
+            let mut g = self.lock();
+            self.finish_locked(&mut g, id, state, reason);
+        }
+        self.start_next();
+    }
+
+    /// Change one agent's entry, persist, notify.
+    fn update_agent(&self, id: &str, agent_id: &str, message: &str, f: impl FnOnce(&mut pb::ScenarioAgent)) {
+        let mut g = self.lock();
+        let Some(a) = g.active.get_mut(id) else { return };
+        if let Some(x) = a.sc.agents.iter_mut().find(|x| x.agent_id == agent_id) {
+            f(x);
+        }
+        self.persist_locked(&g, id);
+        self.notify_locked(&g, id, Some(agent_id), message);
+    }
+
+    fn agents_of(&self, id: &str) -> Vec<pb::ScenarioAgent> {
+        self.lock().active.get(id).map(|a| a.sc.agents.clone()).unwrap_or_default()
+    }
+
+    /// Run `f` against each agent, at most `fanout_parallelism` at once.
+    async fn fanout<T, F, Fut>(&self, agents: Vec<pb::ScenarioAgent>, f: F) -> Vec<(String, Result<T, String>)>
+    where
+        F: Fn(AgentClient<Channel>, pb::ScenarioAgent) -> Fut,
+        Fut: Future<Output = Result<T, tonic::Status>>,
+    {
+        let timeout = self.timing.call_timeout;
+        let calls = agents.into_iter().map(|a| {
+            let client = self.registry.client(&a.agent_id, &a.address);
+            let id = a.agent_id.clone();
+            let fut = client.map(|c| f(c, a));
+            async move {
+                let r = match fut {
+                    None => Err("invalid agent address".to_string()),
+                    Some(fut) => match tokio::time::timeout(timeout, fut).await {
+                        Ok(Ok(v)) => Ok(v),
+                        Ok(Err(s)) => Err(status_text(&s)),
+                        Err(_) => Err(format!("no answer within {timeout:?}")),
+                    },
+                };
+                (id, r)
+            }
+        });
+        stream::iter(calls).buffer_unordered(self.policy.fanout_parallelism.max(1)).collect().await
+    }
+
+    async fn run(self: Arc<Self>, id: String, mut stop: oneshot::Receiver<StopSignal>, mode: RunMode) {
+        let (duration, fault) = {
+            let g = self.lock();
+            let Some(a) = g.active.get(&id) else { return };
+            let d = a.sc.duration.as_ref().and_then(duration_from_pb).unwrap_or(self.policy.default_duration);
+            (d, a.sc.spec.as_ref().and_then(|s| s.fault.clone()).unwrap_or_default())
+        };
+        let end = match mode {
+            RunMode::Revert(state) => (state, "reverting after coordinator restart".to_string()),
+            RunMode::Fresh => {
+                if let Err(reason) = self.apply_all(&id, fault, duration).await {
+                    self.finish(&id, ScenarioState::Failed, reason);
+                    return;
+                }
+                self.hold(&id, &mut stop, duration).await
+            }
+            RunMode::Resume => {
+                if let Err(reason) = self.check_held(&id).await {
+                    self.finish(&id, ScenarioState::Aborted, reason);
+                    return;
+                }
+                self.hold(&id, &mut stop, duration).await
+            }
+        };
+        {
+            let mut g = self.lock();
+            self.transition_locked(&mut g, &id, ScenarioState::Reverting, end.1.clone());
+        }
+        let unconfirmed = self.revert_all(&id).await;
+        if unconfirmed.is_empty() {
+            self.finish(&id, end.0, end.1);
+        } else {
+            self.finish(
+                &id,
+                ScenarioState::Failed,
+                format!("{}; revert not confirmed on {}: the agents' own TTL and lease revert the fault", end.1, unconfirmed.join(", ")),
+            );
+        }
+    }
+
+    async fn apply_all(&self, id: &str, mut fault: pb::FaultSpec, duration: Duration) -> Result<(), String> {
+        fault.id = id.to_string();
+        fault.duration = Some(duration_to_pb(duration));
+        fault.labels.insert(SCENARIO_LABEL.into(), id.to_string());
+        let agents = self.agents_of(id);
+        let total = agents.len();
+        let results = self
+            .fanout(agents, |mut c, _| {
+                let spec = fault.clone();
+                async move { c.apply_fault(pb::ApplyFaultRequest { spec: Some(spec) }).await.map(|r| r.into_inner().fault.unwrap_or_default()) }
+            })
+            .await;
+        let mut errors = Vec::new();
+        for (agent_id, r) in results {
+            match r {
+                Ok(f) => self.update_agent(id, &agent_id, "fault applied", |x| {
+                    x.fault_state = f.state;
+                    x.summary = f.applied.as_ref().map(|a| a.summary.clone()).unwrap_or_default();
+                    x.backend = f.applied.as_ref().map(|a| a.backend.clone()).unwrap_or_default();
+                    x.applied_at = f.applied_at;
+                    x.error = f.error;
+                }),
+                Err(e) => {
+                    warn!(scenario = %id, agent = %agent_id, error = %e, "apply failed");
+                    errors.push(format!("{agent_id}: {e}"));
+                    self.update_agent(id, &agent_id, "apply failed", |x| {
+                        x.fault_state = FaultState::Failed as i32;
+                        x.error = e;
+                    });
+                }
+            }
+        }
+        let applied = total - errors.len();
+        if applied == 0 {
+            return Err(format!("the fault was applied on no agent: {}", errors.join("; ")));
+        }
+        let mut g = self.lock();
+        if let Some(a) = g.active.get_mut(id) {
+            let now = SystemTime::now();
+            a.sc.started_at = Some(timestamp_to_pb(now));
+            a.sc.ends_at = Some(timestamp_to_pb(now + duration));
+        }
+        self.persist_locked(&g, id);
+        let msg = if errors.is_empty() {
+            format!("applied on {applied} of {total} agent(s)")
+        } else {
+            format!("applied on {applied} of {total} agent(s); failed on {}", errors.join("; "))
+        };
+        self.notify_locked(&g, id, None, &msg);
+        Ok(())
+    }
+
+    /// After a restart: which of the recorded faults do the agents still hold?
+    async fn check_held(&self, id: &str) -> Result<(), String> {
+        let held: Vec<pb::ScenarioAgent> = self.agents_of(id).into_iter().filter(|a| a.fault_state == FaultState::Applied as i32).collect();
+        let results = self
+            .fanout(held, |mut c, _| async move {
+                c.list_faults(pb::ListFaultsRequest { include_finished: true }).await.map(|r| r.into_inner().faults)
+            })
+            .await;
+        let mut still = 0;
+        for (agent_id, r) in results {
+            match r {
+                Ok(faults) => match faults.into_iter().find(|f| f.id == id) {
+                    Some(f) if f.state == FaultState::Applied as i32 => still += 1,
+                    found => {
+                        let why = found.map(|f| f.revert_summary).unwrap_or_else(|| "the agent no longer knows it".into());
+                        self.update_agent(id, &agent_id, "fault ended while the coordinator was down", |x| {
+                            x.fault_state = FaultState::Reverted as i32;
+                            x.reverted_at = now_pb();
+                            x.error = format!("ended while the coordinator was down: {why}");
+                        });
+                    }
+                },
+                // Not reachable yet: keep it as held; revert retries it.
+                Err(_) => still += 1,
+            }
+        }
+        if still == 0 { Err("every fault ended while the coordinator was down (agent TTL or lease)".into()) } else { Ok(()) }
+    }
+
+    async fn hold(&self, id: &str, stop: &mut oneshot::Receiver<StopSignal>, duration: Duration) -> StopSignal {
+        let ends = self.lock().active.get(id).and_then(|a| a.sc.ends_at).map(|t| timestamp_from_pb(&t));
+        let left = ends.and_then(|e| e.duration_since(SystemTime::now()).ok()).unwrap_or_default();
+        tokio::select! {
+            _ = tokio::time::sleep(left) => (ScenarioState::Completed, format!("duration {} ended", humantime::format_duration(duration))),
+            r = stop => r.unwrap_or((ScenarioState::Aborted, "the coordinator dropped the scenario".into())),
+        }
+    }
+
+    /// Revert every fault the scenario holds, retrying unanswered agents
+    /// for `revert_window`. Returns the agents that never confirmed.
+    async fn revert_all(&self, id: &str) -> Vec<String> {
+        let deadline = Instant::now() + self.timing.revert_window;
+        loop {
+            let pending: Vec<pb::ScenarioAgent> = self
+                .agents_of(id)
+                .into_iter()
+                .filter(|a| {
+                    matches!(
+                        FaultState::try_from(a.fault_state),
+                        Ok(FaultState::Applied | FaultState::Reverting | FaultState::Pending | FaultState::Unspecified)
+                    )
+                })
+                .collect();
+            if pending.is_empty() {
+                return vec![];
+            }
+            let results = self
+                .fanout(pending, |mut c, a| async move {
+                    match c.revert_fault(pb::RevertFaultRequest { fault_id: a.fault_id.clone() }).await {
+                        Ok(r) => Ok(r.into_inner().fault),
+                        Err(s) if s.code() == tonic::Code::NotFound => Ok(None),
+                        Err(s) => Err(s),
+                    }
+                })
+                .await;
+            let mut failed = Vec::new();
+            for (agent_id, r) in results {
+                match r {
+                    Ok(f) => self.update_agent(id, &agent_id, "fault reverted", |x| match f {
+                        Some(f) => {
+                            x.fault_state = f.state;
+                            x.reverted_at = f.reverted_at.or_else(now_pb);
+                            if !f.error.is_empty() {
+                                x.error = f.error;
+                            }
+                        }
+                        None => {
+                            x.fault_state = FaultState::Reverted as i32;
+                            x.reverted_at = now_pb();
+                            x.error =
+                                "the agent does not hold the fault (never applied, or reverted by its journal replay after a restart)"
+                                    .into();
+                        }
+                    }),
+                    Err(e) => {
+                        failed.push(agent_id.clone());
+                        self.update_agent(id, &agent_id, "revert not confirmed", |x| x.error = format!("revert: {e}"));
+                    }
+                }
+            }
+            if failed.is_empty() {
+                // A FAILED answer from the agent means its revert failed.
+                let bad: Vec<String> = self
+                    .agents_of(id)
+                    .into_iter()
+                    .filter(|a| a.fault_state == FaultState::Failed as i32 && a.applied_at.is_some())
+                    .map(|a| a.agent_id)
+                    .collect();
+                return bad;
+            }
+            if Instant::now() >= deadline {
+                return failed;
+            }
+            tokio::time::sleep(self.timing.revert_retry).await;
+        }
+    }
+
+    /// Cancel a queued scenario or end a running one.
+    pub fn stop(self: &Arc<Self>, id: &str, reason: &str) -> Result<pb::Scenario, CoordinatorError> {
+        let reason = if reason.is_empty() { "stopped by request".to_string() } else { format!("stopped: {reason}") };
+        {
+            let mut g = self.lock();
+            let state = g.active.get(id).map(|a| a.sc.state);
+            match state.and_then(|s| ScenarioState::try_from(s).ok()) {
+                Some(ScenarioState::Queued | ScenarioState::Pending) => {
+                    self.finish_locked(&mut g, id, ScenarioState::Stopped, format!("cancelled while queued ({reason})"));
+                }
+                Some(_) => {
+                    if let Some(tx) = g.active.get_mut(id).and_then(|a| a.stop.take()) {
+                        let _ = tx.send((ScenarioState::Stopped, reason));
+                    }
+                }
+                None => {}
+            }
+        }
+        self.start_next();
+        self.get(id)
+    }
+
+    /// Emergency stop: cancel the queue and end every running scenario.
+    pub fn abort_all(self: &Arc<Self>, reason: &str) {
+        let mut g = self.lock();
+        let queued: Vec<String> = g.queue.iter().cloned().collect();
+        for id in queued {
+            self.finish_locked(&mut g, &id, ScenarioState::Aborted, format!("emergency stop: {reason}"));
+        }
+        for a in g.active.values_mut() {
+            if let Some(tx) = a.stop.take() {
+                let _ = tx.send((ScenarioState::Aborted, format!("emergency stop: {reason}")));
+            }
+        }
+    }
+
+    pub fn get(&self, id: &str) -> Result<pb::Scenario, CoordinatorError> {
+        if let Some(sc) = self.snapshot_locked(&self.lock(), id) {
+            return Ok(sc);
+        }
+        self.store.load(id).map_err(CoordinatorError::store)?.ok_or_else(|| CoordinatorError::NotFound(format!("scenario {id:?}")))
+    }
+
+    pub fn list(&self, states: &[i32], limit: u32) -> Result<Vec<pb::Scenario>, CoordinatorError> {
+        let mut v = self.store.list(states, if limit == 0 { 100 } else { limit }).map_err(CoordinatorError::store)?;
+        let g = self.lock();
+        for sc in &mut v {
+            sc.queue_position = queue_position(&g, &sc.id);
+        }
+        Ok(v)
+    }
+
+    /// The scenario now and, while it is live, a receiver of its events.
+    pub fn watch(&self, id: &str) -> Result<(pb::Scenario, Option<broadcast::Receiver<pb::ScenarioEvent>>), CoordinatorError> {
+        {
+            let g = self.lock();
+            if let (Some(sc), Some(a)) = (self.snapshot_locked(&g, id), g.active.get(id)) {
+                return Ok((sc, Some(a.events.subscribe())));
+            }
+        }
+        Ok((self.get(id)?, None))
+    }
+
+    /// Pick up what a previous coordinator run left unfinished.
+    pub fn recover(self: &Arc<Self>) -> Result<usize, CoordinatorError> {
+        let unfinished = self.store.unfinished().map_err(CoordinatorError::store)?;
+        let n = unfinished.len();
+        let arm = self.registry.arm_state();
+        let mut g = self.lock();
+        for sc in unfinished {
+            let id = sc.id.clone();
+            let state = ScenarioState::try_from(sc.state).unwrap_or(ScenarioState::Unspecified);
+            let fault_text = sc.spec.as_ref().and_then(|s| s.fault.as_ref()).map(describe).unwrap_or_default();
+            let ended = sc.ends_at.as_ref().is_some_and(|t| timestamp_from_pb(t) <= SystemTime::now());
+            // A crash while applying leaves RUNNING without an end time.
+            let sc_started_apply_unfinished = state == ScenarioState::Running && sc.ends_at.is_none();
+            let (events, _) = broadcast::channel(256);
+            g.active.insert(id.clone(), Active { sc, fault_text, events, stop: None });
+            match state {
+                ScenarioState::Pending | ScenarioState::Queued if !arm.armed => {
+                    self.finish_locked(&mut g, &id, ScenarioState::Aborted, "fleet disarmed (found at coordinator start)".into());
+                }
+                ScenarioState::Pending | ScenarioState::Queued => {
+                    g.queue.push_back(id.clone());
+                    self.transition_locked(&mut g, &id, ScenarioState::Queued, "requeued after coordinator restart".into());
+                }
+                _ => {
+                    g.slots.insert(id.clone());
+                    let (tx, rx) = oneshot::channel();
+                    let mode = if !arm.armed {
+                        RunMode::Revert(ScenarioState::Aborted)
+                    } else if sc_started_apply_unfinished {
+                        RunMode::Revert(ScenarioState::Aborted)
+                    } else if state == ScenarioState::Reverting || ended {
+                        RunMode::Revert(if ended { ScenarioState::Completed } else { ScenarioState::Stopped })
+                    } else {
+                        RunMode::Resume
+                    };
+                    if let Some(a) = g.active.get_mut(&id) {
+                        a.stop = Some(tx);
+                    }
+                    self.notify_locked(&g, &id, None, "resumed after coordinator restart");
+                    info!(scenario = %id, ?mode, "recovering scenario after restart");
+                    tokio::spawn(Arc::clone(self).run(id, rx, mode));
+                }
+            }
+        }
+        drop(g);
+        self.start_next();
+        Ok(n)
+    }
+
+    /// Revert faults an agent holds for scenarios that are not running
+    /// (left over from a coordinator crash or a lost revert).
+    pub async fn revert_orphans(self: Arc<Self>, agent_id: String, address: String) {
+        let Some(mut client) = self.registry.client(&agent_id, &address) else { return };
+        let faults =
+            match tokio::time::timeout(self.timing.call_timeout, client.list_faults(pb::ListFaultsRequest { include_finished: false }))
+                .await
+            {
+                Ok(Ok(r)) => r.into_inner().faults,
+                _ => return,
+            };
+        for f in faults {
+            let Some(sid) = f.spec.as_ref().and_then(|s| s.labels.get(SCENARIO_LABEL)).cloned() else { continue };
+            let owned = {
+                let g = self.lock();
+                g.slots.contains(&sid) && g.active.get(&sid).is_some_and(|a| a.sc.agents.iter().any(|x| x.agent_id == agent_id))
+            };
+            if owned {
+                continue;
+            }
+            let outcome = match tokio::time::timeout(
+                self.timing.call_timeout,
+                client.revert_fault(pb::RevertFaultRequest { fault_id: f.id.clone() }),
+            )
+            .await
+            {
+                Ok(Ok(_)) => "ok".to_string(),
+                Ok(Err(s)) => format!("error: {}", status_text(&s)),
+                Err(_) => "error: no answer".to_string(),
+            };
+            warn!(agent = %agent_id, fault = %f.id, scenario = %sid, %outcome, "reverted an orphan scenario fault");
+            if let Err(e) = self.store.audit(
+                "coordinator",
+                "RevertOrphan",
+                &agent_id,
+                &format!("fault {} of scenario {sid}, which is not running", f.id),
+                &outcome,
+            ) {
+                tracing::error!(error = %e, "audit write failed");
+            }
+        }
+    }
+}
+
+fn push_transition(sc: &mut pb::Scenario, state: ScenarioState, reason: String) {
+    sc.state = state as i32;
+    sc.reason = reason.clone();
+    sc.transitions.push(pb::ScenarioTransition { at: now_pb(), state: state as i32, reason });
+}
+
+fn queue_position(g: &Inner, id: &str) -> u32 {
+    g.queue.iter().position(|q| q == id).map(|p| p as u32 + 1).unwrap_or(0)
+}

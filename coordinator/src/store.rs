@@ -1,0 +1,348 @@
+//! Persistence in SQLite: scenarios, their transitions and per-agent
+//! results, and the audit log. One file (`STATE_DIR/coordinator.db`, WAL),
+//! readable with the `sqlite3` CLI; times are RFC 3339 text (UTC). The
+//! schema is in [`SCHEMA`] and documented in README.
+//!
+//! Calls are short synchronous statements under one mutex; the coordinator
+//! makes a handful per scenario transition.
+
+use std::{
+    path::Path,
+    sync::{Mutex, MutexGuard},
+    time::{Duration, SystemTime},
+};
+
+use chaos_proto::{
+    convert::{duration_from_pb, duration_to_pb, timestamp_from_pb, timestamp_to_pb},
+    pb::{self, FaultState, ScenarioState},
+};
+use prost::Message;
+use rusqlite::{Connection, OptionalExtension, params};
+
+/// Schema version 1.
+pub const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS scenarios (
+    id            TEXT PRIMARY KEY,
+    seq           INTEGER NOT NULL,          -- creation order (queue order)
+    name          TEXT NOT NULL,
+    scenario_type TEXT NOT NULL,             -- fault family, e.g. network_loss
+    fault         TEXT NOT NULL,             -- one-line description of the fault
+    severity      INTEGER NOT NULL,
+    duration_ms   INTEGER NOT NULL,
+    state         TEXT NOT NULL,             -- PENDING QUEUED RUNNING REVERTING COMPLETED STOPPED ABORTED FAILED
+    reason        TEXT NOT NULL,             -- reason of the latest transition
+    created_by    TEXT NOT NULL,
+    created_at    TEXT NOT NULL,
+    started_at    TEXT,
+    ends_at       TEXT,
+    ended_at      TEXT,
+    spec          BLOB NOT NULL,             -- chaos.v1.ScenarioSpec, protobuf
+    blast_radius  BLOB                       -- chaos.v1.BlastRadius, protobuf
+);
+CREATE INDEX IF NOT EXISTS scenarios_state ON scenarios(state);
+CREATE TABLE IF NOT EXISTS transitions (
+    scenario_id TEXT NOT NULL REFERENCES scenarios(id),
+    n           INTEGER NOT NULL,            -- 0, 1, 2, ... per scenario
+    at          TEXT NOT NULL,
+    state       TEXT NOT NULL,
+    reason      TEXT NOT NULL,
+    PRIMARY KEY (scenario_id, n)
+);
+CREATE TABLE IF NOT EXISTS scenario_agents (
+    scenario_id TEXT NOT NULL REFERENCES scenarios(id),
+    agent_id    TEXT NOT NULL,
+    address     TEXT NOT NULL,
+    fault_id    TEXT NOT NULL,
+    fault_state TEXT NOT NULL,               -- UNSPECIFIED PENDING APPLIED REVERTING REVERTED FAILED
+    summary     TEXT NOT NULL,
+    backend     TEXT NOT NULL,
+    error       TEXT NOT NULL,
+    applied_at  TEXT,
+    reverted_at TEXT,
+    PRIMARY KEY (scenario_id, agent_id)
+);
+CREATE TABLE IF NOT EXISTS audit (
+    id      INTEGER PRIMARY KEY AUTOINCREMENT,
+    at      TEXT NOT NULL,
+    actor   TEXT NOT NULL,                   -- x-chaos-actor and peer address, or 'coordinator'
+    action  TEXT NOT NULL,                   -- CreateScenario, StopScenario, EmergencyStop, Arm, RegisterAgent, RevertOrphan
+    target  TEXT NOT NULL,
+    detail  TEXT NOT NULL,
+    outcome TEXT NOT NULL                    -- ok | refused: ... | error: ...
+);
+CREATE INDEX IF NOT EXISTS audit_at ON audit(at);
+PRAGMA user_version = 1;
+";
+
+pub struct Store {
+    conn: Mutex<Connection>,
+}
+
+fn ts(t: Option<&prost_types::Timestamp>) -> Option<String> {
+    t.map(|t| humantime::format_rfc3339_millis(timestamp_from_pb(t)).to_string())
+}
+
+fn parse_ts(s: Option<String>) -> Option<prost_types::Timestamp> {
+    s.and_then(|s| humantime::parse_rfc3339(&s).ok()).map(timestamp_to_pb)
+}
+
+pub fn state_name(s: i32) -> String {
+    ScenarioState::try_from(s).unwrap_or(ScenarioState::Unspecified).as_str_name().trim_start_matches("SCENARIO_STATE_").to_string()
+}
+
+fn parse_state(s: &str) -> i32 {
+    ScenarioState::from_str_name(&format!("SCENARIO_STATE_{s}")).unwrap_or(ScenarioState::Unspecified) as i32
+}
+
+fn fault_state_name(s: i32) -> String {
+    FaultState::try_from(s).unwrap_or(FaultState::Unspecified).as_str_name().trim_start_matches("FAULT_STATE_").to_string()
+}
+
+pub type StoreResult<T> = Result<T, rusqlite::Error>;
+
+impl Store {
+    pub fn open(path: &Path) -> StoreResult<Self> {
+        let conn = Connection::open(path)?;
+        Self::init(conn)
+    }
+
+    pub fn in_memory() -> StoreResult<Self> {
+        Self::init(Connection::open_in_memory()?)
+    }
+
+    fn init(conn: Connection) -> StoreResult<Self> {
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(Self { conn: Mutex::new(conn) })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Connection> {
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Write the whole scenario (row, agents, transitions) in one transaction.
+    pub fn save(&self, sc: &pb::Scenario, fault_text: &str) -> StoreResult<()> {
+        let mut c = self.lock();
+        let tx = c.transaction()?;
+        let spec = sc.spec.as_ref().map(|s| s.encode_to_vec()).unwrap_or_default();
+        let blast = sc.blast_radius.as_ref().map(|b| b.encode_to_vec());
+        let duration_ms = sc.duration.as_ref().and_then(duration_from_pb).unwrap_or_default().as_millis() as i64;
+        tx.execute(
+            "INSERT INTO scenarios (id, seq, name, scenario_type, fault, severity, duration_ms, state, reason, created_by,
+                 created_at, started_at, ends_at, ended_at, spec, blast_radius)
+             VALUES (?1, (SELECT COALESCE(MAX(seq), 0) + 1 FROM scenarios), ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)
+             ON CONFLICT(id) DO UPDATE SET state = ?7, reason = ?8, started_at = ?11, ends_at = ?12, ended_at = ?13, blast_radius = ?15",
+            params![
+                sc.id,
+                sc.spec.as_ref().map(|s| s.name.clone()).unwrap_or_default(),
+                sc.scenario_type,
+                fault_text,
+                sc.severity,
+                duration_ms,
+                state_name(sc.state),
+                sc.reason,
+                sc.created_by,
+                ts(sc.created_at.as_ref()).unwrap_or_default(),
+                ts(sc.started_at.as_ref()),
+                ts(sc.ends_at.as_ref()),
+                ts(sc.ended_at.as_ref()),
+                spec,
+                blast,
+            ],
+        )?;
+        for (n, t) in sc.transitions.iter().enumerate() {
+            tx.execute(
+                "INSERT OR IGNORE INTO transitions (scenario_id, n, at, state, reason) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![sc.id, n as i64, ts(t.at.as_ref()).unwrap_or_default(), state_name(t.state), t.reason],
+            )?;
+        }
+        for a in &sc.agents {
+            tx.execute(
+                "INSERT OR REPLACE INTO scenario_agents (scenario_id, agent_id, address, fault_id, fault_state, summary, backend, error,
+                     applied_at, reverted_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                params![
+                    sc.id,
+                    a.agent_id,
+                    a.address,
+                    a.fault_id,
+                    fault_state_name(a.fault_state),
+                    a.summary,
+                    a.backend,
+                    a.error,
+                    ts(a.applied_at.as_ref()),
+                    ts(a.reverted_at.as_ref())
+                ],
+            )?;
+        }
+        tx.commit()
+    }
+
+    fn load_where(&self, clause: &str, args: &[&dyn rusqlite::ToSql]) -> StoreResult<Vec<pb::Scenario>> {
+        let c = self.lock();
+        let mut stmt = c.prepare(&format!(
+            "SELECT id, scenario_type, severity, duration_ms, state, reason, created_by, created_at, started_at, ends_at, ended_at,
+                    spec, blast_radius FROM scenarios {clause}"
+        ))?;
+        let mut out: Vec<pb::Scenario> = stmt
+            .query_map(args, |r| {
+                let spec: Vec<u8> = r.get(11)?;
+                let blast: Option<Vec<u8>> = r.get(12)?;
+                Ok(pb::Scenario {
+                    id: r.get(0)?,
+                    scenario_type: r.get(1)?,
+                    severity: r.get(2)?,
+                    duration: Some(duration_to_pb(Duration::from_millis(r.get::<_, i64>(3)?.max(0) as u64))),
+                    state: parse_state(&r.get::<_, String>(4)?),
+                    reason: r.get(5)?,
+                    created_by: r.get(6)?,
+                    created_at: parse_ts(r.get(7)?),
+                    started_at: parse_ts(r.get(8)?),
+                    ends_at: parse_ts(r.get(9)?),
+                    ended_at: parse_ts(r.get(10)?),
+                    spec: pb::ScenarioSpec::decode(spec.as_slice()).ok(),
+                    blast_radius: blast.and_then(|b| pb::BlastRadius::decode(b.as_slice()).ok()),
+                    ..Default::default()
+                })
+            })?
+            .collect::<Result<_, _>>()?;
+        let mut tstmt = c.prepare("SELECT at, state, reason FROM transitions WHERE scenario_id = ?1 ORDER BY n")?;
+        let mut astmt = c.prepare(
+            "SELECT agent_id, address, fault_id, fault_state, summary, backend, error, applied_at, reverted_at
+             FROM scenario_agents WHERE scenario_id = ?1 ORDER BY agent_id",
+        )?;
+        for sc in &mut out {
+            sc.transitions = tstmt
+                .query_map([&sc.id], |r| {
+                    Ok(pb::ScenarioTransition { at: parse_ts(r.get(0)?), state: parse_state(&r.get::<_, String>(1)?), reason: r.get(2)? })
+                })?
+                .collect::<Result<_, _>>()?;
+            sc.agents = astmt
+                .query_map([&sc.id], |r| {
+                    Ok(pb::ScenarioAgent {
+                        agent_id: r.get(0)?,
+                        address: r.get(1)?,
+                        fault_id: r.get(2)?,
+                        fault_state: FaultState::from_str_name(&format!("FAULT_STATE_{}", r.get::<_, String>(3)?))
+                            .unwrap_or(FaultState::Unspecified) as i32,
+                        summary: r.get(4)?,
+                        backend: r.get(5)?,
+                        error: r.get(6)?,
+                        applied_at: parse_ts(r.get(7)?),
+                        reverted_at: parse_ts(r.get(8)?),
+                    })
+                })?
+                .collect::<Result<_, _>>()?;
+        }
+        Ok(out)
+    }
+
+    pub fn load(&self, id: &str) -> StoreResult<Option<pb::Scenario>> {
+        Ok(self.load_where("WHERE id = ?1", &[&id])?.pop())
+    }
+
+    /// Scenarios not in a final state, oldest first.
+    pub fn unfinished(&self) -> StoreResult<Vec<pb::Scenario>> {
+        self.load_where("WHERE state IN ('PENDING', 'QUEUED', 'RUNNING', 'REVERTING') ORDER BY seq", &[])
+    }
+
+    /// The newest `limit` scenarios in `states` (all if empty), oldest first.
+    pub fn list(&self, states: &[i32], limit: u32) -> StoreResult<Vec<pb::Scenario>> {
+        let names: Vec<String> = states.iter().map(|s| format!("'{}'", state_name(*s))).collect();
+        let filter = if names.is_empty() { String::new() } else { format!("WHERE state IN ({})", names.join(",")) };
+        let mut v = self.load_where(&format!("{filter} ORDER BY seq DESC LIMIT ?1"), &[&limit])?;
+        v.reverse();
+        Ok(v)
+    }
+
+    pub fn audit(&self, actor: &str, action: &str, target: &str, detail: &str, outcome: &str) -> StoreResult<()> {
+        self.lock().execute(
+            "INSERT INTO audit (at, actor, action, target, detail, outcome) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![humantime::format_rfc3339_millis(SystemTime::now()).to_string(), actor, action, target, detail, outcome],
+        )?;
+        Ok(())
+    }
+
+    /// The newest `limit` entries at or after `since`, oldest first.
+    pub fn list_audit(&self, since: Option<SystemTime>, limit: u32) -> StoreResult<Vec<pb::AuditEntry>> {
+        let since = since.map(|t| humantime::format_rfc3339_millis(t).to_string()).unwrap_or_default();
+        let c = self.lock();
+        let mut stmt =
+            c.prepare("SELECT id, at, actor, action, target, detail, outcome FROM audit WHERE at >= ?1 ORDER BY id DESC LIMIT ?2")?;
+        let mut v: Vec<pb::AuditEntry> = stmt
+            .query_map(params![since, limit], |r| {
+                Ok(pb::AuditEntry {
+                    id: r.get::<_, i64>(0)? as u64,
+                    at: parse_ts(r.get(1)?),
+                    actor: r.get(2)?,
+                    action: r.get(3)?,
+                    target: r.get(4)?,
+                    detail: r.get(5)?,
+                    outcome: r.get(6)?,
+                })
+            })?
+            .collect::<Result<_, _>>()?;
+        v.reverse();
+        Ok(v)
+    }
+
+    /// Whether the scenario exists at all (for NOT_FOUND vs final).
+    pub fn exists(&self, id: &str) -> StoreResult<bool> {
+        Ok(self.lock().query_row("SELECT 1 FROM scenarios WHERE id = ?1", [id], |_| Ok(())).optional()?.is_some())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scenario_round_trips_with_transitions_and_agents() {
+        let s = Store::in_memory().expect("store");
+        let now = timestamp_to_pb(SystemTime::now());
+        let mut sc = pb::Scenario {
+            id: "sc-1".into(),
+            spec: Some(pb::ScenarioSpec { name: "loss on kafka".into(), severity: 2, ..Default::default() }),
+            state: ScenarioState::Queued as i32,
+            reason: "slots full".into(),
+            scenario_type: "network_loss".into(),
+            severity: 2,
+            duration: Some(duration_to_pb(Duration::from_secs(30))),
+            created_at: Some(now),
+            created_by: "me".into(),
+            transitions: vec![pb::ScenarioTransition { at: Some(now), state: ScenarioState::Queued as i32, reason: "slots full".into() }],
+            ..Default::default()
+        };
+        s.save(&sc, "network_loss 10 %").expect("save");
+        sc.state = ScenarioState::Running as i32;
+        sc.transitions.push(pb::ScenarioTransition { at: Some(now), state: ScenarioState::Running as i32, reason: "slot free".into() });
+        sc.agents.push(pb::ScenarioAgent {
+            agent_id: "a".into(),
+            address: "http://a:1".into(),
+            fault_id: "sc-1".into(),
+            fault_state: FaultState::Applied as i32,
+            ..Default::default()
+        });
+        s.save(&sc, "network_loss 10 %").expect("save again");
+        let back = s.load("sc-1").expect("load").expect("exists");
+        assert_eq!(back.state, ScenarioState::Running as i32);
+        assert_eq!(back.transitions.len(), 2);
+        assert_eq!(back.agents[0].fault_state, FaultState::Applied as i32);
+        assert_eq!(back.spec.as_ref().map(|s| s.name.as_str()), Some("loss on kafka"));
+        assert_eq!(back.duration.as_ref().and_then(duration_from_pb), Some(Duration::from_secs(30)));
+        assert_eq!(s.unfinished().expect("unfinished").len(), 1);
+        assert_eq!(s.list(&[ScenarioState::Completed as i32], 10).expect("list").len(), 0);
+        assert!(s.exists("sc-1").expect("exists") && !s.exists("sc-2").expect("exists"));
+    }
+
+    #[test]
+    fn audit_is_filtered_by_time_and_limited_to_the_newest() {
+        let s = Store::in_memory().expect("store");
+        for i in 0..5 {
+            s.audit("me (127.0.0.1:1)", "CreateScenario", &format!("sc-{i}"), "", "ok").expect("audit");
+        }
+        let v = s.list_audit(None, 3).expect("list");
+        assert_eq!(v.iter().map(|e| e.target.as_str()).collect::<Vec<_>>(), vec!["sc-2", "sc-3", "sc-4"]);
+        assert!(s.list_audit(Some(SystemTime::now() + Duration::from_secs(5)), 10).expect("list").is_empty());
+    }
+}
