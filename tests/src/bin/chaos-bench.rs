@@ -114,6 +114,9 @@ async fn start_coordinator(state_dir: &Path) -> anyhow::Result<Server> {
         emergency_stop_deadline: Duration::from_secs(2),
         heartbeat_interval: Duration::from_secs(10),
         state_dir: state_dir.join("coordinator"),
+        policy: Default::default(),
+        monitoring: Default::default(),
+        recovery: Default::default(),
     };
     let (tx, rx) = oneshot::channel();
     let task = tokio::spawn(chaos_coordinator::run::run(cfg, listener, async {
