@@ -78,11 +78,27 @@ pub enum AgentCommand {
 }
 
 #[derive(Debug, clap::Args)]
-#[command(group(ArgGroup::new("fault").required(true).args(["pause_pid", "pause_name", "kill_pid", "kill_name", "partition", "loss", "latency", "rate"])))]
-#[command(group(ArgGroup::new("netns_target").args(["netns", "target_pid"])))]
 pub struct ApplyArgs {
     #[command(flatten)]
     target: Target,
+    #[command(flatten)]
+    fault: FaultArgs,
+    /// Time to live: the fault reverts itself after this long.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Fault id (default: a UUID chosen by the agent).
+    #[arg(long)]
+    id: Option<String>,
+    /// Label KEY=VALUE carried with the fault (repeatable).
+    #[arg(long = "label", value_name = "KEY=VALUE")]
+    labels: Vec<String>,
+}
+
+/// The fault and its target inside the host; shared by `agent apply` and `scenario create`.
+#[derive(Debug, clap::Args)]
+#[command(group(ArgGroup::new("fault").required(true).args(["pause_pid", "pause_name", "kill_pid", "kill_name", "partition", "loss", "latency", "rate"])))]
+#[command(group(ArgGroup::new("netns_target").args(["netns", "target_pid"])))]
+pub struct FaultArgs {
     /// Pause (SIGSTOP) the process with this pid.
     #[arg(long, value_name = "PID")]
     pause_pid: Option<u32>,
@@ -137,15 +153,6 @@ pub struct ApplyArgs {
     /// Network faults: in the network namespace of this process.
     #[arg(long, value_name = "PID")]
     target_pid: Option<u32>,
-    /// Time to live: the fault reverts itself after this long.
-    #[arg(long, value_parser = humantime::parse_duration)]
-    duration: Duration,
-    /// Fault id (default: a UUID chosen by the agent).
-    #[arg(long)]
-    id: Option<String>,
-    /// Label KEY=VALUE carried with the fault (repeatable).
-    #[arg(long = "label", value_name = "KEY=VALUE")]
-    labels: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -155,7 +162,7 @@ enum DirectionArg {
     Egress,
 }
 
-impl ApplyArgs {
+impl FaultArgs {
     fn network_target(&self) -> Kind {
         match (&self.netns, self.target_pid) {
             (Some(n), _) => Kind::Netns(n.clone()),
@@ -178,17 +185,23 @@ impl ApplyArgs {
         }
     }
 
-    fn spec(&self) -> Result<pb::FaultSpec, CliError> {
+    /// The fault with its target, without id, duration or labels.
+    pub fn spec(&self) -> Result<pb::FaultSpec, CliError> {
+        let (kind, fault) = self.kind_and_fault()?;
+        Ok(pb::FaultSpec { target: Some(pb::Target { kind: Some(kind) }), fault: Some(fault), ..Default::default() })
+    }
+
+    fn kind_and_fault(&self) -> Result<(Kind, F), CliError> {
         if !self.partition.is_empty() {
             let all = self.partition.iter().any(|p| p == "all");
             let scope = self.scope(if all { vec![] } else { self.partition.clone() });
-            return self.with_target(self.network_target(), F::NetworkPartition(pb::NetworkPartition { scope: Some(scope) }));
+            return Ok((self.network_target(), F::NetworkPartition(pb::NetworkPartition { scope: Some(scope) })));
         }
         if let Some(r) = &self.rate {
             let mut scope = self.scope(self.peers.clone());
             scope.direction = pb::Direction::Egress as i32;
             let bw = pb::NetworkBandwidth { scope: Some(scope), rate_bits_per_second: parse_rate(r)?, burst_bytes: 0 };
-            return self.with_target(self.network_target(), F::NetworkBandwidth(bw));
+            return Ok((self.network_target(), F::NetworkBandwidth(bw)));
         }
         if let (Some(r), Some(delay)) = (&self.reorder, self.latency) {
             let reorder = pb::NetworkReorder {
@@ -196,7 +209,7 @@ impl ApplyArgs {
                 percent: parse_percent("--reorder", r)?,
                 delay: Some(duration_to_pb(delay)),
             };
-            return self.with_target(self.network_target(), F::NetworkReorder(reorder));
+            return Ok((self.network_target(), F::NetworkReorder(reorder)));
         }
         if let Some(delay) = self.latency {
             let lat = pb::NetworkLatency {
@@ -205,7 +218,7 @@ impl ApplyArgs {
                 jitter: self.jitter.map(duration_to_pb),
                 correlation_percent: 0.0,
             };
-            return self.with_target(self.network_target(), F::NetworkLatency(lat));
+            return Ok((self.network_target(), F::NetworkLatency(lat)));
         }
         if let Some(l) = &self.loss {
             let loss = pb::NetworkLoss {
@@ -213,7 +226,7 @@ impl ApplyArgs {
                 percent: parse_percent("--loss", l)?,
                 correlation_percent: 0.0,
             };
-            return self.with_target(self.network_target(), F::NetworkLoss(loss));
+            return Ok((self.network_target(), F::NetworkLoss(loss)));
         }
         let (kind, fault) = match (self.pause_pid, &self.pause_name, self.kill_pid, &self.kill_name) {
             (Some(p), ..) => (Kind::Pid(p), F::ProcessPause(pb::ProcessPause {})),
@@ -227,10 +240,12 @@ impl ApplyArgs {
                 ));
             }
         };
-        self.with_target(kind, fault)
+        Ok((kind, fault))
     }
+}
 
-    fn with_target(&self, kind: Kind, fault: F) -> Result<pb::FaultSpec, CliError> {
+impl ApplyArgs {
+    fn spec(&self) -> Result<pb::FaultSpec, CliError> {
         let mut labels = HashMap::new();
         for l in &self.labels {
             let (k, v) = l.split_once('=').ok_or_else(|| CliError::new(exit::USAGE, format!("--label: expected KEY=VALUE, got {l:?}")))?;
@@ -238,10 +253,9 @@ impl ApplyArgs {
         }
         Ok(pb::FaultSpec {
             id: self.id.clone().unwrap_or_default(),
-            target: Some(pb::Target { kind: Some(kind) }),
             duration: Some(duration_to_pb(self.duration)),
             labels,
-            fault: Some(fault),
+            ..self.fault.spec()?
         })
     }
 }

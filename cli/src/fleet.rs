@@ -119,7 +119,10 @@ pub async fn status(coordinator: &str, timeout: Duration, fmt: Format) -> Result
 
 pub async fn emergency_stop(coordinator: &str, timeout: Duration, fmt: Format, a: EmergencyStopArgs) -> Result<u8, CliError> {
     let server = format!("coordinator {}", url(coordinator));
-    let req = pb::EmergencyStopRequest { reason: a.reason, deadline: a.deadline.map(chaos_proto::convert::duration_to_pb) };
+    let req = crate::scenario::request(pb::EmergencyStopRequest {
+        reason: a.reason,
+        deadline: a.deadline.map(chaos_proto::convert::duration_to_pb),
+    });
     let r = client(coordinator, timeout)?.emergency_stop(req).await.map_err(|s| from_status(&server, s))?.into_inner();
     match fmt {
         Format::Json => emit_json(&json!({
@@ -161,7 +164,11 @@ pub async fn emergency_stop(coordinator: &str, timeout: Duration, fmt: Format, a
 
 pub async fn arm(coordinator: &str, timeout: Duration, fmt: Format, a: ArmArgs) -> Result<u8, CliError> {
     let server = format!("coordinator {}", url(coordinator));
-    let r = client(coordinator, timeout)?.arm(pb::ArmRequest { reason: a.reason }).await.map_err(|s| from_status(&server, s))?.into_inner();
+    let r = client(coordinator, timeout)?
+        .arm(crate::scenario::request(pb::ArmRequest { reason: a.reason }))
+        .await
+        .map_err(|s| from_status(&server, s))?
+        .into_inner();
     match fmt {
         Format::Json => emit_json(&json!({"armed": r.armed, "agents_not_reached": r.agents_not_reached})),
         Format::Table if r.agents_not_reached.is_empty() => emit("fleet armed: faults are accepted again"),

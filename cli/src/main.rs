@@ -4,6 +4,7 @@
 mod agent;
 mod fleet;
 mod output;
+mod scenario;
 
 use std::{process::ExitCode, time::Duration};
 
@@ -19,12 +20,16 @@ Examples:
   chaos agent faults --all                      # active and recently finished faults
   chaos emergency-stop --reason 'SLO breach'    # revert everything everywhere, disarm
   chaos arm --reason 'incident closed'
+  chaos scenario create --loss 10% --selector role=kafka --one --duration 2m --severity 2
+  chaos scenario list                           # scenarios and their states
+  chaos queue                                   # running scenarios and the queue behind them
+  chaos audit --since 1h                        # who did what
   chaos --output json agents | jq '.agents[].health'
 
 Environment: CHAOS_COORDINATOR (coordinator URL), CHAOS_AGENT (agent URL).";
 
 #[derive(Debug, Parser)]
-#[command(name = "chaos", version, about = "Drive the chaos platform: agents, faults, emergency stop",
+#[command(name = "chaos", version, about = "Drive the chaos platform: agents, faults, scenarios, emergency stop",
     after_help = format!("{EXAMPLES}\n\n{}", output::EXIT_CODES_HELP))]
 struct Cli {
     /// Coordinator URL.
@@ -53,6 +58,13 @@ enum Command {
     EmergencyStop(fleet::EmergencyStopArgs),
     /// Re-arm the fleet after an emergency stop.
     Arm(fleet::ArmArgs),
+    /// Scenarios: a fault on the agents a selector picks, admitted by the safety rules.
+    #[command(subcommand)]
+    Scenario(scenario::ScenarioCommand),
+    /// Running scenarios and the queue behind the concurrency limit.
+    Queue,
+    /// The coordinator's audit log: every mutation with who, when and outcome.
+    Audit(scenario::AuditArgs),
     /// Talk to one agent directly.
     #[command(subcommand)]
     Agent(agent::AgentCommand),
@@ -87,6 +99,9 @@ async fn main() -> ExitCode {
         Command::EmergencyStop(a) => fleet::emergency_stop(&cli.coordinator, cli.timeout, fmt, a).await,
         Command::Arm(a) => fleet::arm(&cli.coordinator, cli.timeout, fmt, a).await,
         Command::Agent(c) => agent::run(c, cli.timeout, fmt).await,
+        Command::Scenario(c) => scenario::run(c, &cli.coordinator, cli.timeout, fmt).await,
+        Command::Queue => scenario::queue(&cli.coordinator, cli.timeout, fmt).await,
+        Command::Audit(a) => scenario::audit(&cli.coordinator, cli.timeout, fmt, a).await,
     };
     match result {
         Ok(code) => ExitCode::from(code),

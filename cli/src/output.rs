@@ -34,7 +34,8 @@ Exit codes:
   0  success
   1  failure not listed below
   2  usage error, or the spec was refused as invalid (the message names the field)
-  3  refused by a safety rule: fleet/agent disarmed, dead-man lease lost, protected target, id in use
+  3  refused by a safety rule: fleet/agent disarmed, dead-man lease lost, protected target, id in use,
+     blast radius, severity cap, queue full; `scenario watch`: the scenario was aborted
   4  not found: fault, agent or target process
   5  server unreachable or no answer in time
   6  not implemented by the server yet (e.g. a fault family)
@@ -65,7 +66,7 @@ impl CliError {
 pub fn from_status(server: &str, s: tonic::Status) -> CliError {
     let code = match s.code() {
         Code::InvalidArgument | Code::OutOfRange => exit::USAGE,
-        Code::FailedPrecondition | Code::PermissionDenied | Code::AlreadyExists => exit::REFUSED,
+        Code::FailedPrecondition | Code::PermissionDenied | Code::AlreadyExists | Code::ResourceExhausted => exit::REFUSED,
         Code::NotFound => exit::NOT_FOUND,
         Code::Unavailable | Code::DeadlineExceeded => exit::UNREACHABLE,
         Code::Unimplemented => exit::UNIMPLEMENTED,

@@ -252,7 +252,7 @@ impl Scenarios {
             &mut sc,
             ScenarioState::Pending,
             format!(
-                "admitted: {} agent(s) selected, blast radius {} of {} agents with running scenarios (limit {:.0} %)",
+                "admitted: {} agent(s) selected; blast radius with running scenarios {} of {} agents (limit {:.0} %)",
                 decision.selected.len(),
                 b.affected_agents,
                 b.fleet_agents,
@@ -637,9 +637,11 @@ impl Scenarios {
         }
     }
 
-    /// Cancel a queued scenario or end a running one.
-    pub fn stop(self: &Arc<Self>, id: &str, reason: &str) -> Result<pb::Scenario, CoordinatorError> {
+    /// Cancel a queued scenario or end a running one; answers once it has
+    /// reached its final state (or after `call_timeout`, with the state then).
+    pub async fn stop(self: &Arc<Self>, id: &str, reason: &str) -> Result<pb::Scenario, CoordinatorError> {
         let reason = if reason.is_empty() { "stopped by request".to_string() } else { format!("stopped: {reason}") };
+        let mut events = None;
         {
             let mut g = self.lock();
             let state = g.active.get(id).map(|a| a.sc.state);
@@ -648,14 +650,29 @@ impl Scenarios {
                     self.finish_locked(&mut g, id, ScenarioState::Stopped, format!("cancelled while queued ({reason})"));
                 }
                 Some(_) => {
-                    if let Some(tx) = g.active.get_mut(id).and_then(|a| a.stop.take()) {
-                        let _ = tx.send((ScenarioState::Stopped, reason));
+                    if let Some(a) = g.active.get_mut(id) {
+                        events = Some(a.events.subscribe());
+                        if let Some(tx) = a.stop.take() {
+                            let _ = tx.send((ScenarioState::Stopped, reason));
+                        }
                     }
                 }
                 None => {}
             }
         }
         self.start_next();
+        if let Some(mut rx) = events {
+            let _ = tokio::time::timeout(self.timing.call_timeout, async {
+                loop {
+                    match rx.recv().await {
+                        Ok(ev) if is_final(ev.state) => return,
+                        Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                        Err(broadcast::error::RecvError::Closed) => return,
+                    }
+                }
+            })
+            .await;
+        }
         self.get(id)
     }
 
@@ -738,7 +755,12 @@ impl Scenarios {
                     if let Some(a) = g.active.get_mut(&id) {
                         a.stop = Some(tx);
                     }
-                    self.notify_locked(&g, &id, None, "resumed after coordinator restart");
+                    let why = match mode {
+                        RunMode::Resume => "resumed after coordinator restart: holding until its end".to_string(),
+                        _ if !arm.armed => "coordinator restarted disarmed: reverting".to_string(),
+                        _ => "coordinator restarted after the scenario's end or mid-revert: reverting".to_string(),
+                    };
+                    self.transition_locked(&mut g, &id, state, why);
                     info!(scenario = %id, ?mode, "recovering scenario after restart");
                     tokio::spawn(Arc::clone(self).run(id, rx, mode));
                 }

@@ -182,7 +182,7 @@ impl Coordinator for CoordinatorService {
     async fn stop_scenario(&self, req: Request<pb::StopScenarioRequest>) -> Result<Response<pb::Scenario>, Status> {
         let who = actor(&req);
         let r = req.into_inner();
-        let result = self.scenarios.stop(&r.id, &r.reason).map_err(Status::from);
+        let result = self.scenarios.stop(&r.id, &r.reason).await.map_err(Status::from);
         self.audit(&who, "StopScenario", &r.id, &r.reason, &result);
         Ok(Response::new(result?))
     }
