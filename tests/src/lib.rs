@@ -193,9 +193,17 @@ pub fn start_coordinator(dir: &std::path::Path) -> (Daemon, String) {
 
 /// A coordinator on a given port (to restart one); its state in `dir/coordinator-state`.
 pub fn start_coordinator_at(dir: &std::path::Path, port: u16) -> (Daemon, String) {
+    start_coordinator_with(dir, port, None)
+}
+
+/// A coordinator on `port` with an optional YAML config file.
+pub fn start_coordinator_with(dir: &std::path::Path, port: u16, config: Option<&std::path::Path>) -> (Daemon, String) {
     static STARTS: AtomicU32 = AtomicU32::new(0);
     let state = dir.join("coordinator-state");
-    let args = ["--listen".to_string(), format!("127.0.0.1:{port}"), "--state-dir".into(), state.display().to_string()];
+    let mut args = vec!["--listen".to_string(), format!("127.0.0.1:{port}"), "--state-dir".into(), state.display().to_string()];
+    if let Some(c) = config {
+        args.extend(["--config".into(), c.display().to_string()]);
+    }
     let log = dir.join(format!("coordinator-{port}-{}.log", STARTS.fetch_add(1, Ordering::Relaxed)));
     let d = Daemon::spawn("chaos-coordinator", &args, log);
     let url = format!("http://127.0.0.1:{port}");
@@ -223,6 +231,19 @@ pub fn start_agent_at(
     coordinator: Option<&str>,
     lease: &str,
 ) -> (Daemon, String) {
+    start_agent_args(dir, id, port, journal, coordinator, lease, &[])
+}
+
+/// An agent with extra flags (e.g. `--label role=kafka`).
+pub fn start_agent_args(
+    dir: &std::path::Path,
+    id: &str,
+    port: u16,
+    journal: &std::path::Path,
+    coordinator: Option<&str>,
+    lease: &str,
+    extra: &[&str],
+) -> (Daemon, String) {
     let mut args = vec![
         "--listen".to_string(),
         format!("127.0.0.1:{port}"),
@@ -236,6 +257,7 @@ pub fn start_agent_at(
     if let Some(c) = coordinator {
         args.extend(["--coordinator".into(), c.to_string()]);
     }
+    args.extend(extra.iter().map(|a| a.to_string()));
     static STARTS: AtomicU32 = AtomicU32::new(0);
     let log = dir.join(format!("agent-{id}-{}.log", STARTS.fetch_add(1, Ordering::Relaxed)));
     let d = Daemon::spawn("chaos-agent", &args, log);
