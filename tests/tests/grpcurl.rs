@@ -52,7 +52,13 @@ fn reflection_and_health_on_both_servers() {
     let body = r#"{"spec":{"target":{"pid":4242},"duration":"5s","networkCorrupt":{"percent":1}}}"#;
     let (ok, out) = run(&["-plaintext", "-d", body, ahost, "chaos.v1.Agent/ApplyFault"]);
     assert!(!ok && out.contains("Unimplemented") && out.contains("network_corrupt"), "{out}");
-    // Scenario RPCs are declared, not yet implemented.
+    // Scenarios through grpcurl: a dry run answers with the admission, and
+    // a refusal names the rule.
+    let body = r#"{"spec":{"fault":{"target":{"pid":4242},"processPause":{}},"severity":1},"dryRun":true}"#;
+    let (ok, out) = run(&["-plaintext", "-d", body, chost, "chaos.v1.Coordinator/CreateScenario"]);
+    assert!(ok && out.contains("allow_pause: false") && out.contains("\"scenarioType\": \"process_pause\""), "{out}");
     let (ok, out) = run(&["-plaintext", chost, "chaos.v1.Coordinator/ListScenarios"]);
-    assert!(!ok && out.contains("Unimplemented"), "{out}");
+    assert!(ok, "{out}");
+    let (ok, d) = run(&["-plaintext", chost, "describe", "chaos.v1.BlastRadius"]);
+    assert!(ok && d.contains("affected_agents"), "{d}");
 }
