@@ -174,6 +174,13 @@ mod tests {
         let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/config/coordinator.yaml");
         let c = CoordinatorConfig::resolve(&CoordinatorArgs { config: Some(p), ..Default::default() }).expect("example config");
         assert_eq!(c.emergency_stop_deadline, Duration::from_secs(2));
+        // The example documents the defaults: the policy it gives equals the built-in one
+        // apart from its examples (per-type rules).
+        let mut p = c.policy.clone();
+        p.types.clear();
+        assert_eq!(p, crate::policy::Policy::default());
+        assert_eq!(c.policy.types.len(), 4);
+        assert_eq!(c.recovery.max_recovery_attempts, Some(3));
     }
 
     #[test]
