@@ -14,4 +14,5 @@ pub mod registry;
 pub mod run;
 pub mod scenarios;
 pub mod service;
+pub mod standin;
 pub mod store;

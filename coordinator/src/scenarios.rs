@@ -824,3 +824,161 @@ fn push_transition(sc: &mut pb::Scenario, state: ScenarioState, reason: String) 
 fn queue_position(g: &Inner, id: &str) -> u32 {
     g.queue.iter().position(|q| q == id).map(|p| p as u32 + 1).unwrap_or(0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{registry::ArmState, standin::Standin};
+
+    struct Rig {
+        scenarios: Arc<Scenarios>,
+        registry: Arc<Registry>,
+        agents: Vec<Standin>,
+    }
+
+    async fn rig(n: usize, policy: Policy) -> Rig {
+        let registry = Arc::new(Registry::new(Duration::from_millis(500), ArmState { armed: true, ..Default::default() }, None));
+        let mut agents = Vec::new();
+        for i in 0..n {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let addr = l.local_addr().expect("addr");
+            let s = Standin::new();
+            tokio::spawn(s.clone().serve(l));
+            registry
+                .register(pb::RegisterAgentRequest {
+                    agent_id: format!("a{i}"),
+                    address: format!("http://{addr}"),
+                    labels: [("role".to_string(), format!("r{i}"))].into(),
+                    lease_duration: Some(duration_to_pb(Duration::from_secs(60))),
+                    ..Default::default()
+                })
+                .expect("register");
+            agents.push(s);
+        }
+        let timing = Timing {
+            call_timeout: Duration::from_secs(2),
+            revert_window: Duration::from_millis(300),
+            revert_retry: Duration::from_millis(50),
+        };
+        let store = Arc::new(Store::in_memory().expect("store"));
+        Rig { scenarios: Scenarios::new(policy, Arc::clone(&registry), store, timing), registry, agents }
+    }
+
+    fn open_policy(max_concurrent: usize) -> Policy {
+        Policy { blast_radius_limit: 1.0, group_blast_radius_limit: 1.0, max_concurrent, ..Policy::default() }
+    }
+
+    fn spec(agent: &str, ms: u64) -> pb::ScenarioSpec {
+        pb::ScenarioSpec {
+            fault: Some(pb::FaultSpec {
+                target: Some(pb::Target { kind: Some(pb::target::Kind::Pid(4242)) }),
+                fault: Some(pb::fault_spec::Fault::ProcessPause(pb::ProcessPause {})),
+                ..Default::default()
+            }),
+            selector: Some(pb::AgentSelector { agent_ids: vec![agent.into()], ..Default::default() }),
+            duration: Some(duration_to_pb(Duration::from_millis(ms))),
+            severity: 2,
+            ..Default::default()
+        }
+    }
+
+    async fn wait_state(s: &Scenarios, id: &str, state: ScenarioState) -> pb::Scenario {
+        for _ in 0..300 {
+            let sc = s.get(id).expect("get");
+            if sc.state == state as i32 {
+                return sc;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("{id} never reached {state:?}: {:?}", s.get(id));
+    }
+
+    fn id_of(r: pb::CreateScenarioResponse) -> String {
+        r.scenario.expect("scenario").id
+    }
+
+    #[tokio::test]
+    async fn fifo_queue_takes_freed_slots_and_a_queued_scenario_can_be_cancelled() {
+        let r = rig(2, open_policy(1)).await;
+        let s = &r.scenarios;
+        let a = id_of(s.create(spec("a0", 300), false, "t").expect("a"));
+        let b = s.create(spec("a1", 200), false, "t").expect("b");
+        assert_eq!(b.admission.as_ref().map(|a| (a.queued, a.queue_position)), Some((true, 1)));
+        let b = id_of(b);
+        let c = id_of(s.create(spec("a1", 200), false, "t").expect("c"));
+        assert_eq!(s.get(&c).expect("c").queue_position, 2);
+        let d = id_of(s.create(spec("a1", 200), false, "t").expect("d"));
+        assert_eq!(s.stop(&c, "no").await.expect("stop").state, ScenarioState::Stopped as i32);
+        assert_eq!(s.get(&d).expect("d").queue_position, 2, "d moved up behind b");
+        for _ in 0..200 {
+            if !r.agents[0].applied().is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(r.agents[0].applied(), vec![a.clone()], "running: the fault is applied");
+        wait_state(s, &a, ScenarioState::Completed).await;
+        assert!(r.agents[0].applied().is_empty(), "reverted at its end");
+        wait_state(s, &b, ScenarioState::Running).await;
+        assert_eq!(s.get(&d).expect("d").queue_position, 1);
+        wait_state(s, &b, ScenarioState::Completed).await;
+        wait_state(s, &d, ScenarioState::Completed).await;
+        assert_eq!(s.counts(), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn disarm_aborts_running_and_queued_and_refuses_new_ones() {
+        let r = rig(2, open_policy(1)).await;
+        let s = &r.scenarios;
+        let a = id_of(s.create(spec("a0", 60_000), false, "t").expect("a"));
+        let b = id_of(s.create(spec("a1", 60_000), false, "t").expect("b"));
+        wait_state(s, &a, ScenarioState::Running).await;
+        r.registry.disarm("drill");
+        s.abort_all("drill");
+        let sc = wait_state(s, &a, ScenarioState::Aborted).await;
+        assert_eq!(sc.reason, "emergency stop: drill");
+        assert_eq!(s.get(&b).expect("b").state, ScenarioState::Aborted as i32);
+        assert!(r.agents[0].applied().is_empty());
+        let e = s.create(spec("a0", 1000), false, "t").expect_err("disarmed");
+        assert!(matches!(&e, CoordinatorError::Refused(m) if m.contains("disarmed (drill)")), "{e}");
+    }
+
+    #[tokio::test]
+    async fn partial_apply_keeps_running_and_total_failure_fails() {
+        let r = rig(2, open_policy(3)).await;
+        let s = &r.scenarios;
+        r.agents[1].fail_apply(Some("target gone"));
+        let mut both = spec("a0", 200);
+        both.selector = Some(pb::AgentSelector::default());
+        let a = id_of(s.create(both, false, "t").expect("a"));
+        let sc = wait_state(s, &a, ScenarioState::Completed).await;
+        let failed = sc.agents.iter().find(|x| x.agent_id == "a1").expect("a1");
+        assert_eq!(failed.fault_state, FaultState::Failed as i32);
+        assert!(failed.error.contains("target gone"), "{failed:?}");
+        let b = id_of(s.create(spec("a1", 200), false, "t").expect("b"));
+        let sc = wait_state(s, &b, ScenarioState::Failed).await;
+        assert!(sc.reason.starts_with("the fault was applied on no agent: a1: "), "{}", sc.reason);
+    }
+
+    #[tokio::test]
+    async fn recovery_reverts_a_scenario_whose_end_passed_while_down() {
+        let r = rig(1, open_policy(3)).await;
+        let a = id_of(r.scenarios.create(spec("a0", 60_000), false, "t").expect("a"));
+        wait_state(&r.scenarios, &a, ScenarioState::Running).await;
+        // A second coordinator on the same store, as after a crash, with the end in the past.
+        let mut sc = r.scenarios.store().load(&a).expect("load").expect("row");
+        sc.ends_at = Some(timestamp_to_pb(SystemTime::now() - Duration::from_secs(1)));
+        let store = Arc::new(Store::in_memory().expect("store"));
+        store.save(&sc, "pause").expect("save");
+        let timing = Timing {
+            call_timeout: Duration::from_secs(2),
+            revert_window: Duration::from_millis(300),
+            revert_retry: Duration::from_millis(50),
+        };
+        let second = Scenarios::new(open_policy(3), Arc::clone(&r.registry), store, timing);
+        assert_eq!(second.recover().expect("recover"), 1);
+        let done = wait_state(&second, &a, ScenarioState::Completed).await;
+        assert!(done.transitions.iter().any(|t| t.reason.contains("coordinator restarted after the scenario's end")), "{done:?}");
+        assert!(r.agents[0].applied().is_empty(), "the recovered coordinator reverted it");
+    }
+}

@@ -1,0 +1,145 @@
+//! A light in-process stand-in for an agent: it speaks the real
+//! `chaos.v1.Agent` service over loopback and remembers faults, but touches
+//! nothing on the host. For the coordinator's tests and its benchmark at
+//! 100 to 1,000 agents, where real agent processes would measure the
+//! machine rather than the coordinator.
+
+use std::{
+    collections::BTreeMap,
+    pin::Pin,
+    sync::{Arc, Mutex},
+    time::SystemTime,
+};
+
+use chaos_proto::{
+    convert::timestamp_to_pb,
+    pb::{self, FaultState, RevertReason, agent_server::Agent},
+};
+use futures::Stream;
+use tokio::net::TcpListener;
+use tonic::{Request, Response, Status, transport::server::TcpIncoming};
+
+#[derive(Default)]
+struct State {
+    faults: BTreeMap<String, pb::Fault>,
+    armed: bool,
+    /// When set, ApplyFault fails with this status message.
+    fail_apply: Option<String>,
+}
+
+/// The stand-in's state, shared with the test that drives it.
+#[derive(Clone, Default)]
+pub struct Standin {
+    state: Arc<Mutex<State>>,
+}
+
+impl Standin {
+    pub fn new() -> Self {
+        let s = Self::default();
+        s.lock().armed = true;
+        s
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Ids of faults in the APPLIED state.
+    pub fn applied(&self) -> Vec<String> {
+        self.lock().faults.values().filter(|f| f.state == FaultState::Applied as i32).map(|f| f.id.clone()).collect()
+    }
+
+    pub fn fail_apply(&self, why: Option<&str>) {
+        self.lock().fail_apply = why.map(str::to_string);
+    }
+
+    /// Serve on `listener` until the task is dropped or aborted.
+    pub async fn serve(self, listener: TcpListener) -> Result<(), tonic::transport::Error> {
+        tonic::transport::Server::builder()
+            .add_service(pb::agent_server::AgentServer::new(self))
+            .serve_with_incoming(TcpIncoming::from(listener).with_nodelay(Some(true)))
+            .await
+    }
+
+    fn revert(f: &mut pb::Fault, reason: RevertReason) -> bool {
+        if f.state != FaultState::Applied as i32 {
+            return false;
+        }
+        f.state = FaultState::Reverted as i32;
+        f.revert_reason = reason as i32;
+        f.reverted_at = Some(timestamp_to_pb(SystemTime::now()));
+        true
+    }
+}
+
+type MetricStream = Pin<Box<dyn Stream<Item = Result<pb::MetricSample, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Agent for Standin {
+    async fn apply_fault(&self, req: Request<pb::ApplyFaultRequest>) -> Result<Response<pb::ApplyFaultResponse>, Status> {
+        let spec = req.into_inner().spec.unwrap_or_default();
+        let mut g = self.lock();
+        if let Some(why) = &g.fail_apply {
+            return Err(Status::failed_precondition(why.clone()));
+        }
+        if !g.armed {
+            return Err(Status::failed_precondition("agent disarmed"));
+        }
+        if g.faults.get(&spec.id).is_some_and(|f| f.state == FaultState::Applied as i32) {
+            return Err(Status::already_exists(format!("fault {} is active", spec.id)));
+        }
+        let now = Some(timestamp_to_pb(SystemTime::now()));
+        let fault = pb::Fault {
+            id: spec.id.clone(),
+            spec: Some(spec),
+            state: FaultState::Applied as i32,
+            applied: Some(pb::AppliedDetail { backend: "standin".into(), processes: vec![], summary: "nothing touched (stand-in)".into() }),
+            created_at: now,
+            applied_at: now,
+            ..Default::default()
+        };
+        g.faults.insert(fault.id.clone(), fault.clone());
+        Ok(Response::new(pb::ApplyFaultResponse { fault: Some(fault) }))
+    }
+
+    async fn revert_fault(&self, req: Request<pb::RevertFaultRequest>) -> Result<Response<pb::RevertFaultResponse>, Status> {
+        let id = req.into_inner().fault_id;
+        let mut g = self.lock();
+        let f = g.faults.get_mut(&id).ok_or_else(|| Status::not_found(format!("fault {id}")))?;
+        let already_reverted = !Self::revert(f, RevertReason::Requested);
+        Ok(Response::new(pb::RevertFaultResponse { fault: Some(f.clone()), already_reverted }))
+    }
+
+    async fn revert_all(&self, req: Request<pb::RevertAllRequest>) -> Result<Response<pb::RevertAllResponse>, Status> {
+        let r = req.into_inner();
+        let mut g = self.lock();
+        let reason = if r.emergency { RevertReason::EmergencyStop } else { RevertReason::RevertAll };
+        let reverted: Vec<pb::Fault> = g.faults.values_mut().filter_map(|f| Self::revert(f, reason).then(|| f.clone())).collect();
+        if r.disarm {
+            g.armed = false;
+        }
+        Ok(Response::new(pb::RevertAllResponse { reverted_count: reverted.len() as u32, failed: vec![], reverted, armed: g.armed }))
+    }
+
+    async fn list_faults(&self, req: Request<pb::ListFaultsRequest>) -> Result<Response<pb::ListFaultsResponse>, Status> {
+        let all = req.into_inner().include_finished;
+        let faults = self.lock().faults.values().filter(|f| all || f.state == FaultState::Applied as i32).cloned().collect();
+        Ok(Response::new(pb::ListFaultsResponse { faults }))
+    }
+
+    async fn get_capabilities(&self, _req: Request<pb::GetCapabilitiesRequest>) -> Result<Response<pb::Capabilities>, Status> {
+        Ok(Response::new(pb::Capabilities { armed: self.lock().armed, version: chaos_proto::VERSION.into(), ..Default::default() }))
+    }
+
+    async fn set_armed(&self, req: Request<pb::SetArmedRequest>) -> Result<Response<pb::SetArmedResponse>, Status> {
+        let armed = req.into_inner().armed;
+        self.lock().armed = armed;
+        Ok(Response::new(pb::SetArmedResponse { armed }))
+    }
+
+    type StreamMetricsStream = MetricStream;
+
+    async fn stream_metrics(&self, _req: Request<pb::StreamMetricsRequest>) -> Result<Response<MetricStream>, Status> {
+        Err(Status::unimplemented("the stand-in agent has no metrics"))
+    }
+}
