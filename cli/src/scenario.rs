@@ -160,6 +160,12 @@ fn blast_text(b: Option<&pb::BlastRadius>) -> String {
         .unwrap_or_default()
 }
 
+fn agent_json(a: &pb::ScenarioAgent) -> serde_json::Value {
+    json!({"agent_id": a.agent_id, "address": a.address, "fault_id": a.fault_id,
+        "fault_state": fault_state(a.fault_state), "summary": a.summary, "backend": a.backend, "error": a.error,
+        "applied_at": rfc3339(a.applied_at.as_ref()), "reverted_at": rfc3339(a.reverted_at.as_ref())})
+}
+
 pub fn scenario_json(sc: &pb::Scenario) -> serde_json::Value {
     json!({
         "id": sc.id, "name": sc.spec.as_ref().map(|s| s.name.clone()), "type": sc.scenario_type, "fault": fault_text(sc),
@@ -168,9 +174,7 @@ pub fn scenario_json(sc: &pb::Scenario) -> serde_json::Value {
         "created_by": sc.created_by, "created_at": rfc3339(sc.created_at.as_ref()), "started_at": rfc3339(sc.started_at.as_ref()),
         "ends_at": rfc3339(sc.ends_at.as_ref()), "ended_at": rfc3339(sc.ended_at.as_ref()),
         "blast_radius": blast_json(sc.blast_radius.as_ref()),
-        "agents": sc.agents.iter().map(|a| json!({"agent_id": a.agent_id, "address": a.address, "fault_id": a.fault_id,
-            "fault_state": fault_state(a.fault_state), "summary": a.summary, "backend": a.backend, "error": a.error,
-            "applied_at": rfc3339(a.applied_at.as_ref()), "reverted_at": rfc3339(a.reverted_at.as_ref())})).collect::<Vec<_>>(),
+        "agents": sc.agents.iter().map(agent_json).collect::<Vec<_>>(),
         "transitions": sc.transitions.iter().map(|t| json!({"at": rfc3339(t.at.as_ref()), "state": state_name(t.state), "reason": t.reason})).collect::<Vec<_>>(),
     })
 }
@@ -304,7 +308,7 @@ async fn watch(coordinator: &str, timeout: Duration, fmt: Format, id: String) ->
         last = ev.state;
         match fmt {
             Format::Json => emit_json(&json!({"at": rfc3339(ev.at.as_ref()), "state": state_name(ev.state), "agent_id": ev.agent_id,
-                "message": ev.message, "scenario": ev.scenario.as_ref().map(scenario_json)})),
+                "message": ev.message, "scenario": ev.scenario.as_ref().map(scenario_json), "agent": ev.agent.as_ref().map(agent_json)})),
             Format::Table => {
                 let at = rfc3339(ev.at.as_ref()).unwrap_or_default();
                 let who = if ev.agent_id.is_empty() { String::new() } else { format!(" [{}]", ev.agent_id) };

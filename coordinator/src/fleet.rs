@@ -29,15 +29,18 @@ pub async fn emergency_stop(
 ) -> pb::EmergencyStopResponse {
     let started = Instant::now();
     // Disarm first: any heartbeat answered from now on tells the agent to
-    // revert, even if the direct call below cannot reach it. Then no
-    // scenario may start: the queue is cancelled, running ones end.
+    // revert, even if the direct call below cannot reach it. A disarmed
+    // fleet starts no queued scenario.
     registry.disarm(reason);
-    scenarios.abort_all(reason);
     let agents = registry.agents();
     warn!(reason, agents = agents.len(), deadline = ?deadline, "EMERGENCY STOP: reverting every fault on every agent");
     let calls = agents.into_iter().map(|a| stop_one(a, reason.to_string(), deadline));
     let results: Vec<pb::AgentStopResult> =
         stream::iter(calls).buffer_unordered(scenarios.policy().fanout_parallelism.max(1)).collect().await;
+    // Only now end the scenarios (queue cancelled, runners confirm the
+    // reverts): their runners' RevertFault calls would otherwise race the
+    // RevertAll above for the same faults.
+    scenarios.abort_all(reason);
     for r in results.iter().filter(|r| r.reached) {
         // What is left on a reached agent is what it failed to revert.
         registry.set_active_faults(&r.agent_id, r.failed_count);

@@ -57,6 +57,9 @@ impl Default for Timing {
     }
 }
 
+/// Per-agent changes: agent id, event message, the change.
+type AgentUpdates = Vec<(String, &'static str, Box<dyn FnOnce(&mut pb::ScenarioAgent) + Send>)>;
+
 /// Why a runner stops holding its faults.
 type StopSignal = (ScenarioState, String);
 
@@ -347,14 +350,21 @@ impl Scenarios {
 
     fn notify_locked(&self, g: &Inner, id: &str, agent_id: Option<&str>, message: &str) {
         let Some(a) = g.active.get(id) else { return };
-        let snapshot = self.snapshot_locked(g, id);
+        if a.events.receiver_count() == 0 {
+            return;
+        }
+        let (scenario, agent) = match agent_id {
+            None => (self.snapshot_locked(g, id), None),
+            Some(aid) => (None, a.sc.agents.iter().find(|x| x.agent_id == aid).cloned()),
+        };
         let _ = a.events.send(pb::ScenarioEvent {
             scenario_id: id.to_string(),
             at: now_pb(),
             state: a.sc.state,
             message: message.to_string(),
             agent_id: agent_id.unwrap_or_default().to_string(),
-            scenario: snapshot,
+            scenario,
+            agent,
         });
     }
 
@@ -397,15 +407,26 @@ impl Scenarios {
         self.start_next();
     }
 
-    /// Change one agent's entry, persist, notify.
-    fn update_agent(&self, id: &str, agent_id: &str, message: &str, f: impl FnOnce(&mut pb::ScenarioAgent)) {
+    /// Apply a batch of per-agent changes, persist once, then notify one
+    /// event per agent (one store write per batch, not per agent: at 1,000
+    /// agents a write per answer would rewrite the scenario 1,000 times).
+    fn update_agents(&self, id: &str, updates: AgentUpdates) {
+        if updates.is_empty() {
+            return;
+        }
         let mut g = self.lock();
         let Some(a) = g.active.get_mut(id) else { return };
-        if let Some(x) = a.sc.agents.iter_mut().find(|x| x.agent_id == agent_id) {
-            f(x);
+        let mut events = Vec::with_capacity(updates.len());
+        for (agent_id, message, f) in updates {
+            if let Some(x) = a.sc.agents.iter_mut().find(|x| x.agent_id == agent_id) {
+                f(x);
+            }
+            events.push((agent_id, message));
         }
         self.persist_locked(&g, id);
-        self.notify_locked(&g, id, Some(agent_id), message);
+        for (agent_id, message) in events {
+            self.notify_locked(&g, id, Some(&agent_id), message);
+        }
     }
 
     fn agents_of(&self, id: &str) -> Vec<pb::ScenarioAgent> {
@@ -491,25 +512,35 @@ impl Scenarios {
             })
             .await;
         let mut errors = Vec::new();
+        let mut updates: AgentUpdates = Vec::new();
         for (agent_id, r) in results {
             match r {
-                Ok(f) => self.update_agent(id, &agent_id, "fault applied", |x| {
-                    x.fault_state = f.state;
-                    x.summary = f.applied.as_ref().map(|a| a.summary.clone()).unwrap_or_default();
-                    x.backend = f.applied.as_ref().map(|a| a.backend.clone()).unwrap_or_default();
-                    x.applied_at = f.applied_at;
-                    x.error = f.error;
-                }),
+                Ok(f) => updates.push((
+                    agent_id.clone(),
+                    "fault applied",
+                    Box::new(move |x: &mut pb::ScenarioAgent| {
+                        x.fault_state = f.state;
+                        x.summary = f.applied.as_ref().map(|a| a.summary.clone()).unwrap_or_default();
+                        x.backend = f.applied.as_ref().map(|a| a.backend.clone()).unwrap_or_default();
+                        x.applied_at = f.applied_at;
+                        x.error = f.error;
+                    }),
+                )),
                 Err(e) => {
                     warn!(scenario = %id, agent = %agent_id, error = %e, "apply failed");
                     errors.push(format!("{agent_id}: {e}"));
-                    self.update_agent(id, &agent_id, "apply failed", |x| {
-                        x.fault_state = FaultState::Failed as i32;
-                        x.error = e;
-                    });
+                    updates.push((
+                        agent_id.clone(),
+                        "apply failed",
+                        Box::new(move |x: &mut pb::ScenarioAgent| {
+                            x.fault_state = FaultState::Failed as i32;
+                            x.error = e;
+                        }),
+                    ));
                 }
             }
         }
+        self.update_agents(id, updates);
         let applied = total - errors.len();
         if applied == 0 {
             return Err(format!("the fault was applied on no agent: {}", errors.join("; ")));
@@ -539,23 +570,29 @@ impl Scenarios {
             })
             .await;
         let mut still = 0;
+        let mut updates: AgentUpdates = Vec::new();
         for (agent_id, r) in results {
             match r {
                 Ok(faults) => match faults.into_iter().find(|f| f.id == id) {
                     Some(f) if f.state == FaultState::Applied as i32 => still += 1,
                     found => {
                         let why = found.map(|f| f.revert_summary).unwrap_or_else(|| "the agent no longer knows it".into());
-                        self.update_agent(id, &agent_id, "fault ended while the coordinator was down", |x| {
-                            x.fault_state = FaultState::Reverted as i32;
-                            x.reverted_at = now_pb();
-                            x.error = format!("ended while the coordinator was down: {why}");
-                        });
+                        updates.push((
+                            agent_id,
+                            "fault ended while the coordinator was down",
+                            Box::new(move |x: &mut pb::ScenarioAgent| {
+                                x.fault_state = FaultState::Reverted as i32;
+                                x.reverted_at = now_pb();
+                                x.error = format!("ended while the coordinator was down: {why}");
+                            }),
+                        ));
                     }
                 },
                 // Not reachable yet: keep it as held; revert retries it.
                 Err(_) => still += 1,
             }
         }
+        self.update_agents(id, updates);
         if still == 0 { Err("every fault ended while the coordinator was down (agent TTL or lease)".into()) } else { Ok(()) }
     }
 
@@ -596,30 +633,40 @@ impl Scenarios {
                 })
                 .await;
             let mut failed = Vec::new();
+            let mut updates: AgentUpdates = Vec::new();
             for (agent_id, r) in results {
                 match r {
-                    Ok(f) => self.update_agent(id, &agent_id, "fault reverted", |x| match f {
-                        Some(f) => {
-                            x.fault_state = f.state;
-                            x.reverted_at = f.reverted_at.or_else(now_pb);
-                            if !f.error.is_empty() {
-                                x.error = f.error;
+                    Ok(f) => updates.push((
+                        agent_id,
+                        "fault reverted",
+                        Box::new(move |x: &mut pb::ScenarioAgent| match f {
+                            Some(f) => {
+                                x.fault_state = f.state;
+                                x.reverted_at = f.reverted_at.or_else(now_pb);
+                                if !f.error.is_empty() {
+                                    x.error = f.error;
+                                }
                             }
-                        }
-                        None => {
-                            x.fault_state = FaultState::Reverted as i32;
-                            x.reverted_at = now_pb();
-                            x.error =
-                                "the agent does not hold the fault (never applied, or reverted by its journal replay after a restart)"
-                                    .into();
-                        }
-                    }),
+                            None => {
+                                x.fault_state = FaultState::Reverted as i32;
+                                x.reverted_at = now_pb();
+                                x.error =
+                                    "the agent does not hold the fault (never applied, or reverted by its journal replay after a restart)"
+                                        .into();
+                            }
+                        }),
+                    )),
                     Err(e) => {
                         failed.push(agent_id.clone());
-                        self.update_agent(id, &agent_id, "revert not confirmed", |x| x.error = format!("revert: {e}"));
+                        updates.push((
+                            agent_id,
+                            "revert not confirmed",
+                            Box::new(move |x: &mut pb::ScenarioAgent| x.error = format!("revert: {e}")),
+                        ));
                     }
                 }
             }
+            self.update_agents(id, updates);
             if failed.is_empty() {
                 // A FAILED answer from the agent means its revert failed.
                 let bad: Vec<String> = self

@@ -201,6 +201,7 @@ impl Coordinator for CoordinatorService {
                 state: now.state,
                 message: format!("current state: {}", now.reason),
                 agent_id: String::new(),
+                agent: None,
                 scenario: Some(now),
             };
             if tx.send(Ok(first)).await.is_err() {
@@ -219,6 +220,7 @@ impl Coordinator for CoordinatorService {
                             state: sc.state,
                             message: format!("{n} event(s) skipped (slow watcher); current state"),
                             agent_id: String::new(),
+                            agent: None,
                             scenario: Some(sc),
                         },
                         Err(_) => return,

@@ -18,7 +18,14 @@
 //!     latency accuracy and throughput of the NFQUEUE engine, bandwidth
 //!     achieved vs requested, and the baseline after revert.
 //!
-//! Run: `cargo build --release --workspace --bins && ./target/release/chaos-bench [--suite lifecycle|network|all] [--faults N] [--agents M] [--runs R]`
+//! (j..m) the coordinator at fleet scale, against light in-process stand-in
+//!     agents that speak the real `chaos.v1.Agent` service over loopback:
+//!     CreateScenario → every selected agent holds the fault (100 agents),
+//!     EmergencyStop with 100 and 1,000 agents each holding a scenario
+//!     fault, and the CPU of a real coordinator process while 1,000 agents
+//!     heartbeat at 1 Hz, each on its own connection.
+//!
+//! Run: `cargo build --release --workspace --bins && ./target/release/chaos-bench [--suite lifecycle|network|coordinator|all] [--faults N] [--agents M] [--runs R]`
 //! (the network suite drives `chaos-netprobe`, built next to it).
 
 use std::{
@@ -29,7 +36,7 @@ use std::{
 
 use anyhow::{Context, bail};
 use chaos_agent::config::AgentConfig;
-use chaos_coordinator::config::CoordinatorConfig;
+use chaos_coordinator::{config::CoordinatorConfig, policy::Policy, standin::Standin};
 use chaos_e2e::{NetPair, Victim, proc_state};
 use chaos_proto::{
     convert::{duration_to_pb, timestamp_from_pb},
@@ -63,6 +70,7 @@ struct Args {
 enum Suite {
     Lifecycle,
     Network,
+    Coordinator,
     All,
 }
 
@@ -114,7 +122,8 @@ async fn start_coordinator(state_dir: &Path) -> anyhow::Result<Server> {
         emergency_stop_deadline: Duration::from_secs(2),
         heartbeat_interval: Duration::from_secs(10),
         state_dir: state_dir.join("coordinator"),
-        policy: Default::default(),
+        // The benchmark's scenarios select the whole fleet on purpose.
+        policy: Policy { blast_radius_limit: 1.0, group_blast_radius_limit: 1.0, ..Policy::default() },
         monitoring: Default::default(),
         recovery: Default::default(),
     };
@@ -263,6 +272,157 @@ async fn bench_estop(agents: usize, runs: usize, dir: &Path) -> anyhow::Result<(
     }
     coord.shutdown().await?;
     Ok((stats(took), reverted_total))
+}
+
+/// Start `n` stand-in agents and register them with the coordinator at `curl`.
+async fn standins(n: usize, cclient: &mut CoordinatorClient<Channel>) -> anyhow::Result<(Vec<Standin>, Vec<JoinHandle<()>>)> {
+    let (mut agents, mut tasks) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    for i in 0..n {
+        let l = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = l.local_addr()?;
+        let s = Standin::new();
+        let srv = s.clone();
+        tasks.push(tokio::spawn(async move {
+            let _ = srv.serve(l).await;
+        }));
+        cclient
+            .register_agent(pb::RegisterAgentRequest {
+                agent_id: format!("standin-{i:04}"),
+                hostname: "bench".into(),
+                address: format!("http://{addr}"),
+                lease_duration: Some(duration_to_pb(Duration::from_secs(3600))),
+                ..Default::default()
+            })
+            .await?;
+        agents.push(s);
+    }
+    Ok((agents, tasks))
+}
+
+async fn until_all(agents: &[Standin], held: bool, within: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + within;
+    while agents.iter().any(|a| a.applied().is_empty() == held) {
+        if Instant::now() > deadline {
+            let n = agents.iter().filter(|a| !a.applied().is_empty()).count();
+            bail!("{n} of {} agents hold a fault; wanted {}", agents.len(), if held { "all" } else { "none" });
+        }
+        tokio::time::sleep(Duration::from_micros(200)).await;
+    }
+    Ok(())
+}
+
+/// (j) create -> all applied, and (k/l) emergency stop, with `n` stand-ins.
+async fn bench_scenarios(n: usize, runs: usize, dir: &Path) -> anyhow::Result<(Stats, Stats)> {
+    let coord = start_coordinator(&dir.join(format!("scenarios-{n}"))).await?;
+    let mut c = CoordinatorClient::new(connect(&coord.url).await?);
+    let (agents, tasks) = standins(n, &mut c).await?;
+    let spec = |d: Duration| pb::ScenarioSpec {
+        name: "bench".into(),
+        fault: Some(pb::FaultSpec {
+            target: Some(pb::Target { kind: Some(pb::target::Kind::ProcessName("bench-victim".into())) }),
+            fault: Some(pb::fault_spec::Fault::ProcessPause(pb::ProcessPause {})),
+            ..Default::default()
+        }),
+        duration: Some(duration_to_pb(d)),
+        severity: 2,
+        ..Default::default()
+    };
+    let (mut create, mut estop) = (Vec::new(), Vec::new());
+    for run in 0..runs {
+        let t0 = Instant::now();
+        let sc =
+            c.create_scenario(pb::CreateScenarioRequest { spec: Some(spec(Duration::from_secs(300))), dry_run: false }).await?.into_inner();
+        until_all(&agents, true, Duration::from_secs(60)).await?;
+        create.push(t0.elapsed());
+        let id = sc.scenario.context("no scenario")?.id;
+        let t1 = Instant::now();
+        let r = c.emergency_stop(pb::EmergencyStopRequest { reason: format!("bench run {run}"), deadline: None }).await?.into_inner();
+        estop.push(t1.elapsed());
+        if r.agents_reached as usize != n || r.faults_reverted as usize != n {
+            let missed: Vec<String> =
+                r.results.iter().filter(|x| !x.reached).take(3).map(|x| format!("{}: {}", x.agent_id, x.error)).collect();
+            bail!(
+                "run {run}: reached {} agents, reverted {} faults (want {n}) in {:?}; e.g. {missed:?}",
+                r.agents_reached,
+                r.faults_reverted,
+                t1.elapsed()
+            );
+        }
+        until_all(&agents, false, Duration::from_secs(1)).await.context("faults left after the emergency stop answered")?;
+        // The scenario ends aborted once its runner has confirmed the reverts.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while c.get_scenario(pb::GetScenarioRequest { id: id.clone() }).await?.into_inner().state != pb::ScenarioState::Aborted as i32 {
+            if Instant::now() > deadline {
+                bail!("scenario {id} never ended after the emergency stop");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        c.arm(pb::ArmRequest { reason: "bench".into() }).await?;
+    }
+    for t in tasks {
+        t.abort();
+    }
+    coord.shutdown().await?;
+    Ok((stats(create), stats(estop)))
+}
+
+/// (m) CPU of a coordinator process (utime + stime from /proc) while `n`
+/// agents heartbeat at 1 Hz, spread evenly, each on its own connection.
+async fn bench_heartbeat_cpu(n: usize, window: Duration, dir: &Path) -> anyhow::Result<f64> {
+    let port = chaos_e2e::free_port();
+    let state = dir.join("cpu-coordinator");
+    let mut child = tokio::process::Command::new(chaos_e2e::bin("chaos-coordinator"))
+        .args(["--listen", &format!("127.0.0.1:{port}"), "--state-dir", &state.display().to_string()])
+        .env("RUST_LOG", "warn")
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting chaos-coordinator")?;
+    let pid = child.id().context("coordinator pid")?;
+    let url = format!("http://127.0.0.1:{port}");
+    let mut clients = Vec::with_capacity(n);
+    for i in 0..n {
+        let mut c = CoordinatorClient::new(connect(&url).await?);
+        c.register_agent(pb::RegisterAgentRequest {
+            agent_id: format!("hb-{i:04}"),
+            hostname: "bench".into(),
+            // Never called: heartbeats only (the orphan check finds nothing there).
+            address: "http://127.0.0.1:9".into(),
+            lease_duration: Some(duration_to_pb(Duration::from_secs(10))),
+            ..Default::default()
+        })
+        .await?;
+        clients.push(c);
+    }
+    let cpu_ticks = |pid: u32| -> anyhow::Result<u64> {
+        let s = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+        let f: Vec<&str> = s[s.rfind(')').context("stat")? + 2..].split_whitespace().collect();
+        Ok(f[11].parse::<u64>()? + f[12].parse::<u64>()?)
+    };
+    // Warm up one full round, then measure.
+    let tick = Duration::from_secs(1) / n as u32;
+    let mut interval = tokio::time::interval(tick);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut sent = 0usize;
+    let (mut t0, mut c0) = (Instant::now(), 0u64);
+    let total = n + (window.as_secs_f64() * n as f64) as usize;
+    while sent < total {
+        interval.tick().await;
+        if sent == n {
+            (t0, c0) = (Instant::now(), cpu_ticks(pid)?);
+        }
+        let mut c = clients[sent % n].clone();
+        let id = format!("hb-{:04}", sent % n);
+        tokio::spawn(async move {
+            let _ = c.heartbeat(pb::HeartbeatRequest { agent_id: id, active_faults: 0, lease_lost: false }).await;
+        });
+        sent += 1;
+    }
+    let (elapsed, used) = (t0.elapsed(), cpu_ticks(pid)? - c0);
+    // /proc counts in USER_HZ, which the Linux ABI fixes at 100 (x86, arm, riscv).
+    let clk = 100.0;
+    let _ = child.kill().await;
+    Ok(100.0 * (used as f64 / clk) / elapsed.as_secs_f64())
 }
 
 fn net_spec(ns: &str, fault: pb::fault_spec::Fault, id: String) -> pb::FaultSpec {
@@ -414,7 +574,7 @@ async fn main() -> anyhow::Result<()> {
         let _ = writeln!(out, "{:<70} {:>6} {:>9} {:>9} {:>9}  {goal}", name, s.n, ms(s.p50), ms(s.p99), ms(s.max));
     };
     let mut notes = Vec::new();
-    if args.suite != Suite::Network {
+    if matches!(args.suite, Suite::Lifecycle | Suite::All) {
         eprintln!("(a) {} x ApplyFault(process_pause) -> SIGSTOP visible in /proc ...", args.faults);
         let (a_obs, a_in) = bench_apply(args.faults, dir.path()).await?;
         eprintln!("(b) EmergencyStop with {} agents x {} runs ...", args.agents, args.runs);
@@ -424,7 +584,22 @@ async fn main() -> anyhow::Result<()> {
         row(out, "(b) EmergencyStop, every agent's fault reverted", &b, "<= 100 ms p99");
         notes.push(format!("(b) {} agents, {reverted} faults reverted over {} runs, each checked in /proc", args.agents, args.runs));
     }
-    if args.suite != Suite::Lifecycle {
+    if matches!(args.suite, Suite::Coordinator | Suite::All) {
+        eprintln!("(j) CreateScenario -> every agent holds the fault, 100 stand-in agents x {} runs ...", args.runs);
+        let (j, k) = bench_scenarios(100, args.runs, dir.path()).await?;
+        row(out, "(j) CreateScenario -> all 100 agents hold the fault", &j, "-");
+        row(out, "(k) EmergencyStop, 100 stand-in agents each holding a scenario fault", &k, "<= 100 ms p99");
+        eprintln!("(l) the same with 1,000 stand-in agents x 5 runs ...");
+        let (j2, l) = bench_scenarios(1000, 5, dir.path()).await?;
+        row(out, "(j') CreateScenario -> all 1,000 agents hold the fault", &j2, "-");
+        row(out, "(l) EmergencyStop, 1,000 stand-in agents", &l, "<= 1 s p99");
+        eprintln!("(m) coordinator CPU, 1,000 agents heartbeating at 1 Hz for 20 s ...");
+        let cpu = bench_heartbeat_cpu(1000, Duration::from_secs(20), dir.path()).await?;
+        notes.push(format!(
+            "(m) coordinator process CPU with 1,000 agents heartbeating at 1 Hz (own connection each): {cpu:.1} % of one core over 20 s (goal <= 10 %)"
+        ));
+    }
+    if matches!(args.suite, Suite::Network | Suite::All) {
         eprintln!("(c..f) network faults between two namespaces ...");
         let n = bench_network(dir.path(), args.loss_packets).await?;
         row(out, "(c) ApplyFault(partition) answered = rules verified in place", &n.apply, "<= 10 ms p99");
