@@ -26,7 +26,9 @@ CHAOS="$BIN/chaos"
 export CHAOS_COORDINATOR=http://127.0.0.1:50051 CHAOS_AGENT=http://127.0.0.1:50052
 
 step "starting chaos-coordinator on 127.0.0.1:50051 and chaos-agent on 127.0.0.1:50052 (logs in $WORK)"
-"$BIN/chaos-coordinator" --state-dir "$WORK/state" >"$WORK/coordinator.log" 2>&1 & PIDS+=($!)
+# One agent is the whole fleet here: allow a 100 % blast radius (the default is 30 %).
+printf 'chaos_testing:\n  blast_radius_limit: 1.0\n  max_concurrent_scenarios: 1\n' >"$WORK/coordinator.yaml"
+"$BIN/chaos-coordinator" --state-dir "$WORK/state" --config "$WORK/coordinator.yaml" >"$WORK/coordinator.log" 2>&1 & PIDS+=($!)
 "$BIN/chaos-agent" --coordinator "$CHAOS_COORDINATOR" --journal-dir "$WORK/journal" --label role=demo \
   >"$WORK/agent.log" 2>&1 & PIDS+=($!)
 for _ in $(seq 50); do "$CHAOS" agents 2>/dev/null | grep -q healthy && break; sleep 0.2; done
@@ -60,6 +62,23 @@ step "chaos arm"
 "$CHAOS" arm
 "$CHAOS" agent apply --pause-pid "$VICTIM" --duration 2s
 echo "victim state: $(state)"
+
+sleep 2.5
+
+step "a scenario at severity 1 is refused: level 1 allows no pause (exit code 3)"
+set +e; "$CHAOS" scenario create --pause-pid "$VICTIM" --selector role=demo --duration 3s --severity 1; echo "exit code: $?"; set -e
+
+step "the same at severity 2, with a second one queued behind it (max_concurrent_scenarios: 1)"
+"$CHAOS" scenario create --pause-pid "$VICTIM" --selector role=demo --duration 3s --severity 2 --name first >/dev/null
+"$CHAOS" scenario create --pause-pid "$VICTIM" --selector role=demo --duration 2s --severity 2 --name second >/dev/null
+"$CHAOS" queue
+SECOND="$("$CHAOS" -o json scenario list --state queued | sed -n 's/.*"id": *"\(sc-[0-9a-f]*\)".*/\1/p' | head -1)"
+step "chaos scenario watch $SECOND (it starts when the first ends)"
+"$CHAOS" scenario watch "$SECOND"
+echo "victim state: $(state)"
+"$CHAOS" scenario list
+step "chaos audit"
+"$CHAOS" audit
 
 step "reflection: grpcurl -plaintext 127.0.0.1:50051 list"
 GRPCURL="$(command -v grpcurl || echo "$(go env GOPATH 2>/dev/null)/bin/grpcurl")"

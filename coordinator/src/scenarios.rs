@@ -224,7 +224,7 @@ impl Scenarios {
             queued,
             queue_position: if queued { g.queue.len() as u32 + 1 } else { 0 },
             selected_agent_ids: decision.selected.iter().map(|a| a.agent_id.clone()).collect(),
-            blast_radius: Some(decision.blast.clone()),
+            blast_radius: Some(decision.blast),
             refusals: refusals.clone(),
             notes: decision.notes.clone(),
             scenario_type: family.to_string(),
@@ -248,7 +248,7 @@ impl Scenarios {
             duration: Some(duration_to_pb(duration)),
             created_at: now_pb(),
             created_by: actor.to_string(),
-            blast_radius: Some(decision.blast.clone()),
+            blast_radius: Some(decision.blast),
             ..Default::default()
         };
         push_transition(
@@ -790,9 +790,7 @@ impl Scenarios {
                 _ => {
                     g.slots.insert(id.clone());
                     let (tx, rx) = oneshot::channel();
-                    let mode = if !arm.armed {
-                        RunMode::Revert(ScenarioState::Aborted)
-                    } else if sc_started_apply_unfinished {
+                    let mode = if !arm.armed || sc_started_apply_unfinished {
                         RunMode::Revert(ScenarioState::Aborted)
                     } else if state == ScenarioState::Reverting || ended {
                         RunMode::Revert(if ended { ScenarioState::Completed } else { ScenarioState::Stopped })
