@@ -30,6 +30,8 @@ pub async fn run(cfg: CoordinatorConfig, listener: TcpListener, shutdown: impl F
     let db_store = Arc::new(Store::open(&db).with_context(|| format!("opening the scenario store {}", db.display()))?);
     let scenarios = Scenarios::new(cfg.policy.clone(), Arc::clone(&registry), db_store, Timing::default());
     let recovered = scenarios.recover().context("recovering unfinished scenarios")?;
+    // Agents re-register within about one heartbeat interval of a restart.
+    tokio::spawn(Arc::clone(&scenarios).watchdog(cfg.heartbeat_interval * 3, Duration::from_secs(1)));
     if recovered > 0 {
         info!(recovered, "picked up unfinished scenarios from the previous run");
     }

@@ -737,6 +737,67 @@ impl Scenarios {
         }
     }
 
+    /// The blast radius, enforced while running: when the live fleet
+    /// shrinks (agents lost) so that the running scenarios together exceed
+    /// a limit, the most recently started ones are aborted until the rest
+    /// fit. Returns the ids aborted.
+    pub fn enforce_blast_radius(&self) -> Vec<String> {
+        let fleet = self.fleet();
+        let live: BTreeSet<&str> = fleet.iter().filter(|a| a.health != pb::AgentHealth::Lost).map(|a| a.agent_id.as_str()).collect();
+        let mut g = self.lock();
+        // Running scenarios holding faults, oldest first.
+        let mut running: Vec<(String, Option<prost_types::Timestamp>, String, Vec<String>)> = g
+            .slots
+            .iter()
+            .filter_map(|id| g.active.get(id))
+            .filter(|a| a.sc.state == ScenarioState::Running as i32 && a.stop.is_some())
+            .map(|a| {
+                (a.sc.id.clone(), a.sc.started_at, a.sc.scenario_type.clone(), a.sc.agents.iter().map(|x| x.agent_id.clone()).collect())
+            })
+            .collect();
+        running.sort_by_key(|r| r.1.map(|t| (t.seconds, t.nanos)));
+        let mut aborted = Vec::new();
+        while let Some((id, _, family, _)) = running.last().cloned() {
+            let affected: BTreeSet<&str> =
+                running.iter().flat_map(|r| r.3.iter().map(String::as_str)).filter(|a| live.contains(a)).collect();
+            let limit = self.policy.rule(&family).blast_radius_limit;
+            if live.is_empty() {
+                break;
+            }
+            let fraction = affected.len() as f64 / live.len() as f64;
+            if fraction <= limit + 1e-9 {
+                break;
+            }
+            let reason = format!(
+                "blast radius exceeded while running: the live fleet shrank to {} agents; running scenarios affect {} ({:.0} %) > limit {:.0} %",
+                live.len(),
+                affected.len(),
+                fraction * 100.0,
+                limit * 100.0
+            );
+            warn!(scenario = %id, %reason, "aborting scenario");
+            if let Some(tx) = g.active.get_mut(&id).and_then(|a| a.stop.take()) {
+                let _ = tx.send((ScenarioState::Aborted, reason));
+            }
+            aborted.push(id);
+            running.pop();
+        }
+        aborted
+    }
+
+    /// Check the running blast radius every `every` until the process
+    /// ends, starting after `grace`: after a coordinator restart the
+    /// registry fills as agents re-register, and a half-empty registry
+    /// would look like a shrunken fleet.
+    pub async fn watchdog(self: Arc<Self>, grace: Duration, every: Duration) {
+        tokio::time::sleep(grace).await;
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tick.tick().await;
+            self.enforce_blast_radius();
+        }
+    }
+
     pub fn get(&self, id: &str) -> Result<pb::Scenario, CoordinatorError> {
         if let Some(sc) = self.snapshot_locked(&self.lock(), id) {
             return Ok(sc);
@@ -1003,6 +1064,35 @@ mod tests {
         let b = id_of(s.create(spec("a1", 200), false, "t").expect("b"));
         let sc = wait_state(s, &b, ScenarioState::Failed).await;
         assert!(sc.reason.starts_with("the fault was applied on no agent: a1: "), "{}", sc.reason);
+    }
+
+    #[tokio::test]
+    async fn a_shrinking_fleet_aborts_the_newest_scenario_over_the_blast_radius() {
+        let policy = Policy { blast_radius_limit: 0.5, group_blast_radius_limit: 1.0, ..open_policy(3) };
+        let r = rig(2, policy).await;
+        // Two more agents with a short lease that will not be renewed.
+        for i in 2..4 {
+            r.registry
+                .register(pb::RegisterAgentRequest {
+                    agent_id: format!("a{i}"),
+                    address: "http://127.0.0.1:9".into(),
+                    lease_duration: Some(duration_to_pb(Duration::from_millis(400))),
+                    ..Default::default()
+                })
+                .expect("register");
+        }
+        let s = &r.scenarios;
+        let first = id_of(s.create(spec("a0", 60_000), false, "t").expect("1 of 4"));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let second = id_of(s.create(spec("a1", 60_000), false, "t").expect("2 of 4 = 50 %"));
+        wait_state(s, &second, ScenarioState::Running).await;
+        assert!(s.enforce_blast_radius().is_empty(), "within the limit while the fleet is whole");
+        tokio::time::sleep(Duration::from_millis(450)).await;
+        // a2 and a3 are lost: 2 of 2 live agents (100 %) > 50 %; the newest goes.
+        assert_eq!(s.enforce_blast_radius(), vec![second.clone()]);
+        let sc = wait_state(s, &second, ScenarioState::Aborted).await;
+        assert!(sc.reason.contains("shrank to 2 agents"), "{}", sc.reason);
+        assert_eq!(s.get(&first).expect("first").state, ScenarioState::Running as i32, "1 of 2 = 50 % fits");
     }
 
     #[tokio::test]
