@@ -27,7 +27,7 @@ Config file (YAML; deploy/config/coordinator.yaml documents every key):
 #[command(
     name = "chaos-coordinator",
     version,
-    about = "Chaos coordinator: agent registry and leases, fleet arm/disarm, emergency stop",
+    about = "Chaos coordinator: agent registry and leases, scenarios under safety rules, emergency stop, audit",
     after_help = EXAMPLES
 )]
 pub struct CoordinatorArgs {

@@ -1,8 +1,13 @@
 //! The chaos coordinator: registry of agents and their leases, the fleet's
-//! armed state, and emergency stop (RevertAll fanned out to every agent at
-//! once with a short deadline, leaving the fleet disarmed until Arm).
+//! armed state, emergency stop (RevertAll fanned out to every agent at once
+//! with a short deadline, leaving the fleet disarmed until Arm), and
+//! scenarios: a fault on the agents a selector picks, admitted only within
+//! the safety rules, queued beyond the concurrency limit, persisted with an
+//! audit log in SQLite.
 //!
-//! Reading order: [`registry`], [`fleet`] (fan-out), [`service`], [`run`].
+//! Reading order: [`registry`], [`fleet`] (fan-out), [`policy`] (the rules
+//! from the config file), [`admission`] (selection and blast radius),
+//! [`scenarios`] (queue, runners, recovery), [`store`], [`service`], [`run`].
 
 pub mod admission;
 pub mod armstore;
