@@ -89,6 +89,8 @@ pub async fn status(coordinator: &str, timeout: Duration, fmt: Format) -> Result
             "disarmed_at": rfc3339(s.disarmed_at.as_ref()), "agents_total": s.agents_total,
             "agents_healthy": s.agents_healthy, "agents_late": s.agents_late, "agents_lost": s.agents_lost,
             "active_faults": s.active_faults, "uptime_s": dur_secs(s.uptime.as_ref()), "listen_address": s.listen_address,
+            "scenarios_running": s.scenarios_running, "scenarios_queued": s.scenarios_queued,
+            "max_concurrent_scenarios": s.max_concurrent_scenarios, "blast_radius_limit": s.blast_radius_limit,
         })),
         Format::Table => {
             let armed = if s.armed {
@@ -101,7 +103,7 @@ pub async fn status(coordinator: &str, timeout: Duration, fmt: Format) -> Result
                 )
             };
             emit(&format!(
-                "coordinator  {} (v{}, up {})\narmed        {}\nagents       {} total: {} healthy, {} late, {} lost\nfaults       {} active",
+                "coordinator  {} (v{}, up {})\narmed        {}\nagents       {} total: {} healthy, {} late, {} lost\nfaults       {} active\nscenarios    {} running (limit {}), {} queued; blast radius limit {:.0} %",
                 s.listen_address,
                 s.version,
                 dur(s.uptime.as_ref()),
@@ -110,7 +112,11 @@ pub async fn status(coordinator: &str, timeout: Duration, fmt: Format) -> Result
                 s.agents_healthy,
                 s.agents_late,
                 s.agents_lost,
-                s.active_faults
+                s.active_faults,
+                s.scenarios_running,
+                s.max_concurrent_scenarios,
+                s.scenarios_queued,
+                s.blast_radius_limit * 100.0
             ));
         }
     }

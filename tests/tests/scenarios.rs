@@ -234,3 +234,25 @@ fn coordinator_killed_mid_scenario_resumes_it_and_orphans_are_reverted() {
         "{audit:#}"
     );
 }
+
+#[test]
+fn three_scenarios_run_at_once_and_a_fourth_queues_with_the_default_limit() {
+    // Default max_concurrent_scenarios (3); one agent is the whole fleet here.
+    let f = fleet("chaos_testing: {blast_radius_limit: 1.0}\n", 1, 0);
+    let victims: Vec<Victim> = (0..4).map(|_| Victim::spawn()).collect();
+    let ids: Vec<String> =
+        victims.iter().map(|v| create(&f, &["--pause-pid", &v.pid().to_string(), "--duration", "3s", "--severity", "2"])).collect();
+    let q = json(&f.c(&["-o", "json", "queue"], 0));
+    assert_eq!(q["max_concurrent_scenarios"], 3, "{q:#}");
+    assert_eq!(q["running"].as_array().map(Vec::len), Some(3), "{q:#}");
+    assert_eq!(q["queued"][0]["id"], ids[3].as_str(), "{q:#}");
+    assert_eq!(q["queued"][0]["queue_position"], 1, "{q:#}");
+    assert!(wait_until(Duration::from_secs(3), || victims[..3].iter().all(|v| v.state() == 'T')), "three paused at once");
+    assert_eq!(victims[3].state(), 'S', "the fourth waits");
+    f.wait_state(&ids[3], "running", Duration::from_secs(10));
+    assert!(wait_until(Duration::from_secs(3), || victims[3].state() == 'T'), "the fourth runs once a slot frees");
+    f.wait_state(&ids[3], "completed", Duration::from_secs(10));
+    assert!(wait_until(Duration::from_secs(3), || victims.iter().all(|v| v.state() != 'T')), "everything reverted");
+    let st = json(&f.c(&["-o", "json", "status"], 0));
+    assert_eq!((st["scenarios_running"].as_u64(), st["scenarios_queued"].as_u64()), (Some(0), Some(0)), "{st:#}");
+}
