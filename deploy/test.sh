@@ -33,6 +33,11 @@ if ! command -v grpcurl >/dev/null; then
 fi
 command -v sleep >/dev/null || { echo "sleep (coreutils) not found" >&2; exit 1; }
 
+# The lab test runs real Apache Kafka and Cassandra from Maven Central jars.
+export CHAOS_LAB_HOME="${CHAOS_LAB_HOME:-/var/lib/chaos-lab}"
+step "fetching Kafka and Cassandra jars into $CHAOS_LAB_HOME/jars (Maven Central; kept between runs)"
+bash deploy/lab/fetch.sh
+
 step "cargo fmt --check"
 cargo fmt --all -- --check
 step "cargo clippy (warnings are errors)"

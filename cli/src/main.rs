@@ -3,6 +3,7 @@
 
 mod agent;
 mod fleet;
+mod lab;
 mod output;
 mod scenario;
 
@@ -65,6 +66,9 @@ enum Command {
     Queue,
     /// The coordinator's audit log: every mutation with who, when and outcome.
     Audit(scenario::AuditArgs),
+    /// The local lab: hosts in network namespaces, real Kafka and Cassandra (root).
+    #[command(subcommand)]
+    Lab(lab::LabCommand),
     /// Talk to one agent directly.
     #[command(subcommand)]
     Agent(agent::AgentCommand),
@@ -102,6 +106,8 @@ async fn main() -> ExitCode {
         Command::Scenario(c) => scenario::run(c, &cli.coordinator, cli.timeout, fmt).await,
         Command::Queue => scenario::queue(&cli.coordinator, cli.timeout, fmt).await,
         Command::Audit(a) => scenario::audit(&cli.coordinator, cli.timeout, fmt, a).await,
+        // The lab verbs block (process starts, health polling); nothing else runs meanwhile.
+        Command::Lab(c) => lab::run(c, fmt),
     };
     match result {
         Ok(code) => ExitCode::from(code),
