@@ -6,7 +6,7 @@
 
 use std::{path::PathBuf, process::Command, time::Duration};
 
-use chaos_e2e::{chaos, chaos_ok, json, wait_until};
+use chaos_e2e::{Daemon, bin, chaos, chaos_ok, json, wait_until};
 
 fn lab_home() -> PathBuf {
     PathBuf::from(std::env::var("CHAOS_LAB_HOME").unwrap_or_else(|_| "/var/lib/chaos-lab".into()))
@@ -79,6 +79,35 @@ fn lab_up_runs_real_kafka_and_cassandra_a_partition_bites_and_down_leaves_nothin
     assert!(tcp_from("lab-processor", "198.18.200.3:9042"), "CQL reachable from the processor host");
     assert!(tcp_from("lab-collector", "198.18.200.2:9092"), "Kafka reachable from the collector host");
 
+    // Load: 3,000 events at 300/s from the collector host while the partition below holds.
+    let work = tempfile::tempdir().expect("tempdir");
+    let acks = work.path().join("acks");
+    let acks_arg = acks.display().to_string();
+    let collector = {
+        let acks_arg = acks_arg.clone();
+        std::thread::spawn(move || {
+            let b = bin("chaos-collector").display().to_string();
+            Command::new("ip")
+                .args([
+                    "netns",
+                    "exec",
+                    "lab-collector",
+                    &b,
+                    "--count",
+                    "3000",
+                    "--rate",
+                    "300",
+                    "--size-bytes",
+                    "512",
+                    "--acks-file",
+                    &acks_arg,
+                ])
+                .output()
+                .expect("collector")
+        })
+    };
+    std::thread::sleep(Duration::from_secs(2));
+
     // A partition between processor and Cassandra, through the coordinator.
     let sc = json(&chaos_ok(
         &[
@@ -116,6 +145,48 @@ fn lab_up_runs_real_kafka_and_cassandra_a_partition_bites_and_down_leaves_nothin
         "scenario completed"
     );
     assert!(tcp_from("lab-processor", "198.18.200.3:9042"), "CQL back after the revert");
+
+    // Every acknowledged event reached Cassandra exactly once despite the partition.
+    let out = collector.join().expect("collector thread");
+    let summary = json(&String::from_utf8_lossy(&out.stdout));
+    assert!(out.status.success(), "collector: {summary}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(summary["acked"], 3000, "{summary}");
+    let check = |table: &str, wait: &str| {
+        let b = bin("chaos-check").display().to_string();
+        let out = Command::new(&b).args(["--acks-file", &acks_arg, "--table", table, "--wait", wait]).output().expect("chaos-check");
+        (out.status.code(), json(&String::from_utf8_lossy(&out.stdout)))
+    };
+    let (code, v) = check("events", "60s");
+    assert_eq!(code, Some(0), "clean run: {v:#}");
+    assert_eq!((v["lost_count"].as_u64(), v["duplicated_count"].as_u64(), v["ok"].as_u64()), (Some(0), Some(0), Some(3000)), "{v:#}");
+
+    // Seeded defects are caught: a processor that drops 1 in 100, one that writes 1 in 100 twice.
+    let seeded = |group: &str, table: &str, defect: &str| {
+        let b = bin("chaos-processor").display().to_string();
+        let args: Vec<String> = ["netns", "exec", "lab-processor", &b, "--group", group, "--table", table, "--defect", defect]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        Daemon::spawn_program("ip", &args, work.path().join(format!("{group}.log")))
+    };
+    // Each reads the whole topic (3,000 events) in its own group; the check
+    // runs once it says it caught up, so slowness cannot pass for a defect.
+    let caught_up = |d: &Daemon| wait_until(Duration::from_secs(180), || d.log_text().contains("idle: caught up"));
+    let dropping = seeded("defect-drop", "events_drop", "drop-every=100");
+    assert!(caught_up(&dropping), "dropping processor never caught up:\n{}", dropping.log_text());
+    let (code, v) = check("events_drop", "0s");
+    std::mem::drop(dropping);
+    assert_eq!(code, Some(1), "dropping processor must fail the check: {v:#}");
+    assert_eq!(v["lost_count"], 30, "1 in 100 of 3,000 lost: {v:#}");
+    assert_eq!((v["duplicated_count"].as_u64(), v["unexpected_count"].as_u64()), (Some(0), Some(0)), "{v:#}");
+    assert!(v["lost"].as_array().is_some_and(|l| l.len() == 10), "the first lost ids are named: {v:#}");
+    assert!(v["verdict"].as_str().is_some_and(|s| s.starts_with("FAIL: 30 lost")), "{v:#}");
+    let duplicating = seeded("defect-dup", "events_dup", "duplicate-every=100");
+    assert!(caught_up(&duplicating), "duplicating processor never caught up:\n{}", duplicating.log_text());
+    let (code, v) = check("events_dup", "0s");
+    std::mem::drop(duplicating);
+    assert_eq!(code, Some(1), "duplicating processor must fail the check: {v:#}");
+    assert_eq!((v["duplicated_count"].as_u64(), v["lost_count"].as_u64()), (Some(30), Some(0)), "{v:#}");
 
     chaos_ok(&["lab", "down", "--home", &home], 0);
     assert!(leftovers().is_empty(), "lab down left {:?}", leftovers());

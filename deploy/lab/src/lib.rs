@@ -6,7 +6,7 @@
 //! host: bridge chaoslab0 198.18.200.1/24, chaos-coordinator on :50061
 //!  ├─ lab-kafka      198.18.200.2  agent :50062, Kafka :9092 (controller :9093)
 //!  ├─ lab-cassandra  198.18.200.3  agent :50062, Cassandra CQL :9042 (storage :7000)
-//!  ├─ lab-processor  198.18.200.4  agent :50062
+//!  ├─ lab-processor  198.18.200.4  agent :50062, chaos-processor (Kafka -> Cassandra)
 //!  └─ lab-collector  198.18.200.5  agent :50062
 //! ```
 //!
@@ -205,7 +205,7 @@ pub fn preflight(cfg: &LabConfig) -> anyhow::Result<()> {
             );
         }
     }
-    for bin in ["chaos-agent", "chaos-coordinator"] {
+    for bin in ["chaos-agent", "chaos-coordinator", "chaos-processor"] {
         if !cfg.bin_dir.join(bin).exists() {
             bail!("{bin} not found in {} (build with cargo build --release --workspace --bins, or pass --bin-dir)", cfg.bin_dir.display());
         }
@@ -497,7 +497,7 @@ fn up_inner(cfg: &LabConfig, progress: &mut dyn FnMut(&str)) -> anyhow::Result<V
             Some(&h.netns()),
             &agent,
             &run.join(format!("logs/agent-{}.log", h.name)),
-            &[],
+            &[("RUST_LOG", "info")],
         )?);
         save_state(cfg, &st)?;
     }
@@ -506,6 +506,18 @@ fn up_inner(cfg: &LabConfig, progress: &mut dyn FnMut(&str)) -> anyhow::Result<V
     save_state(cfg, &st)?;
     progress(&format!("Cassandra 5 in {} at {}", HOSTS[1].netns(), cassandra_contact()));
     st.processes.push(start_cassandra(cfg)?);
+    save_state(cfg, &st)?;
+    // The reference processor (Kafka -> Cassandra) waits for both by itself.
+    progress(&format!("processor (consumer group chaos-processor) in {}", HOSTS[2].netns()));
+    let processor = [
+        cfg.bin_dir.join("chaos-processor").display().to_string(),
+        "--bootstrap".into(),
+        kafka_bootstrap(),
+        "--cassandra".into(),
+        cassandra_contact(),
+    ];
+    // Its "processing" line tells status that it is ready: log at info whatever the caller's RUST_LOG.
+    st.processes.push(spawn("processor", Some(&HOSTS[2].netns()), &processor, &run.join("logs/processor.log"), &[("RUST_LOG", "info")])?);
     save_state(cfg, &st)?;
 
     let started = Instant::now();
@@ -523,7 +535,13 @@ fn up_inner(cfg: &LabConfig, progress: &mut dyn FnMut(&str)) -> anyhow::Result<V
         }
         if started.elapsed() > cfg.timeout {
             let waiting: Vec<String> = comps.iter().filter(|c| !c.up).map(|c| format!("{} ({})", c.name, c.detail)).collect();
-            bail!("not up after {}: {}", humantime::format_duration(cfg.timeout), waiting.join(", "));
+            let logs: Vec<String> = st
+                .processes
+                .iter()
+                .filter(|p| comps.iter().any(|c| !c.up && c.name == p.name))
+                .map(|p| format!("last lines of {}:\n{}", p.log.display(), tail(&p.log, 10)))
+                .collect();
+            bail!("not up after {}: {}\n{}", humantime::format_duration(cfg.timeout), waiting.join(", "), logs.join("\n"));
         }
         if last.elapsed() >= Duration::from_secs(5) {
             let waiting: Vec<String> = comps.iter().filter(|c| !c.up).map(|c| c.name.clone()).collect();
@@ -589,6 +607,19 @@ pub fn status(cfg: &LabConfig) -> Vec<Component> {
             "down".into()
         },
     });
+    let p_up = proc_up("processor") && log_has(&log("processor"), "processing");
+    out.push(Component {
+        name: "processor".into(),
+        address: HOSTS[2].ip(),
+        up: p_up,
+        detail: if p_up {
+            "consuming chaos-logs into Cassandra".into()
+        } else if proc_up("processor") {
+            "waiting for Kafka and Cassandra".into()
+        } else {
+            "down".into()
+        },
+    });
     out
 }
 
@@ -598,7 +629,16 @@ fn kill_and_wait(pids: &[u32], sig: nix::sys::signal::Signal, within: Duration) 
     }
     let deadline = Instant::now() + within;
     loop {
-        let left: Vec<u32> = pids.iter().copied().filter(|p| start_ticks(*p).is_some()).collect();
+        // A zombie is gone for our purpose (our own children stay zombies
+        // until this process exits or reaps them: reap what we can).
+        let left: Vec<u32> = pids
+            .iter()
+            .copied()
+            .filter(|p| {
+                let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(*p as i32), Some(nix::sys::wait::WaitPidFlag::WNOHANG));
+                fs::read_to_string(format!("/proc/{p}/stat")).is_ok_and(|s| !s.contains(") Z "))
+            })
+            .collect();
         if left.is_empty() || Instant::now() >= deadline {
             return left;
         }

@@ -1,0 +1,150 @@
+//! `chaos-collector`: produce log events to Kafka at a bounded rate and
+//! count, and append every id the broker acknowledged to `--acks-file`.
+//! While Kafka is unreachable, events wait in the producer's buffer (up to
+//! `--delivery-timeout`); the final line is a JSON summary on stdout.
+
+use std::{
+    io::Write,
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::Context;
+use chaos_pipeline::{Event, TOPIC};
+use clap::Parser;
+use rdkafka::{
+    ClientConfig,
+    producer::{FutureProducer, FutureRecord, Producer},
+};
+use tracing::{info, warn};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "chaos-collector",
+    about = "Produce log events to Kafka (bounded) and record which ones were acknowledged",
+    after_help = "Example: chaos-collector --bootstrap 198.18.200.2:9092 --rate 200 --count 4000 --acks-file /tmp/acks"
+)]
+struct Args {
+    #[arg(long, default_value = "198.18.200.2:9092")]
+    bootstrap: String,
+    #[arg(long, default_value = TOPIC)]
+    topic: String,
+    /// Events per second (1..=20000).
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=20_000))]
+    rate: u32,
+    /// Body size of each event in bytes (the seed's size_kb × 1024).
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(0..=1_048_576))]
+    size_bytes: u32,
+    /// Total events to produce (1..=10,000,000).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    count: u64,
+    /// Append acknowledged ids here, one per line.
+    #[arg(long)]
+    acks_file: PathBuf,
+    /// Prefix of event ids (default: a time-based run id).
+    #[arg(long)]
+    run_id: Option<String>,
+    /// How long an event may wait for the broker before it counts as failed.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    delivery_timeout: Duration,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let a = Args::parse();
+    let run =
+        a.run_id.clone().unwrap_or_else(|| format!("r{}", SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)));
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &a.bootstrap)
+        .set("acks", "all")
+        .set("enable.idempotence", "true")
+        .set("message.timeout.ms", a.delivery_timeout.as_millis().to_string())
+        .set("queue.buffering.max.messages", "1000000")
+        .set("linger.ms", "5")
+        .create()
+        .context("creating the Kafka producer")?;
+    let acks = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&a.acks_file)
+        .with_context(|| format!("opening {}", a.acks_file.display()))?;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let writer = tokio::task::spawn_blocking(move || -> std::io::Result<u64> {
+        let mut w = std::io::BufWriter::new(acks);
+        let mut n = 0;
+        while let Some(id) = rx.blocking_recv() {
+            writeln!(w, "{id}")?;
+            n += 1;
+            if n % 100 == 0 {
+                w.flush()?;
+            }
+        }
+        w.flush()?;
+        w.get_ref().sync_all()?;
+        Ok(n)
+    });
+    let (acked, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let body = "x".repeat(a.size_bytes as usize);
+    let mut tick = tokio::time::interval(Duration::from_secs(1) / a.rate);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let started = Instant::now();
+    let mut last_report = Instant::now();
+    let mut pending = Vec::with_capacity(a.count as usize);
+    info!(count = a.count, rate = a.rate, bootstrap = %a.bootstrap, topic = %a.topic, "producing");
+    for i in 0..a.count {
+        tick.tick().await;
+        let id = format!("{run}-{i:08}");
+        let ts_ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0);
+        let payload = serde_json::to_string(&Event { id: id.clone(), ts_ms, body: body.clone() })?;
+        // Enqueue without waiting for the broker (a full queue waits up to 1 s, then retries).
+        let fut = loop {
+            match producer.send_result(FutureRecord::to(&a.topic).key(&id).payload(&payload)) {
+                Ok(f) => break f,
+                Err((e, _)) => {
+                    warn!(error = %e, "producer queue full; waiting");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        };
+        let (ack_tx, n_acked, n_failed) = (tx.clone(), Arc::clone(&acked), Arc::clone(&failed));
+        pending.push(tokio::spawn(async move {
+            match fut.await {
+                Ok(Ok(_)) => {
+                    n_acked.fetch_add(1, Ordering::Relaxed);
+                    let _ = ack_tx.send(id);
+                }
+                _ => {
+                    n_failed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+        if last_report.elapsed() >= Duration::from_secs(2) {
+            info!(produced = i + 1, acked = acked.load(Ordering::Relaxed), failed = failed.load(Ordering::Relaxed), "progress");
+            last_report = Instant::now();
+        }
+    }
+    info!("all produced; waiting for acknowledgements");
+    let _ = producer.flush(a.delivery_timeout + Duration::from_secs(5));
+    for p in pending {
+        let _ = p.await;
+    }
+    drop(tx);
+    let written = writer.await.context("acks writer")?.context("writing acks")?;
+    let summary = serde_json::json!({
+        "run_id": run, "produced": a.count, "acked": acked.load(Ordering::Relaxed), "failed": failed.load(Ordering::Relaxed),
+        "acks_written": written, "seconds": started.elapsed().as_secs_f64(),
+    });
+    writeln!(std::io::stdout(), "{summary}")?;
+    Ok(())
+}
