@@ -668,7 +668,13 @@ pub fn down(cfg: &LabConfig, progress: &mut dyn FnMut(&str)) -> anyhow::Result<(
         progress(&format!("stopping {} process(es) (agents revert their faults on SIGTERM)", pids.len()));
         let left = kill_and_wait(&pids, nix::sys::signal::Signal::SIGTERM, Duration::from_secs(20));
         if !left.is_empty() {
-            progress(&format!("{} process(es) still running after 20 s: SIGKILL", left.len()));
+            let names: Vec<String> = left
+                .iter()
+                .map(|pid| {
+                    st.processes.iter().find(|p| p.pid == *pid).map(|p| format!("{} ({pid})", p.name)).unwrap_or_else(|| pid.to_string())
+                })
+                .collect();
+            progress(&format!("still running after 20 s, SIGKILL (the lab's data is removed anyway): {}", names.join(", ")));
             let left = kill_and_wait(&left, nix::sys::signal::Signal::SIGKILL, Duration::from_secs(5));
             if !left.is_empty() {
                 bail!("processes {left:?} survived SIGKILL");

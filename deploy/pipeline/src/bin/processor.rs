@@ -197,8 +197,14 @@ async fn main() -> anyhow::Result<()> {
             last = Instant::now();
         }
     }
-    // Commit what was written before leaving.
-    let _ = consumer.commit_consumer_state(CommitMode::Sync);
-    info!(consumed, written, "stopped");
-    Ok(())
+    // Every write's offset was already committed (async) after it; a final
+    // synchronous commit is best effort and bounded, since Kafka may be
+    // stopping at the same time (lab down) and would make it wait.
+    let consumer = std::sync::Arc::new(consumer);
+    let c = std::sync::Arc::clone(&consumer);
+    let committed =
+        tokio::time::timeout(Duration::from_secs(5), tokio::task::spawn_blocking(move || c.commit_consumer_state(CommitMode::Sync))).await;
+    info!(consumed, written, final_commit = ?committed.map(|r| r.map(|r| r.is_ok())), "stopped");
+    // Leaving the group can also wait on a stopping broker: exit now.
+    std::process::exit(0);
 }
