@@ -23,6 +23,15 @@ pub const TOPIC: &str = "chaos-logs";
 pub const KEYSPACE: &str = "chaos_lab";
 pub const TABLE: &str = "events";
 
+/// A table name for `--table`: it goes into CQL text, so letters, digits and '_' only.
+pub fn parse_table(s: &str) -> Result<String, String> {
+    if !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        Ok(s.to_string())
+    } else {
+        Err(format!("letters, digits and '_' only, got {s:?}"))
+    }
+}
+
 /// One log event as it travels through Kafka (JSON).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Event {

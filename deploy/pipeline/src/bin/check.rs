@@ -9,7 +9,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::bail;
 use chaos_pipeline::{TABLE, cassandra, read_acked, set_check};
 use clap::Parser;
 use tracing::info;
@@ -21,7 +20,7 @@ struct Args {
     acks_file: PathBuf,
     #[arg(long, default_value = "198.18.200.3:9042")]
     cassandra: String,
-    #[arg(long, default_value = TABLE)]
+    #[arg(long, default_value = TABLE, value_parser = chaos_pipeline::parse_table)]
     table: String,
     /// Wait this long for lost events to arrive (the consumer's lag draining).
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
@@ -30,17 +29,8 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    chaos_proto::serve::init_tracing(chaos_proto::serve::LogFormat::Text);
     let a = Args::parse();
-    if !a.table.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-        bail!("--table: letters, digits and '_' only, got {:?}", a.table);
-    }
     let acked = read_acked(&a.acks_file)?;
     let session = cassandra::connect(&a.cassandra).await?;
     let started = Instant::now();

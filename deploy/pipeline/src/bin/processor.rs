@@ -9,7 +9,7 @@
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use chaos_pipeline::{Event, KEYSPACE, TABLE, TOPIC, cassandra};
 use clap::Parser;
 use rdkafka::{
@@ -47,7 +47,7 @@ struct Args {
     #[arg(long, default_value = "198.18.200.3:9042")]
     cassandra: String,
     /// Table in keyspace chaos_lab.
-    #[arg(long, default_value = TABLE)]
+    #[arg(long, default_value = TABLE, value_parser = chaos_pipeline::parse_table)]
     table: String,
     /// Seed a bug on purpose: drop-every=N or duplicate-every=N.
     #[arg(long, value_parser = parse_defect)]
@@ -100,17 +100,8 @@ async fn ensure_topic(bootstrap: &str, topic: &str) {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    chaos_proto::serve::init_tracing(chaos_proto::serve::LogFormat::Text);
     let a = Args::parse();
-    if !a.table.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-        bail!("--table: letters, digits and '_' only, got {:?}", a.table);
-    }
     let defect = a.defect.unwrap_or(Defect::None);
     let session = connect_retrying(&a.cassandra, &a.table).await;
     info!(cassandra = %a.cassandra, "Cassandra ready; schema in place");
