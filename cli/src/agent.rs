@@ -300,15 +300,7 @@ fn family(f: &pb::Fault) -> &'static str {
 }
 
 fn target_text(f: &pb::Fault) -> String {
-    match f.spec.as_ref().and_then(|s| s.target.as_ref()).and_then(|t| t.kind.as_ref()) {
-        Some(Kind::Pid(p)) => format!("pid {p}"),
-        Some(Kind::ProcessName(n)) => format!("name {n}"),
-        Some(Kind::Host(_)) => "host".into(),
-        Some(Kind::Netns(n)) => format!("netns {n}"),
-        Some(Kind::CgroupPath(c)) => format!("cgroup {c}"),
-        Some(Kind::Container(c)) => format!("container {c}"),
-        None => "-".into(),
-    }
+    chaos_proto::spec::target_text(f.spec.as_ref().and_then(|s| s.target.as_ref()))
 }
 
 pub fn fault_json(f: &pb::Fault) -> serde_json::Value {

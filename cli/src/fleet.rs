@@ -28,7 +28,7 @@ pub struct ArmArgs {
     reason: String,
 }
 
-fn client(coordinator: &str, timeout: Duration) -> Result<CoordinatorClient<tonic::transport::Channel>, CliError> {
+pub fn client(coordinator: &str, timeout: Duration) -> Result<CoordinatorClient<tonic::transport::Channel>, CliError> {
     Ok(CoordinatorClient::new(channel(coordinator, timeout)?))
 }
 

@@ -13,6 +13,7 @@ use serde_json::json;
 use crate::{
     agent::FaultArgs,
     channel,
+    fleet::client,
     output::{CliError, Format, dur, emit, emit_json, exit, from_status, relative, rfc3339, table},
     url,
 };
@@ -136,10 +137,6 @@ pub fn request<T>(msg: T) -> tonic::Request<T> {
         r.metadata_mut().insert("x-chaos-actor", v);
     }
     r
-}
-
-fn client(coordinator: &str, timeout: Duration) -> Result<CoordinatorClient<tonic::transport::Channel>, CliError> {
-    Ok(CoordinatorClient::new(channel(coordinator, timeout)?))
 }
 
 pub fn state_name(s: i32) -> String {
@@ -314,11 +311,10 @@ fn admission_text(a: &pb::Admission) -> String {
     out
 }
 
-async fn watch(coordinator: &str, timeout: Duration, fmt: Format, id: String) -> Result<u8, CliError> {
+async fn watch(coordinator: &str, fmt: Format, id: String) -> Result<u8, CliError> {
     let server = format!("coordinator {}", url(coordinator));
     // The stream lives as long as the scenario: no per-call deadline.
     let mut c = CoordinatorClient::new(channel(coordinator, Duration::from_secs(365 * 24 * 3600))?);
-    let _ = timeout;
     let mut stream = c.watch_scenario(pb::WatchScenarioRequest { id }).await.map_err(|s| from_status(&server, s))?.into_inner();
     let mut last = 0;
     while let Some(ev) = stream.message().await.map_err(|s| from_status(&server, s))? {
@@ -383,7 +379,7 @@ pub async fn run(cmd: ScenarioCommand, coordinator: &str, timeout: Duration, fmt
                 return Ok(if adm.admitted { exit::OK } else { exit::REFUSED });
             }
             if let (true, Some(sc)) = (a.watch, r.scenario) {
-                return watch(coordinator, timeout, fmt, sc.id).await;
+                return watch(coordinator, fmt, sc.id).await;
             }
         }
         ScenarioCommand::List { states, limit } => {
@@ -414,7 +410,7 @@ pub async fn run(cmd: ScenarioCommand, coordinator: &str, timeout: Duration, fmt
                 Format::Table => emit(&format!("scenario {}: {} ({})", sc.id, state_name(sc.state), sc.reason)),
             }
         }
-        ScenarioCommand::Watch { id } => return watch(coordinator, timeout, fmt, id).await,
+        ScenarioCommand::Watch { id } => return watch(coordinator, fmt, id).await,
     }
     Ok(exit::OK)
 }

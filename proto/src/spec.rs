@@ -249,10 +249,24 @@ pub fn family_of(f: &pb::fault_spec::Fault) -> &'static str {
     }
 }
 
+/// Where a wire fault lands, for lists: `host`, `pid 812`, `process java`, `netns lab-kafka`, ...; `-` when unset.
+pub fn target_text(target: Option<&pb::Target>) -> String {
+    use pb::target::Kind;
+    match target.and_then(|t| t.kind.as_ref()) {
+        None => "-".into(),
+        Some(Kind::Host(_)) => "host".into(),
+        Some(Kind::Netns(n)) => format!("netns {n}"),
+        Some(Kind::Pid(p)) => format!("pid {p}"),
+        Some(Kind::ProcessName(n)) => format!("process {n}"),
+        Some(Kind::CgroupPath(c)) => format!("cgroup {c}"),
+        Some(Kind::Container(c)) => format!("container {c}"),
+    }
+}
+
 /// A one-line description of a wire fault for lists and logs, e.g.
 /// `network_loss 10% [peers 198.18.0.3/32, ingress] on netns lab-kafka`.
 pub fn describe(spec: &pb::FaultSpec) -> String {
-    use pb::{fault_spec::Fault as F, target::Kind};
+    use pb::fault_spec::Fault as F;
     let d = |x: &Option<prost_types::Duration>| x.as_ref().and_then(duration_from_pb).map(|d| format!("{d:?}")).unwrap_or_default();
     let scope = |s: &Option<pb::NetworkScope>| {
         let Some(s) = s else { return String::new() };
@@ -303,16 +317,7 @@ pub fn describe(spec: &pb::FaultSpec) -> String {
             }
         }
     };
-    let target = match spec.target.as_ref().and_then(|t| t.kind.as_ref()) {
-        None => "no target".into(),
-        Some(Kind::Host(_)) => "host".into(),
-        Some(Kind::Netns(n)) => format!("netns {n}"),
-        Some(Kind::Pid(p)) => format!("pid {p}"),
-        Some(Kind::ProcessName(n)) => format!("process {n}"),
-        Some(Kind::CgroupPath(c)) => format!("cgroup {c}"),
-        Some(Kind::Container(c)) => format!("container {c}"),
-    };
-    format!("{what} on {target}")
+    format!("{what} on {}", target_text(spec.target.as_ref()))
 }
 
 /// A validated fault request.
