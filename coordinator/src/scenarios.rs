@@ -19,7 +19,7 @@ use std::{
 use chaos_proto::{
     convert::{duration_from_pb, duration_to_pb, timestamp_from_pb, timestamp_to_pb},
     pb::{self, FaultState, ScenarioState, agent_client::AgentClient},
-    spec::{FaultRequest, SpecError, describe, family_of},
+    spec::{FaultRequest, SpecError, family_of},
 };
 use futures::{StreamExt, stream};
 use rand::{SeedableRng, rngs::StdRng};
@@ -65,7 +65,6 @@ type StopSignal = (ScenarioState, String);
 
 struct Active {
     sc: pb::Scenario,
-    fault_text: String,
     events: broadcast::Sender<pb::ScenarioEvent>,
     stop: Option<oneshot::Sender<StopSignal>>,
 }
@@ -187,6 +186,31 @@ impl Scenarios {
         Ok((family, severity, duration))
     }
 
+    /// Every rule that refuses `spec` now (armed, policy caps, selection and
+    /// blast radius against the running scenarios), with the selection.
+    fn admit_locked(
+        &self,
+        g: &Inner,
+        fleet: &[AgentView],
+        spec: &pb::ScenarioSpec,
+        family: &str,
+        severity: u32,
+        duration: Duration,
+    ) -> (admission::Decision, Vec<String>) {
+        let mut refusals = Vec::new();
+        let arm = self.registry.arm_state();
+        if !arm.armed {
+            refusals.push(format!("the fleet is disarmed ({}): run `chaos arm` first", arm.disarmed_reason));
+        }
+        refusals.extend(self.policy.check_fault(spec.fault.as_ref().unwrap_or(&pb::FaultSpec::default()), severity, duration));
+        let decision = {
+            let mut rng = self.rng.lock().unwrap_or_else(|p| p.into_inner());
+            admission::decide(&self.policy, fleet, &Self::busy(g), spec, family, &mut *rng)
+        };
+        refusals.extend(decision.refusals.iter().cloned());
+        (decision, refusals)
+    }
+
     /// Admission of a new scenario (or only its evaluation with `dry_run`).
     pub fn create(
         self: &Arc<Self>,
@@ -195,21 +219,9 @@ impl Scenarios {
         actor: &str,
     ) -> Result<pb::CreateScenarioResponse, CoordinatorError> {
         let (family, severity, duration) = self.validate(&spec)?;
-        let fault = spec.fault.clone().unwrap_or_default();
         let fleet = self.fleet();
         let mut g = self.lock();
-        let arm = self.registry.arm_state();
-        let mut refusals = Vec::new();
-        if !arm.armed {
-            refusals.push(format!("the fleet is disarmed ({}): run `chaos arm` first", arm.disarmed_reason));
-        }
-        refusals.extend(self.policy.check_fault(&fault, severity, duration));
-        let busy = Self::busy(&g);
-        let decision = {
-            let mut rng = self.rng.lock().unwrap_or_else(|p| p.into_inner());
-            admission::decide(&self.policy, &fleet, &busy, &spec, family, &mut *rng)
-        };
-        refusals.extend(decision.refusals.iter().cloned());
+        let (decision, mut refusals) = self.admit_locked(&g, &fleet, &spec, family, severity, duration);
         let queued = g.slots.len() >= self.policy.max_concurrent;
         let queue_full = queued && g.queue.len() >= self.policy.max_queued;
         if queue_full {
@@ -263,8 +275,7 @@ impl Scenarios {
             ),
         );
         let (events, _) = broadcast::channel(256);
-        let fault_text = describe(&fault);
-        g.active.insert(id.clone(), Active { sc, fault_text, events, stop: None });
+        g.active.insert(id.clone(), Active { sc, events, stop: None });
         if queued {
             g.queue.push_back(id.clone());
             let reason = format!("waiting for a slot: {} of {} running", g.slots.len(), self.policy.max_concurrent);
@@ -305,26 +316,11 @@ impl Scenarios {
         let mut g = self.lock();
         while g.slots.len() < self.policy.max_concurrent {
             let Some(id) = g.queue.pop_front() else { break };
-            let Some(spec) = g.active.get(&id).and_then(|a| a.sc.spec.clone()) else { continue };
-            let (family, severity, duration) = match self.validate(&spec) {
-                Ok(v) => v,
-                Err(e) => {
-                    self.finish_locked(&mut g, &id, ScenarioState::Aborted, format!("refused when its turn came: {e}"));
-                    continue;
-                }
-            };
-            let arm = self.registry.arm_state();
-            let mut refusals = Vec::new();
-            if !arm.armed {
-                refusals.push(format!("the fleet is disarmed ({})", arm.disarmed_reason));
-            }
-            refusals.extend(self.policy.check_fault(spec.fault.as_ref().unwrap_or(&pb::FaultSpec::default()), severity, duration));
-            let busy = Self::busy(&g);
-            let decision = {
-                let mut rng = self.rng.lock().unwrap_or_else(|p| p.into_inner());
-                admission::decide(&self.policy, &self.fleet(), &busy, &spec, family, &mut *rng)
-            };
-            refusals.extend(decision.refusals);
+            // Validated at creation; its type, severity and duration are on the record.
+            let Some(sc) = g.active.get(&id).map(|a| a.sc.clone()) else { continue };
+            let spec = sc.spec.unwrap_or_default();
+            let duration = sc.duration.as_ref().and_then(duration_from_pb).unwrap_or(self.policy.default_duration);
+            let (decision, refusals) = self.admit_locked(&g, &self.fleet(), &spec, &sc.scenario_type, sc.severity, duration);
             if !refusals.is_empty() {
                 self.finish_locked(&mut g, &id, ScenarioState::Aborted, format!("refused when its turn came: {}", refusals.join("; ")));
                 continue;
@@ -353,24 +349,24 @@ impl Scenarios {
         if a.events.receiver_count() == 0 {
             return;
         }
-        let (scenario, agent) = match agent_id {
-            None => (self.snapshot_locked(g, id), None),
-            Some(aid) => (None, a.sc.agents.iter().find(|x| x.agent_id == aid).cloned()),
+        let event = match agent_id {
+            None => snapshot_event(self.snapshot_locked(g, id).unwrap_or_default(), message.to_string()),
+            Some(aid) => pb::ScenarioEvent {
+                scenario_id: id.to_string(),
+                at: now_pb(),
+                state: a.sc.state,
+                message: message.to_string(),
+                agent_id: aid.to_string(),
+                scenario: None,
+                agent: a.sc.agents.iter().find(|x| x.agent_id == aid).cloned(),
+            },
         };
-        let _ = a.events.send(pb::ScenarioEvent {
-            scenario_id: id.to_string(),
-            at: now_pb(),
-            state: a.sc.state,
-            message: message.to_string(),
-            agent_id: agent_id.unwrap_or_default().to_string(),
-            scenario,
-            agent,
-        });
+        let _ = a.events.send(event);
     }
 
     fn persist_locked(&self, g: &Inner, id: &str) {
         if let Some(a) = g.active.get(id)
-            && let Err(e) = self.store.save(&a.sc, &a.fault_text)
+            && let Err(e) = self.store.save(&a.sc)
         {
             tracing::error!(scenario = %id, error = %e, "could not persist scenario state");
         }
@@ -834,12 +830,11 @@ impl Scenarios {
         for sc in unfinished {
             let id = sc.id.clone();
             let state = ScenarioState::try_from(sc.state).unwrap_or(ScenarioState::Unspecified);
-            let fault_text = sc.spec.as_ref().and_then(|s| s.fault.as_ref()).map(describe).unwrap_or_default();
             let ended = sc.ends_at.as_ref().is_some_and(|t| timestamp_from_pb(t) <= SystemTime::now());
             // A crash while applying leaves RUNNING without an end time.
             let sc_started_apply_unfinished = state == ScenarioState::Running && sc.ends_at.is_none();
             let (events, _) = broadcast::channel(256);
-            g.active.insert(id.clone(), Active { sc, fault_text, events, stop: None });
+            g.active.insert(id.clone(), Active { sc, events, stop: None });
             match state {
                 ScenarioState::Pending | ScenarioState::Queued if !arm.armed => {
                     self.finish_locked(&mut g, &id, ScenarioState::Aborted, "fleet disarmed (found at coordinator start)".into());
@@ -918,6 +913,19 @@ impl Scenarios {
                 tracing::error!(error = %e, "audit write failed");
             }
         }
+    }
+}
+
+/// An event carrying the whole scenario (first event of a watch, or after skipped events).
+pub fn snapshot_event(sc: pb::Scenario, message: String) -> pb::ScenarioEvent {
+    pb::ScenarioEvent {
+        scenario_id: sc.id.clone(),
+        at: now_pb(),
+        state: sc.state,
+        message,
+        agent_id: String::new(),
+        agent: None,
+        scenario: Some(sc),
     }
 }
 
@@ -1104,7 +1112,7 @@ mod tests {
         let mut sc = r.scenarios.store().load(&a).expect("load").expect("row");
         sc.ends_at = Some(timestamp_to_pb(SystemTime::now() - Duration::from_secs(1)));
         let store = Arc::new(Store::in_memory().expect("store"));
-        store.save(&sc, "pause").expect("save");
+        store.save(&sc).expect("save");
         let timing = Timing {
             call_timeout: Duration::from_secs(2),
             revert_window: Duration::from_millis(300),

@@ -11,7 +11,12 @@ use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 use tracing::{info, instrument};
 
-use crate::{error::CoordinatorError, fleet, registry::Registry, scenarios::Scenarios};
+use crate::{
+    error::CoordinatorError,
+    fleet,
+    registry::Registry,
+    scenarios::{Scenarios, snapshot_event},
+};
 
 /// Metadata key a client uses to say who it is (the CLI sends USER@HOST).
 pub const ACTOR_HEADER: &str = "x-chaos-actor";
@@ -195,15 +200,8 @@ impl Coordinator for CoordinatorService {
         let (tx, out) = tokio::sync::mpsc::channel(64);
         let scenarios = Arc::clone(&self.scenarios);
         tokio::spawn(async move {
-            let first = pb::ScenarioEvent {
-                scenario_id: id.clone(),
-                at: Some(timestamp_to_pb(std::time::SystemTime::now())),
-                state: now.state,
-                message: format!("current state: {}", now.reason),
-                agent_id: String::new(),
-                agent: None,
-                scenario: Some(now),
-            };
+            let message = format!("current state: {}", now.reason);
+            let first = snapshot_event(now, message);
             if tx.send(Ok(first)).await.is_err() {
                 return;
             }
@@ -214,15 +212,7 @@ impl Coordinator for CoordinatorService {
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
                     // A slow watcher skipped events: give it the state of now.
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => match scenarios.get(&id) {
-                        Ok(sc) => pb::ScenarioEvent {
-                            scenario_id: id.clone(),
-                            at: Some(timestamp_to_pb(std::time::SystemTime::now())),
-                            state: sc.state,
-                            message: format!("{n} event(s) skipped (slow watcher); current state"),
-                            agent_id: String::new(),
-                            agent: None,
-                            scenario: Some(sc),
-                        },
+                        Ok(sc) => snapshot_event(sc, format!("{n} event(s) skipped (slow watcher); current state")),
                         Err(_) => return,
                     },
                 };

@@ -122,7 +122,8 @@ impl Store {
     }
 
     /// Write the whole scenario (row, agents, transitions) in one transaction.
-    pub fn save(&self, sc: &pb::Scenario, fault_text: &str) -> StoreResult<()> {
+    pub fn save(&self, sc: &pb::Scenario) -> StoreResult<()> {
+        let fault_text = sc.spec.as_ref().and_then(|s| s.fault.as_ref()).map(chaos_proto::spec::describe).unwrap_or_default();
         let mut c = self.lock();
         let tx = c.transaction()?;
         let spec = sc.spec.as_ref().map(|s| s.encode_to_vec()).unwrap_or_default();
@@ -313,7 +314,7 @@ mod tests {
             transitions: vec![pb::ScenarioTransition { at: Some(now), state: ScenarioState::Queued as i32, reason: "slots full".into() }],
             ..Default::default()
         };
-        s.save(&sc, "network_loss 10 %").expect("save");
+        s.save(&sc).expect("save");
         sc.state = ScenarioState::Running as i32;
         sc.transitions.push(pb::ScenarioTransition { at: Some(now), state: ScenarioState::Running as i32, reason: "slot free".into() });
         sc.agents.push(pb::ScenarioAgent {
@@ -323,7 +324,7 @@ mod tests {
             fault_state: FaultState::Applied as i32,
             ..Default::default()
         });
-        s.save(&sc, "network_loss 10 %").expect("save again");
+        s.save(&sc).expect("save again");
         let back = s.load("sc-1").expect("load").expect("exists");
         assert_eq!(back.state, ScenarioState::Running as i32);
         assert_eq!(back.transitions.len(), 2);
