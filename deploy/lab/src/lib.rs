@@ -227,7 +227,9 @@ fn load_state(cfg: &LabConfig) -> State {
 }
 
 /// Start `argv` (in `netns` unless None) detached, its output in `log`.
-fn spawn(name: &str, netns: Option<&str>, argv: &[String], log: &Path, env: &[(&str, &str)]) -> anyhow::Result<Proc> {
+/// Our daemons log at info whatever the caller's RUST_LOG (the CLI's own
+/// level must not leak into them: status reads their readiness lines).
+fn spawn(name: &str, netns: Option<&str>, argv: &[String], log: &Path) -> anyhow::Result<Proc> {
     let out = fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
     let mut cmd = match netns {
         Some(ns) => {
@@ -241,7 +243,7 @@ fn spawn(name: &str, netns: Option<&str>, argv: &[String], log: &Path, env: &[(&
             c
         }
     };
-    cmd.envs(env.iter().copied()).stdin(Stdio::null()).stdout(out.try_clone()?).stderr(out).process_group(0);
+    cmd.env("RUST_LOG", "info").stdin(Stdio::null()).stdout(out.try_clone()?).stderr(out).process_group(0);
     let child = cmd.spawn().with_context(|| format!("starting {name}"))?;
     let pid = child.id();
     // `ip netns exec` execs the program: same pid. Wait for the exec to show.
@@ -367,7 +369,7 @@ fn start_kafka(cfg: &LabConfig) -> anyhow::Result<Proc> {
         props.display().to_string(),
     ]
     .into();
-    spawn("kafka", Some(&HOSTS[0].netns()), &argv, &cfg.run().join("logs/kafka.log"), &[])
+    spawn("kafka", Some(&HOSTS[0].netns()), &argv, &cfg.run().join("logs/kafka.log"))
 }
 
 fn start_cassandra(cfg: &LabConfig) -> anyhow::Result<Proc> {
@@ -419,16 +421,19 @@ fn start_cassandra(cfg: &LabConfig) -> anyhow::Result<Proc> {
         format!("{}/*", jars.display()),
         "org.apache.cassandra.service.CassandraDaemon".into(),
     ]);
-    spawn("cassandra", Some(&HOSTS[1].netns()), &argv, &cfg.run().join("logs/cassandra.log"), &[])
+    spawn("cassandra", Some(&HOSTS[1].netns()), &argv, &cfg.run().join("logs/cassandra.log"))
 }
 
 /// Bring the lab up (idempotent: a lab already up is left as it is).
 pub fn up(cfg: &LabConfig, progress: &mut dyn FnMut(&str)) -> anyhow::Result<Vec<Component>> {
     preflight(cfg)?;
     let st = load_state(cfg);
-    if !st.processes.is_empty() && st.processes.iter().all(alive) && status(cfg).iter().all(|c| c.up) {
-        progress("the lab is already up");
-        return Ok(status(cfg));
+    if !st.processes.is_empty() && st.processes.iter().all(alive) {
+        let comps = status(cfg);
+        if comps.iter().all(|c| c.up) {
+            progress("the lab is already up");
+            return Ok(comps);
+        }
     }
     if cfg.run().exists() || HOSTS.iter().any(|h| netns_exists(&h.netns())) || link_exists(BRIDGE) {
         progress("a partial lab is in place: taking it down first");
@@ -472,7 +477,7 @@ fn up_inner(cfg: &LabConfig, progress: &mut dyn FnMut(&str)) -> anyhow::Result<V
         "--heartbeat-interval".into(),
         "1s".into(),
     ];
-    st.processes.push(spawn("coordinator", None, &coord, &run.join("logs/coordinator.log"), &[("RUST_LOG", "info")])?);
+    st.processes.push(spawn("coordinator", None, &coord, &run.join("logs/coordinator.log"))?);
     save_state(cfg, &st)?;
     for h in HOSTS {
         let agent = [
@@ -492,13 +497,7 @@ fn up_inner(cfg: &LabConfig, progress: &mut dyn FnMut(&str)) -> anyhow::Result<V
             "--lease".into(),
             "10s".into(),
         ];
-        st.processes.push(spawn(
-            &format!("agent-{}", h.name),
-            Some(&h.netns()),
-            &agent,
-            &run.join(format!("logs/agent-{}.log", h.name)),
-            &[("RUST_LOG", "info")],
-        )?);
+        st.processes.push(spawn(&format!("agent-{}", h.name), Some(&h.netns()), &agent, &run.join(format!("logs/agent-{}.log", h.name)))?);
         save_state(cfg, &st)?;
     }
     progress(&format!("Kafka 4 (KRaft) in {} at {}", HOSTS[0].netns(), kafka_bootstrap()));
@@ -516,8 +515,7 @@ fn up_inner(cfg: &LabConfig, progress: &mut dyn FnMut(&str)) -> anyhow::Result<V
         "--cassandra".into(),
         cassandra_contact(),
     ];
-    // Its "processing" line tells status that it is ready: log at info whatever the caller's RUST_LOG.
-    st.processes.push(spawn("processor", Some(&HOSTS[2].netns()), &processor, &run.join("logs/processor.log"), &[("RUST_LOG", "info")])?);
+    st.processes.push(spawn("processor", Some(&HOSTS[2].netns()), &processor, &run.join("logs/processor.log"))?);
     save_state(cfg, &st)?;
 
     let started = Instant::now();
@@ -556,15 +554,22 @@ fn up_inner(cfg: &LabConfig, progress: &mut dyn FnMut(&str)) -> anyhow::Result<V
 pub fn status(cfg: &LabConfig) -> Vec<Component> {
     let st = load_state(cfg);
     let proc_up = |name: &str| st.processes.iter().find(|p| p.name == name).is_some_and(alive);
-    let mut out = Vec::new();
+    // A service is up when its process runs and `ready` (log line, port) holds.
+    let service = |name: &str, address: String, ready: &dyn Fn() -> bool, up_text: &str, starting_text: &str| {
+        let running = proc_up(name);
+        let up = running && ready();
+        let detail = if up {
+            up_text
+        } else if running {
+            starting_text
+        } else {
+            "down"
+        };
+        Component { name: name.into(), address, up, detail: detail.into() }
+    };
+    let log = |n: &str| cfg.run().join(format!("logs/{n}.log"));
     let caddr = format!("{NET}.1:{COORDINATOR_PORT}");
-    let c_up = proc_up("coordinator") && tcp_open(&caddr);
-    out.push(Component {
-        name: "coordinator".into(),
-        address: caddr,
-        up: c_up,
-        detail: if c_up { "serving".into() } else { "down".into() },
-    });
+    let mut out = vec![service("coordinator", caddr.clone(), &|| tcp_open(&caddr), "serving", "down")];
     for h in HOSTS {
         let addr = format!("{}:{AGENT_PORT}", h.ip());
         let ns = netns_exists(&h.netns());
@@ -578,48 +583,27 @@ pub fn status(cfg: &LabConfig) -> Vec<Component> {
         };
         out.push(Component { name: format!("agent-{}", h.name), address: addr, up, detail });
     }
-    let log = |n: &str| cfg.run().join(format!("logs/{n}.log"));
-    let k_started = log_has(&log("kafka"), "Kafka Server started");
-    let k_up = proc_up("kafka") && k_started && tcp_open(&kafka_bootstrap());
-    out.push(Component {
-        name: "kafka".into(),
-        address: kafka_bootstrap(),
-        up: k_up,
-        detail: if k_up {
-            "broker + controller (KRaft) serving".into()
-        } else if proc_up("kafka") {
-            "starting".into()
-        } else {
-            "down".into()
-        },
-    });
-    let c_started = log_has(&log("cassandra"), "Startup complete");
-    let cass_up = proc_up("cassandra") && c_started && tcp_open(&cassandra_contact());
-    out.push(Component {
-        name: "cassandra".into(),
-        address: cassandra_contact(),
-        up: cass_up,
-        detail: if cass_up {
-            "CQL serving".into()
-        } else if proc_up("cassandra") {
-            "starting".into()
-        } else {
-            "down".into()
-        },
-    });
-    let p_up = proc_up("processor") && log_has(&log("processor"), "processing");
-    out.push(Component {
-        name: "processor".into(),
-        address: HOSTS[2].ip(),
-        up: p_up,
-        detail: if p_up {
-            "consuming chaos-logs into Cassandra".into()
-        } else if proc_up("processor") {
-            "waiting for Kafka and Cassandra".into()
-        } else {
-            "down".into()
-        },
-    });
+    out.push(service(
+        "kafka",
+        kafka_bootstrap(),
+        &|| log_has(&log("kafka"), "Kafka Server started") && tcp_open(&kafka_bootstrap()),
+        "broker + controller (KRaft) serving",
+        "starting",
+    ));
+    out.push(service(
+        "cassandra",
+        cassandra_contact(),
+        &|| log_has(&log("cassandra"), "Startup complete") && tcp_open(&cassandra_contact()),
+        "CQL serving",
+        "starting",
+    ));
+    out.push(service(
+        "processor",
+        HOSTS[2].ip(),
+        &|| log_has(&log("processor"), "processing"),
+        "consuming chaos-logs into Cassandra",
+        "waiting for Kafka and Cassandra",
+    ));
     out
 }
 
