@@ -16,25 +16,15 @@ use serde::Deserialize;
 pub use chaos_proto::spec::ALL_FAMILIES as FAMILIES;
 
 /// Scenario-type groups accepted under `scenarios:` besides the families.
-pub const GROUPS: [(&str, &[&str]); 3] = [
-    (
-        "network",
-        &[
-            "network_partition",
-            "network_latency",
-            "network_loss",
-            "network_corrupt",
-            "network_duplicate",
-            "network_reorder",
-            "network_bandwidth",
-        ],
-    ),
-    ("resource_exhaustion", &["cpu_stress", "memory_stress", "disk_fill", "io_throttle"]),
-    ("service_failure", &["process_kill", "process_pause", "container_action"]),
-];
+pub const GROUPS: [&str; 3] = ["network", "resource_exhaustion", "service_failure"];
 
 fn group_of(family: &str) -> Option<&'static str> {
-    GROUPS.iter().find(|(_, fams)| fams.contains(&family)).map(|(g, _)| *g)
+    match family {
+        f if f.starts_with("network_") => Some("network"),
+        "cpu_stress" | "memory_stress" | "disk_fill" | "io_throttle" => Some("resource_exhaustion"),
+        "process_kill" | "process_pause" | "container_action" => Some("service_failure"),
+        _ => None,
+    }
 }
 
 /// What one severity level allows. A fault above any cap is refused, naming it.
@@ -524,42 +514,29 @@ impl PolicyFile<'_> {
             let k = |s: &str| format!("severity_levels.{n}.{s}");
             let idx = level(&format!("severity_levels.{n}"), *n)? as usize - 1;
             let c = &mut p.levels[idx];
-            if let Some(v) = l.max_packet_percent {
-                c.max_packet_percent = percent(&k("max_packet_percent"), v)?;
+            // Each key is its field's name, so the message names exactly what the file set.
+            macro_rules! set {
+                ($($f:ident),*) => { $( c.$f = l.$f.unwrap_or(c.$f); )* };
             }
+            macro_rules! set_percent {
+                ($($f:ident),*) => { $( if let Some(v) = l.$f { c.$f = percent(&k(stringify!($f)), v)?; } )* };
+            }
+            set_percent!(max_packet_percent, max_cpu_percent, max_memory_percent, max_disk_fill_percent);
+            set!(min_bandwidth_bits_per_second, min_io_bytes_per_second, allow_partition, allow_kill, allow_pause);
             if let Some(v) = &l.max_latency {
                 c.max_latency = v.resolve(&k("max_latency"))?;
             }
-            if let Some(v) = l.min_bandwidth_bits_per_second {
-                c.min_bandwidth_bits_per_second = v;
-            }
-            if let Some(v) = l.max_cpu_percent {
-                c.max_cpu_percent = percent(&k("max_cpu_percent"), v)?;
-            }
-            if let Some(v) = l.max_memory_percent {
-                c.max_memory_percent = percent(&k("max_memory_percent"), v)?;
-            }
-            if let Some(v) = l.max_disk_fill_percent {
-                c.max_disk_fill_percent = percent(&k("max_disk_fill_percent"), v)?;
-            }
-            if let Some(v) = l.min_io_bytes_per_second {
-                c.min_io_bytes_per_second = v;
-            }
-            c.allow_partition = l.allow_partition.unwrap_or(c.allow_partition);
-            c.allow_kill = l.allow_kill.unwrap_or(c.allow_kill);
-            c.allow_pause = l.allow_pause.unwrap_or(c.allow_pause);
             if let Some(v) = &l.max_duration {
                 c.max_duration = Some(v.resolve(&k("max_duration"))?);
             }
         }
         for (name, t) in self.scenarios.into_iter().flatten() {
             let k = |s: &str| format!("scenarios.{name}.{s}");
-            if !FAMILIES.contains(&name.as_str()) && !GROUPS.iter().any(|(g, _)| g == name) {
-                let groups: Vec<&str> = GROUPS.iter().map(|(g, _)| *g).collect();
+            if !FAMILIES.contains(&name.as_str()) && !GROUPS.contains(&name.as_str()) {
                 return Err(format!(
                     "scenarios.{name}: unknown scenario type; use a fault family ({}) or a group ({})",
                     FAMILIES.join(", "),
-                    groups.join(", ")
+                    GROUPS.join(", ")
                 ));
             }
             let mut rule = TypeRule { enabled: t.enabled, ..Default::default() };
@@ -662,6 +639,13 @@ mod tests {
         assert!(p.check_fault(&bw, 3, MIN)[0].contains("min_bandwidth_bits_per_second 256000"));
         let cpu = spec(F::CpuStress(pb::CpuStress { workers: 1, load_percent: 80.0 }), host());
         assert!(p.check_fault(&cpu, 3, MIN)[0].contains("max_cpu_percent 75"));
+    }
+
+    #[test]
+    fn every_family_belongs_to_a_group() {
+        for f in FAMILIES {
+            assert!(group_of(f).is_some_and(|g| GROUPS.contains(&g)), "{f}");
+        }
     }
 
     #[test]
