@@ -219,23 +219,12 @@ pub fn start_coordinator_with(dir: &std::path::Path, port: u16, config: Option<&
 pub fn start_agent(dir: &std::path::Path, id: &str, coordinator: Option<&str>, lease: &str) -> (Daemon, String) {
     let port = free_port();
     let journal = dir.join(format!("journal-{id}"));
-    start_agent_at(dir, id, port, &journal, coordinator, lease)
+    start_agent_at(dir, id, port, &journal, coordinator, lease, &[])
 }
 
-/// An agent on a given port and journal (to restart one after a crash).
+/// An agent on a given port and journal (to restart one after a crash),
+/// with extra flags (e.g. `--label role=kafka`).
 pub fn start_agent_at(
-    dir: &std::path::Path,
-    id: &str,
-    port: u16,
-    journal: &std::path::Path,
-    coordinator: Option<&str>,
-    lease: &str,
-) -> (Daemon, String) {
-    start_agent_args(dir, id, port, journal, coordinator, lease, &[])
-}
-
-/// An agent with extra flags (e.g. `--label role=kafka`).
-pub fn start_agent_args(
     dir: &std::path::Path,
     id: &str,
     port: u16,

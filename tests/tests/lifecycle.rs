@@ -83,7 +83,7 @@ fn kill9_mid_fault_then_restart_resumes_the_process() {
     let dir = tempfile::tempdir().expect("tempdir");
     let journal = dir.path().join("journal-crash");
     let port = chaos_e2e::free_port();
-    let (mut agent, url) = start_agent_at(dir.path(), "crash", port, &journal, None, "10s");
+    let (mut agent, url) = start_agent_at(dir.path(), "crash", port, &journal, None, "10s", &[]);
     let v = Victim::spawn();
     chaos_ok(&["agent", "apply", "--agent", &url, "--pause-pid", &v.pid().to_string(), "--duration", "5m", "--id", "crash-1"], 0);
     assert_eq!(v.state(), 'T');
@@ -92,7 +92,7 @@ fn kill9_mid_fault_then_restart_resumes_the_process() {
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(v.state(), 'T', "a crashed agent cannot revert; the process stays stopped until restart");
     let t0 = Instant::now();
-    let (_agent2, url2) = start_agent_at(dir.path(), "crash", port, &journal, None, "10s");
+    let (_agent2, url2) = start_agent_at(dir.path(), "crash", port, &journal, None, "10s", &[]);
     assert!(wait_until(Duration::from_secs(5), || v.state() != 'T'), "restart did not resume the process");
     let took = t0.elapsed();
     assert!(!journal.join("crash-1.json").exists(), "journal record removed after replay");
@@ -105,7 +105,7 @@ fn kill9_mid_fault_then_restart_resumes_the_process() {
 fn sigterm_reverts_every_fault_before_exit() {
     let dir = tempfile::tempdir().expect("tempdir");
     let journal = dir.path().join("journal-term");
-    let (mut agent, url) = start_agent_at(dir.path(), "term", chaos_e2e::free_port(), &journal, None, "10s");
+    let (mut agent, url) = start_agent_at(dir.path(), "term", chaos_e2e::free_port(), &journal, None, "10s", &[]);
     let (a, b) = (Victim::spawn(), Victim::spawn());
     for v in [&a, &b] {
         chaos_ok(&["agent", "apply", "--agent", &url, "--pause-pid", &v.pid().to_string(), "--duration", "5m"], 0);

@@ -184,7 +184,7 @@ fn latency_fails_open_when_the_agent_dies_and_restart_removes_its_rules() {
     let pair = NetPair::new();
     let journal = dir.path().join("journal-latcrash");
     let port = free_port();
-    let (mut agent, url) = start_agent_at(dir.path(), "latcrash", port, &journal, None, "10s");
+    let (mut agent, url) = start_agent_at(dir.path(), "latcrash", port, &journal, None, "10s", &[]);
     chaos_ok(
         &["agent", "apply", "--agent", &url, "--netns", &pair.a, "--latency", "200ms", "--direction", "ingress", "--duration", "5m"],
         0,
@@ -195,7 +195,7 @@ fn latency_fails_open_when_the_agent_dies_and_restart_removes_its_rules() {
     // The engine is gone; --queue-bypass lets packets through undelayed: no blackhole.
     assert_eq!(NetPair::ping(&pair.a, &pair.b_ip, 3), 3, "traffic flows without the engine (fail open)");
     assert!(NetPair::raw_rules(&pair.a).contains("NFQUEUE"), "rules outlive the crash");
-    let (_agent2, _) = start_agent_at(dir.path(), "latcrash", port, &journal, None, "10s");
+    let (_agent2, _) = start_agent_at(dir.path(), "latcrash", port, &journal, None, "10s", &[]);
     assert!(wait_until(Duration::from_secs(5), || NetPair::ruleset(&pair.a).is_empty()), "restart replayed the journal");
 }
 
@@ -205,12 +205,12 @@ fn kill9_mid_partition_then_restart_removes_the_rules() {
     let pair = NetPair::new();
     let journal = dir.path().join("journal-netcrash");
     let port = free_port();
-    let (mut agent, url) = start_agent_at(dir.path(), "netcrash", port, &journal, None, "10s");
+    let (mut agent, url) = start_agent_at(dir.path(), "netcrash", port, &journal, None, "10s", &[]);
     chaos_ok(&["agent", "apply", "--agent", &url, "--netns", &pair.a, "--partition", "all", "--duration", "5m"], 0);
     assert_eq!(NetPair::ping(&pair.a, &pair.b_ip, 2), 0);
     agent.kill9();
     assert!(!NetPair::ruleset(&pair.a).is_empty(), "rules outlive the crashed agent");
-    let (_agent2, _) = start_agent_at(dir.path(), "netcrash", port, &journal, None, "10s");
+    let (_agent2, _) = start_agent_at(dir.path(), "netcrash", port, &journal, None, "10s", &[]);
     assert!(wait_until(Duration::from_secs(5), || NetPair::ruleset(&pair.a).is_empty()), "restart replayed the journal");
     assert_eq!(NetPair::ping(&pair.a, &pair.b_ip, 3), 3);
 }

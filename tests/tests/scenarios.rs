@@ -7,7 +7,7 @@
 
 use std::{path::Path, time::Duration};
 
-use chaos_e2e::{Daemon, Victim, chaos, chaos_ok, free_port, json, start_agent_args, start_coordinator_with, wait_until};
+use chaos_e2e::{Daemon, Victim, chaos, chaos_ok, free_port, json, start_agent_at, start_coordinator_with, wait_until};
 
 /// A coordinator with `yaml` as its config, and `n` agents labelled
 /// `role=r0..`, the first `protected` of them with chaos.protected=true.
@@ -34,7 +34,7 @@ fn fleet(yaml: &str, n: usize, protected: usize) -> Fleet {
                 extra.extend(["--label", "chaos.protected=true"]);
             }
             let journal = dir.path().join(format!("journal-{id}"));
-            start_agent_args(dir.path(), &id, free_port(), &journal, Some(&curl), "10s", &extra)
+            start_agent_at(dir.path(), &id, free_port(), &journal, Some(&curl), "10s", &extra)
         })
         .collect();
     assert!(
