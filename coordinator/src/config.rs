@@ -8,7 +8,10 @@ use chaos_proto::serve::LogFormat;
 use clap::Parser;
 use serde::Deserialize;
 
-use crate::policy::{ChaosTestingFile, DurationValue, LevelFile, Policy, PolicyFile, TypeFile};
+use crate::{
+    policy::{ChaosTestingFile, DurationValue, LevelFile, Policy, PolicyFile, TypeFile},
+    validate::RecoveryDefaults,
+};
 
 const EXAMPLES: &str = "\
 Examples:
@@ -75,8 +78,10 @@ pub struct MonitoringFile {
     pub alert_thresholds: Option<BTreeMap<String, f64>>,
 }
 
-/// The seed's `recovery:` section. Validated and kept; recovery validation
-/// (not in this version) acts on it.
+/// The seed's `recovery:` section: the defaults of `ValidateRecovery`
+/// (`max_recovery_attempts` rounds, `health_check_interval` between them,
+/// `recovery_timeout` for the lag to drain). `auto_recovery` is accepted;
+/// reverts are always automatic here (TTL, lease, journal).
 #[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RecoveryFile {
@@ -107,7 +112,8 @@ pub struct CoordinatorConfig {
     pub state_dir: PathBuf,
     pub policy: Policy,
     pub monitoring: MonitoringFile,
-    pub recovery: RecoveryFile,
+    /// Defaults of recovery validation, from `recovery:`.
+    pub recovery: RecoveryDefaults,
 }
 
 impl CoordinatorConfig {
@@ -134,13 +140,23 @@ impl CoordinatorConfig {
         if let Some(d) = &monitoring.metrics_interval {
             d.resolve("monitoring.metrics_interval").map_err(|e| anyhow::anyhow!("{origin}{e}{}", line_of(&text, "metrics_interval")))?;
         }
-        let recovery = file.recovery.clone().unwrap_or_default();
-        for (key, v) in
-            [("recovery.recovery_timeout", &recovery.recovery_timeout), ("recovery.health_check_interval", &recovery.health_check_interval)]
-        {
+        let rf = file.recovery.clone().unwrap_or_default();
+        let mut recovery = RecoveryDefaults::default();
+        for (key, v, out) in [
+            ("recovery.recovery_timeout", &rf.recovery_timeout, &mut recovery.recovery_timeout),
+            ("recovery.health_check_interval", &rf.health_check_interval, &mut recovery.retry_interval),
+        ] {
             if let Some(d) = v {
-                d.resolve(key).map_err(|e| anyhow::anyhow!("{origin}{e}{}", line_of(&text, key)))?;
+                *out = d
+                    .resolve(key)
+                    .and_then(|d| if d.is_zero() { Err(format!("{key}: must be above 0")) } else { Ok(d) })
+                    .map_err(|e| anyhow::anyhow!("{origin}{e}{}", line_of(&text, key)))?;
             }
+        }
+        match rf.max_recovery_attempts {
+            Some(0) => bail!("{origin}recovery.max_recovery_attempts: must be at least 1, got 0{}", line_of(&text, "max_recovery_attempts")),
+            Some(n) => recovery.max_attempts = n,
+            None => {}
         }
         let listen = match (args.listen, &file.listen) {
             (Some(a), _) => a,
@@ -180,7 +196,9 @@ mod tests {
         p.types.clear();
         assert_eq!(p, crate::policy::Policy::default());
         assert_eq!(c.policy.types.len(), 4);
-        assert_eq!(c.recovery.max_recovery_attempts, Some(3));
+        assert_eq!(c.recovery.max_attempts, 3);
+        assert_eq!(c.recovery.recovery_timeout, Duration::from_secs(120));
+        assert_eq!(c.recovery.retry_interval, Duration::from_secs(5));
     }
 
     #[test]

@@ -20,4 +20,5 @@ pub mod run;
 pub mod scenarios;
 pub mod service;
 pub mod standin;
+pub mod validate;
 pub mod store;

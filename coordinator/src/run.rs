@@ -42,6 +42,7 @@ pub async fn run(cfg: CoordinatorConfig, listener: TcpListener, shutdown: impl F
             emergency_stop_deadline: cfg.emergency_stop_deadline,
             heartbeat_interval: cfg.heartbeat_interval,
             listen_address: local.to_string(),
+            recovery: cfg.recovery,
         },
     );
     let (health, health_service) = tonic_health::server::health_reporter();

@@ -16,6 +16,7 @@ use crate::{
     fleet,
     registry::Registry,
     scenarios::{Scenarios, snapshot_event},
+    validate::{Plan, RecoveryDefaults},
 };
 
 /// Metadata key a client uses to say who it is (the CLI sends USER@HOST).
@@ -39,6 +40,8 @@ pub struct ServiceConfig {
     /// Heartbeat interval suggested to agents.
     pub heartbeat_interval: Duration,
     pub listen_address: String,
+    /// Defaults of `ValidateRecovery` (the config's `recovery:`).
+    pub recovery: RecoveryDefaults,
 }
 
 /// `chaos.v1.Coordinator` implementation.
@@ -72,6 +75,7 @@ impl CoordinatorService {
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::ScenarioEvent, Status>> + Send>>;
+type ValidationStream = Pin<Box<dyn Stream<Item = Result<pb::ValidationEvent, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl Coordinator for CoordinatorService {
@@ -193,6 +197,20 @@ impl Coordinator for CoordinatorService {
     }
 
     type WatchScenarioStream = EventStream;
+
+    type ValidateRecoveryStream = ValidationStream;
+
+    #[instrument(skip_all)]
+    async fn validate_recovery(&self, req: Request<pb::ValidateRecoveryRequest>) -> Result<Response<ValidationStream>, Status> {
+        let plan = Plan::from_request(req.get_ref(), self.cfg.recovery)?;
+        // Unknown scenarios are refused before the stream starts.
+        for id in &req.get_ref().scenario_ids {
+            self.scenarios.get(id)?;
+        }
+        let (tx, out) = tokio::sync::mpsc::channel(64);
+        tokio::spawn(crate::validate::run(plan, Arc::clone(&self.scenarios), tx));
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(out))))
+    }
 
     async fn watch_scenario(&self, req: Request<pb::WatchScenarioRequest>) -> Result<Response<EventStream>, Status> {
         let id = req.into_inner().id;

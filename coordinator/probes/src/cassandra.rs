@@ -1,0 +1,80 @@
+//! Cassandra through the scylla driver: connect, count, read the stored
+//! events. Every call is bounded by the caller's timeout ([`crate::bounded`]).
+
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use futures::TryStreamExt;
+use scylla::client::{session::Session, session_builder::SessionBuilder};
+
+/// Connect to one contact point (host:port); the driver discovers the rest.
+pub async fn connect(contact: &str) -> anyhow::Result<Session> {
+    SessionBuilder::new()
+        .known_node(contact)
+        .connection_timeout(Duration::from_secs(3))
+        .build()
+        .await
+        .with_context(|| format!("connecting to Cassandra at {contact}"))
+}
+
+/// A `keyspace.table` (or bare table) name checked before it goes into CQL
+/// text: letters, digits and '_' in each part.
+pub fn parse_table_name(s: &str) -> Result<String, String> {
+    let ok_part = |p: &str| !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    let parts: Vec<&str> = s.split('.').collect();
+    if parts.len() <= 2 && parts.iter().all(|p| ok_part(p)) {
+        Ok(s.to_string())
+    } else {
+        Err(format!("expected TABLE or KEYSPACE.TABLE (letters, digits, '_'), got {s:?}"))
+    }
+}
+
+/// The server's release version: proves a CQL query round trip.
+pub async fn release_version(s: &Session) -> anyhow::Result<String> {
+    let rows = s.query_unpaged("SELECT release_version FROM system.local", &[]).await.context("querying system.local")?;
+    let (v,) = rows.into_rows_result().context("system.local rows")?.single_row::<(String,)>().context("system.local release_version")?;
+    Ok(v)
+}
+
+/// Rows in `table` (a `keyspace.table` checked by [`parse_table_name`]).
+pub async fn count(s: &Session, table: &str) -> anyhow::Result<i64> {
+    let table = parse_table_name(table).map_err(anyhow::Error::msg)?;
+    let rows = s.query_unpaged(format!("SELECT COUNT(*) FROM {table}"), &[]).await.with_context(|| format!("counting {table}"))?;
+    let (n,) = rows.into_rows_result().context("count rows")?.single_row::<(i64,)>().context("count value")?;
+    Ok(n)
+}
+
+/// Every stored `(row id, event id)` of the pipeline's events table.
+pub async fn event_ids(s: &Session, table: &str) -> anyhow::Result<Vec<(String, String)>> {
+    let table = parse_table_name(table).map_err(anyhow::Error::msg)?;
+    let pager = s.query_iter(format!("SELECT id, event_id FROM {table}"), &[]).await.with_context(|| format!("reading {table}"))?;
+    let stream = pager.rows_stream::<(String, String)>().context("typing rows (id text, event_id text)")?;
+    stream.try_collect().await.with_context(|| format!("reading {table}"))
+}
+
+/// Every stored event's `(produced at, written at)` in ms since the epoch.
+pub async fn event_times(s: &Session, table: &str) -> anyhow::Result<Vec<(i64, i64)>> {
+    let table = parse_table_name(table).map_err(anyhow::Error::msg)?;
+    let pager =
+        s.query_iter(format!("SELECT ts_ms, written_at_ms FROM {table}"), &[]).await.with_context(|| format!("reading {table}"))?;
+    let stream = pager.rows_stream::<(i64, i64)>().context("typing rows (ts_ms bigint, written_at_ms bigint)")?;
+    let v: Vec<(i64, i64)> = stream.try_collect().await.with_context(|| format!("reading {table}"))?;
+    if v.iter().any(|(ts, w)| *ts <= 0 || *w <= 0) {
+        bail!("{table} has rows without ts_ms or written_at_ms");
+    }
+    Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_names_that_could_inject_cql_are_refused() {
+        assert!(parse_table_name("chaos_lab.events").is_ok());
+        assert!(parse_table_name("events").is_ok());
+        for bad in ["", "a.b.c", "events; DROP TABLE x", "ks.", "ks.ta-ble"] {
+            assert!(parse_table_name(bad).is_err(), "{bad}");
+        }
+    }
+}
