@@ -2,10 +2,12 @@
 //! group; this file parses, dispatches, and turns errors into exit codes.
 
 mod agent;
+mod drill;
 mod fleet;
 mod lab;
 mod output;
 mod scenario;
+mod validate;
 
 use std::{process::ExitCode, time::Duration};
 
@@ -25,6 +27,7 @@ Examples:
   chaos scenario list                           # scenarios and their states
   chaos queue                                   # running scenarios and the queue behind them
   chaos audit --since 1h                        # who did what
+  chaos validate --lab --scenario ID            # recovered? lag drained, no event lost
   chaos --output json agents | jq '.agents[].health'
 
 Environment: CHAOS_COORDINATOR (coordinator URL), CHAOS_AGENT (agent URL).";
@@ -66,6 +69,8 @@ enum Command {
     Queue,
     /// The coordinator's audit log: every mutation with who, when and outcome.
     Audit(scenario::AuditArgs),
+    /// Did the pipeline recover? Availability, lag drain, data consistency, performance baseline.
+    Validate(Box<validate::ValidateArgs>),
     /// The local lab: hosts in network namespaces, real Kafka and Cassandra (root).
     #[command(subcommand)]
     Lab(lab::LabCommand),
@@ -93,7 +98,7 @@ async fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,scylla=error")),
         )
         .init();
     let fmt = cli.output;
@@ -106,8 +111,9 @@ async fn main() -> ExitCode {
         Command::Scenario(c) => scenario::run(c, &cli.coordinator, cli.timeout, fmt).await,
         Command::Queue => scenario::queue(&cli.coordinator, cli.timeout, fmt).await,
         Command::Audit(a) => scenario::audit(&cli.coordinator, cli.timeout, fmt, a).await,
+        Command::Validate(a) => validate::run(&cli.coordinator, fmt, *a).await,
         // The lab verbs block (process starts, health polling); nothing else runs meanwhile.
-        Command::Lab(c) => lab::run(c, fmt),
+        Command::Lab(c) => lab::run(c, fmt).await,
     };
     match result {
         Ok(code) => ExitCode::from(code),

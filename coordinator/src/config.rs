@@ -154,7 +154,9 @@ impl CoordinatorConfig {
             }
         }
         match rf.max_recovery_attempts {
-            Some(0) => bail!("{origin}recovery.max_recovery_attempts: must be at least 1, got 0{}", line_of(&text, "max_recovery_attempts")),
+            Some(0) => {
+                bail!("{origin}recovery.max_recovery_attempts: must be at least 1, got 0{}", line_of(&text, "max_recovery_attempts"))
+            }
             Some(n) => recovery.max_attempts = n,
             None => {}
         }

@@ -20,5 +20,5 @@ pub mod run;
 pub mod scenarios;
 pub mod service;
 pub mod standin;
-pub mod validate;
 pub mod store;
+pub mod validate;

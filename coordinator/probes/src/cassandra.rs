@@ -55,8 +55,7 @@ pub async fn event_ids(s: &Session, table: &str) -> anyhow::Result<Vec<(String, 
 /// Every stored event's `(produced at, written at)` in ms since the epoch.
 pub async fn event_times(s: &Session, table: &str) -> anyhow::Result<Vec<(i64, i64)>> {
     let table = parse_table_name(table).map_err(anyhow::Error::msg)?;
-    let pager =
-        s.query_iter(format!("SELECT ts_ms, written_at_ms FROM {table}"), &[]).await.with_context(|| format!("reading {table}"))?;
+    let pager = s.query_iter(format!("SELECT ts_ms, written_at_ms FROM {table}"), &[]).await.with_context(|| format!("reading {table}"))?;
     let stream = pager.rows_stream::<(i64, i64)>().context("typing rows (ts_ms bigint, written_at_ms bigint)")?;
     let v: Vec<(i64, i64)> = stream.try_collect().await.with_context(|| format!("reading {table}"))?;
     if v.iter().any(|(ts, w)| *ts <= 0 || *w <= 0) {

@@ -74,7 +74,7 @@ pub async fn lag(bootstrap: &str, group: &str, topic: &str, within: Duration) ->
         let md = c.fetch_metadata(Some(&t), within).with_context(|| format!("Kafka metadata of topic {t} from {b}"))?;
         let Some(mt) = md.topics().iter().find(|x| x.name() == t) else { bail!("topic {t} not in Kafka's metadata") };
         if let Some(e) = mt.error() {
-            bail!("topic {t}: {:?}", rdkafka::types::RDKafkaRespErr::from(e));
+            bail!("topic {t}: {e:?}");
         }
         let ids: Vec<i32> = mt.partitions().iter().map(|p| p.id()).collect();
         if ids.is_empty() {

@@ -106,8 +106,13 @@ impl LabConfig {
             timeout: Duration::from_secs(240),
         }
     }
-    fn run(&self) -> PathBuf {
+    /// Everything of a running lab (removed by [`down`]).
+    pub fn run(&self) -> PathBuf {
         self.home.join("run")
+    }
+    /// Where a collector run by the lab's drills keeps its counts (read by status).
+    pub fn collector_status(&self) -> PathBuf {
+        self.run().join("collector.json")
     }
     fn jars(&self, server: &str) -> PathBuf {
         self.home.join("jars").join(server)
@@ -177,6 +182,12 @@ fn tail(p: &Path, n: usize) -> String {
     let s = fs::read_to_string(p).unwrap_or_default();
     let lines: Vec<&str> = s.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// The pid of a process the lab started (`kafka`, `cassandra`, `processor`,
+/// `coordinator`, `agent-HOST`) while it runs.
+pub fn pid_of(cfg: &LabConfig, name: &str) -> Option<u32> {
+    load_state(cfg).processes.into_iter().find(|p| p.name == name && alive(p)).map(|p| p.pid)
 }
 
 /// Check what `up` needs, naming what is missing and how to get it.
@@ -460,11 +471,12 @@ fn up_inner(cfg: &LabConfig, progress: &mut dyn FnMut(&str)) -> anyhow::Result<V
 
     progress(&format!("coordinator on {}", coordinator_url()));
     let ccfg = run.join("coordinator.yaml");
-    // One host is a quarter of the lab: allow drills on one host at a time,
-    // and on the whole group a role selects (each role is one host here).
+    // One host is a quarter of the lab: drills may stop every host but the
+    // collector at once (the full stop), and the whole group a role selects
+    // (each role is one host here).
     fs::write(
         &ccfg,
-        "chaos_testing:\n  default_duration: 60\n  safety_timeout: 600\n  blast_radius_limit: 0.5\n  group_blast_radius_limit: 1.0\n",
+        "chaos_testing:\n  default_duration: 60\n  safety_timeout: 600\n  blast_radius_limit: 0.75\n  group_blast_radius_limit: 1.0\n",
     )?;
     let coord = [
         cfg.bin_dir.join("chaos-coordinator").display().to_string(),

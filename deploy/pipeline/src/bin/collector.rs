@@ -2,6 +2,9 @@
 //! count, and append every id the broker acknowledged to `--acks-file`.
 //! While Kafka is unreachable, events wait in the producer's buffer (up to
 //! `--delivery-timeout`); the final line is a JSON summary on stdout.
+//! SIGTERM or Ctrl-C stops producing, waits for the acknowledgements of what
+//! was sent, and ends the same way. `--status-file` keeps the counts
+//! (produced, acknowledged, failed) current for `chaos lab status`.
 
 use std::{
     io::Write,
@@ -48,6 +51,9 @@ struct Args {
     /// Prefix of event ids (default: a time-based run id).
     #[arg(long)]
     run_id: Option<String>,
+    /// Keep {"produced","acked","failed","at_ms"} here, rewritten every 500 ms.
+    #[arg(long)]
+    status_file: Option<PathBuf>,
     /// How long an event may wait for the broker before it counts as failed.
     #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
     delivery_timeout: Duration,
@@ -77,12 +83,16 @@ async fn main() -> anyhow::Result<()> {
     let writer = tokio::task::spawn_blocking(move || -> std::io::Result<u64> {
         let mut w = std::io::BufWriter::new(acks);
         let mut n = 0;
+        // Flush whenever no ack is waiting: the file trails the broker's
+        // acknowledgements by milliseconds (a live set check reads it).
         while let Some(id) = rx.blocking_recv() {
             writeln!(w, "{id}")?;
             n += 1;
-            if n % 100 == 0 {
-                w.flush()?;
+            while let Ok(id) = rx.try_recv() {
+                writeln!(w, "{id}")?;
+                n += 1;
             }
+            w.flush()?;
         }
         w.flush()?;
         w.get_ref().sync_all()?;
@@ -94,10 +104,17 @@ async fn main() -> anyhow::Result<()> {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let started = Instant::now();
     let mut last_report = Instant::now();
-    let mut pending = Vec::with_capacity(a.count as usize);
+    let mut last_status = Instant::now();
+    let mut pending = tokio::task::JoinSet::new();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut produced = 0;
     info!(count = a.count, rate = a.rate, bootstrap = %a.bootstrap, topic = %a.topic, "producing");
     for i in 0..a.count {
-        tick.tick().await;
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = term.recv() => { info!(produced, "SIGTERM: no more events; waiting for acknowledgements"); break; }
+            _ = tokio::signal::ctrl_c() => { info!(produced, "interrupted: no more events; waiting for acknowledgements"); break; }
+        }
         let id = format!("{run}-{i:08}");
         let ts_ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0);
         let payload = serde_json::to_string(&Event { id: id.clone(), ts_ms, body: body.clone() })?;
@@ -112,7 +129,8 @@ async fn main() -> anyhow::Result<()> {
             }
         };
         let (ack_tx, n_acked, n_failed) = (tx.clone(), Arc::clone(&acked), Arc::clone(&failed));
-        pending.push(tokio::spawn(async move {
+        produced += 1;
+        pending.spawn(async move {
             match fut.await {
                 Ok(Ok(_)) => {
                     n_acked.fetch_add(1, Ordering::Relaxed);
@@ -122,7 +140,15 @@ async fn main() -> anyhow::Result<()> {
                     n_failed.fetch_add(1, Ordering::Relaxed);
                 }
             }
-        }));
+        });
+        // Finished deliveries leave the set as we go (memory stays bounded by what is in flight).
+        while pending.try_join_next().is_some() {}
+        if let Some(f) = &a.status_file
+            && last_status.elapsed() >= Duration::from_millis(500)
+        {
+            write_status(f, produced, &acked, &failed);
+            last_status = Instant::now();
+        }
         if last_report.elapsed() >= Duration::from_secs(2) {
             info!(produced = i + 1, acked = acked.load(Ordering::Relaxed), failed = failed.load(Ordering::Relaxed), "progress");
             last_report = Instant::now();
@@ -130,15 +156,26 @@ async fn main() -> anyhow::Result<()> {
     }
     info!("all produced; waiting for acknowledgements");
     let _ = producer.flush(a.delivery_timeout + Duration::from_secs(5));
-    for p in pending {
-        let _ = p.await;
-    }
+    while pending.join_next().await.is_some() {}
     drop(tx);
     let written = writer.await.context("acks writer")?.context("writing acks")?;
+    if let Some(f) = &a.status_file {
+        write_status(f, produced, &acked, &failed);
+    }
     let summary = serde_json::json!({
-        "run_id": run, "produced": a.count, "acked": acked.load(Ordering::Relaxed), "failed": failed.load(Ordering::Relaxed),
+        "run_id": run, "produced": produced, "acked": acked.load(Ordering::Relaxed), "failed": failed.load(Ordering::Relaxed),
         "acks_written": written, "seconds": started.elapsed().as_secs_f64(),
     });
     writeln!(std::io::stdout(), "{summary}")?;
     Ok(())
+}
+
+/// The counts, replaced atomically (a reader never sees half a file).
+fn write_status(path: &std::path::Path, produced: u64, acked: &AtomicU64, failed: &AtomicU64) {
+    let at_ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+    let v = serde_json::json!({"produced": produced, "acked": acked.load(Ordering::Relaxed), "failed": failed.load(Ordering::Relaxed), "at_ms": at_ms});
+    let tmp = path.with_extension("tmp");
+    if let Err(e) = std::fs::write(&tmp, v.to_string()).and_then(|_| std::fs::rename(&tmp, path)) {
+        warn!(error = %e, path = %path.display(), "cannot write the status file");
+    }
 }

@@ -1,6 +1,6 @@
 //! `chaos-processor`: a Kafka consumer group that writes each log event to
-//! Cassandra by id (an upsert: a redelivery is harmless) and commits the
-//! offset only after the write succeeded. While Cassandra is unreachable
+//! Cassandra by id (an upsert: a redelivery is harmless) and stores the
+//! offset for commit only after the write succeeded. While Cassandra is unreachable
 //! the write is retried and the data waits in Kafka. Runs until SIGTERM.
 //!
 //! `--defect drop-every=N` skips the write of every N-th event (but commits
@@ -112,7 +112,13 @@ async fn main() -> anyhow::Result<()> {
     let consumer: StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", &a.bootstrap)
         .set("group.id", &a.group)
-        .set("enable.auto.commit", "false")
+        // At least once: an offset is stored only after its event's write,
+        // and librdkafka commits the stored offsets every 500 ms. (A commit
+        // request per event queued thousands of them behind a paused
+        // consumer and starved its heartbeats: a drill found it.)
+        .set("enable.auto.commit", "true")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.commit.interval.ms", "500")
         .set("auto.offset.reset", "earliest")
         .set("session.timeout.ms", "10000")
         // A topic created a moment ago may not be in the broker's metadata yet: look again soon.
@@ -156,7 +162,7 @@ async fn main() -> anyhow::Result<()> {
             Some(Ok(ev)) => ev,
             other => {
                 warn!(offset = msg.offset(), partition = msg.partition(), ok = other.is_some(), "unparseable event skipped");
-                consumer.commit_message(&msg, CommitMode::Async).context("committing")?;
+                store_offset(&consumer, &msg);
                 continue;
             }
         };
@@ -182,14 +188,14 @@ async fn main() -> anyhow::Result<()> {
             }
             written += 1;
         }
-        consumer.commit_message(&msg, CommitMode::Async).context("committing")?;
+        store_offset(&consumer, &msg);
         if last.elapsed() >= Duration::from_secs(5) {
             info!(consumed, written, "progress");
             last = Instant::now();
         }
     }
-    // Every write's offset was already committed (async) after it; a final
-    // synchronous commit is best effort and bounded, since Kafka may be
+    // Stored offsets are committed every 500 ms; a final synchronous commit
+    // of the last ones is best effort and bounded, since Kafka may be
     // stopping at the same time (lab down) and would make it wait.
     let consumer = std::sync::Arc::new(consumer);
     let c = std::sync::Arc::clone(&consumer);
@@ -198,4 +204,13 @@ async fn main() -> anyhow::Result<()> {
     info!(consumed, written, final_commit = ?committed.map(|r| r.map(|r| r.is_ok())), "stopped");
     // Leaving the group can also wait on a stopping broker: exit now.
     std::process::exit(0);
+}
+
+/// Mark `msg` done (its write succeeded): the next auto-commit includes it.
+/// Fails only when the partition was revoked meanwhile; the event is then
+/// delivered again to whoever owns it, and the upsert makes that harmless.
+fn store_offset(consumer: &StreamConsumer, msg: &rdkafka::message::BorrowedMessage<'_>) {
+    if let Err(e) = consumer.store_offset_from_message(msg) {
+        warn!(error = %e, partition = msg.partition(), offset = msg.offset(), "offset not stored (partition revoked?); it will be redelivered");
+    }
 }
