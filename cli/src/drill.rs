@@ -47,7 +47,7 @@ pub struct Counts {
 
 /// Read the counts, each bounded so a dead service reads -1 at once.
 pub async fn counts(cfg: &LabConfig) -> Counts {
-    let within = Duration::from_millis(1500);
+    let within = Duration::from_millis(1000);
     let status: Option<Value> = std::fs::read_to_string(cfg.collector_status()).ok().and_then(|s| serde_json::from_str(&s).ok());
     let field = |k: &str| status.as_ref().and_then(|v| v[k].as_i64()).unwrap_or(-1);
     let bootstrap = chaos_lab::kafka_bootstrap();
@@ -180,7 +180,8 @@ struct Injection {
     expect: Vec<Expect>,
 }
 
-/// Time the faults need to bite (in-flight requests finish, buffers fill).
+/// Time the faults need to bite (in-flight requests finish, buffers fill);
+/// at most a third of the fault's duration.
 const SETTLE: Duration = Duration::from_secs(3);
 
 fn pid(cfg: &LabConfig, name: &str) -> Result<u32, CliError> {
@@ -450,12 +451,37 @@ async fn run_one(cfg: &LabConfig, bin_dir: &Path, d: DrillName, a: &DrillArgs) -
         ));
         samples.push(s);
     };
-    // The baseline: one performance window of load before the first fault, and a margin.
-    let lead = a.window + Duration::from_secs(5);
-    progress(&format!("load: {} events/s from lab-collector for {} before the fault", a.rate, humantime::format_duration(lead)));
-    while started.elapsed() < lead {
+    // The baseline: one performance window of steady flow before the first
+    // fault (Cassandra within half a second of load behind Kafka), so a
+    // pipeline still catching up does not pass for the baseline.
+    let steady_for = a.window + Duration::from_secs(2);
+    let give_up = steady_for + Duration::from_secs(60);
+    let behind_ok = i64::from(a.rate / 2).max(20);
+    progress(&format!(
+        "load: {} events/s from lab-collector; waiting for {} of steady flow before the fault",
+        a.rate,
+        humantime::format_duration(steady_for)
+    ));
+    // One sample a second; a slow one (a service not answering) delays the next, never piles up.
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut steady_since: Option<Instant> = None;
+    loop {
+        tick.tick().await;
         sample(&mut samples).await;
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        let last = samples.last().map(|s| s.counts);
+        let steady = last.is_some_and(|c| c.kafka_count >= 0 && c.cassandra_count >= 0 && c.kafka_count - c.cassandra_count <= behind_ok);
+        steady_since = if steady { steady_since.or(Some(Instant::now())) } else { None };
+        if steady_since.is_some_and(|t| t.elapsed() >= steady_for) {
+            break;
+        }
+        if started.elapsed() >= give_up {
+            progress(&format!(
+                "the flow did not settle within {}: injecting anyway (the baseline is weak)",
+                humantime::format_duration(give_up)
+            ));
+            break;
+        }
     }
     let mut c = client(&coordinator, Duration::from_secs(15))?;
     let server = format!("coordinator {coordinator}");
@@ -512,7 +538,7 @@ async fn run_one(cfg: &LabConfig, bin_dir: &Path, d: DrillName, a: &DrillArgs) -
         if all_final {
             break;
         }
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        tick.tick().await;
     }
     progress("reverted: every fault ended; validating recovery while the load runs");
     let mut expectations = Vec::new();
@@ -522,7 +548,9 @@ async fn run_one(cfg: &LabConfig, bin_dir: &Path, d: DrillName, a: &DrillArgs) -
             expectations
                 .push(json!({"expect": format!("scenario {} completes", s.id), "held": false, "observed": format!("ended {}", s.state)}));
         }
-        let (from, to) = (s.start_ms + SETTLE.as_millis() as i64, s.end_ms);
+        // A short fault gets a shorter settle, so that it keeps samples to judge.
+        let settle = (SETTLE.as_millis() as i64).min((s.end_ms - s.start_ms) / 3);
+        let (from, to) = (s.start_ms + settle, s.end_ms);
         for e in &s.expect {
             let (held, observed) = match e {
                 Expect::SlowerBy(by) => latency_shift(a.window, fault_start_ms, from, to, *by).await,

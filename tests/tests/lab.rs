@@ -1,8 +1,10 @@
 //! The lab end to end (root; jars fetched by deploy/lab/fetch.sh, which the
 //! test command runs): `chaos lab up` brings up four namespaced hosts with
 //! their agents, a coordinator, real Kafka and Cassandra; a partition
-//! scenario cuts the processor from Cassandra and is reverted; `chaos lab
-//! down` leaves no namespace, bridge, process or run directory.
+//! scenario cuts the processor from Cassandra and is reverted; two drills
+//! under load pass with nothing lost or duplicated; `chaos validate` fails,
+//! naming the ids, on processors seeded with defects; `chaos lab down`
+//! leaves no namespace, bridge, process or run directory.
 
 use std::{path::PathBuf, process::Command, time::Duration};
 
@@ -79,36 +81,7 @@ fn lab_up_runs_real_kafka_and_cassandra_a_partition_bites_and_down_leaves_nothin
     assert!(tcp_from("lab-processor", "198.18.200.3:9042"), "CQL reachable from the processor host");
     assert!(tcp_from("lab-collector", "198.18.200.2:9092"), "Kafka reachable from the collector host");
 
-    // Load: 3,000 events at 300/s from the collector host while the partition below holds.
-    let work = tempfile::tempdir().expect("tempdir");
-    let acks = work.path().join("acks");
-    let acks_arg = acks.display().to_string();
-    let collector = {
-        let acks_arg = acks_arg.clone();
-        std::thread::spawn(move || {
-            let b = bin("chaos-collector").display().to_string();
-            Command::new("ip")
-                .args([
-                    "netns",
-                    "exec",
-                    "lab-collector",
-                    &b,
-                    "--count",
-                    "3000",
-                    "--rate",
-                    "300",
-                    "--size-bytes",
-                    "512",
-                    "--acks-file",
-                    &acks_arg,
-                ])
-                .output()
-                .expect("collector")
-        })
-    };
-    std::thread::sleep(Duration::from_secs(2));
-
-    // A partition between processor and Cassandra, through the coordinator.
+    // A partition between processor and Cassandra, through the coordinator: it bites, only there, and goes.
     let sc = json(&chaos_ok(
         &[
             "--coordinator",
@@ -146,21 +119,53 @@ fn lab_up_runs_real_kafka_and_cassandra_a_partition_bites_and_down_leaves_nothin
     );
     assert!(tcp_from("lab-processor", "198.18.200.3:9042"), "CQL back after the revert");
 
-    // Every acknowledged event reached Cassandra exactly once despite the partition.
-    let out = collector.join().expect("collector thread");
-    let summary = json(&String::from_utf8_lossy(&out.stdout));
-    assert!(out.status.success(), "collector: {summary}\n{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(summary["acked"], 3000, "{summary}");
-    let check = |table: &str, wait: &str| {
-        let b = bin("chaos-check").display().to_string();
-        let out = Command::new(&b).args(["--acks-file", &acks_arg, "--table", table, "--wait", wait]).output().expect("chaos-check");
-        (out.status.code(), json(&String::from_utf8_lossy(&out.stdout)))
+    // Two drills under load (debug binaries: a modest rate). Each asserts its
+    // expectations while the fault holds, then validates recovery and data.
+    let drill = |name: &str| {
+        let out = chaos(&["-o", "json", "lab", "drill", name, "--home", &home, "--rate", "50", "--fault-duration", "8s", "--window", "6s"]);
+        let v = json(&String::from_utf8_lossy(&out.stdout));
+        assert_eq!(out.status.code(), Some(0), "drill {name} failed: {v:#}\n{}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(v["verdict"], "PASS", "{v:#}");
+        let ex = v["expectations"].as_array().expect("expectations");
+        assert!(!ex.is_empty() && ex.iter().all(|e| e["held"] == true), "{v:#}");
+        assert_eq!(v["recovery"]["verdict"], "PASSED", "{v:#}");
+        let names: Vec<&str> = v["recovery"]["checks"].as_array().expect("checks").iter().filter_map(|c| c["name"].as_str()).collect();
+        assert_eq!(names, ["availability:kafka", "availability:cassandra", "lag", "consistency", "performance"], "{v:#}");
+        assert!(v["recovery"]["recovery_time_s"].as_f64().is_some(), "recovery time measured: {v:#}");
+        assert_eq!(
+            (v["data"]["lost"].as_u64(), v["data"]["duplicated"].as_u64(), v["data"]["unexpected"].as_u64()),
+            (Some(0), Some(0), Some(0)),
+            "{v:#}"
+        );
+        assert!(v["data"]["acknowledged"].as_u64().is_some_and(|n| n > 500), "{v:#}");
+        assert_eq!(v["data"]["acknowledged"], v["data"]["ok"], "{v:#}");
+        v
     };
-    let (code, v) = check("events", "60s");
-    assert_eq!(code, Some(0), "clean run: {v:#}");
-    assert_eq!((v["lost_count"].as_u64(), v["duplicated_count"].as_u64(), v["ok"].as_u64()), (Some(0), Some(0), Some(3000)), "{v:#}");
+    let processor_down = drill("processor-down");
+    let kafka_down = drill("kafka-down");
+    let buffered =
+        kafka_down["expectations"].as_array().expect("expectations").iter().any(|e| e["expect"] == "Buffers" && e["held"] == true);
+    assert!(buffered, "the collector buffered while Kafka was down: {kafka_down:#}");
 
-    // Seeded defects are caught: a processor that drops 1 in 100, one that writes 1 in 100 twice.
+    // lab status shows the pipeline's counts; the topic holds both drills' events.
+    let st = json(&chaos_ok(&["-o", "json", "lab", "status", "--home", &home], 0));
+    let total = processor_down["data"]["acknowledged"].as_u64().unwrap_or(0) + kafka_down["data"]["acknowledged"].as_u64().unwrap_or(0);
+    assert_eq!(st["pipeline"]["kafka_count"].as_u64(), Some(total), "{st:#}");
+    assert_eq!(st["pipeline"]["cassandra_count"].as_u64(), Some(total), "{st:#}");
+
+    // Seeded defects make validation fail naming the ids: a processor that
+    // drops 1 in 100 events, one that writes 1 in 100 twice. Each reads the
+    // whole topic (both drills' events) in its own group and table;
+    // validation runs against both drills' acknowledged ids once it caught up.
+    let work = tempfile::tempdir().expect("tempdir");
+    let acks_path = work.path().join("acks");
+    let mut all_acks = String::new();
+    for d in [&processor_down, &kafka_down] {
+        let p = lab_home().join("run/drills").join(d["run_id"].as_str().expect("run_id")).join("acks");
+        all_acks.push_str(&std::fs::read_to_string(&p).expect("drill acks"));
+    }
+    std::fs::write(&acks_path, all_acks).expect("write acks");
+    let acks = acks_path.display().to_string();
     let seeded = |group: &str, table: &str, defect: &str| {
         let b = bin("chaos-processor").display().to_string();
         let args: Vec<String> = ["netns", "exec", "lab-processor", &b, "--group", group, "--table", table, "--defect", defect]
@@ -169,24 +174,45 @@ fn lab_up_runs_real_kafka_and_cassandra_a_partition_bites_and_down_leaves_nothin
             .collect();
         Daemon::spawn_program("ip", &args, work.path().join(format!("{group}.log")))
     };
-    // Each reads the whole topic (3,000 events) in its own group; the check
-    // runs once it says it caught up, so slowness cannot pass for a defect.
     let caught_up = |d: &Daemon| wait_until(Duration::from_secs(180), || d.log_text().contains("idle: caught up"));
+    let validate = |table: &str| {
+        let out =
+            chaos(&["--coordinator", &curl, "-o", "json", "validate", "--lab", "--acks-file", &acks, "--table", table, "--attempts", "1"]);
+        (out.status.code(), json(&String::from_utf8_lossy(&out.stdout)))
+    };
+    let consistency = |v: &serde_json::Value| {
+        v["checks"].as_array().and_then(|c| c.iter().find(|c| c["name"] == "consistency")).cloned().unwrap_or_default()
+    };
+    // The clean table passes the same validation.
+    let (code, v) = validate("chaos_lab.events");
+    assert_eq!(code, Some(0), "clean table: {v:#}");
+    let n = consistency(&v)["evidence"]["consistency"]["acknowledged"].as_u64().expect("acknowledged");
+    assert_eq!(n, total, "{v:#}");
+
     let dropping = seeded("defect-drop", "events_drop", "drop-every=100");
     assert!(caught_up(&dropping), "dropping processor never caught up:\n{}", dropping.log_text());
-    let (code, v) = check("events_drop", "0s");
+    let (code, v) = validate("chaos_lab.events_drop");
     std::mem::drop(dropping);
-    assert_eq!(code, Some(1), "dropping processor must fail the check: {v:#}");
-    assert_eq!(v["lost_count"], 30, "1 in 100 of 3,000 lost: {v:#}");
-    assert_eq!((v["duplicated_count"].as_u64(), v["unexpected_count"].as_u64()), (Some(0), Some(0)), "{v:#}");
-    assert!(v["lost"].as_array().is_some_and(|l| l.len() == 10), "the first lost ids are named: {v:#}");
-    assert!(v["verdict"].as_str().is_some_and(|s| s.starts_with("FAIL: 30 lost")), "{v:#}");
+    assert_eq!(code, Some(1), "dropping processor must fail validation: {v:#}");
+    assert_eq!(v["verdict"], "FAILED", "{v:#}");
+    let c = consistency(&v);
+    let lost = c["evidence"]["consistency"]["lost_count"].as_u64().expect("lost_count");
+    assert_eq!(lost, n / 100, "1 in 100 of {n} lost: {v:#}");
+    let first: Vec<&str> = c["evidence"]["consistency"]["lost"].as_array().expect("lost ids").iter().filter_map(|x| x.as_str()).collect();
+    assert!(!first.is_empty() && first.iter().all(|id| id.contains("-down-")), "the lost ids are named: {v:#}");
+    assert!(
+        v["reasons"].as_array().is_some_and(|r| r.iter().any(|r| r.as_str().is_some_and(|r| r.contains("lost") && r.contains(first[0])))),
+        "{v:#}"
+    );
+
     let duplicating = seeded("defect-dup", "events_dup", "duplicate-every=100");
     assert!(caught_up(&duplicating), "duplicating processor never caught up:\n{}", duplicating.log_text());
-    let (code, v) = check("events_dup", "0s");
+    let (code, v) = validate("chaos_lab.events_dup");
     std::mem::drop(duplicating);
-    assert_eq!(code, Some(1), "duplicating processor must fail the check: {v:#}");
-    assert_eq!((v["duplicated_count"].as_u64(), v["lost_count"].as_u64()), (Some(30), Some(0)), "{v:#}");
+    assert_eq!(code, Some(1), "duplicating processor must fail validation: {v:#}");
+    let c = consistency(&v);
+    assert_eq!(c["evidence"]["consistency"]["duplicated_count"].as_u64(), Some(n / 100), "{v:#}");
+    assert_eq!(c["evidence"]["consistency"]["lost_count"].as_u64(), Some(0), "{v:#}");
 
     chaos_ok(&["lab", "down", "--home", &home], 0);
     assert!(leftovers().is_empty(), "lab down left {:?}", leftovers());
