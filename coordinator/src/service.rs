@@ -202,11 +202,16 @@ impl Coordinator for CoordinatorService {
 
     #[instrument(skip_all)]
     async fn validate_recovery(&self, req: Request<pb::ValidateRecoveryRequest>) -> Result<Response<ValidationStream>, Status> {
-        let plan = Plan::from_request(req.get_ref(), self.cfg.recovery)?;
+        let who = actor(&req);
+        let r = req.get_ref();
         // Unknown scenarios are refused before the stream starts.
-        for id in &req.get_ref().scenario_ids {
-            self.scenarios.get(id)?;
-        }
+        let checked = Plan::from_request(r, self.cfg.recovery).and_then(|plan| {
+            r.scenario_ids.iter().try_for_each(|id| self.scenarios.get(id).map(|_| ()).map_err(Status::from)).map(|_| plan)
+        });
+        // It reads a file on this host for the client: who asked for which is on record.
+        let acks = r.consistency.as_ref().map(|c| format!("acks_file {}", c.acks_file)).unwrap_or_default();
+        self.audit(&who, "ValidateRecovery", &r.scenario_ids.join(","), &acks, &checked);
+        let plan = checked?;
         let (tx, out) = tokio::sync::mpsc::channel(64);
         tokio::spawn(crate::validate::run(plan, Arc::clone(&self.scenarios), tx));
         Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(out))))

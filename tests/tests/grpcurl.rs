@@ -65,7 +65,10 @@ fn reflection_and_health_on_both_servers() {
     // Recovery validation streams progress, each check, then the report.
     let body = format!(r#"{{"services":[{{"name":"agent","kind":"SERVICE_KIND_TCP","address":"{ahost}"}}],"maxAttempts":1}}"#);
     let (ok, out) = run(&["-plaintext", "-d", &body, chost, "chaos.v1.Coordinator/ValidateRecovery"]);
-    assert!(ok && out.contains("\"progress\"") && out.contains("availability:agent") && out.contains("\"verdict\": \"VERDICT_PASSED\""), "{out}");
+    assert!(
+        ok && out.contains("\"progress\"") && out.contains("availability:agent") && out.contains("\"verdict\": \"VERDICT_PASSED\""),
+        "{out}"
+    );
     let body = r#"{"services":[{"kind":"SERVICE_KIND_TCP","address":"nowhere"}]}"#;
     let (ok, out) = run(&["-plaintext", "-d", body, chost, "chaos.v1.Coordinator/ValidateRecovery"]);
     assert!(!ok && out.contains("InvalidArgument") && out.contains("services[0].address"), "{out}");

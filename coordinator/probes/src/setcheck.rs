@@ -83,9 +83,25 @@ pub fn set_check_between(required: &[String], known: &[String], rows: &[(String,
 }
 
 /// Acknowledged ids, one per line.
+///
+/// Every line must look like an event id: the coordinator reads this file
+/// for any client, so a file that is not an acknowledgement file (say
+/// /etc/shadow) is refused without echoing a byte of it.
 pub fn read_acked(path: &Path) -> anyhow::Result<Vec<String>> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading acknowledged ids from {}", path.display()))?;
-    Ok(text.lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_string).collect())
+    let ids: Vec<String> = text.lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_string).collect();
+    if let Some(n) = ids.iter().position(|id| !is_event_id(id)) {
+        anyhow::bail!(
+            "{}: entry {} is not an event id (letters, digits, '-', '_', '.', ':', '#'; at most 200 characters): not an acknowledgement file?",
+            path.display(),
+            n + 1
+        );
+    }
+    Ok(ids)
+}
+
+fn is_event_id(s: &str) -> bool {
+    s.len() <= 200 && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.:#".contains(c))
 }
 
 #[cfg(test)]
@@ -116,6 +132,20 @@ mod tests {
         assert_eq!(c.duplicated, ids(&["c"]));
         assert_eq!(c.unexpected, ids(&["x"]));
         assert!(c.verdict.starts_with("FAIL: 2 lost, 1 duplicated, 1 unexpected of 4"), "{}", c.verdict);
+    }
+
+    #[test]
+    fn a_file_that_is_not_an_acks_file_is_refused_without_echoing_it() {
+        let dir = std::env::temp_dir().join(format!("acks-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let ok = dir.join("acks");
+        std::fs::write(&ok, "r1-00000001\n\nr1-00000002\n").expect("write");
+        assert_eq!(read_acked(&ok).expect("acks"), ids(&["r1-00000001", "r1-00000002"]));
+        let bad = dir.join("shadow");
+        std::fs::write(&bad, "root:$y$j9T$secret:19000:0:99999:7:::\n").expect("write");
+        let e = format!("{:#}", read_acked(&bad).expect_err("not ids"));
+        assert!(e.contains("entry 1 is not an event id") && !e.contains("secret"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
