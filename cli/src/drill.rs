@@ -87,7 +87,7 @@ pub enum DrillName {
     FullStop,
     /// Cassandra fails, then Kafka fails while Cassandra is still down.
     Cascading,
-    /// 200 ms latency on everything reaching Kafka: slower, but nothing stops.
+    /// 200 ms latency on traffic reaching Kafka (port 9092): slower, but nothing stops.
     KafkaLatency,
     /// Every drill above, one after the other.
     All,

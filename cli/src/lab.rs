@@ -43,6 +43,7 @@ Each drill starts the collector (load at --rate), measures a baseline, injects i
 coordinator scenarios, samples producer_count / kafka_count / cassandra_count every second and checks
 what the drill expects while the faults hold, then validates recovery (availability, lag drained,
 every acknowledged event stored exactly once, throughput and latency back to the baseline).
+Drills always talk to the lab's coordinator (198.18.200.1:50061), whatever --coordinator says.
 Exit code 0 when the drill passed, 1 when not.
 
 Example:  chaos lab drill kafka-down --rate 200 --fault-duration 15s
