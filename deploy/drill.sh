@@ -26,18 +26,8 @@ step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
 [ "$(id -u)" = 0 ] || { echo "the drill needs root (the lab creates network namespaces): sudo bash deploy/drill.sh" >&2; exit 1; }
 command -v cargo >/dev/null || { echo "cargo not found: install Rust (rustup) first" >&2; exit 1; }
 
-need_pkgs=()
-command -v nft >/dev/null || need_pkgs+=(nftables)
-command -v iptables >/dev/null || need_pkgs+=(iptables)
-command -v ip >/dev/null || need_pkgs+=(iproute2)
-command -v nsenter >/dev/null || need_pkgs+=(util-linux)
-command -v mvn >/dev/null || need_pkgs+=(maven)
-command -v java >/dev/null || need_pkgs+=(openjdk-17-jdk-headless)
-if [ ${#need_pkgs[@]} -gt 0 ]; then
-  step "installing ${need_pkgs[*]} (apt-get)"
-  DEBIAN_FRONTEND=noninteractive apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_pkgs[@]}" >/dev/null
-fi
+. deploy/packages.sh
+ensure_tools nft:nftables iptables:iptables ip:iproute2 nsenter:util-linux mvn:maven java:openjdk-17-jdk-headless
 
 step "Kafka 4.1 and Cassandra 5.0 jars from Maven Central (kept in $CHAOS_LAB_HOME/jars)"
 bash deploy/lab/fetch.sh

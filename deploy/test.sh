@@ -11,18 +11,8 @@ command -v cargo >/dev/null || { echo "cargo not found: install Rust (rustup) fi
 command -v go >/dev/null || { echo "go not found: needed to install grpcurl" >&2; exit 1; }
 
 # Kernel tools the agent drives and the network tests use (iptables: the NFQUEUE latency engine).
-need_pkgs=()
-command -v nft >/dev/null || need_pkgs+=(nftables)
-command -v iptables >/dev/null || need_pkgs+=(iptables)
-command -v ip >/dev/null || need_pkgs+=(iproute2)
-command -v ping >/dev/null || need_pkgs+=(iputils-ping)
-command -v nsenter >/dev/null || need_pkgs+=(util-linux)
-if [ ${#need_pkgs[@]} -gt 0 ]; then
-  step "installing ${need_pkgs[*]} (apt-get)"
-  [ "$(id -u)" = 0 ] || { echo "need root to install ${need_pkgs[*]}; install them and run again" >&2; exit 1; }
-  DEBIAN_FRONTEND=noninteractive apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_pkgs[@]}" >/dev/null
-fi
+. deploy/packages.sh
+ensure_tools nft:nftables iptables:iptables ip:iproute2 ping:iputils-ping nsenter:util-linux
 [ "$(id -u)" = 0 ] || echo "warning: not root: the network-namespace tests will fail (they create namespaces)" >&2
 
 GOBIN_DIR="$(go env GOPATH)/bin"
