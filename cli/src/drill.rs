@@ -13,12 +13,13 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use chaos_lab::LabConfig;
+use chaos_lab::{EVENTS_TABLE, GROUP, LabConfig, TOPIC};
 use chaos_probes::{cassandra, kafka, latency};
 use chaos_proto::{
     convert::{duration_to_pb, timestamp_from_pb},
     pb::{self, fault_spec::Fault as F, target::Kind},
 };
+use scylla::client::session::Session;
 use serde::Serialize;
 use serde_json::{Value, json};
 
@@ -28,9 +29,6 @@ use crate::{
     scenario::{request, state_name},
     validate::{report_json, validate, verdict_name},
 };
-
-pub const TOPIC: &str = "chaos-logs";
-pub const EVENTS_TABLE: &str = "chaos_lab.events";
 
 /// The pipeline's counts; -1 when the source is unavailable.
 #[derive(Debug, Clone, Copy, Serialize, PartialEq)]
@@ -45,31 +43,65 @@ pub struct Counts {
     pub cassandra_count: i64,
 }
 
-/// Read the counts, each bounded so a dead service reads -1 at once.
-pub async fn counts(cfg: &LabConfig) -> Counts {
-    let within = Duration::from_millis(1000);
-    let status: Option<Value> = std::fs::read_to_string(cfg.collector_status()).ok().and_then(|s| serde_json::from_str(&s).ok());
-    let field = |k: &str| status.as_ref().and_then(|v| v[k].as_i64()).unwrap_or(-1);
-    let bootstrap = chaos_lab::kafka_bootstrap();
-    let contact = chaos_lab::cassandra_contact();
-    let (k, c) = tokio::join!(
-        kafka::messages(&bootstrap, TOPIC, within),
-        chaos_probes::bounded("CQL count", within, async {
-            let s = cassandra::connect(&contact).await?;
-            cassandra::count(&s, EVENTS_TABLE).await
-        })
-    );
-    if let Err(e) = &k {
-        tracing::debug!(error = %format!("{e:#}"), "kafka_count unavailable");
+/// Reads the counts, each bounded so a dead service reads -1 at once. Keeps
+/// its Kafka client and CQL session between reads (a sampler reads every
+/// second); a session that failed is dropped and made again next time.
+pub struct Counter {
+    status_file: PathBuf,
+    kafka: Option<kafka::Probe>,
+    cassandra: Option<Session>,
+}
+
+const COUNT_WITHIN: Duration = Duration::from_secs(1);
+
+impl Counter {
+    pub fn new(cfg: &LabConfig) -> Counter {
+        let kafka = kafka::Probe::new(&chaos_lab::kafka_bootstrap(), None, COUNT_WITHIN)
+            .inspect_err(|e| tracing::debug!(error = %format!("{e:#}"), "no Kafka client"))
+            .ok();
+        Counter { status_file: cfg.collector_status(), kafka, cassandra: None }
     }
-    if let Err(e) = &c {
-        tracing::debug!(error = %format!("{e:#}"), "cassandra_count unavailable");
-    }
-    Counts {
-        producer_count: field("produced"),
-        acked_count: field("acked"),
-        kafka_count: k.ok().and_then(|n| i64::try_from(n).ok()).unwrap_or(-1),
-        cassandra_count: c.unwrap_or(-1),
+
+    pub async fn read(&mut self) -> Counts {
+        let status: Option<Value> = std::fs::read_to_string(&self.status_file).ok().and_then(|s| serde_json::from_str(&s).ok());
+        let field = |k: &str| status.as_ref().and_then(|v| v[k].as_i64()).unwrap_or(-1);
+        let kafka = self.kafka.clone();
+        let session = self.cassandra.take();
+        let (k, c) = tokio::join!(
+            async {
+                match kafka {
+                    Some(p) => chaos_probes::bounded("Kafka offsets", COUNT_WITHIN * 2, p.lag(TOPIC)).await.map(|l| l.messages),
+                    None => Err(anyhow::anyhow!("no Kafka client")),
+                }
+            },
+            chaos_probes::bounded("CQL count", COUNT_WITHIN, async {
+                let s = match session {
+                    Some(s) => s,
+                    None => cassandra::connect(&chaos_lab::cassandra_contact()).await?,
+                };
+                let n = cassandra::count(&s, EVENTS_TABLE).await?;
+                Ok((s, n))
+            })
+        );
+        if let Err(e) = &k {
+            tracing::debug!(error = %format!("{e:#}"), "kafka_count unavailable");
+        }
+        let cassandra_count = match c {
+            Ok((s, n)) => {
+                self.cassandra = Some(s);
+                n
+            }
+            Err(e) => {
+                tracing::debug!(error = %format!("{e:#}"), "cassandra_count unavailable");
+                -1
+            }
+        };
+        Counts {
+            producer_count: field("produced"),
+            acked_count: field("acked"),
+            kafka_count: k.ok().and_then(|n| i64::try_from(n).ok()).unwrap_or(-1),
+            cassandra_count,
+        }
     }
 }
 
@@ -442,8 +474,9 @@ async fn run_one(cfg: &LabConfig, bin_dir: &Path, d: DrillName, a: &DrillArgs) -
     let started = Instant::now();
     let mut collector = Collector::start(cfg, bin_dir, &dir, &run_id, a.rate)?;
     let mut samples: Vec<Sample> = Vec::new();
-    let sample = async |samples: &mut Vec<Sample>| {
-        let c = counts(cfg).await;
+    let mut counter = Counter::new(cfg);
+    let mut sample = async |samples: &mut Vec<Sample>| {
+        let c = counter.read().await;
         let s = Sample { t_s: started.elapsed().as_secs_f64(), at_ms: now_ms(), counts: c };
         progress(&format!(
             "t={:>4.0}s produced {} acked {} kafka {} cassandra {}",
@@ -533,7 +566,7 @@ async fn run_one(cfg: &LabConfig, bin_dir: &Path, d: DrillName, a: &DrillArgs) -
             s.start_ms = sc.started_at.as_ref().map(|t| to_ms(timestamp_from_pb(t))).unwrap_or(0);
             s.end_ms = sc.ended_at.as_ref().map(|t| to_ms(timestamp_from_pb(t))).unwrap_or(0);
             s.state = state_name(sc.state);
-            all_final &= sc.ended_at.is_some() && !matches!(s.state.as_str(), "running" | "reverting" | "pending" | "queued");
+            all_final &= chaos_proto::spec::scenario_is_final(sc.state);
         }
         if all_final {
             break;
@@ -568,7 +601,7 @@ async fn run_one(cfg: &LabConfig, bin_dir: &Path, d: DrillName, a: &DrillArgs) -
     ];
     let lag = |max_lag: u64| pb::LagCheck {
         bootstrap: chaos_lab::kafka_bootstrap(),
-        group: "chaos-processor".into(),
+        group: GROUP.into(),
         topic: TOPIC.into(),
         max_lag,
         timeout: None,

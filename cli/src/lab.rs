@@ -121,7 +121,7 @@ pub async fn run(cmd: LabCommand, fmt: Format) -> Result<u8, CliError> {
         LabCommand::Status(a) => {
             let cfg = a.config()?;
             let comps = chaos_lab::status(&cfg);
-            let counts = if comps.iter().any(|c| c.up) { Some(crate::drill::counts(&cfg).await) } else { None };
+            let counts = if comps.iter().any(|c| c.up) { Some(crate::drill::Counter::new(&cfg).read().await) } else { None };
             print_status(fmt, &comps, counts.as_ref());
             if !comps.iter().all(|c| c.up) {
                 return Ok(exit::FAILURE);

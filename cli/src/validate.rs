@@ -120,18 +120,18 @@ impl ValidateArgs {
         let need = |what: &str, v: Option<&String>| {
             v.cloned().ok_or_else(|| CliError::new(exit::USAGE, format!("{what} is needed (or --lab for the lab's)")))
         };
-        let group = or_lab(&self.group, "chaos-processor");
+        let group = or_lab(&self.group, chaos_lab::GROUP);
         let lag = match group {
             None => None,
             Some(group) => Some(pb::LagCheck {
                 bootstrap: need("--kafka", kafka.first())?,
                 group,
-                topic: need("--topic", or_lab(&self.topic, "chaos-logs").as_ref())?,
+                topic: need("--topic", or_lab(&self.topic, chaos_lab::TOPIC).as_ref())?,
                 max_lag: self.max_lag,
                 timeout: self.lag_timeout.map(duration_to_pb),
             }),
         };
-        let table = or_lab(&self.table, "chaos_lab.events");
+        let table = or_lab(&self.table, chaos_lab::EVENTS_TABLE);
         let consistency = match &self.acks_file {
             None => None,
             Some(f) => {

@@ -96,12 +96,7 @@ pub struct Scenarios {
     rng: Mutex<StdRng>,
 }
 
-pub fn is_final(state: i32) -> bool {
-    matches!(
-        ScenarioState::try_from(state),
-        Ok(ScenarioState::Completed | ScenarioState::Stopped | ScenarioState::Aborted | ScenarioState::Failed)
-    )
-}
+pub use chaos_proto::spec::scenario_is_final as is_final;
 
 fn now_pb() -> Option<prost_types::Timestamp> {
     Some(timestamp_to_pb(SystemTime::now()))

@@ -74,10 +74,8 @@ struct Performance {
 /// A checked request.
 #[derive(Debug, Clone)]
 pub struct Plan {
-    services: Vec<(String, pb::ServiceKind, String)>,
-    lag: Option<Lag>,
-    consistency: Option<Consistency>,
-    performance: Option<Performance>,
+    /// In the order they run: services, lag, consistency, performance.
+    checks: Vec<Check>,
     scenario_ids: Vec<String>,
     max_attempts: u32,
     retry_interval: Duration,
@@ -112,7 +110,7 @@ fn duration_or(field: &str, d: Option<&prost_types::Duration>, default: Duration
 
 impl Plan {
     pub fn from_request(r: &pb::ValidateRecoveryRequest, defaults: RecoveryDefaults) -> Result<Plan, Status> {
-        let mut services = Vec::new();
+        let mut checks = Vec::new();
         for (i, s) in r.services.iter().enumerate() {
             let f = |k: &str| format!("services[{i}].{k}");
             let kind = pb::ServiceKind::try_from(s.kind)
@@ -121,7 +119,7 @@ impl Plan {
                 .ok_or_else(|| invalid(&f("kind"), format!("KAFKA, CASSANDRA or TCP, got {}", s.kind)))?;
             let address = host_port(&f("address"), &s.address)?;
             let name = if s.name.trim().is_empty() { address.clone() } else { s.name.trim().to_string() };
-            services.push((name, kind, address));
+            checks.push(Check::Service(name, kind, address));
         }
         let lag = match &r.lag {
             None => None,
@@ -165,17 +163,17 @@ impl Plan {
                 })
             }
         };
-        if services.is_empty() && lag.is_none() && consistency.is_none() && performance.is_none() {
+        checks.extend(lag.map(Check::Lag));
+        checks.extend(consistency.map(Check::Consistency));
+        checks.extend(performance.map(Check::Performance));
+        if checks.is_empty() {
             return Err(invalid("services", "nothing to validate: give services, lag, consistency or performance"));
         }
         for (i, id) in r.scenario_ids.iter().enumerate() {
             need(&format!("scenario_ids[{i}]"), id)?;
         }
         Ok(Plan {
-            services,
-            lag,
-            consistency,
-            performance,
+            checks,
             scenario_ids: r.scenario_ids.clone(),
             max_attempts: if r.max_attempts == 0 { defaults.max_attempts.max(1) } else { r.max_attempts },
             retry_interval: duration_or("retry_interval", r.retry_interval.as_ref(), defaults.retry_interval)?,
@@ -289,7 +287,9 @@ async fn fault_window(scenarios: &Scenarios, ids: &[String], tx: &Tx) -> Result<
 async fn check_service(kind: pb::ServiceKind, address: &str) -> Outcome {
     let started = Instant::now();
     let r = match kind {
-        pb::ServiceKind::Kafka => kafka::brokers(address, PROBE_TIMEOUT).await.map(|b| format!("Kafka metadata: broker(s) {b:?}")),
+        pb::ServiceKind::Kafka => async { kafka::Probe::new(address, None, PROBE_TIMEOUT)?.brokers().await }
+            .await
+            .map(|b| format!("Kafka metadata: broker(s) {b:?}")),
         pb::ServiceKind::Cassandra => chaos_probes::bounded(&format!("CQL query to {address}"), PROBE_TIMEOUT, async {
             let s = cassandra::connect(address).await?;
             cassandra::release_version(&s).await
@@ -309,8 +309,12 @@ async fn check_service(kind: pb::ServiceKind, address: &str) -> Outcome {
 async fn check_lag(l: &Lag, reverted_at: SystemTime, origin: &str) -> Outcome {
     let deadline = Instant::now() + l.timeout;
     let mut initial = None;
+    let probe = match kafka::Probe::new(&l.bootstrap, Some(&l.group), PROBE_TIMEOUT) {
+        Ok(p) => p,
+        Err(e) => return Outcome::error("Kafka client", e),
+    };
     loop {
-        match kafka::lag(&l.bootstrap, &l.group, &l.topic, PROBE_TIMEOUT).await {
+        match probe.lag(&l.topic).await {
             Ok(t) => {
                 let first = *initial.get_or_insert(t.total_lag);
                 let drained = t.total_lag <= l.max_lag;
@@ -379,48 +383,29 @@ fn consistency_evidence(c: &setcheck::SetCheck) -> Evidence {
 }
 
 async fn check_consistency(c: &Consistency) -> Outcome {
-    let required = match setcheck::read_acked(&c.acks_file) {
-        Ok(v) => v,
-        Err(e) => return Outcome::error("acknowledged ids", e),
-    };
     let session = match chaos_probes::bounded("CQL connect", PROBE_TIMEOUT, cassandra::connect(&c.cassandra)).await {
         Ok(s) => s,
         Err(e) => return Outcome::error(&format!("Cassandra at {}", c.cassandra), e),
     };
-    // Under load, an event acknowledged a moment ago may not be stored yet
-    // (lost for now), and one stored a moment ago may not have its
-    // acknowledgement recorded yet (unexpected for now). Real anomalies
-    // persist (rows are never removed, acknowledgements never retracted), so
-    // one clean reading within the settle time passes.
-    let settle = Instant::now() + SETTLE;
-    loop {
-        let rows = match chaos_probes::bounded("reading the events", SETTLE, cassandra::event_ids(&session, &c.table)).await {
-            Ok(mut r) => {
-                r.retain(|(_, event)| event.starts_with(&c.prefix));
-                r
-            }
-            Err(e) => return Outcome::error(&format!("reading {}", c.table), e),
-        };
-        let known = setcheck::read_acked(&c.acks_file).unwrap_or_else(|_| required.clone());
-        let sc = setcheck::set_check_between(&required, &known, &rows);
-        if sc.passed() {
-            return Outcome::pass(sc.verdict.clone(), Some(consistency_evidence(&sc)), SystemTime::now());
-        }
-        if Instant::now() >= settle {
-            let mut reasons = Vec::new();
-            if sc.lost_count > 0 {
-                reasons.push(format!("{} acknowledged event(s) lost, first: {}", sc.lost_count, sc.lost.join(", ")));
-            }
-            if sc.duplicated_count > 0 {
-                reasons.push(format!("{} event(s) stored more than once, first: {}", sc.duplicated_count, sc.duplicated.join(", ")));
-            }
-            if sc.unexpected_count > 0 {
-                reasons.push(format!("{} stored event(s) nobody acknowledged, first: {}", sc.unexpected_count, sc.unexpected.join(", ")));
-            }
-            return Outcome::fail(sc.verdict.clone(), reasons, Some(consistency_evidence(&sc)));
-        }
-        tokio::time::sleep(POLL).await;
+    // One clean reading within the settle time passes (see `setcheck::settle`).
+    let sc = match setcheck::settle(&session, &c.table, &c.acks_file, &c.prefix, SETTLE, setcheck::SetCheck::passed).await {
+        Ok(sc) => sc,
+        Err(e) => return Outcome::error(&format!("set check of {}", c.table), e),
+    };
+    if sc.passed() {
+        return Outcome::pass(sc.verdict.clone(), Some(consistency_evidence(&sc)), SystemTime::now());
     }
+    let mut reasons = Vec::new();
+    if sc.lost_count > 0 {
+        reasons.push(format!("{} acknowledged event(s) lost, first: {}", sc.lost_count, sc.lost.join(", ")));
+    }
+    if sc.duplicated_count > 0 {
+        reasons.push(format!("{} event(s) stored more than once, first: {}", sc.duplicated_count, sc.duplicated.join(", ")));
+    }
+    if sc.unexpected_count > 0 {
+        reasons.push(format!("{} stored event(s) nobody acknowledged, first: {}", sc.unexpected_count, sc.unexpected.join(", ")));
+    }
+    Outcome::fail(sc.verdict.clone(), reasons, Some(consistency_evidence(&sc)))
 }
 
 fn window_pb(w: &latency::WindowStats) -> pb::WindowStats {
@@ -549,11 +534,8 @@ pub async fn run(plan: Plan, scenarios: std::sync::Arc<Scenarios>, tx: Tx) {
             return;
         }
     };
-    let mut checks: Vec<Check> = plan.services.iter().map(|(n, k, a)| Check::Service(n.clone(), *k, a.clone())).collect();
-    checks.extend(plan.lag.clone().map(Check::Lag));
-    checks.extend(plan.consistency.clone().map(Check::Consistency));
-    checks.extend(plan.performance.clone().map(Check::Performance));
-    let mut tracked: Vec<Tracked> = checks
+    let mut tracked: Vec<Tracked> = plan
+        .checks
         .into_iter()
         .map(|check| Tracked { check, result: None, recovered_at: None, elapsed: Duration::ZERO, attempts: 0, last: None })
         .collect();

@@ -229,6 +229,14 @@ pub const ALL_FAMILIES: &[&str] = &[
 ];
 
 /// The oneof name of a wire fault.
+/// A scenario in this state has ended (completed, stopped, aborted, failed).
+pub fn scenario_is_final(state: i32) -> bool {
+    matches!(
+        pb::ScenarioState::try_from(state),
+        Ok(pb::ScenarioState::Completed | pb::ScenarioState::Stopped | pb::ScenarioState::Aborted | pb::ScenarioState::Failed)
+    )
+}
+
 pub fn family_of(f: &pb::fault_spec::Fault) -> &'static str {
     use pb::fault_spec::Fault as F;
     match f {

@@ -1,7 +1,7 @@
 //! Kafka through librdkafka (blocking calls, run on the blocking pool):
 //! broker metadata, a topic's message count, a consumer group's lag.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use anyhow::{Context, bail};
 use rdkafka::{
@@ -10,34 +10,87 @@ use rdkafka::{
 };
 use serde::Serialize;
 
-fn consumer(bootstrap: &str, group: Option<&str>, within: Duration) -> anyhow::Result<BaseConsumer> {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", bootstrap)
-        .set("enable.auto.commit", "false")
-        .set("socket.timeout.ms", within.as_millis().max(10).to_string())
-        .set("log_level", "3");
-    // A group id is needed to read committed offsets; the probe never joins it (no subscribe).
-    c.set("group.id", group.unwrap_or("chaos-probe"));
-    c.create().with_context(|| format!("creating a Kafka client for {bootstrap}"))
+/// A Kafka client for repeated looks (one librdkafka client, reused: a poll
+/// loop does not build one per look). Every call is bounded by `within`.
+#[derive(Clone)]
+pub struct Probe {
+    consumer: Arc<BaseConsumer>,
+    bootstrap: String,
+    group: String,
+    within: Duration,
 }
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> anyhow::Result<T> + Send + 'static) -> anyhow::Result<T> {
-    tokio::task::spawn_blocking(f).await.context("Kafka probe task")?
-}
+impl Probe {
+    /// `group`: whose committed offsets [`Probe::lag`] reads (the probe never
+    /// joins it: no subscribe).
+    pub fn new(bootstrap: &str, group: Option<&str>, within: Duration) -> anyhow::Result<Probe> {
+        let group = group.unwrap_or("chaos-probe").to_string();
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", bootstrap)
+            .set("group.id", &group)
+            .set("enable.auto.commit", "false")
+            .set("socket.timeout.ms", within.as_millis().max(10).to_string())
+            .set("log_level", "3")
+            .create()
+            .with_context(|| format!("creating a Kafka client for {bootstrap}"))?;
+        Ok(Probe { consumer: Arc::new(consumer), bootstrap: bootstrap.to_string(), group, within })
+    }
 
-/// Broker ids of the cluster: proves a metadata round trip.
-pub async fn brokers(bootstrap: &str, within: Duration) -> anyhow::Result<Vec<i32>> {
-    let b = bootstrap.to_string();
-    blocking(move || {
-        let c = consumer(&b, None, within)?;
-        let md = c.fetch_metadata(None, within).with_context(|| format!("Kafka metadata from {b}"))?;
-        let ids: Vec<i32> = md.brokers().iter().map(|x| x.id()).collect();
-        if ids.is_empty() {
-            bail!("Kafka at {b} reports no broker");
-        }
-        Ok(ids)
-    })
-    .await
+    /// librdkafka blocks: run `f` on the blocking pool.
+    async fn blocking<T: Send + 'static>(&self, f: impl FnOnce(&Probe) -> anyhow::Result<T> + Send + 'static) -> anyhow::Result<T> {
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || f(&me)).await.context("Kafka probe task")?
+    }
+
+    /// Broker ids of the cluster: proves a metadata round trip.
+    pub async fn brokers(&self) -> anyhow::Result<Vec<i32>> {
+        self.blocking(|p| {
+            let md = p.consumer.fetch_metadata(None, p.within).with_context(|| format!("Kafka metadata from {}", p.bootstrap))?;
+            let ids: Vec<i32> = md.brokers().iter().map(|x| x.id()).collect();
+            if ids.is_empty() {
+                bail!("Kafka at {} reports no broker", p.bootstrap);
+            }
+            Ok(ids)
+        })
+        .await
+    }
+
+    /// The topic's partitions, their offsets, and the group's lag in each.
+    pub async fn lag(&self, topic: &str) -> anyhow::Result<TopicLag> {
+        let t = topic.to_string();
+        self.blocking(move |p| {
+            let (c, b, g, within) = (&p.consumer, &p.bootstrap, &p.group, p.within);
+            let md = c.fetch_metadata(Some(&t), within).with_context(|| format!("Kafka metadata of topic {t} from {b}"))?;
+            let Some(mt) = md.topics().iter().find(|x| x.name() == t) else { bail!("topic {t} not in Kafka's metadata") };
+            if let Some(e) = mt.error() {
+                bail!("topic {t}: {e:?}");
+            }
+            let ids: Vec<i32> = mt.partitions().iter().map(|p| p.id()).collect();
+            if ids.is_empty() {
+                bail!("topic {t} has no partition");
+            }
+            let mut tpl = TopicPartitionList::new();
+            for p in &ids {
+                tpl.add_partition(&t, *p);
+            }
+            let committed = c.committed_offsets(tpl, within).with_context(|| format!("committed offsets of group {g}"))?;
+            let mut partitions = Vec::new();
+            for p in ids {
+                let (low, high) = c.fetch_watermarks(&t, p, within).with_context(|| format!("offsets of {t}/{p}"))?;
+                let committed = committed.find_partition(&t, p).and_then(|e| match e.offset() {
+                    Offset::Offset(n) => Some(n),
+                    _ => None,
+                });
+                partitions.push(PartitionLag { partition: p, low, high, committed, lag: partition_lag(low, high, committed) });
+            }
+            Ok(TopicLag {
+                messages: partitions.iter().map(|p| u64::try_from(p.high - p.low).unwrap_or(0)).sum(),
+                total_lag: partitions.iter().map(|p| p.lag).sum(),
+                partitions,
+            })
+        })
+        .await
+    }
 }
 
 /// One partition's offsets and the group's position in it.
@@ -66,48 +119,6 @@ pub fn partition_lag(low: i64, high: i64, committed: Option<i64>) -> u64 {
     u64::try_from(high - from).unwrap_or(0)
 }
 
-/// The topic's partitions, their offsets, and `group`'s lag in each.
-pub async fn lag(bootstrap: &str, group: &str, topic: &str, within: Duration) -> anyhow::Result<TopicLag> {
-    let (b, g, t) = (bootstrap.to_string(), group.to_string(), topic.to_string());
-    blocking(move || {
-        let c = consumer(&b, Some(&g), within)?;
-        let md = c.fetch_metadata(Some(&t), within).with_context(|| format!("Kafka metadata of topic {t} from {b}"))?;
-        let Some(mt) = md.topics().iter().find(|x| x.name() == t) else { bail!("topic {t} not in Kafka's metadata") };
-        if let Some(e) = mt.error() {
-            bail!("topic {t}: {e:?}");
-        }
-        let ids: Vec<i32> = mt.partitions().iter().map(|p| p.id()).collect();
-        if ids.is_empty() {
-            bail!("topic {t} has no partition");
-        }
-        let mut tpl = TopicPartitionList::new();
-        for p in &ids {
-            tpl.add_partition(&t, *p);
-        }
-        let committed = c.committed_offsets(tpl, within).with_context(|| format!("committed offsets of group {g}"))?;
-        let mut partitions = Vec::new();
-        for p in ids {
-            let (low, high) = c.fetch_watermarks(&t, p, within).with_context(|| format!("offsets of {t}/{p}"))?;
-            let committed = committed.find_partition(&t, p).and_then(|e| match e.offset() {
-                Offset::Offset(n) => Some(n),
-                _ => None,
-            });
-            partitions.push(PartitionLag { partition: p, low, high, committed, lag: partition_lag(low, high, committed) });
-        }
-        Ok(TopicLag {
-            messages: partitions.iter().map(|p| u64::try_from(p.high - p.low).unwrap_or(0)).sum(),
-            total_lag: partitions.iter().map(|p| p.lag).sum(),
-            partitions,
-        })
-    })
-    .await
-}
-
-/// Messages held in `topic`.
-pub async fn messages(bootstrap: &str, topic: &str, within: Duration) -> anyhow::Result<u64> {
-    lag(bootstrap, "chaos-probe", topic, within).await.map(|l| l.messages)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -124,7 +135,7 @@ mod tests {
     #[tokio::test]
     async fn an_absent_broker_is_an_error_naming_it() {
         // Loopback port 9 (discard) is closed here: refused at once.
-        let e = brokers("127.0.0.1:9", Duration::from_millis(800)).await.expect_err("no broker");
+        let e = Probe::new("127.0.0.1:9", None, Duration::from_millis(800)).expect("client").brokers().await.expect_err("no broker");
         assert!(format!("{e:#}").contains("127.0.0.1:9"), "{e:#}");
     }
 }

@@ -7,10 +7,15 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     path::Path,
+    time::Duration,
 };
 
 use anyhow::Context;
+use scylla::client::session::Session;
 use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+
+use crate::cassandra;
 
 /// The outcome of the set check.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -98,6 +103,41 @@ pub fn read_acked(path: &Path) -> anyhow::Result<Vec<String>> {
         );
     }
     Ok(ids)
+}
+
+/// The set check of `table` against the ids in `acks_file`, read again every
+/// 500 ms until `done` holds or `within` has passed. Under load, an event
+/// acknowledged a moment ago may not be stored yet (lost for now), and one
+/// stored a moment ago may not have its acknowledgement recorded yet
+/// (unexpected for now); real anomalies persist (rows are never removed,
+/// acknowledgements never retracted). The required ids are read once; the
+/// known ones each round. Rows whose event id lacks `prefix` are left out.
+pub async fn settle(
+    session: &Session,
+    table: &str,
+    acks_file: &Path,
+    prefix: &str,
+    within: Duration,
+    done: impl Fn(&SetCheck) -> bool,
+) -> anyhow::Result<SetCheck> {
+    let required = read_acked(acks_file)?;
+    let deadline = Instant::now() + within;
+    let mut last_lost = None;
+    loop {
+        let mut rows =
+            crate::bounded("reading the events", within.max(Duration::from_secs(10)), cassandra::event_ids(session, table)).await?;
+        rows.retain(|(_, event)| event.starts_with(prefix));
+        let known = read_acked(acks_file).unwrap_or_else(|_| required.clone());
+        let c = set_check_between(&required, &known, &rows);
+        if done(&c) || Instant::now() >= deadline {
+            return Ok(c);
+        }
+        if last_lost != Some(c.lost_count) {
+            tracing::info!(lost = c.lost_count, acknowledged = c.acknowledged, "waiting for events on their way");
+            last_lost = Some(c.lost_count);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 fn is_event_id(s: &str) -> bool {

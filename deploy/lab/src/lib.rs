@@ -69,6 +69,11 @@ pub fn host(name: &str) -> Option<Host> {
     HOSTS.iter().copied().find(|h| h.name == name)
 }
 
+/// The reference pipeline as the lab runs it (the processor's defaults).
+pub const TOPIC: &str = "chaos-logs";
+pub const GROUP: &str = "chaos-processor";
+pub const EVENTS_TABLE: &str = "chaos_lab.events";
+
 pub fn coordinator_url() -> String {
     format!("http://{NET}.1:{COORDINATOR_PORT}")
 }

@@ -35,8 +35,6 @@ pub struct Event {
     pub body: String,
 }
 
-pub use chaos_probes::setcheck::{SetCheck, read_acked, set_check};
-
 pub mod cassandra {
     //! Cassandra access of the processor and the check.
     use anyhow::Context;
@@ -61,10 +59,5 @@ pub mod cassandra {
         .await
         .context("creating the events table")?;
         Ok(())
-    }
-
-    /// Every stored `(row id, event id)` of `chaos_lab.TABLE`.
-    pub async fn rows(s: &Session, table: &str) -> anyhow::Result<Vec<(String, String)>> {
-        chaos_probes::cassandra::event_ids(s, &format!("{KEYSPACE}.{table}")).await
     }
 }

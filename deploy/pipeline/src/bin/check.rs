@@ -9,9 +9,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use chaos_pipeline::{TABLE, cassandra, read_acked, set_check};
+use chaos_pipeline::{KEYSPACE, TABLE, cassandra};
+use chaos_probes::setcheck::settle;
 use clap::Parser;
-use tracing::info;
 
 #[derive(Debug, Parser)]
 #[command(name = "chaos-check", about = "Set check: every acknowledged event stored exactly once (lost / duplicated / unexpected)")]
@@ -31,23 +31,10 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     chaos_proto::serve::init_tracing(chaos_proto::serve::LogFormat::Text);
     let a = Args::parse();
-    let acked = read_acked(&a.acks_file)?;
     let session = cassandra::connect(&a.cassandra).await?;
     let started = Instant::now();
-    let mut last_lost = usize::MAX;
-    let check = loop {
-        let rows = cassandra::rows(&session, &a.table).await?;
-        let c = set_check(&acked, &rows);
-        // Lost ids may still be on their way: wait while the count shrinks or time is left.
-        if c.lost_count == 0 || started.elapsed() >= a.wait {
-            break c;
-        }
-        if c.lost_count != last_lost {
-            info!(lost = c.lost_count, acknowledged = c.acknowledged, "waiting for the processor to catch up");
-            last_lost = c.lost_count;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    };
+    // Lost ids may still be on their way: wait while time is left.
+    let check = settle(&session, &format!("{KEYSPACE}.{}", a.table), &a.acks_file, "", a.wait, |c| c.lost_count == 0).await?;
     let mut out = serde_json::to_value(&check)?;
     out["waited_s"] = serde_json::json!(started.elapsed().as_secs_f64());
     writeln!(std::io::stdout(), "{out}")?;
