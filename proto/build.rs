@@ -9,7 +9,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     println!("cargo:rerun-if-env-changed=PROTOC");
     let out = PathBuf::from(env::var("OUT_DIR")?);
-    let protos = ["chaos/v1/faults.proto", "chaos/v1/agent.proto", "chaos/v1/coordinator.proto"];
+    let protos = ["chaos/v1/faults.proto", "chaos/v1/metrics.proto", "chaos/v1/agent.proto", "chaos/v1/coordinator.proto"];
     for p in &protos {
         println!("cargo:rerun-if-changed={p}");
     }

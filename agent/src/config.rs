@@ -13,6 +13,8 @@ use chaos_proto::{serve::LogFormat, spec::Cidr};
 use clap::Parser;
 use serde::Deserialize;
 
+use crate::metrics::MetricsConfig;
+
 const EXAMPLES: &str = "\
 Examples:
   # Standalone (no coordinator, no lease), journal in a scratch dir:
@@ -24,9 +26,17 @@ Examples:
   # From a config file (flags and CHAOS_AGENT_* variables override it):
   chaos-agent --config /etc/chaos/agent.yaml
 
+  # Prometheus /metrics on its own port (off unless set); follow a netns,
+  # a process by name and a cgroup in the metric stream:
+  chaos-agent --metrics-listen 127.0.0.1:9102 --watch-netns lab-kafka \\
+      --watch-process java --watch-cgroup /system.slice/kafka.service
+
 Config file keys (YAML): listen, coordinator, journal_dir, agent_id, advertise,
 labels, lease, heartbeat_interval, max_fault_duration, shutdown_timeout,
-protected: { pids: [..], names: [..], cidrs: [..] }. Durations as \"10s\", \"500ms\", \"1h\".";
+protected: { pids: [..], names: [..], cidrs: [..] },
+metrics: { interval, listen, netns: [..], processes: [..], cgroups: [..] }.
+Durations as \"10s\", \"500ms\", \"1h\".
+";
 
 /// Command line of `chaos-agent`.
 #[derive(Debug, Parser, Default)]
@@ -83,6 +93,21 @@ pub struct AgentArgs {
     /// A network (CIDR) that network faults never touch (repeatable).
     #[arg(long = "protect-cidr", value_name = "CIDR")]
     pub protect_cidrs: Vec<String>,
+    /// Metrics sampling interval [default: 1s].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub metrics_interval: Option<Duration>,
+    /// Serve Prometheus text on http://ADDR/metrics [default: off].
+    #[arg(long, env = "CHAOS_AGENT_METRICS_LISTEN", value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// A named network namespace whose interfaces to count (repeatable).
+    #[arg(long = "watch-netns", value_name = "NAME")]
+    pub watch_netns: Vec<String>,
+    /// A process name whose CPU and memory to report (repeatable).
+    #[arg(long = "watch-process", value_name = "NAME")]
+    pub watch_processes: Vec<String>,
+    /// A cgroup path whose CPU and memory to report, e.g. /system.slice/kafka.service (repeatable).
+    #[arg(long = "watch-cgroup", value_name = "PATH")]
+    pub watch_cgroups: Vec<String>,
     /// Log format on stderr.
     #[arg(long, env = "CHAOS_LOG_FORMAT", value_enum, default_value_t)]
     pub log_format: LogFormat,
@@ -105,6 +130,22 @@ pub struct AgentFile {
     pub shutdown_timeout: Option<String>,
     #[serde(default)]
     pub protected: ProtectedFile,
+    #[serde(default)]
+    pub metrics: MetricsFile,
+}
+
+/// The `metrics:` section.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsFile {
+    pub interval: Option<String>,
+    pub listen: Option<String>,
+    #[serde(default)]
+    pub netns: Vec<String>,
+    #[serde(default)]
+    pub processes: Vec<String>,
+    #[serde(default)]
+    pub cgroups: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -137,6 +178,9 @@ pub struct AgentConfig {
     pub protected_pids: Vec<u32>,
     pub protected_names: Vec<String>,
     pub protected_cidrs: Vec<Cidr>,
+    pub metrics: MetricsConfig,
+    /// Prometheus endpoint; None: off.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 fn dur(key: &str, v: &str) -> anyhow::Result<Duration> {
@@ -235,6 +279,32 @@ impl AgentConfig {
         {
             protected_cidrs.push(c.parse::<Cidr>().map_err(|e| anyhow::anyhow!("{key}: {e}"))?);
         }
+        let metrics_interval =
+            opt_dur(args.metrics_interval, &file.metrics.interval, "metrics.interval")?.unwrap_or(Duration::from_secs(1));
+        if metrics_interval < Duration::from_millis(100) || metrics_interval > Duration::from_secs(3600) {
+            bail!("metrics.interval: must be in [100ms, 1h], got {}", humantime::format_duration(metrics_interval));
+        }
+        let metrics_listen = match (args.metrics_listen, &file.metrics.listen) {
+            (Some(a), _) => Some(a),
+            (None, Some(s)) if !s.is_empty() => {
+                Some(s.parse().with_context(|| format!("{}: invalid address {s:?} (want IP:PORT)", in_file("metrics.listen")))?)
+            }
+            _ => None,
+        };
+        let mut metrics = MetricsConfig { interval: metrics_interval, ..Default::default() };
+        metrics.netns = file.metrics.netns.iter().chain(&args.watch_netns).cloned().collect();
+        metrics.processes = file.metrics.processes.iter().chain(&args.watch_processes).cloned().collect();
+        metrics.cgroups = file.metrics.cgroups.iter().chain(&args.watch_cgroups).cloned().collect();
+        for ns in &metrics.netns {
+            if ns.is_empty() || ns.contains('/') || ns == "." || ns == ".." {
+                bail!("metrics.netns: {ns:?} is not a namespace name (a file name under /run/netns)");
+            }
+        }
+        for cg in &metrics.cgroups {
+            if !cg.starts_with('/') || cg.split('/').any(|c| c == "..") {
+                bail!("metrics.cgroups: {cg:?} is not an absolute cgroup path like /system.slice/kafka.service");
+            }
+        }
         let mut protected_pids = file.protected.pids.clone();
         protected_pids.extend(&args.protect_pids);
         Ok(AgentConfig {
@@ -255,6 +325,8 @@ impl AgentConfig {
             protected_pids,
             protected_names,
             protected_cidrs,
+            metrics,
+            metrics_listen,
         })
     }
 }
@@ -316,6 +388,12 @@ mod tests {
         assert!(e.contains("coordinator") && e.contains("127.0.0.1:50051"), "{e}");
         let (_d, args) = with_file("lease: 3s\nheartbeat_interval: 5s\n");
         assert!(format!("{:#}", AgentConfig::resolve(&args).expect_err("hb")).contains("heartbeat_interval"));
+        let (_d, args) = with_file("metrics: {netns: [../etc]}\n");
+        assert!(format!("{:#}", AgentConfig::resolve(&args).expect_err("netns")).contains("\"../etc\""));
+        let (_d, args) = with_file("metrics: {interval: 10ms}\n");
+        assert!(format!("{:#}", AgentConfig::resolve(&args).expect_err("interval")).contains("metrics.interval"));
+        let (_d, args) = with_file("metrics: {cgroups: [relative/path]}\n");
+        assert!(format!("{:#}", AgentConfig::resolve(&args).expect_err("cgroup")).contains("relative/path"));
         let args = AgentArgs { labels: vec!["novalue".into()], ..Default::default() };
         assert!(format!("{:#}", AgentConfig::resolve(&args).expect_err("label")).contains("novalue"));
     }

@@ -13,6 +13,7 @@ pub mod faults;
 pub mod journal;
 pub mod lease;
 pub mod lifecycle;
+pub mod metrics;
 pub mod protect;
 pub mod run;
 pub mod service;

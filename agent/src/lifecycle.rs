@@ -47,6 +47,8 @@ pub struct LifecycleConfig {
     pub history_len: usize,
     /// Wait between retries of a failed revert.
     pub revert_retry_interval: Duration,
+    /// Prometheus counters of applies and reverts.
+    pub counters: crate::metrics::FaultCounters,
 }
 
 #[derive(Debug, Clone)]
@@ -57,7 +59,13 @@ pub struct LeaseConfig {
 
 impl Default for LifecycleConfig {
     fn default() -> Self {
-        Self { max_fault_duration: Duration::from_secs(3600), lease: None, history_len: 256, revert_retry_interval: Duration::from_secs(5) }
+        Self {
+            max_fault_duration: Duration::from_secs(3600),
+            lease: None,
+            history_len: 256,
+            revert_retry_interval: Duration::from_secs(5),
+            counters: Default::default(),
+        }
     }
 }
 
@@ -495,6 +503,7 @@ impl Actor {
                 let applied_at = SystemTime::now();
                 info!(fault_id = %id, family = req.kind.family(), target = %req.target, ttl = %human_duration(req.duration),
                     summary = %applied.summary, "fault applied");
+                self.cfg.counters.applied(req.kind.family(), applied.backend);
                 let entry = Entry {
                     id: id.clone(),
                     expires_at: Instant::now() + req.duration,
@@ -517,6 +526,7 @@ impl Actor {
             }
             Err(e) => {
                 warn!(fault_id = %id, error = %e, "apply failed; undoing whatever part of it took effect");
+                self.cfg.counters.apply_failed(req.kind.family());
                 let summary = match driver.revert(&plan).await {
                     Ok(s) => s,
                     Err(re) => {
@@ -558,6 +568,8 @@ impl Actor {
                     error!(fault_id = %entry.id, error = %e, "fault reverted but its journal record could not be removed");
                 }
                 info!(fault_id = %entry.id, reason = reason.as_str_name(), summary = %summary, "fault reverted");
+                let backend = entry.applied.as_ref().map(|a| a.backend).unwrap_or("journal");
+                self.cfg.counters.reverted(entry.req.kind.family(), backend, reason.as_str_name());
                 entry.state = FaultState::Reverted;
                 entry.reverted_at = Some(SystemTime::now());
                 entry.revert_summary = summary;
@@ -568,6 +580,7 @@ impl Actor {
             Err(e) => {
                 error!(fault_id = %entry.id, reason = reason.as_str_name(), error = %e,
                     retry_in = %human_duration(self.cfg.revert_retry_interval), "revert failed; journal record kept, will retry");
+                self.cfg.counters.revert_failed(entry.req.kind.family());
                 entry.state = FaultState::Failed;
                 entry.error = e.to_string();
                 entry.retry_at = Some(Instant::now() + self.cfg.revert_retry_interval);

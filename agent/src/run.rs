@@ -2,10 +2,13 @@
 //! reflection and health, the lease link; then the bounded drain at
 //! shutdown (revert every fault before exiting).
 
-use std::{future::Future, sync::Arc};
+use std::{future::Future, sync::Arc, time::Duration};
 
 use anyhow::Context;
-use chaos_proto::pb::agent_server::AgentServer;
+use chaos_proto::{
+    pb::agent_server::AgentServer,
+    telemetry::{BatchCollector, serve_metrics},
+};
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 use tracing::{error, info, warn};
@@ -20,6 +23,7 @@ use crate::{
     journal::DirJournal,
     lease::{self, LeaseLink},
     lifecycle::{LeaseConfig, Lifecycle, LifecycleConfig},
+    metrics::{self, FaultCounters},
     protect::Protection,
     service::{AgentIdentity, AgentService, proc_line},
     sys::{netexec::NsenterExec, procfs::ProcFs, signals::PidfdSignals},
@@ -62,9 +66,12 @@ pub async fn run(cfg: AgentConfig, listener: TcpListener, shutdown: impl Future<
         process: ProcessDriver::new(Arc::new(procfs.clone()), Arc::new(PidfdSignals::new(procfs.clone())), protection.clone()),
         network: NetworkDriver::new(Arc::new(NsenterExec), Arc::new(procfs), exemptions).with_iptables_version(iptables.as_deref().ok()),
     });
+    let mut registry = prometheus_client::registry::Registry::default();
+    let rpc_metrics = chaos_proto::telemetry::RpcMetrics::register(&mut registry);
     let lc_cfg = LifecycleConfig {
         max_fault_duration: cfg.max_fault_duration,
         lease: cfg.coordinator.as_ref().map(|url| LeaseConfig { duration: cfg.lease, coordinator_url: url.clone() }),
+        counters: FaultCounters::register(&mut registry),
         ..Default::default()
     };
     let (lifecycle, _task, report) = Lifecycle::start(lc_cfg, drivers, journal).await.context("starting the fault lifecycle")?;
@@ -91,10 +98,40 @@ pub async fn run(cfg: AgentConfig, listener: TcpListener, shutdown: impl Future<
         tc,
     });
 
+    let latest = {
+        let (lc, rt) = (lifecycle.clone(), tokio::runtime::Handle::current());
+        let active = move || {
+            rt.block_on(async { tokio::time::timeout(Duration::from_millis(200), lc.status()).await })
+                .ok()
+                .and_then(Result::ok)
+                .map_or(0, |s| u32::try_from(s.active_faults).unwrap_or(u32::MAX))
+        };
+        metrics::start(cfg.agent_id.clone(), cfg.metrics.clone(), Arc::new(active)).context("starting the metrics sampler")?
+    };
+    let (metrics_stop, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
+    if let Some(addr) = cfg.metrics_listen {
+        let collector = BatchCollector::default();
+        registry.register_collector(Box::new(collector.clone()));
+        let mut rx = latest.clone();
+        tokio::spawn(async move {
+            loop {
+                collector.update(&rx.borrow_and_update());
+                if rx.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+        serve_metrics(addr, Arc::new(registry), async {
+            let _ = metrics_stopped.await;
+        })
+        .await
+        .with_context(|| format!("metrics.listen: cannot serve Prometheus metrics on {addr}"))?;
+    }
+
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<AgentServer<AgentService>>().await;
     let mut routes = tonic::service::RoutesBuilder::default();
-    routes.add_service(health_service).add_service(AgentServer::new(AgentService::new(lifecycle.clone(), identity.clone())));
+    routes.add_service(health_service).add_service(AgentServer::new(AgentService::new(lifecycle.clone(), identity.clone(), latest)));
     chaos_proto::serve::add_reflection(&mut routes, &["chaos.v1.Agent"]).context("building reflection service")?;
 
     let lease_task = cfg.coordinator.as_ref().map(|url| {
@@ -114,6 +151,7 @@ pub async fn run(cfg: AgentConfig, listener: TcpListener, shutdown: impl Future<
     }
 
     let served = tonic::transport::Server::builder()
+        .layer(rpc_metrics.layer())
         .add_routes(routes.routes())
         .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), shutdown)
         .await;
@@ -137,6 +175,7 @@ pub async fn run(cfg: AgentConfig, listener: TcpListener, shutdown: impl Future<
         Ok(Err(e)) => error!(error = %e, "lifecycle gone before shutdown"),
         Err(_) => error!("revert at shutdown timed out; the journal keeps what is left and the next start reverts it"),
     }
+    let _ = metrics_stop.send(());
     served.context("gRPC server")?;
     Ok(())
 }

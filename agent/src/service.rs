@@ -1,10 +1,15 @@
 //! The gRPC surface of the agent (`chaos.v1.Agent`): one method per RPC,
 //! each a thin call into the [`Lifecycle`].
 
-use std::{pin::Pin, sync::Arc, time::Duration};
+use std::{
+    pin::Pin,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use chaos_proto::{
-    convert::duration_to_pb,
+    convert::{duration_from_pb, duration_to_pb},
+    metrics::Filter,
     pb::{self, RevertReason, agent_server::Agent},
     spec::ALL_FAMILIES,
 };
@@ -12,7 +17,20 @@ use futures::Stream;
 use tonic::{Request, Response, Status};
 use tracing::instrument;
 
-use crate::lifecycle::Lifecycle;
+use crate::{lifecycle::Lifecycle, metrics::Latest};
+
+/// A stream fed by a task that owns the sending side; the task ends when
+/// the client goes away.
+fn async_stream_of<T, F, Fut>(f: F) -> Pin<Box<dyn Stream<Item = T> + Send>>
+where
+    T: Send + 'static,
+    F: FnOnce(tokio::sync::mpsc::Sender<T>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tokio::spawn(f(tx));
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}
 
 /// Facts about this agent that do not change while it runs.
 #[derive(Debug, Clone)]
@@ -99,15 +117,16 @@ impl AgentIdentity {
 pub struct AgentService {
     lifecycle: Lifecycle,
     identity: Arc<AgentIdentity>,
+    metrics: Latest,
 }
 
 impl AgentService {
-    pub fn new(lifecycle: Lifecycle, identity: Arc<AgentIdentity>) -> Self {
-        Self { lifecycle, identity }
+    pub fn new(lifecycle: Lifecycle, identity: Arc<AgentIdentity>, metrics: Latest) -> Self {
+        Self { lifecycle, identity, metrics }
     }
 }
 
-type MetricStream = Pin<Box<dyn Stream<Item = Result<pb::MetricSample, Status>> + Send>>;
+type MetricStream = Pin<Box<dyn Stream<Item = Result<pb::MetricBatch, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl Agent for AgentService {
@@ -161,7 +180,33 @@ impl Agent for AgentService {
 
     type StreamMetricsStream = MetricStream;
 
-    async fn stream_metrics(&self, _req: Request<pb::StreamMetricsRequest>) -> Result<Response<MetricStream>, Status> {
-        Err(Status::unimplemented("StreamMetrics is not implemented by this agent version (monitoring work pending)"))
+    async fn stream_metrics(&self, req: Request<pb::StreamMetricsRequest>) -> Result<Response<MetricStream>, Status> {
+        let r = req.into_inner();
+        let every = match r.interval.as_ref() {
+            None => Duration::ZERO,
+            Some(d) => duration_from_pb(d)
+                .filter(|d| *d <= Duration::from_secs(3600))
+                .ok_or_else(|| Status::invalid_argument(format!("interval: must be in [0s, 1h], got {}s", d.seconds)))?,
+        };
+        let filter = Filter::from_stream(&r);
+        let mut rx = self.metrics.clone();
+        // The current sample first, then each new one; a slow reader only
+        // ever sees the latest (watch), never holding the sampler.
+        rx.mark_changed();
+        let stream = async_stream_of(move |tx: tokio::sync::mpsc::Sender<Result<pb::MetricBatch, Status>>| async move {
+            let mut last_sent: Option<Instant> = None;
+            while rx.changed().await.is_ok() {
+                if last_sent.is_some_and(|t| t.elapsed() + Duration::from_millis(50) < every) {
+                    continue;
+                }
+                let batch = rx.borrow_and_update().clone();
+                let Some(out) = filter.apply(&batch) else { continue };
+                last_sent = Some(Instant::now());
+                if tx.send(Ok(out)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(stream))
     }
 }

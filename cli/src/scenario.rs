@@ -86,6 +86,11 @@ pub struct CreateArgs {
     /// Severity 1 (gentlest) to 5 [default: the coordinator's default_severity].
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=5))]
     severity: Option<u32>,
+    /// Abort the scenario (and revert its faults) when this rule fires while it
+    /// runs (repeatable): METRIC[{LABEL=VALUE,...}] OP NUMBER [for DURATION],
+    /// e.g. --stop-if 'kafka.lag.total > 100000 for 30s' --stop-if 'probe.up{probe=cassandra} < 1'.
+    #[arg(long = "stop-if", value_name = "RULE")]
+    stop_if: Vec<String>,
     /// A name shown in lists.
     #[arg(long)]
     name: Option<String>,
@@ -188,6 +193,7 @@ pub fn scenario_json(sc: &pb::Scenario) -> serde_json::Value {
         "created_by": sc.created_by, "created_at": rfc3339(sc.created_at.as_ref()), "started_at": rfc3339(sc.started_at.as_ref()),
         "ends_at": rfc3339(sc.ends_at.as_ref()), "ended_at": rfc3339(sc.ended_at.as_ref()),
         "blast_radius": blast_json(sc.blast_radius.as_ref()),
+        "stop_conditions": sc.spec.as_ref().map(|s| s.stop_conditions.clone()).unwrap_or_default(),
         "agents": sc.agents.iter().map(agent_json).collect::<Vec<_>>(),
         "transitions": sc.transitions.iter().map(|t| json!({"at": rfc3339(t.at.as_ref()), "state": state_name(t.state), "reason": t.reason})).collect::<Vec<_>>(),
     })
@@ -223,6 +229,9 @@ fn show_text(sc: &pb::Scenario) -> String {
         rfc3339(sc.created_at.as_ref()).unwrap_or_default(),
         sc.created_by,
     );
+    for rule in sc.spec.iter().flat_map(|s| &s.stop_conditions) {
+        out.push_str(&format!("stop if   {rule}\n"));
+    }
     if sc.queue_position > 0 {
         out.push_str(&format!("queue     position {}\n", sc.queue_position));
     }
@@ -282,6 +291,10 @@ impl CreateArgs {
             percent: self.percent.unwrap_or(0.0),
             duration: self.duration.map(duration_to_pb),
             severity: self.severity.unwrap_or(0),
+            stop_conditions: {
+                chaos_proto::rules::parse_all("--stop-if", &self.stop_if).map_err(|e| CliError::new(exit::USAGE, e))?;
+                self.stop_if.clone()
+            },
         })
     }
 }

@@ -9,6 +9,7 @@ use clap::Parser;
 use serde::Deserialize;
 
 use crate::{
+    monitor::{MonitoringConfig, MonitoringFile},
     policy::{ChaosTestingFile, DurationValue, LevelFile, Policy, PolicyFile, TypeFile},
     validate::RecoveryDefaults,
 };
@@ -18,13 +19,15 @@ Examples:
   chaos-coordinator                                   # 127.0.0.1:50051
   chaos-coordinator --listen 127.0.0.1:6051 --emergency-stop-deadline 1s
   chaos-coordinator --config /etc/chaos/coordinator.yaml
+  chaos-coordinator --metrics-listen 127.0.0.1:9101  # Prometheus /metrics
 
 Config file (YAML; deploy/config/coordinator.yaml documents every key):
   listen, emergency_stop_deadline, heartbeat_interval, state_dir,
   chaos_testing.* (default_duration, safety_timeout, blast_radius_limit,
   max_concurrent_scenarios, default_severity, ...), severity_levels.N.*,
   scenarios.TYPE.* (enabled, severity_levels, memory_pressure, cpu_throttle,
-  target_services, failure_types), monitoring.*, recovery.*";
+  target_services, failure_types), monitoring.* (metrics_interval, alerts,
+  alert_thresholds, probes, listen, window), recovery.*";
 
 #[derive(Debug, Parser, Default)]
 #[command(
@@ -49,6 +52,9 @@ pub struct CoordinatorArgs {
     /// Heartbeat interval suggested to agents [default: 3s].
     #[arg(long, value_parser = humantime::parse_duration)]
     pub heartbeat_interval: Option<Duration>,
+    /// Serve Prometheus text on http://ADDR/metrics [default: off; config monitoring.listen].
+    #[arg(long, env = "CHAOS_COORDINATOR_METRICS_LISTEN", value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
     /// Log format on stderr.
     #[arg(long, env = "CHAOS_LOG_FORMAT", value_enum, default_value_t)]
     pub log_format: LogFormat,
@@ -66,16 +72,6 @@ pub struct CoordinatorFile {
     pub scenarios: Option<BTreeMap<String, TypeFile>>,
     pub monitoring: Option<MonitoringFile>,
     pub recovery: Option<RecoveryFile>,
-}
-
-/// The seed's `monitoring:` section. Validated and kept; the metrics and
-/// probe work (not in this version) acts on it.
-#[derive(Debug, Default, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MonitoringFile {
-    pub enabled: Option<bool>,
-    pub metrics_interval: Option<DurationValue>,
-    pub alert_thresholds: Option<BTreeMap<String, f64>>,
 }
 
 /// The seed's `recovery:` section: the defaults of `ValidateRecovery`
@@ -111,7 +107,7 @@ pub struct CoordinatorConfig {
     pub heartbeat_interval: Duration,
     pub state_dir: PathBuf,
     pub policy: Policy,
-    pub monitoring: MonitoringFile,
+    pub monitoring: MonitoringConfig,
     /// Defaults of recovery validation, from `recovery:`.
     pub recovery: RecoveryDefaults,
 }
@@ -136,9 +132,12 @@ impl CoordinatorConfig {
             let key = e.split(':').next().unwrap_or_default();
             anyhow::anyhow!("{origin}{e}{}", line_of(&text, key))
         })?;
-        let monitoring = file.monitoring.clone().unwrap_or_default();
-        if let Some(d) = &monitoring.metrics_interval {
-            d.resolve("monitoring.metrics_interval").map_err(|e| anyhow::anyhow!("{origin}{e}{}", line_of(&text, "metrics_interval")))?;
+        let mut monitoring = file.monitoring.clone().unwrap_or_default().resolve().map_err(|e| {
+            let key = e.split(':').next().unwrap_or_default().split('[').next().unwrap_or_default();
+            anyhow::anyhow!("{origin}{e}{}", line_of(&text, key))
+        })?;
+        if let Some(l) = args.metrics_listen {
+            monitoring.listen = Some(l);
         }
         let rf = file.recovery.clone().unwrap_or_default();
         let mut recovery = RecoveryDefaults::default();

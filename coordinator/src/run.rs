@@ -11,10 +11,12 @@ use tracing::{info, warn};
 use crate::{
     armstore::ArmStore,
     config::CoordinatorConfig,
+    monitor,
     registry::Registry,
     scenarios::{Scenarios, Timing},
     service::{CoordinatorService, ServiceConfig},
     store::Store,
+    telemetry::Telemetry,
 };
 
 /// Serve the coordinator on `listener` until `shutdown` resolves.
@@ -35,14 +37,33 @@ pub async fn run(cfg: CoordinatorConfig, listener: TcpListener, shutdown: impl F
     if recovered > 0 {
         info!(recovered, "picked up unfinished scenarios from the previous run");
     }
+    let telemetry = Telemetry::default();
+    let monitor = Arc::new(monitor::start(
+        &cfg.monitoring,
+        Arc::clone(&registry),
+        Arc::clone(&scenarios),
+        telemetry.probes.clone(),
+        telemetry.alerts.clone(),
+    ));
+    let (prom, rpc_metrics) = telemetry.registry(Arc::clone(&registry), Arc::clone(&scenarios), Arc::clone(&monitor.hub));
+    let (metrics_stop, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
+    if let Some(addr) = cfg.monitoring.listen {
+        chaos_proto::telemetry::serve_metrics(addr, Arc::new(prom), async {
+            let _ = metrics_stopped.await;
+        })
+        .await
+        .with_context(|| format!("monitoring.listen: cannot serve Prometheus metrics on {addr}"))?;
+    }
     let svc = CoordinatorService::new(
         registry,
         scenarios,
+        monitor,
         ServiceConfig {
             emergency_stop_deadline: cfg.emergency_stop_deadline,
             heartbeat_interval: cfg.heartbeat_interval,
             listen_address: local.to_string(),
             recovery: cfg.recovery,
+            emergency_stops: telemetry.emergency_stops.clone(),
         },
     );
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -52,11 +73,13 @@ pub async fn run(cfg: CoordinatorConfig, listener: TcpListener, shutdown: impl F
     chaos_proto::serve::add_reflection(&mut routes, &["chaos.v1.Coordinator"]).context("building reflection service")?;
     chaos_proto::serve::warn_if_exposed("chaos-coordinator", local);
     info!(listen = %local, "chaos-coordinator serving");
-    tonic::transport::Server::builder()
+    let served = tonic::transport::Server::builder()
+        .layer(rpc_metrics.layer())
         .add_routes(routes.routes())
         .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), shutdown)
-        .await
-        .context("gRPC server")?;
+        .await;
+    let _ = metrics_stop.send(());
+    served.context("gRPC server")?;
     info!("chaos-coordinator stopped");
     Ok(())
 }

@@ -166,6 +166,9 @@ impl Scenarios {
         if !(1..=5).contains(&severity) {
             return Err(CoordinatorError::invalid("spec.severity", format!("must be 1..5 (0: default), got {severity}")));
         }
+        for (i, expr) in spec.stop_conditions.iter().enumerate() {
+            chaos_proto::rules::Rule::parse(expr).map_err(|e| CoordinatorError::invalid(&format!("spec.stop_conditions[{i}]"), e))?;
+        }
         // The agent's own validation, so a malformed fault is refused here
         // with the same field names instead of failing on every agent.
         let mut probe = fault.clone();
@@ -712,6 +715,35 @@ impl Scenarios {
             .await;
         }
         self.get(id)
+    }
+
+    /// Abort a running scenario (its faults are reverted) for `reason`, as a
+    /// fired stop condition does. A scenario that is not running is left
+    /// alone. True when the abort was sent.
+    pub fn abort(&self, id: &str, reason: &str) -> bool {
+        let mut g = self.lock();
+        match g.active.get_mut(id).and_then(|a| a.stop.take()) {
+            Some(tx) => {
+                warn!(scenario = %id, %reason, "aborting scenario");
+                tx.send((ScenarioState::Aborted, reason.to_string())).is_ok()
+            }
+            None => false,
+        }
+    }
+
+    /// Running scenarios that have stop conditions: (id, started, rules).
+    pub fn running_stop_conditions(&self) -> Vec<(String, SystemTime, Vec<String>)> {
+        let g = self.lock();
+        g.slots
+            .iter()
+            .filter_map(|id| g.active.get(id))
+            .filter(|a| a.sc.state == ScenarioState::Running as i32)
+            .filter_map(|a| {
+                let rules = &a.sc.spec.as_ref()?.stop_conditions;
+                let started = a.sc.started_at.as_ref().map(chaos_proto::convert::timestamp_from_pb)?;
+                (!rules.is_empty()).then(|| (a.sc.id.clone(), started, rules.clone()))
+            })
+            .collect()
     }
 
     /// Emergency stop: cancel the queue and end every running scenario.

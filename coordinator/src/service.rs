@@ -4,6 +4,7 @@ use std::{pin::Pin, sync::Arc, time::Duration};
 
 use chaos_proto::{
     convert::{duration_from_pb, duration_to_pb, timestamp_to_pb},
+    metrics::Filter,
     pb::{self, AgentHealth, coordinator_server::Coordinator},
 };
 use futures::Stream;
@@ -14,6 +15,7 @@ use tracing::{info, instrument};
 use crate::{
     error::CoordinatorError,
     fleet,
+    monitor::Monitor,
     registry::Registry,
     scenarios::{Scenarios, snapshot_event},
     validate::{Plan, RecoveryDefaults},
@@ -42,21 +44,32 @@ pub struct ServiceConfig {
     pub listen_address: String,
     /// Defaults of `ValidateRecovery` (the config's `recovery:`).
     pub recovery: RecoveryDefaults,
+    /// Counted on `/metrics`.
+    pub emergency_stops: prometheus_client::metrics::counter::Counter,
 }
 
 /// `chaos.v1.Coordinator` implementation.
 pub struct CoordinatorService {
     registry: Arc<Registry>,
     scenarios: Arc<Scenarios>,
+    monitor: Arc<Monitor>,
     cfg: ServiceConfig,
     started: Instant,
     boot_id: String,
 }
 
 impl CoordinatorService {
-    pub fn new(registry: Arc<Registry>, scenarios: Arc<Scenarios>, cfg: ServiceConfig) -> Self {
+    pub fn new(registry: Arc<Registry>, scenarios: Arc<Scenarios>, monitor: Arc<Monitor>, cfg: ServiceConfig) -> Self {
         let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").map(|s| s.trim().to_string()).unwrap_or_default();
-        Self { registry, scenarios, cfg, started: Instant::now(), boot_id }
+        Self { registry, scenarios, monitor, cfg, started: Instant::now(), boot_id }
+    }
+
+    fn monitoring_on(&self) -> Result<(), Status> {
+        if self.monitor.enabled {
+            Ok(())
+        } else {
+            Err(Status::failed_precondition("monitoring is disabled on this coordinator (config monitoring.enabled: false)"))
+        }
     }
 
     /// Record a mutation in the audit log; a failed write is logged, never fatal.
@@ -76,6 +89,7 @@ impl CoordinatorService {
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::ScenarioEvent, Status>> + Send>>;
 type ValidationStream = Pin<Box<dyn Stream<Item = Result<pb::ValidationEvent, Status>> + Send>>;
+type MetricEventStream = Pin<Box<dyn Stream<Item = Result<pb::MetricEvent, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl Coordinator for CoordinatorService {
@@ -121,6 +135,7 @@ impl Coordinator for CoordinatorService {
                 .ok_or_else(|| CoordinatorError::invalid("deadline", format!("must be in (0s, 60s], got {}s", d.seconds)))?,
         };
         let reason = if r.reason.is_empty() { "emergency stop (no reason given)".to_string() } else { r.reason };
+        self.cfg.emergency_stops.inc();
         let resp = fleet::emergency_stop(&self.registry, &self.scenarios, &reason, deadline).await;
         let detail = format!(
             "{reason}: {} agent(s) reached, {} not, {} fault(s) reverted",
@@ -246,6 +261,59 @@ impl Coordinator for CoordinatorService {
             }
         });
         Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(out))))
+    }
+
+    type StreamMetricsStream = MetricEventStream;
+
+    async fn stream_metrics(&self, req: Request<pb::StreamMetricsRequest>) -> Result<Response<MetricEventStream>, Status> {
+        self.monitoring_on()?;
+        let r = req.into_inner();
+        let filter = Filter::from_stream(&r);
+        // Subscribe before the snapshot: nothing falls between the two.
+        let mut rx = self.monitor.hub.subscribe();
+        let (now, _) = self.monitor.hub.snapshot(&filter, 0);
+        let firing = if r.no_alerts { Vec::new() } else { self.monitor.alerts.firing() };
+        // Small: a slow client fills it, then its broadcast receiver lags
+        // and it skips, while every other watcher goes on.
+        let (tx, out) = tokio::sync::mpsc::channel(64);
+        tokio::spawn(async move {
+            use pb::metric_event::Event;
+            let initial = now.into_iter().map(Event::Batch).chain(firing.into_iter().map(Event::Alert));
+            for ev in initial {
+                if tx.send(Ok(pb::MetricEvent { event: Some(ev) })).await.is_err() {
+                    return;
+                }
+            }
+            loop {
+                let ev = match rx.recv().await {
+                    Ok(ev) => match &ev.event {
+                        Some(Event::Batch(b)) => match filter.apply(b) {
+                            Some(b) => Event::Batch(b),
+                            None => continue,
+                        },
+                        Some(Event::Alert(_)) if r.no_alerts => continue,
+                        Some(e) => e.clone(),
+                        None => continue,
+                    },
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => Event::Skipped(n),
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                };
+                if tx.send(Ok(pb::MetricEvent { event: Some(ev) })).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(out))))
+    }
+
+    async fn get_metrics(&self, req: Request<pb::GetMetricsRequest>) -> Result<Response<pb::GetMetricsResponse>, Status> {
+        self.monitoring_on()?;
+        let r = req.into_inner();
+        if r.history > 3600 {
+            return Err(CoordinatorError::invalid("history", format!("must be at most 3600, got {}", r.history)).into());
+        }
+        let (batches, sources) = self.monitor.hub.snapshot(&Filter::from_get(&r), r.history as usize);
+        Ok(Response::new(pb::GetMetricsResponse { batches, firing: self.monitor.alerts.firing(), sources }))
     }
 
     async fn list_audit(&self, req: Request<pb::ListAuditRequest>) -> Result<Response<pb::ListAuditResponse>, Status> {

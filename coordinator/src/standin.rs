@@ -25,6 +25,8 @@ struct State {
     armed: bool,
     /// When set, ApplyFault fails with this status message.
     fail_apply: Option<String>,
+    /// Metrics per batch of StreamMetrics (0: UNIMPLEMENTED).
+    metrics: usize,
 }
 
 /// The stand-in's state, shared with the test that drives it.
@@ -47,6 +49,13 @@ impl Standin {
     /// Ids of faults in the APPLIED state.
     pub fn applied(&self) -> Vec<String> {
         self.lock().faults.values().filter(|f| f.state == FaultState::Applied as i32).map(|f| f.id.clone()).collect()
+    }
+
+    /// Make StreamMetrics send a batch of `n` made-up metrics every second
+    /// (for the hub's benchmark).
+    pub fn with_metrics(self, n: usize) -> Self {
+        self.lock().metrics = n;
+        self
     }
 
     pub fn fail_apply(&self, why: Option<&str>) {
@@ -72,7 +81,7 @@ impl Standin {
     }
 }
 
-type MetricStream = Pin<Box<dyn Stream<Item = Result<pb::MetricSample, Status>> + Send>>;
+type MetricStream = Pin<Box<dyn Stream<Item = Result<pb::MetricBatch, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl Agent for Standin {
@@ -140,6 +149,24 @@ impl Agent for Standin {
     type StreamMetricsStream = MetricStream;
 
     async fn stream_metrics(&self, _req: Request<pb::StreamMetricsRequest>) -> Result<Response<MetricStream>, Status> {
-        Err(Status::unimplemented("the stand-in agent has no metrics"))
+        let n = self.lock().metrics;
+        if n == 0 {
+            return Err(Status::unimplemented("the stand-in agent has no metrics"));
+        }
+        let (tx, rx) = tokio::sync::mpsc::channel(2);
+        tokio::spawn(async move {
+            // Spread the stand-ins over the second, like real agents started at different times.
+            tokio::time::sleep(std::time::Duration::from_millis(rand::random::<u64>() % 1000)).await;
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+            for seq in 1.. {
+                tick.tick().await;
+                let metrics = (0..n).map(|i| chaos_proto::metrics::metric("standin.value", &[("i", &i.to_string())], seq as f64)).collect();
+                let b = pb::MetricBatch { sampled_at: Some(timestamp_to_pb(SystemTime::now())), metrics, seq, ..Default::default() };
+                if tx.send(Ok(b)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
     }
 }

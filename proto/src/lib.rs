@@ -7,8 +7,11 @@
 //! conversions to typed domain values).
 
 pub mod convert;
+pub mod metrics;
+pub mod rules;
 pub mod serve;
 pub mod spec;
+pub mod telemetry;
 
 /// Generated code for package `chaos.v1`.
 #[allow(clippy::all, missing_docs)]

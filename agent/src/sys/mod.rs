@@ -2,6 +2,7 @@
 //! implementation and a recording fake, so the fault lifecycle is
 //! unit-tested without root and the real path is tested as root.
 
+pub mod cgroup;
 pub mod fake;
 pub mod netexec;
 pub mod procfs;

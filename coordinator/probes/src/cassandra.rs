@@ -44,6 +44,29 @@ pub async fn count(s: &Session, table: &str) -> anyhow::Result<i64> {
     Ok(n)
 }
 
+/// Write one row of `table` (created if missing: `id text PRIMARY KEY,
+/// written_at timestamp`, in an existing keyspace) and read it back; the
+/// two round trips, timed.
+pub async fn write_read(s: &Session, table: &str, id: &str) -> anyhow::Result<(Duration, Duration)> {
+    let table = parse_table_name(table).map_err(anyhow::Error::msg)?;
+    s.query_unpaged(format!("CREATE TABLE IF NOT EXISTS {table} (id text PRIMARY KEY, written_at timestamp)"), &[])
+        .await
+        .with_context(|| format!("creating the probe table {table}"))?;
+    let now = scylla::value::CqlTimestamp(
+        i64::try_from(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis()).unwrap_or(0),
+    );
+    let t0 = std::time::Instant::now();
+    s.query_unpaged(format!("INSERT INTO {table} (id, written_at) VALUES (?, ?)"), (id, now))
+        .await
+        .with_context(|| format!("writing the probe row to {table}"))?;
+    let write = t0.elapsed();
+    let t1 = std::time::Instant::now();
+    let rows =
+        s.query_unpaged(format!("SELECT written_at FROM {table} WHERE id = ?"), (id,)).await.with_context(|| format!("reading {table}"))?;
+    let (_,) = rows.into_rows_result().context("probe rows")?.single_row::<(scylla::value::CqlTimestamp,)>().context("the probe row")?;
+    Ok((write, t1.elapsed()))
+}
+
 /// Every stored `(row id, event id)` of the pipeline's events table.
 pub async fn event_ids(s: &Session, table: &str) -> anyhow::Result<Vec<(String, String)>> {
     let table = parse_table_name(table).map_err(anyhow::Error::msg)?;

@@ -4,7 +4,7 @@
 //! - [`kafka`]: broker metadata, a topic's message count (end offsets), a
 //!   consumer group's lag per partition;
 //! - [`cassandra`]: connect, row counts, the stored events of the pipeline;
-//! - [`tcp`]: a connect check;
+//! - [`tcp`]: a connect check; [`http`]: a status check;
 //! - [`setcheck`]: Jepsen's set check (every acknowledged event stored
 //!   exactly once: lost / duplicated / unexpected);
 //! - [`latency`]: throughput and end-to-end latency percentiles of a window.
@@ -13,6 +13,7 @@
 //! pipeline's own check.
 
 pub mod cassandra;
+pub mod http;
 pub mod kafka;
 pub mod latency;
 pub mod setcheck;

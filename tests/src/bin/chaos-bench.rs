@@ -106,6 +106,8 @@ async fn start_agent(journal: &Path, id: &str, coordinator: Option<&str>) -> any
         protected_pids: vec![],
         protected_names: vec![],
         protected_cidrs: vec![],
+        metrics: Default::default(),
+        metrics_listen: None,
     };
     let (tx, rx) = oneshot::channel();
     let task = tokio::spawn(chaos_agent::run::run(cfg, listener, async {
