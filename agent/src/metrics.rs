@@ -409,7 +409,9 @@ pub fn start(source: String, cfg: MetricsConfig, active_faults: Arc<dyn Fn() -> 
     if let Some(v) = sampler.cgroup_version() {
         debug!(cgroup = v.as_str(), "cgroup hierarchy detected");
     }
-    let first = sampler.sample(active_faults());
+    // Taken on the caller's thread, which may be a runtime worker: not
+    // `active_faults` (it may block on the runtime); the next sample has it.
+    let first = sampler.sample(0);
     let (tx, rx) = watch::channel(Arc::new(first));
     std::thread::Builder::new().name("metrics-sampler".into()).spawn(move || {
         let mut next = Instant::now() + cfg.interval;

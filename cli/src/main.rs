@@ -8,6 +8,7 @@ mod lab;
 mod output;
 mod scenario;
 mod validate;
+mod watch;
 
 use std::{process::ExitCode, time::Duration};
 
@@ -28,6 +29,9 @@ Examples:
   chaos queue                                   # running scenarios and the queue behind them
   chaos audit --since 1h                        # who did what
   chaos validate --lab --scenario ID            # recovered? lag drained, no event lost
+  chaos watch                                   # live: agents' CPU/memory/network, probes, scenarios, alerts
+  chaos metrics lab-kafka --metric net.         # one agent's latest metrics
+  chaos scenario create --latency 200ms --selector role=kafka --stop-if 'kafka.lag.total > 5000 for 10s'
   chaos --output json agents | jq '.agents[].health'
 
 Environment: CHAOS_COORDINATOR (coordinator URL), CHAOS_AGENT (agent URL).";
@@ -71,6 +75,10 @@ enum Command {
     Audit(scenario::AuditArgs),
     /// Did the pipeline recover? Availability, lag drain, data consistency, performance baseline.
     Validate(Box<validate::ValidateArgs>),
+    /// Live view of every agent's host metrics, the probes, running scenarios and alerts.
+    Watch(watch::WatchArgs),
+    /// The latest metrics of agents and probes (a snapshot).
+    Metrics(watch::MetricsArgs),
     /// The local lab: hosts in network namespaces, real Kafka and Cassandra (root).
     #[command(subcommand)]
     Lab(lab::LabCommand),
@@ -113,6 +121,8 @@ async fn main() -> ExitCode {
         Command::Queue => scenario::queue(&cli.coordinator, cli.timeout, fmt).await,
         Command::Audit(a) => scenario::audit(&cli.coordinator, cli.timeout, fmt, a).await,
         Command::Validate(a) => validate::run(&cli.coordinator, fmt, *a).await,
+        Command::Watch(a) => watch::watch(&cli.coordinator, cli.timeout, fmt, a).await,
+        Command::Metrics(a) => watch::metrics(&cli.coordinator, cli.timeout, fmt, a).await,
         // The lab verbs block (process starts, health polling); nothing else runs meanwhile.
         Command::Lab(c) => lab::run(c, fmt).await,
     };

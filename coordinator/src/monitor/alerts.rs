@@ -56,11 +56,11 @@ pub struct Engine {
     firing: HashMap<(String, String, String), pb::AlertEvent>,
 }
 
-fn series_key(source: &str, m: &pb::Metric) -> String {
-    let mut labels: Vec<_> = m.labels.iter().collect();
+/// How a series reads in messages: `name{k=v,...}` (labels sorted).
+fn series_name(m: &pb::Metric) -> String {
+    let mut labels: Vec<_> = m.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
     labels.sort();
-    let l: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-    format!("{source}/{}{{{}}}", m.name, l.join(","))
+    if labels.is_empty() { m.name.clone() } else { format!("{}{{{}}}", m.name, labels.join(",")) }
 }
 
 impl Engine {
@@ -79,7 +79,8 @@ impl Engine {
             }
             let scenario_id = r.scenario.as_ref().map(|s| s.0.clone()).unwrap_or_default();
             for m in batch.metrics.iter().filter(|m| r.rule.selects(&batch.source, &m.name, &m.labels)) {
-                let key = (r.name.clone(), scenario_id.clone(), series_key(&batch.source, m));
+                let series = series_name(m);
+                let key = (r.name.clone(), scenario_id.clone(), format!("{}/{series}", batch.source));
                 let st = self.series.entry(key.clone()).or_default();
                 let event = |state: pb::AlertState, message: String| pb::AlertEvent {
                     rule: r.name.clone(),
@@ -98,7 +99,7 @@ impl Engine {
                     if !st.firing && now - since >= r.rule.hold {
                         st.firing = true;
                         let held = if r.rule.hold.is_zero() { String::new() } else { format!(" for {} ms", (now - since).as_millis()) };
-                        let msg = format!("`{}` fired: {} = {} on {}{held}", r.rule.expr, key.2, m.value, batch.source);
+                        let msg = format!("`{}` fired: {series} = {} on {}{held}", r.rule.expr, m.value, batch.source);
                         let ev = event(pb::AlertState::Firing, msg.clone());
                         if !scenario_id.is_empty() {
                             out.aborts.push((scenario_id.clone(), format!("stop condition {msg}")));
@@ -111,7 +112,7 @@ impl Engine {
                     if st.firing {
                         st.firing = false;
                         self.firing.remove(&key);
-                        let msg = format!("`{}` resolved: {} = {}", r.rule.expr, key.2, m.value);
+                        let msg = format!("`{}` resolved: {series} = {} on {}", r.rule.expr, m.value, batch.source);
                         out.events.push(event(pb::AlertState::Resolved, msg));
                     }
                 }
@@ -133,7 +134,8 @@ impl Engine {
     }
 }
 
-/// Alerts fired, by rule and kind, for `/metrics`.
+/// Alerts fired, for `/metrics`: by rule name and kind ("alert"), or by
+/// metric and kind ("stop_condition").
 #[derive(Debug, Clone, Default)]
 pub struct AlertCounters {
     pub fired: Family<Vec<(String, String)>, Counter>,
@@ -211,7 +213,9 @@ impl Alerts {
                 let firing = ev.state == pb::AlertState::Firing as i32;
                 let kind = if ev.scenario_id.is_empty() { "alert" } else { "stop_condition" };
                 if firing {
-                    self.counters.fired.get_or_create(&vec![("rule".into(), ev.rule.clone()), ("kind".into(), kind.into())]).inc();
+                    // Config alerts by name; stop conditions by metric (scenario ids would grow without bound).
+                    let rule = if ev.scenario_id.is_empty() { ev.rule.clone() } else { ev.metric.clone() };
+                    self.counters.fired.get_or_create(&vec![("rule".into(), rule), ("kind".into(), kind.into())]).inc();
                     warn!(rule = %ev.rule, source = %ev.source, value = ev.value, scenario = %ev.scenario_id, "{}", ev.message);
                 }
                 let action = match (firing, kind) {
