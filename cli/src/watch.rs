@@ -311,7 +311,7 @@ pub async fn watch(coordinator: &str, timeout: Duration, fmt: Format, a: WatchAr
                 let frame = view.render(coordinator, &running);
                 let mut out = std::io::stdout().lock();
                 // Clear and home on a terminal; frames one after another otherwise.
-                let _ = if tty { write!(out, "\x1b[2J\x1b[H{frame}\n") } else { writeln!(out, "{frame}\n") };
+                let _ = if tty { writeln!(out, "\x1b[2J\x1b[H{frame}") } else { writeln!(out, "{frame}\n") };
                 let _ = out.flush();
                 n += 1;
                 if a.count.is_some_and(|c| n >= c) {

@@ -3,7 +3,9 @@
 //! their agents, a coordinator, real Kafka and Cassandra; a partition
 //! scenario cuts the processor from Cassandra and is reverted; two drills
 //! under load pass with nothing lost or duplicated; `chaos validate` fails,
-//! naming the ids, on processors seeded with defects; `chaos lab down`
+//! naming the ids, on processors seeded with defects; the coordinator's
+//! probes stream the pipeline's counts, and a stop condition on the Kafka
+//! probe aborts a scenario that pauses the broker; `chaos lab down`
 //! leaves no namespace, bridge, process or run directory.
 
 use std::{path::PathBuf, process::Command, time::Duration};
@@ -152,6 +154,87 @@ fn lab_up_runs_real_kafka_and_cassandra_a_partition_bites_and_down_leaves_nothin
     let total = processor_down["data"]["acknowledged"].as_u64().unwrap_or(0) + kafka_down["data"]["acknowledged"].as_u64().unwrap_or(0);
     assert_eq!(st["pipeline"]["kafka_count"].as_u64(), Some(total), "{st:#}");
     assert_eq!(st["pipeline"]["cassandra_count"].as_u64(), Some(total), "{st:#}");
+
+    // The same three counts flow in the coordinator's metric stream, from
+    // its probes of the collector's status, Kafka and Cassandra.
+    let streamed = chaos_ok(
+        &[
+            "--coordinator",
+            &curl,
+            "-o",
+            "json",
+            "watch",
+            "--source",
+            "probe:kafka",
+            "--source",
+            "probe:cassandra",
+            "--source",
+            "probe:collector",
+            "--count",
+            "9",
+            "--for",
+            "30s",
+        ],
+        0,
+    );
+    let mut latest = std::collections::HashMap::new();
+    for line in streamed.lines().filter(|l| l.starts_with('{')) {
+        let ev = json(line);
+        for m in ev["metrics"].as_array().into_iter().flatten() {
+            latest.insert(m["name"].as_str().unwrap_or_default().to_string(), m["value"].as_f64().unwrap_or(-1.0));
+        }
+    }
+    assert_eq!(latest.get("kafka.messages").copied(), Some(total as f64), "{streamed}");
+    assert_eq!(latest.get("cassandra.rows").copied(), Some(total as f64), "{streamed}");
+    assert_eq!(latest.get("kafka.lag.total").copied(), Some(0.0), "{streamed}");
+    assert_eq!(latest.get("file.acked").copied(), kafka_down["data"]["acknowledged"].as_f64(), "the last drill's collector: {streamed}");
+
+    // A stop condition on the real Kafka: pausing the broker makes its probe
+    // read unavailable within its 1 s timeout, which aborts the scenario and
+    // resumes the broker on its own.
+    let kafka_pid = String::from_utf8_lossy(&Command::new("pgrep").args(["-f", "kafka.Kafka"]).output().expect("pgrep").stdout)
+        .split_whitespace()
+        .next()
+        .expect("the Kafka broker's pid")
+        .to_string();
+    let sc = json(&chaos_ok(
+        &[
+            "--coordinator",
+            &curl,
+            "-o",
+            "json",
+            "scenario",
+            "create",
+            "--pause-pid",
+            &kafka_pid,
+            "--agent-id",
+            "kafka",
+            "--severity",
+            "3",
+            "--duration",
+            "60s",
+            "--stop-if",
+            "probe.up{probe=kafka} < 1",
+        ],
+        0,
+    ));
+    let id = sc["scenario"]["id"].as_str().expect("scenario id").to_string();
+    let mut shown = serde_json::Value::Null;
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            shown = json(&chaos_ok(&["--coordinator", &curl, "-o", "json", "scenario", "show", &id], 0));
+            shown["state"] == "aborted"
+        }),
+        "the Kafka probe's stop condition never fired: {shown:#}"
+    );
+    assert!(shown["reason"].as_str().is_some_and(|r| r.contains("probe.up{probe=kafka} = 0")), "{shown:#}");
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            let v = json(&chaos_ok(&["--coordinator", &curl, "-o", "json", "metrics", "probe:kafka", "--metric", "probe.up"], 0));
+            v["batches"][0]["metrics"][0]["value"] == 1.0
+        }),
+        "Kafka answers its probe again once the scenario reverted the pause"
+    );
 
     // Seeded defects make validation fail naming the ids: a processor that
     // drops 1 in 100 events, one that writes 1 in 100 twice. Each reads the

@@ -479,9 +479,20 @@ fn up_inner(cfg: &LabConfig, progress: &mut dyn FnMut(&str)) -> anyhow::Result<V
     // One host is a quarter of the lab: drills may stop every host but the
     // collector at once (the full stop), and the whole group a role selects
     // (each role is one host here).
+    // Probes: the pipeline's three counts (produced by the collector, in
+    // Kafka, in Cassandra) and the consumer lag flow in the metric stream.
     fs::write(
         &ccfg,
-        "chaos_testing:\n  default_duration: 60\n  safety_timeout: 600\n  blast_radius_limit: 0.75\n  group_blast_radius_limit: 1.0\n",
+        format!(
+            "chaos_testing:\n  default_duration: 60\n  safety_timeout: 600\n  blast_radius_limit: 0.75\n  group_blast_radius_limit: 1.0\n\
+             monitoring:\n  metrics_interval: 1s\n  probes:\n\
+             \x20   - {{name: kafka, kind: kafka, bootstrap: '{}', topic: {TOPIC}, group: {GROUP}, timeout: 1s}}\n\
+             \x20   - {{name: cassandra, kind: cassandra, contact: '{}', count_table: {EVENTS_TABLE}, interval: 2s, timeout: 2s}}\n\
+             \x20   - {{name: collector, kind: file, path: '{}'}}\n",
+            kafka_bootstrap(),
+            cassandra_contact(),
+            cfg.collector_status().display()
+        ),
     )?;
     let coord = [
         cfg.bin_dir.join("chaos-coordinator").display().to_string(),

@@ -25,12 +25,18 @@
 //!     fault, and the CPU of a real coordinator process while 1,000 agents
 //!     heartbeat at 1 Hz, each on its own connection.
 //!
-//! Run: `cargo build --release --workspace --bins && ./target/release/chaos-bench [--suite lifecycle|network|coordinator|all] [--faults N] [--agents M] [--runs R]`
+//! (n) the metrics hub: 1,000 stand-in agents streaming 40 values each at
+//!     1 Hz into a real coordinator process, 10 watchers reading every
+//!     batch: the coordinator's CPU and RSS, and the delay from a sample's
+//!     timestamp on the agent to its arrival at a watcher.
+//!
+//! Run: `cargo build --release --workspace --bins && ./target/release/chaos-bench [--suite lifecycle|network|coordinator|hub|all] [--faults N] [--agents M] [--runs R]`
 //! (the network suite drives `chaos-netprobe`, built next to it).
 
 use std::{
     collections::BTreeMap,
     path::Path,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -71,6 +77,7 @@ enum Suite {
     Lifecycle,
     Network,
     Coordinator,
+    Hub,
     All,
 }
 
@@ -278,11 +285,20 @@ async fn bench_estop(agents: usize, runs: usize, dir: &Path) -> anyhow::Result<(
 
 /// Start `n` stand-in agents and register them with the coordinator at `curl`.
 async fn standins(n: usize, cclient: &mut CoordinatorClient<Channel>) -> anyhow::Result<(Vec<Standin>, Vec<JoinHandle<()>>)> {
+    standins_with_metrics(n, 0, cclient).await
+}
+
+/// Stand-ins whose StreamMetrics sends `metrics` values every second (0: none).
+async fn standins_with_metrics(
+    n: usize,
+    metrics: usize,
+    cclient: &mut CoordinatorClient<Channel>,
+) -> anyhow::Result<(Vec<Standin>, Vec<JoinHandle<()>>)> {
     let (mut agents, mut tasks) = (Vec::with_capacity(n), Vec::with_capacity(n));
     for i in 0..n {
         let l = TcpListener::bind("127.0.0.1:0").await?;
         let addr = l.local_addr()?;
-        let s = Standin::new();
+        let s = Standin::new().with_metrics(metrics);
         let srv = s.clone();
         tasks.push(tokio::spawn(async move {
             let _ = srv.serve(l).await;
@@ -368,20 +384,115 @@ async fn bench_scenarios(n: usize, runs: usize, dir: &Path) -> anyhow::Result<(S
     Ok((stats(create), stats(estop)))
 }
 
-/// (m) CPU of a coordinator process (utime + stime from /proc) while `n`
-/// agents heartbeat at 1 Hz, spread evenly, each on its own connection.
-async fn bench_heartbeat_cpu(n: usize, window: Duration, dir: &Path) -> anyhow::Result<f64> {
+/// utime + stime of a process, in clock ticks.
+fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let f: Vec<&str> = s[s.rfind(')').context("stat")? + 2..].split_whitespace().collect();
+    Ok(f[11].parse::<u64>()? + f[12].parse::<u64>()?)
+}
+
+/// A coordinator process on a free port with its state under `dir`.
+fn coordinator_process(dir: &Path, name: &str) -> anyhow::Result<(tokio::process::Child, u32, String)> {
     let port = chaos_e2e::free_port();
-    let state = dir.join("cpu-coordinator");
-    let mut child = tokio::process::Command::new(chaos_e2e::bin("chaos-coordinator"))
-        .args(["--listen", &format!("127.0.0.1:{port}"), "--state-dir", &state.display().to_string()])
+    let child = tokio::process::Command::new(chaos_e2e::bin("chaos-coordinator"))
+        .args(["--listen", &format!("127.0.0.1:{port}"), "--state-dir", &dir.join(name).display().to_string()])
         .env("RUST_LOG", "warn")
         .stderr(std::process::Stdio::null())
         .kill_on_drop(true)
         .spawn()
         .context("starting chaos-coordinator")?;
     let pid = child.id().context("coordinator pid")?;
-    let url = format!("http://127.0.0.1:{port}");
+    Ok((child, pid, format!("http://127.0.0.1:{port}")))
+}
+
+/// Figures of the hub benchmark.
+struct HubFigures {
+    cpu_pct: f64,
+    rss_mib: f64,
+    delay: Stats,
+    batches: usize,
+    skipped: u64,
+}
+
+/// (n) the hub: `agents` stand-ins streaming `metrics` values at 1 Hz into a
+/// real coordinator process, `watchers` clients each reading every batch;
+/// coordinator CPU and RSS over `window`, and sampled → delivered delay.
+async fn bench_hub(agents: usize, metrics: usize, watchers: usize, window: Duration, dir: &Path) -> anyhow::Result<HubFigures> {
+    let (mut child, pid, url) = coordinator_process(dir, "hub-coordinator")?;
+    let mut c = CoordinatorClient::new(connect(&url).await?);
+    let (_agents, tasks) = standins_with_metrics(agents, metrics, &mut c).await?;
+    // Until the hub has a current batch from every agent.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let r = c.get_metrics(pb::GetMetricsRequest::default()).await?.into_inner();
+        let current = r.sources.iter().filter(|s| !s.stale && s.batches_received > 0).count();
+        if current >= agents {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("the hub follows {current} of {agents} agents after 60 s");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let measuring = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut readers = Vec::new();
+    for _ in 0..watchers {
+        let mut w = CoordinatorClient::new(connect(&url).await?);
+        let mut stream = w.stream_metrics(pb::StreamMetricsRequest::default()).await?.into_inner();
+        let on = Arc::clone(&measuring);
+        readers.push(tokio::spawn(async move {
+            let (mut delays, mut skipped) = (Vec::new(), 0u64);
+            while let Ok(Some(ev)) = stream.message().await {
+                if !on.load(std::sync::atomic::Ordering::Relaxed) {
+                    continue;
+                }
+                match ev.event {
+                    Some(pb::metric_event::Event::Batch(b)) => {
+                        if let Some(at) = b.sampled_at.as_ref() {
+                            let sampled = chaos_proto::convert::timestamp_from_pb(at);
+                            delays.push(std::time::SystemTime::now().duration_since(sampled).unwrap_or_default());
+                        }
+                    }
+                    Some(pb::metric_event::Event::Skipped(n)) => skipped += n,
+                    _ => {}
+                }
+            }
+            (delays, skipped)
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    measuring.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (t0, c0) = (Instant::now(), cpu_ticks(pid)?);
+    tokio::time::sleep(window).await;
+    let (elapsed, used) = (t0.elapsed(), cpu_ticks(pid)? - c0);
+    measuring.store(false, std::sync::atomic::Ordering::Relaxed);
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let rss_kib: f64 =
+        status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next()?.parse().ok()).unwrap_or(0.0);
+    let _ = child.kill().await;
+    let (mut delays, mut skipped) = (Vec::new(), 0);
+    for r in readers {
+        let (d, s) = r.await?;
+        delays.extend(d);
+        skipped += s;
+    }
+    for t in tasks {
+        t.abort();
+    }
+    let batches = delays.len();
+    Ok(HubFigures {
+        cpu_pct: 100.0 * (used as f64 / 100.0) / elapsed.as_secs_f64(),
+        rss_mib: rss_kib / 1024.0,
+        delay: stats(delays),
+        batches,
+        skipped,
+    })
+}
+
+/// (m) CPU of a coordinator process (utime + stime from /proc) while `n`
+/// agents heartbeat at 1 Hz, spread evenly, each on its own connection.
+async fn bench_heartbeat_cpu(n: usize, window: Duration, dir: &Path) -> anyhow::Result<f64> {
+    let (mut child, pid, url) = coordinator_process(dir, "cpu-coordinator")?;
     let mut clients = Vec::with_capacity(n);
     for i in 0..n {
         let mut c = CoordinatorClient::new(connect(&url).await?);
@@ -396,11 +507,6 @@ async fn bench_heartbeat_cpu(n: usize, window: Duration, dir: &Path) -> anyhow::
         .await?;
         clients.push(c);
     }
-    let cpu_ticks = |pid: u32| -> anyhow::Result<u64> {
-        let s = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-        let f: Vec<&str> = s[s.rfind(')').context("stat")? + 2..].split_whitespace().collect();
-        Ok(f[11].parse::<u64>()? + f[12].parse::<u64>()?)
-    };
     // Warm up one full round, then measure.
     let tick = Duration::from_secs(1) / n as u32;
     let mut interval = tokio::time::interval(tick);
@@ -599,6 +705,15 @@ async fn main() -> anyhow::Result<()> {
         let cpu = bench_heartbeat_cpu(1000, Duration::from_secs(20), dir.path()).await?;
         notes.push(format!(
             "(m) coordinator process CPU with 1,000 agents heartbeating at 1 Hz (own connection each): {cpu:.1} % of one core over 20 s (goal <= 10 %)"
+        ));
+    }
+    if matches!(args.suite, Suite::Hub | Suite::All) {
+        eprintln!("(n) metrics hub: 1,000 stand-in agents x 40 values at 1 Hz, 10 watchers, 20 s ...");
+        let h = bench_hub(1000, 40, 10, Duration::from_secs(20), dir.path()).await?;
+        row(out, "(n) sample taken on an agent -> delivered to a watcher (10 watchers)", &h.delay, "<= 50 ms p99");
+        notes.push(format!(
+            "(n) coordinator process with 1,000 agent streams at 1 Hz and 10 watchers: {:.1} % of one core over 20 s (goal <= 10 %), RSS {:.0} MiB; {} batches delivered, {} skipped by slow watchers",
+            h.cpu_pct, h.rss_mib, h.batches, h.skipped
         ));
     }
     if matches!(args.suite, Suite::Network | Suite::All) {
