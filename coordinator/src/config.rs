@@ -200,6 +200,7 @@ mod tests {
         assert_eq!(c.recovery.max_attempts, 3);
         assert_eq!(c.recovery.recovery_timeout, Duration::from_secs(120));
         assert_eq!(c.recovery.retry_interval, Duration::from_secs(5));
+        assert_eq!(c.monitoring.rules.len(), 3, "the seed threshold and two alert examples");
     }
 
     #[test]

@@ -69,6 +69,13 @@ fn reflection_and_health_on_both_servers() {
         ok && out.contains("\"progress\"") && out.contains("availability:agent") && out.contains("\"verdict\": \"VERDICT_PASSED\""),
         "{out}"
     );
+    // Metrics: the agent streams batches (here cut by grpcurl's deadline);
+    // the coordinator answers a snapshot.
+    let (_, out) =
+        run(&["-plaintext", "-max-time", "2", "-d", r#"{"metricPrefixes":["host.memory"]}"#, ahost, "chaos.v1.Agent/StreamMetrics"]);
+    assert!(out.contains("\"source\": \"g\"") && out.contains("host.memory.total_bytes") && !out.contains("host.cpu"), "{out}");
+    let (ok, out) = run(&["-plaintext", chost, "chaos.v1.Coordinator/GetMetrics"]);
+    assert!(ok, "{out}");
     let body = r#"{"services":[{"kind":"SERVICE_KIND_TCP","address":"nowhere"}]}"#;
     let (ok, out) = run(&["-plaintext", "-d", body, chost, "chaos.v1.Coordinator/ValidateRecovery"]);
     assert!(!ok && out.contains("InvalidArgument") && out.contains("services[0].address"), "{out}");
