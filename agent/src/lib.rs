@@ -4,8 +4,9 @@
 //! lease), on SIGTERM, and after a crash (journal replay at start).
 //!
 //! Reading order: [`lifecycle`] (the state machine), [`faults`] (one driver
-//! per family), [`journal`], [`sys`] (OS calls behind traits), [`service`]
-//! (the gRPC surface), [`lease`] (the coordinator link), [`run`] (wiring).
+//! per family), [`journal`], [`sys`] (OS calls behind traits), [`metrics`]
+//! (the host sampler), [`service`] (the gRPC surface), [`lease`] (the
+//! coordinator link), [`run`] (wiring).
 
 pub mod config;
 pub mod error;

@@ -7,7 +7,9 @@
 //!
 //! Reading order: [`registry`], [`fleet`] (fan-out), [`policy`] (the rules
 //! from the config file), [`admission`] (selection and blast radius),
-//! [`scenarios`] (queue, runners, recovery), [`store`], [`service`], [`run`].
+//! [`scenarios`] (queue, runners, recovery), [`store`], [`monitor`] (metric
+//! hub, probes, alert rules and stop conditions), [`telemetry`]
+//! (Prometheus), [`service`], [`run`].
 
 pub mod admission;
 pub mod armstore;

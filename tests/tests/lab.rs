@@ -187,6 +187,8 @@ fn lab_up_runs_real_kafka_and_cassandra_a_partition_bites_and_down_leaves_nothin
     assert_eq!(latest.get("kafka.messages").copied(), Some(total as f64), "{streamed}");
     assert_eq!(latest.get("cassandra.rows").copied(), Some(total as f64), "{streamed}");
     assert_eq!(latest.get("kafka.lag.total").copied(), Some(0.0), "{streamed}");
+    assert!(latest.get("cassandra.write_ms").is_some_and(|ms| *ms > 0.0), "probe row written: {streamed}");
+    assert!(latest.get("cassandra.read_ms").is_some_and(|ms| *ms > 0.0), "probe row read back: {streamed}");
     assert_eq!(latest.get("file.acked").copied(), kafka_down["data"]["acknowledged"].as_f64(), "the last drill's collector: {streamed}");
 
     // A stop condition on the real Kafka: pausing the broker makes its probe

@@ -44,14 +44,20 @@ pub async fn count(s: &Session, table: &str) -> anyhow::Result<i64> {
     Ok(n)
 }
 
-/// Write one row of `table` (created if missing: `id text PRIMARY KEY,
-/// written_at timestamp`, in an existing keyspace) and read it back; the
-/// two round trips, timed.
-pub async fn write_read(s: &Session, table: &str, id: &str) -> anyhow::Result<(Duration, Duration)> {
+/// Create the probe table if missing (`id text PRIMARY KEY, written_at
+/// timestamp`, in an existing keyspace).
+pub async fn ensure_probe_table(s: &Session, table: &str) -> anyhow::Result<()> {
     let table = parse_table_name(table).map_err(anyhow::Error::msg)?;
     s.query_unpaged(format!("CREATE TABLE IF NOT EXISTS {table} (id text PRIMARY KEY, written_at timestamp)"), &[])
         .await
         .with_context(|| format!("creating the probe table {table}"))?;
+    Ok(())
+}
+
+/// Write one row of the probe `table` and read it back; the two round
+/// trips, timed.
+pub async fn write_read(s: &Session, table: &str, id: &str) -> anyhow::Result<(Duration, Duration)> {
+    let table = parse_table_name(table).map_err(anyhow::Error::msg)?;
     let now = scylla::value::CqlTimestamp(
         i64::try_from(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis()).unwrap_or(0),
     );

@@ -134,6 +134,8 @@ impl ProbeFile {
 struct State {
     kafka: Option<kafka::Probe>,
     cassandra: Option<Arc<scylla::client::session::Session>>,
+    /// The probe table exists (created once per session).
+    probe_table_ready: bool,
     previous: HashMap<String, (f64, Instant)>,
 }
 
@@ -177,6 +179,7 @@ async fn look(spec: &ProbeSpec, st: &mut State) -> anyhow::Result<Vec<pb::Metric
         ProbeKind::Cassandra { contact, count_table, probe_table } => {
             if st.cassandra.is_none() {
                 st.cassandra = Some(Arc::new(cassandra::connect(contact).await?));
+                st.probe_table_ready = false;
             }
             let s = st.cassandra.clone().ok_or_else(|| anyhow::anyhow!("no Cassandra session"))?;
             if let Some(t) = count_table {
@@ -187,6 +190,10 @@ async fn look(spec: &ProbeSpec, st: &mut State) -> anyhow::Result<Vec<pb::Metric
                 }
             }
             if let Some(t) = probe_table {
+                if !st.probe_table_ready {
+                    cassandra::ensure_probe_table(&s, t).await?;
+                    st.probe_table_ready = true;
+                }
                 let (w, r) = cassandra::write_read(&s, t, &format!("probe:{p}")).await?;
                 out.push(metric("cassandra.write_ms", &[("probe", p)], w.as_secs_f64() * 1000.0));
                 out.push(metric("cassandra.read_ms", &[("probe", p)], r.as_secs_f64() * 1000.0));

@@ -487,7 +487,7 @@ fn up_inner(cfg: &LabConfig, progress: &mut dyn FnMut(&str)) -> anyhow::Result<V
             "chaos_testing:\n  default_duration: 60\n  safety_timeout: 600\n  blast_radius_limit: 0.75\n  group_blast_radius_limit: 1.0\n\
              monitoring:\n  metrics_interval: 1s\n  probes:\n\
              \x20   - {{name: kafka, kind: kafka, bootstrap: '{}', topic: {TOPIC}, group: {GROUP}, timeout: 1s}}\n\
-             \x20   - {{name: cassandra, kind: cassandra, contact: '{}', count_table: {EVENTS_TABLE}, interval: 2s, timeout: 2s}}\n\
+             \x20   - {{name: cassandra, kind: cassandra, contact: '{}', count_table: {EVENTS_TABLE}, probe_table: chaos_lab.chaos_probe, interval: 2s, timeout: 2s}}\n\
              \x20   - {{name: collector, kind: file, path: '{}'}}\n",
             kafka_bootstrap(),
             cassandra_contact(),
