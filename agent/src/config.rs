@@ -296,7 +296,7 @@ impl AgentConfig {
         metrics.processes = file.metrics.processes.iter().chain(&args.watch_processes).cloned().collect();
         metrics.cgroups = file.metrics.cgroups.iter().chain(&args.watch_cgroups).cloned().collect();
         for ns in &metrics.netns {
-            if ns.is_empty() || ns.contains('/') || ns == "." || ns == ".." {
+            if !chaos_proto::spec::is_netns_name(ns) {
                 bail!("metrics.netns: {ns:?} is not a namespace name (a file name under /run/netns)");
             }
         }

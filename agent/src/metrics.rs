@@ -6,8 +6,8 @@
 //! Sources: `sysinfo` for CPU (total and per core), load, memory, swap, disk
 //! usage and IO per mount; `/proc/net/dev` for interface counters (read
 //! inside each configured network namespace from a short-lived thread that
-//! `setns`es, so the agent itself never moves); `/proc/PID/stat` and
-//! `statm` for watched processes; cgroup counters (v1 or v2) for watched
+//! `setns`es, so the agent itself never moves); `/proc/PID/stat` for
+//! watched processes; cgroup counters (v1 or v2) for watched
 //! cgroups.
 //!
 //! Metric names (units in the name; `_total` counters, `_per_s` rates):
@@ -42,7 +42,11 @@ use prometheus_client::{
 use tokio::sync::watch;
 use tracing::{debug, warn};
 
-use crate::sys::cgroup::{CgroupFs, Version};
+use crate::sys::{
+    cgroup::{CgroupFs, Version},
+    processes_named,
+    procfs::ProcFs,
+};
 
 /// What the sampler watches besides the host.
 #[derive(Debug, Clone, PartialEq)]
@@ -117,37 +121,6 @@ pub fn net_dev_in(ns: PathBuf) -> io::Result<String> {
         .map_err(|_| io::Error::other("netns reader thread panicked"))?
 }
 
-/// utime + stime in clock ticks, and RSS pages, of one process.
-fn proc_cpu_rss(pid: u32) -> Option<(u64, u64)> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let f: Vec<&str> = stat[stat.rfind(')')? + 2..].split_whitespace().collect();
-    // Fields 14 and 15 (utime, stime) are indexes 11 and 12 after the comm.
-    let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
-    let statm = fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
-    let rss_pages = statm.split_whitespace().nth(1)?.parse::<u64>().ok()?;
-    Some((ticks, rss_pages))
-}
-
-/// Pids whose comm or argv[0] basename is `name`.
-fn pids_named(name: &str) -> Vec<u32> {
-    let Ok(dir) = fs::read_dir("/proc") else { return Vec::new() };
-    let mut pids: Vec<u32> = dir
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-            if comm.trim_end() == name {
-                return true;
-            }
-            let argv = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            let argv0 = argv.split(|b| *b == 0).next().map(String::from_utf8_lossy).unwrap_or_default();
-            argv0.rsplit('/').next() == Some(name)
-        })
-        .collect();
-    pids.sort_unstable();
-    pids
-}
-
 /// Per-second rate of a counter between two samples (0 when it went back).
 fn rate(now: u64, before: u64, secs: f64) -> f64 {
     if secs <= 0.0 { 0.0 } else { now.saturating_sub(before) as f64 / secs }
@@ -163,6 +136,7 @@ pub struct Sampler {
     sys: Option<sysinfo::System>,
     disks: Option<sysinfo::Disks>,
     cgroups: Option<CgroupFs>,
+    procs: ProcFs,
     page_size: u64,
     last: Option<Instant>,
     net: HashMap<(String, String), NetDev>,
@@ -185,6 +159,7 @@ impl Sampler {
             sys,
             disks,
             cgroups,
+            procs: ProcFs::default(),
             page_size,
             last: None,
             net: HashMap::new(),
@@ -312,22 +287,30 @@ impl Sampler {
     }
 
     fn sample_processes(&mut self, out: &mut Vec<pb::Metric>, secs: f64) {
-        let mut seen = HashMap::new();
-        for name in self.cfg.processes.clone() {
-            let pids = pids_named(&name);
-            out.push(metric("process.count", &[("name", &name)], pids.len() as f64));
-            for pid in pids {
-                let Some((ticks, rss_pages)) = proc_cpu_rss(pid) else { continue };
-                let p = pid.to_string();
-                let l = [("name", name.as_str()), ("pid", p.as_str())];
-                if let Some(before) = self.proc_ticks.get(&pid) {
-                    out.push(metric("process.cpu_pct", &l, 100.0 * rate(ticks, *before, secs) / CLK_TCK));
+        let (mut seen, mut unreadable) = (HashMap::new(), None);
+        for name in &self.cfg.processes {
+            let found = match processes_named(&self.procs, name) {
+                Ok(f) => f,
+                Err(e) => {
+                    unreadable = Some(e);
+                    break;
                 }
-                out.push(metric("process.memory_rss_bytes", &l, (rss_pages * self.page_size) as f64));
-                seen.insert(pid, ticks);
+            };
+            out.push(metric("process.count", &[("name", name)], found.len() as f64));
+            for (stat, _) in found {
+                let p = stat.pid.to_string();
+                let l = [("name", name.as_str()), ("pid", p.as_str())];
+                if let Some(before) = self.proc_ticks.get(&stat.pid) {
+                    out.push(metric("process.cpu_pct", &l, 100.0 * rate(stat.cpu_ticks, *before, secs) / CLK_TCK));
+                }
+                out.push(metric("process.memory_rss_bytes", &l, (stat.rss_pages * self.page_size) as f64));
+                seen.insert(stat.pid, stat.cpu_ticks);
             }
         }
         self.proc_ticks = seen;
+        if let Some(e) = unreadable {
+            self.warn_once("process table", &e);
+        }
     }
 
     fn sample_cgroups(&mut self, out: &mut Vec<pb::Metric>, secs: f64) {

@@ -63,7 +63,7 @@ mod tests {
     use super::*;
 
     fn stat(pid: u32, comm: &str) -> ProcStat {
-        ProcStat { pid, comm: comm.into(), state: 'S', ppid: 1, flags: 0, start_time_ticks: 9 }
+        ProcStat { pid, comm: comm.into(), state: 'S', ppid: 1, flags: 0, start_time_ticks: 9, cpu_ticks: 0, rss_pages: 0 }
     }
 
     #[test]

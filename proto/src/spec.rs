@@ -465,6 +465,11 @@ fn validate_id(id: &str) -> Result<(), SpecError> {
     Ok(())
 }
 
+/// A bare name of a namespace under `/run/netns` (no path).
+pub fn is_netns_name(n: &str) -> bool {
+    !(n.is_empty() || n.contains('/') || n == "." || n == "..")
+}
+
 fn target_from_pb(t: Option<&pb::Target>) -> Result<TargetSpec, SpecError> {
     use pb::target::Kind as K;
     let kind = t.and_then(|t| t.kind.as_ref()).ok_or_else(|| {
@@ -473,7 +478,7 @@ fn target_from_pb(t: Option<&pb::Target>) -> Result<TargetSpec, SpecError> {
     Ok(match kind {
         K::Host(_) => TargetSpec::Host,
         K::Netns(n) => {
-            if n.is_empty() || n.contains('/') || n == "." || n == ".." {
+            if !is_netns_name(n) {
                 return Err(SpecError::invalid("spec.target.netns", format!("must be a namespace name under /run/netns, got {n:?}")));
             }
             TargetSpec::Netns(n.clone())

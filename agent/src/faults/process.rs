@@ -16,7 +16,7 @@ use super::{Applied, FaultDriver, Plan, ProcRef};
 use crate::{
     error::AgentError,
     protect::Protection,
-    sys::{Delivery, ProcessTable, Signals},
+    sys::{Delivery, ProcessTable, Signals, processes_named},
 };
 
 /// What a process fault does to its processes.
@@ -59,19 +59,8 @@ impl ProcessDriver {
                 if self.protection.name_is_protected(name) {
                     return Err(AgentError::Protected(format!("process name {name:?} is listed in protected.names")));
                 }
-                let mut found = Vec::new();
-                for pid in self.table.pids().map_err(AgentError::ProcessTable)? {
-                    let Ok(Some(stat)) = self.table.stat(pid) else { continue };
-                    if stat.is_kernel_thread() {
-                        continue;
-                    }
-                    if stat.comm == *name {
-                        found.push((stat, None));
-                    } else if let Some(argv0) = self.table.argv0_basename(pid).filter(|a| a == name) {
-                        // Keep what was read: the protection check below needs it too.
-                        found.push((stat, Some(argv0)));
-                    }
-                }
+                // argv[0] kept when read: the protection check below needs it too.
+                let found = processes_named(self.table.as_ref(), name).map_err(AgentError::ProcessTable)?;
                 if found.is_empty() {
                     return Err(AgentError::TargetNotFound(format!("no process named {name:?}")));
                 }

@@ -35,13 +35,22 @@ impl FakeProcs {
 
     /// Add a running process.
     pub fn spawn(&self, pid: u32, comm: &str, start_time_ticks: u64) {
-        let stat = ProcStat { pid, comm: comm.to_string(), state: 'S', ppid: 1, flags: 0, start_time_ticks };
+        let stat = ProcStat { pid, comm: comm.to_string(), state: 'S', ppid: 1, flags: 0, start_time_ticks, cpu_ticks: 0, rss_pages: 0 };
         self.lock().procs.insert(pid, (stat, None));
     }
 
     /// Add a kernel thread.
     pub fn spawn_kthread(&self, pid: u32, comm: &str) {
-        let stat = ProcStat { pid, comm: comm.to_string(), state: 'I', ppid: 2, flags: super::PF_KTHREAD, start_time_ticks: 1 };
+        let stat = ProcStat {
+            pid,
+            comm: comm.to_string(),
+            state: 'I',
+            ppid: 2,
+            flags: super::PF_KTHREAD,
+            start_time_ticks: 1,
+            cpu_ticks: 0,
+            rss_pages: 0,
+        };
         self.lock().procs.insert(pid, (stat, None));
     }
 

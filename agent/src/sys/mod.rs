@@ -24,6 +24,10 @@ pub struct ProcStat {
     /// Start time in clock ticks since boot (field 22): with the pid, it
     /// names one process for the life of the host.
     pub start_time_ticks: u64,
+    /// CPU time used, user + system, in clock ticks (fields 14 and 15).
+    pub cpu_ticks: u64,
+    /// Resident set size in pages (field 24).
+    pub rss_pages: u64,
 }
 
 /// `PF_KTHREAD`: the process is a kernel thread.
@@ -43,6 +47,25 @@ pub trait ProcessTable: Send + Sync {
     fn pids(&self) -> std::io::Result<Vec<u32>>;
     /// Basename of argv[0], when readable (comm is cut to 15 characters).
     fn argv0_basename(&self, pid: u32) -> Option<String>;
+}
+
+/// Live user processes (no kernel threads) whose comm or argv[0] basename
+/// is `name`; with argv[0]'s basename when that is what matched (comm is cut
+/// to 15 characters), so callers need not read it again.
+pub fn processes_named(table: &dyn ProcessTable, name: &str) -> std::io::Result<Vec<(ProcStat, Option<String>)>> {
+    let mut found = Vec::new();
+    for pid in table.pids()? {
+        let Ok(Some(stat)) = table.stat(pid) else { continue };
+        if stat.is_kernel_thread() {
+            continue;
+        }
+        if stat.comm == name {
+            found.push((stat, None));
+        } else if let Some(argv0) = table.argv0_basename(pid).filter(|a| a == name) {
+            found.push((stat, Some(argv0)));
+        }
+    }
+    Ok(found)
 }
 
 /// What became of a signal aimed at one process.

@@ -51,6 +51,8 @@ pub fn parse_stat(pid: u32, text: &str) -> io::Result<ProcStat> {
         ppid: u32::try_from(num(4)?).map_err(|_| bad("ppid out of range"))?,
         flags: num(9)?,
         start_time_ticks: num(22)?,
+        cpu_ticks: num(14)? + num(15)?,
+        rss_pages: num(24)?,
     })
 }
 
@@ -97,6 +99,7 @@ mod tests {
         assert_eq!(s.ppid, 1);
         assert_eq!(s.flags, 4194560);
         assert_eq!(s.start_time_ticks, 987654);
+        assert_eq!((s.cpu_ticks, s.rss_pages), (3, 200));
     }
 
     #[test]
