@@ -34,8 +34,15 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use chaos_proto::{convert::timestamp_to_pb, metrics::metric, pb, telemetry::Labels};
+use chaos_proto::{
+    convert::timestamp_to_pb,
+    metrics::metric,
+    pb,
+    telemetry::{Labels, encode_batches},
+};
 use prometheus_client::{
+    collector::Collector,
+    encoding::DescriptorEncoder,
     metrics::{counter::Counter, family::Family},
     registry::Registry,
 };
@@ -384,6 +391,18 @@ impl FaultCounters {
 
 /// The latest batch, shared by the sampler and its readers.
 pub type Latest = watch::Receiver<Arc<pb::MetricBatch>>;
+
+/// `/metrics` export of the latest sample, read at scrape time.
+#[derive(Debug)]
+pub struct SampleCollector(pub Latest);
+
+impl Collector for SampleCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        // Hold the watch's lock for a pointer copy, not for the encoding.
+        let latest = Arc::clone(&self.0.borrow());
+        encode_batches(&mut encoder, [&*latest])
+    }
+}
 
 /// Start the sampler on its own thread. It stops when every receiver is
 /// gone. `active_faults` is read at each sample.

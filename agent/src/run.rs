@@ -5,10 +5,7 @@
 use std::{future::Future, sync::Arc, time::Duration};
 
 use anyhow::Context;
-use chaos_proto::{
-    pb::agent_server::AgentServer,
-    telemetry::{BatchCollector, serve_metrics},
-};
+use chaos_proto::{pb::agent_server::AgentServer, telemetry::serve_metrics};
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 use tracing::{error, info, warn};
@@ -23,7 +20,7 @@ use crate::{
     journal::DirJournal,
     lease::{self, LeaseLink},
     lifecycle::{LeaseConfig, Lifecycle, LifecycleConfig},
-    metrics::{self, FaultCounters},
+    metrics::{self, FaultCounters, SampleCollector},
     protect::Protection,
     service::{AgentIdentity, AgentService, proc_line},
     sys::{netexec::NsenterExec, procfs::ProcFs, signals::PidfdSignals},
@@ -110,17 +107,7 @@ pub async fn run(cfg: AgentConfig, listener: TcpListener, shutdown: impl Future<
     };
     let (metrics_stop, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
     if let Some(addr) = cfg.metrics_listen {
-        let collector = BatchCollector::default();
-        registry.register_collector(Box::new(collector.clone()));
-        let mut rx = latest.clone();
-        tokio::spawn(async move {
-            loop {
-                collector.update(&rx.borrow_and_update());
-                if rx.changed().await.is_err() {
-                    return;
-                }
-            }
-        });
+        registry.register_collector(Box::new(SampleCollector(latest.clone())));
         serve_metrics(addr, Arc::new(registry), async {
             let _ = metrics_stopped.await;
         })

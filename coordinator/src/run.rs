@@ -38,13 +38,7 @@ pub async fn run(cfg: CoordinatorConfig, listener: TcpListener, shutdown: impl F
         info!(recovered, "picked up unfinished scenarios from the previous run");
     }
     let telemetry = Telemetry::default();
-    let monitor = Arc::new(monitor::start(
-        &cfg.monitoring,
-        Arc::clone(&registry),
-        Arc::clone(&scenarios),
-        telemetry.probes.clone(),
-        telemetry.alerts.clone(),
-    ));
+    let monitor = Arc::new(monitor::start(&cfg.monitoring, Arc::clone(&registry), Arc::clone(&scenarios), telemetry.alerts.clone()));
     let (prom, rpc_metrics) = telemetry.registry(Arc::clone(&registry), Arc::clone(&scenarios), Arc::clone(&monitor.hub));
     let (metrics_stop, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
     if let Some(addr) = cfg.monitoring.listen {

@@ -15,7 +15,7 @@ use tracing::{info, instrument};
 use crate::{
     error::CoordinatorError,
     fleet,
-    monitor::Monitor,
+    monitor::{Monitor, hub::HubEvent},
     registry::Registry,
     scenarios::{Scenarios, snapshot_event},
     validate::{Plan, RecoveryDefaults},
@@ -286,15 +286,13 @@ impl Coordinator for CoordinatorService {
             }
             loop {
                 let ev = match rx.recv().await {
-                    Ok(ev) => match &ev.event {
-                        Some(Event::Batch(b)) => match filter.apply(b) {
-                            Some(b) => Event::Batch(b),
-                            None => continue,
-                        },
-                        Some(Event::Alert(_)) if r.no_alerts => continue,
-                        Some(e) => e.clone(),
+                    // The one copy this watcher needs: tonic sends owned messages.
+                    Ok(HubEvent::Batch(b)) => match filter.apply(&b) {
+                        Some(b) => Event::Batch(b),
                         None => continue,
                     },
+                    Ok(HubEvent::Alert(_)) if r.no_alerts => continue,
+                    Ok(HubEvent::Alert(a)) => Event::Alert((*a).clone()),
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => Event::Skipped(n),
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
                 };

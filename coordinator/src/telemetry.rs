@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use chaos_proto::{
     pb::AgentHealth,
-    telemetry::{BatchCollector, RpcMetrics},
+    telemetry::{RpcMetrics, encode_batches},
 };
 use prometheus_client::{
     collector::Collector,
@@ -26,10 +26,9 @@ use crate::{
 pub struct Telemetry {
     pub emergency_stops: Counter,
     pub alerts: AlertCounters,
-    pub probes: BatchCollector,
 }
 
-/// Gauges computed at scrape time.
+/// Gauges computed at scrape time, and the probes' latest values.
 struct StateCollector {
     registry: Arc<Registry>,
     scenarios: Arc<Scenarios>,
@@ -52,6 +51,7 @@ fn gauge_family(enc: &mut DescriptorEncoder<'_>, name: &str, help: &str, series:
 
 impl Collector for StateCollector {
     fn encode(&self, mut enc: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        encode_batches(&mut enc, self.hub.current_probes().iter().map(|b| &**b))?;
         let (running, queued) = self.scenarios.counts();
         gauge_family(
             &mut enc,
@@ -91,7 +91,6 @@ impl Telemetry {
         let rpc = RpcMetrics::register(&mut r);
         r.register("chaos_emergency_stops", "Emergency stops served", self.emergency_stops.clone());
         r.register("chaos_alerts_fired", "Alerts and stop conditions fired, by rule and kind", self.alerts.fired.clone());
-        r.register_collector(Box::new(self.probes.clone()));
         r.register_collector(Box::new(StateCollector { registry, scenarios, hub }));
         (r, rpc)
     }

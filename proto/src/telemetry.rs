@@ -1,5 +1,5 @@
 //! Prometheus exposition shared by both servers: a registry, the gRPC
-//! latency layer (a histogram per chaos.v1 method), a collector that exports
+//! latency layer (a histogram per chaos.v1 method), the encoding of
 //! `chaos.v1` metric batches as gauges, and the `/metrics` HTTP endpoint on
 //! its own port. Encoding is prometheus-client's (OpenMetrics text), never
 //! hand-written.
@@ -9,13 +9,12 @@ use std::{
     future::Future,
     net::SocketAddr,
     pin::Pin,
-    sync::{Arc, Mutex},
+    sync::Arc,
     task::{Context, Poll},
     time::Instant,
 };
 
 use prometheus_client::{
-    collector::Collector,
     encoding::{DescriptorEncoder, EncodeMetric, text::encode},
     metrics::{
         family::Family,
@@ -114,49 +113,32 @@ pub fn prom_name(name: &str) -> String {
     out
 }
 
-/// Exports the latest batch of each source as gauges (one family per
-/// metric name, labelled by the series' labels plus `source`), read at
-/// scrape time.
-#[derive(Debug, Default, Clone)]
-pub struct BatchCollector {
-    latest: Arc<Mutex<BTreeMap<String, pb::MetricBatch>>>,
-}
-
-impl BatchCollector {
-    /// Keep `batch` as its source's latest.
-    pub fn update(&self, batch: &pb::MetricBatch) {
-        self.latest.lock().unwrap_or_else(|p| p.into_inner()).insert(batch.source.clone(), batch.clone());
-    }
-
-    /// Forget a source (an agent that left).
-    pub fn remove(&self, source: &str) {
-        self.latest.lock().unwrap_or_else(|p| p.into_inner()).remove(source);
-    }
-}
-
-impl Collector for BatchCollector {
-    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
-        let latest = self.latest.lock().unwrap_or_else(|p| p.into_inner());
-        // name -> [(labels, value)]
-        let mut families: BTreeMap<String, Vec<(Labels, f64)>> = BTreeMap::new();
-        for b in latest.values().filter(|b| !b.stale) {
-            for m in &b.metrics {
-                let mut labels: Labels = m.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-                labels.push(("source".into(), b.source.clone()));
-                labels.sort();
-                families.entry(prom_name(&m.name)).or_default().push((labels, m.value));
-            }
+/// Encode batches as gauges: one family per metric name, labelled by the
+/// series' labels plus `source`; stale batches are left out. Collectors
+/// call it at scrape time on the batches their owner already keeps.
+pub fn encode_batches<'a>(
+    encoder: &mut DescriptorEncoder<'_>,
+    batches: impl IntoIterator<Item = &'a pb::MetricBatch>,
+) -> Result<(), std::fmt::Error> {
+    // name -> [(labels, value)]
+    let mut families: BTreeMap<String, Vec<(Labels, f64)>> = BTreeMap::new();
+    for b in batches.into_iter().filter(|b| !b.stale) {
+        for m in &b.metrics {
+            let mut labels: Labels = m.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            labels.push(("source".into(), b.source.clone()));
+            labels.sort();
+            families.entry(prom_name(&m.name)).or_default().push((labels, m.value));
         }
-        for (name, series) in &families {
-            let gauge = ConstGauge::new(0.0f64);
-            let mut family =
-                encoder.encode_descriptor(name, "chaos.v1 metric (see metrics.proto for names and units)", None, gauge.metric_type())?;
-            for (labels, value) in series {
-                ConstGauge::new(*value).encode(family.encode_family(labels)?)?;
-            }
-        }
-        Ok(())
     }
+    for (name, series) in &families {
+        let gauge = ConstGauge::new(0.0f64);
+        let mut family =
+            encoder.encode_descriptor(name, "chaos.v1 metric (see metrics.proto for names and units)", None, gauge.metric_type())?;
+        for (labels, value) in series {
+            ConstGauge::new(*value).encode(family.encode_family(labels)?)?;
+        }
+    }
+    Ok(())
 }
 
 /// Serve `GET /metrics` from `registry` on `addr` until `shutdown`.

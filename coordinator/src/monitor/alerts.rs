@@ -22,7 +22,7 @@ use prometheus_client::metrics::{counter::Counter, family::Family};
 use tokio::{sync::broadcast, time::Instant};
 use tracing::warn;
 
-use super::hub::Hub;
+use super::hub::{Hub, HubEvent};
 use crate::scenarios::Scenarios;
 
 /// A rule with its name and, for a stop condition, its scenario.
@@ -196,7 +196,7 @@ impl Alerts {
                 }
                 Err(broadcast::error::RecvError::Closed) => return,
             };
-            let Some(pb::metric_event::Event::Batch(batch)) = &ev.event else { continue };
+            let HubEvent::Batch(batch) = ev else { continue };
             // A scenario's stop conditions apply from its start: refresh often.
             if refreshed.elapsed() >= Duration::from_millis(200) {
                 let sc = Self::scenario_rules(&scenarios, &mut cache);
@@ -208,7 +208,7 @@ impl Alerts {
             if rules.is_empty() {
                 continue;
             }
-            let out = self.engine.lock().unwrap_or_else(|p| p.into_inner()).observe(&rules, batch, Instant::now());
+            let out = self.engine.lock().unwrap_or_else(|p| p.into_inner()).observe(&rules, &batch, Instant::now());
             for ev in out.events {
                 let firing = ev.state == pb::AlertState::Firing as i32;
                 let kind = if ev.scenario_id.is_empty() { "alert" } else { "stop_condition" };

@@ -10,7 +10,7 @@ use std::{
     time::Duration,
 };
 
-use chaos_proto::{convert::duration_to_pb, metrics::Filter, pb, telemetry::BatchCollector};
+use chaos_proto::{convert::duration_to_pb, metrics::Filter, pb};
 use tokio::{sync::broadcast, time::Instant};
 
 struct Source {
@@ -24,20 +24,32 @@ struct Source {
     interval: Duration,
 }
 
+impl Source {
+    fn new(latest: Arc<pb::MetricBatch>, interval: Duration) -> Self {
+        Source { latest, window: VecDeque::new(), received_at: None, received: 0, stale: false, error: String::new(), interval }
+    }
+}
+
+/// What the hub fans out: shared, so a batch is never copied to be sent.
+#[derive(Debug, Clone)]
+pub enum HubEvent {
+    Batch(Arc<pb::MetricBatch>),
+    Alert(Arc<pb::AlertEvent>),
+}
+
 /// The hub. Cheap to share (`Arc`).
 pub struct Hub {
     sources: Mutex<HashMap<String, Source>>,
-    events: broadcast::Sender<Arc<pb::MetricEvent>>,
+    events: broadcast::Sender<HubEvent>,
     window: usize,
-    collector: BatchCollector,
 }
 
 impl Hub {
     /// `window`: batches kept per source; `capacity`: events buffered for
     /// the slowest watcher before it starts skipping.
-    pub fn new(window: usize, capacity: usize, collector: BatchCollector) -> Arc<Self> {
+    pub fn new(window: usize, capacity: usize) -> Arc<Self> {
         let (events, _) = broadcast::channel(capacity.max(16));
-        Arc::new(Self { sources: Mutex::default(), events, window: window.max(1), collector })
+        Arc::new(Self { sources: Mutex::default(), events, window: window.max(1) })
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<String, Source>> {
@@ -49,15 +61,7 @@ impl Hub {
         let batch = Arc::new(batch);
         {
             let mut g = self.lock();
-            let s = g.entry(batch.source.clone()).or_insert_with(|| Source {
-                latest: Arc::clone(&batch),
-                window: VecDeque::with_capacity(self.window),
-                received_at: None,
-                received: 0,
-                stale: false,
-                error: String::new(),
-                interval,
-            });
+            let s = g.entry(batch.source.clone()).or_insert_with(|| Source::new(Arc::clone(&batch), interval));
             s.latest = Arc::clone(&batch);
             if s.window.len() == self.window {
                 s.window.pop_front();
@@ -69,13 +73,8 @@ impl Hub {
             s.error = batch.error.clone();
             s.interval = interval;
         }
-        // Agents export their own host metrics; the coordinator's /metrics
-        // carries the probes (1,000 agents would make it huge).
-        if batch.source.starts_with("probe:") {
-            self.collector.update(&batch);
-        }
         // No receiver is fine: nobody watches.
-        let _ = self.events.send(Arc::new(pb::MetricEvent { event: Some(pb::metric_event::Event::Batch((*batch).clone())) }));
+        let _ = self.events.send(HubEvent::Batch(batch));
     }
 
     /// The source stopped reporting (its stream broke, or it is silent):
@@ -85,23 +84,10 @@ impl Hub {
             let mut g = self.lock();
             let Some(s) = g.get_mut(source) else {
                 // Never reported: remember the error for GetMetrics.
-                g.insert(
-                    source.to_string(),
-                    Source {
-                        latest: Arc::new(pb::MetricBatch {
-                            source: source.to_string(),
-                            stale: true,
-                            error: error.to_string(),
-                            ..Default::default()
-                        }),
-                        window: VecDeque::new(),
-                        received_at: None,
-                        received: 0,
-                        stale: true,
-                        error: error.to_string(),
-                        interval: Duration::from_secs(1),
-                    },
-                );
+                let empty = pb::MetricBatch { source: source.to_string(), stale: true, error: error.to_string(), ..Default::default() };
+                let mut s = Source::new(Arc::new(empty), Duration::from_secs(1));
+                (s.stale, s.error) = (true, error.to_string());
+                g.insert(source.to_string(), s);
                 return;
             };
             s.error = error.to_string();
@@ -111,8 +97,7 @@ impl Hub {
             s.stale = true;
             pb::MetricBatch { stale: true, error: error.to_string(), ..(*s.latest).clone() }
         };
-        self.collector.remove(source);
-        let _ = self.events.send(Arc::new(pb::MetricEvent { event: Some(pb::metric_event::Event::Batch(out)) }));
+        let _ = self.events.send(HubEvent::Batch(Arc::new(out)));
     }
 
     /// Mark every source silent for three of its intervals as stale.
@@ -132,15 +117,20 @@ impl Hub {
     /// Forget a source (an agent that left the registry).
     pub fn remove(&self, source: &str) {
         self.lock().remove(source);
-        self.collector.remove(source);
     }
 
     pub fn alert(&self, ev: pb::AlertEvent) {
-        let _ = self.events.send(Arc::new(pb::MetricEvent { event: Some(pb::metric_event::Event::Alert(ev)) }));
+        let _ = self.events.send(HubEvent::Alert(Arc::new(ev)));
     }
 
-    pub fn subscribe(&self) -> broadcast::Receiver<Arc<pb::MetricEvent>> {
+    pub fn subscribe(&self) -> broadcast::Receiver<HubEvent> {
         self.events.subscribe()
+    }
+
+    /// The latest batch of every probe that is not stale (for `/metrics`:
+    /// agents export their own host metrics).
+    pub fn current_probes(&self) -> Vec<Arc<pb::MetricBatch>> {
+        self.lock().iter().filter(|(k, s)| k.starts_with("probe:") && !s.stale).map(|(_, s)| Arc::clone(&s.latest)).collect()
     }
 
     /// The latest batch of each matching source (plus up to `history`
@@ -191,7 +181,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_slow_watcher_skips_and_never_delays_a_fast_one() {
-        let hub = Hub::new(4, 16, BatchCollector::default());
+        let hub = Hub::new(4, 16);
         let mut slow = hub.subscribe();
         let mut fast = hub.subscribe();
         // The slow watcher reads nothing while 1,000 batches go by; ingest
@@ -200,11 +190,8 @@ mod tests {
             let mut seen = Vec::new();
             while seen.len() < 1000 {
                 match fast.recv().await {
-                    Ok(ev) => {
-                        if let Some(pb::metric_event::Event::Batch(b)) = &ev.event {
-                            seen.push(b.seq);
-                        }
-                    }
+                    Ok(HubEvent::Batch(b)) => seen.push(b.seq),
+                    Ok(HubEvent::Alert(_)) => {}
                     Err(e) => panic!("fast watcher lagged: {e}"),
                 }
             }
@@ -226,7 +213,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn silent_sources_go_stale_once_and_recover() {
-        let hub = Hub::new(3, 64, BatchCollector::default());
+        let hub = Hub::new(3, 64);
         let mut rx = hub.subscribe();
         for i in 1..=5 {
             hub.ingest(batch("a", i, i as f64), Duration::from_secs(1));
@@ -236,7 +223,7 @@ mod tests {
         hub.sweep();
         hub.sweep();
         let ev = rx.try_recv().expect("stale event");
-        let Some(pb::metric_event::Event::Batch(b)) = &ev.event else { panic!("{ev:?}") };
+        let HubEvent::Batch(b) = &ev else { panic!("{ev:?}") };
         assert!(b.stale && b.error.contains("no metrics for 3500 ms"), "{b:?}");
         assert_eq!(b.seq, 5, "the last values, marked stale");
         assert!(rx.try_recv().is_err(), "stale is said once");

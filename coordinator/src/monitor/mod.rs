@@ -8,7 +8,7 @@ pub mod probes;
 
 use std::{collections::BTreeMap, collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
 
-use chaos_proto::{convert::duration_to_pb, pb, rules::Rule, telemetry::BatchCollector};
+use chaos_proto::{convert::duration_to_pb, pb, rules::Rule};
 use serde::Deserialize;
 use tokio::{task::JoinHandle, time::Instant};
 use tracing::{debug, info};
@@ -211,14 +211,8 @@ async fn follow_agents(hub: Arc<Hub>, registry: Arc<Registry>, interval: Duratio
 }
 
 /// Start the hub, the agent followers, the probes and the alert evaluator.
-pub fn start(
-    cfg: &MonitoringConfig,
-    registry: Arc<Registry>,
-    scenarios: Arc<Scenarios>,
-    collector: BatchCollector,
-    counters: AlertCounters,
-) -> Monitor {
-    let hub = Hub::new(cfg.window, cfg.watcher_buffer, collector);
+pub fn start(cfg: &MonitoringConfig, registry: Arc<Registry>, scenarios: Arc<Scenarios>, counters: AlertCounters) -> Monitor {
+    let hub = Hub::new(cfg.window, cfg.watcher_buffer);
     let alerts = Alerts::new(cfg.rules.clone(), counters);
     let mut tasks = Vec::new();
     if cfg.enabled {

@@ -327,7 +327,7 @@ mod tests {
                 held.push(s);
             }
         });
-        let hub = Hub::new(4, 64, Default::default());
+        let hub = Hub::new(4, 64);
         let mut rx = hub.subscribe();
         let spec = ProbeSpec {
             name: "web".into(),
@@ -338,7 +338,7 @@ mod tests {
         let task = tokio::spawn(run(spec, Arc::clone(&hub)));
         let t0 = Instant::now();
         let ev = tokio::time::timeout(Duration::from_secs(3), rx.recv()).await.expect("a batch").expect("recv");
-        let Some(pb::metric_event::Event::Batch(b)) = &ev.event else { panic!("{ev:?}") };
+        let super::super::hub::HubEvent::Batch(b) = &ev else { panic!("{ev:?}") };
         assert!(t0.elapsed() < Duration::from_millis(1500), "took {:?}", t0.elapsed());
         assert_eq!(b.source, "probe:web");
         assert!(b.error.contains("no answer within 300 ms"), "{}", b.error);
