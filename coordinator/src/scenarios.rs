@@ -69,6 +69,14 @@ struct Active {
     stop: Option<oneshot::Sender<StopSignal>>,
 }
 
+impl Active {
+    /// Tell the runner to end the scenario in `state` (it reverts the
+    /// faults first). False when it was already told, or is gone.
+    fn end(&mut self, state: ScenarioState, reason: String) -> bool {
+        self.stop.take().is_some_and(|tx| tx.send((state, reason)).is_ok())
+    }
+}
+
 #[derive(Default)]
 struct Inner {
     active: BTreeMap<String, Active>,
@@ -693,9 +701,7 @@ impl Scenarios {
                 Some(_) => {
                     if let Some(a) = g.active.get_mut(id) {
                         events = Some(a.events.subscribe());
-                        if let Some(tx) = a.stop.take() {
-                            let _ = tx.send((ScenarioState::Stopped, reason));
-                        }
+                        a.end(ScenarioState::Stopped, reason);
                     }
                 }
                 None => {}
@@ -721,14 +727,11 @@ impl Scenarios {
     /// fired stop condition does. A scenario that is not running is left
     /// alone. True when the abort was sent.
     pub fn abort(&self, id: &str, reason: &str) -> bool {
-        let mut g = self.lock();
-        match g.active.get_mut(id).and_then(|a| a.stop.take()) {
-            Some(tx) => {
-                warn!(scenario = %id, %reason, "aborting scenario");
-                tx.send((ScenarioState::Aborted, reason.to_string())).is_ok()
-            }
-            None => false,
+        let sent = self.lock().active.get_mut(id).is_some_and(|a| a.end(ScenarioState::Aborted, reason.to_string()));
+        if sent {
+            warn!(scenario = %id, %reason, "aborting scenario");
         }
+        sent
     }
 
     /// Running scenarios that have stop conditions: (id, started, rules).
@@ -754,9 +757,7 @@ impl Scenarios {
             self.finish_locked(&mut g, &id, ScenarioState::Aborted, format!("emergency stop: {reason}"));
         }
         for a in g.active.values_mut() {
-            if let Some(tx) = a.stop.take() {
-                let _ = tx.send((ScenarioState::Aborted, format!("emergency stop: {reason}")));
-            }
+            a.end(ScenarioState::Aborted, format!("emergency stop: {reason}"));
         }
     }
 
@@ -803,8 +804,8 @@ impl Scenarios {
                 limit * 100.0
             );
             warn!(scenario = %id, %reason, "aborting scenario");
-            if let Some(tx) = g.active.get_mut(&id).and_then(|a| a.stop.take()) {
-                let _ = tx.send((ScenarioState::Aborted, reason));
+            if let Some(a) = g.active.get_mut(&id) {
+                a.end(ScenarioState::Aborted, reason);
             }
             aborted.push(id);
             running.pop();
