@@ -19,19 +19,6 @@ use tracing::instrument;
 
 use crate::{lifecycle::Lifecycle, metrics::Latest};
 
-/// A stream fed by a task that owns the sending side; the task ends when
-/// the client goes away.
-fn async_stream_of<T, F, Fut>(f: F) -> Pin<Box<dyn Stream<Item = T> + Send>>
-where
-    T: Send + 'static,
-    F: FnOnce(tokio::sync::mpsc::Sender<T>) -> Fut,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tokio::spawn(f(tx));
-    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
-}
-
 /// Facts about this agent that do not change while it runs.
 #[derive(Debug, Clone)]
 pub struct AgentIdentity {
@@ -193,20 +180,21 @@ impl Agent for AgentService {
         // The current sample first, then each new one; a slow reader only
         // ever sees the latest (watch), never holding the sampler.
         rx.mark_changed();
-        let stream = async_stream_of(move |tx: tokio::sync::mpsc::Sender<Result<pb::MetricBatch, Status>>| async move {
+        let (tx, out) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
             let mut last_sent: Option<Instant> = None;
             while rx.changed().await.is_ok() {
                 if last_sent.is_some_and(|t| t.elapsed() + Duration::from_millis(50) < every) {
                     continue;
                 }
                 let batch = rx.borrow_and_update().clone();
-                let Some(out) = filter.apply(&batch) else { continue };
+                let Some(wanted) = filter.apply(&batch) else { continue };
                 last_sent = Some(Instant::now());
-                if tx.send(Ok(out)).await.is_err() {
+                if tx.send(Ok(wanted)).await.is_err() {
                     return;
                 }
             }
         });
-        Ok(Response::new(stream))
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(out))))
     }
 }

@@ -1,6 +1,6 @@
 //! Direct agent verbs: `chaos agent faults|apply|revert|revert-all|capabilities`.
 
-use std::{collections::HashMap, time::Duration};
+use std::time::Duration;
 
 use chaos_proto::{
     convert::duration_to_pb,
@@ -246,11 +246,7 @@ impl FaultArgs {
 
 impl ApplyArgs {
     fn spec(&self) -> Result<pb::FaultSpec, CliError> {
-        let mut labels = HashMap::new();
-        for l in &self.labels {
-            let (k, v) = l.split_once('=').ok_or_else(|| CliError::new(exit::USAGE, format!("--label: expected KEY=VALUE, got {l:?}")))?;
-            labels.insert(k.to_string(), v.to_string());
-        }
+        let labels = crate::output::key_values("--label", &self.labels)?;
         Ok(pb::FaultSpec {
             id: self.id.clone().unwrap_or_default(),
             duration: Some(duration_to_pb(self.duration)),

@@ -7,7 +7,7 @@ use serde_json::json;
 
 use crate::{
     channel,
-    output::{CliError, Format, dur, dur_secs, emit, emit_json, exit, from_status, relative, rfc3339, table},
+    output::{CliError, Format, dur, dur_secs, emit, emit_json, exit, from_status, labels_text, relative, rfc3339, table},
     url,
 };
 
@@ -41,12 +41,6 @@ fn health_name(h: i32) -> &'static str {
     }
 }
 
-fn labels(m: &std::collections::HashMap<String, String>) -> String {
-    let mut v: Vec<String> = m.iter().map(|(k, v)| format!("{k}={v}")).collect();
-    v.sort();
-    v.join(",")
-}
-
 pub async fn agents(coordinator: &str, timeout: Duration, fmt: Format) -> Result<u8, CliError> {
     let server = format!("coordinator {}", url(coordinator));
     let r = client(coordinator, timeout)?.list_agents(pb::ListAgentsRequest {}).await.map_err(|s| from_status(&server, s))?.into_inner();
@@ -70,7 +64,7 @@ pub async fn agents(coordinator: &str, timeout: Duration, fmt: Format) -> Result
                         health_name(a.health).into(),
                         format!("{} / {}", dur(a.lease_age.as_ref()), dur(a.lease_duration.as_ref())),
                         a.active_faults.to_string(),
-                        labels(&a.labels),
+                        labels_text(&a.labels),
                     ]
                 })
                 .collect();

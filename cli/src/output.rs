@@ -103,6 +103,25 @@ pub fn emit_json(v: &serde_json::Value) {
     emit(&serde_json::to_string_pretty(v).unwrap_or_default());
 }
 
+/// `KEY=VALUE` flags (`--label`, `--selector`) as a map; the error names the flag.
+pub fn key_values(flag: &str, pairs: &[String]) -> Result<std::collections::HashMap<String, String>, CliError> {
+    pairs
+        .iter()
+        .map(|l| {
+            l.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .ok_or_else(|| CliError::new(exit::USAGE, format!("{flag}: expected KEY=VALUE, got {l:?}")))
+        })
+        .collect()
+}
+
+/// Labels as `k=v,k=v`, sorted.
+pub fn labels_text(m: &std::collections::HashMap<String, String>) -> String {
+    let mut v: Vec<String> = m.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    v.sort();
+    v.join(",")
+}
+
 /// An aligned text table.
 pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
     let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();

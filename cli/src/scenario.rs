@@ -1,6 +1,6 @@
 //! Scenario verbs: `chaos scenario create|list|show|stop|watch`, `chaos queue`, `chaos audit`.
 
-use std::{collections::HashMap, time::Duration};
+use std::time::Duration;
 
 use chaos_proto::{
     convert::duration_to_pb,
@@ -270,12 +270,7 @@ fn outcome_code(state: i32) -> u8 {
 
 impl CreateArgs {
     fn spec(&self) -> Result<pb::ScenarioSpec, CliError> {
-        let mut labels = HashMap::new();
-        for l in &self.selector {
-            let (k, v) =
-                l.split_once('=').ok_or_else(|| CliError::new(exit::USAGE, format!("--selector: expected KEY=VALUE, got {l:?}")))?;
-            labels.insert(k.to_string(), v.to_string());
-        }
+        let labels = crate::output::key_values("--selector", &self.selector)?;
         let mode = match (self.one, self.count, self.percent) {
             (true, ..) => SelectionMode::One,
             (_, Some(_), _) => SelectionMode::Count,

@@ -3,7 +3,7 @@
 //! snapshot from GetMetrics).
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::BTreeMap,
     io::{IsTerminal, Write},
     time::{Duration, Instant},
 };
@@ -14,7 +14,7 @@ use serde_json::json;
 use crate::{
     channel,
     fleet::client,
-    output::{CliError, Format, emit, emit_json, exit, from_status, rfc3339, table},
+    output::{CliError, Format, emit, emit_json, exit, from_status, key_values, labels_text, rfc3339, table},
     scenario::state_name,
     url,
 };
@@ -70,23 +70,6 @@ pub struct MetricsArgs {
     /// Also this many earlier batches of each source.
     #[arg(long, default_value_t = 0)]
     history: u32,
-}
-
-fn selector(pairs: &[String]) -> Result<HashMap<String, String>, CliError> {
-    pairs
-        .iter()
-        .map(|l| {
-            l.split_once('=')
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .ok_or_else(|| CliError::new(exit::USAGE, format!("--selector: expected KEY=VALUE, got {l:?}")))
-        })
-        .collect()
-}
-
-fn labels_text(m: &HashMap<String, String>) -> String {
-    let mut v: Vec<String> = m.iter().map(|(k, v)| format!("{k}={v}")).collect();
-    v.sort();
-    v.join(",")
 }
 
 pub fn batch_json(b: &pb::MetricBatch) -> serde_json::Value {
@@ -256,7 +239,7 @@ pub async fn watch(coordinator: &str, timeout: Duration, fmt: Format, a: WatchAr
     let server = format!("coordinator {}", url(coordinator));
     let req = pb::StreamMetricsRequest {
         sources: a.sources.clone(),
-        source_labels: selector(&a.selector)?,
+        source_labels: key_values("--selector", &a.selector)?,
         metric_prefixes: a.metric_prefixes.clone(),
         ..Default::default()
     };
@@ -326,7 +309,7 @@ pub async fn metrics(coordinator: &str, timeout: Duration, fmt: Format, a: Metri
     let server = format!("coordinator {}", url(coordinator));
     let req = pb::GetMetricsRequest {
         sources: a.sources.clone(),
-        source_labels: selector(&a.selector)?,
+        source_labels: key_values("--selector", &a.selector)?,
         metric_prefixes: a.metric_prefixes.clone(),
         history: a.history,
     };

@@ -20,12 +20,16 @@ pub struct Filter {
 }
 
 impl Filter {
+    fn new(sources: &[String], source_labels: &HashMap<String, String>, metric_prefixes: &[String]) -> Self {
+        Self { sources: sources.to_vec(), source_labels: source_labels.clone(), metric_prefixes: metric_prefixes.to_vec() }
+    }
+
     pub fn from_stream(r: &pb::StreamMetricsRequest) -> Self {
-        Self { sources: r.sources.clone(), source_labels: r.source_labels.clone(), metric_prefixes: r.metric_prefixes.clone() }
+        Self::new(&r.sources, &r.source_labels, &r.metric_prefixes)
     }
 
     pub fn from_get(r: &pb::GetMetricsRequest) -> Self {
-        Self { sources: r.sources.clone(), source_labels: r.source_labels.clone(), metric_prefixes: r.metric_prefixes.clone() }
+        Self::new(&r.sources, &r.source_labels, &r.metric_prefixes)
     }
 
     /// Whether the batch's source is one the watcher wants.
