@@ -228,9 +228,14 @@ fn coordinator_killed_mid_scenario_resumes_it_and_orphans_are_reverted() {
     assert!(wait_until(Duration::from_secs(3), || v.state() != 'T'), "reverted at its end, after the restart");
     // The agent re-registered with the new coordinator, which reverted the orphan.
     assert!(wait_until(Duration::from_secs(15), || orphan.state() != 'T'), "orphan reverted");
-    let audit = json(&f.c(&["-o", "json", "audit"], 0));
+    // The coordinator writes the audit row once the agent has answered, just
+    // after the process was continued: poll for it.
+    let mut audit = serde_json::Value::Null;
     assert!(
-        audit["entries"].as_array().expect("entries").iter().any(|e| e["action"] == "RevertOrphan" && e["outcome"] == "ok"),
+        wait_until(Duration::from_secs(5), || {
+            audit = json(&f.c(&["-o", "json", "audit"], 0));
+            audit["entries"].as_array().expect("entries").iter().any(|e| e["action"] == "RevertOrphan" && e["outcome"] == "ok")
+        }),
         "{audit:#}"
     );
 }
