@@ -34,7 +34,9 @@ Examples:
 Config file keys (YAML): listen, coordinator, journal_dir, agent_id, advertise,
 labels, lease, heartbeat_interval, max_fault_duration, shutdown_timeout,
 protected: { pids: [..], names: [..], cidrs: [..] },
-metrics: { interval, listen, netns: [..], processes: [..], cgroups: [..] }.
+metrics: { interval, listen, netns: [..], processes: [..], cgroups: [..] },
+guards: { memory_floor_bytes (default 536870912: a memory stress never leaves
+less available), disk_fill_max_percent (default 95: a disk fill never goes past) }.
 Durations as \"10s\", \"500ms\", \"1h\".
 ";
 
@@ -132,6 +134,16 @@ pub struct AgentFile {
     pub protected: ProtectedFile,
     #[serde(default)]
     pub metrics: MetricsFile,
+    #[serde(default)]
+    pub guards: GuardsFile,
+}
+
+/// The `guards:` section.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GuardsFile {
+    pub memory_floor_bytes: Option<u64>,
+    pub disk_fill_max_percent: Option<f64>,
 }
 
 /// The `metrics:` section.
@@ -181,6 +193,7 @@ pub struct AgentConfig {
     pub metrics: MetricsConfig,
     /// Prometheus endpoint; None: off.
     pub metrics_listen: Option<SocketAddr>,
+    pub guards: crate::faults::resource::Guards,
 }
 
 fn dur(key: &str, v: &str) -> anyhow::Result<Duration> {
@@ -307,6 +320,16 @@ impl AgentConfig {
         }
         let mut protected_pids = file.protected.pids.clone();
         protected_pids.extend(&args.protect_pids);
+        let mut guards = crate::faults::resource::Guards::default();
+        if let Some(b) = file.guards.memory_floor_bytes {
+            guards.memory_floor_bytes = b;
+        }
+        if let Some(p) = file.guards.disk_fill_max_percent {
+            if !(p > 0.0 && p <= 100.0) {
+                bail!("guards.disk_fill_max_percent: must be in (0, 100], got {p}");
+            }
+            guards.disk_fill_max_permyriad = (p * 100.0).round() as u32;
+        }
         Ok(AgentConfig {
             listen,
             coordinator,
@@ -327,6 +350,7 @@ impl AgentConfig {
             protected_cidrs,
             metrics,
             metrics_listen,
+            guards,
         })
     }
 }

@@ -32,6 +32,9 @@ pub enum AgentError {
     ProcessTable(std::io::Error),
     #[error("agent is shutting down")]
     ShuttingDown,
+    /// A safety guard of the agent refuses the fault (memory floor, disk cap).
+    #[error("refused by a guard: {0}")]
+    Guard(String),
     #[error("this host lacks {0}")]
     MissingFeature(String),
     #[error("{cmd} failed: {detail}")]
@@ -48,7 +51,9 @@ impl AgentError {
         match self {
             AgentError::Spec(SpecError::Invalid { .. }) => Code::InvalidArgument,
             AgentError::Spec(SpecError::Unimplemented { .. }) => Code::Unimplemented,
-            AgentError::Disarmed { .. } | AgentError::LeaseLost(_) | AgentError::MissingFeature(_) => Code::FailedPrecondition,
+            AgentError::Disarmed { .. } | AgentError::LeaseLost(_) | AgentError::MissingFeature(_) | AgentError::Guard(_) => {
+                Code::FailedPrecondition
+            }
             AgentError::Protected(_) => Code::PermissionDenied,
             AgentError::Os { errno: Errno::EPERM, .. } => Code::PermissionDenied,
             AgentError::TargetNotFound(_) | AgentError::UnknownFault(_) => Code::NotFound,

@@ -18,4 +18,5 @@ pub mod metrics;
 pub mod protect;
 pub mod run;
 pub mod service;
+pub mod stressor;
 pub mod sys;

@@ -148,6 +148,19 @@ impl Entry {
     }
 }
 
+/// Refresh an active fault's measured figures from its driver.
+fn observe(drivers: &Drivers, entry: &mut Entry) {
+    if entry.state != FaultState::Applied {
+        return;
+    }
+    if let (Some(applied), Some(o)) = (entry.applied.as_mut(), drivers.for_plan(&entry.plan).observe(&entry.plan)) {
+        if let Some(out) = o.outcome.as_deref().filter(|o| *o != applied.outcome) {
+            warn!(fault_id = %entry.id, outcome = %out, "fault changed on its own");
+        }
+        applied.update(o);
+    }
+}
+
 struct Actor {
     cfg: LifecycleConfig,
     drivers: Arc<Drivers>,
@@ -379,6 +392,9 @@ impl Actor {
                 if include_finished {
                     v.extend(self.history.iter().cloned());
                 }
+                for e in self.active.values_mut() {
+                    observe(&self.drivers, e);
+                }
                 let mut active: Vec<&Entry> = self.active.values().collect();
                 active.sort_by_key(|e| e.created_at);
                 v.extend(active.into_iter().map(Entry::to_pb));
@@ -557,6 +573,8 @@ impl Actor {
 
     /// Revert one entry in place. True when it is now reverted.
     async fn revert_entry(&mut self, entry: &mut Entry, reason: RevertReason) -> bool {
+        // The last measurement is what history keeps.
+        observe(&self.drivers, entry);
         entry.state = FaultState::Reverting;
         entry.revert_reason = reason;
         let driver = self.drivers.for_plan(&entry.plan);
@@ -669,7 +687,14 @@ mod tests {
     async fn rig_with(cfg: LifecycleConfig, procs: FakeProcs, journal: MemJournal) -> Rig {
         let prot = Arc::new(Protection::new(4242, vec![], vec![]));
         let network = NetworkDriver::new(Arc::new(FakeExec::default()), Arc::new(procs.clone()), Exemptions::default());
-        let drivers = Arc::new(Drivers { process: ProcessDriver::new(Arc::new(procs.clone()), Arc::new(procs.clone()), prot), network });
+        let resource = crate::faults::resource::ResourceDriver::new(
+            Err("no cgroups in this test".into()),
+            Arc::new(procs.clone()),
+            prot.clone(),
+            "/nonexistent".into(),
+            Default::default(),
+        );
+        let drivers = Arc::new(Drivers { process: ProcessDriver::new(Arc::new(procs.clone()), Arc::new(procs.clone()), prot), network, resource });
         let (lc, _task, report) = Lifecycle::start(cfg, drivers, Arc::new(journal.clone())).await.expect("start");
         Rig { lc, procs, journal, report }
     }

@@ -1,11 +1,17 @@
 //! `chaos-agent`: parse config, set up tracing, bind, run.
+//! (`chaos-agent __stressor ...` is the worker of the stress faults; it
+//! runs before any runtime starts.)
 
 use anyhow::Context;
 use chaos_agent::config::{AgentArgs, AgentConfig};
 use clap::Parser;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    chaos_agent::stressor::run_if_stressor();
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the tokio runtime")?.block_on(agent())
+}
+
+async fn agent() -> anyhow::Result<()> {
     let args = AgentArgs::parse();
     chaos_proto::serve::init_tracing(args.log_format);
     let cfg = AgentConfig::resolve(&args)?;

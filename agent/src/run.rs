@@ -16,6 +16,7 @@ use crate::{
         Drivers,
         network::{Exemptions, NetworkDriver},
         process::ProcessDriver,
+        resource::ResourceDriver,
     },
     journal::DirJournal,
     lease::{self, LeaseLink},
@@ -59,8 +60,15 @@ pub async fn run(cfg: AgentConfig, listener: TcpListener, shutdown: impl Future<
     let nftables = crate::faults::network::tool_version("nft", "--version", "nftables");
     let iptables = crate::faults::network::tool_version("iptables", "-V", "iptables");
     let tc = crate::faults::network::tool_version("tc", "-V", "iproute2");
+    let cgroups = crate::sys::cgroup::CgroupFs::detect("/sys/fs/cgroup").map_err(|e| e.to_string());
+    match &cgroups {
+        Ok(cg) => info!(version = cg.version().as_str(), "cgroup hierarchy detected"),
+        Err(e) => warn!(error = %e, "no usable cgroup filesystem: resource faults will be refused"),
+    }
+    let exe = std::env::current_exe().context("locating this agent's binary (it runs the stress workers)")?;
     let drivers = Arc::new(Drivers {
         process: ProcessDriver::new(Arc::new(procfs.clone()), Arc::new(PidfdSignals::new(procfs.clone())), protection.clone()),
+        resource: ResourceDriver::new(cgroups, Arc::new(procfs.clone()), protection.clone(), exe, cfg.guards),
         network: NetworkDriver::new(Arc::new(NsenterExec), Arc::new(procfs), exemptions).with_iptables_version(iptables.as_deref().ok()),
     });
     let mut registry = prometheus_client::registry::Registry::default();

@@ -96,8 +96,12 @@ pub struct ApplyArgs {
 
 /// The fault and its target inside the host; shared by `agent apply` and `scenario create`.
 #[derive(Debug, clap::Args)]
-#[command(group(ArgGroup::new("fault").required(true).args(["pause_pid", "pause_name", "kill_pid", "kill_name", "partition", "loss", "latency", "rate"])))]
+#[command(group(ArgGroup::new("fault").required(true).args([
+    "pause_pid", "pause_name", "kill_pid", "kill_name", "partition", "loss", "latency", "rate",
+    "cpu", "cpu_quota", "memory", "memory_limit", "fill_disk", "io_limit", "freeze_cgroup",
+])))]
 #[command(group(ArgGroup::new("netns_target").args(["netns", "target_pid"])))]
+#[command(group(ArgGroup::new("resource_target").args(["target_pid", "target_name", "cgroup"])))]
 pub struct FaultArgs {
     /// Pause (SIGSTOP) the process with this pid.
     #[arg(long, value_name = "PID")]
@@ -150,9 +154,59 @@ pub struct FaultArgs {
     /// Network faults: in the named network namespace (/run/netns/NAME) [default: the agent's host].
     #[arg(long, value_name = "NAME")]
     netns: Option<String>,
-    /// Network faults: in the network namespace of this process.
+    /// Network faults: in the network namespace of this process. Resource faults: in its cgroup.
     #[arg(long, value_name = "PID")]
     target_pid: Option<u32>,
+    /// CPU stress: each of --workers burns this share of one core, e.g. `50%`.
+    /// On the host (a cgroup of the fault's own) unless --target-pid, --target-name or --cgroup.
+    #[arg(long, value_name = "PERCENT", help_heading = "Resource faults")]
+    cpu: Option<String>,
+    /// CPU stress: how many worker threads.
+    #[arg(long, default_value_t = 1, help_heading = "Resource faults")]
+    workers: u32,
+    /// CPU throttle: lower the target cgroup's quota to this share of one core, e.g. `20%` or `150%`.
+    #[arg(long, value_name = "PERCENT", help_heading = "Resource faults")]
+    cpu_quota: Option<String>,
+    /// Memory stress: allocate, touch and hold this much, e.g. `512MiB`, `2GiB`, or `10%` of total.
+    #[arg(long, value_name = "SIZE|PERCENT", help_heading = "Resource faults")]
+    memory: Option<String>,
+    /// Memory limit: lower the target cgroup's limit to this size, e.g. `256MiB`.
+    #[arg(long, value_name = "SIZE", help_heading = "Resource faults")]
+    memory_limit: Option<String>,
+    /// Disk fill: fill the filesystem holding this directory (with --to or --fill-bytes).
+    #[arg(long, value_name = "DIR", help_heading = "Resource faults")]
+    fill_disk: Option<String>,
+    /// Disk fill: the used share to reach, e.g. `90%`.
+    #[arg(long, value_name = "PERCENT", requires = "fill_disk", conflicts_with = "fill_bytes", help_heading = "Resource faults")]
+    to: Option<String>,
+    /// Disk fill: how much to add, e.g. `1GiB`.
+    #[arg(long, value_name = "SIZE", requires = "fill_disk", help_heading = "Resource faults")]
+    fill_bytes: Option<String>,
+    /// IO throttle: limit the target cgroup's block IO to this rate, e.g. `1MB/s`, `512KiB/s`.
+    #[arg(long, value_name = "RATE", help_heading = "Resource faults")]
+    io_limit: Option<String>,
+    /// IO throttle: which way.
+    #[arg(long, value_enum, default_value = "both", help_heading = "Resource faults")]
+    io_direction: IoDirectionArg,
+    /// IO throttle: the block device MAJOR:MINOR [default: the disk holding /].
+    #[arg(long, value_name = "MAJ:MIN", help_heading = "Resource faults")]
+    device: Option<String>,
+    /// Freeze every process of this cgroup (a hang), e.g. `/system.slice/kafka.service`.
+    #[arg(long, value_name = "PATH", help_heading = "Resource faults")]
+    freeze_cgroup: Option<String>,
+    /// Resource faults: the first process with exactly this name (its cgroup).
+    #[arg(long, value_name = "NAME", help_heading = "Resource faults")]
+    target_name: Option<String>,
+    /// Resource faults: this cgroup path, e.g. `/system.slice/kafka.service`.
+    #[arg(long, value_name = "PATH", help_heading = "Resource faults")]
+    cgroup: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum IoDirectionArg {
+    Both,
+    Read,
+    Write,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -169,6 +223,61 @@ impl FaultArgs {
             (None, Some(p)) => Kind::Pid(p),
             (None, None) => Kind::Host(pb::HostTarget {}),
         }
+    }
+
+    fn resource_target(&self) -> Kind {
+        match (&self.cgroup, self.target_pid, &self.target_name) {
+            (Some(c), ..) => Kind::CgroupPath(c.clone()),
+            (None, Some(p), _) => Kind::Pid(p),
+            (None, None, Some(n)) => Kind::ProcessName(n.clone()),
+            (None, None, None) => Kind::Host(pb::HostTarget {}),
+        }
+    }
+
+    /// The resource fault asked for, if any.
+    fn resource_fault(&self) -> Result<Option<(Kind, F)>, CliError> {
+        let t = self.resource_target();
+        let needs_target = |flag: &str| {
+            if matches!(t, Kind::Host(_)) {
+                Err(CliError::new(exit::USAGE, format!("{flag} needs --cgroup, --target-pid or --target-name (a cgroup to change)")))
+            } else {
+                Ok(t.clone())
+            }
+        };
+        Ok(Some(if let Some(c) = &self.cpu {
+            (t.clone(), F::CpuStress(pb::CpuStress { workers: self.workers, load_percent: parse_percent("--cpu", c)? }))
+        } else if let Some(q) = &self.cpu_quota {
+            (needs_target("--cpu-quota")?, F::CpuThrottle(pb::CpuThrottle { quota_percent: parse_percent("--cpu-quota", q)? }))
+        } else if let Some(m) = &self.memory {
+            let ms = if m.trim().ends_with('%') {
+                pb::MemoryStress { bytes: 0, percent_of_total: parse_percent("--memory", m)? }
+            } else {
+                pb::MemoryStress { bytes: parse_bytes("--memory", m)?, percent_of_total: 0.0 }
+            };
+            (t.clone(), F::MemoryStress(ms))
+        } else if let Some(m) = &self.memory_limit {
+            (needs_target("--memory-limit")?, F::MemoryLimit(pb::MemoryLimit { limit_bytes: parse_bytes("--memory-limit", m)? }))
+        } else if let Some(path) = &self.fill_disk {
+            let (bytes, fill_to_percent) = match (&self.to, &self.fill_bytes) {
+                (Some(p), _) => (0, parse_percent("--to", p)?),
+                (None, Some(b)) => (parse_bytes("--fill-bytes", b)?, 0.0),
+                (None, None) => return Err(CliError::new(exit::USAGE, "--fill-disk needs --to PERCENT or --fill-bytes SIZE")),
+            };
+            (Kind::Host(pb::HostTarget {}), F::DiskFill(pb::DiskFill { path: path.clone(), bytes, fill_to_percent }))
+        } else if let Some(r) = &self.io_limit {
+            let rate = parse_bytes("--io-limit", r.trim().trim_end_matches("/s"))?;
+            let (read, write) = match self.io_direction {
+                IoDirectionArg::Both => (rate, rate),
+                IoDirectionArg::Read => (rate, 0),
+                IoDirectionArg::Write => (0, rate),
+            };
+            let io = pb::IoThrottle { read_bytes_per_second: read, write_bytes_per_second: write, device: self.device.clone().unwrap_or_default() };
+            (needs_target("--io-limit")?, F::IoThrottle(io))
+        } else if let Some(c) = &self.freeze_cgroup {
+            (Kind::CgroupPath(c.clone()), F::CgroupFreeze(pb::CgroupFreeze {}))
+        } else {
+            return Ok(None);
+        }))
     }
 
     fn scope(&self, peers: Vec<String>) -> pb::NetworkScope {
@@ -192,6 +301,9 @@ impl FaultArgs {
     }
 
     fn kind_and_fault(&self) -> Result<(Kind, F), CliError> {
+        if let Some(r) = self.resource_fault()? {
+            return Ok(r);
+        }
         if !self.partition.is_empty() {
             let all = self.partition.iter().any(|p| p == "all");
             let scope = self.scope(if all { vec![] } else { self.partition.clone() });
@@ -268,6 +380,26 @@ fn parse_rate(v: &str) -> Result<u64, CliError> {
     Ok((n * mult as f64) as u64)
 }
 
+/// `512MiB`, `2GiB`, `64M`, `100KB`, `1MB` or a plain number of bytes
+/// (K/M/G and KiB/MiB/GiB are powers of 1024; KB/MB/GB of 1000).
+fn parse_bytes(flag: &str, v: &str) -> Result<u64, CliError> {
+    let t = v.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kib" => 1 << 10,
+        "m" | "mib" => 1 << 20,
+        "g" | "gib" => 1 << 30,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        _ => return Err(CliError::new(exit::USAGE, format!("{flag}: unknown unit in {v:?} (use e.g. 512MiB, 2GiB, 1MB)"))),
+    };
+    let n: f64 = num.parse().map_err(|_| CliError::new(exit::USAGE, format!("{flag}: expected a size like 512MiB, got {v:?}")))?;
+    Ok((n * mult as f64) as u64)
+}
+
 /// `10%` or `10` -> 10.0.
 fn parse_percent(flag: &str, v: &str) -> Result<f64, CliError> {
     v.trim()
@@ -304,6 +436,8 @@ pub fn fault_json(f: &pb::Fault) -> serde_json::Value {
         "id": f.id, "family": family(f), "target": target_text(f), "state": state_name(f.state),
         "backend": f.applied.as_ref().map(|a| a.backend.clone()),
         "summary": f.applied.as_ref().map(|a| a.summary.clone()),
+        "achieved": f.applied.as_ref().map(|a| a.achieved.clone()).unwrap_or_default(),
+        "outcome": f.applied.as_ref().map(|a| a.outcome.clone()).unwrap_or_default(),
         "processes": f.applied.as_ref().map(|a| a.processes.iter().map(|p| json!({"pid": p.pid, "name": p.name, "start_time_ticks": p.start_time_ticks})).collect::<Vec<_>>()),
         "created_at": rfc3339(f.created_at.as_ref()), "applied_at": rfc3339(f.applied_at.as_ref()),
         "expires_at": rfc3339(f.expires_at.as_ref()), "reverted_at": rfc3339(f.reverted_at.as_ref()),
@@ -322,10 +456,20 @@ fn fault_rows(faults: &[pb::Fault]) -> String {
                 _ if !f.error.is_empty() => f.error.clone(),
                 _ => "-".into(),
             };
-            vec![f.id.clone(), family(f).into(), target_text(f), state_name(f.state), when]
+            vec![f.id.clone(), family(f).into(), target_text(f), state_name(f.state), when, achieved_text(f)]
         })
         .collect();
-    table(&["ID", "FAMILY", "TARGET", "STATE", "WHEN"], &rows)
+    table(&["ID", "FAMILY", "TARGET", "STATE", "WHEN", "ACHIEVED"], &rows)
+}
+
+/// `cpu_load_percent=49.8` pairs and the outcome, `-` when none.
+fn achieved_text(f: &pb::Fault) -> String {
+    let Some(a) = f.applied.as_ref() else { return "-".into() };
+    let mut parts: Vec<String> = a.achieved.iter().map(|(k, v)| format!("{k}={}", (v * 10.0).round() / 10.0)).collect();
+    if !a.outcome.is_empty() {
+        parts.push(a.outcome.clone());
+    }
+    if parts.is_empty() { "-".into() } else { parts.join(" ") }
 }
 
 pub async fn run(cmd: AgentCommand, timeout: Duration, fmt: Format) -> Result<u8, CliError> {

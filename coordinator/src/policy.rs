@@ -316,7 +316,10 @@ impl Policy {
                 }
             }
             F::ProcessKill(_) => crash_or_hang = Some(FailureType::Crash),
-            F::ProcessPause(_) => crash_or_hang = Some(FailureType::Hang),
+            F::ProcessPause(_) | F::CgroupFreeze(_) => crash_or_hang = Some(FailureType::Hang),
+            // Lowering a limit is bounded by the agent (1 % of a core, 4 MiB);
+            // the level's duration and blast radius still apply.
+            F::CpuThrottle(_) | F::MemoryLimit(_) => {}
             F::ContainerAction(c) => {
                 crash_or_hang = Some(if c.verb == ContainerVerb::Pause as i32 { FailureType::Hang } else { FailureType::Crash })
             }

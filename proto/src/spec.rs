@@ -193,7 +193,69 @@ pub enum FaultKind {
     NetworkReorder { scope: NetScope, permyriad: u32, delay: Duration },
     /// Cap the rate of egress traffic in scope.
     NetworkBandwidth { scope: NetScope, rate_bits_per_second: u64, burst_bytes: u64 },
+    /// `workers` threads, each loading `load_permyriad`/100 % of one core.
+    CpuStress { workers: u32, load_permyriad: u32 },
+    /// The target cgroup's CPU quota, in hundredths of a percent of one
+    /// core (5000 = half a core, 25000 = 2.5 cores).
+    CpuThrottle { quota_permyriad: u64 },
+    /// Allocate, touch and hold memory.
+    MemoryStress { size: MemorySize },
+    /// The target cgroup's memory limit.
+    MemoryLimit { limit_bytes: u64 },
+    /// Freeze the target's cgroup.
+    CgroupFreeze,
+    /// Fill the filesystem holding `path` with a file of the fault's own.
+    DiskFill { path: String, amount: FillAmount },
+    /// Block IO limits of the target cgroup; 0 leaves that direction alone.
+    IoThrottle { read_bytes_per_second: u64, write_bytes_per_second: u64, device: Option<DeviceNumber> },
 }
+
+/// How much memory a memory stress holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MemorySize {
+    Bytes(u64),
+    /// Hundredths of a percent of the host's total memory.
+    PermyriadOfTotal(u32),
+}
+
+/// How full a disk fill makes its filesystem.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FillAmount {
+    Bytes(u64),
+    /// The used share to reach, in hundredths of a percent.
+    ToPermyriad(u32),
+}
+
+/// A block device number, `MAJOR:MINOR`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceNumber {
+    pub major: u32,
+    pub minor: u32,
+}
+
+impl fmt::Display for DeviceNumber {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.major, self.minor)
+    }
+}
+
+impl std::str::FromStr for DeviceNumber {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (a, b) = s.trim().split_once(':').ok_or_else(|| format!("must be MAJOR:MINOR, got {s:?}"))?;
+        match (a.parse(), b.parse()) {
+            (Ok(major), Ok(minor)) => Ok(DeviceNumber { major, minor }),
+            _ => Err(format!("must be MAJOR:MINOR (two numbers), got {s:?}")),
+        }
+    }
+}
+
+/// Smallest memory limit accepted: below it the kernel itself struggles.
+pub const MIN_MEMORY_LIMIT_BYTES: u64 = 4 << 20;
+/// Most CPU stress workers one fault may start.
+pub const MAX_CPU_WORKERS: u32 = 1024;
 
 impl FaultKind {
     /// The family's name as in `FaultSpec`'s oneof.
@@ -206,6 +268,37 @@ impl FaultKind {
             FaultKind::NetworkLatency { .. } => "network_latency",
             FaultKind::NetworkReorder { .. } => "network_reorder",
             FaultKind::NetworkBandwidth { .. } => "network_bandwidth",
+            FaultKind::CpuStress { .. } => "cpu_stress",
+            FaultKind::CpuThrottle { .. } => "cpu_throttle",
+            FaultKind::MemoryStress { .. } => "memory_stress",
+            FaultKind::MemoryLimit { .. } => "memory_limit",
+            FaultKind::CgroupFreeze => "cgroup_freeze",
+            FaultKind::DiskFill { .. } => "disk_fill",
+            FaultKind::IoThrottle { .. } => "io_throttle",
+        }
+    }
+
+    /// The targets this family accepts, for the error when another is given.
+    fn targets(&self) -> (&'static [&'static str], fn(&TargetSpec) -> bool) {
+        use TargetSpec as T;
+        match self {
+            FaultKind::ProcessPause | FaultKind::ProcessKill { .. } => {
+                (&["pid", "process_name"], |t| matches!(t, T::Pid(_) | T::ProcessName(_)))
+            }
+            FaultKind::NetworkPartition { .. }
+            | FaultKind::NetworkLoss { .. }
+            | FaultKind::NetworkLatency { .. }
+            | FaultKind::NetworkReorder { .. }
+            | FaultKind::NetworkBandwidth { .. } => {
+                (&["host", "netns", "pid (its network namespace)"], |t| matches!(t, T::Host | T::Netns(_) | T::Pid(_)))
+            }
+            FaultKind::CpuStress { .. } | FaultKind::MemoryStress { .. } => {
+                (&["host", "pid", "process_name", "cgroup_path"], |t| matches!(t, T::Host | T::Pid(_) | T::ProcessName(_) | T::CgroupPath(_)))
+            }
+            FaultKind::CpuThrottle { .. } | FaultKind::MemoryLimit { .. } | FaultKind::CgroupFreeze | FaultKind::IoThrottle { .. } => {
+                (&["pid", "process_name", "cgroup_path (its cgroup)"], |t| matches!(t, T::Pid(_) | T::ProcessName(_) | T::CgroupPath(_)))
+            }
+            FaultKind::DiskFill { .. } => (&["host"], |t| matches!(t, T::Host)),
         }
     }
 }
@@ -226,6 +319,9 @@ pub const ALL_FAMILIES: &[&str] = &[
     "process_kill",
     "process_pause",
     "container_action",
+    "cpu_throttle",
+    "memory_limit",
+    "cgroup_freeze",
 ];
 
 /// The oneof name of a wire fault.
@@ -254,6 +350,9 @@ pub fn family_of(f: &pb::fault_spec::Fault) -> &'static str {
         F::ProcessKill(_) => "process_kill",
         F::ProcessPause(_) => "process_pause",
         F::ContainerAction(_) => "container_action",
+        F::CpuThrottle(_) => "cpu_throttle",
+        F::MemoryLimit(_) => "memory_limit",
+        F::CgroupFreeze(_) => "cgroup_freeze",
     }
 }
 
@@ -312,7 +411,11 @@ pub fn describe(spec: &pb::FaultSpec) -> String {
                 F::CpuStress(c) => format!("{fam} {} worker(s) at {}%", c.workers, c.load_percent),
                 F::MemoryStress(m) if m.bytes > 0 => format!("{fam} {} bytes", m.bytes),
                 F::MemoryStress(m) => format!("{fam} {}% of total", m.percent_of_total),
+                F::DiskFill(x) if x.bytes > 0 => format!("{fam} {} with {} bytes", x.path, x.bytes),
                 F::DiskFill(x) => format!("{fam} {} to {}%", x.path, x.fill_to_percent),
+                F::CpuThrottle(c) => format!("{fam} to {}% of a core", c.quota_percent),
+                F::MemoryLimit(m) => format!("{fam} to {} bytes", m.limit_bytes),
+                F::CgroupFreeze(_) => fam.to_string(),
                 F::IoThrottle(io) => format!("{fam} read {} B/s write {} B/s", io.read_bytes_per_second, io.write_bytes_per_second),
                 F::ProcessKill(k) => format!("{fam} {}", if k.signal.is_empty() { "SIGKILL" } else { &k.signal }),
                 F::ProcessPause(_) => fam.to_string(),
@@ -370,25 +473,13 @@ impl FaultRequest {
             .as_ref()
             .ok_or_else(|| SpecError::invalid("spec.fault", format!("is required: set one of {}", ALL_FAMILIES.join(", "))))?;
         let kind = kind_from_pb(fault)?;
-        match (&kind, &target) {
-            (FaultKind::ProcessPause | FaultKind::ProcessKill { .. }, TargetSpec::Pid(_) | TargetSpec::ProcessName(_)) => {}
-            (
-                FaultKind::NetworkPartition { .. }
-                | FaultKind::NetworkLoss { .. }
-                | FaultKind::NetworkLatency { .. }
-                | FaultKind::NetworkReorder { .. }
-                | FaultKind::NetworkBandwidth { .. },
-                TargetSpec::Host | TargetSpec::Netns(_) | TargetSpec::Pid(_),
-            ) => {}
-            (k @ (FaultKind::ProcessPause | FaultKind::ProcessKill { .. }), t) => {
-                return Err(SpecError::invalid("spec.target", format!("{} needs a pid or process_name target, got {t}", k.family())));
-            }
-            (k, t) => {
-                return Err(SpecError::invalid(
-                    "spec.target",
-                    format!("{} needs a host, netns or pid (its network namespace) target, got {t}", k.family()),
-                ));
-            }
+        let (names, accepts) = kind.targets();
+        if !accepts(&target) {
+            let names = match names.split_last() {
+                Some((last, rest)) if !rest.is_empty() => format!("{} or {last}", rest.join(", ")),
+                _ => names.join(""),
+            };
+            return Err(SpecError::invalid("spec.target", format!("{} needs a {names} target, got {target}", kind.family())));
         }
         let labels = spec.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         Ok(FaultRequest { id, target, duration, labels, kind })
@@ -438,6 +529,29 @@ impl FaultRequest {
                 percent: f64::from(*permyriad) / 100.0,
                 correlation_percent: f64::from(*correlation_permyriad) / 100.0,
             }),
+            FaultKind::CpuStress { workers, load_permyriad } => {
+                pb::fault_spec::Fault::CpuStress(pb::CpuStress { workers: *workers, load_percent: f64::from(*load_permyriad) / 100.0 })
+            }
+            FaultKind::CpuThrottle { quota_permyriad } => {
+                pb::fault_spec::Fault::CpuThrottle(pb::CpuThrottle { quota_percent: *quota_permyriad as f64 / 100.0 })
+            }
+            FaultKind::MemoryStress { size } => pb::fault_spec::Fault::MemoryStress(match size {
+                MemorySize::Bytes(b) => pb::MemoryStress { bytes: *b, percent_of_total: 0.0 },
+                MemorySize::PermyriadOfTotal(p) => pb::MemoryStress { bytes: 0, percent_of_total: f64::from(*p) / 100.0 },
+            }),
+            FaultKind::MemoryLimit { limit_bytes } => pb::fault_spec::Fault::MemoryLimit(pb::MemoryLimit { limit_bytes: *limit_bytes }),
+            FaultKind::CgroupFreeze => pb::fault_spec::Fault::CgroupFreeze(pb::CgroupFreeze {}),
+            FaultKind::DiskFill { path, amount } => pb::fault_spec::Fault::DiskFill(match amount {
+                FillAmount::Bytes(b) => pb::DiskFill { path: path.clone(), bytes: *b, fill_to_percent: 0.0 },
+                FillAmount::ToPermyriad(p) => pb::DiskFill { path: path.clone(), bytes: 0, fill_to_percent: f64::from(*p) / 100.0 },
+            }),
+            FaultKind::IoThrottle { read_bytes_per_second, write_bytes_per_second, device } => {
+                pb::fault_spec::Fault::IoThrottle(pb::IoThrottle {
+                    read_bytes_per_second: *read_bytes_per_second,
+                    write_bytes_per_second: *write_bytes_per_second,
+                    device: device.map(|d| d.to_string()).unwrap_or_default(),
+                })
+            }
         };
         pb::FaultSpec {
             id: id.to_string(),
@@ -676,6 +790,78 @@ fn kind_from_pb(f: &pb::fault_spec::Fault) -> Result<FaultKind, SpecError> {
         F::NetworkPartition(p) => {
             Ok(FaultKind::NetworkPartition { scope: scope_from_pb(p.scope.as_ref(), "spec.network_partition.scope")? })
         }
+        F::CpuStress(c) => {
+            if !(1..=MAX_CPU_WORKERS).contains(&c.workers) {
+                return Err(SpecError::invalid("spec.cpu_stress.workers", format!("must be in 1..={MAX_CPU_WORKERS}, got {}", c.workers)));
+            }
+            Ok(FaultKind::CpuStress { workers: c.workers, load_permyriad: percent_field(c.load_percent, "spec.cpu_stress.load_percent", false)? })
+        }
+        F::CpuThrottle(c) => {
+            let v = c.quota_percent;
+            // The upper bound is the host's core count, checked by the agent.
+            if !v.is_finite() || !(1.0..=100_000.0).contains(&v) {
+                return Err(SpecError::invalid("spec.cpu_throttle.quota_percent", format!("must be at least 1 (percent of one core), got {v}")));
+            }
+            Ok(FaultKind::CpuThrottle { quota_permyriad: (v * 100.0).round() as u64 })
+        }
+        F::MemoryStress(m) => {
+            let field = "spec.memory_stress";
+            let size = match (m.bytes, m.percent_of_total) {
+                (0, p) if p == 0.0 => return Err(SpecError::invalid(field, "needs bytes or percent_of_total, got neither")),
+                (b, p) if b > 0 && p != 0.0 => {
+                    return Err(SpecError::invalid(field, format!("takes bytes or percent_of_total, not both (got {b} and {p})")));
+                }
+                (b, _) if b > 0 => MemorySize::Bytes(b),
+                (_, p) => {
+                    if !p.is_finite() || p <= 0.0 || p >= 100.0 {
+                        return Err(SpecError::invalid(format!("{field}.percent_of_total"), format!("must be in (0, 100), got {p}")));
+                    }
+                    MemorySize::PermyriadOfTotal((p * 100.0).round() as u32)
+                }
+            };
+            Ok(FaultKind::MemoryStress { size })
+        }
+        F::MemoryLimit(m) => {
+            if m.limit_bytes < MIN_MEMORY_LIMIT_BYTES {
+                return Err(SpecError::invalid(
+                    "spec.memory_limit.limit_bytes",
+                    format!("must be at least {MIN_MEMORY_LIMIT_BYTES} (4 MiB), got {}", m.limit_bytes),
+                ));
+            }
+            Ok(FaultKind::MemoryLimit { limit_bytes: m.limit_bytes })
+        }
+        F::CgroupFreeze(_) => Ok(FaultKind::CgroupFreeze),
+        F::DiskFill(d) => {
+            let field = "spec.disk_fill";
+            if !d.path.starts_with('/') || d.path.contains('\0') || d.path.split('/').any(|s| s == "..") {
+                return Err(SpecError::invalid(format!("{field}.path"), format!("must be an absolute path without '..', got {:?}", d.path)));
+            }
+            let amount = match (d.bytes, d.fill_to_percent) {
+                (0, p) if p == 0.0 => return Err(SpecError::invalid(field, "needs bytes or fill_to_percent, got neither")),
+                (b, p) if b > 0 && p != 0.0 => {
+                    return Err(SpecError::invalid(field, format!("takes bytes or fill_to_percent, not both (got {b} and {p})")));
+                }
+                (b, _) if b > 0 => FillAmount::Bytes(b),
+                (_, p) => FillAmount::ToPermyriad(percent_field(p, &format!("{field}.fill_to_percent"), false)?),
+            };
+            Ok(FaultKind::DiskFill { path: d.path.clone(), amount })
+        }
+        F::IoThrottle(io) => {
+            let field = "spec.io_throttle";
+            if io.read_bytes_per_second == 0 && io.write_bytes_per_second == 0 {
+                return Err(SpecError::invalid(field, "needs read_bytes_per_second or write_bytes_per_second (> 0)"));
+            }
+            let device = if io.device.trim().is_empty() {
+                None
+            } else {
+                Some(io.device.parse::<DeviceNumber>().map_err(|e| SpecError::invalid(format!("{field}.device"), e))?)
+            };
+            Ok(FaultKind::IoThrottle {
+                read_bytes_per_second: io.read_bytes_per_second,
+                write_bytes_per_second: io.write_bytes_per_second,
+                device,
+            })
+        }
         other => Err(SpecError::Unimplemented { family: family_of(other) }),
     }
 }
@@ -767,6 +953,49 @@ mod tests {
         let e = FaultRequest::from_pb(&s, MAX).expect_err("must be refused");
         assert_eq!(field_of(e.clone()), "spec.target");
         assert!(e.to_string().contains("process_pause needs a pid or process_name"), "{e}");
+    }
+
+    #[test]
+    fn resource_faults_validate_and_round_trip() {
+        use pb::fault_spec::Fault as F;
+        let with = |target: pb::target::Kind, f: F| pb::FaultSpec { target: Some(pb::Target { kind: Some(target) }), fault: Some(f), ..pause_pid(1, 5) };
+        let host = || pb::target::Kind::Host(pb::HostTarget {});
+        let cg = || pb::target::Kind::CgroupPath("/chaos-test".into());
+        let good = [
+            with(host(), F::CpuStress(pb::CpuStress { workers: 2, load_percent: 50.0 })),
+            with(cg(), F::CpuThrottle(pb::CpuThrottle { quota_percent: 250.0 })),
+            with(host(), F::MemoryStress(pb::MemoryStress { bytes: 1 << 20, percent_of_total: 0.0 })),
+            with(cg(), F::MemoryStress(pb::MemoryStress { bytes: 0, percent_of_total: 12.5 })),
+            with(cg(), F::MemoryLimit(pb::MemoryLimit { limit_bytes: 64 << 20 })),
+            with(cg(), F::CgroupFreeze(pb::CgroupFreeze {})),
+            with(host(), F::DiskFill(pb::DiskFill { path: "/var/tmp".into(), bytes: 0, fill_to_percent: 90.0 })),
+            with(cg(), F::IoThrottle(pb::IoThrottle { read_bytes_per_second: 0, write_bytes_per_second: 1 << 20, device: "254:0".into() })),
+        ];
+        for s in &good {
+            let r = FaultRequest::from_pb(s, MAX).unwrap_or_else(|e| panic!("{s:?}: {e}"));
+            assert_eq!(FaultRequest::from_pb(&r.to_pb(""), MAX).expect("round trip"), r);
+        }
+        assert!(matches!(FaultRequest::from_pb(&good[3], MAX).expect("ok").target, TargetSpec::CgroupPath(ref c) if c == "chaos-test"));
+        let bad = [
+            (with(host(), F::CpuStress(pb::CpuStress { workers: 1, load_percent: 150.0 })), "spec.cpu_stress.load_percent", "150"),
+            (with(host(), F::CpuStress(pb::CpuStress { workers: 0, load_percent: 50.0 })), "spec.cpu_stress.workers", "got 0"),
+            (with(cg(), F::CpuThrottle(pb::CpuThrottle { quota_percent: 0.5 })), "spec.cpu_throttle.quota_percent", "0.5"),
+            (with(host(), F::CpuThrottle(pb::CpuThrottle { quota_percent: 50.0 })), "spec.target", "cpu_throttle needs a pid, process_name or cgroup_path"),
+            (with(host(), F::MemoryStress(pb::MemoryStress { bytes: 5, percent_of_total: 5.0 })), "spec.memory_stress", "not both"),
+            (with(host(), F::MemoryStress(pb::MemoryStress::default())), "spec.memory_stress", "neither"),
+            (with(host(), F::MemoryStress(pb::MemoryStress { bytes: 0, percent_of_total: 100.0 })), "spec.memory_stress.percent_of_total", "100"),
+            (with(cg(), F::MemoryLimit(pb::MemoryLimit { limit_bytes: 1000 })), "spec.memory_limit.limit_bytes", "got 1000"),
+            (with(host(), F::DiskFill(pb::DiskFill { path: "/x".into(), bytes: 0, fill_to_percent: 101.0 })), "spec.disk_fill.fill_to_percent", "101"),
+            (with(host(), F::DiskFill(pb::DiskFill { path: "rel".into(), bytes: 1, fill_to_percent: 0.0 })), "spec.disk_fill.path", "\"rel\""),
+            (with(cg(), F::DiskFill(pb::DiskFill { path: "/x".into(), bytes: 1, fill_to_percent: 0.0 })), "spec.target", "disk_fill needs a host"),
+            (with(cg(), F::IoThrottle(pb::IoThrottle::default())), "spec.io_throttle", "read_bytes_per_second"),
+            (with(cg(), F::IoThrottle(pb::IoThrottle { read_bytes_per_second: 1, write_bytes_per_second: 0, device: "sda".into() })), "spec.io_throttle.device", "sda"),
+        ];
+        for (s, field, text) in bad {
+            let e = FaultRequest::from_pb(&s, MAX).expect_err("must be refused");
+            assert!(e.to_string().contains(text), "{field}: {e}");
+            assert_eq!(field_of(e), field);
+        }
     }
 
     #[test]

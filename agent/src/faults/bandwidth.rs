@@ -177,6 +177,7 @@ impl NetworkDriver {
                 plan.devices.join(", "),
                 plan.ns.label
             ),
+            ..Default::default()
         })
     }
 

@@ -208,6 +208,7 @@ impl NetworkDriver {
                 plan.queue_num,
                 chains.join(", "),
             ),
+            ..Default::default()
         })
     }
 

@@ -11,6 +11,7 @@ pub mod delay_engine;
 pub mod latency;
 pub mod network;
 pub mod process;
+pub mod resource;
 
 use async_trait::async_trait;
 use chaos_proto::{
@@ -47,14 +48,42 @@ pub enum Plan {
     Latency(Box<latency::LatencyPlan>),
     /// htb root qdiscs with u32 filters.
     Bandwidth(Box<bandwidth::BandwidthPlan>),
+    /// cgroup knobs, stress workers, a fill file.
+    Resource(Box<resource::ResourcePlan>),
 }
 
 /// What `apply` achieved.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Applied {
     pub backend: &'static str,
     pub processes: Vec<ProcRef>,
     pub summary: String,
+    /// Measured figures by name with their unit (`cpu_load_percent`, ...).
+    pub achieved: Vec<(String, f64)>,
+    /// What happened to the fault on its own while active; empty if nothing.
+    pub outcome: String,
+}
+
+impl Applied {
+    /// Take in a later measurement.
+    pub fn update(&mut self, o: Observation) {
+        for (k, v) in o.achieved {
+            match self.achieved.iter_mut().find(|(n, _)| *n == k) {
+                Some(slot) => slot.1 = v,
+                None => self.achieved.push((k, v)),
+            }
+        }
+        if let Some(out) = o.outcome {
+            self.outcome = out;
+        }
+    }
+}
+
+/// A fresh look at an active fault.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Observation {
+    pub achieved: Vec<(String, f64)>,
+    pub outcome: Option<String>,
 }
 
 impl From<&Applied> for pb::AppliedDetail {
@@ -63,6 +92,8 @@ impl From<&Applied> for pb::AppliedDetail {
             backend: a.backend.to_string(),
             processes: a.processes.iter().map(Into::into).collect(),
             summary: a.summary.clone(),
+            achieved: a.achieved.iter().cloned().collect(),
+            outcome: a.outcome.clone(),
         }
     }
 }
@@ -77,12 +108,17 @@ pub trait FaultDriver: Send + Sync {
     /// Undo the plan; idempotent, and a no-op on targets that are gone.
     /// Returns a one-line summary of what it found and did.
     async fn revert(&self, plan: &Plan) -> Result<String, AgentError>;
+    /// Measure an active fault now (cheap: it runs when faults are listed).
+    fn observe(&self, _plan: &Plan) -> Option<Observation> {
+        None
+    }
 }
 
 /// Every driver this build has, by family.
 pub struct Drivers {
     pub process: process::ProcessDriver,
     pub network: network::NetworkDriver,
+    pub resource: resource::ResourceDriver,
 }
 
 impl Drivers {
@@ -95,6 +131,13 @@ impl Drivers {
             | FaultKind::NetworkLatency { .. }
             | FaultKind::NetworkReorder { .. }
             | FaultKind::NetworkBandwidth { .. } => &self.network,
+            FaultKind::CpuStress { .. }
+            | FaultKind::CpuThrottle { .. }
+            | FaultKind::MemoryStress { .. }
+            | FaultKind::MemoryLimit { .. }
+            | FaultKind::CgroupFreeze
+            | FaultKind::DiskFill { .. }
+            | FaultKind::IoThrottle { .. } => &self.resource,
         }
     }
 
@@ -103,6 +146,7 @@ impl Drivers {
         match plan {
             Plan::Process(_) => &self.process,
             Plan::Network(_) | Plan::Latency(_) | Plan::Bandwidth(_) => &self.network,
+            Plan::Resource(_) => &self.resource,
         }
     }
 }

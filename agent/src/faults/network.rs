@@ -406,7 +406,7 @@ impl FaultDriver for NetworkDriver {
             if devices.is_empty() { String::new() } else { format!(" (egress on {})", devices.join(", ")) },
             tables.iter().map(|(f, t)| format!("{f} {t}")).collect::<Vec<_>>().join(", "),
         );
-        Ok(Applied { backend: "nftables", processes: Vec::new(), summary })
+        Ok(Applied { backend: "nftables", processes: Vec::new(), summary, ..Default::default() })
     }
 
     async fn revert(&self, plan: &Plan) -> Result<String, AgentError> {

@@ -46,46 +46,7 @@ impl ProcessDriver {
     }
 
     fn resolve(&self, target: &TargetSpec) -> Result<Vec<ProcRef>, AgentError> {
-        let candidates = match target {
-            TargetSpec::Pid(pid) => {
-                let stat = self
-                    .table
-                    .stat(*pid)
-                    .map_err(AgentError::ProcessTable)?
-                    .ok_or_else(|| AgentError::TargetNotFound(format!("no process with pid {pid}")))?;
-                vec![(stat, None)]
-            }
-            TargetSpec::ProcessName(name) => {
-                if self.protection.name_is_protected(name) {
-                    return Err(AgentError::Protected(format!("process name {name:?} is listed in protected.names")));
-                }
-                // argv[0] kept when read: the protection check below needs it too.
-                let found = processes_named(self.table.as_ref(), name).map_err(AgentError::ProcessTable)?;
-                if found.is_empty() {
-                    return Err(AgentError::TargetNotFound(format!("no process named {name:?}")));
-                }
-                found
-            }
-            other => return Err(AgentError::TargetNotFound(format!("process faults need a pid or process name, got {other}"))),
-        };
-        let mut refs = Vec::with_capacity(candidates.len());
-        for (stat, argv0) in candidates {
-            if stat.state == 'Z' || stat.state == 'X' {
-                if matches!(target, TargetSpec::Pid(_)) {
-                    return Err(AgentError::TargetNotFound(format!("pid {} ({}) has exited (zombie)", stat.pid, stat.comm)));
-                }
-                continue;
-            }
-            let argv0 = argv0.or_else(|| self.table.argv0_basename(stat.pid));
-            if let Some(why) = self.protection.why_protected(&stat, argv0.as_deref()) {
-                return Err(AgentError::Protected(why));
-            }
-            refs.push(ProcRef { pid: stat.pid, start_time_ticks: stat.start_time_ticks, name: stat.comm });
-        }
-        if refs.is_empty() {
-            return Err(AgentError::TargetNotFound(format!("no live process for {target}")));
-        }
-        Ok(refs)
+        resolve_processes(self.table.as_ref(), &self.protection, target)
     }
 
     /// Send `sig` to each process; returns those reached and those gone.
@@ -100,6 +61,50 @@ impl ProcessDriver {
         }
         Ok((sent, gone))
     }
+}
+
+/// The live processes a pid or process-name target names, refused when
+/// any of them is protected.
+pub fn resolve_processes(table: &dyn ProcessTable, protection: &Protection, target: &TargetSpec) -> Result<Vec<ProcRef>, AgentError> {
+    let candidates = match target {
+        TargetSpec::Pid(pid) => {
+            let stat = table
+                .stat(*pid)
+                .map_err(AgentError::ProcessTable)?
+                .ok_or_else(|| AgentError::TargetNotFound(format!("no process with pid {pid}")))?;
+            vec![(stat, None)]
+        }
+        TargetSpec::ProcessName(name) => {
+            if protection.name_is_protected(name) {
+                return Err(AgentError::Protected(format!("process name {name:?} is listed in protected.names")));
+            }
+            // argv[0] kept when read: the protection check below needs it too.
+            let found = processes_named(table, name).map_err(AgentError::ProcessTable)?;
+            if found.is_empty() {
+                return Err(AgentError::TargetNotFound(format!("no process named {name:?}")));
+            }
+            found
+        }
+        other => return Err(AgentError::TargetNotFound(format!("process faults need a pid or process name, got {other}"))),
+    };
+    let mut refs = Vec::with_capacity(candidates.len());
+    for (stat, argv0) in candidates {
+        if stat.state == 'Z' || stat.state == 'X' {
+            if matches!(target, TargetSpec::Pid(_)) {
+                return Err(AgentError::TargetNotFound(format!("pid {} ({}) has exited (zombie)", stat.pid, stat.comm)));
+            }
+            continue;
+        }
+        let argv0 = argv0.or_else(|| table.argv0_basename(stat.pid));
+        if let Some(why) = protection.why_protected(&stat, argv0.as_deref()) {
+            return Err(AgentError::Protected(why));
+        }
+        refs.push(ProcRef { pid: stat.pid, start_time_ticks: stat.start_time_ticks, name: stat.comm });
+    }
+    if refs.is_empty() {
+        return Err(AgentError::TargetNotFound(format!("no live process for {target}")));
+    }
+    Ok(refs)
 }
 
 /// How long apply waits to see a paused process stopped in /proc. A
@@ -177,7 +182,7 @@ impl FaultDriver for ProcessDriver {
                 ));
             }
         }
-        Ok(Applied { backend: "signal", processes: sent, summary })
+        Ok(Applied { backend: "signal", processes: sent, summary, ..Default::default() })
     }
 
     async fn revert(&self, plan: &Plan) -> Result<String, AgentError> {

@@ -115,6 +115,7 @@ async fn start_agent(journal: &Path, id: &str, coordinator: Option<&str>) -> any
         protected_cidrs: vec![],
         metrics: Default::default(),
         metrics_listen: None,
+        guards: Default::default(),
     };
     let (tx, rx) = oneshot::channel();
     let task = tokio::spawn(chaos_agent::run::run(cfg, listener, async {
