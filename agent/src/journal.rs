@@ -248,6 +248,7 @@ mod tests {
             plan: Plan::Process(ProcessPlan {
                 action: ProcessAction::Pause,
                 processes: vec![ProcRef { pid: 5, start_time_ticks: 77, name: "sleep".into() }],
+                fault_id: String::new(),
             }),
             created_at_unix_ms: 1,
             expires_at_unix_ms: 2,

@@ -694,7 +694,8 @@ mod tests {
             "/nonexistent".into(),
             Default::default(),
         );
-        let drivers = Arc::new(Drivers { process: ProcessDriver::new(Arc::new(procs.clone()), Arc::new(procs.clone()), prot), network, resource });
+        let drivers =
+            Arc::new(Drivers { process: ProcessDriver::new(Arc::new(procs.clone()), Arc::new(procs.clone()), prot), network, resource });
         let (lc, _task, report) = Lifecycle::start(cfg, drivers, Arc::new(journal.clone())).await.expect("start");
         Rig { lc, procs, journal, report }
     }
@@ -765,6 +766,7 @@ mod tests {
                 plan: Plan::Process(ProcessPlan {
                     action: ProcessAction::Pause,
                     processes: vec![ProcRef { pid, start_time_ticks: start, name: "sleep".into() }],
+                    fault_id: String::new(),
                 }),
                 created_at_unix_ms: 1,
                 expires_at_unix_ms: 60_001,

@@ -44,7 +44,13 @@ const CHECK: Duration = Duration::from_millis(100);
 
 impl StressorArgs {
     pub fn to_args(&self) -> Vec<String> {
-        let mut a = vec![ARG.to_string(), "--fault-id".into(), self.fault_id.clone(), "--deadline-unix-ms".into(), self.deadline_unix_ms.to_string()];
+        let mut a = vec![
+            ARG.to_string(),
+            "--fault-id".into(),
+            self.fault_id.clone(),
+            "--deadline-unix-ms".into(),
+            self.deadline_unix_ms.to_string(),
+        ];
         match self.work {
             Work::Cpu { workers, load_permyriad } => {
                 a.extend(["cpu".into(), workers.to_string(), load_permyriad.to_string()]);

@@ -271,7 +271,11 @@ impl FaultArgs {
                 IoDirectionArg::Read => (rate, 0),
                 IoDirectionArg::Write => (0, rate),
             };
-            let io = pb::IoThrottle { read_bytes_per_second: read, write_bytes_per_second: write, device: self.device.clone().unwrap_or_default() };
+            let io = pb::IoThrottle {
+                read_bytes_per_second: read,
+                write_bytes_per_second: write,
+                device: self.device.clone().unwrap_or_default(),
+            };
             (needs_target("--io-limit")?, F::IoThrottle(io))
         } else if let Some(c) = &self.freeze_cgroup {
             (Kind::CgroupPath(c.clone()), F::CgroupFreeze(pb::CgroupFreeze {}))
@@ -465,7 +469,9 @@ fn fault_rows(faults: &[pb::Fault]) -> String {
 /// `cpu_load_percent=49.8` pairs and the outcome, `-` when none.
 fn achieved_text(f: &pb::Fault) -> String {
     let Some(a) = f.applied.as_ref() else { return "-".into() };
-    let mut parts: Vec<String> = a.achieved.iter().map(|(k, v)| format!("{k}={}", (v * 10.0).round() / 10.0)).collect();
+    let mut pairs: Vec<(&String, &f64)> = a.achieved.iter().collect();
+    pairs.sort_by(|a, b| a.0.cmp(b.0));
+    let mut parts: Vec<String> = pairs.into_iter().map(|(k, v)| format!("{k}={}", (v * 10.0).round() / 10.0)).collect();
     if !a.outcome.is_empty() {
         parts.push(a.outcome.clone());
     }

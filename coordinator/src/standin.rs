@@ -102,7 +102,12 @@ impl Agent for Standin {
             id: spec.id.clone(),
             spec: Some(spec),
             state: FaultState::Applied as i32,
-            applied: Some(pb::AppliedDetail { backend: "standin".into(), processes: vec![], summary: "nothing touched (stand-in)".into(), ..Default::default() }),
+            applied: Some(pb::AppliedDetail {
+                backend: "standin".into(),
+                processes: vec![],
+                summary: "nothing touched (stand-in)".into(),
+                ..Default::default()
+            }),
             created_at: now,
             applied_at: now,
             ..Default::default()

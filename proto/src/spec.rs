@@ -292,9 +292,9 @@ impl FaultKind {
             | FaultKind::NetworkBandwidth { .. } => {
                 (&["host", "netns", "pid (its network namespace)"], |t| matches!(t, T::Host | T::Netns(_) | T::Pid(_)))
             }
-            FaultKind::CpuStress { .. } | FaultKind::MemoryStress { .. } => {
-                (&["host", "pid", "process_name", "cgroup_path"], |t| matches!(t, T::Host | T::Pid(_) | T::ProcessName(_) | T::CgroupPath(_)))
-            }
+            FaultKind::CpuStress { .. } | FaultKind::MemoryStress { .. } => (&["host", "pid", "process_name", "cgroup_path"], |t| {
+                matches!(t, T::Host | T::Pid(_) | T::ProcessName(_) | T::CgroupPath(_))
+            }),
             FaultKind::CpuThrottle { .. } | FaultKind::MemoryLimit { .. } | FaultKind::CgroupFreeze | FaultKind::IoThrottle { .. } => {
                 (&["pid", "process_name", "cgroup_path (its cgroup)"], |t| matches!(t, T::Pid(_) | T::ProcessName(_) | T::CgroupPath(_)))
             }
@@ -794,20 +794,26 @@ fn kind_from_pb(f: &pb::fault_spec::Fault) -> Result<FaultKind, SpecError> {
             if !(1..=MAX_CPU_WORKERS).contains(&c.workers) {
                 return Err(SpecError::invalid("spec.cpu_stress.workers", format!("must be in 1..={MAX_CPU_WORKERS}, got {}", c.workers)));
             }
-            Ok(FaultKind::CpuStress { workers: c.workers, load_permyriad: percent_field(c.load_percent, "spec.cpu_stress.load_percent", false)? })
+            Ok(FaultKind::CpuStress {
+                workers: c.workers,
+                load_permyriad: percent_field(c.load_percent, "spec.cpu_stress.load_percent", false)?,
+            })
         }
         F::CpuThrottle(c) => {
             let v = c.quota_percent;
             // The upper bound is the host's core count, checked by the agent.
             if !v.is_finite() || !(1.0..=100_000.0).contains(&v) {
-                return Err(SpecError::invalid("spec.cpu_throttle.quota_percent", format!("must be at least 1 (percent of one core), got {v}")));
+                return Err(SpecError::invalid(
+                    "spec.cpu_throttle.quota_percent",
+                    format!("must be at least 1 (percent of one core), got {v}"),
+                ));
             }
             Ok(FaultKind::CpuThrottle { quota_permyriad: (v * 100.0).round() as u64 })
         }
         F::MemoryStress(m) => {
             let field = "spec.memory_stress";
             let size = match (m.bytes, m.percent_of_total) {
-                (0, p) if p == 0.0 => return Err(SpecError::invalid(field, "needs bytes or percent_of_total, got neither")),
+                (0, 0.0) => return Err(SpecError::invalid(field, "needs bytes or percent_of_total, got neither")),
                 (b, p) if b > 0 && p != 0.0 => {
                     return Err(SpecError::invalid(field, format!("takes bytes or percent_of_total, not both (got {b} and {p})")));
                 }
@@ -834,10 +840,13 @@ fn kind_from_pb(f: &pb::fault_spec::Fault) -> Result<FaultKind, SpecError> {
         F::DiskFill(d) => {
             let field = "spec.disk_fill";
             if !d.path.starts_with('/') || d.path.contains('\0') || d.path.split('/').any(|s| s == "..") {
-                return Err(SpecError::invalid(format!("{field}.path"), format!("must be an absolute path without '..', got {:?}", d.path)));
+                return Err(SpecError::invalid(
+                    format!("{field}.path"),
+                    format!("must be an absolute path without '..', got {:?}", d.path),
+                ));
             }
             let amount = match (d.bytes, d.fill_to_percent) {
-                (0, p) if p == 0.0 => return Err(SpecError::invalid(field, "needs bytes or fill_to_percent, got neither")),
+                (0, 0.0) => return Err(SpecError::invalid(field, "needs bytes or fill_to_percent, got neither")),
                 (b, p) if b > 0 && p != 0.0 => {
                     return Err(SpecError::invalid(field, format!("takes bytes or fill_to_percent, not both (got {b} and {p})")));
                 }
@@ -958,7 +967,11 @@ mod tests {
     #[test]
     fn resource_faults_validate_and_round_trip() {
         use pb::fault_spec::Fault as F;
-        let with = |target: pb::target::Kind, f: F| pb::FaultSpec { target: Some(pb::Target { kind: Some(target) }), fault: Some(f), ..pause_pid(1, 5) };
+        let with = |target: pb::target::Kind, f: F| pb::FaultSpec {
+            target: Some(pb::Target { kind: Some(target) }),
+            fault: Some(f),
+            ..pause_pid(1, 5)
+        };
         let host = || pb::target::Kind::Host(pb::HostTarget {});
         let cg = || pb::target::Kind::CgroupPath("/chaos-test".into());
         let good = [
@@ -980,16 +993,40 @@ mod tests {
             (with(host(), F::CpuStress(pb::CpuStress { workers: 1, load_percent: 150.0 })), "spec.cpu_stress.load_percent", "150"),
             (with(host(), F::CpuStress(pb::CpuStress { workers: 0, load_percent: 50.0 })), "spec.cpu_stress.workers", "got 0"),
             (with(cg(), F::CpuThrottle(pb::CpuThrottle { quota_percent: 0.5 })), "spec.cpu_throttle.quota_percent", "0.5"),
-            (with(host(), F::CpuThrottle(pb::CpuThrottle { quota_percent: 50.0 })), "spec.target", "cpu_throttle needs a pid, process_name or cgroup_path"),
+            (
+                with(host(), F::CpuThrottle(pb::CpuThrottle { quota_percent: 50.0 })),
+                "spec.target",
+                "cpu_throttle needs a pid, process_name or cgroup_path",
+            ),
             (with(host(), F::MemoryStress(pb::MemoryStress { bytes: 5, percent_of_total: 5.0 })), "spec.memory_stress", "not both"),
             (with(host(), F::MemoryStress(pb::MemoryStress::default())), "spec.memory_stress", "neither"),
-            (with(host(), F::MemoryStress(pb::MemoryStress { bytes: 0, percent_of_total: 100.0 })), "spec.memory_stress.percent_of_total", "100"),
+            (
+                with(host(), F::MemoryStress(pb::MemoryStress { bytes: 0, percent_of_total: 100.0 })),
+                "spec.memory_stress.percent_of_total",
+                "100",
+            ),
             (with(cg(), F::MemoryLimit(pb::MemoryLimit { limit_bytes: 1000 })), "spec.memory_limit.limit_bytes", "got 1000"),
-            (with(host(), F::DiskFill(pb::DiskFill { path: "/x".into(), bytes: 0, fill_to_percent: 101.0 })), "spec.disk_fill.fill_to_percent", "101"),
-            (with(host(), F::DiskFill(pb::DiskFill { path: "rel".into(), bytes: 1, fill_to_percent: 0.0 })), "spec.disk_fill.path", "\"rel\""),
-            (with(cg(), F::DiskFill(pb::DiskFill { path: "/x".into(), bytes: 1, fill_to_percent: 0.0 })), "spec.target", "disk_fill needs a host"),
+            (
+                with(host(), F::DiskFill(pb::DiskFill { path: "/x".into(), bytes: 0, fill_to_percent: 101.0 })),
+                "spec.disk_fill.fill_to_percent",
+                "101",
+            ),
+            (
+                with(host(), F::DiskFill(pb::DiskFill { path: "rel".into(), bytes: 1, fill_to_percent: 0.0 })),
+                "spec.disk_fill.path",
+                "\"rel\"",
+            ),
+            (
+                with(cg(), F::DiskFill(pb::DiskFill { path: "/x".into(), bytes: 1, fill_to_percent: 0.0 })),
+                "spec.target",
+                "disk_fill needs a host",
+            ),
             (with(cg(), F::IoThrottle(pb::IoThrottle::default())), "spec.io_throttle", "read_bytes_per_second"),
-            (with(cg(), F::IoThrottle(pb::IoThrottle { read_bytes_per_second: 1, write_bytes_per_second: 0, device: "sda".into() })), "spec.io_throttle.device", "sda"),
+            (
+                with(cg(), F::IoThrottle(pb::IoThrottle { read_bytes_per_second: 1, write_bytes_per_second: 0, device: "sda".into() })),
+                "spec.io_throttle.device",
+                "sda",
+            ),
         ];
         for (s, field, text) in bad {
             let e = FaultRequest::from_pb(&s, MAX).expect_err("must be refused");

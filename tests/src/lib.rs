@@ -437,3 +437,127 @@ fn parse_rate(text: &str) -> f64 {
     let secs: f64 = it.next().and_then(|x| x.parse().ok()).unwrap_or(0.0);
     if secs > 0.0 { n * 8.0 / secs } else { 0.0 }
 }
+
+/// A cgroup made for one test, in each asked v1 hierarchy (or the one v2
+/// tree). On drop: every process in it is killed (thawed first), then the
+/// directories are removed, even when the test panicked.
+pub struct TestCgroup {
+    /// The cgroup path, e.g. `/chaos-e2e-cpu-4242`.
+    pub path: String,
+    v2: bool,
+    dirs: Vec<(String, PathBuf)>,
+}
+
+impl TestCgroup {
+    /// `controllers` by their v1 names (cpu, cpuacct, memory, blkio, freezer).
+    pub fn new(tag: &str, controllers: &[&str]) -> TestCgroup {
+        let path = format!("/chaos-e2e-{tag}-{}", std::process::id());
+        let root = PathBuf::from("/sys/fs/cgroup");
+        let v2 = root.join("cgroup.controllers").exists();
+        let dirs: Vec<(String, PathBuf)> = if v2 {
+            vec![("unified".into(), root.join(&path[1..]))]
+        } else {
+            controllers.iter().map(|c| (c.to_string(), root.join(c).join(&path[1..]))).collect()
+        };
+        for (_, d) in &dirs {
+            std::fs::create_dir_all(d).unwrap_or_else(|e| panic!("mkdir {}: {e}", d.display()));
+        }
+        TestCgroup { path, v2, dirs }
+    }
+
+    pub fn is_v2(&self) -> bool {
+        self.v2
+    }
+
+    /// The directory for a v1 controller (the one tree on v2).
+    pub fn dir(&self, controller: &str) -> PathBuf {
+        self.dirs.iter().find(|(c, _)| self.v2 || c == controller).map(|(_, d)| d.clone()).expect("controller of this cgroup")
+    }
+
+    pub fn read(&self, controller: &str, file: &str) -> String {
+        std::fs::read_to_string(self.dir(controller).join(file)).map(|s| s.trim().to_string()).unwrap_or_default()
+    }
+
+    pub fn write(&self, controller: &str, file: &str, value: &str) {
+        std::fs::write(self.dir(controller).join(file), value).unwrap_or_else(|e| panic!("{file} <- {value}: {e}"));
+    }
+
+    /// `sh -c SCRIPT` run inside every directory of the cgroup (joined
+    /// before the script starts), in its own process group.
+    pub fn spawn_sh(&self, script: &str) -> std::process::Child {
+        use std::os::unix::process::CommandExt;
+        let join: Vec<String> = self.dirs.iter().map(|(_, d)| format!("echo $$ > {}/cgroup.procs", d.display())).collect();
+        Command::new("sh")
+            .args(["-c", &format!("{} && {script}", join.join(" && "))])
+            .stdin(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .expect("spawn sh in the test cgroup")
+    }
+
+    /// CPU time used by the cgroup so far, in ns.
+    pub fn cpu_usage_ns(&self) -> u64 {
+        if self.v2 {
+            self.read("cpu", "cpu.stat").lines().find_map(|l| l.strip_prefix("usage_usec ")?.parse::<u64>().ok()).unwrap_or(0) * 1000
+        } else {
+            self.read("cpuacct", "cpuacct.usage").parse().unwrap_or(0)
+        }
+    }
+
+    /// The cgroup's CPU load over `window`, in percent of one core.
+    pub fn cpu_percent(&self, window: Duration) -> f64 {
+        cpu_percent_of(|| self.cpu_usage_ns(), window)
+    }
+}
+
+/// Load in percent of one core from a cumulative ns counter, over `window`.
+pub fn cpu_percent_of(read: impl Fn() -> u64, window: Duration) -> f64 {
+    let (t0, u0) = (std::time::Instant::now(), read());
+    std::thread::sleep(window);
+    let (t1, u1) = (std::time::Instant::now(), read());
+    u1.saturating_sub(u0) as f64 * 100.0 / (t1 - t0).as_nanos() as f64
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        if self.v2 {
+            let _ = std::fs::write(self.dir("freezer").join("cgroup.freeze"), "0");
+        } else if let Some((_, d)) = self.dirs.iter().find(|(c, _)| c == "freezer") {
+            let _ = std::fs::write(d.join("freezer.state"), "THAWED");
+        }
+        for (_, d) in &self.dirs {
+            for pid in std::fs::read_to_string(d.join("cgroup.procs")).unwrap_or_default().lines() {
+                let _ = Command::new("kill").args(["-9", pid.trim()]).status();
+            }
+        }
+        for (_, d) in &self.dirs {
+            // The kernel needs a moment to let go of the dead tasks.
+            wait_until(Duration::from_secs(5), || std::fs::remove_dir(d).is_ok() || !d.exists());
+        }
+    }
+}
+
+/// Stress workers of a fault still running (`chaos-agent __stressor --fault-id ID`).
+pub fn stress_workers(fault_id: &str) -> Vec<u32> {
+    let mut out = vec![];
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
+        let raw = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let args: Vec<&[u8]> = raw.split(|b| *b == 0).collect();
+        if args.get(1) == Some(&b"__stressor".as_slice()) && args.get(3) == Some(&fault_id.as_bytes()) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// Live processes whose comm is exactly `name`.
+pub fn proc_pids_named(name: &str) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| proc_comm(*pid).as_deref() == Some(name) && !matches!(proc_state(*pid), Some('Z' | 'X') | None))
+        .collect()
+}

@@ -5,14 +5,18 @@
 //! [`Signals::signal_if_same`], so a pid reused by another process after
 //! the plan (or after an agent crash) is never touched.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use async_trait::async_trait;
 use chaos_proto::spec::{FaultKind, FaultRequest, SignalName, TargetSpec};
 use nix::sys::signal::Signal;
 use serde::{Deserialize, Serialize};
 
-use super::{Applied, FaultDriver, Plan, ProcRef};
+use super::{Applied, FaultDriver, Observation, Plan, ProcRef};
 use crate::{
     error::AgentError,
     protect::Protection,
@@ -31,6 +35,20 @@ pub enum ProcessAction {
 pub struct ProcessPlan {
     pub action: ProcessAction,
     pub processes: Vec<ProcRef>,
+    /// The fault's id (journals written before it existed read as empty).
+    #[serde(default)]
+    pub fault_id: String,
+}
+
+/// After a kill: who would count as a restart, and what was seen.
+#[derive(Debug, Clone)]
+struct RestartWatch {
+    names: Vec<String>,
+    /// Processes with those names that existed at the kill.
+    known: HashSet<(u32, u64)>,
+    kill_ticks: u64,
+    /// The first newcomer and its delay after the kill.
+    seen: Option<(ProcRef, Duration)>,
 }
 
 /// Driver for `process_pause` and `process_kill`.
@@ -38,11 +56,12 @@ pub struct ProcessDriver {
     table: Arc<dyn ProcessTable>,
     signals: Arc<dyn Signals>,
     protection: Arc<Protection>,
+    watches: Mutex<HashMap<String, RestartWatch>>,
 }
 
 impl ProcessDriver {
     pub fn new(table: Arc<dyn ProcessTable>, signals: Arc<dyn Signals>, protection: Arc<Protection>) -> Self {
-        Self { table, signals, protection }
+        Self { table, signals, protection, watches: Mutex::new(HashMap::new()) }
     }
 
     fn resolve(&self, target: &TargetSpec) -> Result<Vec<ProcRef>, AgentError> {
@@ -133,6 +152,40 @@ impl ProcessDriver {
     }
 }
 
+impl ProcessDriver {
+    /// What counts as a restart of `killed`: a process of the same name
+    /// that did not exist at the kill.
+    fn restart_watch(&self, killed: &[ProcRef]) -> RestartWatch {
+        let mut names: Vec<String> = killed.iter().map(|p| p.name.clone()).collect();
+        names.dedup();
+        let known = names
+            .iter()
+            .flat_map(|n| processes_named(self.table.as_ref(), n).unwrap_or_default())
+            .map(|(s, _)| (s.pid, s.start_time_ticks))
+            .collect();
+        RestartWatch { names, known, kill_ticks: self.table.now_ticks().unwrap_or(0), seen: None }
+    }
+
+    /// Record the first newcomer, if one has started.
+    fn look_for_restart(&self, w: &mut RestartWatch) {
+        if w.seen.is_some() {
+            return;
+        }
+        let newcomer = w
+            .names
+            .iter()
+            .flat_map(|n| processes_named(self.table.as_ref(), n).unwrap_or_default())
+            .map(|(s, _)| s)
+            .filter(|s| !w.known.contains(&(s.pid, s.start_time_ticks)) && !matches!(s.state, 'Z' | 'X'))
+            .min_by_key(|s| s.start_time_ticks);
+        if let Some(s) = newcomer {
+            let ticks = s.start_time_ticks.saturating_sub(w.kill_ticks);
+            let after = Duration::from_millis(ticks * 1000 / crate::sys::ticks_per_second());
+            w.seen = Some((ProcRef { pid: s.pid, start_time_ticks: s.start_time_ticks, name: s.comm }, after));
+        }
+    }
+}
+
 fn list(procs: &[ProcRef]) -> String {
     procs.iter().map(|p| format!("{} {}", p.pid, p.name)).collect::<Vec<_>>().join(", ")
 }
@@ -152,7 +205,7 @@ impl FaultDriver for ProcessDriver {
             FaultKind::ProcessKill { signal } => ProcessAction::Kill { signal: *signal },
             other => return Err(AgentError::Command { cmd: "process driver".into(), detail: format!("cannot plan {}", other.family()) }),
         };
-        Ok(Plan::Process(ProcessPlan { action, processes: self.resolve(&req.target)? }))
+        Ok(Plan::Process(ProcessPlan { action, processes: self.resolve(&req.target)?, fault_id: req.id.clone().unwrap_or_default() }))
     }
 
     async fn apply(&self, plan: &Plan) -> Result<Applied, AgentError> {
@@ -161,7 +214,11 @@ impl FaultDriver for ProcessDriver {
             ProcessAction::Pause => Signal::SIGSTOP,
             ProcessAction::Kill { signal } => signal.0,
         };
+        let watch = matches!(plan.action, ProcessAction::Kill { .. }).then(|| self.restart_watch(&plan.processes));
         let (sent, gone) = self.send_all(&plan.processes, sig)?;
+        if let Some(w) = watch.filter(|_| !sent.is_empty()) {
+            self.watches.lock().unwrap_or_else(|p| p.into_inner()).insert(plan.fault_id.clone(), w);
+        }
         if sent.is_empty() {
             return Err(AgentError::TargetNotFound(format!("every target process exited before {}: {}", sig.as_str(), list(&gone))));
         }
@@ -185,10 +242,34 @@ impl FaultDriver for ProcessDriver {
         Ok(Applied { backend: "signal", processes: sent, summary, ..Default::default() })
     }
 
+    fn observe(&self, plan: &Plan) -> Option<Observation> {
+        let plan = plan_of(plan).ok()?;
+        let mut watches = self.watches.lock().unwrap_or_else(|p| p.into_inner());
+        let w = watches.get_mut(&plan.fault_id)?;
+        self.look_for_restart(w);
+        Some(match &w.seen {
+            Some((p, after)) => Observation {
+                achieved: vec![("restarted".into(), 1.0), ("restarted_after_ms".into(), after.as_millis() as f64)],
+                outcome: Some(format!("restarted as pid {} ({}) {} ms after the kill", p.pid, p.name, after.as_millis())),
+            },
+            None => Observation { achieved: vec![("restarted".into(), 0.0)], outcome: None },
+        })
+    }
+
     async fn revert(&self, plan: &Plan) -> Result<String, AgentError> {
         let plan = plan_of(plan)?;
         match plan.action {
-            ProcessAction::Kill { signal } => Ok(format!("nothing to undo for {}", signal.0.as_str())),
+            ProcessAction::Kill { signal } => {
+                let watch = self.watches.lock().unwrap_or_else(|p| p.into_inner()).remove(&plan.fault_id);
+                let seen = match watch.map(|mut w| (self.look_for_restart(&mut w), w.seen)) {
+                    Some((_, Some((p, after)))) => {
+                        format!("; restarted as pid {} ({}) {} ms after the kill", p.pid, p.name, after.as_millis())
+                    }
+                    Some((_, None)) => "; no restart seen while the fault was active".to_string(),
+                    None => String::new(),
+                };
+                Ok(format!("nothing to undo for {}{seen}", signal.0.as_str()))
+            }
             ProcessAction::Pause => {
                 let (sent, gone) = self.send_all(&plan.processes, Signal::SIGCONT)?;
                 let mut s = String::new();
@@ -305,6 +386,29 @@ mod tests {
         assert_eq!(fake.state(10), None);
         assert!(d.revert(&plan).await.expect("revert").contains("nothing to undo"));
         assert_eq!(fake.sent(), vec![(10, Signal::SIGTERM)]);
+    }
+
+    #[tokio::test]
+    async fn kill_watches_for_a_supervisor_restart() {
+        let fake = FakeProcs::default();
+        fake.spawn(10, "worker", 100);
+        fake.spawn(11, "worker", 90);
+        fake.set_now_ticks(500);
+        let d = driver(&fake);
+        let mut r = req(TargetSpec::Pid(10), FaultKind::ProcessKill { signal: SignalName(Signal::SIGKILL) });
+        r.id = Some("k1".into());
+        let plan = d.plan(&r).await.expect("plan");
+        d.apply(&plan).await.expect("apply");
+        // The other instance (11) is not a restart.
+        let o = d.observe(&plan).expect("watched");
+        assert_eq!(o.achieved, vec![("restarted".to_string(), 0.0)]);
+        assert_eq!(o.outcome, None);
+        fake.spawn(12, "worker", 620);
+        let o = d.observe(&plan).expect("watched");
+        assert!(o.achieved.contains(&("restarted_after_ms".to_string(), 1200.0)), "{o:?}");
+        assert!(o.outcome.expect("outcome").contains("pid 12"));
+        let s = d.revert(&plan).await.expect("revert");
+        assert!(s.contains("restarted as pid 12 (worker) 1200 ms after the kill"), "{s}");
     }
 
     #[tokio::test]

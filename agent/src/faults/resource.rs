@@ -81,11 +81,30 @@ pub enum ResourcePlan {
         cgroups: Vec<CgroupRef>,
         own: bool,
     },
-    CpuThrottle { cgroup: String, previous: CpuQuota, set: CpuQuota },
-    MemoryLimit { cgroup: String, previous: String, limit_bytes: u64 },
-    IoThrottle { cgroup: String, device: String, previous: IoLimits, set: IoLimits },
-    Freeze { cgroup: String, processes: Vec<ProcRef> },
-    DiskFill { file: PathBuf, bytes: u64 },
+    CpuThrottle {
+        cgroup: String,
+        previous: CpuQuota,
+        set: CpuQuota,
+    },
+    MemoryLimit {
+        cgroup: String,
+        previous: String,
+        limit_bytes: u64,
+    },
+    IoThrottle {
+        cgroup: String,
+        device: String,
+        previous: IoLimits,
+        set: IoLimits,
+    },
+    Freeze {
+        cgroup: String,
+        processes: Vec<ProcRef>,
+    },
+    DiskFill {
+        file: PathBuf,
+        bytes: u64,
+    },
 }
 
 /// A running worker.
@@ -190,7 +209,9 @@ impl ResourceDriver {
                     AgentError::MissingFeature(format!("the {} controller for pid {} (not in {})", ctrl.v1(), p.pid, file.display()))
                 })?
             }
-            other => return Err(AgentError::TargetNotFound(format!("resource faults need a pid, process name or cgroup target, got {other}"))),
+            other => {
+                return Err(AgentError::TargetNotFound(format!("resource faults need a pid, process name or cgroup target, got {other}")));
+            }
         };
         cg.existing_dir(ctrl, &path).map_err(|e| AgentError::TargetNotFound(format!("{target}: {e}")))?;
         Ok(path)
@@ -221,7 +242,9 @@ impl ResourceDriver {
 
     fn meminfo(&self, key: &str) -> Option<u64> {
         let text = fs::read_to_string(self.proc_root.join("meminfo")).ok()?;
-        text.lines().find_map(|l| l.strip_prefix(key)?.strip_prefix(':')?.trim().strip_suffix("kB")?.trim().parse::<u64>().ok()).map(|kb| kb * 1024)
+        text.lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix(':')?.trim().strip_suffix("kB")?.trim().parse::<u64>().ok())
+            .map(|kb| kb * 1024)
     }
 
     fn plan_stress(&self, req: &FaultRequest, id: &str, work: StressWork) -> Result<ResourcePlan, AgentError> {
@@ -234,7 +257,13 @@ impl ResourceDriver {
         let ctrls = if cg.version() == cgroup::Version::V2 { &ctrls[..1] } else { ctrls };
         let (own, cgroups) = match &req.target {
             TargetSpec::Host => (true, ctrls.iter().map(|c| CgroupRef { controller: *c, path: format!("/chaos-{id}") }).collect()),
-            t => (false, ctrls.iter().map(|c| Ok(CgroupRef { controller: *c, path: self.target_cgroup(t, *c)? })).collect::<Result<_, AgentError>>()?),
+            t => (
+                false,
+                ctrls
+                    .iter()
+                    .map(|c| Ok(CgroupRef { controller: *c, path: self.target_cgroup(t, *c)? }))
+                    .collect::<Result<_, AgentError>>()?,
+            ),
         };
         Ok(ResourcePlan::Stress {
             fault_id: id.to_string(),
@@ -344,12 +373,20 @@ impl ResourceDriver {
             .filter(|pid| {
                 let Ok(raw) = fs::read(self.proc_root.join(pid.to_string()).join("cmdline")) else { return false };
                 let args: Vec<&[u8]> = raw.split(|b| *b == 0).collect();
-                args.get(1) == Some(&crate::stressor::ARG.as_bytes()) && args.windows(2).any(|w| w[0] == b"--fault-id" && w[1] == fault_id.as_bytes())
+                args.get(1) == Some(&crate::stressor::ARG.as_bytes())
+                    && args.windows(2).any(|w| w[0] == b"--fault-id" && w[1] == fault_id.as_bytes())
             })
             .collect()
     }
 
-    async fn apply_stress(&self, fault_id: &str, work: StressWork, deadline_unix_ms: u64, cgroups: &[CgroupRef], own: bool) -> Result<Applied, AgentError> {
+    async fn apply_stress(
+        &self,
+        fault_id: &str,
+        work: StressWork,
+        deadline_unix_ms: u64,
+        cgroups: &[CgroupRef],
+        own: bool,
+    ) -> Result<Applied, AgentError> {
         let cg = self.cg()?;
         if own {
             for c in cgroups {
@@ -402,31 +439,27 @@ impl ResourceDriver {
             let status = child.wait().await.ok();
             let oom = memory_cgroup.as_deref().and_then(|p| cg.oom_kills(p));
             let why = match (status.and_then(|s| std::os::unix::process::ExitStatusExt::signal(&s)), oom_before, oom) {
-                (Some(9), Some(a), Some(b)) if b > a => format!("the kernel OOM-killed it while allocating (memory cgroup oom_kill {a} -> {b})"),
+                (Some(9), Some(a), Some(b)) if b > a => {
+                    format!("the kernel OOM-killed it while allocating (memory cgroup oom_kill {a} -> {b})")
+                }
                 (_, _, _) => format!("it did not report ready within {limit:?} (exit: {status:?})"),
             };
             return Err(AgentError::Command { cmd: "stress worker".into(), detail: why });
         }
         let now = Instant::now();
         let start_ticks = self.table.stat(pid).ok().flatten().map_or(0, |s| s.start_time_ticks);
-        let mut live = Live {
-            child,
-            pid,
-            started: now,
-            samples: VecDeque::new(),
-            memory_cgroup,
-            oom_before,
-            outcome: None,
-        };
+        let mut live = Live { child, pid, started: now, samples: VecDeque::new(), memory_cgroup, oom_before, outcome: None };
         live.samples.push_back((now, self.cpu_ns(pid).unwrap_or(0)));
         let (summary, achieved) = match work {
-            StressWork::Cpu { workers, load_permyriad } => (
-                format!("{workers} worker thread(s) at {} of a core each in pid {pid}", pct(f64::from(load_permyriad) / 100.0)),
-                vec![],
-            ),
+            StressWork::Cpu { workers, load_permyriad } => {
+                (format!("{workers} worker thread(s) at {} of a core each in pid {pid}", pct(f64::from(load_permyriad) / 100.0)), vec![])
+            }
             StressWork::Memory { bytes } => {
                 let rss = self.rss_bytes(pid).unwrap_or(0);
-                (format!("worker pid {pid} holds {} resident of {} asked", mib(rss), mib(bytes)), vec![("resident_bytes".to_string(), rss as f64)])
+                (
+                    format!("worker pid {pid} holds {} resident of {} asked", mib(rss), mib(bytes)),
+                    vec![("resident_bytes".to_string(), rss as f64)],
+                )
             }
         };
         let place = cgroups.iter().map(|c| format!("{}:{}", c.controller.v1(), c.path)).collect::<Vec<_>>().join(", ");
@@ -456,13 +489,20 @@ impl ResourceDriver {
             None => {
                 let orphans = self.orphan_workers(fault_id);
                 for pid in &orphans {
-                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(i32::try_from(*pid).unwrap_or(0)), nix::sys::signal::Signal::SIGKILL);
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(i32::try_from(*pid).unwrap_or(0)),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
                 }
                 let deadline = Instant::now() + Duration::from_secs(5);
                 while !self.orphan_workers(fault_id).is_empty() && Instant::now() < deadline {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
-                parts.push(if orphans.is_empty() { "no worker left running".to_string() } else { format!("killed leftover worker(s) {orphans:?}") });
+                parts.push(if orphans.is_empty() {
+                    "no worker left running".to_string()
+                } else {
+                    format!("killed leftover worker(s) {orphans:?}")
+                });
             }
         }
         if own && let Ok(cg) = self.cg() {
@@ -506,7 +546,8 @@ impl ResourceDriver {
 
 /// Every process in the cgroup directory and below it.
 fn members(dir: &Path) -> Vec<u32> {
-    let mut out: Vec<u32> = fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default().lines().filter_map(|l| l.trim().parse().ok()).collect();
+    let mut out: Vec<u32> =
+        fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default().lines().filter_map(|l| l.trim().parse().ok()).collect();
     if let Ok(rd) = fs::read_dir(dir) {
         for e in rd.flatten() {
             if e.file_type().is_ok_and(|t| t.is_dir()) {
@@ -625,18 +666,28 @@ impl FaultDriver for ResourceDriver {
                 cg.set_cpu_quota(cgroup, *set).map_err(io_err("setting the CPU quota"))?;
                 let now = cg.cpu_quota(cgroup).map_err(io_err("reading the CPU quota back"))?;
                 if now != *set {
-                    return Err(AgentError::Command { cmd: "cpu throttle".into(), detail: format!("wrote {set:?} but the kernel holds {now:?}") });
+                    return Err(AgentError::Command {
+                        cmd: "cpu throttle".into(),
+                        detail: format!("wrote {set:?} but the kernel holds {now:?}"),
+                    });
                 }
                 let share = set.quota_us.unwrap_or(0) as f64 * 100.0 / set.period_us as f64;
                 done(
                     backend(cg),
-                    format!("cgroup {cgroup} CPU quota {} us per {} us ({} of a core; was {:?})", set.quota_us.unwrap_or(0), set.period_us, pct(share), previous.quota_us),
+                    format!(
+                        "cgroup {cgroup} CPU quota {} us per {} us ({} of a core; was {:?})",
+                        set.quota_us.unwrap_or(0),
+                        set.period_us,
+                        pct(share),
+                        previous.quota_us
+                    ),
                     vec![("cpu_quota_percent".into(), share)],
                 )
             }
             ResourcePlan::MemoryLimit { cgroup, previous, limit_bytes } => {
                 let cg = self.cg()?;
-                cg.set_memory_limit_text(cgroup, &limit_bytes.to_string()).map_err(io_err(format!("setting memory limit of {cgroup} to {limit_bytes}")))?;
+                cg.set_memory_limit_text(cgroup, &limit_bytes.to_string())
+                    .map_err(io_err(format!("setting memory limit of {cgroup} to {limit_bytes}")))?;
                 let usage = cg.memory_bytes(cgroup).ok().flatten().unwrap_or(0);
                 done(
                     backend(cg),
@@ -649,12 +700,21 @@ impl FaultDriver for ResourceDriver {
                 cg.set_io_limits(cgroup, device, *set).map_err(io_err("setting IO limits"))?;
                 let now = cg.io_limits(cgroup, device).map_err(io_err("reading IO limits back"))?;
                 if now != *set {
-                    return Err(AgentError::Command { cmd: "io throttle".into(), detail: format!("wrote {set:?} but the kernel holds {now:?}") });
+                    return Err(AgentError::Command {
+                        cmd: "io throttle".into(),
+                        detail: format!("wrote {set:?} but the kernel holds {now:?}"),
+                    });
                 }
                 let n = |v: Option<u64>| v.map_or_else(|| "unlimited".to_string(), |v| format!("{v} B/s"));
                 done(
                     backend(cg),
-                    format!("cgroup {cgroup} device {device}: read {} write {} (was read {} write {})", n(set.read_bps), n(set.write_bps), n(previous.read_bps), n(previous.write_bps)),
+                    format!(
+                        "cgroup {cgroup} device {device}: read {} write {} (was read {} write {})",
+                        n(set.read_bps),
+                        n(set.write_bps),
+                        n(previous.read_bps),
+                        n(previous.write_bps)
+                    ),
                     vec![],
                 )
             }
@@ -742,7 +802,13 @@ impl FaultDriver for ResourceDriver {
                     let now = Instant::now();
                     let ns = self.cpu_ns(l.pid)?;
                     // The newest sample at least a second old (else the first).
-                    let base = l.samples.iter().rev().find(|(t, _)| now.duration_since(*t) >= Duration::from_secs(1)).or(l.samples.front()).copied();
+                    let base = l
+                        .samples
+                        .iter()
+                        .rev()
+                        .find(|(t, _)| now.duration_since(*t) >= Duration::from_secs(1))
+                        .or(l.samples.front())
+                        .copied();
                     if let Some((t, n0)) = base {
                         let wall = now.duration_since(t).as_nanos() as f64;
                         if wall > 0.0 {
@@ -826,7 +892,11 @@ mod tests {
             (FaultKind::CpuThrottle { quota_permyriad: 2500 }, "cg/app/cpu.max", "25000 100000"),
             (FaultKind::MemoryLimit { limit_bytes: 64 << 20 }, "cg/app/memory.max", "67108864"),
             (
-                FaultKind::IoThrottle { read_bytes_per_second: 0, write_bytes_per_second: 1 << 20, device: Some("254:0".parse().expect("dev")) },
+                FaultKind::IoThrottle {
+                    read_bytes_per_second: 0,
+                    write_bytes_per_second: 1 << 20,
+                    device: Some("254:0".parse().expect("dev")),
+                },
                 "cg/app/io.max",
                 "254:0 rbps=max wbps=1048576",
             ),
@@ -863,7 +933,11 @@ mod tests {
         assert!(e.to_string().contains("protected.names"), "{e}");
         // A protected process in a child cgroup counts too.
         r.procs.spawn(11, "sshd", 101);
-        let e = r.driver.plan(&req(TargetSpec::CgroupPath("app".into()), FaultKind::CpuThrottle { quota_permyriad: 5000 })).await.expect_err("child");
+        let e = r
+            .driver
+            .plan(&req(TargetSpec::CgroupPath("app".into()), FaultKind::CpuThrottle { quota_permyriad: 5000 }))
+            .await
+            .expect_err("child");
         assert!(e.to_string().contains("pid 11"), "{e}");
         let e = r.driver.plan(&req(TargetSpec::CgroupPath("nope".into()), FaultKind::CgroupFreeze)).await.expect_err("missing");
         assert!(matches!(e, AgentError::TargetNotFound(_)), "{e}");
@@ -875,7 +949,8 @@ mod tests {
     async fn memory_floor_and_disk_cap_refuse_with_the_field() {
         let r = rig(Guards { memory_floor_bytes: 512 << 20, disk_fill_max_permyriad: 9000 });
         // 1000000 kB available, floor 512 MiB: 600 MiB is too much, 100 MiB is fine.
-        let e = r.driver.plan(&req(TargetSpec::Host, FaultKind::MemoryStress { size: MemorySize::Bytes(600 << 20) })).await.expect_err("floor");
+        let e =
+            r.driver.plan(&req(TargetSpec::Host, FaultKind::MemoryStress { size: MemorySize::Bytes(600 << 20) })).await.expect_err("floor");
         assert!(matches!(e, AgentError::Guard(_)) && e.to_string().contains("guards.memory_floor"), "{e}");
         assert_eq!(e.code(), tonic::Code::FailedPrecondition);
         let p = r.driver.plan(&req(TargetSpec::Host, FaultKind::MemoryStress { size: MemorySize::Bytes(100 << 20) })).await.expect("fits");
@@ -888,7 +963,11 @@ mod tests {
             .await
             .expect_err("cap");
         assert!(e.to_string().contains("spec.disk_fill.fill_to_percent must be at most 90"), "{e}");
-        let e = r.driver.plan(&req(TargetSpec::Host, FaultKind::DiskFill { path: format!("{dir}/nope"), amount: FillAmount::Bytes(1) })).await.expect_err("path");
+        let e = r
+            .driver
+            .plan(&req(TargetSpec::Host, FaultKind::DiskFill { path: format!("{dir}/nope"), amount: FillAmount::Bytes(1) }))
+            .await
+            .expect_err("path");
         assert!(e.to_string().contains("spec.disk_fill.path"), "{e}");
     }
 
@@ -896,7 +975,11 @@ mod tests {
     async fn disk_fill_creates_and_removes_its_file() {
         let r = rig(Guards { memory_floor_bytes: 0, disk_fill_max_permyriad: 10_000 });
         let dir = r.dir.path().display().to_string();
-        let plan = r.driver.plan(&req(TargetSpec::Host, FaultKind::DiskFill { path: dir.clone(), amount: FillAmount::Bytes(1 << 20) })).await.expect("plan");
+        let plan = r
+            .driver
+            .plan(&req(TargetSpec::Host, FaultKind::DiskFill { path: dir.clone(), amount: FillAmount::Bytes(1 << 20) }))
+            .await
+            .expect("plan");
         let a = r.driver.apply(&plan).await.expect("apply");
         let file = r.dir.path().join(".chaos-fill-f1");
         assert_eq!(fs::metadata(&file).expect("file").len(), 1 << 20, "{}", a.summary);

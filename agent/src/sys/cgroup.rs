@@ -155,8 +155,7 @@ impl CgroupFs {
 }
 
 /// A controller the faults act through, by its v1 and v2 names.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[derive(serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Controller {
     Cpu,

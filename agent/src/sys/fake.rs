@@ -20,6 +20,7 @@ struct Inner {
     fail: Vec<(u32, Option<Signal>, Errno)>,
     /// Pids whose state signals do not change.
     stuck: std::collections::BTreeSet<u32>,
+    now_ticks: u64,
 }
 
 /// Fake process table + signals, cheap to clone (shared state).
@@ -37,6 +38,11 @@ impl FakeProcs {
     pub fn spawn(&self, pid: u32, comm: &str, start_time_ticks: u64) {
         let stat = ProcStat { pid, comm: comm.to_string(), state: 'S', ppid: 1, flags: 0, start_time_ticks, cpu_ticks: 0, rss_pages: 0 };
         self.lock().procs.insert(pid, (stat, None));
+    }
+
+    /// Set the clock (ticks since boot) that `now_ticks` reads.
+    pub fn set_now_ticks(&self, t: u64) {
+        self.lock().now_ticks = t;
     }
 
     /// Add a kernel thread.
@@ -104,6 +110,10 @@ impl ProcessTable for FakeProcs {
 
     fn argv0_basename(&self, pid: u32) -> Option<String> {
         self.lock().procs.get(&pid).and_then(|(s, a)| a.clone().or_else(|| Some(s.comm.clone())))
+    }
+
+    fn now_ticks(&self) -> Option<u64> {
+        Some(self.lock().now_ticks)
     }
 }
 

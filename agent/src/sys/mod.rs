@@ -47,6 +47,17 @@ pub trait ProcessTable: Send + Sync {
     fn pids(&self) -> std::io::Result<Vec<u32>>;
     /// Basename of argv[0], when readable (comm is cut to 15 characters).
     fn argv0_basename(&self, pid: u32) -> Option<String>;
+    /// Now, in the clock ticks since boot that start times are counted in.
+    fn now_ticks(&self) -> Option<u64> {
+        let up: f64 = std::fs::read_to_string("/proc/uptime").ok()?.split_whitespace().next()?.parse().ok()?;
+        Some((up * ticks_per_second() as f64) as u64)
+    }
+}
+
+/// `CLK_TCK`: clock ticks per second (100 on Linux).
+pub fn ticks_per_second() -> u64 {
+    // SAFETY: sysconf reads a constant; no pointers involved.
+    u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).ok().filter(|v| *v > 0).unwrap_or(100)
 }
 
 /// Live user processes (no kernel threads) whose comm or argv[0] basename
