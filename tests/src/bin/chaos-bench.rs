@@ -30,7 +30,14 @@
 //!     batch: the coordinator's CPU and RSS, and the delay from a sample's
 //!     timestamp on the agent to its arrival at a watcher.
 //!
-//! Run: `cargo build --release --workspace --bins && ./target/release/chaos-bench [--suite lifecycle|network|coordinator|hub|all] [--faults N] [--agents M] [--runs R]`
+//! (o..q) resource faults against the kernel's counters: CPU stress at 25,
+//!     50 and 90 % of one core (its cgroup's usage in 500 ms windows: mean
+//!     error after 2 s, and when it settled within 3 points for good), side
+//!     by side with `stress-ng --cpu 1 --cpu-load L` in a cgroup of the same
+//!     kind; memory stress of 256 MiB (resident vs asked, time to hold it);
+//!     disk fill to 50 % of a 256 MiB tmpfs made for the run (df after).
+//!
+//! Run: `cargo build --release --workspace --bins && ./target/release/chaos-bench [--suite lifecycle|network|coordinator|hub|resource|all] [--faults N] [--agents M] [--runs R]`
 //! (the network suite drives `chaos-netprobe`, built next to it).
 
 use std::{
@@ -78,6 +85,7 @@ enum Suite {
     Network,
     Coordinator,
     Hub,
+    Resource,
     All,
 }
 
@@ -671,8 +679,152 @@ async fn bench_network(dir: &Path, loss_packets: u32) -> anyhow::Result<NetFigur
     })
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+/// One CPU load trace: 500 ms windows of a cgroup's usage.
+struct CpuTrace {
+    target: f64,
+    /// (window end in s since start, load in % of one core).
+    windows: Vec<(f64, f64)>,
+}
+
+impl CpuTrace {
+    /// Record `secs` of 500 ms windows from a cumulative ns counter.
+    fn record(target: f64, secs: u32, read: impl Fn() -> u64) -> CpuTrace {
+        let t0 = Instant::now();
+        let mut prev = (t0, read());
+        let mut windows = vec![];
+        for _ in 0..secs * 2 {
+            std::thread::sleep(Duration::from_millis(500));
+            let now = (Instant::now(), read());
+            let pct = now.1.saturating_sub(prev.1) as f64 * 100.0 / (now.0 - prev.0).as_nanos() as f64;
+            windows.push(((now.0 - t0).as_secs_f64(), pct));
+            prev = now;
+        }
+        CpuTrace { target, windows }
+    }
+
+    /// Mean load after 2 s.
+    fn mean(&self) -> f64 {
+        let w: Vec<f64> = self.windows.iter().filter(|(t, _)| *t > 2.0).map(|(_, p)| *p).collect();
+        w.iter().sum::<f64>() / w.len().max(1) as f64
+    }
+
+    /// When every later window stayed within 3 points of the target.
+    fn settled_s(&self) -> Option<f64> {
+        let last_bad = self.windows.iter().rposition(|(_, p)| (p - self.target).abs() > 3.0);
+        match last_bad {
+            None => self.windows.first().map(|w| w.0),
+            Some(i) => self.windows.get(i + 1).map(|w| w.0),
+        }
+    }
+
+    fn line(&self, who: &str) -> String {
+        let settled = self.settled_s().map_or_else(|| "never (in 8 s)".to_string(), |s| format!("{s:.1} s"));
+        let worst = self.windows.iter().filter(|(t, _)| *t > 2.0).map(|(_, p)| (p - self.target).abs()).fold(0.0, f64::max);
+        format!(
+            "{who:<10} mean {:>5.1} % (error {:>+5.1} pp), worst 500 ms window after 2 s off by {worst:.1} pp, within 3 pp for good from {settled}",
+            self.mean(),
+            self.mean() - self.target
+        )
+    }
+}
+
+async fn bench_resource(dir: &Path) -> anyhow::Result<Vec<String>> {
+    let agent = start_agent(dir, "resource-bench", None).await?;
+    let mut client = AgentClient::new(connect(&agent.url).await?);
+    let host = || Some(pb::Target { kind: Some(pb::target::Kind::Host(pb::HostTarget {})) });
+    let spec = |id: &str, fault: pb::fault_spec::Fault| pb::FaultSpec {
+        id: id.to_string(),
+        target: host(),
+        duration: Some(duration_to_pb(Duration::from_secs(60))),
+        fault: Some(fault),
+        ..Default::default()
+    };
+    let mut lines = vec![];
+    let cg_root = Path::new("/sys/fs/cgroup");
+    let v2 = cg_root.join("cgroup.controllers").exists();
+    let usage_of = move |dir: std::path::PathBuf| {
+        move || -> u64 {
+            if v2 {
+                let t = std::fs::read_to_string(dir.join("cpu.stat")).unwrap_or_default();
+                t.lines().find_map(|l| l.strip_prefix("usage_usec ")?.parse::<u64>().ok()).unwrap_or(0) * 1000
+            } else {
+                std::fs::read_to_string(dir.join("cpuacct.usage")).ok().and_then(|t| t.trim().parse().ok()).unwrap_or(0)
+            }
+        }
+    };
+    let acct = |name: &str| if v2 { cg_root.join(name) } else { cg_root.join("cpuacct").join(name) };
+    let stress_ng = std::process::Command::new("stress-ng").arg("--version").output().is_ok_and(|o| o.status.success());
+    for load in [25.0, 50.0, 90.0] {
+        let id = format!("bench-cpu-{load}");
+        client
+            .apply_fault(pb::ApplyFaultRequest {
+                spec: Some(spec(&id, pb::fault_spec::Fault::CpuStress(pb::CpuStress { workers: 1, load_percent: load }))),
+            })
+            .await?;
+        let read = usage_of(acct(&format!("chaos-{id}")));
+        let ours = tokio::task::spawn_blocking(move || CpuTrace::record(load, 8, read)).await?;
+        client.revert_fault(pb::RevertFaultRequest { fault_id: id }).await?;
+        lines.push(format!("(o) CPU stress {load:.0} % of one core, 1 worker, 8 s:"));
+        lines.push(format!("      {}", ours.line("chaos")));
+        if stress_ng {
+            let cg = chaos_e2e::TestCgroup::new(&format!("bench-sng{load}"), &["cpu", "cpuacct"]);
+            let mut c = cg.spawn_sh(&format!("exec stress-ng --cpu 1 --cpu-load {load} --timeout 9s --quiet"));
+            let read = usage_of(if v2 { cg.dir("cpu") } else { cg.dir("cpuacct") });
+            let theirs = tokio::task::spawn_blocking(move || CpuTrace::record(load, 8, read)).await?;
+            let _ = c.kill();
+            let _ = c.wait();
+            lines.push(format!("      {}", theirs.line("stress-ng")));
+        } else {
+            lines.push("      stress-ng  not installed (apt-get install stress-ng) - no comparison".into());
+        }
+    }
+    let t0 = Instant::now();
+    let r = client
+        .apply_fault(pb::ApplyFaultRequest {
+            spec: Some(spec(
+                "bench-mem",
+                pb::fault_spec::Fault::MemoryStress(pb::MemoryStress { bytes: 256 << 20, percent_of_total: 0.0 }),
+            )),
+        })
+        .await?
+        .into_inner();
+    let took = t0.elapsed();
+    let rss = r.fault.and_then(|f| f.applied).and_then(|a| a.achieved.get("resident_bytes").copied()).unwrap_or(0.0);
+    client.revert_fault(pb::RevertFaultRequest { fault_id: "bench-mem".into() }).await?;
+    lines.push(format!(
+        "(p) memory stress 256 MiB: {:.1} MiB resident when ApplyFault answered ({:+.1} %), in {:.0} ms",
+        rss / 1048576.0,
+        (rss / (256.0 * 1048576.0) - 1.0) * 100.0,
+        took.as_secs_f64() * 1000.0
+    ));
+    let mnt = dir.join("fill-tmpfs");
+    std::fs::create_dir_all(&mnt)?;
+    if std::process::Command::new("mount").args(["-t", "tmpfs", "-o", "size=256m", "tmpfs"]).arg(&mnt).status()?.success() {
+        let fill = pb::DiskFill { path: mnt.display().to_string(), bytes: 0, fill_to_percent: 50.0 };
+        let t0 = Instant::now();
+        let r = client.apply_fault(pb::ApplyFaultRequest { spec: Some(spec("bench-fill", pb::fault_spec::Fault::DiskFill(fill))) }).await;
+        let took = t0.elapsed();
+        let st = nix::sys::statvfs::statvfs(&mnt)?;
+        let used = (st.blocks() - st.blocks_free()) as f64;
+        let df = used * 100.0 / (used + st.blocks_available() as f64);
+        let _ = client.revert_fault(pb::RevertFaultRequest { fault_id: "bench-fill".into() }).await;
+        let _ = std::process::Command::new("umount").arg(&mnt).status();
+        r?;
+        lines.push(format!("(q) disk fill to 50 % of a 256 MiB tmpfs: df says {df:.2} % after, in {:.1} ms", took.as_secs_f64() * 1000.0));
+    } else {
+        lines.push("(q) disk fill: could not mount a tmpfs (needs root)".into());
+    }
+    agent.shutdown().await?;
+    Ok(lines)
+}
+
+fn main() -> anyhow::Result<()> {
+    // The in-process agent runs its stress workers as this binary.
+    chaos_agent::stressor::run_if_stressor();
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("tokio runtime")?.block_on(bench())
+}
+
+async fn bench() -> anyhow::Result<()> {
     let args = Args::parse();
     chaos_proto::serve::init_tracing(chaos_proto::serve::LogFormat::Text);
     let dir = tempfile::tempdir().context("tempdir")?;
@@ -716,6 +868,10 @@ async fn main() -> anyhow::Result<()> {
             "(n) coordinator process with 1,000 agent streams at 1 Hz and 10 watchers: {:.1} % of one core over 20 s (goal <= 10 %), RSS {:.0} MiB; {} batches delivered, {} skipped by slow watchers",
             h.cpu_pct, h.rss_mib, h.batches, h.skipped
         ));
+    }
+    if matches!(args.suite, Suite::Resource | Suite::All) {
+        eprintln!("(o..q) resource faults (CPU 25/50/90 %, with stress-ng for comparison; memory; disk fill) ...");
+        notes.extend(bench_resource(dir.path()).await?);
     }
     if matches!(args.suite, Suite::Network | Suite::All) {
         eprintln!("(c..f) network faults between two namespaces ...");
