@@ -37,6 +37,8 @@ pub struct AgentIdentity {
     pub iptables: Result<String, String>,
     /// `tc -V`, or why tc is unusable (bandwidth).
     pub tc: Result<String, String>,
+    /// The cgroup hierarchy (resource faults), or why there is none.
+    pub cgroups: Result<crate::sys::cgroup::CgroupFs, String>,
 }
 
 /// Read a one-line kernel fact from procfs, or "unknown".
@@ -69,11 +71,33 @@ impl AgentIdentity {
                     }
                     _ => None,
                 };
-                let (supported, detail) = match (*f, network) {
-                    ("process_pause", _) => (true, "SIGSTOP/SIGCONT through a pidfd, guarded against pid reuse".to_string()),
-                    ("process_kill", _) => (true, "a signal of choice through a pidfd, guarded against pid reuse".to_string()),
-                    (_, Some((Ok(version), _, how))) => (true, format!("{version}: {how}")),
-                    (_, Some((Err(why), tool, _))) => (false, format!("{tool} unusable: {why}")),
+                use crate::sys::cgroup::Controller as C;
+                let resource = match *f {
+                    "cpu_stress" => Some((C::Cpu, "worker process in the target's cgroup or its own, duty-cycled on its CPU clock")),
+                    "cpu_throttle" => Some((C::Cpu, "CFS quota of the target's cgroup, previous value restored")),
+                    "memory_stress" => Some((C::Memory, "worker process touching every page, oom_score_adj 1000, host floor guard")),
+                    "memory_limit" => Some((C::Memory, "memory limit of the target's cgroup, previous value restored")),
+                    "io_throttle" => Some((C::Io, "bytes/s limits of the target's cgroup on one disk, previous values restored")),
+                    "cgroup_freeze" => Some((C::Freezer, "cgroup freezer of the target's cgroup, verified frozen")),
+                    _ => None,
+                };
+                let (supported, detail) = match (*f, network, resource, &self.cgroups) {
+                    ("process_pause", ..) => (true, "SIGSTOP/SIGCONT through a pidfd, guarded against pid reuse".to_string()),
+                    ("process_kill", ..) => {
+                        (true, "a signal of choice through a pidfd, guarded against pid reuse; watches for a restart".to_string())
+                    }
+                    ("disk_fill", ..) => {
+                        (true, "one file of the fault's own (fallocate, else writes), capped by guards.disk_fill_max_percent".into())
+                    }
+                    (_, _, Some((ctrl, how)), Ok(cg)) if cg.has(ctrl) => {
+                        (true, format!("cgroup {} {}: {how}", cg.version().as_str(), ctrl.v1()))
+                    }
+                    (_, _, Some((ctrl, _)), Ok(cg)) => {
+                        (false, format!("cgroup {} has no {} controller here", cg.version().as_str(), ctrl.v1()))
+                    }
+                    (_, _, Some(_), Err(why)) => (false, format!("no usable cgroup filesystem: {why}")),
+                    (_, Some((Ok(version), _, how)), ..) => (true, format!("{version}: {how}")),
+                    (_, Some((Err(why), tool, _)), ..) => (false, format!("{tool} unusable: {why}")),
                     _ => (false, "not implemented by this agent version (ApplyFault answers UNIMPLEMENTED)".to_string()),
                 };
                 pb::FamilySupport { family: f.to_string(), supported, detail }

@@ -21,8 +21,8 @@ pub const GROUPS: [&str; 3] = ["network", "resource_exhaustion", "service_failur
 fn group_of(family: &str) -> Option<&'static str> {
     match family {
         f if f.starts_with("network_") => Some("network"),
-        "cpu_stress" | "memory_stress" | "disk_fill" | "io_throttle" => Some("resource_exhaustion"),
-        "process_kill" | "process_pause" | "container_action" => Some("service_failure"),
+        "cpu_stress" | "memory_stress" | "disk_fill" | "io_throttle" | "cpu_throttle" | "memory_limit" => Some("resource_exhaustion"),
+        "process_kill" | "process_pause" | "container_action" | "cgroup_freeze" => Some("service_failure"),
         _ => None,
     }
 }

@@ -218,6 +218,17 @@ fn read_file(file: &Path) -> io::Result<String> {
 }
 
 impl CgroupFs {
+    /// Whether the host offers the controller.
+    pub fn has(&self, ctrl: Controller) -> bool {
+        match (self.version, ctrl.v2()) {
+            (Version::V1, _) => self.controller_dir(ctrl.v1()).is_some(),
+            (Version::V2, None) => true,
+            (Version::V2, Some(name)) => {
+                fs::read_to_string(self.root.join("cgroup.controllers")).unwrap_or_default().split_whitespace().any(|c| c == name)
+            }
+        }
+    }
+
     /// The directory of cgroup `path` for `ctrl`, which must exist.
     pub fn existing_dir(&self, ctrl: Controller, path: &str) -> io::Result<PathBuf> {
         let d = match self.version {
