@@ -10,9 +10,13 @@ step() { printf '\n==> %s\n' "$*" >&2; }
 command -v cargo >/dev/null || { echo "cargo not found: install Rust (rustup) first" >&2; exit 1; }
 command -v go >/dev/null || { echo "go not found: needed to install grpcurl" >&2; exit 1; }
 
-# Kernel tools the agent drives and the network tests use (iptables: the NFQUEUE latency engine).
+# Kernel tools the agent drives and the network tests use (iptables: the NFQUEUE latency engine);
+# a Docker daemon and busybox for the container tests (each test runs a private dockerd
+# without iptables or a bridge, and imports a busybox image: there is no registry).
 . deploy/packages.sh
-ensure_tools nft:nftables iptables:iptables ip:iproute2 ping:iputils-ping nsenter:util-linux
+ensure_tools nft:nftables iptables:iptables ip:iproute2 ping:iputils-ping nsenter:util-linux dockerd:docker.io
+# The image needs a statically linked busybox (Debian's plain `busybox` is dynamic).
+dpkg -s busybox-static >/dev/null 2>&1 || ensure_packages busybox-static
 [ "$(id -u)" = 0 ] || echo "warning: not root: the network-namespace tests will fail (they create namespaces)" >&2
 
 GOBIN_DIR="$(go env GOPATH)/bin"

@@ -36,7 +36,8 @@ labels, lease, heartbeat_interval, max_fault_duration, shutdown_timeout,
 protected: { pids: [..], names: [..], cidrs: [..] },
 metrics: { interval, listen, netns: [..], processes: [..], cgroups: [..] },
 guards: { memory_floor_bytes (default 536870912: a memory stress never leaves
-less available), disk_fill_max_percent (default 95: a disk fill never goes past) }.
+less available), disk_fill_max_percent (default 95: a disk fill never goes past) },
+docker_socket (default /var/run/docker.sock).
 Durations as \"10s\", \"500ms\", \"1h\".
 ";
 
@@ -110,6 +111,9 @@ pub struct AgentArgs {
     /// A cgroup path whose CPU and memory to report, e.g. /system.slice/kafka.service (repeatable).
     #[arg(long = "watch-cgroup", value_name = "PATH")]
     pub watch_cgroups: Vec<String>,
+    /// Docker Engine socket for container faults [default: /var/run/docker.sock].
+    #[arg(long, env = "CHAOS_AGENT_DOCKER_SOCKET", value_name = "PATH")]
+    pub docker_socket: Option<PathBuf>,
     /// Log format on stderr.
     #[arg(long, env = "CHAOS_LOG_FORMAT", value_enum, default_value_t)]
     pub log_format: LogFormat,
@@ -136,6 +140,7 @@ pub struct AgentFile {
     pub metrics: MetricsFile,
     #[serde(default)]
     pub guards: GuardsFile,
+    pub docker_socket: Option<PathBuf>,
 }
 
 /// The `guards:` section.
@@ -194,6 +199,8 @@ pub struct AgentConfig {
     /// Prometheus endpoint; None: off.
     pub metrics_listen: Option<SocketAddr>,
     pub guards: crate::faults::resource::Guards,
+    /// The Docker Engine socket container faults talk to.
+    pub docker_socket: PathBuf,
 }
 
 fn dur(key: &str, v: &str) -> anyhow::Result<Duration> {
@@ -351,6 +358,11 @@ impl AgentConfig {
             metrics,
             metrics_listen,
             guards,
+            docker_socket: args
+                .docker_socket
+                .clone()
+                .or(file.docker_socket.clone())
+                .unwrap_or_else(|| PathBuf::from("/var/run/docker.sock")),
         })
     }
 }

@@ -53,7 +53,11 @@ pub async fn run(link: LeaseLink, identity: Arc<AgentIdentity>, lifecycle: Lifec
                     hostname: identity.hostname.clone(),
                     address: link.advertise.clone(),
                     labels: identity.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-                    capabilities: Some(identity.capabilities(status.armed, status.lease_lost)),
+                    capabilities: Some(identity.capabilities(
+                        status.armed,
+                        status.lease_lost,
+                        &crate::faults::container::probe(&identity.docker_socket).await,
+                    )),
                     lease_duration: Some(duration_to_pb(identity.lease)),
                 })
                 .await

@@ -498,8 +498,8 @@ impl Actor {
         }
         // Drivers name what they create after the fault (e.g. nft tables).
         req.id = Some(id.clone());
-        let driver = self.drivers.for_request(&req);
-        let plan = driver.plan(&req).await?;
+        let planned = self.drivers.resolve_container(&req).await?;
+        let plan = self.drivers.for_request(&planned).plan(&planned).await?;
         let created_at = SystemTime::now();
         let rec = JournalRecord {
             version: 1,
@@ -694,8 +694,13 @@ mod tests {
             "/nonexistent".into(),
             Default::default(),
         );
-        let drivers =
-            Arc::new(Drivers { process: ProcessDriver::new(Arc::new(procs.clone()), Arc::new(procs.clone()), prot), network, resource });
+        let container = crate::faults::container::ContainerDriver::new("/nonexistent/docker.sock".into(), prot.clone());
+        let drivers = Arc::new(Drivers {
+            process: ProcessDriver::new(Arc::new(procs.clone()), Arc::new(procs.clone()), prot),
+            network,
+            resource,
+            container,
+        });
         let (lc, _task, report) = Lifecycle::start(cfg, drivers, Arc::new(journal.clone())).await.expect("start");
         Rig { lc, procs, journal, report }
     }

@@ -39,6 +39,8 @@ pub struct AgentIdentity {
     pub tc: Result<String, String>,
     /// The cgroup hierarchy (resource faults), or why there is none.
     pub cgroups: Result<crate::sys::cgroup::CgroupFs, String>,
+    /// The Docker Engine socket (container faults).
+    pub docker_socket: std::path::PathBuf,
 }
 
 /// Read a one-line kernel fact from procfs, or "unknown".
@@ -48,7 +50,8 @@ pub fn proc_line(path: &str) -> String {
 
 impl AgentIdentity {
     /// Capabilities with the lifecycle's current state.
-    pub fn capabilities(&self, armed: bool, lease_lost: bool) -> pb::Capabilities {
+    /// `docker`: whether the daemon answered just now (its version), or why not.
+    pub fn capabilities(&self, armed: bool, lease_lost: bool, docker: &Result<String, String>) -> pb::Capabilities {
         let families = ALL_FAMILIES
             .iter()
             .map(|f| {
@@ -86,6 +89,16 @@ impl AgentIdentity {
                     ("process_kill", ..) => {
                         (true, "a signal of choice through a pidfd, guarded against pid reuse; watches for a restart".to_string())
                     }
+                    ("container_action", ..) => match docker {
+                        Ok(v) => (
+                            true,
+                            format!(
+                                "{v} on {}: stop, start, restart, pause, unpause, kill; by name, id or label",
+                                self.docker_socket.display()
+                            ),
+                        ),
+                        Err(why) => (false, format!("no Docker daemon answering on {}: {why}", self.docker_socket.display())),
+                    },
                     ("disk_fill", ..) => {
                         (true, "one file of the fault's own (fallocate, else writes), capped by guards.disk_fill_max_percent".into())
                     }
@@ -179,7 +192,8 @@ impl Agent for AgentService {
 
     async fn get_capabilities(&self, _req: Request<pb::GetCapabilitiesRequest>) -> Result<Response<pb::Capabilities>, Status> {
         let st = self.lifecycle.status().await?;
-        Ok(Response::new(self.identity.capabilities(st.armed, st.lease_lost)))
+        let docker = crate::faults::container::probe(&self.identity.docker_socket).await;
+        Ok(Response::new(self.identity.capabilities(st.armed, st.lease_lost, &docker)))
     }
 
     #[instrument(skip_all, fields(armed = req.get_ref().armed))]

@@ -28,6 +28,16 @@ Examples:
   chaos agent apply --latency 50ms --jitter 10ms --peer 198.18.0.3/32 --direction ingress --duration 2m
   chaos agent apply --reorder 25% --latency 20ms --peer 198.18.0.3/32 --direction ingress --duration 2m
   chaos agent apply --rate 1mbit --peer 198.18.0.3/32 --netns lab-kafka --duration 5m            # egress
+  chaos agent apply --cpu 50% --workers 2 --duration 2m                    # on the host, in a cgroup of its own
+  chaos agent apply --cpu-quota 20% --target-name java --duration 1m       # the old quota comes back
+  chaos agent apply --memory 512MiB --duration 5m                          # refused below guards.memory_floor_bytes
+  chaos agent apply --memory-limit 256MiB --cgroup /system.slice/kafka.service --duration 1m
+  chaos agent apply --fill-disk /var/lib/cassandra --to 90% --duration 5m
+  chaos agent apply --io-limit 1MB/s --io-direction write --target-pid 4242 --duration 2m
+  chaos agent apply --freeze-cgroup /system.slice/processor.service --duration 30s
+  chaos agent apply --container kafka --action pause --duration 30s        # unpaused at revert
+  chaos agent apply --container label:role=processor --action stop --duration 1m
+  chaos agent apply --partition all --container cassandra --duration 30s   # in the container's netns
 
 Every fault reverts by itself at the end of --duration, even if the agent
 crashes (it replays its journal at start) or loses its coordinator (lease).
@@ -98,10 +108,10 @@ pub struct ApplyArgs {
 #[derive(Debug, clap::Args)]
 #[command(group(ArgGroup::new("fault").required(true).args([
     "pause_pid", "pause_name", "kill_pid", "kill_name", "partition", "loss", "latency", "rate",
-    "cpu", "cpu_quota", "memory", "memory_limit", "fill_disk", "io_limit", "freeze_cgroup",
+    "cpu", "cpu_quota", "memory", "memory_limit", "fill_disk", "io_limit", "freeze_cgroup", "action",
 ])))]
-#[command(group(ArgGroup::new("netns_target").args(["netns", "target_pid"])))]
-#[command(group(ArgGroup::new("resource_target").args(["target_pid", "target_name", "cgroup"])))]
+#[command(group(ArgGroup::new("netns_target").args(["netns", "target_pid", "container"])))]
+#[command(group(ArgGroup::new("resource_target").args(["target_pid", "target_name", "cgroup", "container"])))]
 pub struct FaultArgs {
     /// Pause (SIGSTOP) the process with this pid.
     #[arg(long, value_name = "PID")]
@@ -200,6 +210,23 @@ pub struct FaultArgs {
     /// Resource faults: this cgroup path, e.g. `/system.slice/kafka.service`.
     #[arg(long, value_name = "PATH", help_heading = "Resource faults")]
     cgroup: Option<String>,
+    /// A Docker container by name, id or `label:KEY=VALUE`: the target of --action, or
+    /// of a network or resource fault (its network namespace and cgroup).
+    #[arg(long, value_name = "NAME|ID|label:K=V", help_heading = "Containers")]
+    container: Option<String>,
+    /// What to do to --container (reverted at the end: stop/kill by start, pause by unpause, ...).
+    #[arg(long, value_enum, requires = "container", help_heading = "Containers")]
+    action: Option<ActionArg>,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum ActionArg {
+    Stop,
+    Start,
+    Restart,
+    Pause,
+    Unpause,
+    Kill,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -218,28 +245,45 @@ enum DirectionArg {
 
 impl FaultArgs {
     fn network_target(&self) -> Kind {
-        match (&self.netns, self.target_pid) {
-            (Some(n), _) => Kind::Netns(n.clone()),
-            (None, Some(p)) => Kind::Pid(p),
-            (None, None) => Kind::Host(pb::HostTarget {}),
+        match (&self.netns, self.target_pid, &self.container) {
+            (Some(n), ..) => Kind::Netns(n.clone()),
+            (None, Some(p), _) => Kind::Pid(p),
+            (None, None, Some(c)) => Kind::Container(c.clone()),
+            (None, None, None) => Kind::Host(pb::HostTarget {}),
         }
     }
 
     fn resource_target(&self) -> Kind {
-        match (&self.cgroup, self.target_pid, &self.target_name) {
+        match (&self.cgroup, self.target_pid, &self.target_name, &self.container) {
             (Some(c), ..) => Kind::CgroupPath(c.clone()),
-            (None, Some(p), _) => Kind::Pid(p),
-            (None, None, Some(n)) => Kind::ProcessName(n.clone()),
-            (None, None, None) => Kind::Host(pb::HostTarget {}),
+            (None, Some(p), ..) => Kind::Pid(p),
+            (None, None, Some(n), _) => Kind::ProcessName(n.clone()),
+            (None, None, None, Some(c)) => Kind::Container(c.clone()),
+            (None, None, None, None) => Kind::Host(pb::HostTarget {}),
         }
     }
 
     /// The resource fault asked for, if any.
     fn resource_fault(&self) -> Result<Option<(Kind, F)>, CliError> {
         let t = self.resource_target();
+        if let (Some(a), Some(c)) = (self.action, &self.container) {
+            let verb = match a {
+                ActionArg::Stop => pb::ContainerVerb::Stop,
+                ActionArg::Start => pb::ContainerVerb::Start,
+                ActionArg::Restart => pb::ContainerVerb::Restart,
+                ActionArg::Pause => pb::ContainerVerb::Pause,
+                ActionArg::Unpause => pb::ContainerVerb::Unpause,
+                ActionArg::Kill => pb::ContainerVerb::Kill,
+            };
+            let signal = if matches!(a, ActionArg::Kill) { self.signal.clone() } else { String::new() };
+            return Ok(Some((Kind::Container(c.clone()), F::ContainerAction(pb::ContainerAction { verb: verb as i32, signal }))));
+        }
         let needs_target = |flag: &str| {
             if matches!(t, Kind::Host(_)) {
-                Err(CliError::new(exit::USAGE, format!("{flag} needs --cgroup, --target-pid or --target-name (a cgroup to change)")))
+                Err(CliError::new(
+                    exit::USAGE,
+                    format!("{flag} needs --cgroup, --target-pid, --target-name or --container (a cgroup to change)"),
+                ))
             } else {
                 Ok(t.clone())
             }

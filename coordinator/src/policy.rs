@@ -636,7 +636,10 @@ mod tests {
         let kill = spec(F::ProcessKill(pb::ProcessKill::default()), Kind::ProcessName("java".into()));
         assert!(p.check_fault(&kill, 3, MIN)[0].contains("allow_kill: false"));
         assert!(p.check_fault(&kill, 4, MIN).is_empty());
-        let cpause = spec(F::ContainerAction(pb::ContainerAction { verb: ContainerVerb::Pause as i32 }), Kind::Container("kafka".into()));
+        let cpause = spec(
+            F::ContainerAction(pb::ContainerAction { verb: ContainerVerb::Pause as i32, ..Default::default() }),
+            Kind::Container("kafka".into()),
+        );
         assert!(p.check_fault(&cpause, 2, MIN).is_empty(), "pausing is allowed at 2");
         let bw = spec(F::NetworkBandwidth(pb::NetworkBandwidth { rate_bits_per_second: 100_000, ..Default::default() }), host());
         assert!(p.check_fault(&bw, 3, MIN)[0].contains("min_bandwidth_bits_per_second 256000"));

@@ -208,6 +208,44 @@ pub enum FaultKind {
     DiskFill { path: String, amount: FillAmount },
     /// Block IO limits of the target cgroup; 0 leaves that direction alone.
     IoThrottle { read_bytes_per_second: u64, write_bytes_per_second: u64, device: Option<DeviceNumber> },
+    /// A Docker container action; `signal` for kill.
+    ContainerAction { verb: ContainerVerb, signal: SignalName },
+}
+
+/// What a container action does (see `chaos.v1.ContainerVerb`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ContainerVerb {
+    Stop,
+    Start,
+    Restart,
+    Pause,
+    Unpause,
+    Kill,
+}
+
+impl ContainerVerb {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ContainerVerb::Stop => "stop",
+            ContainerVerb::Start => "start",
+            ContainerVerb::Restart => "restart",
+            ContainerVerb::Pause => "pause",
+            ContainerVerb::Unpause => "unpause",
+            ContainerVerb::Kill => "kill",
+        }
+    }
+
+    fn to_pb(self) -> pb::ContainerVerb {
+        match self {
+            ContainerVerb::Stop => pb::ContainerVerb::Stop,
+            ContainerVerb::Start => pb::ContainerVerb::Start,
+            ContainerVerb::Restart => pb::ContainerVerb::Restart,
+            ContainerVerb::Pause => pb::ContainerVerb::Pause,
+            ContainerVerb::Unpause => pb::ContainerVerb::Unpause,
+            ContainerVerb::Kill => pb::ContainerVerb::Kill,
+        }
+    }
 }
 
 /// How much memory a memory stress holds.
@@ -275,6 +313,7 @@ impl FaultKind {
             FaultKind::CgroupFreeze => "cgroup_freeze",
             FaultKind::DiskFill { .. } => "disk_fill",
             FaultKind::IoThrottle { .. } => "io_throttle",
+            FaultKind::ContainerAction { .. } => "container_action",
         }
     }
 
@@ -289,16 +328,21 @@ impl FaultKind {
             | FaultKind::NetworkLoss { .. }
             | FaultKind::NetworkLatency { .. }
             | FaultKind::NetworkReorder { .. }
-            | FaultKind::NetworkBandwidth { .. } => {
-                (&["host", "netns", "pid (its network namespace)"], |t| matches!(t, T::Host | T::Netns(_) | T::Pid(_)))
-            }
-            FaultKind::CpuStress { .. } | FaultKind::MemoryStress { .. } => (&["host", "pid", "process_name", "cgroup_path"], |t| {
-                matches!(t, T::Host | T::Pid(_) | T::ProcessName(_) | T::CgroupPath(_))
+            | FaultKind::NetworkBandwidth { .. } => (&["host", "netns", "pid or container (its network namespace)"], |t| {
+                matches!(t, T::Host | T::Netns(_) | T::Pid(_) | T::Container(_))
             }),
+            FaultKind::CpuStress { .. } | FaultKind::MemoryStress { .. } => {
+                (&["host", "pid", "process_name", "cgroup_path", "container"], |t| {
+                    matches!(t, T::Host | T::Pid(_) | T::ProcessName(_) | T::CgroupPath(_) | T::Container(_))
+                })
+            }
             FaultKind::CpuThrottle { .. } | FaultKind::MemoryLimit { .. } | FaultKind::CgroupFreeze | FaultKind::IoThrottle { .. } => {
-                (&["pid", "process_name", "cgroup_path (its cgroup)"], |t| matches!(t, T::Pid(_) | T::ProcessName(_) | T::CgroupPath(_)))
+                (&["pid", "process_name", "cgroup_path or container (its cgroup)"], |t| {
+                    matches!(t, T::Pid(_) | T::ProcessName(_) | T::CgroupPath(_) | T::Container(_))
+                })
             }
             FaultKind::DiskFill { .. } => (&["host"], |t| matches!(t, T::Host)),
+            FaultKind::ContainerAction { .. } => (&["container"], |t| matches!(t, T::Container(_))),
         }
     }
 }
@@ -544,6 +588,10 @@ impl FaultRequest {
             FaultKind::DiskFill { path, amount } => pb::fault_spec::Fault::DiskFill(match amount {
                 FillAmount::Bytes(b) => pb::DiskFill { path: path.clone(), bytes: *b, fill_to_percent: 0.0 },
                 FillAmount::ToPermyriad(p) => pb::DiskFill { path: path.clone(), bytes: 0, fill_to_percent: f64::from(*p) / 100.0 },
+            }),
+            FaultKind::ContainerAction { verb, signal } => pb::fault_spec::Fault::ContainerAction(pb::ContainerAction {
+                verb: verb.to_pb() as i32,
+                signal: if *verb == ContainerVerb::Kill { signal.0.as_str().to_string() } else { String::new() },
             }),
             FaultKind::IoThrottle { read_bytes_per_second, write_bytes_per_second, device } => {
                 pb::fault_spec::Fault::IoThrottle(pb::IoThrottle {
@@ -870,6 +918,33 @@ fn kind_from_pb(f: &pb::fault_spec::Fault) -> Result<FaultKind, SpecError> {
                 write_bytes_per_second: io.write_bytes_per_second,
                 device,
             })
+        }
+        F::ContainerAction(c) => {
+            let verb = match pb::ContainerVerb::try_from(c.verb) {
+                Ok(pb::ContainerVerb::Stop) => ContainerVerb::Stop,
+                Ok(pb::ContainerVerb::Start) => ContainerVerb::Start,
+                Ok(pb::ContainerVerb::Restart) => ContainerVerb::Restart,
+                Ok(pb::ContainerVerb::Pause) => ContainerVerb::Pause,
+                Ok(pb::ContainerVerb::Unpause) => ContainerVerb::Unpause,
+                Ok(pb::ContainerVerb::Kill) => ContainerVerb::Kill,
+                _ => {
+                    return Err(SpecError::invalid(
+                        "spec.container_action.verb",
+                        format!("must be one of stop, start, restart, pause, unpause, kill, got {}", c.verb),
+                    ));
+                }
+            };
+            let signal = if c.signal.trim().is_empty() {
+                Signal::SIGKILL
+            } else if verb != ContainerVerb::Kill {
+                return Err(SpecError::invalid(
+                    "spec.container_action.signal",
+                    format!("only applies to kill, got {:?} for {}", c.signal, verb.as_str()),
+                ));
+            } else {
+                parse_signal(&c.signal).map_err(|e| SpecError::invalid("spec.container_action.signal", e))?
+            };
+            Ok(FaultKind::ContainerAction { verb, signal: SignalName(signal) })
         }
         other => Err(SpecError::Unimplemented { family: family_of(other) }),
     }

@@ -561,3 +561,132 @@ pub fn proc_pids_named(name: &str) -> Vec<u32> {
         .filter(|pid| proc_comm(*pid).as_deref() == Some(name) && !matches!(proc_state(*pid), Some('Z' | 'X') | None))
         .collect()
 }
+
+/// A private Docker daemon for one test: its own socket, data and exec
+/// roots under a temporary directory, no iptables, no bridge (containers
+/// run with `--network none`; the address pool stays inside 198.19.0.0/16),
+/// vfs storage (no mounts left behind), cgroups under a parent of its own.
+/// On drop: every container removed, the daemon stopped, its cgroups and
+/// files removed.
+pub struct Dockerd {
+    dir: tempfile::TempDir,
+    child: Child,
+    pub socket: PathBuf,
+    cgroup_parent: String,
+}
+
+impl Dockerd {
+    pub fn start() -> Dockerd {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let socket = dir.path().join("docker.sock");
+        let cgroup_parent = format!("chaos-e2e-docker-{}", std::process::id());
+        let log = std::fs::File::create(dir.path().join("dockerd.log")).expect("log");
+        let child = Command::new("dockerd")
+            .arg("--host")
+            .arg(format!("unix://{}", socket.display()))
+            .arg("--data-root")
+            .arg(dir.path().join("data"))
+            .arg("--exec-root")
+            .arg(dir.path().join("exec"))
+            .arg("--pidfile")
+            .arg(dir.path().join("docker.pid"))
+            .args(["--iptables=false", "--ip6tables=false", "--ip-forward=false", "--ip-masq=false", "--bridge=none"])
+            .args(["--storage-driver", "vfs", "--cgroup-parent", &cgroup_parent])
+            .args(["--default-address-pool", "base=198.19.0.0/16,size=24"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("dockerd (Debian package docker.io) must be installed: deploy/test.sh installs it");
+        let d = Dockerd { dir, child, socket, cgroup_parent };
+        assert!(
+            wait_until(Duration::from_secs(30), || d.docker(&["version"]).status.success()),
+            "dockerd did not start:\n{}",
+            std::fs::read_to_string(d.dir.path().join("dockerd.log")).unwrap_or_default()
+        );
+        d
+    }
+
+    /// `docker -H unix://SOCKET ARGS`.
+    pub fn docker(&self, args: &[&str]) -> Output {
+        Command::new("docker")
+            .arg("-H")
+            .arg(format!("unix://{}", self.socket.display()))
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("docker CLI")
+    }
+
+    /// Stdout of a docker command that must succeed.
+    pub fn docker_ok(&self, args: &[&str]) -> String {
+        let out = self.docker(args);
+        assert!(out.status.success(), "docker {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    /// A tiny image made with `docker import` from busybox (no registry here).
+    pub fn busybox_image(&self) -> String {
+        let root = self.dir.path().join("rootfs");
+        std::fs::create_dir_all(root.join("bin")).expect("mkdir");
+        std::fs::copy("/bin/busybox", root.join("bin/busybox")).expect("busybox (Debian package busybox-static)");
+        for applet in ["sh", "sleep"] {
+            let _ = std::os::unix::fs::symlink("busybox", root.join("bin").join(applet));
+        }
+        let tar = Command::new("tar").arg("-C").arg(&root).args(["-c", "."]).output().expect("tar");
+        let mut import = Command::new("docker")
+            .arg("-H")
+            .arg(format!("unix://{}", self.socket.display()))
+            .args(["import", "-", "chaos-e2e-busybox:1"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("docker import");
+        use std::io::Write;
+        import.stdin.take().expect("stdin").write_all(&tar.stdout).expect("feed docker import");
+        assert!(import.wait().expect("wait").success(), "docker import failed");
+        "chaos-e2e-busybox:1".into()
+    }
+
+    /// Whether a container is running and whether it is paused.
+    pub fn state(&self, name: &str) -> (bool, bool) {
+        let s = self.docker_ok(&["inspect", "-f", "{{.State.Running}} {{.State.Paused}}", name]);
+        (s.starts_with("true"), s.ends_with("true"))
+    }
+}
+
+impl Drop for Dockerd {
+    fn drop(&mut self) {
+        let ids = String::from_utf8_lossy(&self.docker(&["ps", "-aq"]).stdout).split_whitespace().map(str::to_string).collect::<Vec<_>>();
+        for id in &ids {
+            let _ = self.docker(&["unpause", id]);
+            let _ = self.docker(&["rm", "-f", id]);
+        }
+        let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM);
+        if !wait_until(Duration::from_secs(15), || matches!(self.child.try_wait(), Ok(Some(_)))) {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+        for c in [
+            "cpu",
+            "cpuacct",
+            "cpuset",
+            "memory",
+            "devices",
+            "freezer",
+            "blkio",
+            "pids",
+            "net_cls",
+            "perf_event",
+            "hugetlb",
+            "systemd",
+            "unified",
+            "",
+        ] {
+            let d = PathBuf::from("/sys/fs/cgroup").join(c).join(&self.cgroup_parent);
+            if d.is_dir() {
+                wait_until(Duration::from_secs(5), || std::fs::remove_dir(&d).is_ok() || !d.exists());
+            }
+        }
+    }
+}

@@ -7,6 +7,7 @@
 //! process can revert it after a crash from the plan alone.
 
 pub mod bandwidth;
+pub mod container;
 pub mod delay_engine;
 pub mod latency;
 pub mod network;
@@ -50,6 +51,8 @@ pub enum Plan {
     Bandwidth(Box<bandwidth::BandwidthPlan>),
     /// cgroup knobs, stress workers, a fill file.
     Resource(Box<resource::ResourcePlan>),
+    /// Docker container actions.
+    Container(container::ContainerPlan),
 }
 
 /// What `apply` achieved.
@@ -119,6 +122,7 @@ pub struct Drivers {
     pub process: process::ProcessDriver,
     pub network: network::NetworkDriver,
     pub resource: resource::ResourceDriver,
+    pub container: container::ContainerDriver,
 }
 
 impl Drivers {
@@ -138,6 +142,20 @@ impl Drivers {
             | FaultKind::CgroupFreeze
             | FaultKind::DiskFill { .. }
             | FaultKind::IoThrottle { .. } => &self.resource,
+            FaultKind::ContainerAction { .. } => &self.container,
+        }
+    }
+
+    /// The request as its driver plans it: a `container` target of a
+    /// network or resource fault becomes the container's init process (its
+    /// network namespace and cgroup are the container's).
+    pub async fn resolve_container(&self, req: &FaultRequest) -> Result<FaultRequest, AgentError> {
+        match (&req.target, &req.kind) {
+            (chaos_proto::spec::TargetSpec::Container(name), k) if !matches!(k, FaultKind::ContainerAction { .. }) => {
+                let pid = self.container.init_pid(name).await?;
+                Ok(FaultRequest { target: chaos_proto::spec::TargetSpec::Pid(pid), ..req.clone() })
+            }
+            _ => Ok(req.clone()),
         }
     }
 
@@ -147,6 +165,7 @@ impl Drivers {
             Plan::Process(_) => &self.process,
             Plan::Network(_) | Plan::Latency(_) | Plan::Bandwidth(_) => &self.network,
             Plan::Resource(_) => &self.resource,
+            Plan::Container(_) => &self.container,
         }
     }
 }

@@ -124,6 +124,7 @@ async fn start_agent(journal: &Path, id: &str, coordinator: Option<&str>) -> any
         metrics: Default::default(),
         metrics_listen: None,
         guards: Default::default(),
+        docker_socket: "/var/run/docker.sock".into(),
     };
     let (tx, rx) = oneshot::channel();
     let task = tokio::spawn(chaos_agent::run::run(cfg, listener, async {

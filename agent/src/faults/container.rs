@@ -1,0 +1,328 @@
+//! Container faults through the Docker Engine API (bollard over the
+//! daemon's unix socket): stop, start, restart, pause, unpause, kill, by
+//! name, id or `label:KEY=VALUE`; and the resolution of a container to its
+//! init process, so network and resource faults can target `container`.
+//!
+//! The plan names each container by id with the state it was in, so revert
+//! (start after stop/kill, unpause after pause, stop after start, pause
+//! after unpause) works from the journal alone after an agent crash. A
+//! container that is gone at revert is recorded, not retried.
+
+use std::{collections::HashMap, path::PathBuf, time::Duration};
+
+use async_trait::async_trait;
+use bollard::{
+    Docker,
+    errors::Error as DockerError,
+    query_parameters::{
+        KillContainerOptionsBuilder, ListContainersOptionsBuilder, RestartContainerOptionsBuilder, StopContainerOptionsBuilder,
+    },
+};
+use chaos_proto::spec::{ContainerVerb, FaultKind, FaultRequest, SignalName, TargetSpec};
+use serde::{Deserialize, Serialize};
+use tokio::sync::Mutex;
+
+use super::{Applied, FaultDriver, Plan};
+use crate::{error::AgentError, protect::Protection};
+
+/// One container as the plan saw it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainerRef {
+    pub id: String,
+    pub name: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainerPlan {
+    pub verb: ContainerVerb,
+    pub signal: SignalName,
+    pub containers: Vec<ContainerRef>,
+}
+
+/// The state of a container that matters to the verbs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct State {
+    running: bool,
+    paused: bool,
+    pid: u32,
+}
+
+pub struct ContainerDriver {
+    socket: PathBuf,
+    protection: std::sync::Arc<Protection>,
+    docker: Mutex<Option<Docker>>,
+}
+
+/// How long one call to the daemon may take.
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// Seconds a stop (and a restart) waits for the container to exit before
+/// SIGKILL: shorter than Docker's 10 s so an answer comes within a client's
+/// usual deadline.
+const STOP_GRACE_S: i32 = 5;
+
+fn short(id: &str) -> &str {
+    &id[..id.len().min(12)]
+}
+
+fn is_not_found(e: &DockerError) -> bool {
+    matches!(e, DockerError::DockerResponseServerError { status_code: 404, .. })
+}
+
+fn plan_of(plan: &Plan) -> Result<&ContainerPlan, AgentError> {
+    match plan {
+        Plan::Container(p) => Ok(p),
+        other => Err(AgentError::Command { cmd: "container driver".into(), detail: format!("given a foreign plan {other:?}") }),
+    }
+}
+
+/// Whether the daemon answers on `socket`: its version, or why not.
+pub async fn probe(socket: &std::path::Path) -> Result<String, String> {
+    let d = connect(socket).await?;
+    let v = tokio::time::timeout(Duration::from_secs(2), d.version())
+        .await
+        .map_err(|_| "no answer within 2 s".to_string())?
+        .map_err(|e| e.to_string())?;
+    Ok(format!("Docker Engine {} (API {})", v.version.unwrap_or_default(), v.api_version.unwrap_or_default()))
+}
+
+async fn connect(socket: &std::path::Path) -> Result<Docker, String> {
+    let path = socket.to_str().ok_or_else(|| format!("socket path {} is not UTF-8", socket.display()))?;
+    let d = Docker::connect_with_unix(path, CALL_TIMEOUT.as_secs(), bollard::API_DEFAULT_VERSION).map_err(|e| e.to_string())?;
+    // Debian's dockerd 20.10 speaks API 1.41: agree on what it knows.
+    tokio::time::timeout(Duration::from_secs(2), d.negotiate_version())
+        .await
+        .map_err(|_| format!("no answer on {} within 2 s", socket.display()))?
+        .map_err(|e| format!("{}: {e}", socket.display()))
+}
+
+impl ContainerDriver {
+    pub fn new(socket: PathBuf, protection: std::sync::Arc<Protection>) -> Self {
+        Self { socket, protection, docker: Mutex::new(None) }
+    }
+
+    async fn docker(&self) -> Result<Docker, AgentError> {
+        let mut g = self.docker.lock().await;
+        if let Some(d) = g.as_ref() {
+            return Ok(d.clone());
+        }
+        let d = connect(&self.socket).await.map_err(|e| AgentError::MissingFeature(format!("a Docker daemon answering ({e})")))?;
+        *g = Some(d.clone());
+        Ok(d)
+    }
+
+    fn err(what: String) -> impl FnOnce(DockerError) -> AgentError {
+        move |e| AgentError::Command { cmd: format!("docker {what}"), detail: e.to_string() }
+    }
+
+    async fn state(&self, d: &Docker, id: &str) -> Result<Option<(String, State)>, AgentError> {
+        match d.inspect_container(id, None).await {
+            Ok(c) => {
+                let s = c.state.unwrap_or_default();
+                Ok(Some((
+                    c.name.unwrap_or_default().trim_start_matches('/').to_string(),
+                    State {
+                        running: s.running.unwrap_or(false),
+                        paused: s.paused.unwrap_or(false),
+                        pid: u32::try_from(s.pid.unwrap_or(0)).unwrap_or(0),
+                    },
+                )))
+            }
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(e) => Err(Self::err(format!("inspect {id}"))(e)),
+        }
+    }
+
+    /// The containers a target names: by name/id, or every one with a label.
+    async fn resolve(&self, d: &Docker, target: &str) -> Result<Vec<(ContainerRef, State)>, AgentError> {
+        let ids: Vec<String> = match target.strip_prefix("label:") {
+            Some(label) => {
+                let filters = HashMap::from([("label".to_string(), vec![label.to_string()])]);
+                let list = d
+                    .list_containers(Some(ListContainersOptionsBuilder::new().all(true).filters(&filters).build()))
+                    .await
+                    .map_err(Self::err("ps".into()))?;
+                list.into_iter().filter_map(|c| c.id).collect()
+            }
+            None => vec![target.to_string()],
+        };
+        let mut out = vec![];
+        for id in ids {
+            let Some((name, st)) = self.state(d, &id).await? else {
+                return Err(AgentError::TargetNotFound(format!("no container {id:?} on this host's Docker daemon")));
+            };
+            let full = d.inspect_container(&id, None).await.map_err(Self::err(format!("inspect {id}")))?.id.unwrap_or(id);
+            if self.protection.name_is_protected(&name) {
+                return Err(AgentError::Protected(format!("container {name:?} has a name listed in protected.names")));
+            }
+            if st.pid != 0 && (st.pid == std::process::id() || self.protection.coordinator_pid() == Some(st.pid)) {
+                return Err(AgentError::Protected(format!("container {name:?} runs the agent or the coordinator")));
+            }
+            out.push((ContainerRef { id: full, name }, st));
+        }
+        if out.is_empty() {
+            return Err(AgentError::TargetNotFound(format!("no container matches {target:?}")));
+        }
+        Ok(out)
+    }
+
+    /// The init process of a running container (its netns and cgroup are the container's).
+    pub async fn init_pid(&self, target: &str) -> Result<u32, AgentError> {
+        let d = self.docker().await?;
+        let found = self.resolve(&d, target).await?;
+        let [(c, st)] = found.as_slice() else {
+            return Err(AgentError::TargetNotFound(format!("{target:?} names {} containers; name one", found.len())));
+        };
+        if !st.running || st.pid == 0 {
+            return Err(AgentError::TargetNotFound(format!("container {} is not running", c.name)));
+        }
+        Ok(st.pid)
+    }
+
+    /// Do `verb` to one container.
+    async fn act(&self, d: &Docker, verb: ContainerVerb, signal: SignalName, id: &str) -> Result<(), AgentError> {
+        let what = format!("{} {}", verb.as_str(), short(id));
+        match verb {
+            ContainerVerb::Stop => d.stop_container(id, Some(StopContainerOptionsBuilder::new().t(STOP_GRACE_S).build())).await,
+            ContainerVerb::Start => d.start_container(id, None).await,
+            ContainerVerb::Restart => d.restart_container(id, Some(RestartContainerOptionsBuilder::new().t(STOP_GRACE_S).build())).await,
+            ContainerVerb::Pause => d.pause_container(id).await,
+            ContainerVerb::Unpause => d.unpause_container(id).await,
+            ContainerVerb::Kill => d.kill_container(id, Some(KillContainerOptionsBuilder::new().signal(signal.0.as_str()).build())).await,
+        }
+        .map_err(Self::err(what))
+    }
+}
+
+impl ContainerDriver {
+    /// Do the plan's verb to one container and wait to see its effect.
+    async fn act_and_verify(&self, d: &Docker, p: &ContainerPlan, c: &ContainerRef) -> Result<(), AgentError> {
+        self.act(d, p.verb, p.signal, &c.id).await?;
+        // Stop and kill return before the state settles on some daemons.
+        for _ in 0..100 {
+            if let Some((_, st)) = self.state(d, &c.id).await?
+                && reached(p.verb, st)
+            {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Err(AgentError::Command {
+            cmd: format!("docker {} {}", p.verb.as_str(), c.name),
+            detail: "the container did not reach the expected state within 2 s".into(),
+        })
+    }
+}
+
+/// Whether `verb` applies to a container in state `st`.
+fn applies(verb: ContainerVerb, st: State) -> Result<(), &'static str> {
+    match verb {
+        ContainerVerb::Stop | ContainerVerb::Kill | ContainerVerb::Restart | ContainerVerb::Pause if !st.running => Err("is not running"),
+        ContainerVerb::Pause if st.paused => Err("is already paused"),
+        ContainerVerb::Start if st.running => Err("is already running"),
+        ContainerVerb::Unpause if !st.paused => Err("is not paused"),
+        _ => Ok(()),
+    }
+}
+
+/// The state a verb leaves behind, checked after applying it.
+fn reached(verb: ContainerVerb, st: State) -> bool {
+    match verb {
+        ContainerVerb::Stop | ContainerVerb::Kill => !st.running,
+        ContainerVerb::Start | ContainerVerb::Restart => st.running && !st.paused,
+        ContainerVerb::Pause => st.paused,
+        ContainerVerb::Unpause => st.running && !st.paused,
+    }
+}
+
+/// The verb that undoes `verb`, if any.
+fn inverse(verb: ContainerVerb) -> Option<ContainerVerb> {
+    match verb {
+        ContainerVerb::Stop | ContainerVerb::Kill => Some(ContainerVerb::Start),
+        ContainerVerb::Pause => Some(ContainerVerb::Unpause),
+        ContainerVerb::Start => Some(ContainerVerb::Stop),
+        ContainerVerb::Unpause => Some(ContainerVerb::Pause),
+        ContainerVerb::Restart => None,
+    }
+}
+
+#[async_trait]
+impl FaultDriver for ContainerDriver {
+    async fn plan(&self, req: &FaultRequest) -> Result<Plan, AgentError> {
+        let (FaultKind::ContainerAction { verb, signal }, TargetSpec::Container(target)) = (&req.kind, &req.target) else {
+            return Err(AgentError::Command {
+                cmd: "container driver".into(),
+                detail: format!("cannot plan {} on {}", req.kind.family(), req.target),
+            });
+        };
+        let d = self.docker().await?;
+        let found = self.resolve(&d, target).await?;
+        let (fit, unfit): (Vec<_>, Vec<_>) = found.into_iter().partition(|(_, st)| applies(*verb, *st).is_ok());
+        if fit.is_empty() {
+            let why: Vec<String> = unfit.iter().map(|(c, st)| format!("{} {}", c.name, applies(*verb, *st).err().unwrap_or(""))).collect();
+            return Err(AgentError::Guard(format!("cannot {} {target:?}: {}", verb.as_str(), why.join(", "))));
+        }
+        Ok(Plan::Container(ContainerPlan { verb: *verb, signal: *signal, containers: fit.into_iter().map(|(c, _)| c).collect() }))
+    }
+
+    async fn apply(&self, plan: &Plan) -> Result<Applied, AgentError> {
+        let p = plan_of(plan)?;
+        let d = self.docker().await?;
+        // All at once: a stop waits out its grace per container.
+        let results = futures::future::join_all(p.containers.iter().map(|c| self.act_and_verify(&d, p, c))).await;
+        let mut done = vec![];
+        for (c, r) in p.containers.iter().zip(results) {
+            r?;
+            done.push(format!("{} ({})", c.name, short(&c.id)));
+        }
+        let verb = if p.verb == ContainerVerb::Kill { format!("kill -{}", p.signal.0.as_str()) } else { p.verb.as_str().to_string() };
+        Ok(Applied { backend: "docker", summary: format!("{verb}: {} (state verified)", done.join(", ")), ..Default::default() })
+    }
+
+    async fn revert(&self, plan: &Plan) -> Result<String, AgentError> {
+        let p = plan_of(plan)?;
+        let Some(undo) = inverse(p.verb) else { return Ok(format!("nothing to undo for {}", p.verb.as_str())) };
+        let d = self.docker().await?;
+        let mut parts = vec![];
+        for c in &p.containers {
+            match self.state(&d, &c.id).await? {
+                None => parts.push(format!("{} is gone", c.name)),
+                Some((_, st)) if applies(undo, st).is_err() => parts.push(format!("{} needs no {}", c.name, undo.as_str())),
+                Some(_) => match self.act(&d, undo, p.signal, &c.id).await {
+                    Err(AgentError::Command { detail, .. }) if detail.contains("404") => parts.push(format!("{} is gone", c.name)),
+                    Err(e) => return Err(e),
+                    Ok(()) => parts.push(format!("{} {}", undo.as_str(), c.name)),
+                },
+            }
+        }
+        Ok(parts.join("; "))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verbs_apply_to_the_right_states_and_undo_each_other() {
+        let running = State { running: true, paused: false, pid: 5 };
+        let paused = State { running: true, paused: true, pid: 5 };
+        let stopped = State { running: false, paused: false, pid: 0 };
+        use ContainerVerb::*;
+        assert!(applies(Stop, running).is_ok() && applies(Stop, stopped).is_err());
+        assert!(applies(Pause, paused).is_err() && applies(Unpause, paused).is_ok());
+        assert!(applies(Start, stopped).is_ok() && applies(Start, running).is_err());
+        for v in [Stop, Start, Pause, Unpause, Kill] {
+            let undo = inverse(v).expect("undo");
+            // What the verb leaves is a state its undo applies to.
+            let after = match v {
+                Stop | Kill => stopped,
+                Start | Unpause => running,
+                Pause => paused,
+                Restart => running,
+            };
+            assert!(reached(v, after), "{v:?}");
+            assert!(applies(undo, after).is_ok(), "{v:?} then {undo:?}");
+        }
+        assert_eq!(inverse(Restart), None);
+    }
+}
