@@ -5,6 +5,7 @@ use std::time::Duration;
 use chaos_proto::{
     convert::duration_to_pb,
     pb::{self, FaultState, RevertReason, agent_client::AgentClient, fault_spec::Fault as F, target::Kind},
+    spec::ContainerVerb,
 };
 use clap::{ArgGroup, Subcommand};
 use serde_json::json;
@@ -214,19 +215,10 @@ pub struct FaultArgs {
     /// of a network or resource fault (its network namespace and cgroup).
     #[arg(long, value_name = "NAME|ID|label:K=V", help_heading = "Containers")]
     container: Option<String>,
-    /// What to do to --container (reverted at the end: stop/kill by start, pause by unpause, ...).
-    #[arg(long, value_enum, requires = "container", help_heading = "Containers")]
-    action: Option<ActionArg>,
-}
-
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
-enum ActionArg {
-    Stop,
-    Start,
-    Restart,
-    Pause,
-    Unpause,
-    Kill,
+    /// What to do to --container: stop, start, restart, pause, unpause or kill (with --signal);
+    /// reverted at the end: stop/kill by start, pause by unpause, start by stop, unpause by pause.
+    #[arg(long, value_name = "VERB", value_parser = str::parse::<ContainerVerb>, requires = "container", help_heading = "Containers")]
+    action: Option<ContainerVerb>,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -266,17 +258,10 @@ impl FaultArgs {
     /// The resource fault asked for, if any.
     fn resource_fault(&self) -> Result<Option<(Kind, F)>, CliError> {
         let t = self.resource_target();
-        if let (Some(a), Some(c)) = (self.action, &self.container) {
-            let verb = match a {
-                ActionArg::Stop => pb::ContainerVerb::Stop,
-                ActionArg::Start => pb::ContainerVerb::Start,
-                ActionArg::Restart => pb::ContainerVerb::Restart,
-                ActionArg::Pause => pb::ContainerVerb::Pause,
-                ActionArg::Unpause => pb::ContainerVerb::Unpause,
-                ActionArg::Kill => pb::ContainerVerb::Kill,
-            };
-            let signal = if matches!(a, ActionArg::Kill) { self.signal.clone() } else { String::new() };
-            return Ok(Some((Kind::Container(c.clone()), F::ContainerAction(pb::ContainerAction { verb: verb as i32, signal }))));
+        if let (Some(verb), Some(c)) = (self.action, &self.container) {
+            let signal = if verb == ContainerVerb::Kill { self.signal.clone() } else { String::new() };
+            let action = pb::ContainerAction { verb: verb.to_pb() as i32, signal };
+            return Ok(Some((Kind::Container(c.clone()), F::ContainerAction(action))));
         }
         let needs_target = |flag: &str| {
             if matches!(t, Kind::Host(_)) {

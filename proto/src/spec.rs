@@ -236,7 +236,17 @@ impl ContainerVerb {
         }
     }
 
-    fn to_pb(self) -> pb::ContainerVerb {
+    /// Every verb, in contract order.
+    pub const ALL: [ContainerVerb; 6] = [
+        ContainerVerb::Stop,
+        ContainerVerb::Pause,
+        ContainerVerb::Restart,
+        ContainerVerb::Kill,
+        ContainerVerb::Start,
+        ContainerVerb::Unpause,
+    ];
+
+    pub fn to_pb(self) -> pb::ContainerVerb {
         match self {
             ContainerVerb::Stop => pb::ContainerVerb::Stop,
             ContainerVerb::Start => pb::ContainerVerb::Start,
@@ -287,6 +297,17 @@ impl std::str::FromStr for DeviceNumber {
             (Ok(major), Ok(minor)) => Ok(DeviceNumber { major, minor }),
             _ => Err(format!("must be MAJOR:MINOR (two numbers), got {s:?}")),
         }
+    }
+}
+
+impl std::str::FromStr for ContainerVerb {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let t = s.trim().to_ascii_lowercase();
+        ContainerVerb::ALL
+            .into_iter()
+            .find(|v| v.as_str() == t)
+            .ok_or_else(|| format!("expected one of {}, got {s:?}", ContainerVerb::ALL.map(ContainerVerb::as_str).join(", ")))
     }
 }
 
