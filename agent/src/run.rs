@@ -67,7 +67,8 @@ pub async fn run(cfg: AgentConfig, listener: TcpListener, shutdown: impl Future<
     }
     let exe = std::env::current_exe().context("locating this agent's binary (it runs the stress workers)")?;
     let drivers = Arc::new(Drivers {
-        process: ProcessDriver::new(Arc::new(procfs.clone()), Arc::new(PidfdSignals::new(procfs.clone())), protection.clone()),
+        process: ProcessDriver::new(Arc::new(procfs.clone()), Arc::new(PidfdSignals::new(procfs.clone())), protection.clone())
+            .with_cgroups(cgroups.clone().ok()),
         container: crate::faults::container::ContainerDriver::new(cfg.docker_socket.clone(), protection.clone()),
         resource: ResourceDriver::new(cgroups.clone(), Arc::new(procfs.clone()), protection.clone(), exe, cfg.guards),
         network: NetworkDriver::new(Arc::new(NsenterExec), Arc::new(procfs), exemptions).with_iptables_version(iptables.as_deref().ok()),

@@ -108,7 +108,7 @@ pub struct ApplyArgs {
 /// The fault and its target inside the host; shared by `agent apply` and `scenario create`.
 #[derive(Debug, clap::Args)]
 #[command(group(ArgGroup::new("fault").required(true).args([
-    "pause_pid", "pause_name", "kill_pid", "kill_name", "partition", "loss", "latency", "rate",
+    "pause_pid", "pause_name", "pause_cgroup", "kill_pid", "kill_name", "kill_cgroup", "partition", "loss", "latency", "rate",
     "cpu", "cpu_quota", "memory", "memory_limit", "fill_disk", "io_limit", "freeze_cgroup", "action",
 ])))]
 #[command(group(ArgGroup::new("netns_target").args(["netns", "target_pid", "container"])))]
@@ -120,6 +120,12 @@ pub struct FaultArgs {
     /// Pause every process with exactly this name.
     #[arg(long, value_name = "NAME")]
     pause_name: Option<String>,
+    /// Pause every process in this cgroup and below it, e.g. `/system.slice/kafka.service`.
+    #[arg(long, value_name = "PATH")]
+    pause_cgroup: Option<String>,
+    /// Send --signal to every process in this cgroup and below it.
+    #[arg(long, value_name = "PATH")]
+    kill_cgroup: Option<String>,
     /// Send --signal to the process with this pid.
     #[arg(long, value_name = "PID")]
     kill_pid: Option<u32>,
@@ -373,11 +379,17 @@ impl FaultArgs {
             };
             return Ok((self.network_target(), F::NetworkLoss(loss)));
         }
+        let kill = || F::ProcessKill(pb::ProcessKill { signal: self.signal.clone() });
+        match (&self.pause_cgroup, &self.kill_cgroup) {
+            (Some(c), _) => return Ok((Kind::CgroupPath(c.clone()), F::ProcessPause(pb::ProcessPause {}))),
+            (None, Some(c)) => return Ok((Kind::CgroupPath(c.clone()), kill())),
+            (None, None) => {}
+        }
         let (kind, fault) = match (self.pause_pid, &self.pause_name, self.kill_pid, &self.kill_name) {
             (Some(p), ..) => (Kind::Pid(p), F::ProcessPause(pb::ProcessPause {})),
             (_, Some(n), ..) => (Kind::ProcessName(n.clone()), F::ProcessPause(pb::ProcessPause {})),
-            (_, _, Some(p), _) => (Kind::Pid(p), F::ProcessKill(pb::ProcessKill { signal: self.signal.clone() })),
-            (_, _, _, Some(n)) => (Kind::ProcessName(n.clone()), F::ProcessKill(pb::ProcessKill { signal: self.signal.clone() })),
+            (_, _, Some(p), _) => (Kind::Pid(p), kill()),
+            (_, _, _, Some(n)) => (Kind::ProcessName(n.clone()), kill()),
             _ => {
                 return Err(CliError::new(
                     exit::USAGE,

@@ -342,9 +342,9 @@ impl FaultKind {
     fn targets(&self) -> (&'static [&'static str], fn(&TargetSpec) -> bool) {
         use TargetSpec as T;
         match self {
-            FaultKind::ProcessPause | FaultKind::ProcessKill { .. } => {
-                (&["pid", "process_name"], |t| matches!(t, T::Pid(_) | T::ProcessName(_)))
-            }
+            FaultKind::ProcessPause | FaultKind::ProcessKill { .. } => (&["pid", "process_name", "cgroup_path (its every process)"], |t| {
+                matches!(t, T::Pid(_) | T::ProcessName(_) | T::CgroupPath(_))
+            }),
             FaultKind::NetworkPartition { .. }
             | FaultKind::NetworkLoss { .. }
             | FaultKind::NetworkLatency { .. }
@@ -1057,7 +1057,7 @@ mod tests {
         s.target = Some(pb::Target { kind: Some(pb::target::Kind::Host(pb::HostTarget {})) });
         let e = FaultRequest::from_pb(&s, MAX).expect_err("must be refused");
         assert_eq!(field_of(e.clone()), "spec.target");
-        assert!(e.to_string().contains("process_pause needs a pid or process_name"), "{e}");
+        assert!(e.to_string().contains("process_pause needs a pid, process_name or cgroup_path"), "{e}");
     }
 
     #[test]

@@ -690,3 +690,8 @@ impl Drop for Dockerd {
         }
     }
 }
+
+/// The processes of one cgroup directory (`cgroup.procs`).
+pub fn proc_pids_in(dir: &std::path::Path) -> Vec<u32> {
+    std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default().lines().filter_map(|l| l.trim().parse().ok()).collect()
+}

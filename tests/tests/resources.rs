@@ -276,6 +276,29 @@ fn freeze_hangs_a_cgroup_and_revert_thaws_it() {
 }
 
 #[test]
+fn pause_by_cgroup_stops_every_process_in_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_agent, url) = start_agent(dir.path(), "pcg", None, "10s");
+    let cg = TestCgroup::new("pcg", &["freezer"]);
+    let mut a = cg.spawn_sh("exec sleep 60");
+    let mut b = cg.spawn_sh("exec sleep 60");
+    let pids = || chaos_e2e::proc_pids_in(&cg.dir("freezer"));
+    assert!(wait_until(Duration::from_secs(5), || pids().len() == 2));
+    let out = json(&chaos_ok(
+        &["-o", "json", "agent", "apply", "--agent", &url, "--pause-cgroup", &cg.path, "--duration", "60s", "--id", "pcg"],
+        0,
+    ));
+    assert_eq!(out["processes"].as_array().map(Vec::len), Some(2), "{out}");
+    assert!(pids().iter().all(|p| chaos_e2e::proc_state(*p) == Some('T')));
+    chaos_ok(&["agent", "revert", "--agent", &url, "pcg"], 0);
+    assert!(pids().iter().all(|p| chaos_e2e::proc_state(*p) != Some('T')));
+    for c in [&mut a, &mut b] {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
+#[test]
 fn a_kill_is_watched_for_its_supervisor_restart() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (_agent, url) = start_agent(dir.path(), "kw", None, "10s");

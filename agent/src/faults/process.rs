@@ -20,7 +20,7 @@ use super::{Applied, FaultDriver, Observation, Plan, ProcRef};
 use crate::{
     error::AgentError,
     protect::Protection,
-    sys::{Delivery, ProcessTable, Signals, processes_named},
+    sys::{Delivery, ProcessTable, Signals, cgroup::CgroupFs, processes_named},
 };
 
 /// What a process fault does to its processes.
@@ -57,15 +57,22 @@ pub struct ProcessDriver {
     signals: Arc<dyn Signals>,
     protection: Arc<Protection>,
     watches: Mutex<HashMap<String, RestartWatch>>,
+    cgroups: Option<CgroupFs>,
 }
 
 impl ProcessDriver {
     pub fn new(table: Arc<dyn ProcessTable>, signals: Arc<dyn Signals>, protection: Arc<Protection>) -> Self {
-        Self { table, signals, protection, watches: Mutex::new(HashMap::new()) }
+        Self { table, signals, protection, watches: Mutex::new(HashMap::new()), cgroups: None }
+    }
+
+    /// Let targets name a cgroup (every process in it and below it).
+    pub fn with_cgroups(mut self, cgroups: Option<CgroupFs>) -> Self {
+        self.cgroups = cgroups;
+        self
     }
 
     fn resolve(&self, target: &TargetSpec) -> Result<Vec<ProcRef>, AgentError> {
-        resolve_processes(self.table.as_ref(), &self.protection, target)
+        resolve_processes(self.table.as_ref(), &self.protection, target, self.cgroups.as_ref())
     }
 
     /// Send `sig` to each process; returns those reached and those gone.
@@ -82,10 +89,25 @@ impl ProcessDriver {
     }
 }
 
-/// The live processes a pid or process-name target names, refused when
-/// any of them is protected.
-pub fn resolve_processes(table: &dyn ProcessTable, protection: &Protection, target: &TargetSpec) -> Result<Vec<ProcRef>, AgentError> {
+/// The live processes a pid, process-name or (with `cgroups`) cgroup target
+/// names, refused when any of them is protected.
+pub fn resolve_processes(
+    table: &dyn ProcessTable,
+    protection: &Protection,
+    target: &TargetSpec,
+    cgroups: Option<&CgroupFs>,
+) -> Result<Vec<ProcRef>, AgentError> {
     let candidates = match target {
+        TargetSpec::CgroupPath(path) if cgroups.is_some() => {
+            let pids = cgroups
+                .and_then(|cg| cg.members_of(path))
+                .ok_or_else(|| AgentError::TargetNotFound(format!("no cgroup /{path} on this host")))?;
+            let found: Vec<_> = pids.into_iter().filter_map(|pid| table.stat(pid).ok().flatten().map(|s| (s, None))).collect();
+            if found.is_empty() {
+                return Err(AgentError::TargetNotFound(format!("cgroup /{path} holds no process")));
+            }
+            found
+        }
         TargetSpec::Pid(pid) => {
             let stat = table
                 .stat(*pid)
@@ -104,7 +126,7 @@ pub fn resolve_processes(table: &dyn ProcessTable, protection: &Protection, targ
             }
             found
         }
-        other => return Err(AgentError::TargetNotFound(format!("process faults need a pid or process name, got {other}"))),
+        other => return Err(AgentError::TargetNotFound(format!("process faults need a pid, process name or cgroup, got {other}"))),
     };
     let mut refs = Vec::with_capacity(candidates.len());
     for (stat, argv0) in candidates {
@@ -386,6 +408,35 @@ mod tests {
         assert_eq!(fake.state(10), None);
         assert!(d.revert(&plan).await.expect("revert").contains("nothing to undo"));
         assert_eq!(fake.sent(), vec![(10, Signal::SIGTERM)]);
+    }
+
+    #[tokio::test]
+    async fn a_cgroup_target_pauses_every_process_in_it_and_below() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let w = |p: &str, t: &str| {
+            let p = dir.path().join(p);
+            std::fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
+            std::fs::write(p, t).expect("write");
+        };
+        w("cgroup.controllers", "cpu memory\n");
+        w("app/cgroup.procs", "10\n");
+        w("app/worker/cgroup.procs", "11\n");
+        w("guarded/cgroup.procs", "20\n");
+        let fake = FakeProcs::default();
+        fake.spawn(10, "app", 100);
+        fake.spawn(11, "worker", 101);
+        fake.spawn(12, "other", 102);
+        fake.spawn(20, "sshd", 103);
+        let cg = CgroupFs::detect(dir.path()).expect("detect");
+        let d = driver(&fake).with_cgroups(Some(cg));
+        let plan = d.plan(&req(TargetSpec::CgroupPath("app".into()), FaultKind::ProcessPause)).await.expect("plan");
+        d.apply(&plan).await.expect("apply");
+        assert_eq!((fake.state(10), fake.state(11), fake.state(12)), (Some('T'), Some('T'), Some('S')));
+        d.revert(&plan).await.expect("revert");
+        let e = d.plan(&req(TargetSpec::CgroupPath("guarded".into()), FaultKind::ProcessPause)).await.expect_err("protected");
+        assert!(matches!(e, AgentError::Protected(_)), "{e}");
+        let e = d.plan(&req(TargetSpec::CgroupPath("nope".into()), FaultKind::ProcessPause)).await.expect_err("missing");
+        assert!(e.to_string().contains("/nope"), "{e}");
     }
 
     #[tokio::test]

@@ -200,7 +200,7 @@ impl ResourceDriver {
         let path = match target {
             TargetSpec::CgroupPath(p) => format!("/{p}"),
             TargetSpec::Pid(_) | TargetSpec::ProcessName(_) => {
-                let procs = resolve_processes(self.table.as_ref(), &self.protection, target)?;
+                let procs = resolve_processes(self.table.as_ref(), &self.protection, target, None)?;
                 let p = &procs[0];
                 let file = self.proc_root.join(p.pid.to_string()).join("cgroup");
                 let text = fs::read_to_string(&file)
@@ -229,7 +229,7 @@ impl ResourceDriver {
         }
         let dir = self.cg()?.existing_dir(ctrl, &path).map_err(io_err("cgroup"))?;
         let mut procs = Vec::new();
-        for pid in members(&dir) {
+        for pid in cgroup::members(&dir) {
             let Ok(Some(stat)) = self.table.stat(pid) else { continue };
             let argv0 = self.table.argv0_basename(pid);
             if let Some(why) = self.protection.why_protected(&stat, argv0.as_deref()) {
@@ -542,20 +542,6 @@ impl ResourceDriver {
             (None, _) => format!("worker pid {} exited on its own ({status}) after {after:.1} s", l.pid),
         })
     }
-}
-
-/// Every process in the cgroup directory and below it.
-fn members(dir: &Path) -> Vec<u32> {
-    let mut out: Vec<u32> =
-        fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default().lines().filter_map(|l| l.trim().parse().ok()).collect();
-    if let Ok(rd) = fs::read_dir(dir) {
-        for e in rd.flatten() {
-            if e.file_type().is_ok_and(|t| t.is_dir()) {
-                out.extend(members(&e.path()));
-            }
-        }
-    }
-    out
 }
 
 /// (used bytes, used + available bytes) of the filesystem holding `dir`, as df counts them.

@@ -425,6 +425,31 @@ impl CgroupFs {
     }
 }
 
+/// Every process in a cgroup directory and below it.
+pub fn members(dir: &Path) -> Vec<u32> {
+    let mut out: Vec<u32> =
+        fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default().lines().filter_map(|l| l.trim().parse().ok()).collect();
+    if let Ok(rd) = fs::read_dir(dir) {
+        for e in rd.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                out.extend(members(&e.path()));
+            }
+        }
+    }
+    out
+}
+
+impl CgroupFs {
+    /// The processes of cgroup `path` and its children, from the first
+    /// hierarchy that has the path (v1 trees may differ per controller).
+    pub fn members_of(&self, path: &str) -> Option<Vec<u32>> {
+        [Controller::Freezer, Controller::Cpu, Controller::Memory, Controller::CpuAcct, Controller::Io]
+            .into_iter()
+            .find_map(|c| self.existing_dir(c, path).ok())
+            .map(|d| members(&d))
+    }
+}
+
 /// The whole disk holding a block device: a partition maps to its parent
 /// (`/sys/dev/block/M:m/partition` exists), since IO throttling needs a disk.
 pub fn whole_disk(sys_dev_block: &Path, dev: &str) -> String {
