@@ -3,6 +3,7 @@
 
 mod agent;
 mod drill;
+mod experiment;
 mod fleet;
 mod lab;
 mod output;
@@ -85,6 +86,9 @@ enum Command {
     /// Talk to one agent directly.
     #[command(subcommand)]
     Agent(agent::AgentCommand),
+    /// Run an experiment file: steady state, method, stop conditions; live progress and a report.
+    #[command(after_help = experiment::RUN_HELP)]
+    Run(experiment::RunArgs),
 }
 
 /// Normalise `HOST:PORT` to `http://HOST:PORT`.
@@ -117,6 +121,7 @@ async fn main() -> ExitCode {
         Command::EmergencyStop(a) => fleet::emergency_stop(&cli.coordinator, cli.timeout, fmt, a).await,
         Command::Arm(a) => fleet::arm(&cli.coordinator, cli.timeout, fmt, a).await,
         Command::Agent(c) => agent::run(c, cli.timeout, fmt).await,
+        Command::Run(a) => experiment::run(&cli.coordinator, cli.timeout, a).await,
         Command::Scenario(c) => scenario::run(c, &cli.coordinator, cli.timeout, fmt).await,
         Command::Queue => scenario::queue(&cli.coordinator, cli.timeout, fmt).await,
         Command::Audit(a) => scenario::audit(&cli.coordinator, cli.timeout, fmt, a).await,

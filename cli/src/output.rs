@@ -27,6 +27,10 @@ pub mod exit {
     pub const UNIMPLEMENTED: u8 = 6;
     /// Emergency stop did not reach every agent (they revert by their lease).
     pub const PARTIAL: u8 = 7;
+    /// `chaos run`: the steady-state hypothesis did not hold.
+    pub const DEVIATED: u8 = 8;
+    /// `chaos run`: a stop condition, a safety rule or Ctrl-C ended the method (faults reverted).
+    pub const ABORTED: u8 = 9;
 }
 
 pub const EXIT_CODES_HELP: &str = "\
@@ -39,7 +43,9 @@ Exit codes:
   4  not found: fault, agent or target process
   5  server unreachable or no answer in time
   6  not implemented by the server yet (e.g. a fault family)
-  7  emergency stop did not reach every agent (those revert by their own lease)";
+  7  emergency stop did not reach every agent (those revert by their own lease)
+  8  `chaos run`: the steady-state hypothesis did not hold (before the method, or after it within recovery_timeout)
+  9  `chaos run`: a stop condition, a safety rule or Ctrl-C ended the method early (its faults were reverted)";
 
 /// Output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

@@ -1,0 +1,163 @@
+//! `chaos run` end to end: a real coordinator and agent, a busy process the
+//! agent watches, an experiment file that pauses it. The report's numbers
+//! are checked against what the pause must do to the process's CPU; a stop
+//! condition and Ctrl-C each abort the run with the fault reverted.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use chaos_e2e::{bin, chaos_ok, proc_state, start_coordinator_with, wait_until};
+
+/// A busy loop under a unique name (CPU time capped by ulimit), killed on drop.
+struct Burner {
+    child: Child,
+    name: String,
+}
+
+impl Burner {
+    fn start(dir: &Path, tag: &str) -> Burner {
+        let name = format!("{tag}{}", std::process::id() % 100_000);
+        let exe = dir.join(&name);
+        std::fs::copy("/bin/sh", &exe).expect("copy sh");
+        let child = Command::new(&exe).args(["-c", "ulimit -t 90; while :; do :; done"]).stdin(Stdio::null()).spawn().expect("burner");
+        Burner { child, name }
+    }
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Burner {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn experiment(dir: &Path, name: &str, burner: &str, extra: &str) -> PathBuf {
+    let text = format!(
+        "version: 1
+name: {name}
+description: Pause a busy process for 4 s; it must still be there afterwards.
+steady_state:
+  - process.count{{name={burner}}} >= 1
+recovery_timeout: 20s
+method:
+  - wait: 3s
+  - name: pause the burner
+    fault: --pause-name {burner}
+    agent_ids: [exp]
+    duration: 4s
+    severity: 2
+  - wait: 3s
+report:
+  metrics: [process.cpu_pct]
+{extra}"
+    );
+    let p = dir.join(format!("{name}.yaml"));
+    std::fs::write(&p, text).expect("write experiment");
+    p
+}
+
+/// The one report directory under `dir`.
+fn report(dir: &Path) -> (PathBuf, serde_json::Value) {
+    let d = std::fs::read_dir(dir).expect("report dir").flatten().next().expect("a report").path();
+    let v = serde_json::from_str(&std::fs::read_to_string(d.join("report.json")).expect("report.json")).expect("json");
+    (d, v)
+}
+
+fn mean(v: &[f64]) -> f64 {
+    v.iter().sum::<f64>() / v.len().max(1) as f64
+}
+
+#[test]
+fn an_experiment_runs_reports_and_aborts_cleanly() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // One agent is the whole fleet here: allow a blast radius of 100 %.
+    let cfg = dir.path().join("coordinator.yaml");
+    std::fs::write(&cfg, "chaos_testing: {blast_radius_limit: 1.0}\nmonitoring:\n  metrics_interval: 500ms\n").expect("config");
+    let (_coord, curl) = start_coordinator_with(dir.path(), chaos_e2e::free_port(), Some(&cfg));
+    let burner = Burner::start(dir.path(), "exb");
+    let (_agent, _aurl) = {
+        let port = chaos_e2e::free_port();
+        chaos_e2e::start_agent_at(
+            dir.path(),
+            "exp",
+            port,
+            &dir.path().join("journal-exp"),
+            Some(&curl),
+            "10s",
+            &["--watch-process", &burner.name, "--metrics-interval", "500ms"],
+        )
+    };
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            let o = chaos_e2e::chaos(&["--coordinator", &curl, "-o", "json", "metrics", "exp", "--metric", "process.count"]);
+            String::from_utf8_lossy(&o.stdout).contains("process.count")
+        }),
+        "the hub has the agent's process metrics"
+    );
+
+    // The plan, without running anything.
+    let file = experiment(dir.path(), "pause-burner", &burner.name, "");
+    let f = file.display().to_string();
+    let plan = chaos_ok(&["--coordinator", &curl, "run", &f, "--dry-run"], 0);
+    assert!(plan.contains("process_pause") && plan.contains("[exp]") && plan.contains("dry run: nothing run"), "{plan}");
+    assert_ne!(proc_state(burner.pid()), Some('T'));
+
+    // The run: the hypothesis holds, and the report shows the pause on the CPU.
+    let reports = dir.path().join("reports");
+    let r = reports.display().to_string();
+    let out = chaos_ok(&["--coordinator", &curl, "run", &f, "--report-dir", &r], 0);
+    assert!(out.contains("verdict: HELD") && out.contains("step 2/3 pause the burner"), "{out}");
+    let (rdir, rep) = report(&reports);
+    assert_eq!(rep["verdict"], "HELD");
+    let step = &rep["steps"][1];
+    assert_eq!(step["state"], "completed", "{step}");
+    let (from, to) = (step["start_s"].as_f64().expect("start"), step["end_s"].as_f64().expect("end"));
+    let series = rep["metrics"].as_array().expect("metrics");
+    let pts: Vec<[f64; 2]> = series
+        .iter()
+        .find(|s| s["series"].as_str().is_some_and(|n| n.contains(&burner.name)))
+        .and_then(|s| serde_json::from_value(s["points"].clone()).ok())
+        .expect("the burner's CPU series");
+    let during: Vec<f64> = pts.iter().filter(|p| p[0] > from + 2.0 && p[0] < to - 0.5).map(|p| p[1]).collect();
+    let before: Vec<f64> = pts.iter().filter(|p| p[0] > 1.0 && p[0] < from).map(|p| p[1]).collect();
+    assert!(!during.is_empty() && !before.is_empty(), "{pts:?}");
+    assert!(mean(&during) < 10.0, "a paused process uses no CPU: {during:?}");
+    assert!(mean(&before) > 40.0, "the burner before the pause: {before:?}");
+    let svg = std::fs::read_to_string(rdir.join("metrics.svg")).expect("svg");
+    assert!(svg.starts_with("<svg") && svg.contains("<rect"), "a plot with the fault window");
+    let md = std::fs::read_to_string(rdir.join("report.md")).expect("md");
+    assert!(md.contains("HELD") && md.contains("pause the burner") && md.contains("metrics.svg"), "{md}");
+    assert_ne!(proc_state(burner.pid()), Some('T'), "reverted");
+
+    // A stop condition that fires at once aborts the step; the fault is reverted.
+    let aborting =
+        experiment(dir.path(), "abort-burner", &burner.name, &format!("stop_conditions:\n  - process.count{{name={}}} < 5\n", burner.name));
+    let reports2 = dir.path().join("reports2");
+    let out =
+        chaos_ok(&["--coordinator", &curl, "run", &aborting.display().to_string(), "--report-dir", &reports2.display().to_string()], 9);
+    assert!(out.contains("verdict: ABORTED"), "{out}");
+    assert_eq!(report(&reports2).1["verdict"], "ABORTED");
+    assert!(wait_until(Duration::from_secs(5), || proc_state(burner.pid()) != Some('T')), "reverted after the abort");
+
+    // Ctrl-C while the fault holds: the scenario is stopped and the run says so.
+    let reports3 = dir.path().join("reports3");
+    let run = Command::new(bin("chaos"))
+        .args(["--coordinator", &curl, "run", &f, "--report-dir", &reports3.display().to_string()])
+        .stdout(Stdio::piped())
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("chaos run");
+    assert!(wait_until(Duration::from_secs(15), || proc_state(burner.pid()) == Some('T')), "paused by the run");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(run.id() as i32), nix::sys::signal::Signal::SIGINT).expect("SIGINT");
+    let out = run.wait_with_output().expect("wait");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(9), "{text}");
+    assert!(text.contains("Ctrl-C") && text.contains("verdict: ABORTED"), "{text}");
+    assert!(wait_until(Duration::from_secs(5), || proc_state(burner.pid()) != Some('T')), "resumed after Ctrl-C");
+}
