@@ -878,6 +878,18 @@ report:
     }
 
     #[test]
+    fn the_shipped_experiment_files_parse() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/experiments");
+        let mut n = 0;
+        for f in std::fs::read_dir(&dir).expect("deploy/experiments").flatten() {
+            let text = std::fs::read_to_string(f.path()).expect("read");
+            parse(&f.path().display().to_string(), &text).unwrap_or_else(|e| panic!("{e}"));
+            n += 1;
+        }
+        assert!(n >= 3, "experiment files shipped: {n}");
+    }
+
+    #[test]
     fn the_hypothesis_needs_a_matching_series_that_satisfies_the_rule() {
         let batch = |v: f64| pb::MetricBatch {
             source: "probe:kafka".into(),
