@@ -6,8 +6,10 @@
 # writes stalled while events waited in Kafka, let the fault revert, and
 # validate recovery (services answer, the consumer lag drains, every
 # acknowledged event is in Cassandra exactly once, throughput and latency
-# back to the baseline); print the report; take the lab down — also on
-# failure or Ctrl-C.
+# back to the baseline); print the report; then run an experiment file
+# (EXPERIMENT, default deploy/experiments/lab-processor-partition.yaml) with
+# `chaos run`, whose report lands in REPORT_DIR (chaos-reports); take the
+# lab down — also on failure or Ctrl-C.
 #
 # Knobs (environment): DRILL (partition, kafka-down, processor-down,
 # cassandra-down, full-stop, cascading, kafka-latency, all; default
@@ -19,6 +21,8 @@ cd "$(dirname "$0")/.."
 DRILL="${DRILL:-partition}"
 RATE="${RATE:-200}"
 FAULT_S="${FAULT_S:-15}"
+EXPERIMENT="${EXPERIMENT:-deploy/experiments/lab-processor-partition.yaml}"
+REPORT_DIR="${REPORT_DIR:-chaos-reports}"
 [ "$FAULT_S" -ge 6 ] 2>/dev/null || { echo "FAULT_S: at least 6 seconds, got $FAULT_S" >&2; exit 2; }
 export CHAOS_LAB_HOME="${CHAOS_LAB_HOME:-/var/lib/chaos-lab}"
 
@@ -49,4 +53,12 @@ set +e
 "$CHAOS" lab drill "$DRILL" --rate "$RATE" --fault-duration "${FAULT_S}s"
 CODE=$?
 set -e
-exit "$CODE"
+
+step "chaos run $EXPERIMENT (report in $REPORT_DIR)"
+set +e
+# The lab's coordinator listens on its bridge address (chaos lab status shows it).
+"$CHAOS" --coordinator http://198.18.200.1:50061 run "$EXPERIMENT" --report-dir "$REPORT_DIR"
+RUN_CODE=$?
+set -e
+[ "$CODE" -ne 0 ] && exit "$CODE"
+exit "$RUN_CODE"

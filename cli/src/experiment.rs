@@ -336,6 +336,8 @@ pub struct RunArgs {
 struct Sample {
     t_s: f64,
     series: String,
+    /// The metric's name alone.
+    name: String,
     value: f64,
 }
 
@@ -443,19 +445,32 @@ impl Runner<'_> {
         let t = self.now();
         for b in r.batches.iter().filter(|b| !b.stale) {
             for m in b.metrics.iter().filter(|m| self.e.report.metrics.contains(&m.name)) {
-                self.samples.push(Sample { t_s: t, series: series_name(&b.source, m), value: m.value });
+                self.samples.push(Sample { t_s: t, series: series_name(&b.source, m), name: m.name.clone(), value: m.value });
             }
         }
         Ok(r.batches)
     }
 
-    /// A one-line view of the reported metrics (latest value of each series, a few).
+    /// A one-line view of the reported metrics: the latest value of each
+    /// series, by metric name alone when that is unambiguous (at most 4).
     fn key_metrics(&self) -> String {
-        let mut latest: BTreeMap<&str, f64> = BTreeMap::new();
+        let mut latest: BTreeMap<&str, (&str, f64)> = BTreeMap::new();
         for s in &self.samples {
-            latest.insert(&s.series, s.value);
+            latest.insert(&s.series, (&s.name, s.value));
         }
-        latest.iter().take(4).map(|(k, v)| format!("{k}={}", (v * 100.0).round() / 100.0)).collect::<Vec<_>>().join("  ")
+        let mut names: BTreeMap<&str, usize> = BTreeMap::new();
+        for (name, _) in latest.values() {
+            *names.entry(name).or_default() += 1;
+        }
+        latest
+            .iter()
+            .take(4)
+            .map(|(series, (name, v))| {
+                let label = if names.get(name) == Some(&1) { name } else { series };
+                format!("{label}={}", (v * 100.0).round() / 100.0)
+            })
+            .collect::<Vec<_>>()
+            .join("  ")
     }
 }
 
@@ -916,7 +931,8 @@ report:
             end_s: 5.0,
             agents: vec![],
         }];
-        let samples: Vec<Sample> = (0..10).map(|i| Sample { t_s: f64::from(i), series: "a x".into(), value: f64::from(i % 3) }).collect();
+        let samples: Vec<Sample> =
+            (0..10).map(|i| Sample { t_s: f64::from(i), series: "a x".into(), name: "x".into(), value: f64::from(i % 3) }).collect();
         assert!(plot(&dir.path().join("m.svg"), &steps, &samples).expect("plot"));
         let svg = std::fs::read_to_string(dir.path().join("m.svg")).expect("svg");
         assert!(svg.starts_with("<svg") && svg.contains("<rect") && svg.contains("<polyline"), "{}", &svg[..200.min(svg.len())]);

@@ -299,6 +299,17 @@ fn lab_up_runs_real_kafka_and_cassandra_a_partition_bites_and_down_leaves_nothin
     assert_eq!(c["evidence"]["consistency"]["duplicated_count"].as_u64(), Some(n / 100), "{v:#}");
     assert_eq!(c["evidence"]["consistency"]["lost_count"].as_u64(), Some(0), "{v:#}");
 
+    // A shipped experiment file against the lab: CPU pressure next to
+    // Cassandra (its agent sees the cgroups: the lab starts it with nsenter).
+    let reports = tempfile::tempdir().expect("tempdir");
+    let file = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/experiments/lab-cassandra-cpu-pressure.yaml");
+    let out = chaos_ok(&["--coordinator", &curl, "run", file, "--report-dir", &reports.path().display().to_string()], 0);
+    assert!(out.contains("verdict: HELD"), "{out}");
+    let rdir = std::fs::read_dir(reports.path()).expect("reports").flatten().next().expect("a report").path();
+    let rep = json(&std::fs::read_to_string(rdir.join("report.json")).expect("report.json"));
+    assert_eq!(rep["steps"][0]["state"], "completed", "{rep:#}");
+    assert!(rep["steps"][0]["agents"][0]["summary"].as_str().is_some_and(|s| s.contains("worker thread")), "{rep:#}");
+
     chaos_ok(&["lab", "down", "--home", &home], 0);
     assert!(leftovers().is_empty(), "lab down left {:?}", leftovers());
     let java = String::from_utf8_lossy(&Command::new("pgrep").args(["-f", "kafka.Kafka|CassandraDaemon"]).output().expect("pgrep").stdout)

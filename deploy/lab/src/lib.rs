@@ -248,9 +248,12 @@ fn load_state(cfg: &LabConfig) -> State {
 fn spawn(name: &str, netns: Option<&str>, argv: &[String], log: &Path) -> anyhow::Result<Proc> {
     let out = fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
     let mut cmd = match netns {
+        // nsenter, not `ip netns exec`: the latter remounts /sys for the
+        // namespace, which hides /sys/fs/cgroup from the agent (no resource
+        // faults) and from everything else started there.
         Some(ns) => {
-            let mut c = Command::new("ip");
-            c.args(["netns", "exec", ns]).args(argv);
+            let mut c = Command::new("nsenter");
+            c.arg(format!("--net=/run/netns/{ns}")).arg("--").args(argv);
             c
         }
         None => {
@@ -262,7 +265,7 @@ fn spawn(name: &str, netns: Option<&str>, argv: &[String], log: &Path) -> anyhow
     cmd.env("RUST_LOG", "info").stdin(Stdio::null()).stdout(out.try_clone()?).stderr(out).process_group(0);
     let child = cmd.spawn().with_context(|| format!("starting {name}"))?;
     let pid = child.id();
-    // `ip netns exec` execs the program: same pid. Wait for the exec to show.
+    // nsenter execs the program: same pid. Wait for the exec to show.
     let mut ticks = start_ticks(pid);
     for _ in 0..50 {
         if ticks.is_some() {
