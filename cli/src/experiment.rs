@@ -421,6 +421,8 @@ fn watched(e: &Experiment) -> Vec<String> {
 
 struct Runner<'a> {
     e: &'a Experiment,
+    /// The metric names each snapshot asks for ([`watched`]).
+    prefixes: Vec<String>,
     coordinator: String,
     timeout: Duration,
     t0: Instant,
@@ -440,7 +442,7 @@ impl Runner<'_> {
 
     async fn snapshot(&mut self) -> Result<Vec<pb::MetricBatch>, CliError> {
         let server = format!("coordinator {}", url(&self.coordinator));
-        let req = pb::GetMetricsRequest { metric_prefixes: watched(self.e), ..Default::default() };
+        let req = pb::GetMetricsRequest { metric_prefixes: self.prefixes.clone(), ..Default::default() };
         let r = client(&self.coordinator, self.timeout)?.get_metrics(req).await.map_err(|s| from_status(&server, s))?.into_inner();
         let t = self.now();
         for b in r.batches.iter().filter(|b| !b.stale) {
@@ -535,7 +537,15 @@ pub async fn run(coordinator: &str, timeout: Duration, a: RunArgs) -> Result<u8,
         return Ok(exit::OK);
     }
 
-    let mut r = Runner { e: &e, coordinator: coordinator.to_string(), timeout, t0: Instant::now(), samples: vec![], events: vec![] };
+    let mut r = Runner {
+        e: &e,
+        prefixes: watched(&e),
+        coordinator: coordinator.to_string(),
+        timeout,
+        t0: Instant::now(),
+        samples: vec![],
+        events: vec![],
+    };
     let started_at = SystemTime::now();
     let before = r.snapshot().await?;
     let (held_before, before_lines) = hypothesis(&e.steady_state, &before);

@@ -16,6 +16,18 @@ fn agent_for(dir: &std::path::Path, id: &str, d: &Dockerd) -> (chaos_e2e::Daemon
     (a, url, port, journal)
 }
 
+/// The agent's `container_action` capability entry.
+fn container_capability(url: &str) -> serde_json::Value {
+    let caps = json(&chaos_ok(&["-o", "json", "agent", "capabilities", "--agent", url], 0));
+    caps["families"].as_array().into_iter().flatten().find(|f| f["family"] == "container_action").cloned().unwrap_or_default()
+}
+
+/// A busybox container running `sleep 600`.
+fn run_sleeper(d: &Dockerd, name: &str) {
+    let image = d.busybox_image();
+    d.docker_ok(&["run", "-d", "--name", name, "--network", "none", &image, "sleep", "600"]);
+}
+
 #[test]
 fn every_verb_acts_on_a_real_container_and_reverts() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -25,8 +37,7 @@ fn every_verb_acts_on_a_real_container_and_reverts() {
     d.docker_ok(&["run", "-d", "--name", &name, "--network", "none", &image, "sleep", "600"]);
     let (_agent, url, ..) = agent_for(dir.path(), "ctr", &d);
 
-    let caps = json(&chaos_ok(&["-o", "json", "agent", "capabilities", "--agent", &url], 0));
-    let fam = caps["families"].as_array().into_iter().flatten().find(|f| f["family"] == "container_action").cloned().unwrap_or_default();
+    let fam = container_capability(&url);
     assert_eq!(fam["supported"], true, "{fam}");
 
     let apply = |action: &str, id: &str| {
@@ -95,9 +106,8 @@ fn every_verb_acts_on_a_real_container_and_reverts() {
 fn a_paused_container_is_unpaused_by_journal_replay_after_kill_9() {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = Dockerd::start();
-    let image = d.busybox_image();
     let name = format!("chaos-e2e-k{}", std::process::id());
-    d.docker_ok(&["run", "-d", "--name", &name, "--network", "none", &image, "sleep", "600"]);
+    run_sleeper(&d, &name);
     let (mut agent, url, port, journal) = agent_for(dir.path(), "ck9", &d);
     chaos_ok(&["agent", "apply", "--agent", &url, "--container", &name, "--action", "pause", "--duration", "300s", "--id", "kp"], 0);
     assert_eq!(d.state(&name), (true, true));
@@ -114,8 +124,7 @@ fn without_a_daemon_container_faults_are_refused_by_name() {
     let port = free_port();
     let sock = dir.path().join("no-docker.sock").display().to_string();
     let (_agent, url) = start_agent_at(dir.path(), "nod", port, &dir.path().join("j"), None, "10s", &["--docker-socket", &sock]);
-    let caps = json(&chaos_ok(&["-o", "json", "agent", "capabilities", "--agent", &url], 0));
-    let fam = caps["families"].as_array().into_iter().flatten().find(|f| f["family"] == "container_action").cloned().unwrap_or_default();
+    let fam = container_capability(&url);
     assert_eq!(fam["supported"], false, "{fam}");
     assert!(fam["detail"].as_str().is_some_and(|t| t.contains("no-docker.sock")), "{fam}");
     let e = chaos_ok(&["agent", "apply", "--agent", &url, "--container", "kafka", "--action", "pause", "--duration", "10s"], 3);

@@ -114,12 +114,16 @@ impl ContainerDriver {
         move |e| AgentError::Command { cmd: format!("docker {what}"), detail: e.to_string() }
     }
 
-    async fn state(&self, d: &Docker, id: &str) -> Result<Option<(String, State)>, AgentError> {
+    /// The container (full id and name) and its state; None when it is gone.
+    async fn state(&self, d: &Docker, id: &str) -> Result<Option<(ContainerRef, State)>, AgentError> {
         match d.inspect_container(id, None).await {
             Ok(c) => {
                 let s = c.state.unwrap_or_default();
                 Ok(Some((
-                    c.name.unwrap_or_default().trim_start_matches('/').to_string(),
+                    ContainerRef {
+                        id: c.id.unwrap_or_else(|| id.to_string()),
+                        name: c.name.unwrap_or_default().trim_start_matches('/').to_string(),
+                    },
                     State {
                         running: s.running.unwrap_or(false),
                         paused: s.paused.unwrap_or(false),
@@ -147,17 +151,16 @@ impl ContainerDriver {
         };
         let mut out = vec![];
         for id in ids {
-            let Some((name, st)) = self.state(d, &id).await? else {
+            let Some((c, st)) = self.state(d, &id).await? else {
                 return Err(AgentError::TargetNotFound(format!("no container {id:?} on this host's Docker daemon")));
             };
-            let full = d.inspect_container(&id, None).await.map_err(Self::err(format!("inspect {id}")))?.id.unwrap_or(id);
-            if self.protection.name_is_protected(&name) {
-                return Err(AgentError::Protected(format!("container {name:?} has a name listed in protected.names")));
+            if self.protection.name_is_protected(&c.name) {
+                return Err(AgentError::Protected(format!("container {:?} has a name listed in protected.names", c.name)));
             }
             if st.pid != 0 && (st.pid == std::process::id() || self.protection.coordinator_pid() == Some(st.pid)) {
-                return Err(AgentError::Protected(format!("container {name:?} runs the agent or the coordinator")));
+                return Err(AgentError::Protected(format!("container {:?} runs the agent or the coordinator", c.name)));
             }
-            out.push((ContainerRef { id: full, name }, st));
+            out.push((c, st));
         }
         if out.is_empty() {
             return Err(AgentError::TargetNotFound(format!("no container matches {target:?}")));

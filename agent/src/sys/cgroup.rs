@@ -231,37 +231,30 @@ impl CgroupFs {
 
     /// The directory of cgroup `path` for `ctrl`, which must exist.
     pub fn existing_dir(&self, ctrl: Controller, path: &str) -> io::Result<PathBuf> {
-        let d = match self.version {
-            Version::V2 => self.root.join(rel(path)),
-            Version::V1 => self
-                .controller_dir(ctrl.v1())
-                .ok_or_else(|| io::Error::new(ErrorKind::NotFound, format!("no {} controller under {}", ctrl.v1(), self.root.display())))?
-                .join(rel(path)),
-        };
+        let d = self.dir_for(ctrl, path)?;
         if d.is_dir() { Ok(d) } else { Err(io::Error::new(ErrorKind::NotFound, format!("no cgroup {}", d.display()))) }
+    }
+
+    /// [`CgroupFs::dir`], with an error naming a missing v1 controller.
+    fn dir_for(&self, ctrl: Controller, path: &str) -> io::Result<PathBuf> {
+        self.dir(ctrl.v1(), path)
+            .ok_or_else(|| io::Error::new(ErrorKind::NotFound, format!("no {} controller under {}", ctrl.v1(), self.root.display())))
     }
 
     /// Create cgroup `path` for `ctrl` (v2: enabling the controller in the
     /// parent's `cgroup.subtree_control` if needed). True when it was created,
     /// false when it existed.
     pub fn create(&self, ctrl: Controller, path: &str) -> io::Result<bool> {
-        let d = match self.version {
-            Version::V2 => {
-                let d = self.root.join(rel(path));
-                if let (Some(name), Some(parent)) = (ctrl.v2(), d.parent()) {
-                    let sc = parent.join("cgroup.subtree_control");
-                    let enabled = fs::read_to_string(&sc).unwrap_or_default();
-                    if !enabled.split_whitespace().any(|c| c == name) {
-                        write_file(&sc, &format!("+{name}"))?;
-                    }
-                }
-                d
+        let d = self.dir_for(ctrl, path)?;
+        if self.version == Version::V2
+            && let (Some(name), Some(parent)) = (ctrl.v2(), d.parent())
+        {
+            let sc = parent.join("cgroup.subtree_control");
+            let enabled = fs::read_to_string(&sc).unwrap_or_default();
+            if !enabled.split_whitespace().any(|c| c == name) {
+                write_file(&sc, &format!("+{name}"))?;
             }
-            Version::V1 => self
-                .controller_dir(ctrl.v1())
-                .ok_or_else(|| io::Error::new(ErrorKind::NotFound, format!("no {} controller under {}", ctrl.v1(), self.root.display())))?
-                .join(rel(path)),
-        };
+        }
         match fs::create_dir(&d) {
             Ok(()) => Ok(true),
             Err(e) if e.kind() == ErrorKind::AlreadyExists => Ok(false),
