@@ -50,7 +50,6 @@ impl AgentError {
     pub fn code(&self) -> Code {
         match self {
             AgentError::Spec(SpecError::Invalid { .. }) => Code::InvalidArgument,
-            AgentError::Spec(SpecError::Unimplemented { .. }) => Code::Unimplemented,
             AgentError::Disarmed { .. } | AgentError::LeaseLost(_) | AgentError::MissingFeature(_) | AgentError::Guard(_) => {
                 Code::FailedPrecondition
             }

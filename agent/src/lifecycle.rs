@@ -815,9 +815,9 @@ mod tests {
         assert!(e.to_string().contains("max_fault_duration"), "{e}");
         let mut s = pause(10, 5);
         s.fault = Some(F::NetworkDuplicate(Default::default()));
-        let e = r.lc.apply(&s).await.expect_err("unimplemented");
-        assert_eq!(e.code(), Code::Unimplemented);
-        assert!(e.to_string().contains("network_duplicate"), "{e}");
+        let e = r.lc.apply(&s).await.expect_err("zero percent");
+        assert_eq!(e.code(), Code::InvalidArgument);
+        assert!(e.to_string().contains("spec.network_duplicate.percent"), "{e}");
         assert_eq!(r.lc.apply(&pause(777, 5)).await.expect_err("missing").code(), Code::NotFound);
         r.procs.spawn(4242, "chaos-agent", 1);
         assert_eq!(r.lc.apply(&pause(4242, 5)).await.expect_err("self").code(), Code::PermissionDenied);

@@ -66,6 +66,16 @@ impl AgentIdentity {
                         "iptables",
                         "NFQUEUE (--queue-bypass) + userspace delay engine, fail-open; IPv4; correlation needs sch_netem (refused)",
                     )),
+                    "network_corrupt" => Some((
+                        &self.iptables,
+                        "iptables",
+                        "NFQUEUE + userspace engine: one bit flipped past the IP header, checksums left stale (the receiver discards it); IPv4",
+                    )),
+                    "network_duplicate" => Some((
+                        &self.iptables,
+                        "iptables",
+                        "NFQUEUE + userspace engine: a copy re-sent through a raw socket in the namespace, marked so it is not queued again; IPv4",
+                    )),
                     "network_reorder" => {
                         Some((&self.iptables, "iptables", "NFQUEUE + userspace engine: a share passes at once, the rest is held"))
                     }

@@ -28,6 +28,8 @@ Examples:
   chaos agent apply --loss 10% --peer 198.18.0.3/32 --direction ingress --netns lab-kafka --duration 2m
   chaos agent apply --latency 50ms --jitter 10ms --peer 198.18.0.3/32 --direction ingress --duration 2m
   chaos agent apply --reorder 25% --latency 20ms --peer 198.18.0.3/32 --direction ingress --duration 2m
+  chaos agent apply --corrupt 5% --peer 198.18.0.3/32 --direction ingress --netns lab-kafka --duration 1m
+  chaos agent apply --duplicate 5% --peer 198.18.0.3/32 --netns lab-kafka --duration 1m
   chaos agent apply --rate 1mbit --peer 198.18.0.3/32 --netns lab-kafka --duration 5m            # egress
   chaos agent apply --cpu 50% --workers 2 --duration 2m                    # on the host, in a cgroup of its own
   chaos agent apply --cpu-quota 20% --target-name java --duration 1m       # the old quota comes back
@@ -108,7 +110,7 @@ pub struct ApplyArgs {
 /// The fault and its target inside the host; shared by `agent apply` and `scenario create`.
 #[derive(Debug, clap::Args)]
 #[command(group(ArgGroup::new("fault").required(true).args([
-    "pause_pid", "pause_name", "pause_cgroup", "kill_pid", "kill_name", "kill_cgroup", "partition", "loss", "latency", "rate",
+    "pause_pid", "pause_name", "pause_cgroup", "kill_pid", "kill_name", "kill_cgroup", "partition", "loss", "latency", "rate", "corrupt", "duplicate",
     "cpu", "cpu_quota", "memory", "memory_limit", "fill_disk", "io_limit", "freeze_cgroup", "action",
 ])))]
 #[command(group(ArgGroup::new("netns_target").args(["netns", "target_pid", "container"])))]
@@ -147,6 +149,16 @@ pub struct FaultArgs {
     /// Bandwidth: cap egress in scope at this rate, e.g. `1mbit`, `500kbit`, `2gbit` (bits per second).
     #[arg(long, value_name = "RATE")]
     rate: Option<String>,
+    /// Corrupt: flip one bit in this share of packets, e.g. `5%` (the receiver's stack discards
+    /// them on their checksums, as with a bad link).
+    #[arg(long, value_name = "PERCENT")]
+    corrupt: Option<String>,
+    /// Duplicate: deliver this share of packets twice, e.g. `5%`.
+    #[arg(long, value_name = "PERCENT")]
+    duplicate: Option<String>,
+    /// Loss/latency: how much each draw follows the previous one, e.g. `25%` (needs sch_netem on the host).
+    #[arg(long, value_name = "PERCENT")]
+    correlation: Option<String>,
     /// Reorder: this share of packets passes at once while the rest is held for --latency, e.g. `25%`.
     #[arg(long, value_name = "PERCENT", requires = "latency")]
     reorder: Option<String>,
@@ -319,6 +331,10 @@ impl FaultArgs {
         }))
     }
 
+    fn correlation(&self) -> Result<f64, CliError> {
+        self.correlation.as_deref().map_or(Ok(0.0), |c| parse_percent("--correlation", c))
+    }
+
     fn scope(&self, peers: Vec<String>) -> pb::NetworkScope {
         pb::NetworkScope {
             interface: self.interface.clone().unwrap_or_default(),
@@ -367,7 +383,7 @@ impl FaultArgs {
                 scope: Some(self.scope(self.peers.clone())),
                 delay: Some(duration_to_pb(delay)),
                 jitter: self.jitter.map(duration_to_pb),
-                correlation_percent: 0.0,
+                correlation_percent: self.correlation()?,
             };
             return Ok((self.network_target(), F::NetworkLatency(lat)));
         }
@@ -375,9 +391,17 @@ impl FaultArgs {
             let loss = pb::NetworkLoss {
                 scope: Some(self.scope(self.peers.clone())),
                 percent: parse_percent("--loss", l)?,
-                correlation_percent: 0.0,
+                correlation_percent: self.correlation()?,
             };
             return Ok((self.network_target(), F::NetworkLoss(loss)));
+        }
+        if let Some(c) = &self.corrupt {
+            let corrupt = pb::NetworkCorrupt { scope: Some(self.scope(self.peers.clone())), percent: parse_percent("--corrupt", c)? };
+            return Ok((self.network_target(), F::NetworkCorrupt(corrupt)));
+        }
+        if let Some(d) = &self.duplicate {
+            let dup = pb::NetworkDuplicate { scope: Some(self.scope(self.peers.clone())), percent: parse_percent("--duplicate", d)? };
+            return Ok((self.network_target(), F::NetworkDuplicate(dup)));
         }
         let kill = || F::ProcessKill(pb::ProcessKill { signal: self.signal.clone() });
         match (&self.pause_cgroup, &self.kill_cgroup) {

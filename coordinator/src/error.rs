@@ -8,8 +8,6 @@ pub enum CoordinatorError {
     Invalid { field: String, message: String },
     #[error("unknown agent {0:?}: register first")]
     UnknownAgent(String),
-    #[error("{0}")]
-    Unimplemented(String),
     /// A safety rule refuses the request; the text names the rule and its numbers.
     #[error("{0}")]
     Refused(String),
@@ -37,7 +35,6 @@ impl From<CoordinatorError> for Status {
         let code = match &e {
             CoordinatorError::Invalid { .. } => Code::InvalidArgument,
             CoordinatorError::UnknownAgent(_) => Code::NotFound,
-            CoordinatorError::Unimplemented(_) => Code::Unimplemented,
             CoordinatorError::Refused(_) => Code::FailedPrecondition,
             CoordinatorError::Exhausted(_) => Code::ResourceExhausted,
             CoordinatorError::NotFound(_) => Code::NotFound,

@@ -185,9 +185,6 @@ impl Scenarios {
         match FaultRequest::from_pb(&probe, Duration::MAX) {
             Ok(_) => {}
             Err(SpecError::Invalid { field, message }) => return Err(CoordinatorError::invalid(&format!("spec.fault.{field}"), message)),
-            Err(SpecError::Unimplemented { family }) => {
-                return Err(CoordinatorError::Unimplemented(format!("fault family `{family}` is not implemented by the agents yet")));
-            }
         }
         Ok((family, severity, duration))
     }

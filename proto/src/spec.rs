@@ -2,9 +2,8 @@
 //!
 //! [`FaultRequest::from_pb`] turns a wire `FaultSpec` into a value the agent
 //! can act on, or a [`SpecError`] that names the bad field and its value.
-//! Families that exist in the contract but are not implemented yet come
-//! back as [`SpecError::Unimplemented`] naming the family: never a silent
-//! success. The domain types are serde-serializable because they go into
+//! A family the host cannot inject is refused later, by the agent, with
+//! FAILED_PRECONDITION naming the missing kernel feature. The domain types are serde-serializable because they go into
 //! the agent's on-disk journal.
 
 use std::{collections::BTreeMap, fmt, net::IpAddr, time::Duration};
@@ -33,9 +32,6 @@ pub enum SpecError {
     /// A field is missing or out of range.
     #[error("{field} {message}")]
     Invalid { field: String, message: String },
-    /// The family exists in the contract but this build cannot inject it.
-    #[error("fault family `{family}` is not implemented by this agent yet")]
-    Unimplemented { family: &'static str },
 }
 
 impl SpecError {
@@ -186,6 +182,11 @@ pub enum FaultKind {
     /// Drop a share of the packets in scope, in hundredths of a percent
     /// (1050 = 10.5 %). Correlation as asked (it needs sch_netem).
     NetworkLoss { scope: NetScope, permyriad: u32, correlation_permyriad: u32 },
+    /// Flip one bit in a share of the packets in scope (1/10000), checksums
+    /// left stale, so the receiving stack discards them as real corruption does.
+    NetworkCorrupt { scope: NetScope, permyriad: u32 },
+    /// Deliver a share of the packets in scope (1/10000) twice.
+    NetworkDuplicate { scope: NetScope, permyriad: u32 },
     /// Hold packets in scope for `delay` ± `jitter` (uniform).
     NetworkLatency { scope: NetScope, delay: Duration, jitter: Duration, correlation_permyriad: u32 },
     /// Let `permyriad`/10000 of packets in scope pass at once and hold the
@@ -324,6 +325,8 @@ impl FaultKind {
             FaultKind::ProcessKill { .. } => "process_kill",
             FaultKind::NetworkPartition { .. } => "network_partition",
             FaultKind::NetworkLoss { .. } => "network_loss",
+            FaultKind::NetworkCorrupt { .. } => "network_corrupt",
+            FaultKind::NetworkDuplicate { .. } => "network_duplicate",
             FaultKind::NetworkLatency { .. } => "network_latency",
             FaultKind::NetworkReorder { .. } => "network_reorder",
             FaultKind::NetworkBandwidth { .. } => "network_bandwidth",
@@ -347,6 +350,8 @@ impl FaultKind {
             }),
             FaultKind::NetworkPartition { .. }
             | FaultKind::NetworkLoss { .. }
+            | FaultKind::NetworkCorrupt { .. }
+            | FaultKind::NetworkDuplicate { .. }
             | FaultKind::NetworkLatency { .. }
             | FaultKind::NetworkReorder { .. }
             | FaultKind::NetworkBandwidth { .. } => (&["host", "netns", "pid or container (its network namespace)"], |t| {
@@ -588,6 +593,14 @@ impl FaultRequest {
                 scope: Some(scope_to_pb(scope)),
                 percent: f64::from(*permyriad) / 100.0,
                 delay: Some(duration_to_pb(*delay)),
+            }),
+            FaultKind::NetworkCorrupt { scope, permyriad } => pb::fault_spec::Fault::NetworkCorrupt(pb::NetworkCorrupt {
+                scope: Some(scope_to_pb(scope)),
+                percent: f64::from(*permyriad) / 100.0,
+            }),
+            FaultKind::NetworkDuplicate { scope, permyriad } => pb::fault_spec::Fault::NetworkDuplicate(pb::NetworkDuplicate {
+                scope: Some(scope_to_pb(scope)),
+                percent: f64::from(*permyriad) / 100.0,
             }),
             FaultKind::NetworkLoss { scope, permyriad, correlation_permyriad } => pb::fault_spec::Fault::NetworkLoss(pb::NetworkLoss {
                 scope: Some(scope_to_pb(scope)),
@@ -856,6 +869,14 @@ fn kind_from_pb(f: &pb::fault_spec::Fault) -> Result<FaultKind, SpecError> {
             permyriad: percent_field(l.percent, "spec.network_loss.percent", false)?,
             correlation_permyriad: percent_field(l.correlation_percent, "spec.network_loss.correlation_percent", true)?,
         }),
+        F::NetworkCorrupt(c) => Ok(FaultKind::NetworkCorrupt {
+            scope: scope_from_pb(c.scope.as_ref(), "spec.network_corrupt.scope")?,
+            permyriad: percent_field(c.percent, "spec.network_corrupt.percent", false)?,
+        }),
+        F::NetworkDuplicate(c) => Ok(FaultKind::NetworkDuplicate {
+            scope: scope_from_pb(c.scope.as_ref(), "spec.network_duplicate.scope")?,
+            permyriad: percent_field(c.percent, "spec.network_duplicate.percent", false)?,
+        }),
         F::NetworkPartition(p) => {
             Ok(FaultKind::NetworkPartition { scope: scope_from_pb(p.scope.as_ref(), "spec.network_partition.scope")? })
         }
@@ -967,7 +988,6 @@ fn kind_from_pb(f: &pb::fault_spec::Fault) -> Result<FaultKind, SpecError> {
             };
             Ok(FaultKind::ContainerAction { verb, signal: SignalName(signal) })
         }
-        other => Err(SpecError::Unimplemented { family: family_of(other) }),
     }
 }
 
@@ -1004,7 +1024,6 @@ mod tests {
     fn field_of(e: SpecError) -> String {
         match e {
             SpecError::Invalid { field, .. } => field,
-            SpecError::Unimplemented { family } => format!("unimplemented:{family}"),
         }
     }
 
@@ -1132,12 +1151,17 @@ mod tests {
     }
 
     #[test]
-    fn unimplemented_families_are_named() {
+    fn corrupt_and_duplicate_take_a_share_of_packets() {
         let mut s = pause_pid(5, 5);
-        s.fault = Some(pb::fault_spec::Fault::NetworkCorrupt(pb::NetworkCorrupt::default()));
-        assert_eq!(FaultRequest::from_pb(&s, MAX).expect_err("must be refused"), SpecError::Unimplemented { family: "network_corrupt" });
-        s.fault = Some(pb::fault_spec::Fault::CpuStress(pb::CpuStress::default()));
-        assert!(FaultRequest::from_pb(&s, MAX).expect_err("must be refused").to_string().contains("cpu_stress"));
+        s.target = Some(pb::Target { kind: Some(pb::target::Kind::Netns("lab-a".into())) });
+        s.fault = Some(pb::fault_spec::Fault::NetworkCorrupt(pb::NetworkCorrupt { percent: 2.5, ..Default::default() }));
+        let r = FaultRequest::from_pb(&s, MAX).expect("corrupt");
+        assert!(matches!(r.kind, FaultKind::NetworkCorrupt { permyriad: 250, .. }), "{:?}", r.kind);
+        assert_eq!(FaultRequest::from_pb(&r.to_pb("c"), MAX).expect("round trip").kind, r.kind);
+        s.fault = Some(pb::fault_spec::Fault::NetworkDuplicate(pb::NetworkDuplicate { percent: 0.0, ..Default::default() }));
+        assert_eq!(field_of(FaultRequest::from_pb(&s, MAX).expect_err("zero")), "spec.network_duplicate.percent");
+        s.fault = Some(pb::fault_spec::Fault::NetworkDuplicate(pb::NetworkDuplicate { percent: 100.0, ..Default::default() }));
+        assert!(matches!(FaultRequest::from_pb(&s, MAX).expect("dup").kind, FaultKind::NetworkDuplicate { permyriad: 10_000, .. }));
     }
 
     #[test]

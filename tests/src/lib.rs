@@ -397,6 +397,50 @@ impl NetPair {
         parse_rate(&String::from_utf8_lossy(&out.stdout))
     }
 
+    /// Send `count` numbered UDP datagrams from `from` to `to_ip:port` in `to_ns`
+    /// at `pps` per second (0: flat out); what the receiver counted (bounded: 20 s per step).
+    pub fn udp(from: &str, to_ns: &str, to_ip: &str, port: u16, count: u64, pps: u64) -> UdpCount {
+        use std::io::BufRead;
+        let probe = bin("chaos-netprobe");
+        let addr = format!("{to_ip}:{port}");
+        let mut sink = Command::new("ip")
+            .args(["netns", "exec", to_ns])
+            .arg(&probe)
+            .args(["udp-sink", &addr])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn udp-sink");
+        let mut out = std::io::BufReader::new(sink.stdout.take().expect("stdout"));
+        let mut line = String::new();
+        out.read_line(&mut line).expect("udp-sink ready");
+        assert_eq!(line.trim(), "ready", "udp-sink: {line}");
+        let sent = Self::exec(from, &[probe.to_str().expect("path"), "udp-send", &addr, &count.to_string(), &pps.to_string()]);
+        assert!(sent.status.success(), "udp-send: {}", String::from_utf8_lossy(&sent.stderr));
+        line.clear();
+        out.read_line(&mut line).expect("udp-sink result");
+        let _ = sink.wait();
+        let w: Vec<&str> = line.split_whitespace().collect();
+        let num = |k: &str| w.iter().position(|x| *x == k).and_then(|i| w.get(i + 1)).and_then(|v| v.parse::<f64>().ok());
+        UdpCount {
+            sent: count,
+            received: num("received").unwrap_or(0.0) as u64,
+            distinct: num("distinct").unwrap_or(0.0) as u64,
+            duplicates: num("duplicates").unwrap_or(0.0) as u64,
+            bad: num("bad").unwrap_or(0.0) as u64,
+            seconds: num("seconds").unwrap_or(0.0),
+        }
+    }
+
+    /// A counter of `/proc/net/snmp` inside `ns`, e.g. `snmp(ns, "Udp", "InCsumErrors")`.
+    pub fn snmp(ns: &str, group: &str, field: &str) -> u64 {
+        let text = String::from_utf8_lossy(&Self::exec(ns, &["cat", "/proc/net/snmp"]).stdout).into_owned();
+        let prefix = format!("{group}:");
+        let mut rows = text.lines().filter(|l| l.starts_with(&prefix));
+        let (Some(names), Some(values)) = (rows.next(), rows.next()) else { return 0 };
+        let i = names.split_whitespace().position(|n| n == field);
+        i.and_then(|i| values.split_whitespace().nth(i)).and_then(|v| v.parse().ok()).unwrap_or(0)
+    }
+
     /// `iptables -t raw -S` inside `ns`.
     pub fn raw_rules(ns: &str) -> String {
         String::from_utf8_lossy(&Self::exec(ns, &["iptables", "-w", "-t", "raw", "-S"]).stdout).into_owned()
@@ -406,6 +450,20 @@ impl NetPair {
     pub fn ruleset(ns: &str) -> String {
         String::from_utf8_lossy(&Self::exec(ns, &["nft", "list", "ruleset"]).stdout).into_owned()
     }
+}
+
+/// What `chaos-netprobe udp-sink` counted.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct UdpCount {
+    pub sent: u64,
+    pub received: u64,
+    /// Datagrams received at least once, intact.
+    pub distinct: u64,
+    /// Intact datagrams received more than once (extra copies).
+    pub duplicates: u64,
+    /// Datagrams whose bytes were not what was sent.
+    pub bad: u64,
+    pub seconds: f64,
 }
 
 impl Default for NetPair {

@@ -48,10 +48,10 @@ fn reflection_and_health_on_both_servers() {
     let (ok, h) = run(&["-plaintext", chost, "grpc.health.v1.Health/Check"]);
     assert!(ok && h.contains("SERVING"), "{h}");
 
-    // A family that exists in the contract but not in this agent: UNIMPLEMENTED, by name.
-    let body = r#"{"spec":{"target":{"pid":4242},"duration":"5s","networkCorrupt":{"percent":1}}}"#;
+    // A bad value: INVALID_ARGUMENT naming the field and the value.
+    let body = r#"{"spec":{"target":{"netns":"lab-a"},"duration":"5s","networkCorrupt":{"percent":120}}}"#;
     let (ok, out) = run(&["-plaintext", "-d", body, ahost, "chaos.v1.Agent/ApplyFault"]);
-    assert!(!ok && out.contains("Unimplemented") && out.contains("network_corrupt"), "{out}");
+    assert!(!ok && out.contains("InvalidArgument") && out.contains("spec.network_corrupt.percent") && out.contains("120"), "{out}");
     // Scenarios through grpcurl: a dry run answers with the admission, and
     // a refusal names the rule.
     let body = r#"{"spec":{"fault":{"target":{"pid":4242},"processPause":{}},"severity":1},"dryRun":true}"#;

@@ -97,7 +97,7 @@ fn latency_holds_packets_for_the_requested_delay_and_revert_is_exact() {
     assert!(min >= 49.5, "no packet may come early: min {min} ms");
     assert!(avg <= 60.0, "held about 50 ms: avg {avg} ms");
     let r = chaos_ok(&["agent", "revert", "--agent", &url, "l1"], 0);
-    assert!(r.contains("delaying 20 packets"), "the engine held each echo reply once: {r}");
+    assert!(r.contains("handling 20 packets"), "the engine held each echo reply once: {r}");
     let (_, avg_after, _) = NetPair::rtt_ms(&pair.a, &pair.b_ip, 5).expect("rtt");
     assert!(avg_after < 10.0, "delay gone after revert: {avg_after} ms");
     assert_eq!(NetPair::ruleset(&pair.a), before, "ruleset exactly as before (iptables-nft's raw table included)");
@@ -130,6 +130,73 @@ fn reorder_lets_later_packets_overtake_held_ones() {
     assert!(overtaken >= 20, "packets arrive out of order: {overtaken}");
     // Binomial(200, 0.5): sd 7.1; both shares well inside 60..140.
     assert!((60..=140).contains(&fast) && (60..=140).contains(&held), "fast {fast}, held {held}");
+}
+
+#[test]
+fn corruption_is_discarded_by_the_receivers_checksums_and_revert_is_exact() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pair = NetPair::new();
+    let (_agent, url) = start_agent(dir.path(), "corrupt", None, "10s");
+    let (before, raw_before) = (NetPair::ruleset(&pair.a), NetPair::raw_rules(&pair.a));
+    let peer = format!("{}/32", pair.b_ip);
+    let out = apply_in(
+        &url,
+        &pair.a,
+        &["--corrupt", "10%", "--peer", &peer, "--protocol", "udp", "--direction", "ingress", "--duration", "60s", "--id", "c1"],
+    );
+    assert_eq!(out["backend"], "nfqueue", "{out}");
+    assert!(out["summary"].as_str().is_some_and(|s| s.starts_with("corrupt 10.00 %")), "{out}");
+    // InErrors counts every datagram the stack discarded; InCsumErrors those whose checksum failed.
+    let counters = || (NetPair::snmp(&pair.a, "Udp", "InErrors"), NetPair::snmp(&pair.a, "Udp", "InCsumErrors"));
+    let (errors_before, csum_before) = counters();
+    let n = 5_000;
+    let got = NetPair::udp(&pair.b, &pair.a, &pair.a_ip, 7001, n, 5_000);
+    let (errors_after, csum_after) = counters();
+    let (discarded, csum) = (errors_after - errors_before, csum_after - csum_before);
+    eprintln!("corrupt 10 %: {got:?}, {discarded} discarded by the receiving stack ({csum} on their checksum)");
+    assert!(csum * 10 >= discarded * 9, "most are checksum failures (a flip in the length field is a length error): {csum}");
+    assert_eq!(got.bad, 0, "a flipped bit never reaches the application: the checksum catches it");
+    // Binomial(5000, 0.1): mean 500, sd 21; 5 sd either side.
+    assert!((395..=605).contains(&(n - got.distinct)), "10 % corrupted: {} of {n} missing", n - got.distinct);
+    assert!(discarded.abs_diff(n - got.distinct) <= 5, "the missing ones are the checksum failures: {discarded}");
+    let faults = json(&chaos_ok(&["-o", "json", "agent", "faults", "--agent", &url], 0));
+    let achieved = &faults["faults"][0]["achieved"];
+    assert!(achieved["packets_corrupted"].as_f64().is_some_and(|c| c >= 395.0), "{faults}");
+    chaos_ok(&["agent", "revert", "--agent", &url, "c1"], 0);
+    let after = NetPair::udp(&pair.b, &pair.a, &pair.a_ip, 7002, 500, 5_000);
+    assert_eq!(after.distinct, 500, "nothing corrupted after revert: {after:?}");
+    assert_eq!((NetPair::ruleset(&pair.a), NetPair::raw_rules(&pair.a)), (before, raw_before), "rules exactly as before");
+}
+
+#[test]
+fn duplication_delivers_copies_both_ways_without_looping() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pair = NetPair::new();
+    let (_agent, url) = start_agent(dir.path(), "dup", None, "10s");
+    let raw_before = NetPair::raw_rules(&pair.a);
+    let peer = format!("{}/32", pair.b_ip);
+    let n = 2_000;
+    // Egress from a: copies leave through a raw socket, marked so the fault does not queue them again.
+    for (direction, from, to, to_ip, port) in
+        [("egress", &pair.a, &pair.b, &pair.b_ip, 7003), ("ingress", &pair.b, &pair.a, &pair.a_ip, 7004)]
+    {
+        let id = format!("d-{direction}");
+        let out = apply_in(
+            &url,
+            &pair.a,
+            &["--duplicate", "20%", "--peer", &peer, "--protocol", "udp", "--direction", direction, "--duration", "60s", "--id", &id],
+        );
+        assert!(out["summary"].as_str().is_some_and(|s| s.starts_with("duplicate 20.00 %")), "{out}");
+        let got = NetPair::udp(from, to, to_ip, port, n, 4_000);
+        eprintln!("duplicate 20 % {direction}: {got:?}");
+        assert_eq!((got.distinct, got.bad), (n, 0), "duplication loses and changes nothing ({direction})");
+        // Binomial(2000, 0.2): mean 400, sd 17.9; 5 sd either side. A copy that looped would show as more.
+        assert!((310..=490).contains(&got.duplicates), "20 % duplicated {direction}: {}", got.duplicates);
+        chaos_ok(&["agent", "revert", "--agent", &url, &id], 0);
+    }
+    let after = NetPair::udp(&pair.a, &pair.b, &pair.b_ip, 7005, 500, 4_000);
+    assert_eq!((after.distinct, after.duplicates), (500, 0), "no copies after revert");
+    assert_eq!(NetPair::raw_rules(&pair.a), raw_before, "rules exactly as before");
 }
 
 #[test]

@@ -1,7 +1,7 @@
-//! Latency without sch_netem: iptables `NFQUEUE --queue-bypass` rules in
-//! the target namespace's `raw` table feed the userspace
-//! [`delay_engine`](super::delay_engine), which holds each packet for its
-//! delay. One atomic `iptables-restore --noflush` adds the fault's chains;
+//! Latency, reorder, corruption and duplication without sch_netem: iptables
+//! `NFQUEUE --queue-bypass` rules in the target namespace's `raw` table feed
+//! the userspace [`delay_engine`](super::delay_engine), which holds each
+//! packet for its delay, flips a bit in it or sends it twice. One atomic `iptables-restore --noflush` adds the fault's chains;
 //! revert removes exactly them (and the `raw` table itself when the fault
 //! was the one that created it, as iptables-nft leaves it behind).
 //!
@@ -10,14 +10,14 @@
 //! here: TCP 16.5 Mbit/s at the sender vs 364 Mbit/s at the receiver).
 //! IPv4 only for now; the control channel is exempt as for every network fault.
 
-use std::{net::IpAddr, time::Duration};
+use std::net::IpAddr;
 
 use chaos_proto::spec::{Cidr, NetScope, Protocol};
 use serde::{Deserialize, Serialize};
 
 use super::{
     Applied,
-    delay_engine::{DelayProfile, Engine},
+    delay_engine::{DUPLICATE_MARK, Engine, Profile},
     network::{Exemptions, NetnsRef, NetworkDriver},
 };
 use crate::error::AgentError;
@@ -26,8 +26,9 @@ use crate::error::AgentError;
 pub struct LatencyPlan {
     pub ns: NetnsRef,
     pub scope: NetScope,
-    pub delay: Duration,
-    pub jitter: Duration,
+    /// What the engine does to each packet (delay, reorder, corrupt, duplicate).
+    #[serde(flatten)]
+    pub profile: Profile,
     pub queue_num: u16,
     /// Chain names in the `raw` table: ingress (PREROUTING) and egress (OUTPUT).
     pub chain_in: String,
@@ -35,9 +36,6 @@ pub struct LatencyPlan {
     /// Whether `table ip raw` existed before the fault (iptables-nft creates it).
     pub raw_table_existed: bool,
     pub exemptions: Vec<String>,
-    /// Reorder: share (1/10000) of packets that pass at once; 0 for plain latency.
-    #[serde(default)]
-    pub pass_permyriad: u32,
 }
 
 /// One direction of a latency fault: its chain and where it hooks in.
@@ -107,6 +105,10 @@ pub fn render(plan: &LatencyPlan) -> String {
         s.push_str(&format!(":{} - [0:0]\n", leg.chain));
     }
     for Leg { chain, hook, iface_flag, peer_flag, .. } in &legs {
+        if plan.profile.duplicate_permyriad > 0 {
+            // The engine's own copies pass, or they would be queued (and copied) again.
+            s.push_str(&format!("-A {chain} -m mark --mark {DUPLICATE_MARK:#x} -j RETURN\n"));
+        }
         for m in &plan.exemptions {
             s.push_str(&format!("-A {chain} {m} -j RETURN\n"));
         }
@@ -136,12 +138,12 @@ impl NetworkDriver {
         id: &str,
         target: &chaos_proto::spec::TargetSpec,
         scope: &NetScope,
-        delay: Duration,
-        jitter: Duration,
-        pass_permyriad: u32,
+        profile: Profile,
     ) -> Result<LatencyPlan, AgentError> {
         if let Some(c) = scope.peers.iter().find(|c: &&Cidr| !c.is_v4()) {
-            return Err(AgentError::MissingFeature(format!("IPv6 latency (peer {c}): the NFQUEUE engine handles IPv4 only for now")));
+            return Err(AgentError::MissingFeature(format!(
+                "IPv6 peers (peer {c}) without sch_netem: the NFQUEUE engine handles IPv4 only for now"
+            )));
         }
         let ns = self.resolve_ns(target)?;
         let raw = self.run_tool(&ns, &["nft", "list", "table", "ip", "raw"], None).await;
@@ -150,26 +152,20 @@ impl NetworkDriver {
         Ok(LatencyPlan {
             ns,
             scope: scope.clone(),
-            delay,
-            jitter,
+            profile,
             queue_num: queue_num_for(id),
             chain_in: format!("CHAOS-{short}-I"),
             chain_out: format!("CHAOS-{short}-O"),
             raw_table_existed,
             exemptions: exemption_matches(&self.exempt),
-            pass_permyriad,
         })
     }
 
     pub(crate) async fn apply_latency(&self, plan: &LatencyPlan) -> Result<Applied, AgentError> {
         let backend = self.iptables_backend;
         // The engine first: with --queue-bypass, rules without a listener would pass traffic undelayed.
-        let engine = Engine::start(
-            plan.ns.path.clone(),
-            plan.queue_num,
-            DelayProfile { delay: plan.delay, jitter: plan.jitter, pass_permyriad: plan.pass_permyriad },
-        )
-        .map_err(|e| AgentError::Command { cmd: format!("delay engine (NFQUEUE {})", plan.queue_num), detail: e })?;
+        let engine = Engine::start(plan.ns.path.clone(), plan.queue_num, plan.profile)
+            .map_err(|e| AgentError::Command { cmd: format!("packet engine (NFQUEUE {})", plan.queue_num), detail: e })?;
         let script = render(plan);
         let out = self.run_tool(&plan.ns, &["iptables-restore", "-w", "--noflush"], Some(&script)).await?;
         if !out.success {
@@ -193,16 +189,7 @@ impl NetworkDriver {
             processes: Vec::new(),
             summary: format!(
                 "{} in {} ({:?}, IPv4) via {backend} NFQUEUE {} + userspace engine (fail-open); chains {} (verified); control channel exempt",
-                if plan.pass_permyriad > 0 {
-                    format!(
-                        "reorder {}.{:02} % pass at once, the rest held {} ms",
-                        plan.pass_permyriad / 100,
-                        plan.pass_permyriad % 100,
-                        plan.delay.as_millis()
-                    )
-                } else {
-                    format!("latency {} ms ± {} ms", plan.delay.as_millis(), plan.jitter.as_millis())
-                },
+                plan.profile.describe(),
                 plan.ns.label,
                 plan.scope.direction,
                 plan.queue_num,
@@ -250,7 +237,7 @@ impl NetworkDriver {
             format!("removed {} from {}", removed.join(", "), plan.ns.label)
         };
         match held {
-            Some(n) => s.push_str(&format!("; engine stopped after delaying {n} packets")),
+            Some(n) => s.push_str(&format!("; engine stopped after handling {n} packets")),
             None => s.push_str("; no engine was running (agent restarted: the rules were passing traffic undelayed)"),
         }
         Ok(s)
@@ -259,6 +246,8 @@ impl NetworkDriver {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use chaos_proto::spec::Direction;
 
     use super::*;
@@ -273,13 +262,11 @@ mod tests {
                 protocol: None,
                 direction,
             },
-            delay: Duration::from_millis(50),
-            jitter: Duration::ZERO,
+            profile: Profile { delay: Duration::from_millis(50), ..Default::default() },
             queue_num: 12345,
             chain_in: "CHAOS-x-I".into(),
             chain_out: "CHAOS-x-O".into(),
             raw_table_existed: false,
-            pass_permyriad: 0,
             exemptions: exemption_matches(&Exemptions {
                 agent_port: 50052,
                 coordinator: Some(("198.18.0.1".parse().expect("ip"), 50051)),

@@ -132,6 +132,8 @@ impl Drivers {
             FaultKind::ProcessPause | FaultKind::ProcessKill { .. } => &self.process,
             FaultKind::NetworkPartition { .. }
             | FaultKind::NetworkLoss { .. }
+            | FaultKind::NetworkCorrupt { .. }
+            | FaultKind::NetworkDuplicate { .. }
             | FaultKind::NetworkLatency { .. }
             | FaultKind::NetworkReorder { .. }
             | FaultKind::NetworkBandwidth { .. } => &self.network,

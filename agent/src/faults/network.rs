@@ -18,14 +18,16 @@ use std::{
     net::IpAddr,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
-    time::Duration,
 };
 
 use async_trait::async_trait;
 use chaos_proto::spec::{Cidr, FaultKind, FaultRequest, NetScope, Protocol, TargetSpec};
 use serde::{Deserialize, Serialize};
 
-use super::{Applied, FaultDriver, Plan, delay_engine::Engine};
+use super::{
+    Applied, FaultDriver, Observation, Plan,
+    delay_engine::{Engine, Profile},
+};
 use crate::{
     error::AgentError,
     sys::{
@@ -312,6 +314,7 @@ fn is_missing_table(stderr: &str) -> bool {
 #[async_trait]
 impl FaultDriver for NetworkDriver {
     async fn plan(&self, req: &FaultRequest) -> Result<Plan, AgentError> {
+        let id = req.id.as_deref().unwrap_or("unnamed");
         let (scope, loss_permyriad) = match &req.kind {
             FaultKind::NetworkPartition { scope } => (scope, None),
             FaultKind::NetworkLoss { correlation_permyriad, .. } if *correlation_permyriad > 0 => {
@@ -326,22 +329,28 @@ impl FaultDriver for NetworkDriver {
                 ));
             }
             FaultKind::NetworkLatency { scope, delay, jitter, .. } => {
-                let id = req.id.as_deref().unwrap_or("unnamed");
-                return Ok(Plan::Latency(Box::new(self.plan_latency(id, &req.target, scope, *delay, *jitter, 0).await?)));
+                let profile = Profile { delay: *delay, jitter: *jitter, ..Default::default() };
+                return Ok(Plan::Latency(Box::new(self.plan_latency(id, &req.target, scope, profile).await?)));
+            }
+            FaultKind::NetworkCorrupt { scope, permyriad } => {
+                let profile = Profile { corrupt_permyriad: *permyriad, ..Default::default() };
+                return Ok(Plan::Latency(Box::new(self.plan_latency(id, &req.target, scope, profile).await?)));
+            }
+            FaultKind::NetworkDuplicate { scope, permyriad } => {
+                let profile = Profile { duplicate_permyriad: *permyriad, ..Default::default() };
+                return Ok(Plan::Latency(Box::new(self.plan_latency(id, &req.target, scope, profile).await?)));
             }
             FaultKind::NetworkBandwidth { scope, rate_bits_per_second, burst_bytes } => {
-                let id = req.id.as_deref().unwrap_or("unnamed");
                 return Ok(Plan::Bandwidth(Box::new(
                     self.plan_bandwidth(id, &req.target, scope, *rate_bits_per_second, *burst_bytes).await?,
                 )));
             }
             FaultKind::NetworkReorder { scope, permyriad, delay } => {
-                let id = req.id.as_deref().unwrap_or("unnamed");
-                return Ok(Plan::Latency(Box::new(self.plan_latency(id, &req.target, scope, *delay, Duration::ZERO, *permyriad).await?)));
+                let profile = Profile { delay: *delay, pass_permyriad: *permyriad, ..Default::default() };
+                return Ok(Plan::Latency(Box::new(self.plan_latency(id, &req.target, scope, profile).await?)));
             }
             other => return Err(AgentError::Command { cmd: "network driver".into(), detail: format!("cannot plan {}", other.family()) }),
         };
-        let id = req.id.as_deref().unwrap_or("unnamed");
         let ns = self.resolve_ns(&req.target)?;
         let (exempt_in, exempt_out) = self.exemption_rules();
         let table = table_name(id);
@@ -425,6 +434,22 @@ impl FaultDriver for NetworkDriver {
             }
             other => other,
         }
+    }
+
+    /// The packet engine's counters: what it has done so far, not what was asked.
+    fn observe(&self, plan: &Plan) -> Option<Observation> {
+        let Plan::Latency(l) = plan else { return None };
+        let engines = self.engines.lock().unwrap_or_else(|p| p.into_inner());
+        let s = &engines.get(&l.chain_in)?.stats;
+        let n = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed) as f64;
+        let mut achieved = vec![("packets_handled".to_string(), n(&s.held))];
+        if l.profile.corrupt_permyriad > 0 {
+            achieved.push(("packets_corrupted".to_string(), n(&s.corrupted)));
+        }
+        if l.profile.duplicate_permyriad > 0 {
+            achieved.push(("packets_duplicated".to_string(), n(&s.duplicated)));
+        }
+        Some(Observation { achieved, outcome: None })
     }
 }
 
