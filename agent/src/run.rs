@@ -60,6 +60,11 @@ pub async fn run(cfg: AgentConfig, listener: TcpListener, shutdown: impl Future<
     let nftables = crate::faults::network::tool_version("nft", "--version", "nftables");
     let iptables = crate::faults::network::tool_version("iptables", "-V", "iptables");
     let tc = crate::faults::network::tool_version("tc", "-V", "iproute2");
+    let backends = crate::sys::probe::probe_all(&iptables);
+    for b in &backends {
+        info!(backend = b.name, available = b.available, detail = %b.detail, "network backend probed");
+    }
+    let netem = crate::sys::probe::has(&backends, "sch_netem");
     let cgroups = crate::sys::cgroup::CgroupFs::detect("/sys/fs/cgroup").map_err(|e| e.to_string());
     match &cgroups {
         Ok(cg) => info!(version = cg.version().as_str(), "cgroup hierarchy detected"),
@@ -71,7 +76,9 @@ pub async fn run(cfg: AgentConfig, listener: TcpListener, shutdown: impl Future<
             .with_cgroups(cgroups.clone().ok()),
         container: crate::faults::container::ContainerDriver::new(cfg.docker_socket.clone(), protection.clone()),
         resource: ResourceDriver::new(cgroups.clone(), Arc::new(procfs.clone()), protection.clone(), exe, cfg.guards),
-        network: NetworkDriver::new(Arc::new(NsenterExec), Arc::new(procfs), exemptions).with_iptables_version(iptables.as_deref().ok()),
+        network: NetworkDriver::new(Arc::new(NsenterExec), Arc::new(procfs), exemptions)
+            .with_iptables_version(iptables.as_deref().ok())
+            .with_netem(netem),
     });
     let mut registry = prometheus_client::registry::Registry::default();
     let rpc_metrics = chaos_proto::telemetry::RpcMetrics::register(&mut registry);
@@ -103,6 +110,7 @@ pub async fn run(cfg: AgentConfig, listener: TcpListener, shutdown: impl Future<
         nftables,
         iptables,
         tc,
+        backends,
         cgroups,
         docker_socket: cfg.docker_socket.clone(),
     });

@@ -37,6 +37,8 @@ pub struct AgentIdentity {
     pub iptables: Result<String, String>,
     /// `tc -V`, or why tc is unusable (bandwidth).
     pub tc: Result<String, String>,
+    /// Kernel mechanisms for network faults, probed at start.
+    pub backends: Vec<crate::sys::probe::KernelBackend>,
     /// The cgroup hierarchy (resource faults), or why there is none.
     pub cgroups: Result<crate::sys::cgroup::CgroupFs, String>,
     /// The Docker Engine socket (container faults).
@@ -52,14 +54,24 @@ impl AgentIdentity {
     /// Capabilities with the lifecycle's current state.
     /// `docker`: whether the daemon answered just now (its version), or why not.
     pub fn capabilities(&self, armed: bool, lease_lost: bool, docker: &Result<String, String>) -> pb::Capabilities {
+        let netem = crate::sys::probe::has(&self.backends, "sch_netem");
+        let netem_detail = "sch_netem under an htb class of the fault's own, u32 filters for the scope, ifb for ingress";
         let families = ALL_FAMILIES
             .iter()
             .map(|f| {
                 // Network families: the tool they drive, and how they use it.
                 let network = match *f {
                     "network_partition" => Some((&self.nftables, "nftables", "inet input + netdev egress, control channel exempt")),
-                    "network_loss" => {
-                        Some((&self.nftables, "nftables", "numgen: each packet drawn independently; correlation needs sch_netem (refused)"))
+                    "network_loss" if netem => {
+                        Some((&self.nftables, "nftables", "numgen: each packet drawn independently; with correlation: sch_netem"))
+                    }
+                    "network_loss" => Some((
+                        &self.nftables,
+                        "nftables",
+                        "numgen: each packet drawn independently; correlation needs sch_netem, absent here (refused)",
+                    )),
+                    "network_latency" | "network_corrupt" | "network_duplicate" | "network_reorder" if netem => {
+                        Some((&self.tc, "tc", netem_detail))
                     }
                     "network_latency" => Some((
                         &self.iptables,
@@ -79,9 +91,11 @@ impl AgentIdentity {
                     "network_reorder" => {
                         Some((&self.iptables, "iptables", "NFQUEUE + userspace engine: a share passes at once, the rest is held"))
                     }
-                    "network_bandwidth" => {
-                        Some((&self.tc, "tc", "htb + u32 filters, egress, IPv4 scoping; never replaces a root qdisc it did not create"))
-                    }
+                    "network_bandwidth" => Some((
+                        &self.tc,
+                        "tc",
+                        "htb + u32 filters, egress and (ifb) ingress, IPv4 scoping; never replaces a qdisc it did not create",
+                    )),
                     _ => None,
                 };
                 use crate::sys::cgroup::Controller as C;
@@ -142,6 +156,11 @@ impl AgentIdentity {
             agent_pid: std::process::id(),
             journal_dir: self.journal_dir.clone(),
             labels: self.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            backends: self
+                .backends
+                .iter()
+                .map(|b| pb::KernelBackend { name: b.name.to_string(), available: b.available, detail: b.detail.clone() })
+                .collect(),
         }
     }
 }

@@ -30,7 +30,8 @@ Examples:
   chaos agent apply --reorder 25% --latency 20ms --peer 198.18.0.3/32 --direction ingress --duration 2m
   chaos agent apply --corrupt 5% --peer 198.18.0.3/32 --direction ingress --netns lab-kafka --duration 1m
   chaos agent apply --duplicate 5% --peer 198.18.0.3/32 --netns lab-kafka --duration 1m
-  chaos agent apply --rate 1mbit --peer 198.18.0.3/32 --netns lab-kafka --duration 5m            # egress
+  chaos agent apply --rate 1mbit --peer 198.18.0.3/32 --direction egress --netns lab-kafka --duration 5m
+  chaos agent apply --rate 1mbit --direction ingress --netns lab-kafka --duration 5m   # through an ifb
   chaos agent apply --cpu 50% --workers 2 --duration 2m                    # on the host, in a cgroup of its own
   chaos agent apply --cpu-quota 20% --target-name java --duration 1m       # the old quota comes back
   chaos agent apply --memory 512MiB --duration 5m                          # refused below guards.memory_floor_bytes
@@ -146,7 +147,8 @@ pub struct FaultArgs {
     /// Latency: hold packets this long, e.g. `50ms` (with --jitter, --peer, --direction; prefer ingress).
     #[arg(long, value_parser = humantime::parse_duration)]
     latency: Option<Duration>,
-    /// Bandwidth: cap egress in scope at this rate, e.g. `1mbit`, `500kbit`, `2gbit` (bits per second).
+    /// Bandwidth: cap traffic in scope at this rate, e.g. `1mbit`, `500kbit`, `2gbit` (bits per
+    /// second), each way --direction says (ingress through an ifb).
     #[arg(long, value_name = "RATE")]
     rate: Option<String>,
     /// Corrupt: flip one bit in this share of packets, e.g. `5%` (the receiver's stack discards
@@ -365,8 +367,7 @@ impl FaultArgs {
             return Ok((self.network_target(), F::NetworkPartition(pb::NetworkPartition { scope: Some(scope) })));
         }
         if let Some(r) = &self.rate {
-            let mut scope = self.scope(self.peers.clone());
-            scope.direction = pb::Direction::Egress as i32;
+            let scope = self.scope(self.peers.clone());
             let bw = pb::NetworkBandwidth { scope: Some(scope), rate_bits_per_second: parse_rate(r)?, burst_bytes: 0 };
             return Ok((self.network_target(), F::NetworkBandwidth(bw)));
         }
@@ -638,6 +639,7 @@ pub async fn run(cmd: AgentCommand, timeout: Duration, fmt: Format) -> Result<u8
                     "armed": c.armed, "lease_lost": c.lease_lost, "kernel_release": c.kernel_release, "boot_id": c.boot_id,
                     "agent_pid": c.agent_pid, "journal_dir": c.journal_dir, "labels": c.labels,
                     "families": c.families.iter().map(|f| json!({"family": f.family, "supported": f.supported, "detail": f.detail})).collect::<Vec<_>>(),
+                    "backends": c.backends.iter().map(|b| json!({"name": b.name, "available": b.available, "detail": b.detail})).collect::<Vec<_>>(),
                 })),
                 Format::Table => {
                     let mode = if c.standalone {
@@ -663,6 +665,10 @@ pub async fn run(cmd: AgentCommand, timeout: Duration, fmt: Format) -> Result<u8
                         .map(|f| vec![f.family.clone(), if f.supported { "yes".into() } else { "no".into() }, f.detail.clone()])
                         .collect();
                     emit(&table(&["FAMILY", "SUPPORTED", "DETAIL"], &rows));
+                    let yes_no = |b: bool| if b { "yes".to_string() } else { "no".to_string() };
+                    let rows: Vec<Vec<String>> =
+                        c.backends.iter().map(|b| vec![b.name.clone(), yes_no(b.available), b.detail.clone()]).collect();
+                    emit(&table(&["KERNEL BACKEND", "AVAILABLE", "DETAIL"], &rows));
                 }
             }
         }

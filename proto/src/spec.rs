@@ -823,18 +823,10 @@ fn kind_from_pb(f: &pb::fault_spec::Fault) -> Result<FaultKind, SpecError> {
                 return Err(SpecError::invalid(format!("{field}.burst_bytes"), format!("must be at most 64 MiB, got {}", b.burst_bytes)));
             }
             let mut scope = scope_from_pb(b.scope.as_ref(), &format!("{field}.scope"))?;
-            // Shaping is an egress mechanism (qdiscs); ingress would need an ifb.
-            match b.scope.as_ref().map(|s| s.direction) {
-                None => scope.direction = Direction::Egress,
-                Some(d) if d == pb::Direction::Unspecified as i32 || d == pb::Direction::Egress as i32 => {
-                    scope.direction = Direction::Egress
-                }
-                Some(_) => {
-                    return Err(SpecError::invalid(
-                        format!("{field}.scope.direction"),
-                        "must be egress (or unset): ingress shaping (ifb) is not implemented yet",
-                    ));
-                }
+            // Unset means egress here (a rate cap is usually on what a host sends);
+            // ingress and both shape through an ifb.
+            if b.scope.as_ref().is_none_or(|s| s.direction == pb::Direction::Unspecified as i32) {
+                scope.direction = Direction::Egress;
             }
             Ok(FaultKind::NetworkBandwidth { scope, rate_bits_per_second: b.rate_bits_per_second, burst_bytes: b.burst_bytes })
         }
@@ -1276,7 +1268,8 @@ mod tests {
         s.fault = Some(bw(10, pb::Direction::Egress));
         assert_eq!(field_of(FaultRequest::from_pb(&s, MAX).expect_err("must be refused")), "spec.network_bandwidth.rate_bits_per_second");
         s.fault = Some(bw(1_000_000, pb::Direction::Ingress));
-        assert_eq!(field_of(FaultRequest::from_pb(&s, MAX).expect_err("must be refused")), "spec.network_bandwidth.scope.direction");
+        let r = FaultRequest::from_pb(&s, MAX).expect("ingress shapes through an ifb");
+        assert!(matches!(&r.kind, FaultKind::NetworkBandwidth { scope, .. } if scope.direction == Direction::Ingress));
     }
 
     #[test]

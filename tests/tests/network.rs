@@ -207,7 +207,7 @@ fn bandwidth_caps_egress_spares_the_control_port_and_restores_the_root_qdisc() {
     let qdisc = |ns: &str| String::from_utf8_lossy(&NetPair::exec(ns, &["tc", "qdisc", "show"]).stdout).into_owned();
     let before = qdisc(&pair.a);
     let peer = format!("{}/32", pair.b_ip);
-    let out = apply_in(&url, &pair.a, &["--rate", "8mbit", "--peer", &peer, "--duration", "60s", "--id", "bw1"]);
+    let out = apply_in(&url, &pair.a, &["--rate", "8mbit", "--peer", &peer, "--direction", "egress", "--duration", "60s", "--id", "bw1"]);
     assert_eq!(out["backend"], "tc-htb", "{out}");
     let shaped = NetPair::throughput_bps(&pair.a, &pair.b, &pair.b_ip, 9000, 2_000_000);
     eprintln!("bandwidth 8 Mbit/s: achieved {:.2} Mbit/s", shaped / 1e6);
@@ -221,6 +221,30 @@ fn bandwidth_caps_egress_spares_the_control_port_and_restores_the_root_qdisc() {
     assert!(direct > 50e6, "the control channel's port is exempt: {:.1} Mbit/s", direct / 1e6);
     chaos_ok(&["agent", "revert", "--agent", &url, "bw1"], 0);
     assert_eq!(qdisc(&pair.a), before, "root qdisc restored exactly");
+}
+
+#[test]
+fn ingress_bandwidth_shapes_through_an_ifb_of_its_own_and_revert_removes_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pair = NetPair::new();
+    let (_agent, url) = start_agent(dir.path(), "bwin", None, "10s");
+    let show = |ns: &str, argv: &[&str]| String::from_utf8_lossy(&NetPair::exec(ns, argv).stdout).into_owned();
+    let (qdisc_before, links_before) = (show(&pair.a, &["tc", "qdisc", "show"]), show(&pair.a, &["ip", "-o", "link", "show"]));
+    let peer = format!("{}/32", pair.b_ip);
+    let out = apply_in(&url, &pair.a, &["--rate", "8mbit", "--peer", &peer, "--direction", "ingress", "--duration", "60s", "--id", "bwi"]);
+    assert_eq!(out["backend"], "tc-htb", "{out}");
+    let summary = out["summary"].as_str().unwrap_or_default();
+    assert!(summary.contains("ingress of") && summary.contains("via chx"), "{summary}");
+    let links = show(&pair.a, &["ip", "-o", "link", "show"]);
+    assert!(links.contains(": chx"), "the fault's ifb exists while it runs: {links}");
+    let inbound = NetPair::throughput_bps(&pair.b, &pair.a, &pair.a_ip, 9010, 2_000_000);
+    let outbound = NetPair::throughput_bps(&pair.a, &pair.b, &pair.b_ip, 9011, 20_000_000);
+    eprintln!("ingress 8 Mbit/s: inbound {:.2} Mbit/s, outbound {:.1} Mbit/s", inbound / 1e6, outbound / 1e6);
+    assert!((6.8e6..=8.4e6).contains(&inbound), "8 Mbit/s asked on ingress, {:.2} Mbit/s achieved", inbound / 1e6);
+    assert!(outbound > 50e6, "egress is not shaped: {:.1} Mbit/s", outbound / 1e6);
+    chaos_ok(&["agent", "revert", "--agent", &url, "bwi"], 0);
+    assert_eq!(show(&pair.a, &["tc", "qdisc", "show"]), qdisc_before, "qdiscs exactly as before (ingress qdisc gone)");
+    assert_eq!(show(&pair.a, &["ip", "-o", "link", "show"]), links_before, "the ifb is gone");
 }
 
 #[test]

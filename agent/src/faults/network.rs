@@ -26,6 +26,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     Applied, FaultDriver, Observation, Plan,
+    bandwidth::Netem,
     delay_engine::{Engine, Profile},
 };
 use crate::{
@@ -85,6 +86,9 @@ pub struct NetworkDriver {
     pub(crate) engines: Mutex<HashMap<String, Engine>>,
     /// "iptables-nft" or "iptables-legacy", learned once at start (reported with each latency fault).
     pub(crate) iptables_backend: &'static str,
+    /// Whether the kernel has sch_netem (probed once at start): netem backs latency,
+    /// correlation, corruption, duplication and reorder; else the NFQUEUE engine does.
+    pub(crate) netem: bool,
 }
 
 impl NetworkDriver {
@@ -97,7 +101,14 @@ impl NetworkDriver {
             proc_root: PathBuf::from("/proc"),
             engines: Mutex::new(HashMap::new()),
             iptables_backend: "iptables",
+            netem: false,
         }
+    }
+
+    /// Drive sch_netem (the kernel has it).
+    pub fn with_netem(mut self, netem: bool) -> Self {
+        self.netem = netem;
+        self
     }
 
     /// Name the iptables backend from `iptables -V` output (learned once at start).
@@ -317,37 +328,38 @@ impl FaultDriver for NetworkDriver {
         let id = req.id.as_deref().unwrap_or("unnamed");
         let (scope, loss_permyriad) = match &req.kind {
             FaultKind::NetworkPartition { scope } => (scope, None),
-            FaultKind::NetworkLoss { correlation_permyriad, .. } if *correlation_permyriad > 0 => {
-                return Err(AgentError::MissingFeature(
-                    "loss correlation: it needs the sch_netem backend, which this agent does not drive yet (nftables numgen draws each packet independently)".into(),
-                ));
+            FaultKind::NetworkLoss { scope, permyriad, correlation_permyriad } if *correlation_permyriad > 0 => {
+                let netem = Netem { loss_permyriad: *permyriad, loss_correlation_permyriad: *correlation_permyriad, ..Default::default() };
+                return self
+                    .plan_netem(id, req, scope, netem, None, "loss correlation (nftables numgen draws each packet independently)")
+                    .await;
             }
             FaultKind::NetworkLoss { scope, permyriad, .. } => (scope, Some(*permyriad)),
-            FaultKind::NetworkLatency { correlation_permyriad, .. } if *correlation_permyriad > 0 => {
-                return Err(AgentError::MissingFeature(
-                    "latency correlation: it needs the sch_netem backend, which this agent does not drive yet".into(),
-                ));
-            }
-            FaultKind::NetworkLatency { scope, delay, jitter, .. } => {
-                let profile = Profile { delay: *delay, jitter: *jitter, ..Default::default() };
-                return Ok(Plan::Latency(Box::new(self.plan_latency(id, &req.target, scope, profile).await?)));
+            FaultKind::NetworkLatency { scope, delay, jitter, correlation_permyriad } => {
+                let netem =
+                    Netem { delay: *delay, jitter: *jitter, delay_correlation_permyriad: *correlation_permyriad, ..Default::default() };
+                let engine = (*correlation_permyriad == 0).then_some(Profile { delay: *delay, jitter: *jitter, ..Default::default() });
+                return self.plan_netem(id, req, scope, netem, engine, "latency correlation").await;
             }
             FaultKind::NetworkCorrupt { scope, permyriad } => {
-                let profile = Profile { corrupt_permyriad: *permyriad, ..Default::default() };
-                return Ok(Plan::Latency(Box::new(self.plan_latency(id, &req.target, scope, profile).await?)));
+                let netem = Netem { corrupt_permyriad: *permyriad, ..Default::default() };
+                let engine = Profile { corrupt_permyriad: *permyriad, ..Default::default() };
+                return self.plan_netem(id, req, scope, netem, Some(engine), "corruption").await;
             }
             FaultKind::NetworkDuplicate { scope, permyriad } => {
-                let profile = Profile { duplicate_permyriad: *permyriad, ..Default::default() };
-                return Ok(Plan::Latency(Box::new(self.plan_latency(id, &req.target, scope, profile).await?)));
+                let netem = Netem { duplicate_permyriad: *permyriad, ..Default::default() };
+                let engine = Profile { duplicate_permyriad: *permyriad, ..Default::default() };
+                return self.plan_netem(id, req, scope, netem, Some(engine), "duplication").await;
+            }
+            FaultKind::NetworkReorder { scope, permyriad, delay } => {
+                let netem = Netem { delay: *delay, reorder_permyriad: *permyriad, ..Default::default() };
+                let engine = Profile { delay: *delay, pass_permyriad: *permyriad, ..Default::default() };
+                return self.plan_netem(id, req, scope, netem, Some(engine), "reorder").await;
             }
             FaultKind::NetworkBandwidth { scope, rate_bits_per_second, burst_bytes } => {
                 return Ok(Plan::Bandwidth(Box::new(
-                    self.plan_bandwidth(id, &req.target, scope, *rate_bits_per_second, *burst_bytes).await?,
+                    self.plan_tc(id, &req.target, scope, *rate_bits_per_second, *burst_bytes, None).await?,
                 )));
-            }
-            FaultKind::NetworkReorder { scope, permyriad, delay } => {
-                let profile = Profile { delay: *delay, pass_permyriad: *permyriad, ..Default::default() };
-                return Ok(Plan::Latency(Box::new(self.plan_latency(id, &req.target, scope, profile).await?)));
             }
             other => return Err(AgentError::Command { cmd: "network driver".into(), detail: format!("cannot plan {}", other.family()) }),
         };
@@ -454,6 +466,28 @@ impl FaultDriver for NetworkDriver {
 }
 
 impl NetworkDriver {
+    /// sch_netem where the kernel has it; else the NFQUEUE engine's `fallback`,
+    /// or, when there is none for this fault (`what` names it), a refusal naming sch_netem.
+    async fn plan_netem(
+        &self,
+        id: &str,
+        req: &FaultRequest,
+        scope: &NetScope,
+        netem: Netem,
+        fallback: Option<Profile>,
+        what: &str,
+    ) -> Result<Plan, AgentError> {
+        if self.netem {
+            return Ok(Plan::Bandwidth(Box::new(self.plan_tc(id, &req.target, scope, 0, 0, Some(netem)).await?)));
+        }
+        match fallback {
+            Some(profile) => Ok(Plan::Latency(Box::new(self.plan_latency(id, &req.target, scope, profile).await?))),
+            None => Err(AgentError::MissingFeature(format!(
+                "{what}: it needs sch_netem, which this kernel does not have (probed at agent start), and the fallback engine cannot do it"
+            ))),
+        }
+    }
+
     async fn revert_tables(&self, plan: &NetworkPlan) -> Result<String, AgentError> {
         if !self.still_there(&plan.ns)? {
             return Ok(format!("{} is gone (or replaced): nothing left to remove", plan.ns.label));
@@ -625,5 +659,155 @@ mod tests {
         assert!(m.contains(&"ip saddr { 198.18.0.3/32 } meta l4proto tcp th sport { 9092 }".to_string()), "{m:?}");
         assert!(m.contains(&"ip6 saddr { 2001:db8::/64 } meta l4proto tcp th dport { 9092 }".to_string()), "{m:?}");
         assert_eq!(parse_link_names("1: lo: <LOOPBACK>\n5: eth0@if6: <UP>\n"), vec!["lo", "eth0"]);
+    }
+
+    fn ok(stdout: &str) -> CmdOutput {
+        CmdOutput { success: true, stdout: stdout.into(), stderr: String::new() }
+    }
+
+    #[tokio::test]
+    async fn with_netem_latency_is_a_netem_leaf_under_htb_both_ways_and_revert_undoes_it_all() {
+        let exec = FakeExec::default();
+        exec.add_namespace("/run/netns/lab-a", (1, 42));
+        let h = format!("{:x}:", super::super::bandwidth::handle_for("f-1"));
+        let ifb = super::super::bandwidth::ifb_name(super::super::bandwidth::handle_for("f-1"), 0);
+        exec.answer("ip -o link show", ok("1: lo: <LOOPBACK>\n2: veth0@if3: <UP>\n"));
+        let ours = format!("qdisc htb {h} root refcnt 2\nqdisc netem 1: parent {h}10 limit 3000\n");
+        let with_ingress = format!("{ours}qdisc ingress ffff: parent ffff:fff1 ----------------\n");
+        exec.answer_in_turn("qdisc show dev veth0", vec![ok("qdisc noqueue 0: root refcnt 2\n"), ok(&with_ingress)]);
+        exec.answer(&format!("qdisc show dev {ifb}"), ok(&ours));
+        exec.answer(
+            "filter show dev veth0 ingress",
+            ok(&format!(
+                "filter parent ffff: protocol all pref 1 u32 ... action order 1: mirred (Egress Redirect to device {ifb}) stolen\n"
+            )),
+        );
+        let d = driver(&exec).with_netem(true);
+        let mut r = req(TargetSpec::Netns("lab-a".into()), scope(&["198.18.0.3"], Direction::Both));
+        r.kind = FaultKind::NetworkLatency {
+            scope: scope(&["198.18.0.3"], Direction::Both),
+            delay: Duration::from_millis(50),
+            jitter: Duration::from_millis(10),
+            correlation_permyriad: 2500,
+        };
+        let plan = d.plan(&r).await.expect("plan");
+        assert!(matches!(plan, Plan::Bandwidth(_)), "netem, not the engine: {plan:?}");
+        let a = d.apply(&plan).await.expect("apply");
+        assert_eq!(a.backend, "tc-netem");
+        let calls = exec.calls();
+        let argv: Vec<String> = calls.iter().map(|c| c.argv.join(" ")).collect();
+        let add_ifb = argv.iter().position(|c| c == &format!("ip link add {ifb} type ifb")).expect("ifb created");
+        let batch_at = argv.iter().position(|c| c == "tc -batch -").expect("one tc batch");
+        assert!(add_ifb < batch_at, "the ifb exists before the batch uses it: {argv:#?}");
+        let script = calls[batch_at].stdin.clone().expect("batch");
+        let lines: Vec<&str> = script.lines().collect();
+        assert!(
+            lines.contains(&format!("class add dev veth0 parent {h} classid {h}10 htb rate 100gbit ceil 100gbit").as_str()),
+            "{script}"
+        );
+        assert!(script.contains("netem limit 3000 delay 50000us 10000us 25.00%"), "{script}");
+        assert!(
+            lines.contains(
+                &format!("filter add dev veth0 parent {h} protocol ip prio 1 u32 match ip sport 50052 0xffff flowid {h}0").as_str()
+            ),
+            "{script}"
+        );
+        assert!(
+            lines.contains(
+                &format!("filter add dev {ifb} parent {h} protocol ip prio 1 u32 match ip dport 50052 0xffff flowid {h}0").as_str()
+            ),
+            "{script}"
+        );
+        assert!(lines.contains(&format!("filter add dev {ifb} parent {h} protocol ip prio 1 u32 match ip src 198.18.0.1/32 match ip sport 50051 0xffff flowid {h}0").as_str()), "{script}");
+        assert!(
+            lines.contains(
+                &format!("filter add dev veth0 parent {h} protocol ip prio 2 u32 match ip dst 198.18.0.3/32 flowid {h}10").as_str()
+            ),
+            "{script}"
+        );
+        assert!(
+            lines.contains(
+                &format!("filter add dev {ifb} parent {h} protocol ip prio 2 u32 match ip src 198.18.0.3/32 flowid {h}10").as_str()
+            ),
+            "{script}"
+        );
+        assert_eq!(
+            lines.last().copied(),
+            Some(
+                format!("filter add dev veth0 parent ffff: protocol all prio 1 u32 match u32 0 0 action mirred egress redirect dev {ifb}")
+                    .as_str()
+            ),
+            "the redirect comes last, once the ifb's tree is ready"
+        );
+        let before = exec.calls().len();
+        let s = d.revert(&plan).await.expect("revert");
+        let undo: Vec<String> = exec.calls()[before..].iter().map(|c| c.argv.join(" ")).collect();
+        for want in
+            ["tc qdisc del dev veth0 ingress".to_string(), format!("ip link del {ifb}"), format!("tc qdisc del dev veth0 root handle {h}")]
+        {
+            assert!(undo.contains(&want), "revert runs `{want}`: {undo:#?}");
+        }
+        assert!(s.contains("veth0 restored") && s.contains(&format!("{ifb} removed")), "{s}");
+    }
+
+    #[tokio::test]
+    async fn netem_decides_the_backend_and_what_only_netem_can_do_is_refused_without_it() {
+        let exec = FakeExec::default();
+        exec.answer("ip -o link show", ok("2: veth0@if3: <UP>\n"));
+        exec.answer("qdisc show", ok("qdisc noqueue 0: root refcnt 2\n"));
+        let eg = || scope(&["198.18.0.3"], Direction::Egress);
+        let mut r = req(TargetSpec::Host, eg());
+        let without = driver(&exec);
+        let with = driver(&exec).with_netem(true);
+        r.kind = FaultKind::NetworkCorrupt { scope: eg(), permyriad: 500 };
+        assert!(matches!(without.plan(&r).await.expect("engine"), Plan::Latency(_)));
+        let Plan::Bandwidth(p) = with.plan(&r).await.expect("netem") else { panic!("netem plan") };
+        assert_eq!(p.netem.map(|n| n.args()), Some("limit 1000 corrupt 5.00%".to_string()));
+        r.kind = FaultKind::NetworkDuplicate { scope: eg(), permyriad: 150 };
+        let Plan::Bandwidth(p) = with.plan(&r).await.expect("netem") else { panic!("netem plan") };
+        assert_eq!(p.netem.map(|n| n.args()), Some("limit 1000 duplicate 1.50%".to_string()));
+        r.kind = FaultKind::NetworkReorder { scope: eg(), permyriad: 2500, delay: Duration::from_millis(20) };
+        let Plan::Bandwidth(p) = with.plan(&r).await.expect("netem") else { panic!("netem plan") };
+        assert_eq!(p.netem.map(|n| n.args()), Some("limit 1000 delay 20000us reorder 25.00%".to_string()));
+        r.kind = FaultKind::NetworkLoss { scope: eg(), permyriad: 1000, correlation_permyriad: 2500 };
+        let Plan::Bandwidth(p) = with.plan(&r).await.expect("netem") else { panic!("netem plan") };
+        assert_eq!(p.netem.map(|n| n.args()), Some("limit 1000 loss random 10.00% 25.00%".to_string()));
+        r.kind = FaultKind::NetworkLoss { scope: eg(), permyriad: 1000, correlation_permyriad: 0 };
+        assert!(matches!(with.plan(&r).await.expect("nft"), Plan::Network(_)), "plain loss stays an exact nftables draw");
+        r.kind = FaultKind::NetworkLatency {
+            scope: eg(),
+            delay: Duration::from_millis(50),
+            jitter: Duration::from_millis(5),
+            correlation_permyriad: 1000,
+        };
+        let e = without.plan(&r).await.expect_err("correlation needs netem");
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+        assert!(e.to_string().contains("latency correlation") && e.to_string().contains("sch_netem"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_kernel_without_netem_at_apply_is_a_named_precondition_and_nothing_is_left() {
+        let exec = FakeExec::default();
+        exec.answer("ip -o link show", ok("2: veth0@if3: <UP>\n"));
+        exec.answer_in_turn(
+            "qdisc show dev veth0",
+            vec![
+                ok("qdisc noqueue 0: root refcnt 2\n"),
+                ok(&format!("qdisc htb {:x}: root\n", super::super::bandwidth::handle_for("f-1"))),
+            ],
+        );
+        exec.answer(
+            "tc -batch",
+            CmdOutput { success: false, stdout: String::new(), stderr: "Error: Specified qdisc kind is unknown.\n".into() },
+        );
+        let d = driver(&exec).with_netem(true);
+        let mut r = req(TargetSpec::Host, scope(&[], Direction::Egress));
+        r.kind = FaultKind::NetworkCorrupt { scope: scope(&[], Direction::Egress), permyriad: 100 };
+        let plan = d.plan(&r).await.expect("plan");
+        let e = d.apply(&plan).await.expect_err("no netem");
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+        assert!(e.to_string().contains("sch_netem"), "{e}");
+        let argv: Vec<String> = exec.calls().iter().map(|c| c.argv.join(" ")).collect();
+        assert!(argv.iter().any(|c| c.starts_with("tc qdisc del dev veth0 root handle")), "the half-built tree is removed: {argv:#?}");
     }
 }

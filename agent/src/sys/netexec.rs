@@ -91,7 +91,7 @@ pub struct Call {
 struct FakeInner {
     calls: Vec<Call>,
     /// Canned answers: the first whose key is a substring of the joined argv wins.
-    answers: Vec<(String, CmdOutput)>,
+    answers: Vec<(String, Vec<CmdOutput>)>,
     namespaces: BTreeMap<PathBuf, NsId>,
     missing_program: bool,
     /// A namespace deleted when a command containing the key runs (races at teardown).
@@ -113,7 +113,11 @@ impl FakeExec {
     }
     /// Answer commands containing `key` with `out`.
     pub fn answer(&self, key: &str, out: CmdOutput) {
-        self.lock().answers.push((key.to_string(), out));
+        self.lock().answers.push((key.to_string(), vec![out]));
+    }
+    /// Answer commands containing `key` with each of `outs` in turn, then the last one for good.
+    pub fn answer_in_turn(&self, key: &str, outs: Vec<CmdOutput>) {
+        self.lock().answers.push((key.to_string(), outs));
     }
     pub fn add_namespace(&self, path: impl Into<PathBuf>, id: NsId) {
         self.lock().namespaces.insert(path.into(), id);
@@ -151,7 +155,11 @@ impl NetExec for FakeExec {
             g.namespaces.remove(&path);
             return Ok(CmdOutput { success: false, stdout: String::new(), stderr: format!("nsenter: cannot open {}", path.display()) });
         }
-        let out = g.answers.iter().find(|(k, _)| joined.contains(k.as_str())).map(|(_, o)| o.clone());
+        let out = g
+            .answers
+            .iter_mut()
+            .find(|(k, outs)| joined.contains(k.as_str()) && !outs.is_empty())
+            .map(|(_, outs)| if outs.len() > 1 { outs.remove(0) } else { outs[0].clone() });
         Ok(out.unwrap_or(CmdOutput { success: true, ..Default::default() }))
     }
 
