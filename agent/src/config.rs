@@ -37,7 +37,9 @@ protected: { pids: [..], names: [..], cidrs: [..] },
 metrics: { interval, listen, netns: [..], processes: [..], cgroups: [..] },
 guards: { memory_floor_bytes (default 536870912: a memory stress never leaves
 less available), disk_fill_max_percent (default 95: a disk fill never goes past) },
-docker_socket (default /var/run/docker.sock).
+docker_socket (default /var/run/docker.sock),
+firewall (auto | nftables | iptables: what partitions and loss use; auto picks
+nftables when the start-up probe finds it usable, else iptables).
 Durations as \"10s\", \"500ms\", \"1h\".
 ";
 
@@ -114,9 +116,25 @@ pub struct AgentArgs {
     /// Docker Engine socket for container faults [default: /var/run/docker.sock].
     #[arg(long, env = "CHAOS_AGENT_DOCKER_SOCKET", value_name = "PATH")]
     pub docker_socket: Option<PathBuf>,
+    /// What partitions and loss drop packets with [default: auto: nftables when usable, else iptables].
+    #[arg(long, env = "CHAOS_AGENT_FIREWALL", value_enum)]
+    pub firewall: Option<Firewall>,
     /// Log format on stderr.
     #[arg(long, env = "CHAOS_LOG_FORMAT", value_enum, default_value_t)]
     pub log_format: LogFormat,
+}
+
+/// The packet filter partitions and loss use.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Firewall {
+    /// nftables when the start-up probe finds it usable, else iptables.
+    #[default]
+    Auto,
+    /// One nftables table per fault (inet input, netdev egress).
+    Nftables,
+    /// Chains of the fault's own in iptables' raw table (for hosts where nftables is unusable).
+    Iptables,
 }
 
 /// The YAML config file; every key optional, unknown keys refused.
@@ -141,6 +159,7 @@ pub struct AgentFile {
     #[serde(default)]
     pub guards: GuardsFile,
     pub docker_socket: Option<PathBuf>,
+    pub firewall: Option<Firewall>,
 }
 
 /// The `guards:` section.
@@ -201,6 +220,7 @@ pub struct AgentConfig {
     pub guards: crate::faults::resource::Guards,
     /// The Docker Engine socket container faults talk to.
     pub docker_socket: PathBuf,
+    pub firewall: Firewall,
 }
 
 fn dur(key: &str, v: &str) -> anyhow::Result<Duration> {
@@ -363,6 +383,7 @@ impl AgentConfig {
                 .clone()
                 .or(file.docker_socket.clone())
                 .unwrap_or_else(|| PathBuf::from("/var/run/docker.sock")),
+            firewall: args.firewall.or(file.firewall).unwrap_or_default(),
         })
     }
 }

@@ -11,7 +11,7 @@ use tonic::transport::server::TcpIncoming;
 use tracing::{error, info, warn};
 
 use crate::{
-    config::{AgentConfig, hostname},
+    config::{AgentConfig, Firewall, hostname},
     faults::{
         Drivers,
         network::{Exemptions, NetworkDriver},
@@ -65,6 +65,15 @@ pub async fn run(cfg: AgentConfig, listener: TcpListener, shutdown: impl Future<
         info!(backend = b.name, available = b.available, detail = %b.detail, "network backend probed");
     }
     let netem = crate::sys::probe::has(&backends, "sch_netem");
+    let firewall = match cfg.firewall {
+        Firewall::Auto if crate::sys::probe::has(&backends, "nftables") => Firewall::Nftables,
+        Firewall::Auto => {
+            warn!("nftables is unusable here: partitions and loss use iptables chains (egress drops return EPERM to local senders)");
+            Firewall::Iptables
+        }
+        chosen => chosen,
+    };
+    info!(?firewall, "partitions and loss use this packet filter");
     let cgroups = crate::sys::cgroup::CgroupFs::detect("/sys/fs/cgroup").map_err(|e| e.to_string());
     match &cgroups {
         Ok(cg) => info!(version = cg.version().as_str(), "cgroup hierarchy detected"),
@@ -78,7 +87,8 @@ pub async fn run(cfg: AgentConfig, listener: TcpListener, shutdown: impl Future<
         resource: ResourceDriver::new(cgroups.clone(), Arc::new(procfs.clone()), protection.clone(), exe, cfg.guards),
         network: NetworkDriver::new(Arc::new(NsenterExec), Arc::new(procfs), exemptions)
             .with_iptables_version(iptables.as_deref().ok())
-            .with_netem(netem),
+            .with_netem(netem)
+            .with_firewall(firewall),
     });
     let mut registry = prometheus_client::registry::Registry::default();
     let rpc_metrics = chaos_proto::telemetry::RpcMetrics::register(&mut registry);

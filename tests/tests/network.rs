@@ -37,6 +37,33 @@ fn partition_drops_both_ways_and_revert_restores_the_ruleset_exactly() {
 }
 
 #[test]
+fn iptables_firewall_partitions_and_loses_packets_and_leaves_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pair = NetPair::new();
+    let journal = dir.path().join("journal-ipt");
+    let (_agent, url) = start_agent_at(dir.path(), "ipt", free_port(), &journal, None, "10s", &["--firewall", "iptables"]);
+    let (before, raw_before) = (NetPair::ruleset(&pair.a), NetPair::raw_rules(&pair.a));
+    let peer = format!("{}/32", pair.b_ip);
+    let out = apply_in(&url, &pair.a, &["--partition", &peer, "--direction", "ingress", "--duration", "60s", "--id", "ip1"]);
+    assert_eq!(out["backend"], "iptables", "{out}");
+    assert!(out["summary"].as_str().is_some_and(|s| s.starts_with("partition") && s.contains("nftables not used")), "{out}");
+    assert!(!NetPair::ruleset(&pair.a).contains("chaos_"), "no nftables table of ours");
+    assert_eq!(NetPair::ping(&pair.a, &pair.b_ip, 3), 0, "no reply crosses into a");
+    assert_eq!(NetPair::ping(&pair.b, &pair.a_ip, 3), 0, "no request crosses into a");
+    chaos_ok(&["agent", "revert", "--agent", &url, "ip1"], 0);
+    assert_eq!(NetPair::ping(&pair.a, &pair.b_ip, 3), 3, "traffic flows again");
+    let out = apply_in(&url, &pair.a, &["--loss", "30%", "--peer", &peer, "--direction", "ingress", "--duration", "60s", "--id", "ip2"]);
+    assert!(out["summary"].as_str().is_some_and(|s| s.starts_with("loss 30.00 %")), "{out}");
+    let n = 500;
+    let got = NetPair::ping_every(&pair.a, &pair.b_ip, n, "0.005");
+    eprintln!("iptables loss 30 %: {got}/{n} replies");
+    // Binomial(500, 0.7): mean 350, sd 10.2; 4.4 sd either side.
+    assert!((305..=395).contains(&got), "30 % loss asked, {got}/{n} replies received");
+    chaos_ok(&["agent", "revert", "--agent", &url, "ip2"], 0);
+    assert_eq!((NetPair::ruleset(&pair.a), NetPair::raw_rules(&pair.a)), (before, raw_before), "rules exactly as before");
+}
+
+#[test]
 fn scoped_partition_drops_only_its_port_and_ttl_reverts_it() {
     let dir = tempfile::tempdir().expect("tempdir");
     let pair = NetPair::new();

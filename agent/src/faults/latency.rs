@@ -5,6 +5,11 @@
 //! revert removes exactly them (and the `raw` table itself when the fault
 //! was the one that created it, as iptables-nft leaves it behind).
 //!
+//! The same chains serve partitions and loss where nftables is unusable
+//! (`firewall: iptables`): their rules DROP (all, or a `statistic` share)
+//! instead of queueing. iptables has no egress hook, so an egress drop sits
+//! in OUTPUT and local senders see EPERM, which the fault's summary says.
+//!
 //! Ingress delay (PREROUTING) is the faithful choice: delaying at the
 //! sender holds packets against its socket and throttles it (measured
 //! here: TCP 16.5 Mbit/s at the sender vs 364 Mbit/s at the receiver).
@@ -36,6 +41,28 @@ pub struct LatencyPlan {
     /// Whether `table ip raw` existed before the fault (iptables-nft creates it).
     pub raw_table_existed: bool,
     pub exemptions: Vec<String>,
+    /// `Some(n)`: no engine; drop n/10000 of the packets in scope (10000: a partition).
+    #[serde(default)]
+    pub drop_permyriad: Option<u32>,
+}
+
+impl LatencyPlan {
+    /// The jump target of the rules in scope.
+    fn target(&self) -> String {
+        match self.drop_permyriad {
+            None => format!("-j NFQUEUE --queue-num {} --queue-bypass", self.queue_num),
+            Some(n) if n >= 10_000 => "-j DROP".into(),
+            Some(n) => format!("-m statistic --mode random --probability {:.4} -j DROP", f64::from(n) / 10_000.0),
+        }
+    }
+
+    fn what(&self) -> String {
+        match self.drop_permyriad {
+            None => self.profile.describe(),
+            Some(n) if n >= 10_000 => "partition".into(),
+            Some(n) => format!("loss {}.{:02} %", n / 100, n % 100),
+        }
+    }
 }
 
 /// One direction of a latency fault: its chain and where it hooks in.
@@ -121,9 +148,7 @@ pub fn render(plan: &LatencyPlan) -> String {
         for p in &peers {
             for pp in proto_port_matches(&plan.scope) {
                 let m = format!("{iface}{p}{pp}");
-                s.push_str(
-                    &format!("-A {chain} {} -j NFQUEUE --queue-num {} --queue-bypass\n", m.trim(), plan.queue_num).replace("  ", " "),
-                );
+                s.push_str(&format!("-A {chain} {} {}\n", m.trim(), plan.target()).replace("  ", " "));
             }
         }
         s.push_str(&format!("-I {hook} 1 ! {iface_flag} lo -j {chain}\n"));
@@ -158,38 +183,61 @@ impl NetworkDriver {
             chain_out: format!("CHAOS-{short}-O"),
             raw_table_existed,
             exemptions: exemption_matches(&self.exempt),
+            drop_permyriad: None,
         })
     }
 
     pub(crate) async fn apply_latency(&self, plan: &LatencyPlan) -> Result<Applied, AgentError> {
         let backend = self.iptables_backend;
         // The engine first: with --queue-bypass, rules without a listener would pass traffic undelayed.
-        let engine = Engine::start(plan.ns.path.clone(), plan.queue_num, plan.profile)
-            .map_err(|e| AgentError::Command { cmd: format!("packet engine (NFQUEUE {})", plan.queue_num), detail: e })?;
+        let engine = match plan.drop_permyriad {
+            Some(_) => None,
+            None => Some(
+                Engine::start(plan.ns.path.clone(), plan.queue_num, plan.profile)
+                    .map_err(|e| AgentError::Command { cmd: format!("packet engine (NFQUEUE {})", plan.queue_num), detail: e })?,
+            ),
+        };
         let script = render(plan);
         let out = self.run_tool(&plan.ns, &["iptables-restore", "-w", "--noflush"], Some(&script)).await?;
         if !out.success {
-            engine.stop();
+            drop(engine);
             return Err(AgentError::Command { cmd: format!("iptables-restore (in {})", plan.ns.label), detail: out.stderr });
         }
         let chains: Vec<&str> = plan.legs().into_iter().filter(|l| l.on).map(|l| l.chain).collect();
+        let verdict = if plan.drop_permyriad.is_some() { "DROP" } else { "NFQUEUE" };
         for c in &chains {
             let v = self.run_tool(&plan.ns, &["iptables", "-w", "-t", "raw", "-S", c], None).await?;
-            if !v.success || !v.stdout.contains("NFQUEUE") {
-                engine.stop();
+            if !v.success || !v.stdout.contains(verdict) {
+                drop(engine);
+                let _ = self.revert_latency(plan).await;
                 return Err(AgentError::Command {
                     cmd: format!("iptables -t raw -S {c}"),
                     detail: format!("rules not in place after apply: {}", v.stderr),
                 });
             }
         }
+        let Some(engine) = engine else {
+            let eperm = if plan.scope.direction.egress() { "; egress drops sit in OUTPUT: local senders see EPERM" } else { "" };
+            return Ok(Applied {
+                backend: "iptables",
+                processes: Vec::new(),
+                summary: format!(
+                    "{} in {} ({:?}, IPv4) via {backend} raw chains {} (verified; nftables not used){eperm}; control channel exempt",
+                    plan.what(),
+                    plan.ns.label,
+                    plan.scope.direction,
+                    chains.join(", "),
+                ),
+                ..Default::default()
+            });
+        };
         self.engines.lock().unwrap_or_else(|p| p.into_inner()).insert(plan.chain_in.clone(), engine);
         Ok(Applied {
             backend: "nfqueue",
             processes: Vec::new(),
             summary: format!(
                 "{} in {} ({:?}, IPv4) via {backend} NFQUEUE {} + userspace engine (fail-open); chains {} (verified); control channel exempt",
-                plan.profile.describe(),
+                plan.what(),
                 plan.ns.label,
                 plan.scope.direction,
                 plan.queue_num,
@@ -236,9 +284,10 @@ impl NetworkDriver {
         } else {
             format!("removed {} from {}", removed.join(", "), plan.ns.label)
         };
-        match held {
-            Some(n) => s.push_str(&format!("; engine stopped after handling {n} packets")),
-            None => s.push_str("; no engine was running (agent restarted: the rules were passing traffic undelayed)"),
+        match (held, plan.drop_permyriad) {
+            (_, Some(_)) => {}
+            (Some(n), None) => s.push_str(&format!("; engine stopped after handling {n} packets")),
+            (None, None) => s.push_str("; no engine was running (agent restarted: the rules were passing traffic untouched)"),
         }
         Ok(s)
     }
@@ -267,6 +316,7 @@ mod tests {
             chain_in: "CHAOS-x-I".into(),
             chain_out: "CHAOS-x-O".into(),
             raw_table_existed: false,
+            drop_permyriad: None,
             exemptions: exemption_matches(&Exemptions {
                 agent_port: 50052,
                 coordinator: Some(("198.18.0.1".parse().expect("ip"), 50051)),
@@ -290,6 +340,23 @@ mod tests {
         let both = render(&plan(Direction::Both));
         assert!(both.contains("-A CHAOS-x-O -d 198.18.0.3/32 -p udp -m multiport --ports 9092 -j NFQUEUE"), "{both}");
         assert!(both.contains("-I OUTPUT 1 ! -o lo -j CHAOS-x-O"), "{both}");
+    }
+
+    #[test]
+    fn the_iptables_firewall_drops_instead_of_queueing_and_duplicates_pass_their_copies() {
+        let mut p = plan(Direction::Ingress);
+        p.drop_permyriad = Some(10_000);
+        let s = render(&p);
+        assert!(s.contains("-A CHAOS-x-I -s 198.18.0.3/32 -p tcp -m multiport --ports 9092 -j DROP"), "{s}");
+        assert!(!s.contains("NFQUEUE"), "{s}");
+        p.drop_permyriad = Some(1_050);
+        assert!(render(&p).contains("-m statistic --mode random --probability 0.1050 -j DROP"), "{}", render(&p));
+        assert_eq!(p.what(), "loss 10.50 %");
+        let mut d = plan(Direction::Egress);
+        d.profile = Profile { duplicate_permyriad: 500, ..Default::default() };
+        let s = render(&d);
+        let mark = s.find("-A CHAOS-x-O -m mark --mark 0xc4a0d0b1 -j RETURN").expect("copies pass");
+        assert!(mark < s.find("NFQUEUE").expect("queue rule"), "{s}");
     }
 
     #[test]

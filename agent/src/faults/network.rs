@@ -30,6 +30,7 @@ use super::{
     delay_engine::{Engine, Profile},
 };
 use crate::{
+    config::Firewall,
     error::AgentError,
     sys::{
         ProcessTable,
@@ -89,6 +90,8 @@ pub struct NetworkDriver {
     /// Whether the kernel has sch_netem (probed once at start): netem backs latency,
     /// correlation, corruption, duplication and reorder; else the NFQUEUE engine does.
     pub(crate) netem: bool,
+    /// What partitions and loss drop with (resolved at start: never `Auto`).
+    pub(crate) firewall: Firewall,
 }
 
 impl NetworkDriver {
@@ -102,7 +105,14 @@ impl NetworkDriver {
             engines: Mutex::new(HashMap::new()),
             iptables_backend: "iptables",
             netem: false,
+            firewall: Firewall::Nftables,
         }
+    }
+
+    /// Drop with this packet filter (`Auto` means nftables).
+    pub fn with_firewall(mut self, firewall: Firewall) -> Self {
+        self.firewall = if firewall == Firewall::Auto { Firewall::Nftables } else { firewall };
+        self
     }
 
     /// Drive sch_netem (the kernel has it).
@@ -363,6 +373,11 @@ impl FaultDriver for NetworkDriver {
             }
             other => return Err(AgentError::Command { cmd: "network driver".into(), detail: format!("cannot plan {}", other.family()) }),
         };
+        if self.firewall == Firewall::Iptables {
+            let mut plan = self.plan_latency(id, &req.target, scope, Profile::default()).await?;
+            plan.drop_permyriad = Some(loss_permyriad.unwrap_or(10_000));
+            return Ok(Plan::Latency(Box::new(plan)));
+        }
         let ns = self.resolve_ns(&req.target)?;
         let (exempt_in, exempt_out) = self.exemption_rules();
         let table = table_name(id);

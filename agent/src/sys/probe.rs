@@ -20,13 +20,21 @@ pub struct KernelBackend {
 
 /// What each probe runs (a `sh` script inside a fresh network namespace).
 pub const PROBES: &[(&str, &str, &str)] = &[
-    ("sch_netem", "tc qdisc add dev lo root netem delay 1ms", "latency, loss/latency correlation, corruption, duplication, reorder"),
+    (
+        "sch_netem",
+        "tc qdisc add dev lo root netem delay 1ms",
+        "latency, corruption, duplication and reorder (else the NFQUEUE engine does them), and loss/latency correlation (nothing else can)",
+    ),
     (
         "htb",
         "tc qdisc add dev lo root handle 1: htb && tc class add dev lo parent 1: classid 1:10 htb rate 1mbit",
         "bandwidth, scoping of netem",
     ),
-    ("tbf", "tc qdisc add dev lo root tbf rate 1mbit burst 32kb latency 50ms", "token bucket rate limits"),
+    (
+        "tbf",
+        "tc qdisc add dev lo root tbf rate 1mbit burst 32kb latency 50ms",
+        "nothing yet: reported for operators (this agent shapes with htb)",
+    ),
     (
         "ifb+mirred",
         "ip link add chxprobe type ifb && tc qdisc add dev lo handle ffff: ingress && tc filter add dev lo parent ffff: protocol all u32 match u32 0 0 action mirred egress redirect dev chxprobe",
@@ -71,7 +79,7 @@ pub fn probe_all(iptables_version: &Result<String, String>) -> Vec<KernelBackend
         .iter()
         .map(|(name, script, used_for)| match run_probe(script) {
             Ok(()) => KernelBackend { name, available: true, detail: format!("works here; used for {used_for}") },
-            Err(why) => KernelBackend { name, available: false, detail: format!("unusable here ({why}); needed for {used_for}") },
+            Err(why) => KernelBackend { name, available: false, detail: format!("unusable here ({why}); it would serve {used_for}") },
         })
         .collect();
     v.push(iptables_backend(iptables_version));

@@ -125,6 +125,7 @@ async fn start_agent(journal: &Path, id: &str, coordinator: Option<&str>) -> any
         metrics_listen: None,
         guards: Default::default(),
         docker_socket: "/var/run/docker.sock".into(),
+        firewall: Default::default(),
     };
     let (tx, rx) = oneshot::channel();
     let task = tokio::spawn(chaos_agent::run::run(cfg, listener, async {
