@@ -135,7 +135,7 @@ impl AgentIdentity {
                     (_, _, Some(_), Err(why)) => (false, format!("no usable cgroup filesystem: {why}")),
                     (_, Some((Ok(version), _, how)), ..) => (true, format!("{version}: {how}")),
                     (_, Some((Err(why), tool, _)), ..) => (false, format!("{tool} unusable: {why}")),
-                    _ => (false, "not implemented by this agent version (ApplyFault answers UNIMPLEMENTED)".to_string()),
+                    _ => (false, "no backend for this family in this agent version".to_string()),
                 };
                 pb::FamilySupport { family: f.to_string(), supported, detail }
             })

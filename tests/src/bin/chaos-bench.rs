@@ -50,7 +50,7 @@ use std::{
 use anyhow::{Context, bail};
 use chaos_agent::config::AgentConfig;
 use chaos_coordinator::{config::CoordinatorConfig, policy::Policy, standin::Standin};
-use chaos_e2e::{NetPair, Victim, proc_state};
+use chaos_e2e::{NetPair, UdpCount, Victim, proc_state};
 use chaos_proto::{
     convert::{duration_to_pb, timestamp_from_pb},
     pb::{self, agent_client::AgentClient, coordinator_client::CoordinatorClient},
@@ -574,6 +574,12 @@ struct NetFigures {
     /// Achieved bit/s under an 8 Mbit/s cap, and TCP bit/s through the delay engine (1 ms, ingress).
     bandwidth_bps: f64,
     engine_bps: f64,
+    /// Under 10 % corruption (ingress), 10 % duplication (egress), an 8 Mbit/s ingress cap (ifb),
+    /// and flat-out UDP through a 1 ms engine hold.
+    corrupt: UdpCount,
+    duplicate: UdpCount,
+    ingress_bps: f64,
+    engine_udp: UdpCount,
 }
 
 fn median_p99(mut v: Vec<f64>) -> (f64, f64) {
@@ -661,7 +667,28 @@ async fn bench_network(dir: &Path, loss_packets: u32) -> anyhow::Result<NetFigur
     });
     client.apply_fault(pb::ApplyFaultRequest { spec: Some(net_spec(&pair.a, lat, "neng".into())) }).await?;
     let engine_bps = NetPair::throughput_bps(&pair.b, &pair.a, &pair.a_ip, 9101, 50_000_000);
+    let engine_udp = NetPair::udp(&pair.b, &pair.a, &pair.a_ip, 9102, 200_000, 0);
     client.revert_fault(pb::RevertFaultRequest { fault_id: "neng".into() }).await?;
+    // (j) corruption 10 % at a's ingress and (k) duplication 10 % at a's egress, 10,000 UDP datagrams each.
+    let corrupt =
+        pb::fault_spec::Fault::NetworkCorrupt(pb::NetworkCorrupt { scope: scope(&pair.b_ip, pb::Direction::Ingress), percent: 10.0 });
+    client.apply_fault(pb::ApplyFaultRequest { spec: Some(net_spec(&pair.a, corrupt, "ncor".into())) }).await?;
+    let corrupt = NetPair::udp(&pair.b, &pair.a, &pair.a_ip, 9103, 10_000, 10_000);
+    client.revert_fault(pb::RevertFaultRequest { fault_id: "ncor".into() }).await?;
+    let dup =
+        pb::fault_spec::Fault::NetworkDuplicate(pb::NetworkDuplicate { scope: scope(&pair.b_ip, pb::Direction::Egress), percent: 10.0 });
+    client.apply_fault(pb::ApplyFaultRequest { spec: Some(net_spec(&pair.a, dup, "ndup".into())) }).await?;
+    let duplicate = NetPair::udp(&pair.a, &pair.b, &pair.b_ip, 9104, 10_000, 10_000);
+    client.revert_fault(pb::RevertFaultRequest { fault_id: "ndup".into() }).await?;
+    // (l) 8 Mbit/s on a's ingress, through the fault's ifb.
+    let bw = pb::fault_spec::Fault::NetworkBandwidth(pb::NetworkBandwidth {
+        scope: scope(&pair.b_ip, pb::Direction::Ingress),
+        rate_bits_per_second: 8_000_000,
+        burst_bytes: 0,
+    });
+    client.apply_fault(pb::ApplyFaultRequest { spec: Some(net_spec(&pair.a, bw, "nbwi".into())) }).await?;
+    let ingress_bps = NetPair::throughput_bps(&pair.b, &pair.a, &pair.a_ip, 9105, 4_000_000);
+    client.revert_fault(pb::RevertFaultRequest { fault_id: "nbwi".into() }).await?;
     let after = NetPair::ping_every(&pair.a, &pair.b_ip, 200, "0.005");
     let restored = NetPair::ruleset(&pair.a) == before;
     agent.shutdown().await?;
@@ -678,6 +705,10 @@ async fn bench_network(dir: &Path, loss_packets: u32) -> anyhow::Result<NetFigur
         latency_apply: stats(latency_apply),
         bandwidth_bps,
         engine_bps,
+        corrupt,
+        duplicate,
+        ingress_bps,
+        engine_udp,
     })
 }
 
@@ -889,6 +920,27 @@ async fn bench() -> anyhow::Result<()> {
         ));
         notes.push(format!("(h) bandwidth 8 Mbit/s requested (htb): {:.2} Mbit/s achieved over TCP", n.bandwidth_bps / 1e6));
         notes.push(format!("(i) delay engine throughput (TCP through 1 ms ingress hold): {:.0} Mbit/s", n.engine_bps / 1e6));
+        let u = n.engine_udp;
+        notes.push(format!(
+            "(i') delay engine, 200,000 64-byte UDP datagrams sent flat out through a 1 ms ingress hold: {} received in {:.2} s = {:.0} packets/s, {:.2} % lost",
+            u.distinct,
+            u.seconds,
+            u.distinct as f64 / u.seconds.max(1e-9),
+            100.0 * (u.sent - u.distinct) as f64 / u.sent as f64
+        ));
+        let c = n.corrupt;
+        notes.push(format!(
+            "(j) corrupt 10 % requested (engine, ingress, 10,000 UDP): {:.2} % discarded by the receiver's checksums, {} corrupted datagrams reached the application",
+            100.0 * (c.sent - c.distinct) as f64 / c.sent as f64,
+            c.bad
+        ));
+        let d = n.duplicate;
+        notes.push(format!(
+            "(k) duplicate 10 % requested (engine, egress, 10,000 UDP): {:.2} % delivered twice, {} lost",
+            100.0 * d.duplicates as f64 / d.sent as f64,
+            d.sent - d.distinct
+        ));
+        notes.push(format!("(l) ingress bandwidth 8 Mbit/s requested (ifb + htb): {:.2} Mbit/s achieved over TCP", n.ingress_bps / 1e6));
         notes.push(format!(
             "(f) after revert: {}/{} pings answered, ruleset {}",
             n.baseline_after.0,
