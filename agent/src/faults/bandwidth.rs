@@ -47,7 +47,7 @@ pub struct Netem {
 }
 
 fn pct(permyriad: u32) -> String {
-    format!("{}.{:02}%", permyriad / 100, permyriad % 100)
+    format!("{}%", super::permyriad_text(permyriad))
 }
 
 fn micros(d: Duration) -> String {

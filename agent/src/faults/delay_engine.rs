@@ -55,7 +55,7 @@ pub struct Profile {
 }
 
 fn pct(permyriad: u32) -> String {
-    format!("{}.{:02} %", permyriad / 100, permyriad % 100)
+    format!("{} %", super::permyriad_text(permyriad))
 }
 
 impl Profile {

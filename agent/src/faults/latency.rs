@@ -59,8 +59,7 @@ impl LatencyPlan {
     fn what(&self) -> String {
         match self.drop_permyriad {
             None => self.profile.describe(),
-            Some(n) if n >= 10_000 => "partition".into(),
-            Some(n) => format!("loss {}.{:02} %", n / 100, n % 100),
+            Some(n) => super::drop_text(n),
         }
     }
 }

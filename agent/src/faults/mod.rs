@@ -21,6 +21,16 @@ use chaos_proto::{
 };
 use serde::{Deserialize, Serialize};
 
+/// A share in hundredths of a percent as text: 1050 -> "10.50".
+pub fn permyriad_text(n: u32) -> String {
+    format!("{}.{:02}", n / 100, n % 100)
+}
+
+/// What a drop of `n`/10000 of the packets in scope is: "partition" (all) or "loss 10.50 %".
+pub fn drop_text(n: u32) -> String {
+    if n >= 10_000 { "partition".into() } else { format!("loss {} %", permyriad_text(n)) }
+}
+
 use crate::error::AgentError;
 
 /// A process a fault acts on, named by pid and start time.

@@ -431,10 +431,7 @@ impl FaultDriver for NetworkDriver {
         } else {
             plan.scope.peers.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
         };
-        let what = match plan.loss_permyriad {
-            None => "partition".to_string(),
-            Some(n) => format!("loss {}.{:02} %", n / 100, n % 100),
-        };
+        let what = super::drop_text(plan.loss_permyriad.unwrap_or(10_000));
         let summary = format!(
             "{what} in {}: dropping {:?} traffic with {peers}{}; tables {} (verified); control channel exempt",
             plan.ns.label,
