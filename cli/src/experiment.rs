@@ -107,15 +107,20 @@ struct FaultLine {
     fault: FaultArgs,
 }
 
+/// A fault from the flags of `chaos agent apply` (without --duration), e.g.
+/// `--pause-name java`; the error quotes the text and the first clap line.
+pub fn fault_from_flags(text: &str) -> Result<pb::FaultSpec, String> {
+    let line = FaultLine::try_parse_from(text.split_whitespace()).map_err(|e| {
+        let first = e.to_string().lines().next().unwrap_or_default().trim_start_matches("error: ").to_string();
+        format!("fault {text:?}: {first} (the flags of `chaos agent apply`, e.g. \"--pause-name java\")")
+    })?;
+    line.fault.spec().map_err(|e| format!("fault {text:?}: {}", e.message))
+}
+
 impl<'de> Deserialize<'de> for FaultText {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         parse_str(d, "the flags of `chaos agent apply`, e.g. \"--pause-name java\"", |text| {
-            let line = FaultLine::try_parse_from(text.split_whitespace()).map_err(|e| {
-                let first = e.to_string().lines().next().unwrap_or_default().trim_start_matches("error: ").to_string();
-                format!("fault {text:?}: {first} (the flags of `chaos agent apply`, e.g. \"--pause-name java\")")
-            })?;
-            let spec = line.fault.spec().map_err(|e| format!("fault {text:?}: {}", e.message))?;
-            Ok(FaultText { text: text.to_string(), spec: Box::new(spec) })
+            Ok(FaultText { text: text.to_string(), spec: Box::new(fault_from_flags(text)?) })
         })
     }
 }

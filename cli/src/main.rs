@@ -5,6 +5,7 @@ mod agent;
 mod drill;
 mod experiment;
 mod fleet;
+mod gameday;
 mod lab;
 mod output;
 mod scenario;
@@ -33,6 +34,7 @@ Examples:
   chaos watch                                   # live: agents' CPU/memory/network, probes, scenarios, alerts
   chaos metrics lab-kafka --metric net.         # one agent's latest metrics
   chaos scenario create --latency 200ms --selector role=kafka --stop-if 'kafka.lag.total > 5000 for 10s'
+  chaos gameday start --every 10s --for 30m --targets role=app --action '--pause-name java'
   chaos --output json agents | jq '.agents[].health'
 
 Environment: CHAOS_COORDINATOR (coordinator URL), CHAOS_AGENT (agent URL).";
@@ -86,6 +88,9 @@ enum Command {
     /// Talk to one agent directly.
     #[command(subcommand)]
     Agent(agent::AgentCommand),
+    /// GameDay: random chaos inside the safety rules, time-boxed, watched by SLOs.
+    #[command(subcommand)]
+    Gameday(gameday::GameDayCommand),
     /// Run an experiment file: steady state, method, stop conditions; live progress and a report.
     #[command(after_help = experiment::RUN_HELP)]
     Run(experiment::RunArgs),
@@ -121,6 +126,7 @@ async fn main() -> ExitCode {
         Command::EmergencyStop(a) => fleet::emergency_stop(&cli.coordinator, cli.timeout, fmt, a).await,
         Command::Arm(a) => fleet::arm(&cli.coordinator, cli.timeout, fmt, a).await,
         Command::Agent(c) => agent::run(c, cli.timeout, fmt).await,
+        Command::Gameday(c) => gameday::run(c, &cli.coordinator, cli.timeout, fmt).await,
         Command::Run(a) => experiment::run(&cli.coordinator, cli.timeout, a).await,
         Command::Scenario(c) => scenario::run(c, &cli.coordinator, cli.timeout, fmt).await,
         Command::Queue => scenario::queue(&cli.coordinator, cli.timeout, fmt).await,

@@ -42,7 +42,7 @@ fn selector_text(sel: &pb::AgentSelector) -> String {
     if parts.is_empty() { "all agents".into() } else { format!("agents matching {}", parts.join(", ")) }
 }
 
-fn matches(a: &AgentView, sel: &pb::AgentSelector) -> bool {
+pub(crate) fn matches(a: &AgentView, sel: &pb::AgentSelector) -> bool {
     sel.labels.iter().all(|(k, v)| a.labels.get(k) == Some(v)) && (sel.agent_ids.is_empty() || sel.agent_ids.contains(&a.agent_id))
 }
 
@@ -178,7 +178,7 @@ pub fn decide(
     d
 }
 
-fn is_protected(policy: &Policy, a: &AgentView) -> bool {
+pub(crate) fn is_protected(policy: &Policy, a: &AgentView) -> bool {
     a.labels.get(&policy.protected_label).is_some_and(|v| v == "true")
 }
 

@@ -16,6 +16,7 @@ pub mod armstore;
 pub mod config;
 pub mod error;
 pub mod fleet;
+pub mod gameday;
 pub mod monitor;
 pub mod policy;
 pub mod registry;

@@ -137,7 +137,8 @@ impl Scenarios {
         (g.slots.len(), g.queue.len())
     }
 
-    fn fleet(&self) -> Vec<AgentView> {
+    /// The fleet as admission sees it now.
+    pub fn fleet(&self) -> Vec<AgentView> {
         let now = Instant::now();
         self.registry
             .agents()
@@ -156,12 +157,17 @@ impl Scenarios {
             .collect()
     }
 
+    /// The agents running scenarios affect now.
+    pub fn busy_agents(&self) -> BTreeSet<String> {
+        Self::busy(&self.lock())
+    }
+
     fn busy(g: &Inner) -> BTreeSet<String> {
         g.slots.iter().filter_map(|id| g.active.get(id)).flat_map(|a| a.sc.agents.iter().map(|x| x.agent_id.clone())).collect()
     }
 
     /// Validate a spec's shape; returns (family, severity, duration).
-    fn validate(&self, spec: &pb::ScenarioSpec) -> Result<(&'static str, u32, Duration), CoordinatorError> {
+    pub fn validate(&self, spec: &pb::ScenarioSpec) -> Result<(&'static str, u32, Duration), CoordinatorError> {
         let fault = spec.fault.as_ref().ok_or_else(|| CoordinatorError::invalid("spec.fault", "is required"))?;
         let family = fault.fault.as_ref().map(family_of).ok_or_else(|| CoordinatorError::invalid("spec.fault", "sets no fault family"))?;
         let duration = match spec.duration.as_ref() {

@@ -15,6 +15,7 @@ use tracing::{info, instrument};
 use crate::{
     error::CoordinatorError,
     fleet,
+    gameday::GameDays,
     monitor::{Monitor, hub::HubEvent},
     registry::Registry,
     scenarios::{Scenarios, snapshot_event},
@@ -53,6 +54,7 @@ pub struct CoordinatorService {
     registry: Arc<Registry>,
     scenarios: Arc<Scenarios>,
     monitor: Arc<Monitor>,
+    gamedays: Arc<GameDays>,
     cfg: ServiceConfig,
     started: Instant,
     boot_id: String,
@@ -61,7 +63,8 @@ pub struct CoordinatorService {
 impl CoordinatorService {
     pub fn new(registry: Arc<Registry>, scenarios: Arc<Scenarios>, monitor: Arc<Monitor>, cfg: ServiceConfig) -> Self {
         let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").map(|s| s.trim().to_string()).unwrap_or_default();
-        Self { registry, scenarios, monitor, cfg, started: Instant::now(), boot_id }
+        let gamedays = GameDays::new(Arc::clone(&scenarios), monitor.enabled.then(|| Arc::clone(&monitor.hub)));
+        Self { registry, scenarios, monitor, gamedays, cfg, started: Instant::now(), boot_id }
     }
 
     fn monitoring_on(&self) -> Result<(), Status> {
@@ -136,6 +139,8 @@ impl Coordinator for CoordinatorService {
         };
         let reason = if r.reason.is_empty() { "emergency stop (no reason given)".to_string() } else { r.reason };
         self.cfg.emergency_stops.inc();
+        // A GameDay ends first, so it picks nothing while the fleet is stopped.
+        self.gamedays.signal(pb::GameDayState::Aborted, &format!("emergency stop: {reason}"));
         let resp = fleet::emergency_stop(&self.registry, &self.scenarios, &reason, deadline).await;
         let detail = format!(
             "{reason}: {} agent(s) reached, {} not, {} fault(s) reverted",
@@ -320,5 +325,48 @@ impl Coordinator for CoordinatorService {
         let entries =
             self.scenarios.store().list_audit(since, if r.limit == 0 { 100 } else { r.limit }).map_err(CoordinatorError::store)?;
         Ok(Response::new(pb::ListAuditResponse { entries }))
+    }
+
+    async fn start_game_day(&self, req: Request<pb::StartGameDayRequest>) -> Result<Response<pb::GameDay>, Status> {
+        let who = actor(&req);
+        let spec = req.into_inner().spec.ok_or_else(|| CoordinatorError::invalid("spec", "is required"))?;
+        let result = self.gamedays.start(spec, &who).map_err(Status::from);
+        if let Err(e) = &result {
+            self.audit(&who, "StartGameDay", "gameday", "", &Err::<(), _>(e.clone()));
+        }
+        Ok(Response::new(result?))
+    }
+
+    async fn stop_game_day(&self, req: Request<pb::StopGameDayRequest>) -> Result<Response<pb::GameDay>, Status> {
+        let who = actor(&req);
+        let reason = req.into_inner().reason;
+        let reason = if reason.is_empty() { format!("stopped by {who}") } else { format!("stopped by {who}: {reason}") };
+        Ok(Response::new(self.gamedays.stop(pb::GameDayState::Stopped, &reason).await?))
+    }
+
+    async fn get_game_day(&self, req: Request<pb::GetGameDayRequest>) -> Result<Response<pb::GameDay>, Status> {
+        Ok(Response::new(self.gamedays.get(req.into_inner().history as usize)?))
+    }
+
+    async fn record_experiment_run(&self, req: Request<pb::ExperimentRun>) -> Result<Response<pb::ExperimentRun>, Status> {
+        let run = req.into_inner();
+        if run.id.is_empty() || run.id.len() > 200 {
+            return Err(CoordinatorError::invalid("id", format!("must be 1..200 characters, got {}", run.id.len())).into());
+        }
+        if !["HELD", "DEVIATED", "ABORTED"].contains(&run.verdict.as_str()) {
+            return Err(CoordinatorError::invalid("verdict", format!("must be HELD, DEVIATED or ABORTED, got {:?}", run.verdict)).into());
+        }
+        self.scenarios.store().record_run(&run).map_err(CoordinatorError::store)?;
+        Ok(Response::new(run))
+    }
+
+    async fn list_experiment_runs(
+        &self,
+        req: Request<pb::ListExperimentRunsRequest>,
+    ) -> Result<Response<pb::ListExperimentRunsResponse>, Status> {
+        let r = req.into_inner();
+        let runs =
+            self.scenarios.store().list_runs(if r.limit == 0 { 50 } else { r.limit }, &r.experiment).map_err(CoordinatorError::store)?;
+        Ok(Response::new(pb::ListExperimentRunsResponse { runs }))
     }
 }

@@ -19,7 +19,8 @@ use chaos_proto::{
 use prost::Message;
 use rusqlite::{Connection, OptionalExtension, params};
 
-/// Schema version 1.
+/// Schema version 2 (version 1 plus `experiment_runs`; opening a version 1
+/// file adds the table).
 pub const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS scenarios (
     id            TEXT PRIMARY KEY,
@@ -71,7 +72,18 @@ CREATE TABLE IF NOT EXISTS audit (
     outcome TEXT NOT NULL                    -- ok | refused: ... | error: ...
 );
 CREATE INDEX IF NOT EXISTS audit_at ON audit(at);
-PRAGMA user_version = 1;
+CREATE TABLE IF NOT EXISTS experiment_runs (
+    id          TEXT PRIMARY KEY,            -- the report directory's name
+    seq         INTEGER NOT NULL,            -- recording order
+    experiment  TEXT NOT NULL,
+    verdict     TEXT NOT NULL,               -- HELD DEVIATED ABORTED
+    started_at  TEXT NOT NULL,
+    report_dir  TEXT NOT NULL,
+    host        TEXT NOT NULL,
+    run         BLOB NOT NULL                -- chaos.v1.ExperimentRun, protobuf
+);
+CREATE INDEX IF NOT EXISTS experiment_runs_name ON experiment_runs(experiment);
+PRAGMA user_version = 2;
 ";
 
 pub struct Store {
@@ -287,6 +299,30 @@ impl Store {
         Ok(v)
     }
 
+    /// Add (or replace, same id) an experiment run in the index.
+    pub fn record_run(&self, run: &pb::ExperimentRun) -> StoreResult<()> {
+        let started =
+            run.started_at.as_ref().map(|t| humantime::format_rfc3339_seconds(timestamp_from_pb(t)).to_string()).unwrap_or_default();
+        self.lock().execute(
+            "INSERT OR REPLACE INTO experiment_runs (id, seq, experiment, verdict, started_at, report_dir, host, run)
+             VALUES (?1, (SELECT COALESCE(MAX(seq), 0) + 1 FROM experiment_runs), ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![run.id, run.experiment, run.verdict, started, run.report_dir, run.host, run.encode_to_vec()],
+        )?;
+        Ok(())
+    }
+
+    /// The newest `limit` runs (of `experiment` when not empty), oldest first.
+    pub fn list_runs(&self, limit: u32, experiment: &str) -> StoreResult<Vec<pb::ExperimentRun>> {
+        let c = self.lock();
+        let mut stmt = c.prepare("SELECT run FROM experiment_runs WHERE ?1 = '' OR experiment = ?1 ORDER BY seq DESC LIMIT ?2")?;
+        let mut v: Vec<pb::ExperimentRun> = stmt
+            .query_map(params![experiment, limit], |r| r.get::<_, Vec<u8>>(0))?
+            .filter_map(|b| b.ok().and_then(|b| pb::ExperimentRun::decode(b.as_slice()).ok()))
+            .collect();
+        v.reverse();
+        Ok(v)
+    }
+
     /// Whether the scenario exists at all (for NOT_FOUND vs final).
     pub fn exists(&self, id: &str) -> StoreResult<bool> {
         Ok(self.lock().query_row("SELECT 1 FROM scenarios WHERE id = ?1", [id], |_| Ok(())).optional()?.is_some())
@@ -296,6 +332,24 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn experiment_runs_are_indexed_newest_last_and_filtered_by_name() {
+        let st = Store::in_memory().expect("store");
+        for (id, name) in [("a-1", "a"), ("b-1", "b"), ("a-2", "a")] {
+            let run = pb::ExperimentRun { id: id.into(), experiment: name.into(), verdict: "HELD".into(), ..Default::default() };
+            st.record_run(&run).expect("record");
+        }
+        let ids = |v: Vec<pb::ExperimentRun>| v.into_iter().map(|r| r.id).collect::<Vec<_>>();
+        assert_eq!(ids(st.list_runs(50, "").expect("list")), ["a-1", "b-1", "a-2"]);
+        assert_eq!(ids(st.list_runs(50, "a").expect("list")), ["a-1", "a-2"]);
+        assert_eq!(ids(st.list_runs(1, "").expect("list")), ["a-2"]);
+        // Recording the same id again replaces it and moves it last.
+        st.record_run(&pb::ExperimentRun { id: "a-1".into(), experiment: "a".into(), verdict: "ABORTED".into(), ..Default::default() })
+            .expect("again");
+        let v = st.list_runs(50, "").expect("list");
+        assert_eq!((v.len(), v[2].id.as_str(), v[2].verdict.as_str()), (3, "a-1", "ABORTED"));
+    }
 
     #[test]
     fn scenario_round_trips_with_transitions_and_agents() {
