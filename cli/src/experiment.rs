@@ -133,7 +133,8 @@ pub enum Mode {
     One,
 }
 
-/// One step of the method: a fault (run as a scenario) or a wait.
+/// One step of the method: a fault (run as a scenario), a wait, or a group
+/// of those run in parallel (each from its `after` offset).
 #[derive(Debug, Clone)]
 pub enum Step {
     Fault {
@@ -145,11 +146,40 @@ pub enum Step {
         duration: Duration,
         severity: u32,
         stop_conditions: Vec<RuleText>,
+        /// Start offset: from the start of its parallel group, or a delay before a sequential step.
+        after: Duration,
     },
     Wait {
         name: String,
         wait: Duration,
+        after: Duration,
     },
+    Parallel {
+        name: String,
+        steps: Vec<Step>,
+    },
+}
+
+impl Step {
+    fn name(&self) -> &str {
+        match self {
+            Step::Fault { name, .. } | Step::Wait { name, .. } | Step::Parallel { name, .. } => name,
+        }
+    }
+    fn after(&self) -> Duration {
+        match self {
+            Step::Fault { after, .. } | Step::Wait { after, .. } => *after,
+            Step::Parallel { .. } => Duration::ZERO,
+        }
+    }
+    /// The fault steps in it (itself, or a group's).
+    fn faults(&self) -> Vec<&Step> {
+        match self {
+            Step::Fault { .. } => vec![self],
+            Step::Wait { .. } => vec![],
+            Step::Parallel { steps, .. } => steps.iter().filter(|s| matches!(s, Step::Fault { .. })).collect(),
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -159,6 +189,8 @@ struct RawStep {
     name: String,
     fault: Option<FaultText>,
     wait: Option<HumanDuration>,
+    parallel: Option<Vec<Step>>,
+    after: Option<HumanDuration>,
     #[serde(default)]
     selector: BTreeMap<String, String>,
     #[serde(default)]
@@ -178,8 +210,9 @@ impl<'de> Deserialize<'de> for Step {
         if r.severity > 5 {
             return Err(de::Error::custom(format!("severity: must be 1..5 (0: the coordinator's default), got {}", r.severity)));
         }
-        match (r.fault, r.wait) {
-            (Some(fault), None) => {
+        let after = r.after.map(|a| a.0).unwrap_or_default();
+        match (r.fault, r.wait, r.parallel) {
+            (Some(fault), None, None) => {
                 let duration = r.duration.ok_or_else(|| de::Error::custom("a fault step needs `duration` (how long the fault holds)"))?.0;
                 if duration.is_zero() {
                     return Err(de::Error::custom("duration: must be > 0"));
@@ -194,14 +227,35 @@ impl<'de> Deserialize<'de> for Step {
                     duration,
                     severity: r.severity,
                     stop_conditions: r.stop_conditions,
+                    after,
                 })
             }
-            (None, Some(w)) => Ok(Step::Wait {
+            (None, Some(w), None) => Ok(Step::Wait {
                 name: if r.name.is_empty() { format!("wait {}", humantime::format_duration(w.0)) } else { r.name },
                 wait: w.0,
+                after,
             }),
-            (Some(_), Some(_)) => Err(de::Error::custom("a step is either a `fault` or a `wait`, not both")),
-            (None, None) => Err(de::Error::custom("a step needs `fault` (with `duration`) or `wait`")),
+            (None, None, Some(steps)) => {
+                if r.after.is_some() || r.duration.is_some() || !r.selector.is_empty() || !r.agent_ids.is_empty() {
+                    return Err(de::Error::custom(
+                        "a `parallel` group takes only `name` and its steps (put `after`, `duration` and targets on each step)",
+                    ));
+                }
+                if steps.is_empty() {
+                    return Err(de::Error::custom("parallel: needs at least one step"));
+                }
+                if steps.iter().any(|s| matches!(s, Step::Parallel { .. })) {
+                    return Err(de::Error::custom("parallel: groups do not nest"));
+                }
+                let name = if r.name.is_empty() {
+                    format!("parallel: {}", steps.iter().map(Step::name).collect::<Vec<_>>().join(" + "))
+                } else {
+                    r.name
+                };
+                Ok(Step::Parallel { name, steps })
+            }
+            (None, None, None) => Err(de::Error::custom("a step needs `fault` (with `duration`), `wait` or `parallel`")),
+            _ => Err(de::Error::custom("a step is one of `fault`, `wait` or `parallel`, not several")),
         }
     }
 }
@@ -213,6 +267,49 @@ pub struct ReportSpec {
     /// Metric names to record and plot (every series of each).
     #[serde(default)]
     pub metrics: Vec<String>,
+}
+
+/// Load during the run: a profile, towards the lab unless `target` says otherwise.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoadSpec {
+    pub profile: Vec<crate::load::Phase>,
+    #[serde(default)]
+    pub target: crate::load::Target,
+    /// How long to wait for the last events to be stored after the run.
+    #[serde(default = "default_settle")]
+    pub settle: HumanDuration,
+}
+
+fn default_settle() -> HumanDuration {
+    HumanDuration(Duration::from_secs(60))
+}
+
+/// The recovery checks after the method, as the flags of `chaos validate`.
+#[derive(Debug, Clone)]
+pub struct ValidationText {
+    pub text: String,
+    pub request: pb::ValidateRecoveryRequest,
+}
+
+#[derive(Debug, Parser)]
+#[command(name = "validation", no_binary_name = true, disable_help_flag = true)]
+struct ValidationLine {
+    #[command(flatten)]
+    args: crate::validate::ValidateArgs,
+}
+
+impl<'de> Deserialize<'de> for ValidationText {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        parse_str(d, "the flags of `chaos validate`, e.g. \"--lab --max-lag 100\"", |text| {
+            let line = ValidationLine::try_parse_from(text.split_whitespace()).map_err(|e| {
+                let first = e.to_string().lines().next().unwrap_or_default().trim_start_matches("error: ").to_string();
+                format!("validation {text:?}: {first} (the flags of `chaos validate`, e.g. \"--lab --max-lag 100\")")
+            })?;
+            let request = line.args.to_request().map_err(|e| format!("validation {text:?}: {}", e.message))?;
+            Ok(ValidationText { text: text.to_string(), request })
+        })
+    }
 }
 
 /// A parsed, checked experiment file.
@@ -228,10 +325,17 @@ pub struct Experiment {
     pub steady_state: Vec<RuleText>,
     #[serde(default = "default_recovery")]
     pub recovery_timeout: HumanDuration,
+    /// Load produced from before the steady-state check until the profile ends.
+    pub load: Option<LoadSpec>,
     pub method: Vec<Step>,
     /// Rules that abort the running step (its scenario) when they fire.
     #[serde(default)]
     pub stop_conditions: Vec<RuleText>,
+    /// Steps run only when the method was aborted (after its faults were reverted).
+    #[serde(default)]
+    pub rollbacks: Vec<Step>,
+    /// Recovery checks after the method (ValidateRecovery); a failed one makes the verdict DEVIATED.
+    pub validation: Option<ValidationText>,
     #[serde(default)]
     pub report: ReportSpec,
 }
@@ -259,6 +363,10 @@ pub fn parse(file: &str, text: &str) -> Result<Experiment, String> {
     }
     if e.method.is_empty() {
         return Err(format!("{file}: method: needs at least one step"));
+    }
+    if let Some(l) = &e.load {
+        crate::load::check_profile(&l.profile).map_err(|m| format!("{file}: load.{m}"))?;
+        l.target.check().map_err(|m| format!("{file}: {m}"))?;
     }
     Ok(e)
 }
@@ -385,11 +493,13 @@ fn hypothesis(rules: &[RuleText], batches: &[pb::MetricBatch]) -> (bool, Vec<ser
     (ok, lines)
 }
 
-/// What happened to one step.
+/// What happened to one step (or one member of a parallel group).
 #[derive(Debug, Clone)]
 struct StepRecord {
     name: String,
     kind: &'static str,
+    /// The fault as requested (the flags), empty for a wait.
+    fault: String,
     scenario_id: String,
     state: String,
     reason: String,
@@ -398,8 +508,17 @@ struct StepRecord {
     agents: Vec<serde_json::Value>,
 }
 
-fn scenario_spec(e: &Experiment, step: &Step) -> Option<pb::ScenarioSpec> {
-    let Step::Fault { name, fault, selector, agent_ids, mode, duration, severity, stop_conditions } = step else { return None };
+impl StepRecord {
+    fn json(&self) -> serde_json::Value {
+        json!({"name": self.name, "kind": self.kind, "fault": self.fault, "scenario_id": self.scenario_id, "state": self.state,
+            "reason": self.reason, "start_s": self.start_s, "end_s": self.end_s, "agents": self.agents})
+    }
+}
+
+/// The scenario of a fault step; `stops`: with the experiment's stop
+/// conditions (the method's steps; not the rollbacks, which run after one fired).
+fn scenario_spec(e: &Experiment, step: &Step, stops: bool) -> Option<pb::ScenarioSpec> {
+    let Step::Fault { name, fault, selector, agent_ids, mode, duration, severity, stop_conditions, .. } = step else { return None };
     Some(pb::ScenarioSpec {
         name: format!("{}: {name}", e.name),
         fault: Some((*fault.spec).clone()),
@@ -410,7 +529,7 @@ fn scenario_spec(e: &Experiment, step: &Step) -> Option<pb::ScenarioSpec> {
         } as i32,
         duration: Some(duration_to_pb(*duration)),
         severity: *severity,
-        stop_conditions: e.stop_conditions.iter().chain(stop_conditions).map(|r| r.0.expr.clone()).collect(),
+        stop_conditions: e.stop_conditions.iter().filter(|_| stops).chain(stop_conditions).map(|r| r.0.expr.clone()).collect(),
         ..Default::default()
     })
 }
@@ -424,15 +543,42 @@ fn watched(e: &Experiment) -> Vec<String> {
     v
 }
 
+fn agents_json(sc: &pb::Scenario) -> Vec<serde_json::Value> {
+    sc.agents
+        .iter()
+        .map(|a| {
+            json!({"agent_id": a.agent_id, "summary": a.summary, "backend": a.backend, "error": a.error,
+                "achieved": a.achieved.iter().collect::<BTreeMap<_, _>>(), "outcome": a.outcome})
+        })
+        .collect()
+}
+
+/// One member of a group while it runs.
+struct Slot<'s> {
+    step: &'s Step,
+    start_at: Instant,
+    started: bool,
+    done: bool,
+    scenario: Option<pb::Scenario>,
+    start_s: f64,
+}
+
+type CtrlC = std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<()>>>>;
+
 struct Runner<'a> {
     e: &'a Experiment,
     /// The metric names each snapshot asks for ([`watched`]).
     prefixes: Vec<String>,
     coordinator: String,
+    server: String,
     timeout: Duration,
     t0: Instant,
     samples: Vec<Sample>,
     events: Vec<(f64, String)>,
+    ctrl_c: CtrlC,
+    interrupted: bool,
+    /// Running the rollbacks: their scenarios carry no experiment stop conditions.
+    rolling_back: bool,
 }
 
 impl Runner<'_> {
@@ -446,9 +592,8 @@ impl Runner<'_> {
     }
 
     async fn snapshot(&mut self) -> Result<Vec<pb::MetricBatch>, CliError> {
-        let server = format!("coordinator {}", url(&self.coordinator));
         let req = pb::GetMetricsRequest { metric_prefixes: self.prefixes.clone(), ..Default::default() };
-        let r = client(&self.coordinator, self.timeout)?.get_metrics(req).await.map_err(|s| from_status(&server, s))?.into_inner();
+        let r = client(&self.coordinator, self.timeout)?.get_metrics(req).await.map_err(|s| from_status(&self.server, s))?.into_inner();
         let t = self.now();
         for b in r.batches.iter().filter(|b| !b.stale) {
             for m in b.metrics.iter().filter(|m| self.e.report.metrics.contains(&m.name)) {
@@ -479,6 +624,217 @@ impl Runner<'_> {
             .collect::<Vec<_>>()
             .join("  ")
     }
+
+    /// Sleep up to `d`; true when Ctrl-C came (once per run).
+    async fn sleep_or_interrupt(&mut self, d: Duration) -> bool {
+        if self.interrupted {
+            tokio::time::sleep(d).await;
+            return false;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(d) => false,
+            _ = &mut self.ctrl_c => { self.interrupted = true; true }
+        }
+    }
+
+    fn record(slot: &Slot<'_>, end_s: f64, state: String, reason: String) -> StepRecord {
+        let (kind, fault) = match slot.step {
+            Step::Fault { fault, .. } => ("fault", fault.text.clone()),
+            _ => ("wait", String::new()),
+        };
+        let sc = slot.scenario.clone().unwrap_or_default();
+        StepRecord {
+            name: slot.step.name().to_string(),
+            kind,
+            fault,
+            scenario_id: sc.id.clone(),
+            state,
+            reason,
+            start_s: slot.start_s,
+            end_s,
+            agents: agents_json(&sc),
+        }
+    }
+
+    /// Run `items` together, each from its `after` offset, until all have
+    /// ended. A refusal, a scenario that does not complete, or Ctrl-C ends
+    /// the others (their faults are reverted); returns why, if so.
+    async fn run_group(&mut self, label: &str, items: &[&Step], records: &mut Vec<StepRecord>) -> Result<Option<String>, CliError> {
+        let t = Instant::now();
+        let mut slots: Vec<Slot> = items
+            .iter()
+            .map(|s| Slot { step: s, start_at: t + s.after(), started: false, done: false, scenario: None, start_s: 0.0 })
+            .collect();
+        let mut abort: Option<String> = None;
+        loop {
+            // Start what is due.
+            for i in 0..slots.len() {
+                if slots[i].started || abort.is_some() || Instant::now() < slots[i].start_at {
+                    continue;
+                }
+                slots[i].started = true;
+                slots[i].start_s = self.now();
+                let step = slots[i].step;
+                match step {
+                    Step::Wait { name, wait, .. } => self.event(format!("{label} {name}: wait {}", humantime::format_duration(*wait))),
+                    Step::Fault { name, duration, .. } => {
+                        let spec = scenario_spec(self.e, step, !self.rolling_back).unwrap_or_default();
+                        let created = client(&self.coordinator, self.timeout)?
+                            .create_scenario(request(pb::CreateScenarioRequest { spec: Some(spec), dry_run: false }))
+                            .await;
+                        match created {
+                            Ok(r) => {
+                                let sc = r.into_inner().scenario.unwrap_or_default();
+                                self.event(format!("{label} {name}: scenario {} for {}", sc.id, humantime::format_duration(*duration)));
+                                slots[i].scenario = Some(sc);
+                            }
+                            // A safety rule refused it at its turn: the run aborts, nothing forced.
+                            Err(st) if matches!(st.code(), tonic::Code::FailedPrecondition | tonic::Code::ResourceExhausted) => {
+                                let why = format!("{name}: refused: {}", st.message());
+                                self.event(why.clone());
+                                slots[i].done = true;
+                                records.push(Self::record(&slots[i], self.now(), "refused".into(), st.message().to_string()));
+                                abort = Some(why);
+                            }
+                            Err(st) => return Err(from_status(&self.server, st)),
+                        }
+                    }
+                    Step::Parallel { .. } => {}
+                }
+            }
+            // Follow what runs.
+            for i in 0..slots.len() {
+                if !slots[i].started || slots[i].done {
+                    continue;
+                }
+                match (slots[i].step, slots[i].scenario.clone()) {
+                    (Step::Wait { wait, .. }, _) => {
+                        if Instant::now() >= slots[i].start_at + *wait || abort.is_some() {
+                            slots[i].done = true;
+                            let state = if abort.is_some() { "cut short" } else { "done" };
+                            records.push(Self::record(&slots[i], self.now(), state.into(), String::new()));
+                        }
+                    }
+                    (Step::Fault { name, .. }, Some(sc)) => {
+                        let mut c = client(&self.coordinator, self.timeout)?;
+                        let last = if abort.is_some() && !scenario_is_final(sc.state) {
+                            let reason = format!("{} in chaos run", abort.clone().unwrap_or_default());
+                            c.stop_scenario(request(pb::StopScenarioRequest { id: sc.id.clone(), reason })).await
+                        } else {
+                            c.get_scenario(pb::GetScenarioRequest { id: sc.id.clone() }).await
+                        }
+                        .map_err(|s| from_status(&self.server, s))?
+                        .into_inner();
+                        slots[i].scenario = Some(last.clone());
+                        if scenario_is_final(last.state) {
+                            slots[i].done = true;
+                            self.event(format!("{label} {name}: {} ({})", state_name(last.state), last.reason));
+                            records.push(Self::record(&slots[i], self.now(), state_name(last.state), last.reason.clone()));
+                            let completed = matches!(ScenarioState::try_from(last.state), Ok(ScenarioState::Completed));
+                            if !completed && abort.is_none() {
+                                abort = Some(format!("{name}: scenario {} {}: {}", last.id, state_name(last.state), last.reason));
+                            }
+                        }
+                    }
+                    _ => slots[i].done = true,
+                }
+            }
+            let pending_start = slots.iter().any(|s| !s.started);
+            let running = slots.iter().any(|s| s.started && !s.done);
+            if !running && (abort.is_some() || !pending_start) {
+                break;
+            }
+            if abort.is_some() {
+                continue;
+            }
+            self.snapshot().await?;
+            let progress: Vec<String> = slots
+                .iter()
+                .filter(|s| s.started && !s.done)
+                .map(|s| {
+                    let left = match (s.step, &s.scenario) {
+                        (Step::Wait { wait, .. }, _) => (s.start_at + *wait).saturating_duration_since(Instant::now()),
+                        (_, Some(sc)) => sc
+                            .ends_at
+                            .as_ref()
+                            .map(chaos_proto::convert::timestamp_from_pb)
+                            .and_then(|t| t.duration_since(SystemTime::now()).ok())
+                            .unwrap_or_default(),
+                        _ => Duration::ZERO,
+                    };
+                    let state = s.scenario.as_ref().map(|sc| format!("{} ", state_name(sc.state))).unwrap_or_default();
+                    format!("{}: {state}{:.0}s left", s.step.name(), left.as_secs_f64())
+                })
+                .collect();
+            let waiting = slots.iter().filter(|s| !s.started).count();
+            emit(&format!(
+                "  {label} {}{}  {}",
+                progress.join("; "),
+                if waiting > 0 { format!(" (+{waiting} to start)") } else { String::new() },
+                self.key_metrics()
+            ));
+            if self.sleep_or_interrupt(Duration::from_secs(1)).await {
+                self.event("Ctrl-C: stopping the running scenarios (their faults are reverted)".into());
+                abort = Some("Ctrl-C".into());
+            }
+        }
+        Ok(abort)
+    }
+}
+
+/// Show each fault step's admission as a dry run; true when one would be refused.
+async fn show_plan(e: &Experiment, coordinator: &str, timeout: Duration, steps: &[Step], prefix: &str) -> Result<bool, CliError> {
+    let stops = prefix.is_empty();
+    let server = format!("coordinator {}", url(coordinator));
+    let mut refused = false;
+    for (i, step) in steps.iter().enumerate() {
+        let members: Vec<&Step> = match step {
+            Step::Parallel { name, steps } => {
+                emit(&format!("  {prefix}{}. {name}: in parallel", i + 1));
+                steps.iter().collect()
+            }
+            s => vec![s],
+        };
+        for m in members {
+            let indent = if matches!(step, Step::Parallel { .. }) {
+                format!("     - {}", m.name())
+            } else {
+                format!("  {prefix}{}. {}", i + 1, m.name())
+            };
+            let after = if m.after().is_zero() { String::new() } else { format!(" after {}", humantime::format_duration(m.after())) };
+            match (m, scenario_spec(e, m, stops)) {
+                (Step::Wait { wait, .. }, _) => emit(&format!("{indent}: wait {}{after}", humantime::format_duration(*wait))),
+                (Step::Fault { duration, .. }, Some(spec)) => {
+                    let r = client(coordinator, timeout)?
+                        .create_scenario(request(pb::CreateScenarioRequest { spec: Some(spec), dry_run: true }))
+                        .await
+                        .map_err(|s| from_status(&server, s))?
+                        .into_inner();
+                    let adm = r.admission.unwrap_or_default();
+                    let radius = adm
+                        .blast_radius
+                        .as_ref()
+                        .map(|b| format!("{:.0} % of the fleet (limit {:.0} %)", b.fraction * 100.0, b.limit * 100.0))
+                        .unwrap_or_default();
+                    emit(&format!(
+                        "{indent}: {} for {}{after} on {} agent(s) [{}], severity {}, blast radius {radius}{}",
+                        adm.scenario_type,
+                        humantime::format_duration(*duration),
+                        adm.selected_agent_ids.len(),
+                        adm.selected_agent_ids.join(", "),
+                        adm.severity,
+                        if adm.queued { " (would queue)" } else { "" }
+                    ));
+                    for r in &adm.refusals {
+                        emit(&format!("     REFUSED: {r}"));
+                        refused = true;
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(refused)
 }
 
 /// `chaos run FILE`.
@@ -487,51 +843,33 @@ pub async fn run(coordinator: &str, timeout: Duration, a: RunArgs) -> Result<u8,
     let text = std::fs::read_to_string(&a.file).map_err(|e| CliError::new(exit::USAGE, format!("{file}: {e}")))?;
     let e = parse(&file, &text).map_err(|m| CliError::new(exit::USAGE, m))?;
     let server = format!("coordinator {}", url(coordinator));
-    let faults = e.method.iter().filter(|s| matches!(s, Step::Fault { .. })).count();
+    let faults: usize = e.method.iter().map(|s| s.faults().len()).sum();
     emit(&format!("experiment {} ({} step(s), {faults} fault(s)) against {}", e.name, e.method.len(), url(coordinator)));
     if !e.description.is_empty() {
         emit(&format!("  {}", e.description.trim()));
     }
-    // The plan: each fault step's admission as a dry run.
-    let mut refused = false;
-    for (i, step) in e.method.iter().enumerate() {
-        match (step, scenario_spec(&e, step)) {
-            (Step::Wait { name, wait }, _) => emit(&format!("  {}. {name}: wait {}", i + 1, humantime::format_duration(*wait))),
-            (Step::Fault { name, duration, .. }, Some(spec)) => {
-                let r = client(coordinator, timeout)?
-                    .create_scenario(request(pb::CreateScenarioRequest { spec: Some(spec), dry_run: true }))
-                    .await
-                    .map_err(|s| from_status(&server, s))?
-                    .into_inner();
-                let adm = r.admission.unwrap_or_default();
-                let radius = adm
-                    .blast_radius
-                    .as_ref()
-                    .map(|b| format!("{:.0} % of the fleet (limit {:.0} %)", b.fraction * 100.0, b.limit * 100.0))
-                    .unwrap_or_default();
-                emit(&format!(
-                    "  {}. {name}: {} for {} on {} agent(s) [{}], severity {}, blast radius {radius}{}",
-                    i + 1,
-                    adm.scenario_type,
-                    humantime::format_duration(*duration),
-                    adm.selected_agent_ids.len(),
-                    adm.selected_agent_ids.join(", "),
-                    adm.severity,
-                    if adm.queued { " (would queue)" } else { "" }
-                ));
-                for r in &adm.refusals {
-                    emit(&format!("     REFUSED: {r}"));
-                    refused = true;
-                }
-            }
-            (Step::Fault { .. }, None) => {}
-        }
+    if let Some(l) = &e.load {
+        emit(&format!(
+            "  load: {} towards {} (stored in {} at {})",
+            crate::load::profile_text(&l.profile),
+            l.target.bootstrap,
+            l.target.table,
+            l.target.cassandra
+        ));
     }
+    let refused = show_plan(&e, coordinator, timeout, &e.method, "").await?;
     for r in &e.steady_state {
         emit(&format!("  steady state: {}", r.0.expr));
     }
     for r in &e.stop_conditions {
         emit(&format!("  stop if: {}", r.0.expr));
+    }
+    if !e.rollbacks.is_empty() {
+        emit("  on abort, rollbacks:");
+        show_plan(&e, coordinator, timeout, &e.rollbacks, "r").await?;
+    }
+    if let Some(v) = &e.validation {
+        emit(&format!("  validation: chaos validate {}", v.text));
     }
     if refused {
         emit("the coordinator would refuse a step: nothing run");
@@ -542,136 +880,79 @@ pub async fn run(coordinator: &str, timeout: Duration, a: RunArgs) -> Result<u8,
         return Ok(exit::OK);
     }
 
+    let started_at = SystemTime::now();
+    let id = format!("{}-{}", slug(&e.name), humantime::format_rfc3339_seconds(started_at).to_string().replace(':', ""));
+    let dir = a.report_dir.join(&id);
     let mut r = Runner {
         e: &e,
         prefixes: watched(&e),
         coordinator: coordinator.to_string(),
+        server: server.clone(),
         timeout,
         t0: Instant::now(),
         samples: vec![],
         events: vec![],
+        ctrl_c: Box::pin(tokio::signal::ctrl_c()),
+        interrupted: false,
+        rolling_back: false,
     };
-    let started_at = SystemTime::now();
+    // Load first, so the steady state is judged under it.
+    let mut load = match &e.load {
+        None => None,
+        Some(l) => {
+            let bin_dir = crate::lab::bin_dir(&None)?;
+            let run = crate::load::LoadRun::start(&bin_dir, &dir, &l.target, &l.profile, "load")?;
+            r.event(format!("load started: {} (run id {})", crate::load::profile_text(&l.profile), run.run_id));
+            Some(run)
+        }
+    };
     let before = r.snapshot().await?;
     let (held_before, before_lines) = hypothesis(&e.steady_state, &before);
     r.event(format!("steady state before: {}", if held_before { "holds" } else { "DOES NOT HOLD" }));
     let mut steps: Vec<StepRecord> = vec![];
     let mut verdict = if held_before { Verdict::Held } else { Verdict::Deviated };
     let mut abort_reason = String::new();
-    let ctrl_c = tokio::signal::ctrl_c();
-    tokio::pin!(ctrl_c);
-    let mut interrupted = false;
     if held_before {
-        'steps: for (i, step) in e.method.iter().enumerate() {
+        for (i, step) in e.method.iter().enumerate() {
             let label = format!("step {}/{}", i + 1, e.method.len());
-            match step {
-                Step::Wait { name, wait } => {
-                    let start = r.now();
+            let members: Vec<&Step> = match step {
+                Step::Parallel { name, steps } => {
                     r.event(format!("{label} {name}"));
-                    let until = Instant::now() + *wait;
-                    while Instant::now() < until {
-                        tokio::select! {
-                            _ = tokio::time::sleep(Duration::from_secs(1).min(until - Instant::now())) => {}
-                            _ = &mut ctrl_c => { interrupted = true; }
-                        }
-                        if interrupted {
-                            abort_reason = "Ctrl-C".into();
-                            verdict = Verdict::Aborted;
-                            break 'steps;
-                        }
-                        r.snapshot().await?;
-                        emit(&format!("  {label} {name}: {:.0}s left  {}", (until - Instant::now()).as_secs_f64(), r.key_metrics()));
-                    }
-                    steps.push(StepRecord {
-                        name: name.clone(),
-                        kind: "wait",
-                        scenario_id: String::new(),
-                        state: "done".into(),
-                        reason: String::new(),
-                        start_s: start,
-                        end_s: r.now(),
-                        agents: vec![],
-                    });
+                    steps.iter().collect()
                 }
-                Step::Fault { name, duration, .. } => {
-                    let Some(spec) = scenario_spec(&e, step) else { continue };
-                    let start = r.now();
-                    let created = client(coordinator, timeout)?
-                        .create_scenario(request(pb::CreateScenarioRequest { spec: Some(spec), dry_run: false }))
-                        .await
-                        .map_err(|s| from_status(&server, s))?
-                        .into_inner();
-                    let Some(sc) = created.scenario else {
-                        let adm = created.admission.unwrap_or_default();
-                        abort_reason = format!("{name}: refused: {}", adm.refusals.join("; "));
-                        r.event(abort_reason.clone());
-                        verdict = Verdict::Aborted;
-                        break 'steps;
-                    };
-                    r.event(format!("{label} {name}: scenario {} for {}", sc.id, humantime::format_duration(*duration)));
-                    let mut last = sc;
-                    loop {
-                        tokio::select! {
-                            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                            _ = &mut ctrl_c, if !interrupted => {
-                                interrupted = true;
-                                r.event("Ctrl-C: stopping the running scenario (its faults are reverted)".into());
-                                let _ = client(coordinator, timeout)?
-                                    .stop_scenario(request(pb::StopScenarioRequest { id: last.id.clone(), reason: "Ctrl-C in chaos run".into() }))
-                                    .await;
-                            }
-                        }
-                        last = client(coordinator, timeout)?
-                            .get_scenario(pb::GetScenarioRequest { id: last.id.clone() })
-                            .await
-                            .map_err(|s| from_status(&server, s))?
-                            .into_inner();
-                        r.snapshot().await?;
-                        let left = last
-                            .ends_at
-                            .as_ref()
-                            .map(chaos_proto::convert::timestamp_from_pb)
-                            .and_then(|t| t.duration_since(SystemTime::now()).ok())
-                            .map_or_else(String::new, |d| format!("{:.0}s left", d.as_secs_f64()));
-                        emit(&format!("  {label} {name}: {} {left}  {}", state_name(last.state), r.key_metrics()));
-                        if scenario_is_final(last.state) {
-                            break;
-                        }
-                    }
-                    let agents = last
-                        .agents
-                        .iter()
-                        .map(|a| json!({"agent_id": a.agent_id, "summary": a.summary, "backend": a.backend, "error": a.error}))
-                        .collect();
-                    r.event(format!("{label} {name}: {} ({})", state_name(last.state), last.reason));
-                    let ok = matches!(ScenarioState::try_from(last.state), Ok(ScenarioState::Completed));
-                    steps.push(StepRecord {
-                        name: name.clone(),
-                        kind: "fault",
-                        scenario_id: last.id.clone(),
-                        state: state_name(last.state),
-                        reason: last.reason.clone(),
-                        start_s: start,
-                        end_s: r.now(),
-                        agents,
-                    });
-                    if !ok {
-                        abort_reason = if interrupted {
-                            "Ctrl-C".into()
-                        } else {
-                            format!("{name}: scenario {} {}: {}", last.id, state_name(last.state), last.reason)
-                        };
-                        verdict = Verdict::Aborted;
-                        break 'steps;
-                    }
+                s => vec![s],
+            };
+            if let Some(why) = r.run_group(&label, &members, &mut steps).await? {
+                abort_reason = why;
+                verdict = Verdict::Aborted;
+                break;
+            }
+        }
+    }
+    let method_end = r.now();
+    // Rollbacks: only after an abort, and not after Ctrl-C (the user wants out).
+    let mut rollbacks: Vec<StepRecord> = vec![];
+    if verdict == Verdict::Aborted && !e.rollbacks.is_empty() {
+        if r.interrupted {
+            r.event("rollbacks skipped: the run was interrupted (Ctrl-C)".into());
+        } else {
+            r.event(format!("rollbacks: {} step(s)", e.rollbacks.len()));
+            r.rolling_back = true;
+            for (i, step) in e.rollbacks.iter().enumerate() {
+                let label = format!("rollback {}/{}", i + 1, e.rollbacks.len());
+                let members: Vec<&Step> = match step {
+                    Step::Parallel { steps, .. } => steps.iter().collect(),
+                    s => vec![s],
+                };
+                if let Some(why) = r.run_group(&label, &members, &mut rollbacks).await? {
+                    r.event(format!("{label} did not complete: {why}; the remaining rollbacks still run"));
                 }
             }
         }
     }
     // Steady state after, within recovery_timeout.
-    let method_end = r.now();
     let (mut held_after, mut after_lines, mut recovery_s) = (false, vec![], None);
-    if held_before {
+    if held_before && !r.interrupted {
         let deadline = Instant::now() + e.recovery_timeout.0;
         loop {
             let snap = r.snapshot().await?;
@@ -682,10 +963,9 @@ pub async fn run(coordinator: &str, timeout: Duration, a: RunArgs) -> Result<u8,
                 recovery_s = Some(r.now() - method_end);
                 break;
             }
-            if Instant::now() >= deadline {
+            if Instant::now() >= deadline || r.sleep_or_interrupt(Duration::from_secs(1)).await {
                 break;
             }
-            tokio::time::sleep(Duration::from_secs(1)).await;
         }
         r.event(format!(
             "steady state after: {}",
@@ -698,22 +978,95 @@ pub async fn run(coordinator: &str, timeout: Duration, a: RunArgs) -> Result<u8,
             verdict = Verdict::Deviated;
         }
     }
-    let dir =
-        a.report_dir.join(format!("{}-{}", slug(&e.name), humantime::format_rfc3339_seconds(started_at).to_string().replace(':', "")));
+    // The load ends with the method (or with its profile, if shorter); its figures.
+    let mut load_json = serde_json::Value::Null;
+    let mut acks: Option<(PathBuf, String)> = None;
+    if let (Some(run), Some(l)) = (load.as_mut(), &e.load) {
+        let summary = run.finish();
+        r.event(format!("load ended: produced {}, acknowledged {}, failed {}", summary["produced"], summary["acked"], summary["failed"]));
+        let stats = if r.interrupted { Err("interrupted".to_string()) } else { run.stats(&l.target, &summary, l.settle.0).await };
+        match &stats {
+            Ok(st) => {
+                for s in st {
+                    r.event(format!(
+                        "load phase {}: {:.1} acked/s, stored {}/{}, errors {:.2} %, p50 {:.0} ms, p95 {:.0} ms, p99 {:.0} ms",
+                        s.phase, s.acked_per_s, s.stored, s.acked, s.error_pct, s.p50_ms, s.p95_ms, s.p99_ms
+                    ));
+                }
+            }
+            Err(why) => r.event(format!("load figures unavailable: {why}")),
+        }
+        load_json = json!({"profile": crate::load::profile_text(&l.profile), "run_id": run.run_id, "collector": summary,
+            "phases": stats.as_ref().ok(), "error": stats.as_ref().err()});
+        acks = Some((run.acks.clone(), format!("{}-", run.run_id)));
+    }
+    drop(load);
+    // Validation: the recovery checks, with the load's acknowledged ids when there was load.
+    let mut validation_json = serde_json::Value::Null;
+    if let (Some(v), true) = (&e.validation, held_before && !r.interrupted) {
+        let mut req = v.request.clone();
+        if let (None, Some((path, prefix)), Some(l)) = (&req.consistency, &acks, &e.load) {
+            req.consistency = Some(pb::ConsistencyCheck {
+                acks_file: std::path::absolute(path).unwrap_or(path.clone()).display().to_string(),
+                cassandra: l.target.cassandra.clone(),
+                table: l.target.table.clone(),
+                event_id_prefix: prefix.clone(),
+            });
+        }
+        req.scenario_ids = steps.iter().filter(|s| !s.scenario_id.is_empty()).map(|s| s.scenario_id.clone()).collect();
+        r.event(format!(
+            "validation: {} check(s)",
+            req.services.len() + [req.lag.is_some(), req.consistency.is_some(), req.performance.is_some()].iter().filter(|b| **b).count()
+        ));
+        let report = crate::validate::validate(coordinator, req, |ev| {
+            if let pb::validation_event::Event::Check(c) = ev {
+                emit(&format!("  validation: {} {}: {}", crate::validate::verdict_name(c.verdict), c.name, c.summary));
+            }
+        })
+        .await?;
+        let passed = report.verdict == pb::Verdict::Passed as i32;
+        r.event(format!("validation: {}", crate::validate::verdict_name(report.verdict)));
+        if !passed && verdict == Verdict::Held {
+            verdict = Verdict::Deviated;
+        }
+        validation_json = crate::validate::report_json(&report);
+    }
+    if verdict == Verdict::Aborted && abort_reason.is_empty() {
+        abort_reason = "aborted".into();
+    }
     let report = json!({
-        "experiment": e.name, "description": e.description, "file": file, "coordinator": url(coordinator),
+        "id": id, "experiment": e.name, "description": e.description, "file": file, "coordinator": url(coordinator),
         "started_at": humantime::format_rfc3339_seconds(started_at).to_string(),
         "duration_s": r.now(),
         "verdict": verdict.as_str(), "abort_reason": abort_reason,
         "steady_state": {"before": {"held": held_before, "rules": before_lines}, "after": {"held": held_after, "rules": after_lines, "recovery_s": recovery_s}},
         "stop_conditions": e.stop_conditions.iter().map(|r| r.0.expr.clone()).collect::<Vec<_>>(),
-        "steps": steps.iter().map(|s| json!({"name": s.name, "kind": s.kind, "scenario_id": s.scenario_id, "state": s.state, "reason": s.reason,
-            "start_s": s.start_s, "end_s": s.end_s, "agents": s.agents})).collect::<Vec<_>>(),
+        "steps": steps.iter().map(StepRecord::json).collect::<Vec<_>>(),
+        "rollbacks": rollbacks.iter().map(StepRecord::json).collect::<Vec<_>>(),
+        "load": load_json,
+        "validation": validation_json,
         "timeline": r.events.iter().map(|(t, m)| json!({"t_s": t, "event": m})).collect::<Vec<_>>(),
         "metrics": series_json(&r.samples),
     });
-    write_report(&dir, &report, &steps, &r.samples)
-        .map_err(|err| CliError::new(exit::FAILURE, format!("writing the report to {}: {err}", dir.display())))?;
+    write_report(&dir, &report).map_err(|err| CliError::new(exit::FAILURE, format!("writing the report to {}: {err}", dir.display())))?;
+    // The coordinator's index of runs; the report stands without it.
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default();
+    let entry = pb::ExperimentRun {
+        id: id.clone(),
+        experiment: e.name.clone(),
+        file: std::path::absolute(&a.file).unwrap_or(a.file.clone()).display().to_string(),
+        verdict: verdict.as_str().into(),
+        abort_reason: abort_reason.clone(),
+        started_at: Some(chaos_proto::convert::timestamp_to_pb(started_at)),
+        duration: Some(duration_to_pb(Duration::from_secs_f64(r.now()))),
+        report_dir: std::path::absolute(&dir).unwrap_or(dir.clone()).display().to_string(),
+        host,
+        scenario_ids: steps.iter().chain(&rollbacks).filter(|s| !s.scenario_id.is_empty()).map(|s| s.scenario_id.clone()).collect(),
+    };
+    if let Err(st) = client(coordinator, timeout)?.record_experiment_run(request(entry)).await {
+        tracing::warn!(error = %st.message(), "the run is not in the coordinator's index");
+        emit(&format!("note: the coordinator did not index this run ({}); the report is complete", st.message()));
+    }
     emit(&format!("verdict: {}{}", verdict.as_str(), if abort_reason.is_empty() { String::new() } else { format!(" ({abort_reason})") }));
     emit(&format!("report: {}", dir.display()));
     Ok(verdict.code())
@@ -731,12 +1084,65 @@ fn series_json(samples: &[Sample]) -> serde_json::Value {
     json!(by.into_iter().map(|(k, v)| json!({"series": k, "points": v})).collect::<Vec<_>>())
 }
 
-fn write_report(dir: &Path, report: &serde_json::Value, steps: &[StepRecord], samples: &[Sample]) -> std::io::Result<()> {
+/// Write report.json, metrics.svg and report.md from the report's JSON alone
+/// (so `chaos report` renders them again from report.json).
+fn write_report(dir: &Path, report: &serde_json::Value) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
     std::fs::write(dir.join("report.json"), serde_json::to_string_pretty(report).unwrap_or_default())?;
-    let plotted = plot(&dir.join("metrics.svg"), steps, samples).map_err(std::io::Error::other)?;
-    std::fs::write(dir.join("report.md"), markdown(report, plotted))?;
-    Ok(())
+    render(dir, report)
+}
+
+fn render(dir: &Path, report: &serde_json::Value) -> std::io::Result<()> {
+    let windows: Vec<(f64, f64)> = report["steps"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|s| s["kind"] == "fault")
+        .map(|s| (s["start_s"].as_f64().unwrap_or(0.0), s["end_s"].as_f64().unwrap_or(0.0)))
+        .collect();
+    let mut series: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
+    for s in report["metrics"].as_array().into_iter().flatten() {
+        let pts = s["points"].as_array().into_iter().flatten().filter_map(|p| Some((p[0].as_f64()?, p[1].as_f64()?))).collect();
+        series.insert(s["series"].as_str().unwrap_or_default().to_string(), pts);
+    }
+    let plotted = plot(&dir.join("metrics.svg"), &windows, &series).map_err(std::io::Error::other)?;
+    std::fs::write(dir.join("report.md"), markdown(report, plotted))
+}
+
+fn steps_md(md: &mut String, title: &str, steps: &[serde_json::Value], s: &dyn Fn(&serde_json::Value) -> String) {
+    let _ = writeln!(
+        md,
+        "\n## {title}\n\n| step | kind | requested | scenario | state | from s | to s | what the agents did | achieved |\n|---|---|---|---|---|---|---|---|---|"
+    );
+    for st in steps {
+        let agents = st["agents"].as_array().cloned().unwrap_or_default();
+        let did: Vec<String> = agents.iter().map(|a| format!("{}: {}", s(&a["agent_id"]), s(&a["summary"]))).collect();
+        let achieved: Vec<String> = agents
+            .iter()
+            .filter_map(|a| {
+                let m = a["achieved"].as_object()?;
+                let mut parts: Vec<String> =
+                    m.iter().map(|(k, v)| format!("{k}={}", v.as_f64().map_or(v.to_string(), |x| format!("{x:.2}")))).collect();
+                if !s(&a["outcome"]).is_empty() {
+                    parts.push(s(&a["outcome"]));
+                }
+                (!parts.is_empty()).then(|| format!("{}: {}", s(&a["agent_id"]), parts.join(", ")))
+            })
+            .collect();
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {:.1} | {:.1} | {} | {} |",
+            s(&st["name"]),
+            s(&st["kind"]),
+            if s(&st["fault"]).is_empty() { "-".into() } else { format!("`{}`", s(&st["fault"])) },
+            s(&st["scenario_id"]),
+            s(&st["state"]),
+            st["start_s"].as_f64().unwrap_or(0.0),
+            st["end_s"].as_f64().unwrap_or(0.0),
+            did.join("; ").replace('|', "/"),
+            if achieved.is_empty() { "-".into() } else { achieved.join("; ").replace('|', "/") }
+        );
+    }
 }
 
 fn markdown(r: &serde_json::Value, plotted: bool) -> String {
@@ -748,7 +1154,8 @@ fn markdown(r: &serde_json::Value, plotted: bool) -> String {
     }
     let _ = writeln!(
         md,
-        "- file: `{}`\n- coordinator: {}\n- started: {}\n- ran for: {:.1} s",
+        "- run: `{}`\n- file: `{}`\n- coordinator: {}\n- started: {}\n- ran for: {:.1} s",
+        s(&r["id"]),
         s(&r["file"]),
         s(&r["coordinator"]),
         s(&r["started_at"]),
@@ -776,28 +1183,61 @@ fn markdown(r: &serde_json::Value, plotted: bool) -> String {
     if let Some(rec) = r["steady_state"]["after"]["recovery_s"].as_f64() {
         let _ = writeln!(md, "\nRecovery: the hypothesis held again {rec:.1} s after the method ended.");
     }
-    let _ = writeln!(
-        md,
-        "\n## Method\n\n| step | kind | scenario | state | from s | to s | what the agents did |\n|---|---|---|---|---|---|---|"
-    );
-    for st in r["steps"].as_array().into_iter().flatten() {
-        let did: Vec<String> =
-            st["agents"].as_array().into_iter().flatten().map(|a| format!("{}: {}", s(&a["agent_id"]), s(&a["summary"]))).collect();
-        let _ = writeln!(
-            md,
-            "| {} | {} | {} | {} | {:.1} | {:.1} | {} |",
-            s(&st["name"]),
-            s(&st["kind"]),
-            s(&st["scenario_id"]),
-            s(&st["state"]),
-            st["start_s"].as_f64().unwrap_or(0.0),
-            st["end_s"].as_f64().unwrap_or(0.0),
-            did.join("; ").replace('|', "/")
-        );
+    steps_md(&mut md, "Method", r["steps"].as_array().map(Vec::as_slice).unwrap_or_default(), &s);
+    if let Some(rb) = r["rollbacks"].as_array().filter(|v| !v.is_empty()) {
+        steps_md(&mut md, "Rollbacks", rb, &s);
     }
     let stops: Vec<String> = r["stop_conditions"].as_array().into_iter().flatten().map(|v| format!("`{}`", s(v))).collect();
     if !stops.is_empty() {
         let _ = writeln!(md, "\nStop conditions: {}", stops.join(", "));
+    }
+    if !r["load"].is_null() {
+        let l = &r["load"];
+        let _ = writeln!(
+            md,
+            "\n## Load\n\nProfile `{}` (run id `{}`): produced {}, acknowledged {}, failed {}.\n",
+            s(&l["profile"]),
+            s(&l["run_id"]),
+            l["collector"]["produced"],
+            l["collector"]["acked"],
+            l["collector"]["failed"]
+        );
+        if let Some(phases) = l["phases"].as_array() {
+            let _ = writeln!(
+                md,
+                "| phase | rate/s | seconds | produced | acked/s | stored/acked | error % | p50 ms | p95 ms | p99 ms |\n|---|---|---|---|---|---|---|---|---|---|"
+            );
+            for p in phases {
+                let f = |k: &str| p[k].as_f64().unwrap_or(0.0);
+                let _ = writeln!(
+                    md,
+                    "| {} | {} | {:.1} | {} | {:.1} | {}/{} | {:.2} | {:.0} | {:.0} | {:.0} |",
+                    s(&p["phase"]),
+                    p["rate_per_s"],
+                    f("seconds"),
+                    p["produced"],
+                    f("acked_per_s"),
+                    p["stored"],
+                    p["acked"],
+                    f("error_pct"),
+                    f("p50_ms"),
+                    f("p95_ms"),
+                    f("p99_ms")
+                );
+            }
+        } else {
+            let _ = writeln!(md, "Figures unavailable: {}", s(&l["error"]));
+        }
+    }
+    if !r["validation"].is_null() {
+        let v = &r["validation"];
+        let _ = writeln!(md, "\n## Validation: {}\n\n| check | verdict | summary |\n|---|---|---|", s(&v["verdict"]));
+        for c in v["checks"].as_array().into_iter().flatten() {
+            let _ = writeln!(md, "| {} | {} | {} |", s(&c["name"]), s(&c["verdict"]), s(&c["summary"]).replace('|', "/"));
+        }
+        for reason in v["reasons"].as_array().into_iter().flatten() {
+            let _ = writeln!(md, "- {}", s(reason));
+        }
     }
     let _ = writeln!(md, "\n## Timeline\n");
     for ev in r["timeline"].as_array().into_iter().flatten() {
@@ -809,14 +1249,15 @@ fn markdown(r: &serde_json::Value, plotted: bool) -> String {
     md
 }
 
-/// The reported series over time, fault windows shaded. False when there was nothing to plot.
-fn plot(path: &Path, steps: &[StepRecord], samples: &[Sample]) -> Result<bool, String> {
+/// The series over time, fault windows shaded. False when there was nothing to plot.
+fn plot(path: &Path, windows: &[(f64, f64)], series: &BTreeMap<String, Vec<(f64, f64)>>) -> Result<bool, String> {
     use plotters::prelude::*;
-    if samples.is_empty() {
+    let all = || series.values().flatten();
+    if all().next().is_none() {
         return Ok(false);
     }
-    let t_max = samples.iter().map(|s| s.t_s).fold(1.0, f64::max);
-    let (lo, hi) = samples.iter().fold((f64::MAX, f64::MIN), |(a, b), s| (a.min(s.value), b.max(s.value)));
+    let t_max = all().map(|p| p.0).chain(windows.iter().map(|w| w.1)).fold(1.0, f64::max);
+    let (lo, hi) = all().fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.1), b.max(p.1)));
     let (lo, hi) = if (hi - lo).abs() < f64::EPSILON { (lo - 1.0, hi + 1.0) } else { (lo.min(0.0), hi + (hi - lo) * 0.1) };
     let root = SVGBackend::new(path, (960, 480)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| e.to_string())?;
@@ -828,26 +1269,120 @@ fn plot(path: &Path, steps: &[StepRecord], samples: &[Sample]) -> Result<bool, S
         .build_cartesian_2d(0.0..t_max, lo..hi)
         .map_err(|e| e.to_string())?;
     chart.configure_mesh().x_desc("seconds since start").draw().map_err(|e| e.to_string())?;
-    for s in steps.iter().filter(|s| s.kind == "fault") {
+    for (from, to) in windows {
         chart
-            .draw_series(std::iter::once(Rectangle::new([(s.start_s, lo), (s.end_s, hi)], RGBColor(255, 200, 200).mix(0.5).filled())))
+            .draw_series(std::iter::once(Rectangle::new([(*from, lo), (*to, hi)], RGBColor(255, 200, 200).mix(0.5).filled())))
             .map_err(|e| e.to_string())?;
     }
-    let mut by: BTreeMap<&str, Vec<(f64, f64)>> = BTreeMap::new();
-    for s in samples {
-        by.entry(&s.series).or_default().push((s.t_s, s.value));
-    }
-    for (i, (name, pts)) in by.into_iter().enumerate() {
+    for (i, (name, pts)) in series.iter().enumerate() {
         let color = Palette99::pick(i).to_rgba();
         chart
-            .draw_series(LineSeries::new(pts, color.stroke_width(2)))
+            .draw_series(LineSeries::new(pts.iter().copied(), color.stroke_width(2)))
             .map_err(|e| e.to_string())?
-            .label(name.to_string())
+            .label(name.clone())
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color));
     }
     chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw().map_err(|e| e.to_string())?;
     root.present().map_err(|e| e.to_string())?;
     Ok(true)
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ReportArgs {
+    /// A run: its report directory, or its id in the coordinator's index. Omit to list the index.
+    pub run: Option<String>,
+    /// Only runs of this experiment (with the listing).
+    #[arg(long)]
+    pub experiment: Option<String>,
+    /// How many of the newest runs to list.
+    #[arg(long, default_value_t = 20)]
+    pub limit: u32,
+}
+
+pub const REPORT_HELP: &str = "\
+With RUN, renders report.md and metrics.svg again from the run's report.json
+(a directory, or an id from the index whose directory is on this machine) and
+prints the Markdown. Without RUN, lists the coordinator's index of runs.
+
+Examples:
+  chaos report                                   # the newest 20 runs
+  chaos report --experiment lab-processor-partition
+  chaos report lab-processor-partition-2026-11-24T101500Z
+  chaos report chaos-reports/lab-processor-partition-2026-11-24T101500Z";
+
+/// `chaos report [RUN]`.
+pub async fn report(coordinator: &str, timeout: Duration, fmt: crate::output::Format, a: ReportArgs) -> Result<u8, CliError> {
+    let server = format!("coordinator {}", url(coordinator));
+    let list = |limit: u32, experiment: String| async move {
+        client(coordinator, timeout)?
+            .list_experiment_runs(pb::ListExperimentRunsRequest { limit, experiment })
+            .await
+            .map(|r| r.into_inner().runs)
+            .map_err(|s| from_status(&server, s))
+    };
+    let Some(run) = a.run else {
+        let runs = list(a.limit, a.experiment.unwrap_or_default()).await?;
+        let rows: Vec<serde_json::Value> = runs
+            .iter()
+            .map(|r| {
+                json!({"id": r.id, "experiment": r.experiment, "verdict": r.verdict, "abort_reason": r.abort_reason,
+                    "started_at": crate::output::rfc3339(r.started_at.as_ref()), "duration_s": crate::output::dur_secs(r.duration.as_ref()),
+                    "host": r.host, "report_dir": r.report_dir, "file": r.file, "scenario_ids": r.scenario_ids})
+            })
+            .collect();
+        match fmt {
+            crate::output::Format::Json => crate::output::emit_json(&json!({"runs": rows})),
+            crate::output::Format::Table => emit(&crate::output::table(
+                &["ID", "VERDICT", "STARTED", "TOOK", "HOST", "REPORT"],
+                &runs
+                    .iter()
+                    .map(|r| {
+                        vec![
+                            r.id.clone(),
+                            r.verdict.clone(),
+                            crate::output::rfc3339(r.started_at.as_ref()).unwrap_or_default(),
+                            crate::output::dur(r.duration.as_ref()),
+                            r.host.clone(),
+                            r.report_dir.clone(),
+                        ]
+                    })
+                    .collect::<Vec<_>>(),
+            )),
+        }
+        return Ok(exit::OK);
+    };
+    let dir = if Path::new(&run).join("report.json").is_file() {
+        PathBuf::from(&run)
+    } else {
+        let runs = list(10_000, String::new()).await?;
+        let found = runs.into_iter().find(|r| r.id == run).ok_or_else(|| {
+            CliError::new(
+                exit::NOT_FOUND,
+                format!("{run:?} is neither a report directory (with report.json) nor a run in the coordinator's index"),
+            )
+        })?;
+        let d = PathBuf::from(&found.report_dir);
+        if !d.join("report.json").is_file() {
+            return Err(CliError::new(
+                exit::NOT_FOUND,
+                format!("run {run}: its report is {} on host {:?}, not on this machine", found.report_dir, found.host),
+            ));
+        }
+        d
+    };
+    let text =
+        std::fs::read_to_string(dir.join("report.json")).map_err(|e| CliError::new(exit::FAILURE, format!("{}: {e}", dir.display())))?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| CliError::new(exit::FAILURE, format!("{}: not a report ({e})", dir.join("report.json").display())))?;
+    render(&dir, &v).map_err(|e| CliError::new(exit::FAILURE, format!("rendering {}: {e}", dir.display())))?;
+    match fmt {
+        crate::output::Format::Json => crate::output::emit_json(&json!({"report_dir": dir.display().to_string(), "verdict": v["verdict"]})),
+        crate::output::Format::Table => {
+            emit(std::fs::read_to_string(dir.join("report.md")).unwrap_or_default().trim_end());
+            emit(&format!("\n(rendered again in {})", dir.display()));
+        }
+    }
+    Ok(exit::OK)
 }
 
 #[cfg(test)]
@@ -883,7 +1418,7 @@ report:
         assert_eq!(*duration, Duration::from_secs(20));
         assert_eq!(selector.get("role").map(String::as_str), Some("kafka"));
         assert!(matches!(e.method[1], Step::Wait { wait, .. } if wait == Duration::from_secs(5)));
-        let spec = scenario_spec(&e, &e.method[0]).expect("spec");
+        let spec = scenario_spec(&e, &e.method[0], true).expect("spec");
         assert_eq!(spec.stop_conditions, vec!["kafka.lag.total > 1000 for 10s".to_string()]);
     }
 
@@ -934,23 +1469,84 @@ report:
     }
 
     #[test]
-    fn the_plot_is_an_svg_with_the_fault_window_shaded() {
+    fn the_report_renders_from_its_json_with_a_shaded_plot_and_achieved_figures() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let steps = vec![StepRecord {
-            name: "pause".into(),
-            kind: "fault",
-            scenario_id: "s1".into(),
-            state: "completed".into(),
-            reason: String::new(),
-            start_s: 2.0,
-            end_s: 5.0,
-            agents: vec![],
-        }];
-        let samples: Vec<Sample> =
-            (0..10).map(|i| Sample { t_s: f64::from(i), series: "a x".into(), name: "x".into(), value: f64::from(i % 3) }).collect();
-        assert!(plot(&dir.path().join("m.svg"), &steps, &samples).expect("plot"));
-        let svg = std::fs::read_to_string(dir.path().join("m.svg")).expect("svg");
+        let points: Vec<[f64; 2]> = (0..10).map(|i| [f64::from(i), f64::from(i % 3)]).collect();
+        let report = json!({
+            "id": "x-1", "experiment": "x", "verdict": "HELD", "file": "x.yaml",
+            "steps": [{"name": "burn", "kind": "fault", "fault": "--cpu 50%", "scenario_id": "sc-1", "state": "completed",
+                "start_s": 2.0, "end_s": 5.0, "agents": [{"agent_id": "a", "summary": "2 workers", "achieved": {"cpu_pct": 49.7}, "outcome": ""}]}],
+            "load": {"profile": "baseline:10:1000ms", "run_id": "load-1", "collector": {"produced": 10, "acked": 10, "failed": 0},
+                "phases": [{"phase": "baseline", "rate_per_s": 10, "seconds": 1.0, "produced": 10, "acked": 10, "stored": 10,
+                    "error_pct": 0.0, "acked_per_s": 10.0, "p50_ms": 12.0, "p95_ms": 30.0, "p99_ms": 31.0}]},
+            "validation": {"verdict": "PASSED", "checks": [{"name": "lag", "verdict": "PASSED", "summary": "lag 0"}]},
+            "metrics": [{"series": "a x", "points": points}],
+        });
+        write_report(dir.path(), &report).expect("write");
+        let svg = std::fs::read_to_string(dir.path().join("metrics.svg")).expect("svg");
         assert!(svg.starts_with("<svg") && svg.contains("<rect") && svg.contains("<polyline"), "{}", &svg[..200.min(svg.len())]);
-        assert!(!plot(&dir.path().join("n.svg"), &steps, &[]).expect("nothing"));
+        let md = std::fs::read_to_string(dir.path().join("report.md")).expect("md");
+        assert!(md.contains("`--cpu 50%`") && md.contains("a: cpu_pct=49.70"), "requested and achieved: {md}");
+        assert!(md.contains("| baseline | 10 | 1.0 | 10 | 10.0 | 10/10 | 0.00 | 12 | 30 | 31 |"), "{md}");
+        assert!(md.contains("## Validation: PASSED") && md.contains("metrics.svg"), "{md}");
+        // Rendering again from report.json gives the same files.
+        std::fs::remove_file(dir.path().join("metrics.svg")).expect("rm");
+        let again: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.path().join("report.json")).expect("json")).expect("parse");
+        render(dir.path(), &again).expect("render");
+        assert_eq!(std::fs::read_to_string(dir.path().join("metrics.svg")).expect("svg again"), svg);
+        assert_eq!(std::fs::read_to_string(dir.path().join("report.md")).expect("md again"), md);
+        // Nothing to plot: no SVG, and the Markdown does not point at one.
+        let empty = tempfile::tempdir().expect("tempdir");
+        write_report(empty.path(), &json!({"experiment": "y", "verdict": "HELD"})).expect("write");
+        assert!(!empty.path().join("metrics.svg").exists());
+    }
+
+    #[test]
+    fn parallel_groups_offsets_load_validation_and_rollbacks_parse() {
+        let text = "version: 1
+name: many
+load:
+  profile:
+    - {phase: warmup, rate: 50, for: 5s}
+    - {phase: baseline, rate: 200, for: 20s}
+method:
+  - parallel:
+      - fault: --pause-name java
+        agent_ids: [k]
+        duration: 10s
+      - fault: --loss 10%
+        agent_ids: [p]
+        after: 3s
+        duration: 5s
+  - wait: 2s
+rollbacks:
+  - fault: --container kafka --action start
+    agent_ids: [k]
+    duration: 1s
+validation: --lab --max-lag 100
+";
+        let e = parse("m.yaml", text).expect("parse");
+        let Step::Parallel { steps, .. } = &e.method[0] else { panic!("a group") };
+        assert_eq!(steps.len(), 2);
+        assert_eq!((steps[0].after(), steps[1].after()), (Duration::ZERO, Duration::from_secs(3)));
+        assert_eq!(e.method[0].faults().len(), 2);
+        assert_eq!(e.load.as_ref().map(|l| l.profile.len()), Some(2));
+        assert_eq!(e.rollbacks.len(), 1);
+        let v = e.validation.expect("validation");
+        assert_eq!(v.request.lag.as_ref().map(|l| l.max_lag), Some(100));
+        let bad = |from: &str, to: &str| parse("m.yaml", &text.replace(from, to)).expect_err("refused");
+        let e = bad("    - {phase: warmup, rate: 50, for: 5s}", "    - {phase: warmup, rate: 0, for: 5s}");
+        assert!(e.contains("load.profile[0] (warmup): rate must be 1..=20000"), "{e}");
+        let e = bad("  profile:\n", "  target: {bootstrap: \"10.1.2.3:9092\"}\n  profile:\n");
+        assert!(e.contains("load.bootstrap") && e.contains("not a lab address"), "{e}");
+        let e = bad("validation: --lab --max-lag 100", "validation: --lab --max-lagg 100");
+        assert!(e.starts_with("m.yaml:21:") && e.contains("--max-lagg"), "{e}");
+        let e = bad("  - wait: 2s\n", "  - parallel:\n      - parallel: []\n");
+        assert!(e.contains("do not nest") || e.contains("at least one"), "{e}");
+        let e = bad("  - wait: 2s\n", "  - wait: 2s\n    fault: --loss 1%\n");
+        assert!(e.contains("not several"), "{e}");
+        let e = bad("        after: 3s", "        after: -3s");
+        assert!(e.starts_with("m.yaml:14:") && e.contains("must not be negative"), "{e}");
     }
 }

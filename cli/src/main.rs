@@ -7,6 +7,7 @@ mod experiment;
 mod fleet;
 mod gameday;
 mod lab;
+mod load;
 mod output;
 mod scenario;
 mod validate;
@@ -91,6 +92,11 @@ enum Command {
     /// GameDay: random chaos inside the safety rules, time-boxed, watched by SLOs.
     #[command(subcommand)]
     Gameday(gameday::GameDayCommand),
+    /// Load the pipeline with a profile (warmup, baseline, spike, soak): throughput, p50/p95/p99, error rate.
+    Load(Box<load::LoadArgs>),
+    /// Experiment runs: the coordinator's index, or one run's report rendered again.
+    #[command(after_help = experiment::REPORT_HELP)]
+    Report(experiment::ReportArgs),
     /// Run an experiment file: steady state, method, stop conditions; live progress and a report.
     #[command(after_help = experiment::RUN_HELP)]
     Run(experiment::RunArgs),
@@ -127,6 +133,8 @@ async fn main() -> ExitCode {
         Command::Arm(a) => fleet::arm(&cli.coordinator, cli.timeout, fmt, a).await,
         Command::Agent(c) => agent::run(c, cli.timeout, fmt).await,
         Command::Gameday(c) => gameday::run(c, &cli.coordinator, cli.timeout, fmt).await,
+        Command::Load(a) => load::run(*a, fmt).await,
+        Command::Report(a) => experiment::report(&cli.coordinator, cli.timeout, fmt, a).await,
         Command::Run(a) => experiment::run(&cli.coordinator, cli.timeout, a).await,
         Command::Scenario(c) => scenario::run(c, &cli.coordinator, cli.timeout, fmt).await,
         Command::Queue => scenario::queue(&cli.coordinator, cli.timeout, fmt).await,

@@ -96,7 +96,7 @@ fn parse_tcp(s: &str) -> Result<(String, String), String> {
 }
 
 impl ValidateArgs {
-    fn to_request(&self) -> Result<pb::ValidateRecoveryRequest, CliError> {
+    pub fn to_request(&self) -> Result<pb::ValidateRecoveryRequest, CliError> {
         let or_lab = |v: &Option<String>, lab: &str| v.clone().or_else(|| self.lab.then(|| lab.to_string()));
         let mut kafka = self.kafka.clone();
         let mut cassandra = self.cassandra.clone();

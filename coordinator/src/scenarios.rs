@@ -527,6 +527,10 @@ impl Scenarios {
                         x.fault_state = f.state;
                         x.summary = f.applied.as_ref().map(|a| a.summary.clone()).unwrap_or_default();
                         x.backend = f.applied.as_ref().map(|a| a.backend.clone()).unwrap_or_default();
+                        if let Some(a) = &f.applied {
+                            x.achieved = a.achieved.clone();
+                            x.outcome = a.outcome.clone();
+                        }
                         x.applied_at = f.applied_at;
                         x.error = f.error;
                     }),
@@ -648,6 +652,11 @@ impl Scenarios {
                             Some(f) => {
                                 x.fault_state = f.state;
                                 x.reverted_at = f.reverted_at.or_else(now_pb);
+                                // The last measurement before the revert.
+                                if let Some(a) = f.applied.filter(|a| !a.achieved.is_empty() || !a.outcome.is_empty()) {
+                                    x.achieved = a.achieved;
+                                    x.outcome = a.outcome;
+                                }
                                 if !f.error.is_empty() {
                                     x.error = f.error;
                                 }

@@ -19,8 +19,8 @@ use chaos_proto::{
 use prost::Message;
 use rusqlite::{Connection, OptionalExtension, params};
 
-/// Schema version 2 (version 1 plus `experiment_runs`; opening a version 1
-/// file adds the table).
+/// Schema version 3: version 1 plus `experiment_runs` (2) and
+/// `scenario_agents.achieved`/`outcome` (3); opening an older file adds them.
 pub const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS scenarios (
     id            TEXT PRIMARY KEY,
@@ -60,6 +60,8 @@ CREATE TABLE IF NOT EXISTS scenario_agents (
     error       TEXT NOT NULL,
     applied_at  TEXT,
     reverted_at TEXT,
+    achieved    TEXT NOT NULL DEFAULT '{}',  -- JSON object: what the fault achieved, by name with its unit
+    outcome     TEXT NOT NULL DEFAULT '',    -- what became of the target (e.g. OOM-killed)
     PRIMARY KEY (scenario_id, agent_id)
 );
 CREATE TABLE IF NOT EXISTS audit (
@@ -83,7 +85,7 @@ CREATE TABLE IF NOT EXISTS experiment_runs (
     run         BLOB NOT NULL                -- chaos.v1.ExperimentRun, protobuf
 );
 CREATE INDEX IF NOT EXISTS experiment_runs_name ON experiment_runs(experiment);
-PRAGMA user_version = 2;
+PRAGMA user_version = 3;
 ";
 
 pub struct Store {
@@ -126,6 +128,17 @@ impl Store {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.execute_batch(SCHEMA)?;
+        // Files made before version 3 lack the columns.
+        let has_achieved: bool =
+            conn.query_row("SELECT COUNT(*) FROM pragma_table_info('scenario_agents') WHERE name = 'achieved'", [], |r| {
+                r.get::<_, i64>(0).map(|n| n > 0)
+            })?;
+        if !has_achieved {
+            conn.execute_batch(
+                "ALTER TABLE scenario_agents ADD COLUMN achieved TEXT NOT NULL DEFAULT '{}';
+                 ALTER TABLE scenario_agents ADD COLUMN outcome TEXT NOT NULL DEFAULT '';",
+            )?;
+        }
         Ok(Self { conn: Mutex::new(conn) })
     }
 
@@ -173,7 +186,7 @@ impl Store {
         for a in &sc.agents {
             tx.execute(
                 "INSERT OR REPLACE INTO scenario_agents (scenario_id, agent_id, address, fault_id, fault_state, summary, backend, error,
-                     applied_at, reverted_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                     applied_at, reverted_at, achieved, outcome) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
                 params![
                     sc.id,
                     a.agent_id,
@@ -184,7 +197,9 @@ impl Store {
                     a.backend,
                     a.error,
                     ts(a.applied_at.as_ref()),
-                    ts(a.reverted_at.as_ref())
+                    ts(a.reverted_at.as_ref()),
+                    serde_json::to_string(&a.achieved).unwrap_or_else(|_| "{}".into()),
+                    a.outcome
                 ],
             )?;
         }
@@ -221,7 +236,7 @@ impl Store {
             .collect::<Result<_, _>>()?;
         let mut tstmt = c.prepare("SELECT at, state, reason FROM transitions WHERE scenario_id = ?1 ORDER BY n")?;
         let mut astmt = c.prepare(
-            "SELECT agent_id, address, fault_id, fault_state, summary, backend, error, applied_at, reverted_at
+            "SELECT agent_id, address, fault_id, fault_state, summary, backend, error, applied_at, reverted_at, achieved, outcome
              FROM scenario_agents WHERE scenario_id = ?1 ORDER BY agent_id",
         )?;
         for sc in &mut out {
@@ -243,6 +258,8 @@ impl Store {
                         error: r.get(6)?,
                         applied_at: parse_ts(r.get(7)?),
                         reverted_at: parse_ts(r.get(8)?),
+                        achieved: serde_json::from_str(&r.get::<_, String>(9)?).unwrap_or_default(),
+                        outcome: r.get(10)?,
                     })
                 })?
                 .collect::<Result<_, _>>()?;
@@ -376,6 +393,8 @@ mod tests {
             address: "http://a:1".into(),
             fault_id: "sc-1".into(),
             fault_state: FaultState::Applied as i32,
+            achieved: [("cpu_pct".to_string(), 49.5)].into(),
+            outcome: "OOM-killed".into(),
             ..Default::default()
         });
         s.save(&sc).expect("save again");
@@ -383,11 +402,35 @@ mod tests {
         assert_eq!(back.state, ScenarioState::Running as i32);
         assert_eq!(back.transitions.len(), 2);
         assert_eq!(back.agents[0].fault_state, FaultState::Applied as i32);
+        assert_eq!((back.agents[0].achieved.get("cpu_pct"), back.agents[0].outcome.as_str()), (Some(&49.5), "OOM-killed"));
         assert_eq!(back.spec.as_ref().map(|s| s.name.as_str()), Some("loss on kafka"));
         assert_eq!(back.duration.as_ref().and_then(duration_from_pb), Some(Duration::from_secs(30)));
         assert_eq!(s.unfinished().expect("unfinished").len(), 1);
         assert_eq!(s.list(&[ScenarioState::Completed as i32], 10).expect("list").len(), 0);
         assert!(s.exists("sc-1").expect("exists") && !s.exists("sc-2").expect("exists"));
+    }
+
+    #[test]
+    fn a_version_1_file_gains_the_new_columns_and_tables() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("old.db");
+        {
+            let c = Connection::open(&path).expect("open");
+            let v1 = SCHEMA
+                .replace(
+                    "    achieved    TEXT NOT NULL DEFAULT '{}',  -- JSON object: what the fault achieved, by name with its unit\n",
+                    "",
+                )
+                .replace("    outcome     TEXT NOT NULL DEFAULT '',    -- what became of the target (e.g. OOM-killed)\n", "");
+            let v1 = &v1[..v1.find("CREATE TABLE IF NOT EXISTS experiment_runs").expect("runs table")];
+            c.execute_batch(v1).expect("version 1 schema");
+            let cols: i64 = c.query_row("SELECT COUNT(*) FROM pragma_table_info('scenario_agents')", [], |r| r.get(0)).expect("cols");
+            assert_eq!(cols, 10, "the version 1 table");
+        }
+        let s = Store::open(&path).expect("migrates");
+        s.record_run(&pb::ExperimentRun { id: "r".into(), verdict: "HELD".into(), ..Default::default() }).expect("runs table");
+        let cols: i64 = s.lock().query_row("SELECT COUNT(*) FROM pragma_table_info('scenario_agents')", [], |r| r.get(0)).expect("cols");
+        assert_eq!(cols, 12);
     }
 
     #[test]

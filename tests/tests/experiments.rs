@@ -1,7 +1,10 @@
 //! `chaos run` end to end: a real coordinator and agent, a busy process the
 //! agent watches, an experiment file that pauses it. The report's numbers
 //! are checked against what the pause must do to the process's CPU; a stop
-//! condition and Ctrl-C each abort the run with the fault reverted.
+//! condition and Ctrl-C each abort the run with the fault reverted (the
+//! abort runs the rollbacks); a parallel group starts its members at their
+//! offsets and reports what each achieved; `chaos report` lists the
+//! coordinator's index and renders a run again.
 
 use std::{
     path::{Path, PathBuf},
@@ -58,6 +61,29 @@ report:
 {extra}"
     );
     let p = dir.join(format!("{name}.yaml"));
+    std::fs::write(&p, text).expect("write experiment");
+    p
+}
+
+/// A parallel group: the pause at once, a CPU stress 1 s later.
+fn parallel_experiment(dir: &Path, burner: &str) -> PathBuf {
+    let text = format!(
+        "version: 1
+name: parallel-burner
+method:
+  - parallel:
+      - name: pause
+        fault: --pause-name {burner}
+        agent_ids: [exp]
+        duration: 4s
+      - name: stress
+        fault: --cpu 30% --workers 1
+        agent_ids: [exp]
+        after: 1s
+        duration: 3s
+"
+    );
+    let p = dir.join("parallel.yaml");
     std::fs::write(&p, text).expect("write experiment");
     p
 }
@@ -135,14 +161,50 @@ fn an_experiment_runs_reports_and_aborts_cleanly() {
     assert!(md.contains("HELD") && md.contains("pause the burner") && md.contains("metrics.svg"), "{md}");
     assert_ne!(proc_state(burner.pid()), Some('T'), "reverted");
 
+    // The coordinator's index has the run; `chaos report ID` renders it again.
+    let id = rep["id"].as_str().expect("run id").to_string();
+    let listed = chaos_ok(&["--coordinator", &curl, "report"], 0);
+    assert!(listed.contains(&id) && listed.contains("HELD"), "{listed}");
+    std::fs::remove_file(rdir.join("metrics.svg")).expect("rm svg");
+    let again = chaos_ok(&["--coordinator", &curl, "report", &id], 0);
+    assert!(again.contains("# Experiment pause-burner: HELD") && rdir.join("metrics.svg").is_file(), "{again}");
+    chaos_ok(&["--coordinator", &curl, "report", "no-such-run"], 4);
+
+    // A parallel group: both members run, the second from its offset, and the stress reports what it achieved.
+    let reports4 = dir.path().join("reports4");
+    let par = parallel_experiment(dir.path(), &burner.name);
+    let out = chaos_ok(&["--coordinator", &curl, "run", &par.display().to_string(), "--report-dir", &reports4.display().to_string()], 0);
+    assert!(out.contains("verdict: HELD"), "{out}");
+    let (_, rep4) = report(&reports4);
+    let steps = rep4["steps"].as_array().expect("steps");
+    let by = |n: &str| steps.iter().find(|s| s["name"] == n).unwrap_or_else(|| panic!("{n} in {steps:?}"));
+    let (pause, stress) = (by("pause"), by("stress"));
+    assert_eq!((pause["state"].as_str(), stress["state"].as_str()), (Some("completed"), Some("completed")), "{steps:?}");
+    let offset = stress["start_s"].as_f64().unwrap_or(0.0) - pause["start_s"].as_f64().unwrap_or(0.0);
+    assert!((0.8..2.5).contains(&offset), "the stress started about 1 s after the pause: {offset}");
+    assert!(stress["start_s"].as_f64() < pause["end_s"].as_f64(), "they overlapped: {steps:?}");
+    let cpu = stress["agents"][0]["achieved"]["cpu_load_percent"].as_f64().expect("achieved cpu_load_percent");
+    assert!((15.0..=45.0).contains(&cpu), "30 % asked: {cpu}");
+    assert_eq!(stress["fault"], "--cpu 30% --workers 1");
+
     // A stop condition that fires at once aborts the step; the fault is reverted.
-    let aborting =
-        experiment(dir.path(), "abort-burner", &burner.name, &format!("stop_conditions:\n  - process.count{{name={}}} < 5\n", burner.name));
+    let aborting = experiment(
+        dir.path(),
+        "abort-burner",
+        &burner.name,
+        &format!(
+            "stop_conditions:\n  - process.count{{name={}}} < 5\nrollbacks:\n  - name: rollback pause\n    fault: --pause-name {}\n    agent_ids: [exp]\n    duration: 1s\n",
+            burner.name, burner.name
+        ),
+    );
     let reports2 = dir.path().join("reports2");
     let out =
         chaos_ok(&["--coordinator", &curl, "run", &aborting.display().to_string(), "--report-dir", &reports2.display().to_string()], 9);
     assert!(out.contains("verdict: ABORTED"), "{out}");
-    assert_eq!(report(&reports2).1["verdict"], "ABORTED");
+    let rep2 = report(&reports2).1;
+    assert_eq!(rep2["verdict"], "ABORTED");
+    assert!(out.contains("rollbacks: 1 step(s)"), "{out}");
+    assert_eq!(rep2["rollbacks"][0]["state"], "completed", "the rollback ran without the stop conditions: {}", rep2["rollbacks"]);
     assert!(wait_until(Duration::from_secs(5), || proc_state(burner.pid()) != Some('T')), "reverted after the abort");
 
     // Ctrl-C while the fault holds: the scenario is stopped and the run says so.
