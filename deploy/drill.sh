@@ -7,7 +7,7 @@
 # validate recovery (services answer, the consumer lag drains, every
 # acknowledged event is in Cassandra exactly once, throughput and latency
 # back to the baseline); print the report; then run an experiment file
-# (EXPERIMENT, default deploy/experiments/lab-processor-partition.yaml) with
+# (EXPERIMENT, default deploy/experiments/lab-drill-partition.yaml: the same drill as a file, with load and validation) with
 # `chaos run`, whose report lands in REPORT_DIR (chaos-reports); take the
 # lab down — also on failure or Ctrl-C.
 #
@@ -21,7 +21,7 @@ cd "$(dirname "$0")/.."
 DRILL="${DRILL:-partition}"
 RATE="${RATE:-200}"
 FAULT_S="${FAULT_S:-15}"
-EXPERIMENT="${EXPERIMENT:-deploy/experiments/lab-processor-partition.yaml}"
+EXPERIMENT="${EXPERIMENT:-deploy/experiments/lab-drill-partition.yaml}"
 REPORT_DIR="${REPORT_DIR:-chaos-reports}"
 [ "$FAULT_S" -ge 6 ] 2>/dev/null || { echo "FAULT_S: at least 6 seconds, got $FAULT_S" >&2; exit 2; }
 export CHAOS_LAB_HOME="${CHAOS_LAB_HOME:-/var/lib/chaos-lab}"

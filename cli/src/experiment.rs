@@ -110,11 +110,17 @@ struct FaultLine {
 /// A fault from the flags of `chaos agent apply` (without --duration), e.g.
 /// `--pause-name java`; the error quotes the text and the first clap line.
 pub fn fault_from_flags(text: &str) -> Result<pb::FaultSpec, String> {
-    let line = FaultLine::try_parse_from(text.split_whitespace()).map_err(|e| {
-        let first = e.to_string().lines().next().unwrap_or_default().trim_start_matches("error: ").to_string();
-        format!("fault {text:?}: {first} (the flags of `chaos agent apply`, e.g. \"--pause-name java\")")
-    })?;
+    let line: FaultLine = flags(text, "fault", "`chaos agent apply`, e.g. \"--pause-name java\"")?;
     line.fault.spec().map_err(|e| format!("fault {text:?}: {}", e.message))
+}
+
+/// Command-line flags written as one string in the file, parsed by clap;
+/// the error quotes the text and clap's first line.
+fn flags<T: Parser>(text: &str, what: &str, of: &str) -> Result<T, String> {
+    T::try_parse_from(text.split_whitespace()).map_err(|e| {
+        let first = e.to_string().lines().next().unwrap_or_default().trim_start_matches("error: ").to_string();
+        format!("{what} {text:?}: {first} (the flags of {of})")
+    })
 }
 
 impl<'de> Deserialize<'de> for FaultText {
@@ -302,10 +308,7 @@ struct ValidationLine {
 impl<'de> Deserialize<'de> for ValidationText {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         parse_str(d, "the flags of `chaos validate`, e.g. \"--lab --max-lag 100\"", |text| {
-            let line = ValidationLine::try_parse_from(text.split_whitespace()).map_err(|e| {
-                let first = e.to_string().lines().next().unwrap_or_default().trim_start_matches("error: ").to_string();
-                format!("validation {text:?}: {first} (the flags of `chaos validate`, e.g. \"--lab --max-lag 100\")")
-            })?;
+            let line: ValidationLine = flags(text, "validation", "`chaos validate`, e.g. \"--lab --max-lag 100\"")?;
             let request = line.args.to_request().map_err(|e| format!("validation {text:?}: {}", e.message))?;
             Ok(ValidationText { text: text.to_string(), request })
         })
@@ -409,28 +412,50 @@ An experiment file (YAML):
     - probe.up{probe=kafka} >= 1
     - kafka.lag.total < 1000
   recovery_timeout: 60s
+  load:                             # optional: produced from before the steady-state check
+    profile:                        #   (towards the lab; `target:` for other lab addresses)
+      - {phase: warmup, rate: 50, for: 10s}
+      - {phase: baseline, rate: 200, for: 30s}
   method:
     - name: pause the broker
       fault: --pause-name java        # the flags of `chaos agent apply`, without --duration
       selector: {role: kafka}         # agents by label (or agent_ids: [..]); mode: all | one
       duration: 20s
       severity: 2
+    - parallel:                       # members start together, each at its `after` offset
+        - fault: --loss 10%
+          selector: {role: processor}
+          duration: 10s
+        - fault: --cpu 50%
+          selector: {role: cassandra}
+          after: 5s
+          duration: 10s
     - wait: 10s
   stop_conditions:                  # abort the running step (faults reverted) when one fires
     - probe.up{probe=cassandra} < 1 for 10s
+  rollbacks:                        # run only after an abort (not after Ctrl-C)
+    - fault: --container kafka --action start
+      selector: {role: kafka}
+      duration: 1s
+  validation: --lab --attempts 3    # the flags of `chaos validate`; with load, every acknowledged
+                                    # event of the run is checked too (stored exactly once)
   report:
     metrics: [kafka.lag.total, probe.up]   # recorded every second and plotted
 
 Every fault step runs as a coordinator scenario, so every safety rule applies.
 The run prints the plan (each step's admission), then live progress; Ctrl-C
-stops the running scenario (its faults are reverted) and says so. The report
-directory (--report-dir/NAME-TIME) holds report.json, report.md and metrics.svg.
-Exit: 0 the hypothesis held, 8 it deviated, 9 aborted, 3 a step would be refused,
-2 the file is invalid (file:line:column and the key are named).
+stops the running scenarios (their faults are reverted) and says so. The report
+directory (--report-dir/NAME-TIME) holds report.json, report.md and metrics.svg:
+what was requested and what each agent achieved, the load's throughput and
+p50/p95/p99 per phase, the validation's verdicts, the timeline. The run is
+indexed in the coordinator (`chaos report` lists runs and renders one again).
+Exit: 0 the hypothesis held, 8 it deviated (steady state or validation), 9
+aborted, 3 a step would be refused, 2 the file is invalid (file:line:column and
+the key are named).
 
 Examples:
-  chaos run deploy/experiments/pause-victim.yaml --dry-run
-  chaos run deploy/experiments/lab-kafka-pause.yaml --report-dir /tmp/reports";
+  chaos run deploy/experiments/lab-drill-partition.yaml --dry-run
+  chaos run deploy/experiments/lab-drill-kafka-down.yaml --report-dir /tmp/reports";
 
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {

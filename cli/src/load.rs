@@ -208,6 +208,7 @@ impl LoadRun {
     /// Wait (up to `settle`) for the stored rows of this run to reach the
     /// acknowledged count or stop growing, then compute each phase's figures.
     pub async fn stats(&self, target: &Target, summary: &Value, settle: Duration) -> Result<Vec<PhaseStats>, String> {
+        // Ids are RUN-00000042.
         let session = cassandra::connect(&target.cassandra).await.map_err(|e| format!("Cassandra {}: {e:#}", target.cassandra))?;
         let acked = summary["acked"].as_u64().unwrap_or(0) as usize;
         let until = Instant::now() + settle;
@@ -253,18 +254,16 @@ pub struct PhaseStats {
     pub p99_ms: f64,
 }
 
-/// Join the collector's phases with the stored `(produced, written)` times.
-pub fn phase_stats(summary: &Value, stored: &[(i64, i64)]) -> Vec<PhaseStats> {
+/// Join the collector's phases with the stored `(event number, produced, written)`:
+/// a phase owns the events it numbered (`first_seq..end_seq`).
+pub fn phase_stats(summary: &Value, stored: &[(u64, i64, i64)]) -> Vec<PhaseStats> {
     let phases = summary["phases"].as_array().cloned().unwrap_or_default();
-    let n = phases.len();
     phases
         .iter()
-        .enumerate()
-        .map(|(i, p)| {
+        .map(|p| {
             let from = p["from_ms"].as_i64().unwrap_or(0);
-            // A phase owns everything up to the next one's start (its last event's timestamp included).
-            let to = if i + 1 < n { phases[i + 1]["from_ms"].as_i64().unwrap_or(i64::MAX) } else { i64::MAX };
-            let mut lat: Vec<i64> = stored.iter().filter(|(t, _)| *t >= from && *t < to).map(|(t, w)| (w - t).max(0)).collect();
+            let seqs = p["first_seq"].as_u64().unwrap_or(0)..p["end_seq"].as_u64().unwrap_or(0);
+            let mut lat: Vec<i64> = stored.iter().filter(|(n, _, _)| seqs.contains(n)).map(|(_, t, w)| (w - t).max(0)).collect();
             lat.sort_unstable();
             let (produced, acked, failed) =
                 (p["produced"].as_u64().unwrap_or(0), p["acked"].as_u64().unwrap_or(0), p["failed"].as_u64().unwrap_or(0));
@@ -436,7 +435,7 @@ async fn one_run(bin_dir: &Path, a: &LoadArgs, target: &Target, tag: &str) -> Re
     let times = cassandra::event_times_of(&session, &target.table, &format!("{}-", run.run_id))
         .await
         .map_err(|e| CliError::new(exit::FAILURE, format!("{e:#}")))?;
-    let (lo, hi) = times.iter().fold((i64::MAX, i64::MIN), |(l, h), (_, w)| (l.min(*w), h.max(*w)));
+    let (lo, hi) = times.iter().fold((i64::MAX, i64::MIN), |(l, h), (_, _, w)| (l.min(*w), h.max(*w)));
     let span = if times.is_empty() { 0.0 } else { (hi - lo) as f64 / 1000.0 };
     Ok((stats.clone(), stored_rate(&stats, span), summary))
 }
@@ -524,11 +523,14 @@ mod tests {
     #[test]
     fn phases_join_the_stored_rows_by_production_time() {
         let summary = json!({"phases": [
-            {"phase": "baseline", "rate_per_s": 10, "from_ms": 1000, "to_ms": 2000, "produced": 10, "acked": 10, "failed": 0},
-            {"phase": "spike", "rate_per_s": 100, "from_ms": 2000, "to_ms": 3000, "produced": 100, "acked": 90, "failed": 10},
+            {"phase": "baseline", "rate_per_s": 10, "from_ms": 1000, "to_ms": 2000, "first_seq": 0, "end_seq": 10, "produced": 10, "acked": 10, "failed": 0},
+            {"phase": "spike", "rate_per_s": 100, "from_ms": 2000, "to_ms": 3000, "first_seq": 10, "end_seq": 110, "produced": 100, "acked": 90, "failed": 10},
         ]});
-        let mut stored: Vec<(i64, i64)> = (0..10).map(|i| (1000 + i * 100, 1000 + i * 100 + 5)).collect();
-        stored.extend((0..90).map(|i| (2000 + i * 10, 2000 + i * 10 + 50 + i)));
+        // The last baseline event carries the spike's first millisecond: its number decides.
+        let mut stored: Vec<(u64, i64, i64)> = (0..10).map(|i| (i, 1000 + i as i64 * 100, 1000 + i as i64 * 100 + 5)).collect();
+        stored[9].1 = 2000;
+        stored[9].2 = 2005;
+        stored.extend((0..90).map(|i| (10 + i, 2000 + i as i64 * 10, 2000 + i as i64 * 10 + 50 + i as i64)));
         let s = phase_stats(&summary, &stored);
         assert_eq!((s[0].stored, s[0].p50_ms, s[0].p99_ms, s[0].error_pct), (10, 5.0, 5.0, 0.0));
         assert_eq!((s[1].stored, s[1].acked_per_s, s[1].error_pct), (90, 90.0, 10.0));

@@ -310,6 +310,45 @@ fn lab_up_runs_real_kafka_and_cassandra_a_partition_bites_and_down_leaves_nothin
     assert_eq!(rep["steps"][0]["state"], "completed", "{rep:#}");
     assert!(rep["steps"][0]["agents"][0]["summary"].as_str().is_some_and(|s| s.contains("worker thread")), "{rep:#}");
 
+    // A seeds' drill as a file, with load and validation: pause the
+    // processor while the collector produces; the report has the load's
+    // figures per phase, and the validation finds every event stored once.
+    let reports = tempfile::tempdir().expect("tempdir");
+    let file = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/experiments/lab-drill-processor-down.yaml");
+    let out = chaos_ok(&["--coordinator", &curl, "run", file, "--report-dir", &reports.path().display().to_string()], 0);
+    assert!(out.contains("verdict: HELD") && out.contains("load phase fault"), "{out}");
+    let rdir = std::fs::read_dir(reports.path()).expect("reports").flatten().next().expect("a report").path();
+    let rep = json(&std::fs::read_to_string(rdir.join("report.json")).expect("report.json"));
+    let phases = rep["load"]["phases"].as_array().expect("load phases");
+    assert_eq!(phases.len(), 4, "{rep:#}");
+    for p in phases {
+        assert_eq!(p["stored"], p["acked"], "every acknowledged event of each phase stored: {p}");
+        assert!(p["acked"].as_u64().is_some_and(|n| n > 0) && p["error_pct"] == 0.0, "{p}");
+        assert!(p["p95_ms"].as_f64().is_some_and(|v| v > 0.0) && p["p99_ms"].as_f64() >= p["p95_ms"].as_f64(), "{p}");
+    }
+    // Events produced while the processor was paused waited for it: that phase's p99 is seconds, the baseline's is not.
+    let p99 = |name: &str| phases.iter().find(|p| p["phase"] == name).and_then(|p| p["p99_ms"].as_f64()).unwrap_or(0.0);
+    assert!(p99("fault") > 5000.0 && p99("baseline") < p99("fault"), "{phases:?}");
+    assert_eq!(rep["validation"]["verdict"], "PASSED", "{:#}", rep["validation"]);
+    let checks: Vec<&str> = rep["validation"]["checks"].as_array().into_iter().flatten().filter_map(|c| c["name"].as_str()).collect();
+    assert!(checks.contains(&"consistency") && checks.contains(&"lag"), "{checks:?}");
+    let md = std::fs::read_to_string(rdir.join("report.md")).expect("report.md");
+    assert!(md.contains("## Load") && md.contains("| fault |") && md.contains("## Validation: PASSED"), "{md}");
+
+    // `chaos load` alone: a short profile, figures per phase.
+    let load_dir = tempfile::tempdir().expect("tempdir");
+    let v = json(&chaos_ok(
+        &["-o", "json", "load", "--profile", "warmup:50:2s,baseline:200:4s", "--dir", &load_dir.path().display().to_string()],
+        0,
+    ));
+    let phases = v["phases"].as_array().expect("phases");
+    assert_eq!(phases.len(), 2, "{v:#}");
+    assert!(phases[1]["acked"].as_u64().is_some_and(|n| (600..=900).contains(&n)), "about 200/s for 4 s: {v:#}");
+    assert_eq!(phases[1]["stored"], phases[1]["acked"], "{v:#}");
+    assert!(phases[1]["p95_ms"].as_f64().is_some_and(|ms| ms > 0.0 && ms < 5000.0), "{v:#}");
+    let refused = chaos_ok(&["load", "--profile", "a:10:1s", "--bootstrap", "10.0.0.1:9092"], 2);
+    assert!(refused.contains("not a lab address"), "{refused}");
+
     chaos_ok(&["lab", "down", "--home", &home], 0);
     assert!(leftovers().is_empty(), "lab down left {:?}", leftovers());
     let java = String::from_utf8_lossy(&Command::new("pgrep").args(["-f", "kafka.Kafka|CassandraDaemon"]).output().expect("pgrep").stdout)

@@ -93,9 +93,10 @@ pub async fn event_times(s: &Session, table: &str) -> anyhow::Result<Vec<(i64, i
     Ok(v)
 }
 
-/// The `(produced at, written at)` ms of the stored events whose event id
-/// starts with `prefix` (one load run's).
-pub async fn event_times_of(s: &Session, table: &str, prefix: &str) -> anyhow::Result<Vec<(i64, i64)>> {
+/// `(sequence number, produced at, written at)` (ms) of the stored events
+/// whose event id is `PREFIX` followed by a number (one load run's events,
+/// `RUN-00000042`).
+pub async fn event_times_of(s: &Session, table: &str, prefix: &str) -> anyhow::Result<Vec<(u64, i64, i64)>> {
     let table = parse_table_name(table).map_err(anyhow::Error::msg)?;
     let pager = s
         .query_iter(format!("SELECT event_id, ts_ms, written_at_ms FROM {table}"), &[])
@@ -103,7 +104,7 @@ pub async fn event_times_of(s: &Session, table: &str, prefix: &str) -> anyhow::R
         .with_context(|| format!("reading {table}"))?;
     let stream = pager.rows_stream::<(String, i64, i64)>().context("typing rows (event_id text, ts_ms bigint, written_at_ms bigint)")?;
     let v: Vec<(String, i64, i64)> = stream.try_collect().await.with_context(|| format!("reading {table}"))?;
-    Ok(v.into_iter().filter(|(id, _, _)| id.starts_with(prefix)).map(|(_, p, w)| (p, w)).collect())
+    Ok(v.into_iter().filter_map(|(id, p, w)| Some((id.strip_prefix(prefix)?.parse().ok()?, p, w))).collect())
 }
 
 #[cfg(test)]

@@ -164,7 +164,8 @@ async fn main() -> anyhow::Result<()> {
     };
     let limit = a.count.unwrap_or(u64::MAX);
     let counts: Vec<Arc<PhaseCounts>> = phases.iter().map(|_| Arc::new(PhaseCounts::default())).collect();
-    let mut windows: Vec<(i64, i64)> = vec![];
+    // Per phase: (from ms, to ms, first event number, end event number exclusive).
+    let mut windows: Vec<(i64, i64, u64, u64)> = vec![];
     let started = Instant::now();
     let mut last_report = Instant::now();
     let mut last_status = Instant::now();
@@ -177,7 +178,7 @@ async fn main() -> anyhow::Result<()> {
         let mut tick = tokio::time::interval(Duration::from_secs(1) / phase.rate);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
         let (phase_start, phase_ms) = (Instant::now(), now_ms());
-        windows.push((phase_ms, phase_ms));
+        windows.push((phase_ms, phase_ms, produced, produced));
         info!(phase = %phase.name, rate = phase.rate, seconds = phase.duration.as_secs_f64(), "phase");
         // With --count the one phase is the count, however long it takes.
         let phase_count = a.count.unwrap_or_else(|| (f64::from(phase.rate) * phase.duration.as_secs_f64()).round() as u64);
@@ -235,7 +236,7 @@ async fn main() -> anyhow::Result<()> {
                 last_report = Instant::now();
             }
             if let Some(w) = windows.last_mut() {
-                w.1 = now_ms();
+                (w.1, w.3) = (now_ms(), produced);
             }
         }
     }
@@ -251,8 +252,8 @@ async fn main() -> anyhow::Result<()> {
         .iter()
         .zip(&windows)
         .zip(&counts)
-        .map(|((p, (from, to)), c)| {
-            serde_json::json!({"phase": p.name, "rate_per_s": p.rate, "from_ms": from, "to_ms": to,
+        .map(|((p, (from, to, first, end)), c)| {
+            serde_json::json!({"phase": p.name, "rate_per_s": p.rate, "from_ms": from, "to_ms": to, "first_seq": first, "end_seq": end,
                 "produced": c.produced.load(Ordering::Relaxed), "acked": c.acked.load(Ordering::Relaxed), "failed": c.failed.load(Ordering::Relaxed)})
         })
         .collect();
