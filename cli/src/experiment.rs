@@ -693,13 +693,13 @@ impl Runner<'_> {
         let mut abort: Option<String> = None;
         loop {
             // Start what is due.
-            for i in 0..slots.len() {
-                if slots[i].started || abort.is_some() || Instant::now() < slots[i].start_at {
+            for slot in slots.iter_mut() {
+                if slot.started || abort.is_some() || Instant::now() < slot.start_at {
                     continue;
                 }
-                slots[i].started = true;
-                slots[i].start_s = self.now();
-                let step = slots[i].step;
+                slot.started = true;
+                slot.start_s = self.now();
+                let step = slot.step;
                 match step {
                     Step::Wait { name, wait, .. } => self.event(format!("{label} {name}: wait {}", humantime::format_duration(*wait))),
                     Step::Fault { name, duration, .. } => {
@@ -711,14 +711,14 @@ impl Runner<'_> {
                             Ok(r) => {
                                 let sc = r.into_inner().scenario.unwrap_or_default();
                                 self.event(format!("{label} {name}: scenario {} for {}", sc.id, humantime::format_duration(*duration)));
-                                slots[i].scenario = Some(sc);
+                                slot.scenario = Some(sc);
                             }
                             // A safety rule refused it at its turn: the run aborts, nothing forced.
                             Err(st) if matches!(st.code(), tonic::Code::FailedPrecondition | tonic::Code::ResourceExhausted) => {
                                 let why = format!("{name}: refused: {}", st.message());
                                 self.event(why.clone());
-                                slots[i].done = true;
-                                records.push(Self::record(&slots[i], self.now(), "refused".into(), st.message().to_string()));
+                                slot.done = true;
+                                records.push(Self::record(slot, self.now(), "refused".into(), st.message().to_string()));
                                 abort = Some(why);
                             }
                             Err(st) => return Err(from_status(&self.server, st)),
@@ -728,16 +728,16 @@ impl Runner<'_> {
                 }
             }
             // Follow what runs.
-            for i in 0..slots.len() {
-                if !slots[i].started || slots[i].done {
+            for slot in slots.iter_mut() {
+                if !slot.started || slot.done {
                     continue;
                 }
-                match (slots[i].step, slots[i].scenario.clone()) {
+                match (slot.step, slot.scenario.clone()) {
                     (Step::Wait { wait, .. }, _) => {
-                        if Instant::now() >= slots[i].start_at + *wait || abort.is_some() {
-                            slots[i].done = true;
+                        if Instant::now() >= slot.start_at + *wait || abort.is_some() {
+                            slot.done = true;
                             let state = if abort.is_some() { "cut short" } else { "done" };
-                            records.push(Self::record(&slots[i], self.now(), state.into(), String::new()));
+                            records.push(Self::record(slot, self.now(), state.into(), String::new()));
                         }
                     }
                     (Step::Fault { name, .. }, Some(sc)) => {
@@ -750,18 +750,18 @@ impl Runner<'_> {
                         }
                         .map_err(|s| from_status(&self.server, s))?
                         .into_inner();
-                        slots[i].scenario = Some(last.clone());
+                        slot.scenario = Some(last.clone());
                         if scenario_is_final(last.state) {
-                            slots[i].done = true;
+                            slot.done = true;
                             self.event(format!("{label} {name}: {} ({})", state_name(last.state), last.reason));
-                            records.push(Self::record(&slots[i], self.now(), state_name(last.state), last.reason.clone()));
+                            records.push(Self::record(slot, self.now(), state_name(last.state), last.reason.clone()));
                             let completed = matches!(ScenarioState::try_from(last.state), Ok(ScenarioState::Completed));
                             if !completed && abort.is_none() {
                                 abort = Some(format!("{name}: scenario {} {}: {}", last.id, state_name(last.state), last.reason));
                             }
                         }
                     }
-                    _ => slots[i].done = true,
+                    _ => slot.done = true,
                 }
             }
             let pending_start = slots.iter().any(|s| !s.started);

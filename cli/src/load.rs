@@ -217,7 +217,7 @@ impl LoadRun {
         loop {
             stored =
                 cassandra::event_times_of(&session, &target.table, &format!("{}-", self.run_id)).await.map_err(|e| format!("{e:#}"))?;
-            if stored.len() >= acked || Instant::now() >= until || (stored.len() == last && stored.len() > 0) {
+            if stored.len() >= acked || Instant::now() >= until || (stored.len() == last && !stored.is_empty()) {
                 break;
             }
             last = stored.len();
