@@ -1003,10 +1003,20 @@ pub async fn run(coordinator: &str, timeout: Duration, a: RunArgs) -> Result<u8,
             verdict = Verdict::Deviated;
         }
     }
-    // The load ends with the method (or with its profile, if shorter); its figures.
+    // The load runs its whole profile (the phases after the method measure
+    // the recovery), unless Ctrl-C came; then its figures.
     let mut load_json = serde_json::Value::Null;
     let mut acks: Option<(PathBuf, String)> = None;
     if let (Some(run), Some(l)) = (load.as_mut(), &e.load) {
+        if run.running() && !r.interrupted {
+            let left = run.total.saturating_sub(run.started.elapsed());
+            r.event(format!("waiting for the load profile to end (about {:.0} s)", left.as_secs_f64()));
+            while run.running() && !r.interrupted {
+                if r.sleep_or_interrupt(Duration::from_secs(1)).await {
+                    r.event("Ctrl-C: stopping the load".into());
+                }
+            }
+        }
         let summary = run.finish();
         r.event(format!("load ended: produced {}, acknowledged {}, failed {}", summary["produced"], summary["acked"], summary["failed"]));
         let stats = if r.interrupted { Err("interrupted".to_string()) } else { run.stats(&l.target, &summary, l.settle.0).await };
