@@ -275,11 +275,15 @@ impl Live {
     }
 }
 
-/// The GameDay service: one at a time.
+/// The GameDay service: one at a time. Each GameDay's record (with its
+/// kept history) is written to the store at its start, at each pick and at
+/// its end; one found RUNNING at start-up ended with the coordinator.
 pub struct GameDays {
     scenarios: Arc<Scenarios>,
     hub: Option<Arc<Hub>>,
     current: Mutex<Option<Live>>,
+    /// The last GameDay of a previous coordinator run, until a new one starts.
+    previous: Mutex<Option<pb::GameDay>>,
 }
 
 fn state_text(s: GameDayState) -> &'static str {
@@ -295,7 +299,62 @@ fn state_text(s: GameDayState) -> &'static str {
 impl GameDays {
     /// `hub`: the monitoring hub (None when monitoring is off: SLOs are refused then).
     pub fn new(scenarios: Arc<Scenarios>, hub: Option<Arc<Hub>>) -> Arc<Self> {
-        Arc::new(GameDays { scenarios, hub, current: Mutex::new(None) })
+        let previous = match scenarios.store().last_gameday() {
+            Ok(Some(mut g)) if g.state == GameDayState::Running as i32 => {
+                // Its scenarios are recovered (and reverted) with the others; the GameDay itself ended with the coordinator.
+                g.state = GameDayState::Aborted as i32;
+                g.reason = "the coordinator stopped while it ran".into();
+                g.ended_at = Some(timestamp_to_pb(SystemTime::now()));
+                if let Err(e) = scenarios.store().save_gameday(&g) {
+                    tracing::error!(error = %e, "cannot record the end of the previous GameDay");
+                }
+                if let Err(e) =
+                    scenarios.store().audit("coordinator", "EndGameDay", &g.id, "ABORTED: the coordinator stopped while it ran", "ok")
+                {
+                    tracing::error!(error = %e, "audit write failed");
+                }
+                warn!(gameday = %g.id, "a GameDay was running when the coordinator stopped: recorded as aborted");
+                Some(g)
+            }
+            Ok(g) => g,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the last GameDay");
+                None
+            }
+        };
+        let running: Vec<String> = previous
+            .iter()
+            .filter(|g| g.reason == "the coordinator stopped while it ran")
+            .flat_map(|g| g.history.iter().filter(|t| !t.scenario_id.is_empty() && t.outcome.is_empty()).map(|t| t.scenario_id.clone()))
+            .collect();
+        let me = Arc::new(GameDays { scenarios, hub, current: Mutex::new(None), previous: Mutex::new(previous) });
+        if !running.is_empty() {
+            // Its actions that the restart recovered end now, as they would have with the GameDay.
+            tokio::spawn(Arc::clone(&me).end_orphans(running));
+        }
+        me
+    }
+
+    async fn end_orphans(self: Arc<Self>, ids: Vec<String>) {
+        let stops = ids.iter().map(|id| self.scenarios.stop(id, "its GameDay ended when the coordinator stopped"));
+        let ended = futures::future::join_all(stops).await;
+        let mut prev = self.previous.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(g) = prev.as_mut() {
+            for sc in ended.into_iter().flatten() {
+                if let Some(t) = g.history.iter_mut().find(|t| t.scenario_id == sc.id) {
+                    t.outcome = state_name(sc.state);
+                }
+            }
+            let g = g.clone();
+            drop(prev);
+            self.persist(&g);
+        }
+    }
+
+    fn persist(&self, g: &pb::GameDay) {
+        if let Err(e) = self.scenarios.store().save_gameday(g) {
+            tracing::error!(gameday = %g.id, error = %e, "cannot record the GameDay");
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, Option<Live>> {
@@ -332,6 +391,8 @@ impl GameDays {
         let snapshot = live.to_pb(0);
         *g = Some(live);
         drop(g);
+        self.previous.lock().unwrap_or_else(|p| p.into_inner()).take();
+        self.persist(&snapshot);
         let detail = format!(
             "{}: every {} s for {} s, {} action(s), seed {}",
             plan.name,
@@ -371,10 +432,18 @@ impl GameDays {
     }
 
     pub fn get(&self, history: usize) -> Result<pb::GameDay, CoordinatorError> {
-        self.lock()
-            .as_ref()
-            .map(|l| l.to_pb(history))
-            .ok_or_else(|| CoordinatorError::NotFound("GameDay (none has run since the coordinator started)".into()))
+        if let Some(l) = self.lock().as_ref() {
+            return Ok(l.to_pb(history));
+        }
+        let mut g = self
+            .previous
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or_else(|| CoordinatorError::NotFound("GameDay (none has run)".into()))?;
+        let skip = if history == 0 { 0 } else { g.history.len().saturating_sub(history) };
+        g.history.drain(..skip);
+        Ok(g)
     }
 
     fn with(&self, f: impl FnOnce(&mut Live)) {
@@ -485,12 +554,16 @@ impl GameDays {
                 end_reason, l.counts[0], l.counts[1], l.counts[2], l.counts[3]
             );
         });
+        if let Ok(g) = self.get(0) {
+            self.persist(&g);
+        }
         info!(gameday = %id, state = state_text(end_state), "GameDay ended: {summary}");
         self.audit("coordinator", "EndGameDay", &id, &format!("{}: {summary}", state_text(end_state)));
     }
 
     /// One history entry; `kind` counts it (1 injected, 2 refused, 3 skipped).
     fn record(&self, n: u64, action: &str, agent_id: &str, scenario_id: &str, result: String, kind: usize) {
+        let mut snapshot = None;
         self.with(|l| {
             l.counts[0] += 1;
             l.counts[kind] += 1;
@@ -503,7 +576,11 @@ impl GameDays {
                 result,
                 outcome: String::new(),
             });
+            snapshot = Some(l.to_pb(0));
         });
+        if let Some(g) = snapshot {
+            self.persist(&g);
+        }
     }
 }
 

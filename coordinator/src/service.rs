@@ -349,14 +349,17 @@ impl Coordinator for CoordinatorService {
     }
 
     async fn record_experiment_run(&self, req: Request<pb::ExperimentRun>) -> Result<Response<pb::ExperimentRun>, Status> {
+        let who = actor(&req);
         let run = req.into_inner();
-        if run.id.is_empty() || run.id.len() > 200 {
-            return Err(CoordinatorError::invalid("id", format!("must be 1..200 characters, got {}", run.id.len())).into());
-        }
-        if !["HELD", "DEVIATED", "ABORTED"].contains(&run.verdict.as_str()) {
-            return Err(CoordinatorError::invalid("verdict", format!("must be HELD, DEVIATED or ABORTED, got {:?}", run.verdict)).into());
-        }
-        self.scenarios.store().record_run(&run).map_err(CoordinatorError::store)?;
+        let result = if run.id.is_empty() || run.id.len() > 200 {
+            Err(CoordinatorError::invalid("id", format!("must be 1..200 characters, got {}", run.id.len())).into())
+        } else if !["HELD", "DEVIATED", "ABORTED"].contains(&run.verdict.as_str()) {
+            Err(CoordinatorError::invalid("verdict", format!("must be HELD, DEVIATED or ABORTED, got {:?}", run.verdict)).into())
+        } else {
+            self.scenarios.store().record_run(&run).map_err(|e| CoordinatorError::store(e).into())
+        };
+        self.audit(&who, "RecordExperimentRun", &run.id, &format!("{}: {} ({})", run.experiment, run.verdict, run.report_dir), &result);
+        result?;
         Ok(Response::new(run))
     }
 

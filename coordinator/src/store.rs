@@ -19,8 +19,9 @@ use chaos_proto::{
 use prost::Message;
 use rusqlite::{Connection, OptionalExtension, params};
 
-/// Schema version 3: version 1 plus `experiment_runs` (2) and
-/// `scenario_agents.achieved`/`outcome` (3); opening an older file adds them.
+/// Schema version 3: version 1 plus `experiment_runs` (2),
+/// `scenario_agents.achieved`/`outcome` and `gamedays` (3); opening an older
+/// file adds them.
 pub const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS scenarios (
     id            TEXT PRIMARY KEY,
@@ -68,7 +69,8 @@ CREATE TABLE IF NOT EXISTS audit (
     id      INTEGER PRIMARY KEY AUTOINCREMENT,
     at      TEXT NOT NULL,
     actor   TEXT NOT NULL,                   -- x-chaos-actor and peer address, or 'coordinator'
-    action  TEXT NOT NULL,                   -- CreateScenario, StopScenario, EmergencyStop, Arm, RegisterAgent, RevertOrphan
+    action  TEXT NOT NULL,                   -- CreateScenario, StopScenario, EmergencyStop, Arm, RegisterAgent, RevertOrphan,
+                                             -- StartGameDay, EndGameDay, RecordExperimentRun, alert and stop-condition events
     target  TEXT NOT NULL,
     detail  TEXT NOT NULL,
     outcome TEXT NOT NULL                    -- ok | refused: ... | error: ...
@@ -85,6 +87,12 @@ CREATE TABLE IF NOT EXISTS experiment_runs (
     run         BLOB NOT NULL                -- chaos.v1.ExperimentRun, protobuf
 );
 CREATE INDEX IF NOT EXISTS experiment_runs_name ON experiment_runs(experiment);
+CREATE TABLE IF NOT EXISTS gamedays (
+    id          TEXT PRIMARY KEY,
+    started_at  TEXT NOT NULL,
+    state       TEXT NOT NULL,               -- RUNNING COMPLETED STOPPED ABORTED
+    record      BLOB NOT NULL                -- chaos.v1.GameDay (with its kept history), protobuf
+);
 PRAGMA user_version = 3;
 ";
 
@@ -340,6 +348,27 @@ impl Store {
         Ok(v)
     }
 
+    /// Write a GameDay's record (at its start, each pick, and its end).
+    pub fn save_gameday(&self, g: &pb::GameDay) -> StoreResult<()> {
+        let started = g.started_at.as_ref().map(|t| humantime::format_rfc3339_millis(timestamp_from_pb(t)).to_string()).unwrap_or_default();
+        let state = pb::GameDayState::try_from(g.state)
+            .unwrap_or(pb::GameDayState::Unspecified)
+            .as_str_name()
+            .trim_start_matches("GAME_DAY_STATE_");
+        self.lock().execute(
+            "INSERT OR REPLACE INTO gamedays (id, started_at, state, record) VALUES (?1, ?2, ?3, ?4)",
+            params![g.id, started, state, g.encode_to_vec()],
+        )?;
+        Ok(())
+    }
+
+    /// The newest GameDay, if any.
+    pub fn last_gameday(&self) -> StoreResult<Option<pb::GameDay>> {
+        let blob: Option<Vec<u8>> =
+            self.lock().query_row("SELECT record FROM gamedays ORDER BY started_at DESC LIMIT 1", [], |r| r.get(0)).optional()?;
+        Ok(blob.and_then(|b| pb::GameDay::decode(b.as_slice()).ok()))
+    }
+
     /// Whether the scenario exists at all (for NOT_FOUND vs final).
     pub fn exists(&self, id: &str) -> StoreResult<bool> {
         Ok(self.lock().query_row("SELECT 1 FROM scenarios WHERE id = ?1", [id], |_| Ok(())).optional()?.is_some())
@@ -408,6 +437,26 @@ mod tests {
         assert_eq!(s.unfinished().expect("unfinished").len(), 1);
         assert_eq!(s.list(&[ScenarioState::Completed as i32], 10).expect("list").len(), 0);
         assert!(s.exists("sc-1").expect("exists") && !s.exists("sc-2").expect("exists"));
+    }
+
+    #[test]
+    fn the_newest_gameday_is_kept() {
+        let st = Store::in_memory().expect("store");
+        assert!(st.last_gameday().expect("none").is_none());
+        let at = |s: u64| Some(timestamp_to_pb(SystemTime::UNIX_EPOCH + Duration::from_secs(s)));
+        let g = |id: &str, s: u64| pb::GameDay {
+            id: id.into(),
+            started_at: at(s),
+            state: pb::GameDayState::Running as i32,
+            ..Default::default()
+        };
+        st.save_gameday(&g("gd-1", 100)).expect("save");
+        st.save_gameday(&g("gd-2", 200)).expect("save");
+        let mut ended = g("gd-2", 200);
+        ended.state = pb::GameDayState::Completed as i32;
+        ended.history.push(pb::GameDayTick { n: 1, result: "injected".into(), ..Default::default() });
+        st.save_gameday(&ended).expect("again");
+        assert_eq!(st.last_gameday().expect("last"), Some(ended));
     }
 
     #[test]

@@ -3,7 +3,9 @@
 //! The GameDay stays inside the limit (the coordinator refuses the picks
 //! that would exceed it), keeps a bounded history, ends on its own at its
 //! time box with every action reverted; a second one is refused while one
-//! runs; `stop` ends one early; an SLO that fires aborts one (exit 9).
+//! runs; `stop` ends one early; an SLO that fires aborts one (exit 9); a
+//! coordinator that stops while one runs shows it ABORTED after its restart
+//! and stops the action it recovered.
 
 use std::{path::Path, time::Duration};
 
@@ -25,7 +27,8 @@ fn a_gameday_stays_inside_its_limits_and_ends_on_its_own() {
         "chaos_testing: {blast_radius_limit: 0.5, group_blast_radius_limit: 1.0}\nmonitoring:\n  metrics_interval: 500ms\n",
     )
     .expect("config");
-    let (_coord, curl) = start_coordinator_with(dir.path(), free_port(), Some(&cfg));
+    let port = free_port();
+    let (mut coord, curl) = start_coordinator_with(dir.path(), port, Some(&cfg));
     let (v, name) = victim(dir.path());
     let _agents: Vec<(Daemon, String)> = (0..4)
         .map(|i| {
@@ -157,6 +160,22 @@ fn a_gameday_stays_inside_its_limits_and_ends_on_its_own() {
     );
     assert!(out.contains("ABORTED") && out.contains("SLO breached"), "{out}");
     assert!(wait_until(Duration::from_secs(5), || v.state() != 'T'), "reverted after the SLO fired");
+    // The coordinator stops while a GameDay holds a 1-minute pause.
+    c(&["gameday", "start", "--every", "2s", "--for", "10m", "--action", &action, "--action-duration", "1m"], 0);
+    assert!(wait_until(Duration::from_secs(10), || v.state() == 'T'), "the first pick pauses the victim");
+    coord.terminate(Duration::from_secs(10));
+    let (_coord, _) = start_coordinator_with(dir.path(), port, Some(&cfg));
+    assert!(wait_until(Duration::from_secs(30), || v.state() != 'T'), "the recovered action ends with its GameDay");
+    let after = json(&c(&["-o", "json", "gameday", "status"], 0));
+    assert_eq!(after["state"], "aborted", "{after}");
+    assert!(after["reason"].as_str().is_some_and(|r| r.contains("coordinator stopped")), "{after}");
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            let h = json(&c(&["-o", "json", "gameday", "history"], 0));
+            h["history"].as_array().is_some_and(|h| h.iter().all(|t| t["scenario_id"] == "" || t["outcome"] != ""))
+        }),
+        "every action has its outcome after the restart"
+    );
     // A malformed spec names the field.
     let bad = c(&["gameday", "start", "--every", "500ms", "--for", "1m", "--action", &action], 2);
     assert!(bad.contains("spec.every"), "{bad}");
