@@ -160,6 +160,13 @@ pub enum Step {
         wait: Duration,
         after: Duration,
     },
+    /// Wait until the experiment's load begins producing its phase `phase`:
+    /// the method keeps time with the load's own clock, whatever the
+    /// producer's start-up took.
+    LoadPhase {
+        name: String,
+        phase: String,
+    },
     Parallel {
         name: String,
         steps: Vec<Step>,
@@ -169,20 +176,20 @@ pub enum Step {
 impl Step {
     fn name(&self) -> &str {
         match self {
-            Step::Fault { name, .. } | Step::Wait { name, .. } | Step::Parallel { name, .. } => name,
+            Step::Fault { name, .. } | Step::Wait { name, .. } | Step::LoadPhase { name, .. } | Step::Parallel { name, .. } => name,
         }
     }
     fn after(&self) -> Duration {
         match self {
             Step::Fault { after, .. } | Step::Wait { after, .. } => *after,
-            Step::Parallel { .. } => Duration::ZERO,
+            Step::LoadPhase { .. } | Step::Parallel { .. } => Duration::ZERO,
         }
     }
     /// The fault steps in it (itself, or a group's).
     fn faults(&self) -> Vec<&Step> {
         match self {
             Step::Fault { .. } => vec![self],
-            Step::Wait { .. } => vec![],
+            Step::Wait { .. } | Step::LoadPhase { .. } => vec![],
             Step::Parallel { steps, .. } => steps.iter().filter(|s| matches!(s, Step::Fault { .. })).collect(),
         }
     }
@@ -195,63 +202,120 @@ struct RawStep {
     name: String,
     fault: Option<FaultText>,
     wait: Option<HumanDuration>,
+    wait_for_load_phase: Option<String>,
     parallel: Option<Vec<Step>>,
     after: Option<HumanDuration>,
-    #[serde(default)]
-    selector: BTreeMap<String, String>,
-    #[serde(default)]
-    agent_ids: Vec<String>,
-    #[serde(default)]
-    mode: Mode,
+    selector: Option<BTreeMap<String, String>>,
+    agent_ids: Option<Vec<String>>,
+    mode: Option<Mode>,
     duration: Option<HumanDuration>,
-    #[serde(default)]
-    severity: u32,
-    #[serde(default)]
-    stop_conditions: Vec<RuleText>,
+    severity: Option<u32>,
+    stop_conditions: Option<Vec<RuleText>>,
+}
+
+impl RawStep {
+    /// The keys given that only a fault step takes.
+    fn fault_keys(&self) -> Vec<&'static str> {
+        [
+            ("selector", self.selector.is_some()),
+            ("agent_ids", self.agent_ids.is_some()),
+            ("mode", self.mode.is_some()),
+            ("duration", self.duration.is_some()),
+            ("severity", self.severity.is_some()),
+            ("stop_conditions", self.stop_conditions.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(k, given)| given.then_some(k))
+        .collect()
+    }
+}
+
+/// Refuse keys a step of this kind does not take (they would do nothing).
+fn only<E: de::Error>(kind: &str, takes: &str, given: &[&str]) -> Result<(), E> {
+    match given {
+        [] => Ok(()),
+        keys => Err(E::custom(format!("a `{kind}` step takes only {takes}, not `{}`", keys.join("`, `")))),
+    }
 }
 
 impl<'de> Deserialize<'de> for Step {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let r = RawStep::deserialize(d)?;
-        if r.severity > 5 {
-            return Err(de::Error::custom(format!("severity: must be 1..5 (0: the coordinator's default), got {}", r.severity)));
+        // Checked inside the visit of the step's mapping, so an error carries
+        // the step's own line (not the line of the list it is in).
+        struct V;
+        impl<'de> de::Visitor<'de> for V {
+            type Value = Step;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a step: a mapping with `fault`, `wait`, `wait_for_load_phase` or `parallel`")
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, map: A) -> Result<Step, A::Error> {
+                Step::from_raw(RawStep::deserialize(de::value::MapAccessDeserializer::new(map))?)
+            }
         }
+        d.deserialize_map(V)
+    }
+}
+
+impl Step {
+    fn from_raw<E: de::Error>(r: RawStep) -> Result<Step, E> {
+        let given = r.fault_keys();
         let after = r.after.map(|a| a.0).unwrap_or_default();
-        match (r.fault, r.wait, r.parallel) {
-            (Some(fault), None, None) => {
-                let duration = r.duration.ok_or_else(|| de::Error::custom("a fault step needs `duration` (how long the fault holds)"))?.0;
+        match (r.fault, r.wait, r.parallel, r.wait_for_load_phase) {
+            (None, None, None, Some(phase)) => {
+                let mut given = given;
+                if r.after.is_some() {
+                    given.insert(0, "after");
+                }
+                only("wait_for_load_phase", "`name` (it ends when the load's phase begins: put any offset on the next step)", &given)?;
+                let name = if r.name.is_empty() { format!("wait for the load's phase {phase}") } else { r.name };
+                Ok(Step::LoadPhase { name, phase })
+            }
+            (Some(fault), None, None, None) => {
+                let severity = r.severity.unwrap_or(0);
+                if severity > 5 {
+                    return Err(E::custom(format!("severity: must be 1..5 (0: the coordinator's default), got {severity}")));
+                }
+                let duration = r.duration.ok_or_else(|| E::custom("a fault step needs `duration` (how long the fault holds)"))?.0;
                 if duration.is_zero() {
-                    return Err(de::Error::custom("duration: must be > 0"));
+                    return Err(E::custom("duration: must be > 0"));
                 }
                 let name = if r.name.is_empty() { fault.text.clone() } else { r.name };
                 Ok(Step::Fault {
                     name,
                     fault,
-                    selector: r.selector,
-                    agent_ids: r.agent_ids,
-                    mode: r.mode,
+                    selector: r.selector.unwrap_or_default(),
+                    agent_ids: r.agent_ids.unwrap_or_default(),
+                    mode: r.mode.unwrap_or_default(),
                     duration,
-                    severity: r.severity,
-                    stop_conditions: r.stop_conditions,
+                    severity,
+                    stop_conditions: r.stop_conditions.unwrap_or_default(),
                     after,
                 })
             }
-            (None, Some(w), None) => Ok(Step::Wait {
-                name: if r.name.is_empty() { format!("wait {}", humantime::format_duration(w.0)) } else { r.name },
-                wait: w.0,
-                after,
-            }),
-            (None, None, Some(steps)) => {
-                if r.after.is_some() || r.duration.is_some() || !r.selector.is_empty() || !r.agent_ids.is_empty() {
-                    return Err(de::Error::custom(
-                        "a `parallel` group takes only `name` and its steps (put `after`, `duration` and targets on each step)",
-                    ));
+            (None, Some(w), None, None) => {
+                only("wait", "`name`, `wait` and `after`", &given)?;
+                Ok(Step::Wait {
+                    name: if r.name.is_empty() { format!("wait {}", humantime::format_duration(w.0)) } else { r.name },
+                    wait: w.0,
+                    after,
+                })
+            }
+            (None, None, Some(steps), None) => {
+                let mut given = given;
+                if r.after.is_some() {
+                    given.insert(0, "after");
                 }
+                only("parallel", "`name` and its steps (put `after`, `duration` and targets on each member)", &given)?;
                 if steps.is_empty() {
-                    return Err(de::Error::custom("parallel: needs at least one step"));
+                    return Err(E::custom("parallel: needs at least one step"));
                 }
                 if steps.iter().any(|s| matches!(s, Step::Parallel { .. })) {
-                    return Err(de::Error::custom("parallel: groups do not nest"));
+                    return Err(E::custom("parallel: groups do not nest"));
+                }
+                if steps.iter().any(|s| matches!(s, Step::LoadPhase { .. })) {
+                    return Err(E::custom(
+                        "parallel: `wait_for_load_phase` is a step of its own, before the group (members start at their `after` offsets)",
+                    ));
                 }
                 let name = if r.name.is_empty() {
                     format!("parallel: {}", steps.iter().map(Step::name).collect::<Vec<_>>().join(" + "))
@@ -260,8 +324,10 @@ impl<'de> Deserialize<'de> for Step {
                 };
                 Ok(Step::Parallel { name, steps })
             }
-            (None, None, None) => Err(de::Error::custom("a step needs `fault` (with `duration`), `wait` or `parallel`")),
-            _ => Err(de::Error::custom("a step is one of `fault`, `wait` or `parallel`, not several")),
+            (None, None, None, None) => {
+                Err(E::custom("a step needs `fault` (with `duration`), `wait`, `wait_for_load_phase` or `parallel`"))
+            }
+            _ => Err(E::custom("a step is one of `fault`, `wait`, `wait_for_load_phase` or `parallel`, not several")),
         }
     }
 }
@@ -371,6 +437,31 @@ pub fn parse(file: &str, text: &str) -> Result<Experiment, String> {
         crate::load::check_profile(&l.profile).map_err(|m| format!("{file}: load.{m}"))?;
         l.target.check().map_err(|m| format!("{file}: {m}"))?;
     }
+    for (i, step) in e.method.iter().enumerate() {
+        if let Step::LoadPhase { phase, .. } = step {
+            let Some(l) = &e.load else {
+                return Err(format!("{file}: method[{i}].wait_for_load_phase: {phase:?}: the experiment has no `load:` to wait for"));
+            };
+            let names: Vec<&str> = l.profile.iter().map(|p| p.phase.as_str()).collect();
+            match names.iter().filter(|n| **n == phase).count() {
+                1 => {}
+                0 => {
+                    return Err(format!(
+                        "{file}: method[{i}].wait_for_load_phase: no phase {phase:?} in load.profile (its phases: {})",
+                        names.join(", ")
+                    ));
+                }
+                n => {
+                    return Err(format!(
+                        "{file}: method[{i}].wait_for_load_phase: load.profile has {n} phases named {phase:?}; give the one to wait for a name of its own"
+                    ));
+                }
+            }
+        }
+    }
+    if let Some(i) = e.rollbacks.iter().position(|s| matches!(s, Step::LoadPhase { .. })) {
+        return Err(format!("{file}: rollbacks[{i}]: `wait_for_load_phase` belongs in the method (rollbacks run after an abort)"));
+    }
     Ok(e)
 }
 
@@ -416,7 +507,9 @@ An experiment file (YAML):
     profile:                        #   (towards the lab; `target:` for other lab addresses)
       - {phase: warmup, rate: 50, for: 10s}
       - {phase: baseline, rate: 200, for: 30s}
+      - {phase: fault, rate: 200, for: 30s}
   method:
+    - wait_for_load_phase: fault      # by the load's own clock: the baseline is measured whole
     - name: pause the broker
       fault: --pause-name java        # the flags of `chaos agent apply`, without --duration
       selector: {role: kafka}         # agents by label (or agent_ids: [..]); mode: all | one
@@ -604,6 +697,10 @@ struct Runner<'a> {
     interrupted: bool,
     /// Running the rollbacks: their scenarios carry no experiment stop conditions.
     rolling_back: bool,
+    /// The experiment's load, while it runs.
+    load: Option<crate::load::LoadRun>,
+    /// The load phase last put on the timeline.
+    load_phase: Option<usize>,
 }
 
 impl Runner<'_> {
@@ -616,7 +713,20 @@ impl Runner<'_> {
         self.events.push((self.now(), text));
     }
 
+    /// Put a load phase that began since the last look on the timeline.
+    fn note_load_phase(&mut self) -> Option<crate::load::LoadStatus> {
+        let st = self.load.as_ref()?.status()?;
+        if st.phase_index.is_some() && st.phase_index != self.load_phase {
+            self.load_phase = st.phase_index;
+            let p = st.phase_index.and_then(|i| self.e.load.as_ref()?.profile.get(i));
+            let what = p.map(|p| format!(" ({}/s for {})", p.rate, humantime::format_duration(p.duration.0))).unwrap_or_default();
+            self.event(format!("load: phase {} began{what}", st.phase.clone().unwrap_or_default()));
+        }
+        Some(st)
+    }
+
     async fn snapshot(&mut self) -> Result<Vec<pb::MetricBatch>, CliError> {
+        self.note_load_phase();
         let req = pb::GetMetricsRequest { metric_prefixes: self.prefixes.clone(), ..Default::default() };
         let r = client(&self.coordinator, self.timeout)?.get_metrics(req).await.map_err(|s| from_status(&self.server, s))?.into_inner();
         let t = self.now();
@@ -660,6 +770,66 @@ impl Runner<'_> {
             _ = tokio::time::sleep(d) => false,
             _ = &mut self.ctrl_c => { self.interrupted = true; true }
         }
+    }
+
+    /// Wait until the load produces its phase `phase`; why the run cannot
+    /// go on otherwise (the load ended or fell behind, or Ctrl-C).
+    async fn wait_load_phase(&mut self, label: &str, name: &str, phase: &str, records: &mut Vec<StepRecord>) -> Option<String> {
+        let profile = self.e.load.as_ref().map(|l| l.profile.as_slice()).unwrap_or_default();
+        let index = profile.iter().position(|p| p.phase == phase).unwrap_or_default();
+        // The phase is due this far into the profile; the producer's start-up
+        // and a producer behind its rate get a minute on top.
+        let due: Duration = profile[..index].iter().map(|p| p.duration.0).sum();
+        let deadline = Instant::now() + due + Duration::from_secs(60);
+        let start_s = self.now();
+        self.event(format!("{label} {name} (due {:.0} s into the load)", due.as_secs_f64()));
+        let mut shown = Instant::now();
+        let outcome = loop {
+            let st = self.note_load_phase();
+            let now_at = st.as_ref().and_then(|s| s.phase_index);
+            if now_at == Some(index) {
+                break None;
+            }
+            if let Some(at) = now_at.filter(|at| *at > index) {
+                let now = profile.get(at).map(|p| p.phase.as_str()).unwrap_or("?");
+                break Some(format!("{name}: the load's phase {phase} had already ended (it is in {now})"));
+            }
+            if st.as_ref().is_some_and(|s| s.done) || !self.load.as_mut().is_some_and(|l| l.running()) {
+                break Some(format!("{name}: the load ended before its phase {phase} began"));
+            }
+            if Instant::now() >= deadline {
+                break Some(format!("{name}: the load's phase {phase} did not begin within {:.0} s", due.as_secs_f64() + 60.0));
+            }
+            if shown.elapsed() >= Duration::from_secs(1) {
+                shown = Instant::now();
+                let at = st.and_then(|s| s.phase).unwrap_or_else(|| "starting".into());
+                let metrics = match self.snapshot().await {
+                    Ok(_) => self.key_metrics(),
+                    Err(e) => format!("(metrics: {})", e.message),
+                };
+                emit(&format!("  {label} {name}: the load is in {at}  {metrics}"));
+            }
+            if self.sleep_or_interrupt(Duration::from_millis(20)).await {
+                self.event("Ctrl-C: the method stops before its next step".into());
+                break Some("Ctrl-C".into());
+            }
+        };
+        let state = if outcome.is_none() { "done" } else { "cut short" };
+        if let Some(why) = &outcome {
+            self.event(why.clone());
+        }
+        records.push(StepRecord {
+            name: name.to_string(),
+            kind: "wait",
+            fault: String::new(),
+            scenario_id: String::new(),
+            state: state.into(),
+            reason: outcome.clone().unwrap_or_default(),
+            start_s,
+            end_s: self.now(),
+            agents: vec![],
+        });
+        outcome
     }
 
     fn record(slot: &Slot<'_>, end_s: f64, state: String, reason: String) -> StepRecord {
@@ -724,7 +894,7 @@ impl Runner<'_> {
                             Err(st) => return Err(from_status(&self.server, st)),
                         }
                     }
-                    Step::Parallel { .. } => {}
+                    Step::LoadPhase { .. } | Step::Parallel { .. } => {}
                 }
             }
             // Follow what runs.
@@ -829,6 +999,11 @@ async fn show_plan(e: &Experiment, coordinator: &str, timeout: Duration, steps: 
             let after = if m.after().is_zero() { String::new() } else { format!(" after {}", humantime::format_duration(m.after())) };
             match (m, scenario_spec(e, m, stops)) {
                 (Step::Wait { wait, .. }, _) => emit(&format!("{indent}: wait {}{after}", humantime::format_duration(*wait))),
+                (Step::LoadPhase { phase, .. }, _) => {
+                    let profile = e.load.as_ref().map(|l| l.profile.as_slice()).unwrap_or_default();
+                    let due: Duration = profile.iter().take_while(|p| &p.phase != phase).map(|p| p.duration.0).sum();
+                    emit(&format!("{indent}: until the load begins its phase {phase} (about {:.0} s into it)", due.as_secs_f64()));
+                }
                 (Step::Fault { duration, .. }, Some(spec)) => {
                     let r = client(coordinator, timeout)?
                         .create_scenario(request(pb::CreateScenarioRequest { spec: Some(spec), dry_run: true }))
@@ -920,17 +1095,16 @@ pub async fn run(coordinator: &str, timeout: Duration, a: RunArgs) -> Result<u8,
         ctrl_c: Box::pin(tokio::signal::ctrl_c()),
         interrupted: false,
         rolling_back: false,
+        load: None,
+        load_phase: None,
     };
     // Load first, so the steady state is judged under it.
-    let mut load = match &e.load {
-        None => None,
-        Some(l) => {
-            let bin_dir = crate::lab::bin_dir(&None)?;
-            let run = crate::load::LoadRun::start(&bin_dir, &dir, &l.target, &l.profile, "load")?;
-            r.event(format!("load started: {} (run id {})", crate::load::profile_text(&l.profile), run.run_id));
-            Some(run)
-        }
-    };
+    if let Some(l) = &e.load {
+        let bin_dir = crate::lab::bin_dir(&None)?;
+        let run = crate::load::LoadRun::start(&bin_dir, &dir, &l.target, &l.profile, "load")?;
+        r.event(format!("load started: {} (run id {})", crate::load::profile_text(&l.profile), run.run_id));
+        r.load = Some(run);
+    }
     let before = r.snapshot().await?;
     let (held_before, before_lines) = hypothesis(&e.steady_state, &before);
     r.event(format!("steady state before: {}", if held_before { "holds" } else { "DOES NOT HOLD" }));
@@ -940,6 +1114,14 @@ pub async fn run(coordinator: &str, timeout: Duration, a: RunArgs) -> Result<u8,
     if held_before {
         for (i, step) in e.method.iter().enumerate() {
             let label = format!("step {}/{}", i + 1, e.method.len());
+            if let Step::LoadPhase { name, phase } = step {
+                if let Some(why) = r.wait_load_phase(&label, name, phase, &mut steps).await {
+                    abort_reason = why;
+                    verdict = Verdict::Aborted;
+                    break;
+                }
+                continue;
+            }
             let members: Vec<&Step> = match step {
                 Step::Parallel { name, steps } => {
                     r.event(format!("{label} {name}"));
@@ -1007,16 +1189,17 @@ pub async fn run(coordinator: &str, timeout: Duration, a: RunArgs) -> Result<u8,
     // the recovery), unless Ctrl-C came; then its figures.
     let mut load_json = serde_json::Value::Null;
     let mut acks: Option<(PathBuf, String)> = None;
-    if let (Some(run), Some(l)) = (load.as_mut(), &e.load) {
-        if run.running() && !r.interrupted {
-            let left = run.total.saturating_sub(run.started.elapsed());
-            r.event(format!("waiting for the load profile to end (about {:.0} s)", left.as_secs_f64()));
-            while run.running() && !r.interrupted {
-                if r.sleep_or_interrupt(Duration::from_secs(1)).await {
-                    r.event("Ctrl-C: stopping the load".into());
-                }
+    if r.load.as_mut().is_some_and(|run| run.running()) && !r.interrupted {
+        let left = r.load.as_ref().map(|run| run.total.saturating_sub(run.started.elapsed())).unwrap_or_default();
+        r.event(format!("waiting for the load profile to end (about {:.0} s)", left.as_secs_f64()));
+        while r.load.as_mut().is_some_and(|run| run.running()) && !r.interrupted {
+            r.note_load_phase();
+            if r.sleep_or_interrupt(Duration::from_secs(1)).await {
+                r.event("Ctrl-C: stopping the load".into());
             }
         }
+    }
+    if let (Some(mut run), Some(l)) = (r.load.take(), &e.load) {
         let summary = run.finish();
         r.event(format!("load ended: produced {}, acknowledged {}, failed {}", summary["produced"], summary["acked"], summary["failed"]));
         let stats = if r.interrupted { Err("interrupted".to_string()) } else { run.stats(&l.target, &summary, l.settle.0).await };
@@ -1035,7 +1218,6 @@ pub async fn run(coordinator: &str, timeout: Duration, a: RunArgs) -> Result<u8,
             "phases": stats.as_ref().ok(), "error": stats.as_ref().err()});
         acks = Some((run.acks.clone(), format!("{}-", run.run_id)));
     }
-    drop(load);
     // Validation: the recovery checks, with the load's acknowledged ids when there was load.
     let mut validation_json = serde_json::Value::Null;
     if let (Some(v), true) = (&e.validation, held_before && !r.interrupted) {
@@ -1481,7 +1663,9 @@ report:
     fn the_shipped_experiment_files_parse() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/experiments");
         let mut n = 0;
-        for f in std::fs::read_dir(&dir).expect("deploy/experiments").flatten() {
+        for f in
+            std::fs::read_dir(&dir).expect("deploy/experiments").flatten().filter(|f| f.path().extension().is_some_and(|x| x == "yaml"))
+        {
             let text = std::fs::read_to_string(f.path()).expect("read");
             parse(&f.path().display().to_string(), &text).unwrap_or_else(|e| panic!("{e}"));
             n += 1;
@@ -1581,7 +1765,105 @@ validation: --lab --max-lag 100
         assert!(e.contains("do not nest") || e.contains("at least one"), "{e}");
         let e = bad("  - wait: 2s\n", "  - wait: 2s\n    fault: --loss 1%\n");
         assert!(e.contains("not several"), "{e}");
+        let e = bad("  - wait: 2s\n", "  - wait: 2s\n    duration: 5s\n    severity: 2\n");
+        assert!(
+            e.starts_with("m.yaml:16:") && e.ends_with("a `wait` step takes only `name`, `wait` and `after`, not `duration`, `severity`"),
+            "{e}"
+        );
+        let e = bad("  - parallel:\n", "  - after: 1s\n    parallel:\n");
+        assert!(e.contains("a `parallel` step takes only `name` and its steps") && e.contains("not `after`"), "{e}");
         let e = bad("        after: 3s", "        after: -3s");
         assert!(e.starts_with("m.yaml:14:") && e.contains("must not be negative"), "{e}");
+    }
+
+    #[test]
+    fn a_step_waits_for_a_load_phase_that_the_profile_has() {
+        let text = "version: 1
+name: aligned
+load:
+  profile:
+    - {phase: warmup, rate: 50, for: 5s}
+    - {phase: fault, rate: 200, for: 20s}
+method:
+  - wait_for_load_phase: fault
+  - fault: --pause-name java
+    agent_ids: [k]
+    duration: 10s
+";
+        let e = parse("a.yaml", text).expect("parse");
+        assert!(matches!(&e.method[0], Step::LoadPhase { phase, name } if phase == "fault" && name == "wait for the load's phase fault"));
+        assert!(e.method[0].faults().is_empty());
+        let bad = |t: String| parse("a.yaml", &t).expect_err("refused");
+        let e = bad(text.replace("wait_for_load_phase: fault", "wait_for_load_phase: spike"));
+        assert_eq!(e, "a.yaml: method[0].wait_for_load_phase: no phase \"spike\" in load.profile (its phases: warmup, fault)");
+        let e = bad(text.replace("phase: warmup", "phase: fault"));
+        assert!(e.contains("has 2 phases named \"fault\""), "{e}");
+        let no_load = text.split_once("method:").map(|(_, m)| format!("version: 1\nname: aligned\nmethod:{m}")).expect("method");
+        assert!(bad(no_load).contains("method[0].wait_for_load_phase: \"fault\": the experiment has no `load:`"));
+        let e = bad(text.replace("  - wait_for_load_phase: fault\n", "  - wait_for_load_phase: fault\n    after: 2s\n"));
+        assert!(e.starts_with("a.yaml:8:") && e.contains("takes only `name`"), "{e}");
+        let e = bad(text.replace("  - wait_for_load_phase: fault\n", "  - parallel:\n      - wait_for_load_phase: fault\n"));
+        assert!(e.contains("a step of its own"), "{e}");
+        let e = bad(format!("{text}rollbacks:\n  - wait_for_load_phase: fault\n"));
+        assert!(e.contains("rollbacks[0]: `wait_for_load_phase` belongs in the method"), "{e}");
+        let e = bad(text.replace("  - wait_for_load_phase: fault\n", "  - wait_for_load_phase: fault\n    wait: 1s\n"));
+        assert!(e.contains("not several"), "{e}");
+    }
+
+    /// The experiment in `chaos run --help`.
+    fn help_example() -> String {
+        let yaml =
+            RUN_HELP.split_once("(YAML):\n").and_then(|(_, rest)| rest.split_once("\nEvery fault step")).map(|(y, _)| y).expect("example");
+        yaml.lines().map(|l| format!("{}\n", l.strip_prefix("  ").unwrap_or(l))).collect()
+    }
+
+    #[test]
+    fn the_example_in_the_help_parses() {
+        let text = help_example();
+        let e = parse("help", &text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        assert_eq!((e.method.len(), e.rollbacks.len(), e.load.map(|l| l.profile.len())), (4, 1, Some(3)));
+    }
+
+    /// deploy/experiments/experiment.schema.json and the parser: the same
+    /// files pass both, and the same mistakes are refused by both.
+    #[test]
+    fn the_schema_and_the_parser_agree() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/experiments");
+        let schema: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("experiment.schema.json")).expect("schema file")).expect("schema JSON");
+        let v = jsonschema::validator_for(&schema).expect("a valid JSON Schema");
+        let as_json = |text: &str| -> serde_json::Value { serde_yaml_ng::from_str(text).expect("YAML") };
+        let errors = |doc: &serde_json::Value| v.iter_errors(doc).map(|e| format!("{} at {}", e, e.instance_path())).collect::<Vec<_>>();
+        let mut good: Vec<(String, String)> = vec![("help".into(), help_example()), ("GOOD".into(), GOOD.into())];
+        for f in std::fs::read_dir(&dir).expect("dir").flatten().filter(|f| f.path().extension().is_some_and(|x| x == "yaml")) {
+            good.push((f.path().display().to_string(), std::fs::read_to_string(f.path()).expect("read")));
+        }
+        for (name, text) in &good {
+            parse(name, text).unwrap_or_else(|e| panic!("{e}"));
+            assert!(v.is_valid(&as_json(text)), "{name}: {:?}", errors(&as_json(text)));
+        }
+        let load = "load:\n  profile:\n    - {phase: warmup, rate: 50, for: 5s}\nmethod:\n";
+        let bad = [
+            GOOD.replace("    selector:", "    selektor:"),
+            GOOD.replace("duration: 20s", "duration: -5s"),
+            GOOD.replace("duration: 20s", "duration: soon"),
+            GOOD.replace("version: 1", "version: 2"),
+            GOOD.replace("    duration: 20s\n", ""),
+            GOOD.replace("    duration: 20s\n", "    duration: 20s\n    severity: 7\n"),
+            GOOD.replace("    duration: 20s\n", "    duration: 20s\n    mode: some\n"),
+            GOOD.replace("  - wait: 5s\n", "  - wait: 5s\n    duration: 5s\n"),
+            GOOD.replace("  - wait: 5s\n", "  - wait: 5s\n    fault: --loss 1%\n"),
+            GOOD.replace("  - wait: 5s\n", "  - parallel: []\n"),
+            GOOD.replace("method:\n", &load.replace("rate: 50", "rate: 0")),
+            GOOD.replace("method:\n", &load.replace("for: 5s", "for: 5s, burst: 2")),
+            GOOD.replace("method:\n", &format!("{load}  - parallel:\n      - wait_for_load_phase: warmup\n")),
+            GOOD.replace("method:\n", &format!("{load}  - wait_for_load_phase: warmup\n    after: 1s\n")),
+            format!("{GOOD}rollbacks:\n  - wait_for_load_phase: warmup\n"),
+            GOOD.replace("report:\n  metrics: [kafka.lag.total]\n", "report:\n  plot: true\n"),
+        ];
+        for text in &bad {
+            assert!(parse("bad.yaml", text).is_err(), "the parser takes:\n{text}");
+            assert!(!v.is_valid(&as_json(text)), "the schema takes:\n{text}");
+        }
     }
 }

@@ -147,10 +147,27 @@ impl Target {
     }
 }
 
+/// What the producer is doing now (its status file).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+pub struct LoadStatus {
+    pub produced: u64,
+    pub acked: u64,
+    pub failed: u64,
+    /// The phase being produced (none before the first and after the last).
+    pub phase: Option<String>,
+    pub phase_index: Option<usize>,
+    /// When that phase began, ms since the epoch.
+    pub phase_from_ms: Option<i64>,
+    /// Producing has ended (the profile ran out, or it was stopped).
+    #[serde(default)]
+    pub done: bool,
+}
+
 /// A running producer; stopped (and waited for) on drop.
 pub struct LoadRun {
     child: Option<Child>,
     out: PathBuf,
+    status: PathBuf,
     pub run_id: String,
     pub acks: PathBuf,
     pub started: Instant,
@@ -164,6 +181,9 @@ impl LoadRun {
         let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
         let run_id = format!("{tag}-{now_ms}");
         let (out, acks) = (dir.join(format!("{tag}-collector.json")), dir.join(format!("{tag}-acks")));
+        let status = dir.join(format!("{tag}-status.json"));
+        // A file from an earlier run in the same directory must not be read as this one's.
+        let _ = std::fs::remove_file(&status);
         let file = |p: PathBuf| std::fs::File::create(&p).map_err(|e| fail(format!("creating {}: {e}", p.display())));
         let collector = bin_dir.join("chaos-collector");
         let mut cmd = if target.netns.is_empty() {
@@ -177,13 +197,20 @@ impl LoadRun {
             .args(["--size-bytes", &target.size_bytes.to_string(), "--delivery-timeout", "60s"])
             .arg("--acks-file")
             .arg(&acks)
+            .arg("--status-file")
+            .arg(&status)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(file(out.clone())?)
             .stderr(file(dir.join(format!("{tag}-collector.log")))?);
         let child = cmd.spawn().map_err(|e| fail(format!("starting {}: {e}", collector.display())))?;
         let total = phases.iter().map(|p| p.duration.0).sum();
-        Ok(LoadRun { child: Some(child), out, run_id, acks, started: Instant::now(), total })
+        Ok(LoadRun { child: Some(child), out, status, run_id, acks, started: Instant::now(), total })
+    }
+
+    /// The producer's status, once it has written one.
+    pub fn status(&self) -> Option<LoadStatus> {
+        std::fs::read_to_string(&self.status).ok().and_then(|s| serde_json::from_str(&s).ok())
     }
 
     /// Whether the producer is still producing.

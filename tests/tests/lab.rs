@@ -326,6 +326,16 @@ fn lab_up_runs_real_kafka_and_cassandra_a_partition_bites_and_down_leaves_nothin
         assert!(p["acked"].as_u64().is_some_and(|n| n > 0) && p["error_pct"] == 0.0, "{p}");
         assert!(p["p95_ms"].as_f64().is_some_and(|v| v > 0.0) && p["p99_ms"].as_f64() >= p["p95_ms"].as_f64(), "{p}");
     }
+    // The pause began with the load's fault phase (the method waited for it), not inside the baseline.
+    let timeline = rep["timeline"].as_array().expect("timeline");
+    let began = timeline
+        .iter()
+        .find(|e| e["event"].as_str().is_some_and(|t| t.starts_with("load: phase fault began")))
+        .and_then(|e| e["t_s"].as_f64())
+        .unwrap_or_else(|| panic!("the fault phase on the timeline: {timeline:?}"));
+    let pause = rep["steps"].as_array().and_then(|s| s.iter().find(|s| s["kind"] == "fault")).expect("the pause step");
+    assert_eq!(rep["steps"][0]["state"], "done", "{:#}", rep["steps"]);
+    assert!(pause["start_s"].as_f64().is_some_and(|t| t >= began), "pause {pause} before the fault phase at {began}");
     // Events produced while the processor was paused waited for it: that phase's p99 is seconds, the baseline's is not.
     let p99 = |name: &str| phases.iter().find(|p| p["phase"] == name).and_then(|p| p["p99_ms"].as_f64()).unwrap_or(0.0);
     assert!(p99("fault") > 5000.0 && p99("baseline") < p99("fault"), "{phases:?}");

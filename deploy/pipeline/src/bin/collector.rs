@@ -4,7 +4,8 @@
 //! `--delivery-timeout`); the final line is a JSON summary on stdout.
 //! SIGTERM or Ctrl-C stops producing, waits for the acknowledgements of what
 //! was sent, and ends the same way. `--status-file` keeps the counts
-//! (produced, acknowledged, failed) current for `chaos lab status`.
+//! (produced, acknowledged, failed) and the current phase current for
+//! `chaos lab status` and for an experiment's `wait_for_load_phase` step.
 //!
 //! `--profile` replaces `--rate`/`--count` with phases, e.g.
 //! `warmup:50:10s,baseline:200:30s,spike:800:10s,soak:200:60s` (name, events
@@ -60,7 +61,8 @@ struct Args {
     /// Prefix of event ids (default: a time-based run id).
     #[arg(long)]
     run_id: Option<String>,
-    /// Keep {"produced","acked","failed","at_ms"} here, rewritten every 500 ms.
+    /// Keep {"produced","acked","failed","at_ms","phase","phase_index","phase_from_ms","done"} here,
+    /// rewritten every 500 ms and at once when a phase begins and when producing ends.
     #[arg(long)]
     status_file: Option<PathBuf>,
     /// How long an event may wait for the broker before it counts as failed.
@@ -180,6 +182,11 @@ async fn main() -> anyhow::Result<()> {
         let (phase_start, phase_ms) = (Instant::now(), now_ms());
         windows.push((phase_ms, phase_ms, produced, produced));
         info!(phase = %phase.name, rate = phase.rate, seconds = phase.duration.as_secs_f64(), "phase");
+        let now_phase = Some(PhaseNow { index: pi, name: &phase.name, from_ms: phase_ms });
+        if let Some(f) = &a.status_file {
+            write_status(f, produced, &acked, &failed, now_phase, false);
+            last_status = Instant::now();
+        }
         // With --count the one phase is the count, however long it takes.
         let phase_count = a.count.unwrap_or_else(|| (f64::from(phase.rate) * phase.duration.as_secs_f64()).round() as u64);
         for _ in 0..phase_count {
@@ -228,7 +235,7 @@ async fn main() -> anyhow::Result<()> {
             if let Some(f) = &a.status_file
                 && last_status.elapsed() >= Duration::from_millis(500)
             {
-                write_status(f, produced, &acked, &failed);
+                write_status(f, produced, &acked, &failed, now_phase, false);
                 last_status = Instant::now();
             }
             if last_report.elapsed() >= Duration::from_secs(2) {
@@ -241,12 +248,15 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     info!("all produced; waiting for acknowledgements");
+    if let Some(f) = &a.status_file {
+        write_status(f, produced, &acked, &failed, None, true);
+    }
     let _ = producer.flush(a.delivery_timeout + Duration::from_secs(5));
     while pending.join_next().await.is_some() {}
     drop(tx);
     let written = writer.await.context("acks writer")?.context("writing acks")?;
     if let Some(f) = &a.status_file {
-        write_status(f, produced, &acked, &failed);
+        write_status(f, produced, &acked, &failed, None, true);
     }
     let phases: Vec<serde_json::Value> = phases
         .iter()
@@ -265,10 +275,20 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The counts, replaced atomically (a reader never sees half a file).
-fn write_status(path: &std::path::Path, produced: u64, acked: &AtomicU64, failed: &AtomicU64) {
+/// The phase being produced: its place in the profile, its name, when it began (ms since the epoch).
+#[derive(Clone, Copy)]
+struct PhaseNow<'p> {
+    index: usize,
+    name: &'p str,
+    from_ms: i64,
+}
+
+/// The counts and the phase (none once producing ended: `done`), replaced
+/// atomically (a reader never sees half a file).
+fn write_status(path: &std::path::Path, produced: u64, acked: &AtomicU64, failed: &AtomicU64, phase: Option<PhaseNow>, done: bool) {
     let at_ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
-    let v = serde_json::json!({"produced": produced, "acked": acked.load(Ordering::Relaxed), "failed": failed.load(Ordering::Relaxed), "at_ms": at_ms});
+    let v = serde_json::json!({"produced": produced, "acked": acked.load(Ordering::Relaxed), "failed": failed.load(Ordering::Relaxed), "at_ms": at_ms,
+        "phase": phase.map(|p| p.name), "phase_index": phase.map(|p| p.index), "phase_from_ms": phase.map(|p| p.from_ms), "done": done});
     let tmp = path.with_extension("tmp");
     if let Err(e) = std::fs::write(&tmp, v.to_string()).and_then(|_| std::fs::rename(&tmp, path)) {
         warn!(error = %e, path = %path.display(), "cannot write the status file");
