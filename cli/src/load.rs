@@ -14,7 +14,10 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use chaos_probes::{cassandra, latency};
+use chaos_probes::{
+    cassandra::{self, Stored},
+    latency,
+};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
@@ -24,15 +27,57 @@ use crate::{
 };
 
 /// One phase of a profile, as written in an experiment file:
-/// `{phase: baseline, rate: 200, for: 30s}`.
+/// `{phase: baseline, rate: 200, for: 30s}`. Each field is checked as it is
+/// read, so a file's error names the value's line.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Phase {
+    #[serde(deserialize_with = "checked_name")]
     pub phase: String,
     /// Events per second, 1..=20000.
+    #[serde(deserialize_with = "checked_rate")]
     pub rate: u32,
-    #[serde(rename = "for")]
+    #[serde(rename = "for", deserialize_with = "checked_for")]
     pub duration: HumanDuration,
+}
+
+fn check_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+        return Err(format!("phase name must be letters, digits, '-' or '_', got {name:?}"));
+    }
+    Ok(())
+}
+
+fn check_rate(rate: u32) -> Result<(), String> {
+    if !(1..=20_000).contains(&rate) {
+        return Err(format!("rate must be 1..=20000 events/s, got {rate}"));
+    }
+    Ok(())
+}
+
+fn check_for(d: Duration) -> Result<(), String> {
+    if d < Duration::from_secs(1) || d > Duration::from_secs(3600) {
+        return Err(format!("`for` must be 1s..=1h, got {}", humantime::format_duration(d)));
+    }
+    Ok(())
+}
+
+fn checked_name<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let name = String::deserialize(d)?;
+    check_name(&name).map_err(serde::de::Error::custom)?;
+    Ok(name)
+}
+
+fn checked_rate<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    let rate = u32::deserialize(d)?;
+    check_rate(rate).map_err(serde::de::Error::custom)?;
+    Ok(rate)
+}
+
+fn checked_for<'de, D: serde::Deserializer<'de>>(d: D) -> Result<HumanDuration, D::Error> {
+    let h = HumanDuration::deserialize(d)?;
+    check_for(h.0).map_err(serde::de::Error::custom)?;
+    Ok(h)
 }
 
 /// Parse `NAME:RATE:DURATION,...` (the command line's form).
@@ -57,15 +102,8 @@ pub fn check_profile(phases: &[Phase]) -> Result<(), String> {
         return Err("profile: needs at least one phase".into());
     }
     for (i, p) in phases.iter().enumerate() {
-        if !(1..=20_000).contains(&p.rate) {
-            return Err(format!("profile[{i}] ({}): rate must be 1..=20000 events/s, got {}", p.phase, p.rate));
-        }
-        if p.duration.0 < Duration::from_secs(1) || p.duration.0 > Duration::from_secs(3600) {
-            return Err(format!("profile[{i}] ({}): `for` must be 1s..=1h, got {:?}", p.phase, p.duration.0));
-        }
-        if p.phase.is_empty() || !p.phase.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
-            return Err(format!("profile[{i}]: phase name must be letters, digits, '-' or '_', got {:?}", p.phase));
-        }
+        check_name(&p.phase).map_err(|m| format!("profile[{i}]: {m}"))?;
+        check_rate(p.rate).and_then(|_| check_for(p.duration.0)).map_err(|m| format!("profile[{i}] ({}): {m}", p.phase))?;
     }
     let total: f64 = phases.iter().map(|p| f64::from(p.rate) * p.duration.0.as_secs_f64()).sum();
     if total > 10_000_000.0 {
@@ -271,6 +309,10 @@ pub struct PhaseStats {
     pub failed: u64,
     /// Events produced in the phase and stored (by the producer's timestamp).
     pub stored: u64,
+    /// Of those, events written more than once (delivered again, e.g. after
+    /// a consumer-group rebalance): at-least-once at work. Their latency is
+    /// to the first write.
+    pub redelivered: u64,
     /// Failed deliveries over produced, in percent.
     pub error_pct: f64,
     /// Acknowledged events per second.
@@ -281,16 +323,18 @@ pub struct PhaseStats {
     pub p99_ms: f64,
 }
 
-/// Join the collector's phases with the stored `(event number, produced, written)`:
-/// a phase owns the events it numbered (`first_seq..end_seq`).
-pub fn phase_stats(summary: &Value, stored: &[(u64, i64, i64)]) -> Vec<PhaseStats> {
+/// Join the collector's phases with the stored events `(event number, times)`:
+/// a phase owns the events it numbered (`first_seq..end_seq`); latency is
+/// produced → first stored.
+pub fn phase_stats(summary: &Value, stored: &[(u64, Stored)]) -> Vec<PhaseStats> {
     let phases = summary["phases"].as_array().cloned().unwrap_or_default();
     phases
         .iter()
         .map(|p| {
             let from = p["from_ms"].as_i64().unwrap_or(0);
             let seqs = p["first_seq"].as_u64().unwrap_or(0)..p["end_seq"].as_u64().unwrap_or(0);
-            let mut lat: Vec<i64> = stored.iter().filter(|(n, _, _)| seqs.contains(n)).map(|(_, t, w)| (w - t).max(0)).collect();
+            let mine: Vec<&Stored> = stored.iter().filter(|(n, _)| seqs.contains(n)).map(|(_, s)| s).collect();
+            let mut lat: Vec<i64> = mine.iter().map(|s| (s.first_written_ms - s.produced_ms).max(0)).collect();
             lat.sort_unstable();
             let (produced, acked, failed) =
                 (p["produced"].as_u64().unwrap_or(0), p["acked"].as_u64().unwrap_or(0), p["failed"].as_u64().unwrap_or(0));
@@ -303,6 +347,7 @@ pub fn phase_stats(summary: &Value, stored: &[(u64, i64, i64)]) -> Vec<PhaseStat
                 acked,
                 failed,
                 stored: lat.len() as u64,
+                redelivered: mine.iter().filter(|s| s.writes > 1).count() as u64,
                 error_pct: if produced == 0 { 0.0 } else { failed as f64 * 100.0 / produced as f64 },
                 acked_per_s: acked as f64 / seconds,
                 p50_ms: latency::percentile(&lat, 0.50),
@@ -324,6 +369,7 @@ pub fn stats_rows(stats: &[PhaseStats]) -> Vec<Vec<String>> {
                 s.produced.to_string(),
                 format!("{:.1}", s.acked_per_s),
                 format!("{}/{}", s.stored, s.acked),
+                s.redelivered.to_string(),
                 format!("{:.2}", s.error_pct),
                 format!("{:.0}", s.p50_ms),
                 format!("{:.0}", s.p95_ms),
@@ -333,16 +379,17 @@ pub fn stats_rows(stats: &[PhaseStats]) -> Vec<Vec<String>> {
         .collect()
 }
 
-pub const STATS_HEADERS: [&str; 10] =
-    ["PHASE", "RATE/S", "SECONDS", "PRODUCED", "ACKED/S", "STORED/ACKED", "ERROR %", "P50 MS", "P95 MS", "P99 MS"];
+pub const STATS_HEADERS: [&str; 11] =
+    ["PHASE", "RATE/S", "SECONDS", "PRODUCED", "ACKED/S", "STORED/ACKED", "REDELIVERED", "ERROR %", "P50 MS", "P95 MS", "P99 MS"];
 
 const LOAD_HELP: &str = "\
 The profile is NAME:RATE:DURATION phases, run in order, e.g.
   warmup:50:10s,baseline:200:30s,spike:1000:10s,soak:200:2m
 Each event carries a unique id and its production time; the processor writes
 its storage time. For each phase: produced, acknowledged per second, stored of
-acknowledged, error rate (failed deliveries), and end-to-end latency
-(produced → stored in Cassandra) at p50/p95/p99.
+acknowledged, error rate (failed deliveries), end-to-end latency (produced → first stored in
+Cassandra) at p50/p95/p99, and how many events were written again
+(redelivered: at-least-once after a rebalance or a restart).
 
 Load goes only to loopback or 198.18.0.0/15 (the lab); anything else is refused.
 
@@ -462,7 +509,7 @@ async fn one_run(bin_dir: &Path, a: &LoadArgs, target: &Target, tag: &str) -> Re
     let times = cassandra::event_times_of(&session, &target.table, &format!("{}-", run.run_id))
         .await
         .map_err(|e| CliError::new(exit::FAILURE, format!("{e:#}")))?;
-    let (lo, hi) = times.iter().fold((i64::MAX, i64::MIN), |(l, h), (_, _, w)| (l.min(*w), h.max(*w)));
+    let (lo, hi) = times.iter().fold((i64::MAX, i64::MIN), |(l, h), (_, s)| (l.min(s.first_written_ms), h.max(s.first_written_ms)));
     let span = if times.is_empty() { 0.0 } else { (hi - lo) as f64 / 1000.0 };
     Ok((stats.clone(), stored_rate(&stats, span), summary))
 }
@@ -554,12 +601,15 @@ mod tests {
             {"phase": "spike", "rate_per_s": 100, "from_ms": 2000, "to_ms": 3000, "first_seq": 10, "end_seq": 110, "produced": 100, "acked": 90, "failed": 10},
         ]});
         // The last baseline event carries the spike's first millisecond: its number decides.
-        let mut stored: Vec<(u64, i64, i64)> = (0..10).map(|i| (i, 1000 + i as i64 * 100, 1000 + i as i64 * 100 + 5)).collect();
-        stored[9].1 = 2000;
-        stored[9].2 = 2005;
-        stored.extend((0..90).map(|i| (10 + i, 2000 + i as i64 * 10, 2000 + i as i64 * 10 + 50 + i as i64)));
+        let at = |p: i64, w: i64| Stored::new(p, w, vec![w]);
+        let mut stored: Vec<(u64, Stored)> = (0..10).map(|i| (i, at(1000 + i as i64 * 100, 1000 + i as i64 * 100 + 5))).collect();
+        stored[9].1 = at(2000, 2005);
+        // One baseline event written again 20 s later (a redelivery): its latency is to the first write.
+        stored[3].1 = Stored::new(1300, 21_000, vec![1305, 21_000]);
+        stored.extend((0..90).map(|i| (10 + i, at(2000 + i as i64 * 10, 2000 + i as i64 * 10 + 50 + i as i64))));
         let s = phase_stats(&summary, &stored);
-        assert_eq!((s[0].stored, s[0].p50_ms, s[0].p99_ms, s[0].error_pct), (10, 5.0, 5.0, 0.0));
+        assert_eq!((s[0].stored, s[0].redelivered, s[0].p50_ms, s[0].p99_ms, s[0].error_pct), (10, 1, 5.0, 5.0, 0.0));
+        assert_eq!(s[1].redelivered, 0);
         assert_eq!((s[1].stored, s[1].acked_per_s, s[1].error_pct), (90, 90.0, 10.0));
         // 50 + i for i in 0..90: p50 = 50 + 44, p95 = 50 + 85, p99 = 50 + 89.
         assert_eq!((s[1].p50_ms, s[1].p95_ms, s[1].p99_ms), (94.0, 135.0, 139.0));

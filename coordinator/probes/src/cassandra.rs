@@ -81,30 +81,94 @@ pub async fn event_ids(s: &Session, table: &str) -> anyhow::Result<Vec<(String, 
     stream.try_collect().await.with_context(|| format!("reading {table}"))
 }
 
-/// Every stored event's `(produced at, written at)` in ms since the epoch.
-pub async fn event_times(s: &Session, table: &str) -> anyhow::Result<Vec<(i64, i64)>> {
-    let table = parse_table_name(table).map_err(anyhow::Error::msg)?;
-    let pager = s.query_iter(format!("SELECT ts_ms, written_at_ms FROM {table}"), &[]).await.with_context(|| format!("reading {table}"))?;
-    let stream = pager.rows_stream::<(i64, i64)>().context("typing rows (ts_ms bigint, written_at_ms bigint)")?;
-    let v: Vec<(i64, i64)> = stream.try_collect().await.with_context(|| format!("reading {table}"))?;
-    if v.iter().any(|(ts, w)| *ts <= 0 || *w <= 0) {
-        bail!("{table} has rows without ts_ms or written_at_ms");
-    }
-    Ok(v)
+/// The column where the reference pipeline appends the time of every write
+/// of a row (`list<bigint>`, ms): a row written again after a redelivery
+/// keeps its first write time there, while `written_at_ms` holds the last.
+pub const WRITES_COLUMN: &str = "writes_ms";
+
+/// Whether `table` (KEYSPACE.TABLE) has the [`WRITES_COLUMN`]: tables of an
+/// older pipeline, or of another one, have only `written_at_ms`.
+async fn has_writes_column(s: &Session, table: &str) -> anyhow::Result<bool> {
+    let Some((ks, t)) = table.split_once('.') else { return Ok(false) };
+    let rows = s
+        .query_unpaged("SELECT column_name FROM system_schema.columns WHERE keyspace_name = ? AND table_name = ?", (ks, t))
+        .await
+        .with_context(|| format!("reading the columns of {table}"))?;
+    let cols: Vec<(String,)> =
+        rows.into_rows_result().context("column rows")?.rows::<(String,)>().context("typing column rows")?.collect::<Result<_, _>>()?;
+    Ok(cols.iter().any(|(c,)| c == WRITES_COLUMN))
 }
 
-/// `(sequence number, produced at, written at)` (ms) of the stored events
-/// whose event id is `PREFIX` followed by a number (one load run's events,
-/// `RUN-00000042`).
-pub async fn event_times_of(s: &Session, table: &str, prefix: &str) -> anyhow::Result<Vec<(u64, i64, i64)>> {
+/// One stored event, by its times (ms since the epoch).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stored {
+    /// When the producer made it.
+    pub produced_ms: i64,
+    /// When it was first stored (a redelivery writes the row again later).
+    pub first_written_ms: i64,
+    /// How many times it was written (1 unless redelivered; 1 where the table does not record it).
+    pub writes: u32,
+}
+
+impl Stored {
+    /// From a row: the last write time, and every write time when recorded.
+    pub fn new(produced_ms: i64, last_written_ms: i64, writes: Vec<i64>) -> Stored {
+        Stored {
+            produced_ms,
+            first_written_ms: writes.iter().copied().min().unwrap_or(last_written_ms),
+            writes: u32::try_from(writes.len()).unwrap_or(u32::MAX).max(1),
+        }
+    }
+}
+
+/// Every row of `cql`, typed.
+async fn query_rows<T>(s: &Session, cql: &str, table: &str) -> anyhow::Result<Vec<T>>
+where
+    T: for<'f, 'm> scylla::deserialize::row::DeserializeRow<'f, 'm>,
+{
+    let pager = s.query_iter(cql, &[]).await.with_context(|| format!("reading {table}"))?;
+    let stream = pager.rows_stream::<T>().with_context(|| format!("typing the rows of {cql:?}"))?;
+    stream.try_collect().await.with_context(|| format!("reading {table}"))
+}
+
+/// Every stored row: `(event id, or "" without with_id; times)`. Latency is
+/// measured to the first write where the table records every write.
+async fn stored_rows(s: &Session, table: &str, with_id: bool) -> anyhow::Result<Vec<(String, Stored)>> {
+    type Full = (String, i64, i64, Option<Vec<i64>>);
     let table = parse_table_name(table).map_err(anyhow::Error::msg)?;
-    let pager = s
-        .query_iter(format!("SELECT event_id, ts_ms, written_at_ms FROM {table}"), &[])
-        .await
-        .with_context(|| format!("reading {table}"))?;
-    let stream = pager.rows_stream::<(String, i64, i64)>().context("typing rows (event_id text, ts_ms bigint, written_at_ms bigint)")?;
-    let v: Vec<(String, i64, i64)> = stream.try_collect().await.with_context(|| format!("reading {table}"))?;
-    Ok(v.into_iter().filter_map(|(id, p, w)| Some((id.strip_prefix(prefix)?.parse().ok()?, p, w))).collect())
+    let with_writes = has_writes_column(s, &table).await?;
+    let cql = format!(
+        "SELECT {}ts_ms, written_at_ms{} FROM {table}",
+        if with_id { "event_id, " } else { "" },
+        if with_writes { format!(", {WRITES_COLUMN}") } else { String::new() }
+    );
+    let rows: Vec<Full> = match (with_id, with_writes) {
+        (true, true) => query_rows::<Full>(s, &cql, &table).await?,
+        (true, false) => query_rows::<(String, i64, i64)>(s, &cql, &table).await?.into_iter().map(|(i, p, w)| (i, p, w, None)).collect(),
+        (false, true) => query_rows::<(i64, i64, Option<Vec<i64>>)>(s, &cql, &table)
+            .await?
+            .into_iter()
+            .map(|(p, w, l)| (String::new(), p, w, l))
+            .collect(),
+        (false, false) => query_rows::<(i64, i64)>(s, &cql, &table).await?.into_iter().map(|(p, w)| (String::new(), p, w, None)).collect(),
+    };
+    Ok(rows.into_iter().map(|(id, produced_ms, last, writes)| (id, Stored::new(produced_ms, last, writes.unwrap_or_default()))).collect())
+}
+
+/// Every stored event's `(produced at, first written at)` in ms since the epoch.
+pub async fn event_times(s: &Session, table: &str) -> anyhow::Result<Vec<(i64, i64)>> {
+    let v = stored_rows(s, table, false).await?;
+    if v.iter().any(|(_, r)| r.produced_ms <= 0 || r.first_written_ms <= 0) {
+        bail!("{table} has rows without ts_ms or written_at_ms");
+    }
+    Ok(v.into_iter().map(|(_, r)| (r.produced_ms, r.first_written_ms)).collect())
+}
+
+/// `(sequence number, times)` of the stored events whose event id is
+/// `PREFIX` followed by a number (one load run's events, `RUN-00000042`).
+pub async fn event_times_of(s: &Session, table: &str, prefix: &str) -> anyhow::Result<Vec<(u64, Stored)>> {
+    let v = stored_rows(s, table, true).await?;
+    Ok(v.into_iter().filter_map(|(id, r)| Some((id.strip_prefix(prefix)?.parse().ok()?, r))).collect())
 }
 
 #[cfg(test)]
@@ -118,5 +182,13 @@ mod tests {
         for bad in ["", "a.b.c", "events; DROP TABLE x", "ks.", "ks.ta-ble"] {
             assert!(parse_table_name(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn an_event_written_again_keeps_its_first_write_time() {
+        assert_eq!(Stored::new(100, 900, vec![130, 900]), Stored { produced_ms: 100, first_written_ms: 130, writes: 2 });
+        assert_eq!(Stored::new(100, 130, vec![130]), Stored { produced_ms: 100, first_written_ms: 130, writes: 1 });
+        // A table that records only the last write.
+        assert_eq!(Stored::new(100, 130, vec![]), Stored { produced_ms: 100, first_written_ms: 130, writes: 1 });
     }
 }

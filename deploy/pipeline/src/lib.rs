@@ -5,7 +5,9 @@
 //!   each id the broker **acknowledged** to a file.
 //! - `chaos-processor` (a consumer group) writes each event to Cassandra by
 //!   id (an upsert, so a redelivery is harmless) and commits its offset only
-//!   after the write. `--defect` seeds a bug on purpose so the check can be
+//!   after the write. Each write appends its time to the row's `writes_ms`,
+//!   so end-to-end latency is measured to the first write and a redelivery
+//!   (after a rebalance, say) shows as a second entry. `--defect` seeds a bug on purpose so the check can be
 //!   proven: drop 1 in N, or write 1 in N twice under another row id.
 //! - `chaos-check` is Jepsen's set check: every acknowledged event must be
 //!   in Cassandra exactly once; it reports the **lost**, **duplicated** and
@@ -52,7 +54,8 @@ pub mod cassandra {
         .context("creating the keyspace")?;
         s.query_unpaged(
             format!(
-                "CREATE TABLE IF NOT EXISTS {KEYSPACE}.{table} (id text PRIMARY KEY, event_id text, ts_ms bigint, written_at_ms bigint, body text)"
+                "CREATE TABLE IF NOT EXISTS {KEYSPACE}.{table} (id text PRIMARY KEY, event_id text, ts_ms bigint, written_at_ms bigint, body text, {} list<bigint>)",
+                chaos_probes::cassandra::WRITES_COLUMN
             ),
             &[],
         )

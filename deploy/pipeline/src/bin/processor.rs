@@ -106,9 +106,15 @@ async fn main() -> anyhow::Result<()> {
     let session = connect_retrying(&a.cassandra, &a.table).await;
     info!(cassandra = %a.cassandra, "Cassandra ready; schema in place");
     let insert = session
-        .prepare(format!("INSERT INTO {KEYSPACE}.{} (id, event_id, ts_ms, written_at_ms, body) VALUES (?, ?, ?, ?, ?)", a.table))
+        // An upsert by row id that also appends the write's time to the row's
+        // list of writes (a blind append: no read before the write).
+        .prepare(format!(
+            "UPDATE {KEYSPACE}.{} SET event_id = ?, ts_ms = ?, written_at_ms = ?, body = ?, {w} = {w} + ? WHERE id = ?",
+            a.table,
+            w = chaos_probes::cassandra::WRITES_COLUMN
+        ))
         .await
-        .context("preparing the insert")?;
+        .context("preparing the write")?;
     let consumer: StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", &a.bootstrap)
         .set("group.id", &a.group)
@@ -176,7 +182,7 @@ async fn main() -> anyhow::Result<()> {
             let mut backoff = Duration::from_millis(100);
             loop {
                 let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0);
-                match session.execute_unpaged(&insert, (&row, &ev.id, ev.ts_ms, now, &ev.body)).await {
+                match session.execute_unpaged(&insert, (&ev.id, ev.ts_ms, now, &ev.body, vec![now], &row)).await {
                     Ok(_) => break,
                     Err(e) => {
                         // Not committed: the event waits in Kafka until Cassandra answers.
