@@ -12,6 +12,7 @@
 use std::{
     collections::BTreeMap,
     fmt::Write as _,
+    io::Write as _,
     path::{Path, PathBuf},
     time::{Duration, Instant, SystemTime},
 };
@@ -542,6 +543,10 @@ directory (--report-dir/NAME-TIME) holds report.json, report.md and metrics.svg:
 what was requested and what each agent achieved, the load's throughput and
 p50/p95/p99 per phase, the validation's verdicts, the timeline. The run is
 indexed in the coordinator (`chaos report` lists runs and renders one again).
+With `chaos -o json run`, the plan and the progress go to stderr and stdout
+holds one JSON document at the end: the report (as in report.json) with
+report_dir and exit_code, or with --dry-run the plan (each step's admission:
+agents, severity, blast radius and limit, refusals).
 Exit: 0 the hypothesis held, 8 it deviated (steady state or validation), 9
 aborted, 3 a step would be refused, 2 the file is invalid (file:line:column and
 the key are named).
@@ -560,6 +565,24 @@ pub struct RunArgs {
     /// Where the run's report directory goes.
     #[arg(long, default_value = "chaos-reports")]
     pub report_dir: PathBuf,
+}
+
+/// A line of the plan or of the progress: stdout for people; stderr with
+/// `-o json`, whose stdout carries only the JSON at the end.
+fn say(json: bool, text: &str) {
+    if json {
+        let mut err = std::io::stderr().lock();
+        let _ = writeln!(err, "{text}");
+    } else {
+        emit(text);
+    }
+}
+
+/// Where the phase `phase` is in the load profile, and how far into the profile it is due.
+fn load_phase_due(e: &Experiment, phase: &str) -> (usize, Duration) {
+    let profile = e.load.as_ref().map(|l| l.profile.as_slice()).unwrap_or_default();
+    let index = profile.iter().position(|p| p.phase == phase).unwrap_or(profile.len());
+    (index, profile[..index].iter().map(|p| p.duration.0).sum())
 }
 
 /// One value of one series at one time.
@@ -701,6 +724,8 @@ struct Runner<'a> {
     load: Option<crate::load::LoadRun>,
     /// The load phase last put on the timeline.
     load_phase: Option<usize>,
+    /// `-o json`: progress goes to stderr.
+    json: bool,
 }
 
 impl Runner<'_> {
@@ -709,7 +734,7 @@ impl Runner<'_> {
     }
 
     fn event(&mut self, text: String) {
-        emit(&format!("[{:>6.1}s] {text}", self.now()));
+        say(self.json, &format!("[{:>6.1}s] {text}", self.now()));
         self.events.push((self.now(), text));
     }
 
@@ -776,10 +801,9 @@ impl Runner<'_> {
     /// go on otherwise (the load ended or fell behind, or Ctrl-C).
     async fn wait_load_phase(&mut self, label: &str, name: &str, phase: &str, records: &mut Vec<StepRecord>) -> Option<String> {
         let profile = self.e.load.as_ref().map(|l| l.profile.as_slice()).unwrap_or_default();
-        let index = profile.iter().position(|p| p.phase == phase).unwrap_or_default();
         // The phase is due this far into the profile; the producer's start-up
         // and a producer behind its rate get a minute on top.
-        let due: Duration = profile[..index].iter().map(|p| p.duration.0).sum();
+        let (index, due) = load_phase_due(self.e, phase);
         let deadline = Instant::now() + due + Duration::from_secs(60);
         let start_s = self.now();
         self.event(format!("{label} {name} (due {:.0} s into the load)", due.as_secs_f64()));
@@ -807,7 +831,7 @@ impl Runner<'_> {
                     Ok(_) => self.key_metrics(),
                     Err(e) => format!("(metrics: {})", e.message),
                 };
-                emit(&format!("  {label} {name}: the load is in {at}  {metrics}"));
+                say(self.json, &format!("  {label} {name}: the load is in {at}  {metrics}"));
             }
             if self.sleep_or_interrupt(Duration::from_millis(20)).await {
                 self.event("Ctrl-C: the method stops before its next step".into());
@@ -962,12 +986,15 @@ impl Runner<'_> {
                 })
                 .collect();
             let waiting = slots.iter().filter(|s| !s.started).count();
-            emit(&format!(
-                "  {label} {}{}  {}",
-                progress.join("; "),
-                if waiting > 0 { format!(" (+{waiting} to start)") } else { String::new() },
-                self.key_metrics()
-            ));
+            say(
+                self.json,
+                &format!(
+                    "  {label} {}{}  {}",
+                    progress.join("; "),
+                    if waiting > 0 { format!(" (+{waiting} to start)") } else { String::new() },
+                    self.key_metrics()
+                ),
+            );
             if self.sleep_or_interrupt(Duration::from_secs(1)).await {
                 self.event("Ctrl-C: stopping the running scenarios (their faults are reverted)".into());
                 abort = Some("Ctrl-C".into());
@@ -977,15 +1004,24 @@ impl Runner<'_> {
     }
 }
 
-/// Show each fault step's admission as a dry run; true when one would be refused.
-async fn show_plan(e: &Experiment, coordinator: &str, timeout: Duration, steps: &[Step], prefix: &str) -> Result<bool, CliError> {
+/// Show each step, with each fault step's admission as a dry run; whether
+/// one would be refused, and the plan as JSON (one entry per step or member).
+async fn show_plan(
+    e: &Experiment,
+    coordinator: &str,
+    timeout: Duration,
+    steps: &[Step],
+    prefix: &str,
+    json: bool,
+) -> Result<(bool, Vec<serde_json::Value>), CliError> {
     let stops = prefix.is_empty();
     let server = format!("coordinator {}", url(coordinator));
     let mut refused = false;
+    let mut plan = vec![];
     for (i, step) in steps.iter().enumerate() {
         let members: Vec<&Step> = match step {
             Step::Parallel { name, steps } => {
-                emit(&format!("  {prefix}{}. {name}: in parallel", i + 1));
+                say(json, &format!("  {prefix}{}. {name}: in parallel", i + 1));
                 steps.iter().collect()
             }
             s => vec![s],
@@ -997,14 +1033,21 @@ async fn show_plan(e: &Experiment, coordinator: &str, timeout: Duration, steps: 
                 format!("  {prefix}{}. {}", i + 1, m.name())
             };
             let after = if m.after().is_zero() { String::new() } else { format!(" after {}", humantime::format_duration(m.after())) };
+            let mut entry = json!({"step": i + 1, "group": step.name(), "name": m.name(), "after_s": m.after().as_secs_f64()});
             match (m, scenario_spec(e, m, stops)) {
-                (Step::Wait { wait, .. }, _) => emit(&format!("{indent}: wait {}{after}", humantime::format_duration(*wait))),
-                (Step::LoadPhase { phase, .. }, _) => {
-                    let profile = e.load.as_ref().map(|l| l.profile.as_slice()).unwrap_or_default();
-                    let due: Duration = profile.iter().take_while(|p| &p.phase != phase).map(|p| p.duration.0).sum();
-                    emit(&format!("{indent}: until the load begins its phase {phase} (about {:.0} s into it)", due.as_secs_f64()));
+                (Step::Wait { wait, .. }, _) => {
+                    say(json, &format!("{indent}: wait {}{after}", humantime::format_duration(*wait)));
+                    entry["kind"] = json!("wait");
+                    entry["wait_s"] = json!(wait.as_secs_f64());
                 }
-                (Step::Fault { duration, .. }, Some(spec)) => {
+                (Step::LoadPhase { phase, .. }, _) => {
+                    let due = load_phase_due(e, phase).1;
+                    say(json, &format!("{indent}: until the load begins its phase {phase} (about {:.0} s into it)", due.as_secs_f64()));
+                    entry["kind"] = json!("wait_for_load_phase");
+                    entry["phase"] = json!(phase);
+                    entry["due_s"] = json!(due.as_secs_f64());
+                }
+                (Step::Fault { duration, fault, .. }, Some(spec)) => {
                     let r = client(coordinator, timeout)?
                         .create_scenario(request(pb::CreateScenarioRequest { spec: Some(spec), dry_run: true }))
                         .await
@@ -1016,68 +1059,86 @@ async fn show_plan(e: &Experiment, coordinator: &str, timeout: Duration, steps: 
                         .as_ref()
                         .map(|b| format!("{:.0} % of the fleet (limit {:.0} %)", b.fraction * 100.0, b.limit * 100.0))
                         .unwrap_or_default();
-                    emit(&format!(
-                        "{indent}: {} for {}{after} on {} agent(s) [{}], severity {}, blast radius {radius}{}",
-                        adm.scenario_type,
-                        humantime::format_duration(*duration),
-                        adm.selected_agent_ids.len(),
-                        adm.selected_agent_ids.join(", "),
-                        adm.severity,
-                        if adm.queued { " (would queue)" } else { "" }
-                    ));
+                    say(
+                        json,
+                        &format!(
+                            "{indent}: {} for {}{after} on {} agent(s) [{}], severity {}, blast radius {radius}{}",
+                            adm.scenario_type,
+                            humantime::format_duration(*duration),
+                            adm.selected_agent_ids.len(),
+                            adm.selected_agent_ids.join(", "),
+                            adm.severity,
+                            if adm.queued { " (would queue)" } else { "" }
+                        ),
+                    );
                     for r in &adm.refusals {
-                        emit(&format!("     REFUSED: {r}"));
+                        say(json, &format!("     REFUSED: {r}"));
                         refused = true;
                     }
+                    entry["kind"] = json!("fault");
+                    entry["fault"] = json!(fault.text);
+                    entry["duration_s"] = json!(duration.as_secs_f64());
+                    entry["admission"] = json!({
+                        "scenario_type": adm.scenario_type, "agents": adm.selected_agent_ids, "severity": adm.severity,
+                        "blast_radius": adm.blast_radius.as_ref().map(|b| b.fraction),
+                        "blast_radius_limit": adm.blast_radius.as_ref().map(|b| b.limit),
+                        "queued": adm.queued, "refusals": adm.refusals,
+                    });
                 }
                 _ => {}
             }
+            plan.push(entry);
         }
     }
-    Ok(refused)
+    Ok((refused, plan))
 }
 
 /// `chaos run FILE`.
-pub async fn run(coordinator: &str, timeout: Duration, a: RunArgs) -> Result<u8, CliError> {
+pub async fn run(coordinator: &str, timeout: Duration, fmt: crate::output::Format, a: RunArgs) -> Result<u8, CliError> {
+    let json = fmt == crate::output::Format::Json;
     let file = a.file.display().to_string();
     let text = std::fs::read_to_string(&a.file).map_err(|e| CliError::new(exit::USAGE, format!("{file}: {e}")))?;
     let e = parse(&file, &text).map_err(|m| CliError::new(exit::USAGE, m))?;
     let server = format!("coordinator {}", url(coordinator));
     let faults: usize = e.method.iter().map(|s| s.faults().len()).sum();
-    emit(&format!("experiment {} ({} step(s), {faults} fault(s)) against {}", e.name, e.method.len(), url(coordinator)));
+    say(json, &format!("experiment {} ({} step(s), {faults} fault(s)) against {}", e.name, e.method.len(), url(coordinator)));
     if !e.description.is_empty() {
-        emit(&format!("  {}", e.description.trim()));
+        say(json, &format!("  {}", e.description.trim()));
     }
     if let Some(l) = &e.load {
-        emit(&format!(
-            "  load: {} towards {} (stored in {} at {})",
-            crate::load::profile_text(&l.profile),
-            l.target.bootstrap,
-            l.target.table,
-            l.target.cassandra
-        ));
+        say(
+            json,
+            &format!(
+                "  load: {} towards {} (stored in {} at {})",
+                crate::load::profile_text(&l.profile),
+                l.target.bootstrap,
+                l.target.table,
+                l.target.cassandra
+            ),
+        );
     }
-    let refused = show_plan(&e, coordinator, timeout, &e.method, "").await?;
+    let (refused, plan) = show_plan(&e, coordinator, timeout, &e.method, "", json).await?;
     for r in &e.steady_state {
-        emit(&format!("  steady state: {}", r.0.expr));
+        say(json, &format!("  steady state: {}", r.0.expr));
     }
     for r in &e.stop_conditions {
-        emit(&format!("  stop if: {}", r.0.expr));
+        say(json, &format!("  stop if: {}", r.0.expr));
     }
+    let mut rollback_plan = vec![];
     if !e.rollbacks.is_empty() {
-        emit("  on abort, rollbacks:");
-        show_plan(&e, coordinator, timeout, &e.rollbacks, "r").await?;
+        say(json, "  on abort, rollbacks:");
+        rollback_plan = show_plan(&e, coordinator, timeout, &e.rollbacks, "r", json).await?.1;
     }
     if let Some(v) = &e.validation {
-        emit(&format!("  validation: chaos validate {}", v.text));
+        say(json, &format!("  validation: chaos validate {}", v.text));
     }
-    if refused {
-        emit("the coordinator would refuse a step: nothing run");
-        return Ok(exit::REFUSED);
-    }
-    if a.dry_run {
-        emit("dry run: nothing run");
-        return Ok(exit::OK);
+    if refused || a.dry_run {
+        say(json, if refused { "the coordinator would refuse a step: nothing run" } else { "dry run: nothing run" });
+        if json {
+            crate::output::emit_json(&json!({"experiment": e.name, "file": file, "dry_run": a.dry_run, "refused": refused,
+                "plan": plan, "rollbacks": rollback_plan}));
+        }
+        return Ok(if refused { exit::REFUSED } else { exit::OK });
     }
 
     let started_at = SystemTime::now();
@@ -1097,6 +1158,7 @@ pub async fn run(coordinator: &str, timeout: Duration, a: RunArgs) -> Result<u8,
         rolling_back: false,
         load: None,
         load_phase: None,
+        json,
     };
     // Load first, so the steady state is judged under it.
     if let Some(l) = &e.load {
@@ -1104,6 +1166,23 @@ pub async fn run(coordinator: &str, timeout: Duration, a: RunArgs) -> Result<u8,
         let run = crate::load::LoadRun::start(&bin_dir, &dir, &l.target, &l.profile, "load")?;
         r.event(format!("load started: {} (run id {})", crate::load::profile_text(&l.profile), run.run_id));
         r.load = Some(run);
+        // The steady state is judged once the producer produces.
+        let log = dir.join("load-collector.log");
+        let until = Instant::now() + Duration::from_secs(60);
+        while r.note_load_phase().and_then(|s| s.phase_index).is_none() {
+            let why = if !r.load.as_mut().is_some_and(|l| l.running()) {
+                Some("the load's producer exited before producing")
+            } else if Instant::now() >= until {
+                Some("the load's producer did not start producing within 60 s")
+            } else if r.sleep_or_interrupt(Duration::from_millis(50)).await {
+                Some("interrupted (Ctrl-C) while the load started")
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                return Err(CliError::new(exit::FAILURE, format!("{why}; nothing was injected; see {}", log.display())));
+            }
+        }
     }
     let before = r.snapshot().await?;
     let (held_before, before_lines) = hypothesis(&e.steady_state, &before);
@@ -1207,8 +1286,8 @@ pub async fn run(coordinator: &str, timeout: Duration, a: RunArgs) -> Result<u8,
             Ok(st) => {
                 for s in st {
                     r.event(format!(
-                        "load phase {}: {:.1} acked/s, stored {}/{}, errors {:.2} %, p50 {:.0} ms, p95 {:.0} ms, p99 {:.0} ms",
-                        s.phase, s.acked_per_s, s.stored, s.acked, s.error_pct, s.p50_ms, s.p95_ms, s.p99_ms
+                        "load phase {}: {:.1} acked/s, stored {}/{} ({} written again), errors {:.2} %, p50 {:.0} ms, p95 {:.0} ms, p99 {:.0} ms",
+                        s.phase, s.acked_per_s, s.stored, s.acked, s.redelivered, s.error_pct, s.p50_ms, s.p95_ms, s.p99_ms
                     ));
                 }
             }
@@ -1237,7 +1316,7 @@ pub async fn run(coordinator: &str, timeout: Duration, a: RunArgs) -> Result<u8,
         ));
         let report = crate::validate::validate(coordinator, req, |ev| {
             if let pb::validation_event::Event::Check(c) = ev {
-                emit(&format!("  validation: {} {}: {}", crate::validate::verdict_name(c.verdict), c.name, c.summary));
+                say(json, &format!("  validation: {} {}: {}", crate::validate::verdict_name(c.verdict), c.name, c.summary));
             }
         })
         .await?;
@@ -1282,10 +1361,19 @@ pub async fn run(coordinator: &str, timeout: Duration, a: RunArgs) -> Result<u8,
     };
     if let Err(st) = client(coordinator, timeout)?.record_experiment_run(request(entry)).await {
         tracing::warn!(error = %st.message(), "the run is not in the coordinator's index");
-        emit(&format!("note: the coordinator did not index this run ({}); the report is complete", st.message()));
+        say(json, &format!("note: the coordinator did not index this run ({}); the report is complete", st.message()));
     }
-    emit(&format!("verdict: {}{}", verdict.as_str(), if abort_reason.is_empty() { String::new() } else { format!(" ({abort_reason})") }));
-    emit(&format!("report: {}", dir.display()));
+    say(
+        json,
+        &format!("verdict: {}{}", verdict.as_str(), if abort_reason.is_empty() { String::new() } else { format!(" ({abort_reason})") }),
+    );
+    say(json, &format!("report: {}", dir.display()));
+    if json {
+        let mut out = report;
+        out["report_dir"] = json!(std::path::absolute(&dir).unwrap_or(dir.clone()).display().to_string());
+        out["exit_code"] = json!(verdict.code());
+        crate::output::emit_json(&out);
+    }
     Ok(verdict.code())
 }
 
@@ -1422,13 +1510,13 @@ fn markdown(r: &serde_json::Value, plotted: bool) -> String {
         if let Some(phases) = l["phases"].as_array() {
             let _ = writeln!(
                 md,
-                "| phase | rate/s | seconds | produced | acked/s | stored/acked | error % | p50 ms | p95 ms | p99 ms |\n|---|---|---|---|---|---|---|---|---|---|"
+                "| phase | rate/s | seconds | produced | acked/s | stored/acked | redelivered | error % | p50 ms | p95 ms | p99 ms |\n|---|---|---|---|---|---|---|---|---|---|---|"
             );
             for p in phases {
                 let f = |k: &str| p[k].as_f64().unwrap_or(0.0);
                 let _ = writeln!(
                     md,
-                    "| {} | {} | {:.1} | {} | {:.1} | {}/{} | {:.2} | {:.0} | {:.0} | {:.0} |",
+                    "| {} | {} | {:.1} | {} | {:.1} | {}/{} | {} | {:.2} | {:.0} | {:.0} | {:.0} |",
                     s(&p["phase"]),
                     p["rate_per_s"],
                     f("seconds"),
@@ -1436,6 +1524,8 @@ fn markdown(r: &serde_json::Value, plotted: bool) -> String {
                     f("acked_per_s"),
                     p["stored"],
                     p["acked"],
+                    // Reports from before the count have none.
+                    p["redelivered"].as_u64().map_or("-".to_string(), |n| n.to_string()),
                     f("error_pct"),
                     f("p50_ms"),
                     f("p95_ms"),
@@ -1687,6 +1777,41 @@ report:
         assert!(!hypothesis(&[rule], &[]).0, "no data is not a steady state");
     }
 
+    /// The SVG is a well-formed image of 960x480 with one line per series
+    /// (each with its points) and one shaded band per fault window, where
+    /// the window is on the time axis (0..t_max seconds).
+    fn assert_plot(svg: &str, series: usize, points: usize, windows: &[(f64, f64)], t_max: f64) {
+        let doc = roxmltree::Document::parse(svg).unwrap_or_else(|e| panic!("not well-formed XML: {e}"));
+        let root = doc.root_element();
+        assert_eq!(root.tag_name().name(), "svg");
+        assert_eq!((root.attribute("width"), root.attribute("height")), (Some("960"), Some("480")));
+        // Series are drawn 2 px wide; the axes, ticks and legend marks are 1 px.
+        let lines: Vec<_> = doc.descendants().filter(|n| n.has_tag_name("polyline") && n.attribute("stroke-width") == Some("2")).collect();
+        assert_eq!(lines.len(), series, "one line per series");
+        for l in &lines {
+            assert_eq!(l.attribute("points").unwrap_or_default().split_whitespace().count(), points, "every sample drawn");
+        }
+        let num =
+            |n: &roxmltree::Node, a: &str| n.attribute(a).and_then(|v| v.parse::<f64>().ok()).unwrap_or_else(|| panic!("{a} of {n:?}"));
+        // The plotting area: the x extent of the lines' points.
+        let xs: Vec<f64> = lines
+            .iter()
+            .flat_map(|l| l.attribute("points").unwrap_or_default().split_whitespace().filter_map(|p| p.split(',').next()?.parse().ok()))
+            .collect();
+        let bands: Vec<_> = doc.descendants().filter(|n| n.has_tag_name("rect") && n.attribute("fill") == Some("#FFC8C8")).collect();
+        assert_eq!(bands.len(), windows.len(), "one shaded band per fault window");
+        // The test's series runs from t=0 to t_max: its first and last points are the time axis' ends.
+        let (x0, x_end) = (xs.iter().copied().fold(f64::MAX, f64::min), xs.iter().copied().fold(f64::MIN, f64::max));
+        let px_per_s = (x_end - x0) / t_max;
+        for (band, (from, to)) in bands.iter().zip(windows) {
+            let (x, w) = (num(band, "x"), num(band, "width"));
+            assert!(
+                (x - (x0 + from * px_per_s)).abs() <= 2.0 && (w - (to - from) * px_per_s).abs() <= 2.0,
+                "band {x}+{w} for {from}..{to} s"
+            );
+        }
+    }
+
     #[test]
     fn the_report_renders_from_its_json_with_a_shaded_plot_and_achieved_figures() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -1697,16 +1822,16 @@ report:
                 "start_s": 2.0, "end_s": 5.0, "agents": [{"agent_id": "a", "summary": "2 workers", "achieved": {"cpu_pct": 49.7}, "outcome": ""}]}],
             "load": {"profile": "baseline:10:1000ms", "run_id": "load-1", "collector": {"produced": 10, "acked": 10, "failed": 0},
                 "phases": [{"phase": "baseline", "rate_per_s": 10, "seconds": 1.0, "produced": 10, "acked": 10, "stored": 10,
-                    "error_pct": 0.0, "acked_per_s": 10.0, "p50_ms": 12.0, "p95_ms": 30.0, "p99_ms": 31.0}]},
+                    "redelivered": 1, "error_pct": 0.0, "acked_per_s": 10.0, "p50_ms": 12.0, "p95_ms": 30.0, "p99_ms": 31.0}]},
             "validation": {"verdict": "PASSED", "checks": [{"name": "lag", "verdict": "PASSED", "summary": "lag 0"}]},
             "metrics": [{"series": "a x", "points": points}],
         });
         write_report(dir.path(), &report).expect("write");
         let svg = std::fs::read_to_string(dir.path().join("metrics.svg")).expect("svg");
-        assert!(svg.starts_with("<svg") && svg.contains("<rect") && svg.contains("<polyline"), "{}", &svg[..200.min(svg.len())]);
+        assert_plot(&svg, 1, 10, &[(2.0, 5.0)], 9.0);
         let md = std::fs::read_to_string(dir.path().join("report.md")).expect("md");
         assert!(md.contains("`--cpu 50%`") && md.contains("a: cpu_pct=49.70"), "requested and achieved: {md}");
-        assert!(md.contains("| baseline | 10 | 1.0 | 10 | 10.0 | 10/10 | 0.00 | 12 | 30 | 31 |"), "{md}");
+        assert!(md.contains("| baseline | 10 | 1.0 | 10 | 10.0 | 10/10 | 1 | 0.00 | 12 | 30 | 31 |"), "{md}");
         assert!(md.contains("## Validation: PASSED") && md.contains("metrics.svg"), "{md}");
         // Rendering again from report.json gives the same files.
         std::fs::remove_file(dir.path().join("metrics.svg")).expect("rm");
@@ -1756,7 +1881,11 @@ validation: --lab --max-lag 100
         assert_eq!(v.request.lag.as_ref().map(|l| l.max_lag), Some(100));
         let bad = |from: &str, to: &str| parse("m.yaml", &text.replace(from, to)).expect_err("refused");
         let e = bad("    - {phase: warmup, rate: 50, for: 5s}", "    - {phase: warmup, rate: 0, for: 5s}");
-        assert!(e.contains("load.profile[0] (warmup): rate must be 1..=20000"), "{e}");
+        assert!(e.starts_with("m.yaml:5:") && e.contains("rate must be 1..=20000 events/s, got 0"), "{e}");
+        let e = bad("    - {phase: baseline, rate: 200, for: 20s}", "    - {phase: baseline, rate: 200, for: 500ms}");
+        assert!(e.starts_with("m.yaml:6:") && e.contains("`for` must be 1s..=1h, got 500ms"), "{e}");
+        let e = bad("{phase: baseline,", "{phase: base line,");
+        assert!(e.starts_with("m.yaml:6:") && e.contains("phase name must be letters"), "{e}");
         let e = bad("  profile:\n", "  target: {bootstrap: \"10.1.2.3:9092\"}\n  profile:\n");
         assert!(e.contains("load.bootstrap") && e.contains("not a lab address"), "{e}");
         let e = bad("validation: --lab --max-lag 100", "validation: --lab --max-lagg 100");

@@ -1,9 +1,13 @@
 //! `chaos lab up|status|down`: the local lab (network namespaces on a
 //! bridge, an agent per host, a coordinator, real Kafka and Cassandra).
 
-use std::{path::PathBuf, time::Duration};
+use std::{
+    path::PathBuf,
+    time::{Duration, Instant},
+};
 
 use chaos_lab::LabConfig;
+use chaos_proto::pb;
 use clap::Subcommand;
 use serde_json::json;
 
@@ -26,7 +30,8 @@ Then drive it like any fleet:
 
 #[derive(Debug, Subcommand)]
 pub enum LabCommand {
-    /// Create the hosts, start the agents, the coordinator, Kafka and Cassandra; wait until all are healthy.
+    /// Create the hosts, start the agents, the coordinator, Kafka and Cassandra; wait until all are healthy
+    /// and the coordinator sees the four agents and its Kafka and Cassandra probes up.
     #[command(after_help = LAB_HELP)]
     Up(LabArgs),
     /// Health of every component.
@@ -85,6 +90,67 @@ fn progress(line: &str) {
     eprintln!("lab: {line}");
 }
 
+/// What the lab's coordinator does not see yet that an experiment needs:
+/// each host's agent healthy, its Kafka and Cassandra probes up.
+async fn not_ready(url: &str) -> Vec<String> {
+    let Ok(ch) = crate::channel(url, Duration::from_secs(2)) else { return vec!["the coordinator".into()] };
+    let mut c = pb::coordinator_client::CoordinatorClient::new(ch);
+    let mut missing = vec![];
+    match c.list_agents(pb::ListAgentsRequest {}).await {
+        Ok(r) => {
+            let agents = r.into_inner().agents;
+            for h in chaos_lab::HOSTS {
+                let healthy = agents.iter().any(|a| a.agent_id == h.name && a.health == pb::AgentHealth::Healthy as i32);
+                if !healthy {
+                    missing.push(format!("agent {}", h.name));
+                }
+            }
+        }
+        Err(_) => return vec!["the coordinator".into()],
+    }
+    let req = pb::GetMetricsRequest { metric_prefixes: vec!["probe.up".into()], ..Default::default() };
+    let batches = c.get_metrics(req).await.map(|r| r.into_inner().batches).unwrap_or_default();
+    for probe in ["kafka", "cassandra"] {
+        let up = batches
+            .iter()
+            .filter(|b| !b.stale && b.source == format!("probe:{probe}"))
+            .flat_map(|b| &b.metrics)
+            .any(|m| m.name == "probe.up" && m.value >= 1.0);
+        if !up {
+            missing.push(format!("its {probe} probe"));
+        }
+    }
+    missing
+}
+
+/// Wait until [`not_ready`] is empty, up to `within`.
+async fn wait_ready(within: Duration) -> Result<(), CliError> {
+    let url = chaos_lab::coordinator_url();
+    let (started, mut shown) = (Instant::now(), Instant::now());
+    loop {
+        let missing = not_ready(&url).await;
+        if missing.is_empty() {
+            progress(&format!("the coordinator sees the agents and its probes up ({:.0} s)", started.elapsed().as_secs_f64()));
+            return Ok(());
+        }
+        if started.elapsed() >= within {
+            return Err(CliError::new(
+                exit::FAILURE,
+                format!(
+                    "the lab's services are up, but after {} its coordinator ({url}) still misses {}: see `chaos lab status` and run/logs/coordinator.log",
+                    humantime::format_duration(within),
+                    missing.join(", ")
+                ),
+            ));
+        }
+        if shown.elapsed() >= Duration::from_secs(5) {
+            progress(&format!("waiting for the coordinator to see {}", missing.join(", ")));
+            shown = Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 fn print_status(fmt: Format, comps: &[chaos_lab::Component], counts: Option<&crate::drill::Counts>) {
     match fmt {
         Format::Json => emit_json(&json!({"up": comps.iter().all(|c| c.up), "components": comps, "pipeline": counts})),
@@ -109,6 +175,8 @@ pub async fn run(cmd: LabCommand, fmt: Format) -> Result<u8, CliError> {
     match cmd {
         LabCommand::Up(a) => {
             let comps = chaos_lab::up(&a.config()?, &mut |l| progress(l)).map_err(fail)?;
+            // Up means ready for an experiment: its steady state reads these.
+            wait_ready(Duration::from_secs(60)).await?;
             print_status(fmt, &comps, None);
             if fmt == Format::Table {
                 emit(&format!(

@@ -135,7 +135,7 @@ async fn main() -> ExitCode {
         Command::Gameday(c) => gameday::run(c, &cli.coordinator, cli.timeout, fmt).await,
         Command::Load(a) => load::run(*a, fmt).await,
         Command::Report(a) => experiment::report(&cli.coordinator, cli.timeout, fmt, a).await,
-        Command::Run(a) => experiment::run(&cli.coordinator, cli.timeout, a).await,
+        Command::Run(a) => experiment::run(&cli.coordinator, cli.timeout, fmt, a).await,
         Command::Scenario(c) => scenario::run(c, &cli.coordinator, cli.timeout, fmt).await,
         Command::Queue => scenario::queue(&cli.coordinator, cli.timeout, fmt).await,
         Command::Audit(a) => scenario::audit(&cli.coordinator, cli.timeout, fmt, a).await,

@@ -95,6 +95,14 @@ fn report(dir: &Path) -> (PathBuf, serde_json::Value) {
     (d, v)
 }
 
+/// `chaos ARGS` whose stdout must be exactly one JSON document (progress goes to stderr).
+fn stdout_json(args: &[&str], want_code: i32) -> serde_json::Value {
+    let out = chaos_e2e::chaos(args);
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(want_code), "chaos {args:?}\nstdout: {stdout}\nstderr: {stderr}");
+    serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("stdout is not one JSON document ({e}): {stdout}"))
+}
+
 fn mean(v: &[f64]) -> f64 {
     v.iter().sum::<f64>() / v.len().max(1) as f64
 }
@@ -132,6 +140,16 @@ fn an_experiment_runs_reports_and_aborts_cleanly() {
     let f = file.display().to_string();
     let plan = chaos_ok(&["--coordinator", &curl, "run", &f, "--dry-run"], 0);
     assert!(plan.contains("process_pause") && plan.contains("[exp]") && plan.contains("dry run: nothing run"), "{plan}");
+    // The same plan for scripts: stdout is one JSON document.
+    let plan = stdout_json(&["--coordinator", &curl, "-o", "json", "run", &f, "--dry-run"], 0);
+    let pause = &plan["plan"][1];
+    assert_eq!(
+        (plan["dry_run"].as_bool(), plan["refused"].as_bool(), pause["kind"].as_str()),
+        (Some(true), Some(false), Some("fault")),
+        "{plan:#}"
+    );
+    assert_eq!(pause["admission"]["agents"], serde_json::json!(["exp"]), "{plan:#}");
+    assert_eq!((pause["admission"]["blast_radius"].as_f64(), pause["admission"]["blast_radius_limit"].as_f64()), (Some(1.0), Some(1.0)));
     assert_ne!(proc_state(burner.pid()), Some('T'));
 
     // The run: the hypothesis holds, and the report shows the pause on the CPU.
@@ -156,7 +174,11 @@ fn an_experiment_runs_reports_and_aborts_cleanly() {
     assert!(mean(&during) < 10.0, "a paused process uses no CPU: {during:?}");
     assert!(mean(&before) > 40.0, "the burner before the pause: {before:?}");
     let svg = std::fs::read_to_string(rdir.join("metrics.svg")).expect("svg");
-    assert!(svg.starts_with("<svg") && svg.contains("<rect"), "a plot with the fault window");
+    let doc = roxmltree::Document::parse(&svg).expect("metrics.svg is well-formed SVG");
+    assert_eq!(doc.root_element().tag_name().name(), "svg");
+    let shaded = doc.descendants().filter(|n| n.has_tag_name("rect") && n.attribute("fill") == Some("#FFC8C8")).count();
+    assert_eq!(shaded, 1, "the pause's window shaded");
+    assert!(doc.descendants().any(|n| n.has_tag_name("polyline") && n.attribute("stroke-width") == Some("2")), "a series drawn");
     let md = std::fs::read_to_string(rdir.join("report.md")).expect("md");
     assert!(md.contains("HELD") && md.contains("pause the burner") && md.contains("metrics.svg"), "{md}");
     assert_ne!(proc_state(burner.pid()), Some('T'), "reverted");
@@ -173,9 +195,14 @@ fn an_experiment_runs_reports_and_aborts_cleanly() {
     // A parallel group: both members run, the second from its offset, and the stress reports what it achieved.
     let reports4 = dir.path().join("reports4");
     let par = parallel_experiment(dir.path(), &burner.name);
-    let out = chaos_ok(&["--coordinator", &curl, "run", &par.display().to_string(), "--report-dir", &reports4.display().to_string()], 0);
-    assert!(out.contains("verdict: HELD"), "{out}");
-    let (_, rep4) = report(&reports4);
+    let printed = stdout_json(
+        &["--coordinator", &curl, "-o", "json", "run", &par.display().to_string(), "--report-dir", &reports4.display().to_string()],
+        0,
+    );
+    assert_eq!((printed["verdict"].as_str(), printed["exit_code"].as_u64()), (Some("HELD"), Some(0)), "{printed:#}");
+    let (dir4, rep4) = report(&reports4);
+    assert_eq!(printed["report_dir"].as_str().map(PathBuf::from), Some(std::path::absolute(&dir4).expect("absolute")));
+    assert_eq!(printed["steps"], rep4["steps"], "stdout carries the report");
     let steps = rep4["steps"].as_array().expect("steps");
     let by = |n: &str| steps.iter().find(|s| s["name"] == n).unwrap_or_else(|| panic!("{n} in {steps:?}"));
     let (pause, stress) = (by("pause"), by("stress"));
