@@ -167,7 +167,8 @@ pub struct FaultArgs {
     /// Latency: each packet's delay is drawn uniformly from latency ± jitter.
     #[arg(long, value_parser = humantime::parse_duration)]
     jitter: Option<Duration>,
-    /// Loss/latency: only traffic with this peer CIDR (repeatable) [default: every peer].
+    /// Loss, latency, reorder, corruption, duplication, bandwidth: only traffic with this peer CIDR
+    /// (repeatable) [default: every peer]. A partition takes its peers as --partition CIDR.
     #[arg(long = "peer", value_name = "CIDR")]
     peers: Vec<String>,
     /// Network faults: which way packets are dropped.
@@ -362,7 +363,27 @@ impl FaultArgs {
             return Ok(r);
         }
         if !self.partition.is_empty() {
+            // --peer would narrow nothing here: a partition takes its peers
+            // itself, and a silently wider cut is the worst surprise.
+            if let Some(p) = self.peers.first() {
+                let ps = self.partition.join(" --partition ");
+                return Err(CliError::new(
+                    exit::USAGE,
+                    format!(
+                        "--peer {p}: a partition takes its peers as --partition CIDR (repeatable), e.g. --partition {p}; --peer does not narrow --partition {ps}"
+                    ),
+                ));
+            }
             let all = self.partition.iter().any(|p| p == "all");
+            if all && self.partition.len() > 1 {
+                return Err(CliError::new(
+                    exit::USAGE,
+                    format!(
+                        "--partition all means every peer; it cannot go with --partition {}",
+                        self.partition.iter().filter(|p| *p != "all").cloned().collect::<Vec<_>>().join(" --partition ")
+                    ),
+                ));
+            }
             let scope = self.scope(if all { vec![] } else { self.partition.clone() });
             return Ok((self.network_target(), F::NetworkPartition(pb::NetworkPartition { scope: Some(scope) })));
         }
@@ -674,4 +695,40 @@ pub async fn run(cmd: AgentCommand, timeout: Duration, fmt: Format) -> Result<u8
         }
     }
     Ok(exit::OK)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Debug, Parser)]
+    #[command(no_binary_name = true)]
+    struct Line {
+        #[command(flatten)]
+        fault: FaultArgs,
+    }
+
+    fn spec(args: &str) -> Result<pb::FaultSpec, CliError> {
+        Line::try_parse_from(args.split_whitespace()).map_err(|e| CliError::new(exit::USAGE, e.to_string()))?.fault.spec()
+    }
+
+    #[test]
+    fn a_partition_is_scoped_by_its_own_peers_and_refuses_a_peer_flag() {
+        let s = spec("--partition 198.18.200.3/32").expect("one peer");
+        let Some(F::NetworkPartition(p)) = s.fault else { panic!("a partition: {s:?}") };
+        assert_eq!(p.scope.map(|sc| sc.peer_cidrs), Some(vec!["198.18.200.3/32".to_string()]));
+        let s = spec("--partition all").expect("every peer");
+        let Some(F::NetworkPartition(p)) = s.fault else { panic!("a partition: {s:?}") };
+        assert!(p.scope.is_some_and(|sc| sc.peer_cidrs.is_empty()));
+        let e = spec("--partition all --peer 198.18.200.3/32").expect_err("would cut every peer");
+        assert!(e.message.starts_with("--peer 198.18.200.3/32: a partition takes its peers as --partition CIDR"), "{}", e.message);
+        let e = spec("--partition all --partition 198.18.200.3/32").expect_err("contradictory");
+        assert!(e.message.contains("--partition all means every peer"), "{}", e.message);
+        // --peer keeps scoping the other network faults.
+        let s = spec("--loss 10% --peer 198.18.200.3/32").expect("loss");
+        let Some(F::NetworkLoss(l)) = s.fault else { panic!("loss: {s:?}") };
+        assert_eq!(l.scope.map(|sc| sc.peer_cidrs), Some(vec!["198.18.200.3/32".to_string()]));
+    }
 }
