@@ -797,46 +797,53 @@ impl Runner<'_> {
         }
     }
 
-    /// Wait until the load produces its phase `phase`; why the run cannot
-    /// go on otherwise (the load ended or fell behind, or Ctrl-C).
-    async fn wait_load_phase(&mut self, label: &str, name: &str, phase: &str, records: &mut Vec<StepRecord>) -> Option<String> {
-        let profile = self.e.load.as_ref().map(|l| l.profile.as_slice()).unwrap_or_default();
-        // The phase is due this far into the profile; the producer's start-up
-        // and a producer behind its rate get a minute on top.
-        let (index, due) = load_phase_due(self.e, phase);
-        let deadline = Instant::now() + due + Duration::from_secs(60);
-        let start_s = self.now();
-        self.event(format!("{label} {name} (due {:.0} s into the load)", due.as_secs_f64()));
+    /// Follow the load until it produces its phase number `index` or a later
+    /// one: the phase reached (its number and name), or why not (the producer
+    /// ended, `within` passed, Ctrl-C). With `progress` (a label), a line each
+    /// second with the key metrics.
+    async fn until_load_phase(&mut self, index: usize, within: Duration, progress: Option<&str>) -> Result<(usize, String), String> {
+        let deadline = Instant::now() + within;
         let mut shown = Instant::now();
-        let outcome = loop {
+        loop {
             let st = self.note_load_phase();
-            let now_at = st.as_ref().and_then(|s| s.phase_index);
-            if now_at == Some(index) {
-                break None;
-            }
-            if let Some(at) = now_at.filter(|at| *at > index) {
-                let now = profile.get(at).map(|p| p.phase.as_str()).unwrap_or("?");
-                break Some(format!("{name}: the load's phase {phase} had already ended (it is in {now})"));
+            if let Some(at) = st.as_ref().and_then(|s| s.phase_index).filter(|at| *at >= index) {
+                return Ok((at, st.and_then(|s| s.phase).unwrap_or_default()));
             }
             if st.as_ref().is_some_and(|s| s.done) || !self.load.as_mut().is_some_and(|l| l.running()) {
-                break Some(format!("{name}: the load ended before its phase {phase} began"));
+                return Err("the producer ended first".into());
             }
             if Instant::now() >= deadline {
-                break Some(format!("{name}: the load's phase {phase} did not begin within {:.0} s", due.as_secs_f64() + 60.0));
+                return Err(format!("not begun within {:.0} s", within.as_secs_f64()));
             }
-            if shown.elapsed() >= Duration::from_secs(1) {
+            if let Some(label) = progress.filter(|_| shown.elapsed() >= Duration::from_secs(1)) {
                 shown = Instant::now();
                 let at = st.and_then(|s| s.phase).unwrap_or_else(|| "starting".into());
                 let metrics = match self.snapshot().await {
                     Ok(_) => self.key_metrics(),
                     Err(e) => format!("(metrics: {})", e.message),
                 };
-                say(self.json, &format!("  {label} {name}: the load is in {at}  {metrics}"));
+                say(self.json, &format!("  {label}: the load is in {at}  {metrics}"));
             }
             if self.sleep_or_interrupt(Duration::from_millis(20)).await {
-                self.event("Ctrl-C: the method stops before its next step".into());
-                break Some("Ctrl-C".into());
+                self.event("Ctrl-C while waiting for the load".into());
+                return Err("Ctrl-C".into());
             }
+        }
+    }
+
+    /// Wait until the load produces its phase `phase`; why the run cannot
+    /// go on otherwise (the load ended or fell behind, or Ctrl-C).
+    async fn wait_load_phase(&mut self, label: &str, name: &str, phase: &str, records: &mut Vec<StepRecord>) -> Option<String> {
+        // The phase is due this far into the profile; the producer's start-up
+        // and a producer behind its rate get a minute on top.
+        let (index, due) = load_phase_due(self.e, phase);
+        let start_s = self.now();
+        self.event(format!("{label} {name} (due {:.0} s into the load)", due.as_secs_f64()));
+        let outcome = match self.until_load_phase(index, due + Duration::from_secs(60), Some(&format!("{label} {name}"))).await {
+            Ok((at, _)) if at == index => None,
+            Ok((_, now)) => Some(format!("{name}: the load's phase {phase} had already ended (it is in {now})")),
+            Err(_) if self.interrupted => Some("Ctrl-C".into()),
+            Err(why) => Some(format!("{name}: the load's phase {phase}: {why}")),
         };
         let state = if outcome.is_none() { "done" } else { "cut short" };
         if let Some(why) = &outcome {
@@ -1167,21 +1174,12 @@ pub async fn run(coordinator: &str, timeout: Duration, fmt: crate::output::Forma
         r.event(format!("load started: {} (run id {})", crate::load::profile_text(&l.profile), run.run_id));
         r.load = Some(run);
         // The steady state is judged once the producer produces.
-        let log = dir.join("load-collector.log");
-        let until = Instant::now() + Duration::from_secs(60);
-        while r.note_load_phase().and_then(|s| s.phase_index).is_none() {
-            let why = if !r.load.as_mut().is_some_and(|l| l.running()) {
-                Some("the load's producer exited before producing")
-            } else if Instant::now() >= until {
-                Some("the load's producer did not start producing within 60 s")
-            } else if r.sleep_or_interrupt(Duration::from_millis(50)).await {
-                Some("interrupted (Ctrl-C) while the load started")
-            } else {
-                None
-            };
-            if let Some(why) = why {
-                return Err(CliError::new(exit::FAILURE, format!("{why}; nothing was injected; see {}", log.display())));
-            }
+        if let Err(why) = r.until_load_phase(0, Duration::from_secs(60), None).await {
+            let log = dir.join("load-collector.log");
+            return Err(CliError::new(
+                exit::FAILURE,
+                format!("the load's first phase: {why}; nothing was injected; see {}", log.display()),
+            ));
         }
     }
     let before = r.snapshot().await?;

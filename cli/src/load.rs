@@ -62,22 +62,24 @@ fn check_for(d: Duration) -> Result<(), String> {
     Ok(())
 }
 
+/// Read a `T` and check it within the same visit, so an error in a file
+/// carries the value's own line.
+fn checked<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(d: D, check: impl Fn(&T) -> Result<(), String>) -> Result<T, D::Error> {
+    let v = T::deserialize(d)?;
+    check(&v).map_err(serde::de::Error::custom)?;
+    Ok(v)
+}
+
 fn checked_name<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
-    let name = String::deserialize(d)?;
-    check_name(&name).map_err(serde::de::Error::custom)?;
-    Ok(name)
+    checked(d, |n: &String| check_name(n))
 }
 
 fn checked_rate<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
-    let rate = u32::deserialize(d)?;
-    check_rate(rate).map_err(serde::de::Error::custom)?;
-    Ok(rate)
+    checked(d, |r: &u32| check_rate(*r))
 }
 
 fn checked_for<'de, D: serde::Deserializer<'de>>(d: D) -> Result<HumanDuration, D::Error> {
-    let h = HumanDuration::deserialize(d)?;
-    check_for(h.0).map_err(serde::de::Error::custom)?;
-    Ok(h)
+    checked(d, |h: &HumanDuration| check_for(h.0))
 }
 
 /// Parse `NAME:RATE:DURATION,...` (the command line's form).
@@ -185,17 +187,12 @@ impl Target {
     }
 }
 
-/// What the producer is doing now (its status file).
+/// Where the producer is in its profile (the part of its status file a run follows).
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 pub struct LoadStatus {
-    pub produced: u64,
-    pub acked: u64,
-    pub failed: u64,
     /// The phase being produced (none before the first and after the last).
     pub phase: Option<String>,
     pub phase_index: Option<usize>,
-    /// When that phase began, ms since the epoch.
-    pub phase_from_ms: Option<i64>,
     /// Producing has ended (the profile ran out, or it was stopped).
     #[serde(default)]
     pub done: bool,

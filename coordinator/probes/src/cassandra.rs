@@ -121,38 +121,34 @@ impl Stored {
     }
 }
 
-/// Every row of `cql`, typed.
-async fn query_rows<T>(s: &Session, cql: &str, table: &str) -> anyhow::Result<Vec<T>>
-where
-    T: for<'f, 'm> scylla::deserialize::row::DeserializeRow<'f, 'm>,
-{
-    let pager = s.query_iter(cql, &[]).await.with_context(|| format!("reading {table}"))?;
-    let stream = pager.rows_stream::<T>().with_context(|| format!("typing the rows of {cql:?}"))?;
-    stream.try_collect().await.with_context(|| format!("reading {table}"))
-}
-
 /// Every stored row: `(event id, or "" without with_id; times)`. Latency is
 /// measured to the first write where the table records every write.
 async fn stored_rows(s: &Session, table: &str, with_id: bool) -> anyhow::Result<Vec<(String, Stored)>> {
-    type Full = (String, i64, i64, Option<Vec<i64>>);
+    use scylla::value::{CqlValue, Row};
     let table = parse_table_name(table).map_err(anyhow::Error::msg)?;
-    let with_writes = has_writes_column(s, &table).await?;
-    let cql = format!(
-        "SELECT {}ts_ms, written_at_ms{} FROM {table}",
-        if with_id { "event_id, " } else { "" },
-        if with_writes { format!(", {WRITES_COLUMN}") } else { String::new() }
-    );
-    let rows: Vec<Full> = match (with_id, with_writes) {
-        (true, true) => query_rows::<Full>(s, &cql, &table).await?,
-        (true, false) => query_rows::<(String, i64, i64)>(s, &cql, &table).await?.into_iter().map(|(i, p, w)| (i, p, w, None)).collect(),
-        (false, true) => query_rows::<(i64, i64, Option<Vec<i64>>)>(s, &cql, &table)
-            .await?
-            .into_iter()
-            .map(|(p, w, l)| (String::new(), p, w, l))
-            .collect(),
-        (false, false) => query_rows::<(i64, i64)>(s, &cql, &table).await?.into_iter().map(|(p, w)| (String::new(), p, w, None)).collect(),
-    };
-    Ok(rows.into_iter().map(|(id, produced_ms, last, writes)| (id, Stored::new(produced_ms, last, writes.unwrap_or_default()))).collect())
+    let mut cols = vec!["ts_ms", "written_at_ms"];
+    if has_writes_column(s, &table).await? {
+        cols.push(WRITES_COLUMN);
+    }
+    if with_id {
+        cols.push("event_id");
+    }
+    let cql = format!("SELECT {} FROM {table}", cols.join(", "));
+    let pager = s.query_iter(cql.as_str(), &[]).await.with_context(|| format!("reading {table}"))?;
+    let rows: Vec<Row> = pager.rows_stream::<Row>().context("rows")?.try_collect().await.with_context(|| format!("reading {table}"))?;
+    rows.into_iter()
+        .map(|r| {
+            let col = |name: &str| cols.iter().position(|c| *c == name).and_then(|i| r.columns.get(i)).and_then(Option::as_ref);
+            let (Some(produced), Some(last)) =
+                (col("ts_ms").and_then(CqlValue::as_bigint), col("written_at_ms").and_then(CqlValue::as_bigint))
+            else {
+                bail!("{table} has rows without ts_ms or written_at_ms");
+            };
+            let writes = col(WRITES_COLUMN).and_then(CqlValue::as_list).map(|l| l.iter().filter_map(CqlValue::as_bigint).collect());
+            let id = col("event_id").and_then(CqlValue::as_text).cloned().unwrap_or_default();
+            Ok((id, Stored::new(produced, last, writes.unwrap_or_default())))
+        })
+        .collect()
 }
 
 /// Every stored event's `(produced at, first written at)` in ms since the epoch.

@@ -61,7 +61,7 @@ struct Args {
     /// Prefix of event ids (default: a time-based run id).
     #[arg(long)]
     run_id: Option<String>,
-    /// Keep {"produced","acked","failed","at_ms","phase","phase_index","phase_from_ms","done"} here,
+    /// Keep {"produced","acked","failed","at_ms","phase","phase_index","done"} here,
     /// rewritten every 500 ms and at once when a phase begins and when producing ends.
     #[arg(long)]
     status_file: Option<PathBuf>,
@@ -182,7 +182,7 @@ async fn main() -> anyhow::Result<()> {
         let (phase_start, phase_ms) = (Instant::now(), now_ms());
         windows.push((phase_ms, phase_ms, produced, produced));
         info!(phase = %phase.name, rate = phase.rate, seconds = phase.duration.as_secs_f64(), "phase");
-        let now_phase = Some(PhaseNow { index: pi, name: &phase.name, from_ms: phase_ms });
+        let now_phase = Some((pi, phase.name.as_str()));
         if let Some(f) = &a.status_file {
             write_status(f, produced, &acked, &failed, now_phase, false);
             last_status = Instant::now();
@@ -275,20 +275,13 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The phase being produced: its place in the profile, its name, when it began (ms since the epoch).
-#[derive(Clone, Copy)]
-struct PhaseNow<'p> {
-    index: usize,
-    name: &'p str,
-    from_ms: i64,
-}
-
-/// The counts and the phase (none once producing ended: `done`), replaced
-/// atomically (a reader never sees half a file).
-fn write_status(path: &std::path::Path, produced: u64, acked: &AtomicU64, failed: &AtomicU64, phase: Option<PhaseNow>, done: bool) {
+/// The counts and the phase being produced (its place in the profile and
+/// its name; none once producing ended: `done`), replaced atomically (a
+/// reader never sees half a file).
+fn write_status(path: &std::path::Path, produced: u64, acked: &AtomicU64, failed: &AtomicU64, phase: Option<(usize, &str)>, done: bool) {
     let at_ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
     let v = serde_json::json!({"produced": produced, "acked": acked.load(Ordering::Relaxed), "failed": failed.load(Ordering::Relaxed), "at_ms": at_ms,
-        "phase": phase.map(|p| p.name), "phase_index": phase.map(|p| p.index), "phase_from_ms": phase.map(|p| p.from_ms), "done": done});
+        "phase": phase.map(|p| p.1), "phase_index": phase.map(|p| p.0), "done": done});
     let tmp = path.with_extension("tmp");
     if let Err(e) = std::fs::write(&tmp, v.to_string()).and_then(|_| std::fs::rename(&tmp, path)) {
         warn!(error = %e, path = %path.display(), "cannot write the status file");
