@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Quickstart demo (README's first command): builds the binaries, starts a
-# coordinator and an agent on loopback, pauses a real process with the CLI,
+# Quickstart demo (README's first command): builds the binaries, makes a CA
+# and certificates (every channel is mTLS), starts a coordinator and an
+# agent on loopback, shows calls refused without a certificate or with too
+# low a role, pauses a real process with the CLI,
 # watches it revert at its TTL, runs an emergency stop, shows the refusal
 # while disarmed, re-arms, and cleans up everything it started — also on
 # failure or Ctrl-C.
@@ -23,16 +25,32 @@ step "building (cargo build --release)"
 cargo build --release --workspace --bins --locked
 BIN="$PWD/target/release"
 CHAOS="$BIN/chaos"
-export CHAOS_COORDINATOR=http://127.0.0.1:50051 CHAOS_AGENT=http://127.0.0.1:50052
+export CHAOS_COORDINATOR=https://127.0.0.1:50051 CHAOS_AGENT=https://127.0.0.1:50052
+
+step "certificates: a CA, the coordinator, the agent, an admin and a viewer (in $WORK)"
+"$CHAOS" certs init "$WORK/ca"
+"$CHAOS" certs issue --ca "$WORK/ca" --role coordinator --name demo-coordinator --out "$WORK/coordinator" >/dev/null
+"$CHAOS" certs issue --ca "$WORK/ca" --role agent --name demo-agent --out "$WORK/agent" >/dev/null
+"$CHAOS" certs issue --ca "$WORK/ca" --role viewer --name demo-viewer --out "$WORK/viewer" >/dev/null
+"$CHAOS" certs issue --ca "$WORK/ca" --role admin --name demo-admin --expires-in 1d --out "$WORK/admin"
+export CHAOS_TLS_DIR="$WORK/admin"
+"$CHAOS" certs show "$WORK/agent/cert.pem"
 
 step "starting chaos-coordinator on 127.0.0.1:50051 and chaos-agent on 127.0.0.1:50052 (logs in $WORK)"
 # One agent is the whole fleet here: allow a 100 % blast radius (the default is 30 %).
 printf 'chaos_testing:\n  blast_radius_limit: 1.0\n  max_concurrent_scenarios: 1\n' >"$WORK/coordinator.yaml"
-"$BIN/chaos-coordinator" --state-dir "$WORK/state" --config "$WORK/coordinator.yaml" >"$WORK/coordinator.log" 2>&1 & PIDS+=($!)
+"$BIN/chaos-coordinator" --state-dir "$WORK/state" --config "$WORK/coordinator.yaml" --tls-dir "$WORK/coordinator" \
+  >"$WORK/coordinator.log" 2>&1 & PIDS+=($!)
 "$BIN/chaos-agent" --coordinator "$CHAOS_COORDINATOR" --journal-dir "$WORK/journal" --label role=demo \
-  >"$WORK/agent.log" 2>&1 & PIDS+=($!)
+  --tls-dir "$WORK/agent" --local-socket "$WORK/agent.sock" >"$WORK/agent.log" 2>&1 & PIDS+=($!)
 for _ in $(seq 50); do "$CHAOS" agents 2>/dev/null | grep -q healthy && break; sleep 0.2; done
 "$CHAOS" agents
+
+step "no certificate, or too low a role: refused (exit code 3)"
+set +e
+"$CHAOS" --tls-dir "$WORK/nothing" agents; echo "exit code: $?"
+CHAOS_TLS_DIR="$WORK/viewer" "$CHAOS" scenario create --pause-name sleep --selector role=demo --duration 3s --severity 2; echo "exit code: $?"
+set -e
 
 step "a victim process: sleep 300"
 sleep 300 & VICTIM=$!; PIDS+=($VICTIM)
@@ -80,8 +98,10 @@ echo "victim state: $(state)"
 step "chaos audit"
 "$CHAOS" audit
 
-step "reflection: grpcurl -plaintext 127.0.0.1:50051 list"
+step "reflection over mTLS: grpcurl -cacert -cert -key 127.0.0.1:50051 list"
 GRPCURL="$(command -v grpcurl || echo "$(go env GOPATH 2>/dev/null)/bin/grpcurl")"
-if [ -x "$GRPCURL" ]; then "$GRPCURL" -plaintext 127.0.0.1:50051 list; else echo "(grpcurl not installed: go install github.com/fullstorydev/grpcurl/cmd/grpcurl@v1.9.3)"; fi
+if [ -x "$GRPCURL" ]; then
+  "$GRPCURL" -cacert "$WORK/admin/ca.pem" -cert "$WORK/admin/cert.pem" -key "$WORK/admin/key.pem" 127.0.0.1:50051 list
+else echo "(grpcurl not installed: go install github.com/fullstorydev/grpcurl/cmd/grpcurl@v1.9.3)"; fi
 
 step "stopping (the agent reverts its remaining fault on SIGTERM)"

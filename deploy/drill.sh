@@ -56,8 +56,10 @@ set -e
 
 step "chaos run $EXPERIMENT (report in $REPORT_DIR)"
 set +e
-# The lab's coordinator listens on its bridge address (chaos lab status shows it).
-"$CHAOS" --coordinator http://198.18.200.1:50061 run "$EXPERIMENT" --report-dir "$REPORT_DIR"
+# The lab's coordinator (its bridge address) and the lab admin's certificate,
+# which `chaos lab up` made with the lab's CA: every call is mTLS.
+eval "$("$CHAOS" lab env)"
+"$CHAOS" run "$EXPERIMENT" --report-dir "$REPORT_DIR"
 RUN_CODE=$?
 set -e
 [ "$CODE" -ne 0 ] && exit "$CODE"

@@ -17,11 +17,19 @@ use crate::metrics::MetricsConfig;
 
 const EXAMPLES: &str = "\
 Examples:
-  # Standalone (no coordinator, no lease), journal in a scratch dir:
-  chaos-agent --journal-dir /tmp/chaos-journal
+  # Certificates first (README, \"Certificates\"): a CA, then this agent's pair,
+  # whose name is its agent id and whose addresses are where it listens:
+  chaos certs issue --ca /etc/chaos/ca --role agent --name kafka-1 --san 10.0.0.5 --out /etc/chaos-agent/tls
 
-  # Registered with a coordinator; reverts everything if it is silent for 10 s:
-  chaos-agent --coordinator http://127.0.0.1:50051 --label role=kafka
+  # Registered with a coordinator over mTLS; reverts everything if it is silent for 10 s:
+  chaos-agent --listen 10.0.0.5:50052 --coordinator https://10.0.0.1:50051 --label role=kafka
+
+  # Standalone on loopback without certificates (a laptop try-out):
+  chaos-agent --insecure --journal-dir /tmp/chaos-journal
+
+  # Break-glass on the host itself, coordinator and network down:
+  chaos agent revert-all --local            # through /run/chaos-agent/agent.sock (root only)
+  chaos-agent revert-journal --journal-dir /var/lib/chaos-agent/journal   # no server at all
 
   # From a config file (flags and CHAOS_AGENT_* variables override it):
   chaos-agent --config /etc/chaos/agent.yaml
@@ -38,6 +46,8 @@ metrics: { interval, listen, netns: [..], processes: [..], cgroups: [..] },
 guards: { memory_floor_bytes (default 536870912: a memory stress never leaves
 less available), disk_fill_max_percent (default 95: a disk fill never goes past) },
 docker_socket (default /var/run/docker.sock),
+tls: { dir (default /etc/chaos-agent/tls: ca.pem, cert.pem, key.pem), ca, cert, key, insecure },
+local_socket (default /run/chaos-agent/agent.sock; \"\" for none),
 firewall (auto | nftables | iptables: what partitions and loss use; auto picks
 nftables when the start-up probe finds it usable, else iptables).
 Durations as \"10s\", \"500ms\", \"1h\".
@@ -57,7 +67,7 @@ Durations as \"10s\", \"500ms\", \"1h\".
 )]
 pub struct AgentArgs {
     /// YAML config file.
-    #[arg(long, env = "CHAOS_AGENT_CONFIG")]
+    #[arg(long, env = "CHAOS_AGENT_CONFIG", global = true)]
     pub config: Option<PathBuf>,
     /// gRPC listen address [default: 127.0.0.1:50052].
     #[arg(long, env = "CHAOS_AGENT_LISTEN")]
@@ -66,9 +76,9 @@ pub struct AgentArgs {
     #[arg(long, env = "CHAOS_COORDINATOR")]
     pub coordinator: Option<String>,
     /// Directory of the fault journal [default: /var/lib/chaos-agent/journal].
-    #[arg(long, env = "CHAOS_AGENT_JOURNAL_DIR")]
+    #[arg(long, env = "CHAOS_AGENT_JOURNAL_DIR", global = true)]
     pub journal_dir: Option<PathBuf>,
-    /// Agent id reported to the coordinator [default: the hostname].
+    /// Agent id reported to the coordinator [default: the certificate's name; with --insecure, the hostname].
     #[arg(long, env = "CHAOS_AGENT_ID")]
     pub agent_id: Option<String>,
     /// URL the coordinator uses to reach this agent [default: http://LISTEN].
@@ -114,15 +124,37 @@ pub struct AgentArgs {
     #[arg(long = "watch-cgroup", value_name = "PATH")]
     pub watch_cgroups: Vec<String>,
     /// Docker Engine socket for container faults [default: /var/run/docker.sock].
-    #[arg(long, env = "CHAOS_AGENT_DOCKER_SOCKET", value_name = "PATH")]
+    #[arg(long, env = "CHAOS_AGENT_DOCKER_SOCKET", value_name = "PATH", global = true)]
     pub docker_socket: Option<PathBuf>,
     /// What partitions and loss drop packets with [default: auto: nftables when usable, else iptables].
-    #[arg(long, env = "CHAOS_AGENT_FIREWALL", value_enum)]
+    #[arg(long, env = "CHAOS_AGENT_FIREWALL", value_enum, global = true)]
     pub firewall: Option<Firewall>,
+    /// The break-glass Unix socket (root only): the Agent service without the network or the
+    /// coordinator [default: /run/chaos-agent/agent.sock; "" for none].
+    #[arg(long, env = "CHAOS_AGENT_LOCAL_SOCKET", value_name = "PATH")]
+    pub local_socket: Option<PathBuf>,
+    #[command(flatten)]
+    pub tls: chaos_proto::trust::args::TlsArgs,
+    #[command(subcommand)]
+    pub command: Option<AgentCommand>,
     /// Log format on stderr.
     #[arg(long, env = "CHAOS_LOG_FORMAT", value_enum, default_value_t)]
     pub log_format: LogFormat,
 }
+
+/// What `chaos-agent` does besides serving.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum AgentCommand {
+    /// Revert every fault the journal holds, without starting a server (for a binary that no longer
+    /// starts, or a host cut off from everything). Refused while an agent holds the journal: then use
+    /// `chaos agent revert-all --local`. Exit code 0 when everything was reverted, 1 when not.
+    RevertJournal,
+}
+
+/// Default directory of the agent's certificates.
+pub const DEFAULT_TLS_DIR: &str = "/etc/chaos-agent/tls";
+/// Default break-glass socket.
+pub const DEFAULT_LOCAL_SOCKET: &str = "/run/chaos-agent/agent.sock";
 
 /// The packet filter partitions and loss use.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, Deserialize)]
@@ -160,6 +192,9 @@ pub struct AgentFile {
     pub guards: GuardsFile,
     pub docker_socket: Option<PathBuf>,
     pub firewall: Option<Firewall>,
+    #[serde(default)]
+    pub tls: chaos_proto::trust::args::TlsFile,
+    pub local_socket: Option<PathBuf>,
 }
 
 /// The `guards:` section.
@@ -204,7 +239,8 @@ pub struct AgentConfig {
     pub listen: SocketAddr,
     pub coordinator: Option<String>,
     pub journal_dir: PathBuf,
-    pub agent_id: String,
+    /// None: the certificate's name under TLS, else the hostname (`run::agent_id`).
+    pub agent_id: Option<String>,
     pub advertise: String,
     pub labels: BTreeMap<String, String>,
     pub lease: Duration,
@@ -221,6 +257,10 @@ pub struct AgentConfig {
     /// The Docker Engine socket container faults talk to.
     pub docker_socket: PathBuf,
     pub firewall: Firewall,
+    /// The certificates; None: --insecure (plaintext, loopback only).
+    pub tls: Option<chaos_proto::trust::TlsFiles>,
+    /// The break-glass Unix socket; None: none.
+    pub local_socket: Option<PathBuf>,
 }
 
 fn dur(key: &str, v: &str) -> anyhow::Result<Duration> {
@@ -262,12 +302,16 @@ impl AgentConfig {
             (None, Some(s)) => s.parse().with_context(|| format!("{}: invalid address {s:?} (want IP:PORT)", in_file("listen")))?,
             (None, None) => chaos_proto::DEFAULT_AGENT_ADDR.parse().context("default agent address")?,
         };
-        let coordinator = args.coordinator.clone().or(file.coordinator.clone()).filter(|s| !s.is_empty());
-        if let Some(c) = &coordinator
-            && !(c.starts_with("http://") || c.starts_with("https://"))
-        {
-            bail!("coordinator: expected a URL like http://127.0.0.1:50051, got {c:?}");
+        let tls = args.tls.resolve(&file.tls, Path::new(DEFAULT_TLS_DIR));
+        if tls.is_none() {
+            chaos_proto::serve::check_plaintext_bind("chaos-agent", listen).map_err(|e| anyhow::anyhow!("{}: {e}", in_file("listen")))?;
         }
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let coordinator = match args.coordinator.clone().or(file.coordinator.clone()).filter(|s| !s.is_empty()) {
+            Some(c) if !c.contains("://") => bail!("coordinator: expected a URL like {scheme}://127.0.0.1:50051, got {c:?}"),
+            Some(c) => Some(chaos_proto::trust::normalize_url(&c, tls.is_some()).map_err(|e| anyhow::anyhow!("coordinator: {e}"))?),
+            None => None,
+        };
         let opt_dur = |flag: Option<Duration>, file_v: &Option<String>, key: &str| -> anyhow::Result<Option<Duration>> {
             match (flag, file_v) {
                 (Some(d), _) => Ok(Some(d)),
@@ -300,11 +344,11 @@ impl AgentConfig {
             labels.insert(k, v);
         }
         let advertise = match args.advertise.clone().or(file.advertise.clone()) {
-            Some(a) => a,
+            Some(a) => chaos_proto::trust::normalize_url(&a, tls.is_some()).map_err(|e| anyhow::anyhow!("advertise: {e}"))?,
             None if listen.ip().is_unspecified() && coordinator.is_some() => {
                 bail!("advertise: listening on {listen} (all addresses); set --advertise to the URL the coordinator should use")
             }
-            None => format!("http://{listen}"),
+            None => format!("{scheme}://{listen}"),
         };
         let mut protected_names: Vec<String> = DEFAULT_PROTECTED_NAMES.iter().map(|s| s.to_string()).collect();
         protected_names.extend(file.protected.names.iter().cloned());
@@ -365,7 +409,7 @@ impl AgentConfig {
                 .clone()
                 .or(file.journal_dir.clone())
                 .unwrap_or_else(|| PathBuf::from("/var/lib/chaos-agent/journal")),
-            agent_id: args.agent_id.clone().or(file.agent_id.clone()).unwrap_or_else(hostname),
+            agent_id: args.agent_id.clone().or(file.agent_id.clone()).filter(|s| !s.is_empty()),
             advertise,
             labels,
             lease,
@@ -384,6 +428,12 @@ impl AgentConfig {
                 .or(file.docker_socket.clone())
                 .unwrap_or_else(|| PathBuf::from("/var/run/docker.sock")),
             firewall: args.firewall.or(file.firewall).unwrap_or_default(),
+            tls,
+            local_socket: match args.local_socket.clone().or(file.local_socket.clone()) {
+                Some(p) if p.as_os_str().is_empty() => None,
+                Some(p) => Some(p),
+                None => Some(PathBuf::from(DEFAULT_LOCAL_SOCKET)),
+            },
         })
     }
 }
@@ -403,7 +453,9 @@ mod tests {
     fn shipped_example_file_is_valid() {
         let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../deploy/config/agent.yaml");
         let c = AgentConfig::resolve(&AgentArgs { config: Some(p), ..Default::default() }).expect("example config");
-        assert_eq!(c.coordinator.as_deref(), Some("http://127.0.0.1:50051"));
+        assert_eq!(c.coordinator.as_deref(), Some("https://127.0.0.1:50051"));
+        assert_eq!(c.tls, Some(chaos_proto::trust::TlsFiles::in_dir(Path::new("/etc/chaos-agent/tls"))));
+        assert_eq!(c.local_socket.as_deref(), Some(Path::new("/run/chaos-agent/agent.sock")));
         assert_eq!(c.labels.get("role").map(String::as_str), Some("kafka"));
     }
 
@@ -412,9 +464,25 @@ mod tests {
         let c = AgentConfig::resolve(&AgentArgs::default()).expect("resolve");
         assert_eq!(c.listen.to_string(), "127.0.0.1:50052");
         assert_eq!(c.lease, Duration::from_secs(10));
-        assert_eq!(c.advertise, "http://127.0.0.1:50052");
+        assert_eq!(c.advertise, "https://127.0.0.1:50052");
         assert!(c.coordinator.is_none());
         assert!(c.protected_names.iter().any(|n| n == "sshd"));
+        assert!(c.tls.is_some(), "TLS is on by default");
+    }
+
+    #[test]
+    fn insecure_is_loopback_only_and_schemes_follow_the_mode() {
+        let mut args = AgentArgs::default();
+        args.tls.insecure = true;
+        let c = AgentConfig::resolve(&args).expect("loopback");
+        assert!(c.tls.is_none());
+        assert_eq!(c.advertise, "http://127.0.0.1:50052");
+        args.listen = Some("198.18.0.2:50052".parse().expect("addr"));
+        let e = format!("{:#}", AgentConfig::resolve(&args).expect_err("non-loopback plaintext"));
+        assert!(e.contains("--insecure") && e.contains("198.18.0.2:50052"), "{e}");
+        let args = AgentArgs { coordinator: Some("http://127.0.0.1:50051".into()), ..Default::default() };
+        let e = format!("{:#}", AgentConfig::resolve(&args).expect_err("plaintext URL with TLS on"));
+        assert!(e.contains("coordinator") && e.contains("https://127.0.0.1:50051"), "{e}");
     }
 
     #[test]

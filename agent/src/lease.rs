@@ -5,9 +5,13 @@
 
 use std::{sync::Arc, time::Duration};
 
-use chaos_proto::{convert::duration_to_pb, pb};
-use tonic::{Code, transport::Endpoint};
-use tracing::{debug, info, warn};
+use chaos_proto::{
+    convert::duration_to_pb,
+    pb,
+    trust::{ClientTls, Dial, Expect},
+};
+use tonic::Code;
+use tracing::{debug, error, info, warn};
 
 use crate::{lifecycle::Lifecycle, protect::Protection, service::AgentIdentity};
 
@@ -17,19 +21,22 @@ pub struct LeaseLink {
     pub coordinator_url: String,
     pub advertise: String,
     pub heartbeat_interval: Duration,
+    /// The agent's certificate (the coordinator must present a coordinator one), or --insecure.
+    pub tls: ClientTls,
 }
 
 /// Run forever (abort the task to stop): register, heartbeat, re-register
 /// when the coordinator forgot us.
 pub async fn run(link: LeaseLink, identity: Arc<AgentIdentity>, lifecycle: Lifecycle, protection: Arc<Protection>) {
-    let endpoint = match Endpoint::from_shared(link.coordinator_url.clone()) {
-        Ok(e) => e.connect_timeout(Duration::from_secs(1)).timeout(link.heartbeat_interval.min(Duration::from_secs(3))),
+    let dial = Dial { connect_timeout: Duration::from_secs(1), timeout: Some(link.heartbeat_interval.min(Duration::from_secs(3))) };
+    let channel = match chaos_proto::trust::channel(&link.coordinator_url, &link.tls, Expect::coordinator(), dial) {
+        Ok(c) => c,
         Err(e) => {
             warn!(url = %link.coordinator_url, error = %e, "invalid coordinator URL; the lease can never be established");
             return;
         }
     };
-    let mut client = pb::coordinator_client::CoordinatorClient::new(endpoint.connect_lazy());
+    let mut client = pb::coordinator_client::CoordinatorClient::new(channel);
     let mut registered = false;
     let mut failures: u32 = 0;
     let mut ticker = tokio::time::interval(link.heartbeat_interval);
@@ -43,6 +50,7 @@ pub async fn run(link: LeaseLink, identity: Arc<AgentIdentity>, lifecycle: Lifec
                     agent_id: identity.agent_id.clone(),
                     active_faults: u32::try_from(status.active_faults).unwrap_or(u32::MAX),
                     lease_lost: status.lease_lost,
+                    instance_id: identity.instance_id.clone(),
                 })
                 .await
                 .map(|r| r.into_inner().armed)
@@ -53,12 +61,9 @@ pub async fn run(link: LeaseLink, identity: Arc<AgentIdentity>, lifecycle: Lifec
                     hostname: identity.hostname.clone(),
                     address: link.advertise.clone(),
                     labels: identity.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-                    capabilities: Some(identity.capabilities(
-                        status.armed,
-                        status.lease_lost,
-                        &crate::faults::container::probe(&identity.docker_socket).await,
-                    )),
+                    capabilities: Some(identity.capabilities(&status, &crate::faults::container::probe(&identity.docker_socket).await)),
                     lease_duration: Some(duration_to_pb(identity.lease)),
+                    instance_id: identity.instance_id.clone(),
                 })
                 .await
                 .map(|r| {
@@ -83,6 +88,20 @@ pub async fn run(link: LeaseLink, identity: Arc<AgentIdentity>, lifecycle: Lifec
             Err(s) if s.code() == Code::NotFound => {
                 info!("coordinator does not know this agent (restarted?); registering again");
                 registered = false;
+            }
+            // Another process holds this agent id, or this certificate may
+            // not register under it: never hold faults meanwhile.
+            Err(s) if matches!(s.code(), Code::AlreadyExists | Code::PermissionDenied | Code::Unauthenticated) => {
+                registered = false;
+                failures += 1;
+                if failures == 1 || failures.is_multiple_of(10) {
+                    error!(coordinator = %link.coordinator_url, agent_id = %identity.agent_id, code = ?s.code(), refusal = %s.message(),
+                        "the coordinator REFUSED this agent; it holds no faults and retries every heartbeat");
+                }
+                let why = format!("{:?}: {}", s.code(), s.message());
+                if lifecycle.refused(why).await.is_err() {
+                    return;
+                }
             }
             Err(s) => {
                 failures += 1;

@@ -8,6 +8,7 @@
 //! (the host sampler), [`service`] (the gRPC surface), [`lease`] (the
 //! coordinator link), [`run`] (wiring).
 
+pub mod breakglass;
 pub mod config;
 pub mod error;
 pub mod faults;

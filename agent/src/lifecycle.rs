@@ -86,11 +86,14 @@ pub struct RevertAllOutcome {
 }
 
 /// The agent's state as the lease client and capabilities see it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LifecycleStatus {
     pub armed: bool,
     pub lease_lost: bool,
     pub active_faults: usize,
+    /// Why the coordinator refused this agent (e.g. its id is held by
+    /// another live process); None unless refused since the last contact.
+    pub refused: Option<String>,
 }
 
 enum Cmd {
@@ -100,6 +103,7 @@ enum Cmd {
     List(bool, oneshot::Sender<Vec<pb::Fault>>),
     SetArmed { armed: bool, reason: String, reply: oneshot::Sender<bool> },
     Contact { coordinator_armed: bool, reply: oneshot::Sender<()> },
+    Refused { reason: String, reply: oneshot::Sender<()> },
     Status(oneshot::Sender<LifecycleStatus>),
     Shutdown(oneshot::Sender<RevertAllOutcome>),
 }
@@ -171,6 +175,8 @@ struct Actor {
     last_contact: Option<Instant>,
     started: Instant,
     lease_lost: bool,
+    /// Set when the coordinator refuses this agent; cleared by its next answer.
+    refused: Option<String>,
     shutting_down: bool,
 }
 
@@ -207,6 +213,7 @@ impl Lifecycle {
         let now = Instant::now();
         let mut actor = Actor {
             lease_lost: cfg.lease.is_some(),
+            refused: None,
             cfg,
             drivers,
             journal,
@@ -259,6 +266,13 @@ impl Lifecycle {
     /// The coordinator answered: the lease is renewed and its armed flag followed.
     pub async fn contact(&self, coordinator_armed: bool) -> Result<(), AgentError> {
         self.call(|reply| Cmd::Contact { coordinator_armed, reply }).await
+    }
+
+    /// The coordinator refused this agent (ALREADY_EXISTS: another process
+    /// holds its id): the lease counts as lost now, every fault is reverted
+    /// and new ones are refused with `reason`, until the coordinator accepts it.
+    pub async fn refused(&self, reason: String) -> Result<(), AgentError> {
+        self.call(|reply| Cmd::Refused { reason, reply }).await
     }
 
     pub async fn status(&self) -> Result<LifecycleStatus, AgentError> {
@@ -412,11 +426,24 @@ impl Actor {
                 self.contact(coordinator_armed).await;
                 let _ = reply.send(());
             }
+            Cmd::Refused { reason, reply } => {
+                if self.refused.as_deref() != Some(reason.as_str()) {
+                    error!(refusal = %reason, active_faults = self.active.len(),
+                        "the coordinator REFUSED this agent: reverting every fault and refusing new ones until it is accepted");
+                }
+                self.refused = Some(reason);
+                self.lease_lost = true;
+                if !self.active.is_empty() {
+                    self.revert_all(RevertReason::LeaseLost).await;
+                }
+                let _ = reply.send(());
+            }
             Cmd::Status(reply) => {
                 let _ = reply.send(LifecycleStatus {
                     armed: self.arming.is_armed(),
                     lease_lost: self.lease_lost,
                     active_faults: self.active.len(),
+                    refused: self.refused.clone(),
                 });
             }
             Cmd::Shutdown(reply) => {
@@ -444,6 +471,9 @@ impl Actor {
 
     async fn contact(&mut self, coordinator_armed: bool) {
         self.last_contact = Some(Instant::now());
+        if self.refused.take().is_some() {
+            info!("the coordinator accepted this agent");
+        }
         if self.lease_lost {
             self.lease_lost = false;
             info!("coordinator answered: lease established, faults accepted");
@@ -470,6 +500,9 @@ impl Actor {
         }
         if let Arming::Disarmed { reason, .. } = &self.arming {
             return Err(AgentError::Disarmed { reason: reason.clone() });
+        }
+        if let Some(why) = &self.refused {
+            return Err(AgentError::LeaseLost(format!("the coordinator refused this agent: {why}")));
         }
         if let (Some(l), true) = (&self.cfg.lease, self.lease_lost) {
             let detail = match self.last_contact {

@@ -2,8 +2,10 @@
 //! (`chaos-agent __stressor ...` is the worker of the stress faults; it
 //! runs before any runtime starts.)
 
+use std::io::Write;
+
 use anyhow::Context;
-use chaos_agent::config::{AgentArgs, AgentConfig};
+use chaos_agent::config::{AgentArgs, AgentCommand, AgentConfig};
 use clap::Parser;
 
 fn main() -> anyhow::Result<()> {
@@ -15,6 +17,20 @@ async fn agent() -> anyhow::Result<()> {
     let args = AgentArgs::parse();
     chaos_proto::serve::init_tracing(args.log_format);
     let cfg = AgentConfig::resolve(&args)?;
+    if let Some(AgentCommand::RevertJournal) = args.command {
+        let dir = cfg.journal_dir.display().to_string();
+        let r = chaos_agent::run::revert_journal(cfg).await?;
+        let mut out = std::io::stdout();
+        writeln!(out, "journal {dir}: {} fault(s) reverted, {} failed, {} unreadable", r.reverted, r.failed, r.corrupt)?;
+        if r.failed + r.corrupt > 0 {
+            writeln!(
+                out,
+                "NOT everything was reverted: the failed records stay in the journal (see the log above); unreadable ones were set aside as *.corrupt"
+            )?;
+            std::process::exit(1);
+        }
+        return Ok(());
+    }
     let listener = tokio::net::TcpListener::bind(cfg.listen).await.with_context(|| format!("binding listen address {}", cfg.listen))?;
     chaos_agent::run::run(cfg, listener, chaos_proto::serve::shutdown_signal()).await
 }

@@ -8,16 +8,20 @@ use std::{
 };
 
 use chaos_proto::{
-    convert::{duration_from_pb, duration_to_pb},
+    convert::{duration_from_pb, duration_to_pb, timestamp_to_pb},
     metrics::Filter,
     pb::{self, RevertReason, agent_server::Agent},
     spec::ALL_FAMILIES,
+    trust::Caller,
 };
 use futures::Stream;
 use tonic::{Request, Response, Status};
-use tracing::instrument;
+use tracing::{info, instrument};
 
-use crate::{lifecycle::Lifecycle, metrics::Latest};
+use crate::{
+    lifecycle::{Lifecycle, LifecycleStatus},
+    metrics::Latest,
+};
 
 /// Facts about this agent that do not change while it runs.
 #[derive(Debug, Clone)]
@@ -43,6 +47,10 @@ pub struct AgentIdentity {
     pub cgroups: Result<crate::sys::cgroup::CgroupFs, String>,
     /// The Docker Engine socket (container faults).
     pub docker_socket: std::path::PathBuf,
+    /// Random at each start (sent at registration and on every heartbeat).
+    pub instance_id: String,
+    /// The credentials in force; None when --insecure.
+    pub tls: Option<Arc<chaos_proto::trust::Tls>>,
 }
 
 /// Read a one-line kernel fact from procfs, or "unknown".
@@ -53,7 +61,8 @@ pub fn proc_line(path: &str) -> String {
 impl AgentIdentity {
     /// Capabilities with the lifecycle's current state.
     /// `docker`: whether the daemon answered just now (its version), or why not.
-    pub fn capabilities(&self, armed: bool, lease_lost: bool, docker: &Result<String, String>) -> pb::Capabilities {
+    pub fn capabilities(&self, st: &LifecycleStatus, docker: &Result<String, String>) -> pb::Capabilities {
+        let (armed, lease_lost) = (st.armed, st.lease_lost);
         let netem = crate::sys::probe::has(&self.backends, "sch_netem");
         let netem_detail = "sch_netem under an htb class of the fault's own, u32 filters for the scope, ifb for ingress";
         let families = ALL_FAMILIES
@@ -161,6 +170,11 @@ impl AgentIdentity {
                 .iter()
                 .map(|b| pb::KernelBackend { name: b.name.to_string(), available: b.available, detail: b.detail.clone() })
                 .collect(),
+            tls_identity: self.tls.as_ref().map(|t| t.identity().uri()).unwrap_or_default(),
+            tls_not_after: self.tls.as_ref().map(|t| timestamp_to_pb(t.current().not_after)),
+            instance_id: self.instance_id.clone(),
+            registered: self.coordinator_url.is_some() && !lease_lost && st.refused.is_none(),
+            registration_error: st.refused.clone().unwrap_or_default(),
         }
     }
 }
@@ -183,26 +197,32 @@ type MetricStream = Pin<Box<dyn Stream<Item = Result<pb::MetricBatch, Status>> +
 
 #[tonic::async_trait]
 impl Agent for AgentService {
-    #[instrument(skip_all, fields(fault_id = %req.get_ref().spec.as_ref().map(|s| s.id.as_str()).unwrap_or("")))]
+    #[instrument(skip_all, fields(fault_id = %req.get_ref().spec.as_ref().map(|s| s.id.as_str()).unwrap_or(""), caller = %Caller::of(&req)))]
     async fn apply_fault(&self, req: Request<pb::ApplyFaultRequest>) -> Result<Response<pb::ApplyFaultResponse>, Status> {
+        let caller = Caller::of(&req);
         let spec = req.into_inner().spec.ok_or_else(|| Status::invalid_argument("spec is required"))?;
+        info!(%caller, fault = %chaos_proto::spec::describe(&spec), "ApplyFault");
         let fault = self.lifecycle.apply(&spec).await?;
         Ok(Response::new(pb::ApplyFaultResponse { fault: Some(fault) }))
     }
 
-    #[instrument(skip_all, fields(fault_id = %req.get_ref().fault_id))]
+    #[instrument(skip_all, fields(fault_id = %req.get_ref().fault_id, caller = %Caller::of(&req)))]
     async fn revert_fault(&self, req: Request<pb::RevertFaultRequest>) -> Result<Response<pb::RevertFaultResponse>, Status> {
+        let caller = Caller::of(&req);
         let id = req.into_inner().fault_id;
         if id.is_empty() {
             return Err(Status::invalid_argument("fault_id is required"));
         }
+        info!(%caller, fault_id = %id, "RevertFault");
         let (fault, already_reverted) = self.lifecycle.revert(&id).await?;
         Ok(Response::new(pb::RevertFaultResponse { fault: Some(fault), already_reverted }))
     }
 
-    #[instrument(skip_all, fields(reason = %req.get_ref().reason, disarm = req.get_ref().disarm))]
+    #[instrument(skip_all, fields(reason = %req.get_ref().reason, disarm = req.get_ref().disarm, caller = %Caller::of(&req)))]
     async fn revert_all(&self, req: Request<pb::RevertAllRequest>) -> Result<Response<pb::RevertAllResponse>, Status> {
+        let caller = Caller::of(&req);
         let r = req.into_inner();
+        info!(%caller, reason = %r.reason, emergency = r.emergency, disarm = r.disarm, "RevertAll");
         let reason = if r.emergency { RevertReason::EmergencyStop } else { RevertReason::RevertAll };
         let disarm = r.disarm.then(|| if r.reason.is_empty() { "revert-all with disarm".to_string() } else { r.reason.clone() });
         let out = self.lifecycle.revert_all(reason, disarm).await?;
@@ -222,12 +242,14 @@ impl Agent for AgentService {
     async fn get_capabilities(&self, _req: Request<pb::GetCapabilitiesRequest>) -> Result<Response<pb::Capabilities>, Status> {
         let st = self.lifecycle.status().await?;
         let docker = crate::faults::container::probe(&self.identity.docker_socket).await;
-        Ok(Response::new(self.identity.capabilities(st.armed, st.lease_lost, &docker)))
+        Ok(Response::new(self.identity.capabilities(&st, &docker)))
     }
 
-    #[instrument(skip_all, fields(armed = req.get_ref().armed))]
+    #[instrument(skip_all, fields(armed = req.get_ref().armed, caller = %Caller::of(&req)))]
     async fn set_armed(&self, req: Request<pb::SetArmedRequest>) -> Result<Response<pb::SetArmedResponse>, Status> {
+        let caller = Caller::of(&req);
         let r = req.into_inner();
+        info!(%caller, armed = r.armed, reason = %r.reason, "SetArmed");
         let armed = self.lifecycle.set_armed(r.armed, r.reason).await?;
         Ok(Response::new(pb::SetArmedResponse { armed }))
     }

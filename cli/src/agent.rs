@@ -11,9 +11,8 @@ use clap::{ArgGroup, Subcommand};
 use serde_json::json;
 
 use crate::{
-    channel,
+    conn::{agent_channel, local_channel, url},
     output::{CliError, Format, emit, emit_json, exit, from_status, relative, rfc3339, table},
-    url,
 };
 
 const APPLY_EXAMPLES: &str = "\
@@ -49,9 +48,23 @@ Network faults never touch the agent's own port or its coordinator link.";
 
 #[derive(Debug, clap::Args)]
 pub struct Target {
-    /// Agent address (HOST:PORT or URL).
-    #[arg(long, global = true, env = "CHAOS_AGENT", default_value = "http://127.0.0.1:50052")]
+    /// Agent address (HOST:PORT or URL; https:// unless --insecure).
+    #[arg(long, global = true, env = "CHAOS_AGENT", default_value = "127.0.0.1:50052")]
     agent: String,
+    /// Break-glass: talk to the agent on this host through its root-only Unix
+    /// socket (no certificate, no network, no coordinator needed).
+    #[arg(long, global = true, conflicts_with = "agent")]
+    local: bool,
+    /// The agent's Unix socket, for --local.
+    #[arg(long, global = true, value_name = "PATH", default_value = "/run/chaos-agent/agent.sock")]
+    socket: std::path::PathBuf,
+}
+
+impl Target {
+    /// What the messages call this agent.
+    fn name(&self) -> String {
+        if self.local { format!("unix:{}", self.socket.display()) } else { url(&self.agent) }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -499,8 +512,20 @@ fn parse_percent(flag: &str, v: &str) -> Result<f64, CliError> {
         .map_err(|_| CliError::new(exit::USAGE, format!("{flag}: expected a percentage like 10% or 0.5, got {v:?}")))
 }
 
-fn client(agent: &str, timeout: Duration) -> Result<AgentClient<tonic::transport::Channel>, CliError> {
-    Ok(AgentClient::new(channel(agent, timeout)?))
+fn client(target: &Target, timeout: Duration) -> Result<AgentClient<tonic::transport::Channel>, CliError> {
+    if target.local {
+        if !target.socket.exists() {
+            return Err(CliError::new(
+                exit::UNREACHABLE,
+                format!(
+                    "--local: no agent socket at {} (is chaos-agent running on this host? --socket PATH names another)",
+                    target.socket.display()
+                ),
+            ));
+        }
+        return Ok(AgentClient::new(local_channel(&target.socket, timeout)));
+    }
+    Ok(AgentClient::new(agent_channel(&target.agent, timeout)?))
 }
 
 fn state_name(s: i32) -> String {
@@ -568,8 +593,8 @@ fn achieved_text(f: &pb::Fault) -> String {
 pub async fn run(cmd: AgentCommand, timeout: Duration, fmt: Format) -> Result<u8, CliError> {
     match cmd {
         AgentCommand::Faults { target, all } => {
-            let server = format!("agent {}", url(&target.agent));
-            let r = client(&target.agent, timeout)?
+            let server = format!("agent {}", target.name());
+            let r = client(&target, timeout)?
                 .list_faults(pb::ListFaultsRequest { include_finished: all })
                 .await
                 .map_err(|s| from_status(&server, s))?
@@ -583,9 +608,9 @@ pub async fn run(cmd: AgentCommand, timeout: Duration, fmt: Format) -> Result<u8
             }
         }
         AgentCommand::Apply(a) => {
-            let server = format!("agent {}", url(&a.target.agent));
+            let server = format!("agent {}", a.target.name());
             let spec = a.spec()?;
-            let r = client(&a.target.agent, timeout)?
+            let r = client(&a.target, timeout)?
                 .apply_fault(pb::ApplyFaultRequest { spec: Some(spec) })
                 .await
                 .map_err(|s| from_status(&server, s))?
@@ -604,8 +629,8 @@ pub async fn run(cmd: AgentCommand, timeout: Duration, fmt: Format) -> Result<u8
             }
         }
         AgentCommand::Revert { target, fault_id } => {
-            let server = format!("agent {}", url(&target.agent));
-            let r = client(&target.agent, timeout)?
+            let server = format!("agent {}", target.name());
+            let r = client(&target, timeout)?
                 .revert_fault(pb::RevertFaultRequest { fault_id })
                 .await
                 .map_err(|s| from_status(&server, s))?
@@ -623,8 +648,8 @@ pub async fn run(cmd: AgentCommand, timeout: Duration, fmt: Format) -> Result<u8
             }
         }
         AgentCommand::RevertAll { target, reason, disarm } => {
-            let server = format!("agent {}", url(&target.agent));
-            let r = client(&target.agent, timeout)?
+            let server = format!("agent {}", target.name());
+            let r = client(&target, timeout)?
                 .revert_all(pb::RevertAllRequest { reason, disarm, emergency: false })
                 .await
                 .map_err(|s| from_status(&server, s))?
@@ -647,8 +672,8 @@ pub async fn run(cmd: AgentCommand, timeout: Duration, fmt: Format) -> Result<u8
             }
         }
         AgentCommand::Capabilities { target } => {
-            let server = format!("agent {}", url(&target.agent));
-            let c = client(&target.agent, timeout)?
+            let server = format!("agent {}", target.name());
+            let c = client(&target, timeout)?
                 .get_capabilities(pb::GetCapabilitiesRequest {})
                 .await
                 .map_err(|s| from_status(&server, s))?
@@ -659,6 +684,8 @@ pub async fn run(cmd: AgentCommand, timeout: Duration, fmt: Format) -> Result<u8
                     "coordinator_url": c.coordinator_url, "lease_s": crate::output::dur_secs(c.lease_duration.as_ref()),
                     "armed": c.armed, "lease_lost": c.lease_lost, "kernel_release": c.kernel_release, "boot_id": c.boot_id,
                     "agent_pid": c.agent_pid, "journal_dir": c.journal_dir, "labels": c.labels,
+                    "tls_identity": c.tls_identity, "tls_not_after": crate::output::rfc3339(c.tls_not_after.as_ref()),
+                    "instance_id": c.instance_id, "registered": c.registered, "registration_error": c.registration_error,
                     "families": c.families.iter().map(|f| json!({"family": f.family, "supported": f.supported, "detail": f.detail})).collect::<Vec<_>>(),
                     "backends": c.backends.iter().map(|b| json!({"name": b.name, "available": b.available, "detail": b.detail})).collect::<Vec<_>>(),
                 })),
@@ -666,15 +693,29 @@ pub async fn run(cmd: AgentCommand, timeout: Duration, fmt: Format) -> Result<u8
                     let mode = if c.standalone {
                         "standalone (no coordinator, no lease)".to_string()
                     } else {
-                        format!("coordinator {} (lease {})", c.coordinator_url, crate::output::dur(c.lease_duration.as_ref()))
+                        let reg = if c.registered {
+                            "registered".to_string()
+                        } else if c.registration_error.is_empty() {
+                            "NOT registered yet".to_string()
+                        } else {
+                            format!("NOT registered: {} (faults refused)", c.registration_error)
+                        };
+                        format!("coordinator {} (lease {}), {reg}", c.coordinator_url, crate::output::dur(c.lease_duration.as_ref()))
+                    };
+                    let tls = if c.tls_identity.is_empty() {
+                        "OFF (--insecure)".to_string()
+                    } else {
+                        format!("{} until {}", c.tls_identity, crate::output::rfc3339(c.tls_not_after.as_ref()).unwrap_or_default())
                     };
                     emit(&format!(
-                        "agent     {} on {} (v{}, pid {}, kernel {})\nmode      {}\narmed     {}{}\njournal   {}",
+                        "agent     {} on {} (v{}, pid {}, kernel {}, instance {})\ntls       {}\nmode      {}\narmed     {}{}\njournal   {}",
                         c.agent_id,
                         c.hostname,
                         c.version,
                         c.agent_pid,
                         c.kernel_release,
+                        c.instance_id,
+                        tls,
                         mode,
                         c.armed,
                         if c.lease_lost { " (LEASE LOST: faults refused)" } else { "" },

@@ -163,6 +163,12 @@ pub struct DrillArgs {
     bin_dir: Option<PathBuf>,
 }
 
+impl DrillArgs {
+    pub fn home(&self) -> &std::path::Path {
+        &self.home
+    }
+}
+
 /// What a drill expects of one series while a fault holds.
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Expect {

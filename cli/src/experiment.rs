@@ -29,10 +29,10 @@ use serde_json::json;
 
 use crate::{
     agent::FaultArgs,
+    conn::url,
     fleet::client,
     output::{CliError, emit, exit, from_status},
     scenario::{request, state_name},
-    url,
 };
 
 /// A duration written as text (`30s`, `2m`) or whole seconds.

@@ -6,9 +6,8 @@ use chaos_proto::pb::{self, AgentHealth, coordinator_client::CoordinatorClient};
 use serde_json::json;
 
 use crate::{
-    channel,
+    conn::{coordinator_channel as channel, url},
     output::{CliError, Format, dur, dur_secs, emit, emit_json, exit, from_status, labels_text, relative, rfc3339, table},
-    url,
 };
 
 #[derive(Debug, clap::Args)]
@@ -47,6 +46,7 @@ pub async fn agents(coordinator: &str, timeout: Duration, fmt: Format) -> Result
     match fmt {
         Format::Json => emit_json(&json!({"agents": r.agents.iter().map(|a| json!({
             "agent_id": a.agent_id, "hostname": a.hostname, "address": a.address,
+            "instance_id": a.instance_id, "registered_by": a.registered_by,
             "health": health_name(a.health), "lease_age_s": dur_secs(a.lease_age.as_ref()),
             "lease_s": dur_secs(a.lease_duration.as_ref()), "active_faults": a.active_faults,
             "labels": a.labels, "last_seen_at": rfc3339(a.last_seen_at.as_ref()),
@@ -85,6 +85,7 @@ pub async fn status(coordinator: &str, timeout: Duration, fmt: Format) -> Result
             "active_faults": s.active_faults, "uptime_s": dur_secs(s.uptime.as_ref()), "listen_address": s.listen_address,
             "scenarios_running": s.scenarios_running, "scenarios_queued": s.scenarios_queued,
             "max_concurrent_scenarios": s.max_concurrent_scenarios, "blast_radius_limit": s.blast_radius_limit,
+            "tls_identity": s.tls_identity, "tls_not_after": rfc3339(s.tls_not_after.as_ref()),
         })),
         Format::Table => {
             let armed = if s.armed {
@@ -96,11 +97,17 @@ pub async fn status(coordinator: &str, timeout: Duration, fmt: Format) -> Result
                     s.disarmed_reason
                 )
             };
+            let tls = if s.tls_identity.is_empty() {
+                "OFF (--insecure)".to_string()
+            } else {
+                format!("{} until {}", s.tls_identity, rfc3339(s.tls_not_after.as_ref()).unwrap_or_default())
+            };
             emit(&format!(
-                "coordinator  {} (v{}, up {})\narmed        {}\nagents       {} total: {} healthy, {} late, {} lost\nfaults       {} active\nscenarios    {} running (limit {}), {} queued; blast radius limit {:.0} %",
+                "coordinator  {} (v{}, up {})\ntls          {}\narmed        {}\nagents       {} total: {} healthy, {} late, {} lost\nfaults       {} active\nscenarios    {} running (limit {}), {} queued; blast radius limit {:.0} %",
                 s.listen_address,
                 s.version,
                 dur(s.uptime.as_ref()),
+                tls,
                 armed,
                 s.agents_total,
                 s.agents_healthy,
@@ -119,17 +126,17 @@ pub async fn status(coordinator: &str, timeout: Duration, fmt: Format) -> Result
 
 pub async fn emergency_stop(coordinator: &str, timeout: Duration, fmt: Format, a: EmergencyStopArgs) -> Result<u8, CliError> {
     let server = format!("coordinator {}", url(coordinator));
-    let req = crate::scenario::request(pb::EmergencyStopRequest {
-        reason: a.reason,
-        deadline: a.deadline.map(chaos_proto::convert::duration_to_pb),
-    });
+    let req =
+        crate::conn::request(pb::EmergencyStopRequest { reason: a.reason, deadline: a.deadline.map(chaos_proto::convert::duration_to_pb) });
     let r = client(coordinator, timeout)?.emergency_stop(req).await.map_err(|s| from_status(&server, s))?.into_inner();
     match fmt {
         Format::Json => emit_json(&json!({
             "armed": r.armed, "agents_reached": r.agents_reached, "agents_unreached": r.agents_unreached,
-            "faults_reverted": r.faults_reverted, "took_s": dur_secs(r.took.as_ref()),
+            "faults_reverted": r.faults_reverted, "faults_failed": r.faults_failed, "complete": r.complete,
+            "took_s": dur_secs(r.took.as_ref()),
             "results": r.results.iter().map(|x| json!({
                 "agent_id": x.agent_id, "address": x.address, "reached": x.reached,
+                "duplicate": x.duplicate, "instance_id": x.instance_id,
                 "reverted_count": x.reverted_count, "failed_count": x.failed_count, "error": x.error,
                 "lease_revert_by": rfc3339(x.lease_revert_by.as_ref()), "took_s": dur_secs(x.took.as_ref()),
             })).collect::<Vec<_>>(),
@@ -144,28 +151,40 @@ pub async fn emergency_stop(coordinator: &str, timeout: Duration, fmt: Format, a
                     } else {
                         format!("NOT REACHED ({}); its lease reverts its faults {}", x.error, relative(x.lease_revert_by.as_ref()))
                     };
-                    vec![x.agent_id.clone(), x.reverted_count.to_string(), dur(x.took.as_ref()), outcome]
+                    let agent = if x.duplicate {
+                        format!("{} (DUPLICATE process {} at {})", x.agent_id, x.instance_id, x.address)
+                    } else {
+                        x.agent_id.clone()
+                    };
+                    vec![agent, x.reverted_count.to_string(), dur(x.took.as_ref()), outcome]
                 })
                 .collect();
             if !rows.is_empty() {
                 emit(&table(&["AGENT", "REVERTED", "TOOK", "OUTCOME"], &rows));
             }
+            let verdict = if r.complete {
+                "every agent confirmed".to_string()
+            } else {
+                format!(
+                    "INCOMPLETE: {} not reached, {} revert(s) failed; faults may still be applied there",
+                    r.agents_unreached, r.faults_failed
+                )
+            };
             emit(&format!(
-                "emergency stop: {} fault(s) reverted on {} agent(s), {} not reached, in {}. Fleet DISARMED: run `chaos arm` to accept faults again.",
+                "emergency stop: {} fault(s) reverted on {} agent(s), {verdict}, in {}. Fleet DISARMED: run `chaos arm` to accept faults again.",
                 r.faults_reverted,
                 r.agents_reached,
-                r.agents_unreached,
                 dur(r.took.as_ref())
             ));
         }
     }
-    Ok(if r.agents_unreached > 0 { exit::PARTIAL } else { exit::OK })
+    Ok(if !r.complete || r.agents_unreached > 0 || r.faults_failed > 0 { exit::PARTIAL } else { exit::OK })
 }
 
 pub async fn arm(coordinator: &str, timeout: Duration, fmt: Format, a: ArmArgs) -> Result<u8, CliError> {
     let server = format!("coordinator {}", url(coordinator));
     let r = client(coordinator, timeout)?
-        .arm(crate::scenario::request(pb::ArmRequest { reason: a.reason }))
+        .arm(crate::conn::request(pb::ArmRequest { reason: a.reason }))
         .await
         .map_err(|s| from_status(&server, s))?
         .into_inner();

@@ -23,10 +23,13 @@ The lab (as root):
 
 Kafka and Cassandra run from their Maven Central jars, fetched once with
   CHAOS_LAB_HOME=/var/lib/chaos-lab bash deploy/lab/fetch.sh
-Then drive it like any fleet:
-  chaos --coordinator http://198.18.200.1:50061 agents
-  chaos --coordinator http://198.18.200.1:50061 scenario create --partition 198.18.200.3/32 \\
-        --netns lab-processor --agent-id processor --duration 30s --severity 3";
+Every channel is mTLS: `up` makes a CA and certificates in HOME/run/tls (the lab verbs use its
+admin certificate by themselves). Then drive it like any fleet:
+  eval \"$(chaos lab env)\"      # CHAOS_COORDINATOR and CHAOS_TLS_DIR (the lab's admin certificate)
+  chaos agents
+  chaos scenario create --partition 198.18.200.3/32 --netns lab-processor --agent-id processor \\
+        --duration 30s --severity 3
+  chaos agent faults --local --socket /var/lib/chaos-lab/run/agent-kafka.sock   # break-glass";
 
 #[derive(Debug, Subcommand)]
 pub enum LabCommand {
@@ -41,6 +44,8 @@ pub enum LabCommand {
     /// Run a failure drill under load: inject, assert the expected behaviour, validate recovery and data.
     #[command(after_help = DRILL_HELP)]
     Drill(crate::drill::DrillArgs),
+    /// Print the shell exports that point `chaos` at the lab: eval "$(chaos lab env)".
+    Env(LabArgs),
 }
 
 const DRILL_HELP: &str = "\
@@ -93,7 +98,7 @@ fn progress(line: &str) {
 /// What the lab's coordinator does not see yet that an experiment needs:
 /// each host's agent healthy, its Kafka and Cassandra probes up.
 async fn not_ready(url: &str) -> Vec<String> {
-    let Ok(ch) = crate::channel(url, Duration::from_secs(2)) else { return vec!["the coordinator".into()] };
+    let Ok(ch) = crate::conn::coordinator_channel(url, Duration::from_secs(2)) else { return vec!["the coordinator".into()] };
     let mut c = pb::coordinator_client::CoordinatorClient::new(ch);
     let mut missing = vec![];
     match c.list_agents(pb::ListAgentsRequest {}).await {
@@ -170,8 +175,18 @@ fn print_status(fmt: Format, comps: &[chaos_lab::Component], counts: Option<&cra
     }
 }
 
+/// The lab's home, wherever the verb keeps it.
+fn home_of(cmd: &LabCommand) -> PathBuf {
+    match cmd {
+        LabCommand::Up(a) | LabCommand::Status(a) | LabCommand::Down(a) | LabCommand::Env(a) => a.home.clone(),
+        LabCommand::Drill(d) => d.home().to_path_buf(),
+    }
+}
+
 pub async fn run(cmd: LabCommand, fmt: Format) -> Result<u8, CliError> {
     let fail = |e: anyhow::Error| CliError::new(exit::FAILURE, format!("{e:#}"));
+    // The lab verbs dial only the lab, as its admin.
+    crate::conn::use_lab_certificates(LabConfig::new(home_of(&cmd), PathBuf::new()).admin_tls_dir());
     match cmd {
         LabCommand::Up(a) => {
             let comps = chaos_lab::up(&a.config()?, &mut |l| progress(l)).map_err(fail)?;
@@ -180,9 +195,9 @@ pub async fn run(cmd: LabCommand, fmt: Format) -> Result<u8, CliError> {
             print_status(fmt, &comps, None);
             if fmt == Format::Table {
                 emit(&format!(
-                    "coordinator: {}   (chaos --coordinator {} agents)",
+                    "coordinator: {}   certificates: {}\ndrive it: eval \"$(chaos lab env)\"; chaos agents",
                     chaos_lab::coordinator_url(),
-                    chaos_lab::coordinator_url()
+                    a.config()?.tls_dir("").display()
                 ));
             }
         }
@@ -197,6 +212,18 @@ pub async fn run(cmd: LabCommand, fmt: Format) -> Result<u8, CliError> {
         }
         LabCommand::Down(a) => chaos_lab::down(&a.config()?, &mut |l| progress(l)).map_err(fail)?,
         LabCommand::Drill(a) => return crate::drill::run(a, fmt).await,
+        LabCommand::Env(a) => {
+            let cfg = a.config()?;
+            let dir = cfg.admin_tls_dir();
+            match fmt {
+                Format::Json => emit_json(&json!({"CHAOS_COORDINATOR": chaos_lab::coordinator_url(), "CHAOS_TLS_DIR": dir})),
+                Format::Table => emit(&format!(
+                    "export CHAOS_COORDINATOR={} CHAOS_TLS_DIR={}\nunset CHAOS_INSECURE CHAOS_TLS_CA CHAOS_TLS_CERT CHAOS_TLS_KEY",
+                    chaos_lab::coordinator_url(),
+                    dir.display()
+                )),
+            }
+        }
     }
     Ok(exit::OK)
 }

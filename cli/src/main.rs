@@ -2,6 +2,8 @@
 //! group; this file parses, dispatches, and turns errors into exit codes.
 
 mod agent;
+mod certs;
+mod conn;
 mod drill;
 mod experiment;
 mod fleet;
@@ -16,8 +18,7 @@ mod watch;
 use std::{process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand};
-use output::{CliError, Format, exit};
-use tonic::transport::{Channel, Endpoint};
+use output::Format;
 
 const EXAMPLES: &str = "\
 Examples:
@@ -38,15 +39,24 @@ Examples:
   chaos gameday start --every 10s --for 30m --targets role=app --action '--pause-name java'
   chaos --output json agents | jq '.agents[].health'
 
-Environment: CHAOS_COORDINATOR (coordinator URL), CHAOS_AGENT (agent URL).";
+Certificates (mTLS is on by default; every call needs one):
+  chaos certs init ./ca                                            # a CA for the fleet
+  chaos certs issue --ca ./ca --role operator --name alice --out ~/.config/chaos/tls
+  chaos certs show ~/.config/chaos/tls/cert.pem                    # identity, role, expiry
+  chaos agent revert-all --local                                   # break-glass on the host, no certificate
+
+Environment: CHAOS_COORDINATOR (coordinator URL), CHAOS_AGENT (agent URL), CHAOS_TLS_DIR
+(your ca.pem, cert.pem, key.pem; default ~/.config/chaos/tls), CHAOS_INSECURE=1 (plaintext).";
 
 #[derive(Debug, Parser)]
 #[command(name = "chaos", version, about = "Drive the chaos platform: agents, faults, scenarios, emergency stop",
     after_help = format!("{EXAMPLES}\n\n{}", output::EXIT_CODES_HELP))]
 struct Cli {
-    /// Coordinator URL.
-    #[arg(long, global = true, env = "CHAOS_COORDINATOR", default_value = "http://127.0.0.1:50051")]
+    /// Coordinator address (HOST:PORT or URL; https:// unless --insecure).
+    #[arg(long, global = true, env = "CHAOS_COORDINATOR", default_value = "127.0.0.1:50051")]
     coordinator: String,
+    #[command(flatten)]
+    tls: conn::TlsFlags,
     /// Output format: a table for people, JSON for scripts.
     #[arg(long, short = 'o', global = true, value_enum, default_value = "table")]
     output: Format,
@@ -100,19 +110,9 @@ enum Command {
     /// Run an experiment file: steady state, method, stop conditions; live progress and a report.
     #[command(after_help = experiment::RUN_HELP)]
     Run(experiment::RunArgs),
-}
-
-/// Normalise `HOST:PORT` to `http://HOST:PORT`.
-pub fn url(s: &str) -> String {
-    if s.contains("://") { s.to_string() } else { format!("http://{s}") }
-}
-
-/// A channel that connects on first use, with the call deadline.
-pub fn channel(target: &str, timeout: Duration) -> Result<Channel, CliError> {
-    let u = url(target);
-    Endpoint::from_shared(u.clone())
-        .map(|e| e.connect_timeout(Duration::from_secs(2).min(timeout)).timeout(timeout).connect_lazy())
-        .map_err(|e| CliError::new(exit::USAGE, format!("invalid address {target:?}: {e}")))
+    /// Certificates: make a CA, issue a certificate per person, agent and coordinator, show one.
+    #[command(subcommand, after_help = certs::HELP)]
+    Certs(certs::CertsCommand),
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -126,6 +126,7 @@ async fn main() -> ExitCode {
         )
         .init();
     let fmt = cli.output;
+    conn::init(cli.tls.clone());
     let result = match cli.command {
         Command::Agents => fleet::agents(&cli.coordinator, cli.timeout, fmt).await,
         Command::Status => fleet::status(&cli.coordinator, cli.timeout, fmt).await,
@@ -144,6 +145,7 @@ async fn main() -> ExitCode {
         Command::Metrics(a) => watch::metrics(&cli.coordinator, cli.timeout, fmt, a).await,
         // The lab verbs block (process starts, health polling); nothing else runs meanwhile.
         Command::Lab(c) => lab::run(c, fmt).await,
+        Command::Certs(c) => certs::run(c, fmt).await,
     };
     match result {
         Ok(code) => ExitCode::from(code),

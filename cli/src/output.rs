@@ -39,11 +39,12 @@ Exit codes:
   1  failure not listed below
   2  usage error, or the spec was refused as invalid (the message names the field)
   3  refused by a safety rule: fleet/agent disarmed, dead-man lease lost, protected target, id in use,
-     blast radius, severity cap, queue full; `scenario watch`: the scenario was aborted
+     blast radius, severity cap, queue full; `scenario watch`: the scenario was aborted;
+     or refused by trust: no/unknown certificate (UNAUTHENTICATED), role too low (PERMISSION_DENIED)
   4  not found: fault, agent or target process
   5  server unreachable or no answer in time
   6  not implemented by the server yet (e.g. a fault family)
-  7  emergency stop did not reach every agent (those revert by their own lease)
+  7  emergency stop not confirmed everywhere: an agent not reached, a duplicate agent process, or a revert that failed
   8  `chaos run`: the steady-state hypothesis did not hold (before the method, or after it within recovery_timeout)
   9  `chaos run`: a stop condition, a safety rule or Ctrl-C ended the method early (its faults were reverted)";
 
@@ -68,11 +69,35 @@ impl CliError {
     }
 }
 
+/// The causes under an error, "a: b: c".
+fn causes(e: &dyn std::error::Error) -> String {
+    let mut out = Vec::new();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let t = c.to_string();
+        if !out.contains(&t) {
+            out.push(t);
+        }
+        cur = c.source();
+    }
+    out.join(": ")
+}
+
 /// Map a gRPC failure, naming the server it came from.
 pub fn from_status(server: &str, s: tonic::Status) -> CliError {
+    // A connection that never came up (TCP refused, TLS handshake refused,
+    // the server's certificate not the one expected) reaches us as an
+    // UNKNOWN "transport error" through a custom connector: it is unreachability.
+    if s.code() == Code::Unknown && s.message() == "transport error" {
+        let why = causes(&s);
+        let why = if why.is_empty() { s.message().to_string() } else { why };
+        return CliError { code: exit::UNREACHABLE, grpc: Some(Code::Unavailable), message: format!("cannot reach {server}: {why}") };
+    }
     let code = match s.code() {
         Code::InvalidArgument | Code::OutOfRange => exit::USAGE,
-        Code::FailedPrecondition | Code::PermissionDenied | Code::AlreadyExists | Code::ResourceExhausted => exit::REFUSED,
+        Code::FailedPrecondition | Code::PermissionDenied | Code::Unauthenticated | Code::AlreadyExists | Code::ResourceExhausted => {
+            exit::REFUSED
+        }
         Code::NotFound => exit::NOT_FOUND,
         Code::Unavailable | Code::DeadlineExceeded => exit::UNREACHABLE,
         Code::Unimplemented => exit::UNIMPLEMENTED,

@@ -12,10 +12,10 @@ use serde_json::json;
 
 use crate::{
     agent::FaultArgs,
-    channel,
+    conn::coordinator_channel as channel,
+    conn::url,
     fleet::client,
     output::{CliError, Format, dur, emit, emit_json, exit, from_status, relative, rfc3339, table},
-    url,
 };
 
 const CREATE_EXAMPLES: &str = "\
@@ -111,38 +111,7 @@ pub struct AuditArgs {
     limit: u32,
 }
 
-/// Who is asking, for the coordinator's audit log (the peer address is added there).
-pub fn actor() -> String {
-    let user = std::env::var("SUDO_USER")
-        .or_else(|_| std::env::var("USER"))
-        .or_else(|_| std::env::var("LOGNAME"))
-        .ok()
-        .filter(|u| !u.is_empty())
-        .or_else(user_of_uid)
-        .unwrap_or_else(|| "unknown".into());
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default();
-    format!("{user}@{host}")
-}
-
-/// The login name of this process's uid, from /proc and /etc/passwd.
-fn user_of_uid() -> Option<String> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let uid = status.lines().find_map(|l| l.strip_prefix("Uid:"))?.split_whitespace().next()?.to_string();
-    let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
-    passwd.lines().find_map(|l| {
-        let f: Vec<&str> = l.split(':').collect();
-        (f.len() > 2 && f[2] == uid).then(|| f[0].to_string())
-    })
-}
-
-/// A request carrying the actor header.
-pub fn request<T>(msg: T) -> tonic::Request<T> {
-    let mut r = tonic::Request::new(msg);
-    if let Ok(v) = actor().parse() {
-        r.metadata_mut().insert("x-chaos-actor", v);
-    }
-    r
-}
+pub use crate::conn::request;
 
 pub fn state_name(s: i32) -> String {
     ScenarioState::try_from(s).unwrap_or(ScenarioState::Unspecified).as_str_name().trim_start_matches("SCENARIO_STATE_").to_lowercase()
@@ -476,7 +445,8 @@ pub async fn audit(coordinator: &str, timeout: Duration, fmt: Format, a: AuditAr
         .into_inner();
     match fmt {
         Format::Json => emit_json(&json!({"entries": r.entries.iter().map(|e| json!({"id": e.id, "at": rfc3339(e.at.as_ref()),
-            "actor": e.actor, "action": e.action, "target": e.target, "detail": e.detail, "outcome": e.outcome})).collect::<Vec<_>>()})),
+            "actor": e.actor, "actor_name": e.actor_name, "actor_role": e.actor_role, "peer_address": e.peer_address,
+            "client_note": e.client_note, "action": e.action, "target": e.target, "detail": e.detail, "outcome": e.outcome})).collect::<Vec<_>>()})),
         Format::Table if r.entries.is_empty() => emit("no audit entries"),
         Format::Table => {
             let rows: Vec<Vec<String>> = r
@@ -485,7 +455,7 @@ pub async fn audit(coordinator: &str, timeout: Duration, fmt: Format, a: AuditAr
                 .map(|e| {
                     vec![
                         rfc3339(e.at.as_ref()).unwrap_or_default(),
-                        e.actor.clone(),
+                        if e.client_note.is_empty() { e.actor.clone() } else { format!("{} [{}]", e.actor, e.client_note) },
                         e.action.clone(),
                         e.target.clone(),
                         e.outcome.clone(),

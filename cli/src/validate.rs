@@ -10,10 +10,10 @@ use chaos_proto::{
 use serde_json::{Value, json};
 
 use crate::{
-    channel,
+    conn::coordinator_channel as channel,
+    conn::request,
+    conn::url,
     output::{CliError, Format, dur, dur_secs, emit, emit_json, exit, from_status, rfc3339, table},
-    scenario::request,
-    url,
 };
 
 const HELP: &str = "\

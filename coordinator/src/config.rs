@@ -16,8 +16,12 @@ use crate::{
 
 const EXAMPLES: &str = "\
 Examples:
-  chaos-coordinator                                   # 127.0.0.1:50051
+  # Certificates first (README, \"Certificates\"): the CA, then this coordinator's pair
+  chaos certs issue --ca /etc/chaos/ca --role coordinator --name coord-1 --san 10.0.0.1 --out /etc/chaos-coordinator/tls
+  chaos-coordinator --listen 10.0.0.1:50051         # mTLS with /etc/chaos-coordinator/tls/{ca,cert,key}.pem
+  chaos-coordinator --insecure                        # a laptop try-out: plaintext on 127.0.0.1:50051
   chaos-coordinator --listen 127.0.0.1:6051 --emergency-stop-deadline 1s
+  kill -HUP $(pidof chaos-coordinator)                # reload the certificates (open connections keep theirs)
   chaos-coordinator --config /etc/chaos/coordinator.yaml
   chaos-coordinator --metrics-listen 127.0.0.1:9101  # Prometheus /metrics
 
@@ -27,7 +31,8 @@ Config file (YAML; deploy/config/coordinator.yaml documents every key):
   max_concurrent_scenarios, default_severity, ...), severity_levels.N.*,
   scenarios.TYPE.* (enabled, severity_levels, memory_pressure, cpu_throttle,
   target_services, failure_types), monitoring.* (metrics_interval, alerts,
-  alert_thresholds, probes, listen, window), recovery.*";
+  alert_thresholds, probes, listen, window), recovery.*,
+  tls.* (dir, ca, cert, key, insecure; default dir /etc/chaos-coordinator/tls)";
 
 #[derive(Debug, Parser, Default)]
 #[command(
@@ -55,10 +60,15 @@ pub struct CoordinatorArgs {
     /// Serve Prometheus text on http://ADDR/metrics [default: off; config monitoring.listen].
     #[arg(long, env = "CHAOS_COORDINATOR_METRICS_LISTEN", value_name = "ADDR")]
     pub metrics_listen: Option<SocketAddr>,
+    #[command(flatten)]
+    pub tls: chaos_proto::trust::args::TlsArgs,
     /// Log format on stderr.
     #[arg(long, env = "CHAOS_LOG_FORMAT", value_enum, default_value_t)]
     pub log_format: LogFormat,
 }
+
+/// Default directory of the coordinator's certificates.
+pub const DEFAULT_TLS_DIR: &str = "/etc/chaos-coordinator/tls";
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -72,6 +82,8 @@ pub struct CoordinatorFile {
     pub scenarios: Option<BTreeMap<String, TypeFile>>,
     pub monitoring: Option<MonitoringFile>,
     pub recovery: Option<RecoveryFile>,
+    #[serde(default)]
+    pub tls: chaos_proto::trust::args::TlsFile,
 }
 
 /// The seed's `recovery:` section: the defaults of `ValidateRecovery`
@@ -110,6 +122,8 @@ pub struct CoordinatorConfig {
     pub monitoring: MonitoringConfig,
     /// Defaults of recovery validation, from `recovery:`.
     pub recovery: RecoveryDefaults,
+    /// The certificates; None: --insecure (plaintext, loopback only).
+    pub tls: Option<chaos_proto::trust::TlsFiles>,
 }
 
 impl CoordinatorConfig {
@@ -178,7 +192,11 @@ impl CoordinatorConfig {
         }
         let heartbeat_interval = dur(args.heartbeat_interval, &file.heartbeat_interval, "heartbeat_interval", Duration::from_secs(3))?;
         let state_dir = args.state_dir.clone().or(file.state_dir.clone()).unwrap_or_else(|| PathBuf::from("/var/lib/chaos-coordinator"));
-        Ok(Self { listen, emergency_stop_deadline, heartbeat_interval, state_dir, policy, monitoring, recovery })
+        let tls = args.tls.resolve(&file.tls, std::path::Path::new(DEFAULT_TLS_DIR));
+        if tls.is_none() {
+            chaos_proto::serve::check_plaintext_bind("chaos-coordinator", listen).map_err(|e| anyhow::anyhow!("{origin}listen: {e}"))?;
+        }
+        Ok(Self { listen, emergency_stop_deadline, heartbeat_interval, state_dir, policy, monitoring, recovery, tls })
     }
 }
 
@@ -207,6 +225,11 @@ mod tests {
     fn defaults_and_key_named_errors() {
         let c = CoordinatorConfig::resolve(&CoordinatorArgs::default()).expect("defaults");
         assert_eq!(c.listen.to_string(), "127.0.0.1:50051");
+        assert_eq!(c.tls, Some(chaos_proto::trust::TlsFiles::in_dir(std::path::Path::new(DEFAULT_TLS_DIR))), "TLS by default");
+        let mut args = CoordinatorArgs { listen: Some("0.0.0.0:50051".parse().expect("addr")), ..Default::default() };
+        args.tls.insecure = true;
+        let e = format!("{:#}", CoordinatorConfig::resolve(&args).expect_err("plaintext beyond loopback"));
+        assert!(e.contains("--insecure") && e.contains("0.0.0.0:50051"), "{e}");
         let dir = tempfile::tempdir().expect("tempdir");
         let p = dir.path().join("c.yaml");
         std::fs::write(&p, "emergency_stop_deadline: soon\n").expect("write");

@@ -18,6 +18,12 @@ pub enum CoordinatorError {
     NotFound(String),
     #[error("state store: {0}")]
     Store(String),
+    /// Another live process holds this agent id.
+    #[error("{0}")]
+    Duplicate(String),
+    /// The caller's identity may not do this (beyond the roles table).
+    #[error("{0}")]
+    Denied(String),
 }
 
 impl CoordinatorError {
@@ -39,6 +45,8 @@ impl From<CoordinatorError> for Status {
             CoordinatorError::Exhausted(_) => Code::ResourceExhausted,
             CoordinatorError::NotFound(_) => Code::NotFound,
             CoordinatorError::Store(_) => Code::Internal,
+            CoordinatorError::Duplicate(_) => Code::AlreadyExists,
+            CoordinatorError::Denied(_) => Code::PermissionDenied,
         };
         Status::new(code, e.to_string())
     }

@@ -15,10 +15,17 @@ use chaos_proto::{
 use futures::{StreamExt, stream};
 use tracing::{info, warn};
 
-use crate::{
-    registry::{AgentRecord, Registry},
-    scenarios::Scenarios,
-};
+use crate::{registry::Registry, scenarios::Scenarios};
+
+/// One process emergency stop must hear from.
+struct StopTarget {
+    agent_id: String,
+    address: String,
+    instance_id: String,
+    client: pb::agent_client::AgentClient<tonic::transport::Channel>,
+    lease_revert_by: std::time::SystemTime,
+    duplicate: bool,
+}
 
 /// Disarm the fleet, then revert every fault on every agent concurrently.
 pub async fn emergency_stop(
@@ -32,41 +39,76 @@ pub async fn emergency_stop(
     // revert, even if the direct call below cannot reach it. A disarmed
     // fleet starts no queued scenario.
     registry.disarm(reason);
-    let agents = registry.agents();
-    warn!(reason, agents = agents.len(), deadline = ?deadline, "EMERGENCY STOP: reverting every fault on every agent");
-    let calls = agents.into_iter().map(|a| stop_one(a, reason.to_string(), deadline));
+    // Every agent known (lost ones too: an agent silent for its lease may
+    // have died holding faults), and every process refused as a duplicate
+    // of an agent id while its own lease could still run.
+    let mut targets: Vec<StopTarget> = registry
+        .agents()
+        .into_iter()
+        .map(|a| StopTarget {
+            lease_revert_by: a.lease_revert_by(),
+            agent_id: a.agent_id,
+            address: a.address,
+            instance_id: a.instance_id,
+            client: a.client,
+            duplicate: false,
+        })
+        .collect();
+    targets.extend(registry.contenders().into_iter().map(|c| StopTarget {
+        lease_revert_by: c.seen_wall + c.lease,
+        agent_id: c.agent_id,
+        address: c.address,
+        instance_id: c.instance_id,
+        client: c.client,
+        duplicate: true,
+    }));
+    warn!(reason, agents = targets.len(), deadline = ?deadline, "EMERGENCY STOP: reverting every fault on every agent");
+    let calls = targets.into_iter().map(|t| stop_one(t, reason.to_string(), deadline));
     let results: Vec<pb::AgentStopResult> =
         stream::iter(calls).buffer_unordered(scenarios.policy().fanout_parallelism.max(1)).collect().await;
     // Only now end the scenarios (queue cancelled, runners confirm the
     // reverts): their runners' RevertFault calls would otherwise race the
     // RevertAll above for the same faults.
     scenarios.abort_all(reason);
-    for r in results.iter().filter(|r| r.reached) {
+    for r in results.iter().filter(|r| r.reached && !r.duplicate) {
         // What is left on a reached agent is what it failed to revert.
         registry.set_active_faults(&r.agent_id, r.failed_count);
     }
     let reached = results.iter().filter(|r| r.reached).count();
     let faults_reverted = results.iter().map(|r| r.reverted_count).sum();
+    let faults_failed: u32 = results.iter().map(|r| r.failed_count).sum();
     let resp = pb::EmergencyStopResponse {
         agents_reached: u32::try_from(reached).unwrap_or(u32::MAX),
         agents_unreached: u32::try_from(results.len() - reached).unwrap_or(u32::MAX),
         faults_reverted,
         armed: false,
         took: Some(duration_to_pb(started.elapsed())),
+        faults_failed,
+        complete: reached == results.len() && faults_failed == 0,
         results,
     };
-    info!(reached = resp.agents_reached, unreached = resp.agents_unreached, faults_reverted, took = ?started.elapsed(),
-        "emergency stop done; fleet disarmed until Arm");
+    if resp.complete {
+        info!(reached = resp.agents_reached, faults_reverted, took = ?started.elapsed(), "emergency stop done; fleet disarmed until Arm");
+    } else {
+        warn!(reached = resp.agents_reached, unreached = resp.agents_unreached, faults_reverted, faults_failed, took = ?started.elapsed(),
+            "emergency stop INCOMPLETE: some agents did not confirm every revert; fleet disarmed until Arm");
+    }
     resp
 }
 
-async fn stop_one(agent: AgentRecord, reason: String, deadline: Duration) -> pb::AgentStopResult {
+async fn stop_one(agent: StopTarget, reason: String, deadline: Duration) -> pb::AgentStopResult {
     let started = Instant::now();
     let mut client = agent.client.clone();
     let mut req = tonic::Request::new(pb::RevertAllRequest { reason, disarm: true, emergency: true });
     req.set_timeout(deadline);
     let call = tokio::time::timeout(deadline, client.revert_all(req)).await;
-    let mut res = pb::AgentStopResult { agent_id: agent.agent_id.clone(), address: agent.address.clone(), ..Default::default() };
+    let mut res = pb::AgentStopResult {
+        agent_id: agent.agent_id.clone(),
+        address: agent.address.clone(),
+        duplicate: agent.duplicate,
+        instance_id: agent.instance_id.clone(),
+        ..Default::default()
+    };
     match call {
         Ok(Ok(r)) => {
             let r = r.into_inner();
@@ -79,11 +121,11 @@ async fn stop_one(agent: AgentRecord, reason: String, deadline: Duration) -> pb:
         }
         Ok(Err(status)) => {
             res.error = format!("{}: {}", status.code(), status.message());
-            res.lease_revert_by = Some(timestamp_to_pb(agent.lease_revert_by()));
+            res.lease_revert_by = Some(timestamp_to_pb(agent.lease_revert_by));
         }
         Err(_) => {
             res.error = format!("no answer within {deadline:?}");
-            res.lease_revert_by = Some(timestamp_to_pb(agent.lease_revert_by()));
+            res.lease_revert_by = Some(timestamp_to_pb(agent.lease_revert_by));
         }
     }
     if !res.reached {

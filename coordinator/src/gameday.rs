@@ -361,7 +361,7 @@ impl GameDays {
         self.current.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn start(self: &Arc<Self>, spec: pb::GameDaySpec, actor: &str) -> Result<pb::GameDay, CoordinatorError> {
+    pub fn start(self: &Arc<Self>, spec: pb::GameDaySpec, actor: &crate::store::Actor) -> Result<pb::GameDay, CoordinatorError> {
         let plan = Plan::from_pb(&spec, |s| self.scenarios.validate(s))?;
         if !plan.stop_conditions.is_empty() && self.hub.is_none() {
             return Err(CoordinatorError::Refused(
@@ -401,7 +401,9 @@ impl GameDays {
             plan.actions.len(),
             plan.seed
         );
-        self.audit(actor, "StartGameDay", &id, &detail);
+        if let Err(e) = self.scenarios.store().audit_by(actor, "StartGameDay", &id, &detail, "ok") {
+            tracing::error!(error = %e, "audit write failed");
+        }
         info!(gameday = %id, "{detail}");
         tokio::spawn(Arc::clone(self).run(id, plan, rx));
         Ok(snapshot)

@@ -11,9 +11,10 @@ use std::{
 use chaos_proto::{
     convert::{duration_from_pb, duration_to_pb, timestamp_to_pb},
     pb::{self, AgentHealth, agent_client::AgentClient},
+    trust::{ClientTls, Dial, Expect},
 };
 use tokio::time::Instant;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::{armstore::ArmStore, error::CoordinatorError};
 
@@ -33,7 +34,12 @@ pub struct AgentRecord {
     pub last_seen: Instant,
     pub last_seen_wall: SystemTime,
     pub active_faults: u32,
-    /// A lazily connecting channel to the agent's gRPC server.
+    /// The agent process holding this id (random at each agent start).
+    pub instance_id: String,
+    /// Who registered it (certificate identity and address).
+    pub registered_by: String,
+    /// A lazily connecting channel to the agent's gRPC server (with TLS,
+    /// it accepts only a server whose certificate is this agent's).
     pub client: AgentClient<Channel>,
 }
 
@@ -67,8 +73,24 @@ impl AgentRecord {
             registered_at: Some(timestamp_to_pb(self.registered_at)),
             last_seen_at: Some(timestamp_to_pb(self.last_seen_wall)),
             active_faults: self.active_faults,
+            instance_id: self.instance_id.clone(),
+            registered_by: self.registered_by.clone(),
         }
     }
+}
+
+/// A process refused as a duplicate of a live agent id. It may hold
+/// faults (from before it was refused) until its own lease reverts them,
+/// so emergency stop asks it too while that lease could run.
+#[derive(Clone)]
+pub struct Contender {
+    pub agent_id: String,
+    pub instance_id: String,
+    pub address: String,
+    pub lease: Duration,
+    pub seen: Instant,
+    pub seen_wall: SystemTime,
+    pub client: AgentClient<Channel>,
 }
 
 /// The fleet's armed state.
@@ -82,6 +104,7 @@ pub struct ArmState {
 #[derive(Default)]
 struct Inner {
     agents: BTreeMap<String, AgentRecord>,
+    contenders: Vec<Contender>,
     arm: ArmState,
 }
 
@@ -91,12 +114,22 @@ pub struct Registry {
     connect_timeout: Duration,
     /// Where the armed flag is persisted; `None` keeps it in memory only (tests).
     store: Option<ArmStore>,
+    /// How the coordinator dials agents.
+    tls: ClientTls,
 }
 
 impl Registry {
     /// A registry starting from `arm` (loaded from `store` by the caller).
-    pub fn new(connect_timeout: Duration, arm: ArmState, store: Option<ArmStore>) -> Self {
-        Self { inner: Mutex::new(Inner { agents: BTreeMap::new(), arm }), connect_timeout, store }
+    pub fn new(connect_timeout: Duration, arm: ArmState, store: Option<ArmStore>, tls: ClientTls) -> Self {
+        Self { inner: Mutex::new(Inner { agents: BTreeMap::new(), contenders: Vec::new(), arm }), connect_timeout, store, tls }
+    }
+
+    /// A lazily connecting client to agent `agent_id` at `address`.
+    pub fn dial(&self, agent_id: &str, address: &str) -> Result<AgentClient<Channel>, CoordinatorError> {
+        let dial = Dial { connect_timeout: self.connect_timeout, timeout: None };
+        chaos_proto::trust::channel(address, &self.tls, Expect::agent(Some(agent_id)), dial)
+            .map(AgentClient::new)
+            .map_err(|e| CoordinatorError::invalid("address", e.to_string()))
     }
 
     /// Persist the armed state; a failure is logged loudly but never blocks
@@ -113,24 +146,77 @@ impl Registry {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Add or refresh an agent. Returns the fleet's armed flag.
-    pub fn register(&self, req: pb::RegisterAgentRequest) -> Result<bool, CoordinatorError> {
+    /// The live holder of `agent_id` when it is another process than the
+    /// one described (other instance or address): who a registration would
+    /// displace.
+    pub fn rival_holder(&self, agent_id: &str, instance_id: &str, address: &str) -> Option<AgentRecord> {
+        let g = self.lock();
+        let old = g.agents.get(agent_id)?;
+        let other = old.instance_id != instance_id || old.address != address;
+        (other && old.health(Instant::now()) != AgentHealth::Lost).then(|| old.clone())
+    }
+
+    /// Add or refresh an agent; `registered_by` is the caller as the audit
+    /// shows it. While another process holds the id with a live lease the
+    /// registration is refused (ALREADY_EXISTS, naming the holder) and the
+    /// refused process is remembered for emergency stop, unless
+    /// `replace_live` (the holder was found gone). Returns the armed flag.
+    pub fn register(&self, req: pb::RegisterAgentRequest, registered_by: &str, replace_live: bool) -> Result<bool, CoordinatorError> {
         if req.agent_id.is_empty() {
             return Err(CoordinatorError::invalid("agent_id", "must not be empty"));
         }
-        if !(req.address.starts_with("http://") || req.address.starts_with("https://")) {
-            return Err(CoordinatorError::invalid("address", format!("must be a URL like http://HOST:PORT, got {:?}", req.address)));
+        let scheme = if self.tls.is_tls() { "https" } else { "http" };
+        if !req.address.starts_with(&format!("{scheme}://")) {
+            return Err(CoordinatorError::invalid(
+                "address",
+                format!(
+                    "must be a URL like {scheme}://HOST:PORT (this coordinator dials agents with{} TLS), got {:?}",
+                    if self.tls.is_tls() { "" } else { "out" },
+                    req.address
+                ),
+            ));
         }
-        let endpoint = Endpoint::from_shared(req.address.clone())
-            .map_err(|e| CoordinatorError::invalid("address", format!("{:?}: {e}", req.address)))?
-            .connect_timeout(self.connect_timeout);
+        let client = self.dial(&req.agent_id, &req.address)?;
         let lease = req.lease_duration.as_ref().and_then(duration_from_pb).filter(|d| !d.is_zero()).unwrap_or(DEFAULT_AGENT_LEASE);
         let mut g = self.lock();
         let now = Instant::now();
+        g.contenders.retain(|c| now.saturating_duration_since(c.seen) < c.lease);
+        if let Some(old) = g.agents.get(&req.agent_id)
+            && (old.instance_id != req.instance_id || old.address != req.address)
+            && old.health(now) != AgentHealth::Lost
+            && !replace_live
+        {
+            let age = now.saturating_duration_since(old.last_seen);
+            let err = CoordinatorError::Duplicate(format!(
+                "agent id {:?} is held by a live agent at {} (instance {}, last heard {} ago, lease {}); this process ({} at {}) is refused: \
+                 give each host its own agent id and certificate. If that agent is gone, this one is accepted once its lease runs out (in {})",
+                req.agent_id,
+                old.address,
+                short(&old.instance_id),
+                humantime::format_duration(Duration::from_millis(age.as_millis() as u64)),
+                humantime::format_duration(old.lease),
+                short(&req.instance_id),
+                req.address,
+                humantime::format_duration(Duration::from_millis(old.lease.saturating_sub(age).as_millis() as u64)),
+            ));
+            let c = Contender {
+                agent_id: req.agent_id.clone(),
+                instance_id: req.instance_id.clone(),
+                address: req.address.clone(),
+                lease,
+                seen: now,
+                seen_wall: SystemTime::now(),
+                client,
+            };
+            g.contenders.retain(|x| !(x.agent_id == c.agent_id && x.instance_id == c.instance_id && x.address == c.address));
+            g.contenders.push(c);
+            return Err(err);
+        }
         let client = match g.agents.get(&req.agent_id) {
             Some(old) if old.address == req.address => old.client.clone(),
-            _ => AgentClient::new(endpoint.connect_lazy()),
+            _ => client,
         };
+        g.contenders.retain(|c| !(c.agent_id == req.agent_id && c.instance_id == req.instance_id));
         let rec = AgentRecord {
             agent_id: req.agent_id.clone(),
             hostname: req.hostname,
@@ -142,21 +228,39 @@ impl Registry {
             last_seen: now,
             last_seen_wall: SystemTime::now(),
             active_faults: 0,
+            instance_id: req.instance_id,
+            registered_by: registered_by.to_string(),
             client,
         };
         g.agents.insert(req.agent_id, rec);
         Ok(g.arm.armed)
     }
 
-    /// Renew an agent's lease. Returns the fleet's armed flag.
+    /// Renew an agent's lease. Returns the fleet's armed flag. A heartbeat
+    /// from another instance than the holder is refused (ALREADY_EXISTS).
     pub fn heartbeat(&self, req: &pb::HeartbeatRequest) -> Result<bool, CoordinatorError> {
         let mut g = self.lock();
         let armed = g.arm.armed;
         let rec = g.agents.get_mut(&req.agent_id).ok_or_else(|| CoordinatorError::UnknownAgent(req.agent_id.clone()))?;
+        if rec.instance_id != req.instance_id {
+            return Err(CoordinatorError::Duplicate(format!(
+                "agent id {:?} is now held by instance {} at {}; this one ({}) is not its holder: register again",
+                req.agent_id,
+                short(&rec.instance_id),
+                rec.address,
+                short(&req.instance_id)
+            )));
+        }
         rec.last_seen = Instant::now();
         rec.last_seen_wall = SystemTime::now();
         rec.active_faults = req.active_faults;
         Ok(armed)
+    }
+
+    /// Processes refused as duplicates whose own lease could still run.
+    pub fn contenders(&self) -> Vec<Contender> {
+        let now = Instant::now();
+        self.lock().contenders.iter().filter(|c| now.saturating_duration_since(c.seen) < c.lease).cloned().collect()
     }
 
     /// Record an agent's fault count learned outside a heartbeat (e.g. from emergency stop).
@@ -175,8 +279,7 @@ impl Registry {
         {
             return Some(rec.client.clone());
         }
-        let ep = Endpoint::from_shared(address.to_string()).ok()?.connect_timeout(self.connect_timeout);
-        Some(AgentClient::new(ep.connect_lazy()))
+        self.dial(agent_id, address).ok()
     }
 
     pub fn agents(&self) -> Vec<AgentRecord> {
@@ -203,6 +306,11 @@ impl Registry {
     }
 }
 
+/// The first 8 characters of an instance id, for messages.
+fn short(id: &str) -> &str {
+    if id.is_empty() { "(none)" } else { &id[..id.len().min(8)] }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -213,47 +321,101 @@ mod tests {
             hostname: "h".into(),
             address: "http://127.0.0.1:1".into(),
             lease_duration: Some(prost_types::Duration { seconds: lease_s, nanos: 0 }),
+            instance_id: format!("{id}-instance-1"),
             ..Default::default()
         }
     }
 
     #[tokio::test(start_paused = true)]
     async fn health_follows_the_lease() {
-        let r = Registry::new(Duration::from_millis(100), ArmState { armed: true, ..Default::default() }, None);
-        assert!(r.register(reg("a", 10)).expect("register"));
+        let r = Registry::new(Duration::from_millis(100), ArmState { armed: true, ..Default::default() }, None, ClientTls::Insecure);
+        assert!(r.register(reg("a", 10), "t", false).expect("register"));
         let age = |r: &Registry| r.agents()[0].health(Instant::now());
         assert_eq!(age(&r), AgentHealth::Healthy);
         tokio::time::advance(Duration::from_secs(5)).await;
         assert_eq!(age(&r), AgentHealth::Late);
         tokio::time::advance(Duration::from_secs(5)).await;
         assert_eq!(age(&r), AgentHealth::Lost);
-        r.heartbeat(&pb::HeartbeatRequest { agent_id: "a".into(), active_faults: 2, lease_lost: false }).expect("hb");
+        r.heartbeat(&pb::HeartbeatRequest {
+            agent_id: "a".into(),
+            active_faults: 2,
+            lease_lost: false,
+            instance_id: "a-instance-1".into(),
+        })
+        .expect("hb");
         assert_eq!(age(&r), AgentHealth::Healthy);
         assert_eq!(r.agents()[0].active_faults, 2);
     }
 
     #[tokio::test]
     async fn unknown_heartbeat_and_bad_registration_are_refused() {
-        let r = Registry::new(Duration::from_millis(100), ArmState { armed: true, ..Default::default() }, None);
+        let r = Registry::new(Duration::from_millis(100), ArmState { armed: true, ..Default::default() }, None, ClientTls::Insecure);
         let e = r.heartbeat(&pb::HeartbeatRequest { agent_id: "ghost".into(), ..Default::default() }).expect_err("unknown");
         assert_eq!(tonic::Status::from(e).code(), tonic::Code::NotFound);
         let mut bad = reg("a", 10);
         bad.address = "127.0.0.1:5".into();
-        let e = r.register(bad).expect_err("bad address");
+        let e = r.register(bad, "t", false).expect_err("bad address");
         assert!(e.to_string().contains("address") && e.to_string().contains("127.0.0.1:5"), "{e}");
-        let e = r.register(reg("", 10)).expect_err("no id");
+        let e = r.register(reg("", 10), "t", false).expect_err("no id");
         assert!(e.to_string().contains("agent_id"), "{e}");
     }
 
     #[tokio::test]
     async fn disarm_is_reported_to_agents() {
-        let r = Registry::new(Duration::from_millis(100), ArmState { armed: true, ..Default::default() }, None);
-        r.register(reg("a", 10)).expect("register");
+        let r = Registry::new(Duration::from_millis(100), ArmState { armed: true, ..Default::default() }, None, ClientTls::Insecure);
+        r.register(reg("a", 10), "t", false).expect("register");
         r.disarm("drill");
-        assert!(!r.heartbeat(&pb::HeartbeatRequest { agent_id: "a".into(), ..Default::default() }).expect("hb"));
-        assert!(!r.register(reg("b", 10)).expect("register"));
+        assert!(
+            !r.heartbeat(&pb::HeartbeatRequest { agent_id: "a".into(), instance_id: "a-instance-1".into(), ..Default::default() })
+                .expect("hb")
+        );
+        assert!(!r.register(reg("b", 10), "t", false).expect("register"));
         assert_eq!(r.arm_state().disarmed_reason, "drill");
         r.arm();
-        assert!(r.heartbeat(&pb::HeartbeatRequest { agent_id: "a".into(), ..Default::default() }).expect("hb"));
+        assert!(
+            r.heartbeat(&pb::HeartbeatRequest { agent_id: "a".into(), instance_id: "a-instance-1".into(), ..Default::default() })
+                .expect("hb")
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_live_owner_per_agent_id() {
+        let r = Registry::new(Duration::from_millis(100), ArmState { armed: true, ..Default::default() }, None, ClientTls::Insecure);
+        r.register(reg("a", 10), "t", false).expect("first");
+        // A twin: same id, another process at another address.
+        let mut twin = reg("a", 10);
+        twin.instance_id = "twin".into();
+        twin.address = "http://127.0.0.1:2".into();
+        let e = r.register(twin.clone(), "t", false).expect_err("live holder");
+        assert_eq!(tonic::Status::from(CoordinatorError::Duplicate(String::new())).code(), tonic::Code::AlreadyExists);
+        let msg = e.to_string();
+        assert!(msg.contains("http://127.0.0.1:1") && msg.contains("lease 10s") && msg.contains("http://127.0.0.1:2"), "{msg}");
+        assert_eq!(r.agents()[0].address, "http://127.0.0.1:1", "the holder keeps the id");
+        let c = r.contenders();
+        assert_eq!(c.len(), 1, "the refused twin is remembered for emergency stop");
+        assert_eq!(c[0].address, "http://127.0.0.1:2");
+        // The twin's heartbeats are refused too, the holder's are not.
+        let hb = |i: &str| pb::HeartbeatRequest { agent_id: "a".into(), instance_id: i.into(), ..Default::default() };
+        assert!(r.heartbeat(&hb("twin")).is_err());
+        assert!(r.heartbeat(&hb("a-instance-1")).is_ok());
+        // The same process registering again is fine.
+        r.register(reg("a", 10), "t", false).expect("same instance");
+        // Once the holder's lease is over, the twin takes the id; the old holder's heartbeats are then refused.
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert!(r.contenders().is_empty(), "a contender is forgotten after its own lease");
+        r.register(twin.clone(), "t", false).expect("holder lost");
+        assert!(r.heartbeat(&hb("a-instance-1")).expect_err("displaced").to_string().contains("twin"));
+        // A holder found gone (its address answers with another instance) can be replaced at once.
+        r.register(reg("a", 10), "t", true).expect("replace");
+        assert_eq!(r.agents()[0].instance_id, "a-instance-1");
+    }
+
+    #[tokio::test]
+    async fn addresses_follow_the_tls_mode() {
+        let r = Registry::new(Duration::from_millis(100), ArmState { armed: true, ..Default::default() }, None, ClientTls::Insecure);
+        let mut https = reg("a", 10);
+        https.address = "https://127.0.0.1:1".into();
+        let e = r.register(https, "t", false).expect_err("TLS address on an insecure coordinator").to_string();
+        assert!(e.contains("http://HOST:PORT"), "{e}");
     }
 }

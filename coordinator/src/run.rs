@@ -3,9 +3,12 @@
 use std::{future::Future, sync::Arc, time::Duration};
 
 use anyhow::Context;
-use chaos_proto::pb::coordinator_server::CoordinatorServer;
+use chaos_proto::{
+    pb::coordinator_server::CoordinatorServer,
+    serve::Listen,
+    trust::{ClientTls, Role, args::load_for, tls::reload_on_sighup},
+};
 use tokio::net::TcpListener;
-use tonic::transport::server::TcpIncoming;
 use tracing::{info, warn};
 
 use crate::{
@@ -22,12 +25,20 @@ use crate::{
 /// Serve the coordinator on `listener` until `shutdown` resolves.
 pub async fn run(cfg: CoordinatorConfig, listener: TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
     let local = listener.local_addr().context("listener address")?;
+    let tls = match &cfg.tls {
+        Some(files) => Some(load_for(files, Role::Coordinator, "chaos-coordinator").map_err(anyhow::Error::msg)?),
+        None => None,
+    };
+    let (client_tls, listen) = match &tls {
+        Some(t) => (ClientTls::Tls(Arc::clone(t)), Listen::Tls(Arc::clone(t))),
+        None => (ClientTls::Insecure, Listen::Insecure),
+    };
     let store = ArmStore::open(&cfg.state_dir).with_context(|| format!("opening state dir {}", cfg.state_dir.display()))?;
     let arm = store.load().context("loading the fleet's armed state")?;
     if !arm.armed {
         warn!(reason = %arm.disarmed_reason, "starting DISARMED (an emergency stop was not followed by Arm); run `chaos arm` to accept faults");
     }
-    let registry = Arc::new(Registry::new(Duration::from_millis(500), arm, Some(store)));
+    let registry = Arc::new(Registry::new(Duration::from_millis(500), arm, Some(store), client_tls));
     let db = cfg.state_dir.join("coordinator.db");
     let db_store = Arc::new(Store::open(&db).with_context(|| format!("opening the scenario store {}", db.display()))?);
     let scenarios = Scenarios::new(cfg.policy.clone(), Arc::clone(&registry), db_store, Timing::default());
@@ -58,6 +69,7 @@ pub async fn run(cfg: CoordinatorConfig, listener: TcpListener, shutdown: impl F
             listen_address: local.to_string(),
             recovery: cfg.recovery,
             emergency_stops: telemetry.emergency_stops.clone(),
+            tls: tls.clone(),
         },
     );
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -65,13 +77,14 @@ pub async fn run(cfg: CoordinatorConfig, listener: TcpListener, shutdown: impl F
     let mut routes = tonic::service::RoutesBuilder::default();
     routes.add_service(health_service).add_service(CoordinatorServer::new(svc));
     chaos_proto::serve::add_reflection(&mut routes, &["chaos.v1.Coordinator"]).context("building reflection service")?;
-    chaos_proto::serve::warn_if_exposed("chaos-coordinator", local);
-    info!(listen = %local, "chaos-coordinator serving");
-    let served = tonic::transport::Server::builder()
-        .layer(rpc_metrics.layer())
-        .add_routes(routes.routes())
-        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), shutdown)
-        .await;
+    let reload = tls.as_ref().map(|t| tokio::spawn(reload_on_sighup(Arc::clone(t), "chaos-coordinator")));
+    let tls_text =
+        tls.as_ref().map_or_else(|| "INSECURE (plaintext, no authentication)".to_string(), |t| format!("mTLS as {}", t.identity()));
+    info!(listen = %local, tls = %tls_text, "chaos-coordinator serving");
+    let served = chaos_proto::serve::serve_tcp(routes.routes(), listener, &listen, rpc_metrics.layer(), shutdown).await;
+    if let Some(r) = reload {
+        r.abort();
+    }
     let _ = metrics_stop.send(());
     served.context("gRPC server")?;
     info!("chaos-coordinator stopped");

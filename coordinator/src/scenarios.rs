@@ -995,7 +995,12 @@ mod tests {
     }
 
     async fn rig(n: usize, policy: Policy) -> Rig {
-        let registry = Arc::new(Registry::new(Duration::from_millis(500), ArmState { armed: true, ..Default::default() }, None));
+        let registry = Arc::new(Registry::new(
+            Duration::from_millis(500),
+            ArmState { armed: true, ..Default::default() },
+            None,
+            chaos_proto::trust::ClientTls::Insecure,
+        ));
         let mut agents = Vec::new();
         for i in 0..n {
             let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -1003,13 +1008,17 @@ mod tests {
             let s = Standin::new();
             tokio::spawn(s.clone().serve(l));
             registry
-                .register(pb::RegisterAgentRequest {
-                    agent_id: format!("a{i}"),
-                    address: format!("http://{addr}"),
-                    labels: [("role".to_string(), format!("r{i}"))].into(),
-                    lease_duration: Some(duration_to_pb(Duration::from_secs(60))),
-                    ..Default::default()
-                })
+                .register(
+                    pb::RegisterAgentRequest {
+                        agent_id: format!("a{i}"),
+                        address: format!("http://{addr}"),
+                        labels: [("role".to_string(), format!("r{i}"))].into(),
+                        lease_duration: Some(duration_to_pb(Duration::from_secs(60))),
+                        ..Default::default()
+                    },
+                    "test",
+                    false,
+                )
                 .expect("register");
             agents.push(s);
         }
@@ -1125,12 +1134,16 @@ mod tests {
         // Two more agents with a short lease that will not be renewed.
         for i in 2..4 {
             r.registry
-                .register(pb::RegisterAgentRequest {
-                    agent_id: format!("a{i}"),
-                    address: "http://127.0.0.1:9".into(),
-                    lease_duration: Some(duration_to_pb(Duration::from_millis(400))),
-                    ..Default::default()
-                })
+                .register(
+                    pb::RegisterAgentRequest {
+                        agent_id: format!("a{i}"),
+                        address: "http://127.0.0.1:9".into(),
+                        lease_duration: Some(duration_to_pb(Duration::from_millis(400))),
+                        ..Default::default()
+                    },
+                    "test",
+                    false,
+                )
                 .expect("register");
         }
         let s = &r.scenarios;

@@ -6,6 +6,7 @@ use chaos_proto::{
     convert::{duration_from_pb, duration_to_pb, timestamp_to_pb},
     metrics::Filter,
     pb::{self, AgentHealth, coordinator_server::Coordinator},
+    trust::{Caller, Role, Tls},
 };
 use futures::Stream;
 use tokio::time::Instant;
@@ -17,21 +18,51 @@ use crate::{
     fleet,
     gameday::GameDays,
     monitor::{Monitor, hub::HubEvent},
-    registry::Registry,
+    registry::{AgentRecord, Registry},
     scenarios::{Scenarios, snapshot_event},
+    store::Actor,
     validate::{Plan, RecoveryDefaults},
 };
 
-/// Metadata key a client uses to say who it is (the CLI sends USER@HOST).
-pub const ACTOR_HEADER: &str = "x-chaos-actor";
+/// Metadata key a client may use to add a note to its audit rows (the CLI
+/// sends its login, USER@HOST). It is recorded beside the authenticated
+/// identity, never as it.
+pub const NOTE_HEADER: &str = "x-chaos-note";
 
-/// Who made a request: the declared actor and the peer address.
-fn actor<T>(req: &Request<T>) -> String {
-    let declared =
-        req.metadata().get(ACTOR_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("unknown").chars().take(128).collect::<String>();
-    match req.remote_addr() {
-        Some(a) => format!("{declared} ({a})"),
-        None => declared,
+/// Who made a request: the identity the auth layer authenticated (the
+/// certificate's name and role) and the peer address, plus the client's note.
+fn actor<T>(req: &Request<T>) -> Actor {
+    let caller = Caller::of(req);
+    let note = req.metadata().get(NOTE_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("").chars().take(128).collect::<String>();
+    Actor {
+        text: caller.to_string(),
+        name: caller.identity.as_ref().map(|i| i.name.clone()).unwrap_or_default(),
+        role: caller.role().map(|r| r.to_string()).unwrap_or_default(),
+        address: caller.address.clone(),
+        note,
+    }
+}
+
+/// An agent certificate acts for its own agent id only.
+fn own_id(caller: &Caller, agent_id: &str, what: &str) -> Result<(), CoordinatorError> {
+    match &caller.identity {
+        Some(id) if id.role == Role::Agent && id.name != agent_id => Err(CoordinatorError::Denied(format!(
+            "{what}: agent_id {agent_id:?}, but the caller is {caller}: an agent acts under its certificate's name only"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// Whether the live holder of an agent id is in fact gone: its address
+/// answers with another instance (a restart in place). Unreachable or
+/// answering as itself: still there.
+async fn holder_gone(holder: &AgentRecord) -> bool {
+    let mut client = holder.client.clone();
+    let mut req = Request::new(pb::GetCapabilitiesRequest {});
+    req.set_timeout(Duration::from_secs(1));
+    match tokio::time::timeout(Duration::from_secs(1), client.get_capabilities(req)).await {
+        Ok(Ok(caps)) => !holder.instance_id.is_empty() && caps.into_inner().instance_id != holder.instance_id,
+        _ => false,
     }
 }
 
@@ -47,6 +78,8 @@ pub struct ServiceConfig {
     pub recovery: RecoveryDefaults,
     /// Counted on `/metrics`.
     pub emergency_stops: prometheus_client::metrics::counter::Counter,
+    /// The coordinator's credentials (for GetStatus); None when --insecure.
+    pub tls: Option<Arc<Tls>>,
 }
 
 /// `chaos.v1.Coordinator` implementation.
@@ -76,7 +109,7 @@ impl CoordinatorService {
     }
 
     /// Record a mutation in the audit log; a failed write is logged, never fatal.
-    fn audit<T>(&self, actor: &str, action: &str, target: &str, detail: &str, result: &Result<T, Status>) {
+    fn audit<T>(&self, actor: &Actor, action: &str, target: &str, detail: &str, result: &Result<T, Status>) {
         let outcome = match result {
             Ok(_) => "ok".to_string(),
             Err(s) if matches!(s.code(), tonic::Code::FailedPrecondition | tonic::Code::ResourceExhausted) => {
@@ -84,7 +117,7 @@ impl CoordinatorService {
             }
             Err(s) => format!("error: {:?}: {}", s.code(), s.message()),
         };
-        if let Err(e) = self.scenarios.store().audit(actor, action, target, detail, &outcome) {
+        if let Err(e) = self.scenarios.store().audit_by(actor, action, target, detail, &outcome) {
             tracing::error!(error = %e, action, "audit write failed");
         }
     }
@@ -99,9 +132,27 @@ impl Coordinator for CoordinatorService {
     #[instrument(skip_all, fields(agent_id = %req.get_ref().agent_id, address = %req.get_ref().address))]
     async fn register_agent(&self, req: Request<pb::RegisterAgentRequest>) -> Result<Response<pb::RegisterAgentResponse>, Status> {
         let who = actor(&req);
+        let caller = Caller::of(&req);
         let r = req.into_inner();
         let (agent_id, address) = (r.agent_id.clone(), r.address.clone());
-        let result = self.registry.register(r).map_err(Status::from);
+        let result = match own_id(&caller, &agent_id, "RegisterAgent") {
+            Err(e) => Err(Status::from(e)),
+            Ok(()) => {
+                let replace = match self.registry.rival_holder(&r.agent_id, &r.instance_id, &r.address) {
+                    Some(holder) => holder_gone(&holder).await,
+                    None => false,
+                };
+                if replace {
+                    info!(agent_id = %agent_id, "the previous holder of this agent id answers as another instance: replaced");
+                }
+                self.registry.register(r, &who.text, replace).map_err(Status::from)
+            }
+        };
+        if let Err(e) = &result
+            && e.code() == tonic::Code::AlreadyExists
+        {
+            tracing::warn!(agent_id = %agent_id, address = %address, refusal = %e.message(), "duplicate agent id refused");
+        }
         self.audit(&who, "RegisterAgent", &agent_id, &address, &result);
         let armed = result?;
         info!(armed, "agent registered");
@@ -117,6 +168,7 @@ impl Coordinator for CoordinatorService {
     }
 
     async fn heartbeat(&self, req: Request<pb::HeartbeatRequest>) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        own_id(&Caller::of(&req), &req.get_ref().agent_id, "Heartbeat")?;
         let armed = self.registry.heartbeat(req.get_ref())?;
         Ok(Response::new(pb::HeartbeatResponse { armed }))
     }
@@ -143,8 +195,12 @@ impl Coordinator for CoordinatorService {
         self.gamedays.signal(pb::GameDayState::Aborted, &format!("emergency stop: {reason}"));
         let resp = fleet::emergency_stop(&self.registry, &self.scenarios, &reason, deadline).await;
         let detail = format!(
-            "{reason}: {} agent(s) reached, {} not, {} fault(s) reverted",
-            resp.agents_reached, resp.agents_unreached, resp.faults_reverted
+            "{reason}: {} agent(s) reached, {} not, {} fault(s) reverted, {} failed{}",
+            resp.agents_reached,
+            resp.agents_unreached,
+            resp.faults_reverted,
+            resp.faults_failed,
+            if resp.complete { "" } else { " (INCOMPLETE)" }
         );
         self.audit(&who, "EmergencyStop", "fleet", &detail, &Ok::<(), Status>(()));
         Ok(Response::new(resp))
@@ -181,6 +237,8 @@ impl Coordinator for CoordinatorService {
             active_faults: agents.iter().filter(|a| a.health(now) != AgentHealth::Lost).map(|a| a.active_faults).sum(),
             uptime: Some(duration_to_pb(self.started.elapsed())),
             listen_address: self.cfg.listen_address.clone(),
+            tls_identity: self.cfg.tls.as_ref().map(|t| t.identity().uri()).unwrap_or_default(),
+            tls_not_after: self.cfg.tls.as_ref().map(|t| timestamp_to_pb(t.current().not_after)),
         }))
     }
 
@@ -190,7 +248,7 @@ impl Coordinator for CoordinatorService {
         let r = req.into_inner();
         let spec = r.spec.ok_or_else(|| Status::from(CoordinatorError::invalid("spec", "is required")))?;
         let detail = spec.fault.as_ref().map(chaos_proto::spec::describe).unwrap_or_default();
-        let result = self.scenarios.create(spec, r.dry_run, &who).map_err(Status::from);
+        let result = self.scenarios.create(spec, r.dry_run, &who.text).map_err(Status::from);
         if !r.dry_run {
             let target = result.as_ref().ok().and_then(|c| c.scenario.as_ref()).map(|s| s.id.clone()).unwrap_or_else(|| "-".into());
             self.audit(&who, "CreateScenario", &target, &detail, &result);
@@ -340,7 +398,7 @@ impl Coordinator for CoordinatorService {
     async fn stop_game_day(&self, req: Request<pb::StopGameDayRequest>) -> Result<Response<pb::GameDay>, Status> {
         let who = actor(&req);
         let reason = req.into_inner().reason;
-        let reason = if reason.is_empty() { format!("stopped by {who}") } else { format!("stopped by {who}: {reason}") };
+        let reason = if reason.is_empty() { format!("stopped by {}", who.text) } else { format!("stopped by {}: {reason}", who.text) };
         Ok(Response::new(self.gamedays.stop(pb::GameDayState::Stopped, &reason).await?))
     }
 

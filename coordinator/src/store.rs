@@ -19,9 +19,9 @@ use chaos_proto::{
 use prost::Message;
 use rusqlite::{Connection, OptionalExtension, params};
 
-/// Schema version 3: version 1 plus `experiment_runs` (2),
-/// `scenario_agents.achieved`/`outcome` and `gamedays` (3); opening an older
-/// file adds them.
+/// Schema version 4: version 1 plus `experiment_runs` (2),
+/// `scenario_agents.achieved`/`outcome` and `gamedays` (3), and the audit's
+/// authenticated actor in parts (4); opening an older file adds them.
 pub const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS scenarios (
     id            TEXT PRIMARY KEY,
@@ -68,12 +68,16 @@ CREATE TABLE IF NOT EXISTS scenario_agents (
 CREATE TABLE IF NOT EXISTS audit (
     id      INTEGER PRIMARY KEY AUTOINCREMENT,
     at      TEXT NOT NULL,
-    actor   TEXT NOT NULL,                   -- x-chaos-actor and peer address, or 'coordinator'
+    actor   TEXT NOT NULL,                   -- certificate identity and peer address, or 'coordinator'
     action  TEXT NOT NULL,                   -- CreateScenario, StopScenario, EmergencyStop, Arm, RegisterAgent, RevertOrphan,
                                              -- StartGameDay, EndGameDay, RecordExperimentRun, alert and stop-condition events
     target  TEXT NOT NULL,
     detail  TEXT NOT NULL,
-    outcome TEXT NOT NULL                    -- ok | refused: ... | error: ...
+    outcome TEXT NOT NULL,                   -- ok | refused: ... | error: ...
+    actor_name   TEXT NOT NULL DEFAULT '',   -- the certificate's name ('' for the coordinator itself or an insecure server)
+    actor_role   TEXT NOT NULL DEFAULT '',   -- its role: viewer operator admin agent coordinator
+    peer_address TEXT NOT NULL DEFAULT '',
+    client_note  TEXT NOT NULL DEFAULT ''    -- the x-chaos-note header (the CLI sends USER@HOST): declared, not proven
 );
 CREATE INDEX IF NOT EXISTS audit_at ON audit(at);
 CREATE TABLE IF NOT EXISTS experiment_runs (
@@ -93,11 +97,24 @@ CREATE TABLE IF NOT EXISTS gamedays (
     state       TEXT NOT NULL,               -- RUNNING COMPLETED STOPPED ABORTED
     record      BLOB NOT NULL                -- chaos.v1.GameDay (with its kept history), protobuf
 );
-PRAGMA user_version = 3;
+PRAGMA user_version = 4;
 ";
 
 pub struct Store {
     conn: Mutex<Connection>,
+}
+
+/// Who did something, as the audit keeps it: one line, and its parts.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Actor {
+    /// e.g. "alice (operator) from 10.0.0.7:50122".
+    pub text: String,
+    /// The certificate's name and role ("" when none).
+    pub name: String,
+    pub role: String,
+    pub address: String,
+    /// What the client declared in `x-chaos-note` (never the identity).
+    pub note: String,
 }
 
 fn ts(t: Option<&prost_types::Timestamp>) -> Option<String> {
@@ -145,6 +162,19 @@ impl Store {
             conn.execute_batch(
                 "ALTER TABLE scenario_agents ADD COLUMN achieved TEXT NOT NULL DEFAULT '{}';
                  ALTER TABLE scenario_agents ADD COLUMN outcome TEXT NOT NULL DEFAULT '';",
+            )?;
+        }
+        // Files made before version 4 lack the actor's parts.
+        let has_actor_parts: bool =
+            conn.query_row("SELECT COUNT(*) FROM pragma_table_info('audit') WHERE name = 'actor_name'", [], |r| {
+                r.get::<_, i64>(0).map(|n| n > 0)
+            })?;
+        if !has_actor_parts {
+            conn.execute_batch(
+                "ALTER TABLE audit ADD COLUMN actor_name TEXT NOT NULL DEFAULT '';
+                 ALTER TABLE audit ADD COLUMN actor_role TEXT NOT NULL DEFAULT '';
+                 ALTER TABLE audit ADD COLUMN peer_address TEXT NOT NULL DEFAULT '';
+                 ALTER TABLE audit ADD COLUMN client_note TEXT NOT NULL DEFAULT '';",
             )?;
         }
         Ok(Self { conn: Mutex::new(conn) })
@@ -293,10 +323,28 @@ impl Store {
         Ok(v)
     }
 
+    /// Record one of the coordinator's own actions (`actor` names the part of it that acted).
     pub fn audit(&self, actor: &str, action: &str, target: &str, detail: &str, outcome: &str) -> StoreResult<()> {
+        self.audit_by(&Actor { text: actor.to_string(), ..Default::default() }, action, target, detail, outcome)
+    }
+
+    /// Record what an authenticated caller did.
+    pub fn audit_by(&self, actor: &Actor, action: &str, target: &str, detail: &str, outcome: &str) -> StoreResult<()> {
         self.lock().execute(
-            "INSERT INTO audit (at, actor, action, target, detail, outcome) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![humantime::format_rfc3339_millis(SystemTime::now()).to_string(), actor, action, target, detail, outcome],
+            "INSERT INTO audit (at, actor, action, target, detail, outcome, actor_name, actor_role, peer_address, client_note)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            params![
+                humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+                actor.text,
+                action,
+                target,
+                detail,
+                outcome,
+                actor.name,
+                actor.role,
+                actor.address,
+                actor.note
+            ],
         )?;
         Ok(())
     }
@@ -306,7 +354,7 @@ impl Store {
         let since = since.map(|t| humantime::format_rfc3339_millis(t).to_string()).unwrap_or_default();
         let c = self.lock();
         let mut stmt =
-            c.prepare("SELECT id, at, actor, action, target, detail, outcome FROM audit WHERE at >= ?1 ORDER BY id DESC LIMIT ?2")?;
+            c.prepare("SELECT id, at, actor, action, target, detail, outcome, actor_name, actor_role, peer_address, client_note FROM audit WHERE at >= ?1 ORDER BY id DESC LIMIT ?2")?;
         let mut v: Vec<pb::AuditEntry> = stmt
             .query_map(params![since, limit], |r| {
                 Ok(pb::AuditEntry {
@@ -317,6 +365,10 @@ impl Store {
                     target: r.get(4)?,
                     detail: r.get(5)?,
                     outcome: r.get(6)?,
+                    actor_name: r.get(7)?,
+                    actor_role: r.get(8)?,
+                    peer_address: r.get(9)?,
+                    client_note: r.get(10)?,
                 })
             })?
             .collect::<Result<_, _>>()?;
@@ -491,5 +543,32 @@ mod tests {
         let v = s.list_audit(None, 3).expect("list");
         assert_eq!(v.iter().map(|e| e.target.as_str()).collect::<Vec<_>>(), vec!["sc-2", "sc-3", "sc-4"]);
         assert!(s.list_audit(Some(SystemTime::now() + Duration::from_secs(5)), 10).expect("list").is_empty());
+    }
+
+    #[test]
+    fn audit_keeps_the_actor_in_parts_and_old_files_gain_the_columns() {
+        let s = Store::in_memory().expect("store");
+        let a = Actor {
+            text: "alice (operator) from 127.0.0.1:9".into(),
+            name: "alice".into(),
+            role: "operator".into(),
+            address: "127.0.0.1:9".into(),
+            note: "alice@laptop".into(),
+        };
+        s.audit_by(&a, "CreateScenario", "sc-1", "", "ok").expect("audit");
+        let e = &s.list_audit(None, 1).expect("list")[0];
+        assert_eq!((e.actor_name.as_str(), e.actor_role.as_str(), e.peer_address.as_str()), ("alice", "operator", "127.0.0.1:9"));
+        assert_eq!((e.actor.as_str(), e.client_note.as_str()), (a.text.as_str(), "alice@laptop"));
+        // A version-3 file: the audit table without the parts.
+        let c = Connection::open_in_memory().expect("db");
+        c.execute_batch(
+            "CREATE TABLE audit (id INTEGER PRIMARY KEY AUTOINCREMENT, at TEXT NOT NULL, actor TEXT NOT NULL, action TEXT NOT NULL,
+               target TEXT NOT NULL, detail TEXT NOT NULL, outcome TEXT NOT NULL);
+             INSERT INTO audit (at, actor, action, target, detail, outcome) VALUES ('2026-01-01T00:00:00Z', 'old', 'Arm', 'fleet', '', 'ok');",
+        )
+        .expect("old schema");
+        let s = Store::init(c).expect("migrated");
+        let v = s.list_audit(None, 10).expect("list");
+        assert_eq!((v[0].actor.as_str(), v[0].actor_name.as_str()), ("old", ""));
     }
 }

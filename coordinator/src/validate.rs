@@ -718,7 +718,12 @@ mod tests {
             ..Default::default()
         };
         let plan = Plan::from_request(&r, RecoveryDefaults::default()).expect("plan");
-        let registry = std::sync::Arc::new(crate::registry::Registry::new(Duration::from_millis(500), Default::default(), None));
+        let registry = std::sync::Arc::new(crate::registry::Registry::new(
+            Duration::from_millis(500),
+            Default::default(),
+            None,
+            chaos_proto::trust::ClientTls::Insecure,
+        ));
         let store = std::sync::Arc::new(crate::store::Store::in_memory().expect("store"));
         let scenarios = Scenarios::new(Default::default(), registry, store, Default::default());
         let (tx, mut rx) = mpsc::channel(64);

@@ -12,6 +12,7 @@ pub mod rules;
 pub mod serve;
 pub mod spec;
 pub mod telemetry;
+pub mod trust;
 
 /// Generated code for package `chaos.v1`.
 #[allow(clippy::all, missing_docs)]

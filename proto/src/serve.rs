@@ -1,12 +1,18 @@
 //! What every chaos.v1 server shares: server reflection (v1 and v1alpha,
-//! so grpcurl works with no .proto at hand), `grpc.health.v1`, the warning
-//! for plaintext on a non-loopback address, tracing set-up, and the
+//! so grpcurl works with no .proto at hand), `grpc.health.v1`, serving
+//! behind the auth layer (mTLS on TCP, or `--insecure` plaintext on
+//! loopback only; the agent's Unix socket), tracing set-up, and the
 //! shutdown signal.
 
-use std::net::SocketAddr;
+use std::{future::Future, net::SocketAddr, sync::Arc};
 
-use tonic::service::RoutesBuilder;
+use tonic::service::{Routes, RoutesBuilder};
 use tracing::warn;
+
+use crate::{
+    telemetry::RpcLayer,
+    trust::{AuthLayer, AuthMode, Tls},
+};
 use tracing_subscriber::{EnvFilter, fmt, prelude::*};
 
 /// Add reflection (v1 + v1alpha) to a router, advertising `services` (e.g.
@@ -29,15 +35,73 @@ pub fn add_reflection(routes: &mut RoutesBuilder, services: &[&str]) -> Result<(
     Ok(())
 }
 
-/// Log loudly when a plaintext server listens beyond loopback.
-pub fn warn_if_exposed(what: &str, addr: SocketAddr) {
-    if !addr.ip().is_loopback() {
-        warn!(
-            listen = %addr,
-            "{what} listens on a non-loopback address WITHOUT TLS: anyone who can reach {addr} can inject or stop faults on this host. \
-             Bind 127.0.0.1 or put it behind a trusted network until TLS support lands."
-        );
+/// `--insecure` (plaintext, nobody authenticated) is for loopback only: a
+/// server asked to listen beyond it refuses to start.
+pub fn check_plaintext_bind(what: &str, addr: SocketAddr) -> Result<(), String> {
+    if addr.ip().is_loopback() {
+        warn!(listen = %addr, "{what} runs --insecure: plaintext, no authentication, every caller may do everything (loopback only)");
+        Ok(())
+    } else {
+        Err(format!(
+            "--insecure: refusing to serve plaintext on {addr}: anyone who reaches it could inject or stop faults on this host. \
+             Listen on 127.0.0.1, or run with certificates (chaos certs init / chaos certs issue; see README)"
+        ))
     }
+}
+
+/// How a server's TCP listener speaks.
+#[derive(Debug, Clone)]
+pub enum Listen {
+    /// TLS with client certificates from the fleet's CA (the default).
+    Tls(Arc<Tls>),
+    /// `--insecure`: plaintext on loopback.
+    Insecure,
+}
+
+/// Serve `routes` on `listener` behind the RPC timer and the auth layer
+/// (the roles table), until `shutdown`.
+pub async fn serve_tcp(
+    routes: Routes,
+    listener: tokio::net::TcpListener,
+    listen: &Listen,
+    rpc: RpcLayer,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), tonic::transport::Error> {
+    match listen {
+        Listen::Tls(tls) => {
+            tonic::transport::Server::builder()
+                .layer(rpc)
+                .layer(AuthLayer::new(AuthMode::Certificates))
+                .add_routes(routes)
+                .serve_with_incoming_shutdown(crate::trust::tls::incoming(listener, Arc::clone(tls)), shutdown)
+                .await
+        }
+        Listen::Insecure => {
+            tonic::transport::Server::builder()
+                .layer(rpc)
+                .layer(AuthLayer::new(AuthMode::Insecure))
+                .add_routes(routes)
+                .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)), shutdown)
+                .await
+        }
+    }
+}
+
+/// Serve `routes` on a Unix socket (the agent's break-glass): callers must
+/// be root or this process's user, and act as a local admin.
+pub async fn serve_unix(
+    routes: Routes,
+    listener: tokio::net::UnixListener,
+    path: String,
+    rpc: RpcLayer,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), tonic::transport::Error> {
+    tonic::transport::Server::builder()
+        .layer(rpc)
+        .layer(AuthLayer::new(AuthMode::LocalSocket(path)))
+        .add_routes(routes)
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::UnixListenerStream::new(listener), shutdown)
+        .await
 }
 
 /// Log output format.

@@ -7,13 +7,27 @@
 //!   SIGTERM (so an agent reverts its faults), SIGKILL after 5 s.
 //! - [`Victim`]: a `sleep` process to fault; dropped with SIGKILL (which
 //!   also ends a stopped process).
+//!
+//! Trust: every daemon and every `chaos` call runs over mTLS with
+//! certificates of one test CA made per test process ([`pki`]); `chaos()`
+//! calls as an admin (`e2e-admin`) unless the test names another identity
+//! ([`chaos_as`]).
 
 use std::{
+    collections::HashMap,
     net::TcpListener,
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
-    sync::atomic::{AtomicU32, Ordering},
+    sync::{
+        Mutex, OnceLock,
+        atomic::{AtomicU32, Ordering},
+    },
     time::{Duration, Instant},
+};
+
+use chaos_proto::trust::{
+    Identity, Role,
+    certs::{Request, init_ca_dir, issue_to_dir},
 };
 
 use nix::{
@@ -172,14 +186,126 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     }
 }
 
-/// Run the `chaos` CLI with args; returns its output.
+/// The test process's CA and the certificates issued with it, each in a
+/// directory of its own (ca.pem, cert.pem, key.pem: a `--tls-dir`). Lives
+/// under the system temp dir and is removed when the process exits
+/// normally (`Pki` is never dropped for a static, so tests remove nothing
+/// by hand; the directories hold only files).
+pub struct Pki {
+    root: PathBuf,
+    issued: Mutex<HashMap<String, PathBuf>>,
+}
+
+/// The process-wide test PKI.
+pub fn pki() -> &'static Pki {
+    static PKI: OnceLock<Pki> = OnceLock::new();
+    PKI.get_or_init(|| {
+        let root = std::env::temp_dir().join(format!("chaos-e2e-pki-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        init_ca_dir(&root.join("ca"), "e2e", Duration::from_secs(7 * 24 * 3600)).expect("test CA");
+        extern "C" fn remove_pki() {
+            let _ = std::fs::remove_dir_all(std::env::temp_dir().join(format!("chaos-e2e-pki-{}", std::process::id())));
+        }
+        // SAFETY: registering a plain extern "C" function with atexit.
+        unsafe { nix::libc::atexit(remove_pki) };
+        Pki { root, issued: Mutex::new(HashMap::new()) }
+    })
+}
+
+/// The admin identity `chaos()` calls as.
+pub const ADMIN: &str = "e2e-admin";
+/// The coordinator identity of `start_coordinator*`.
+pub const COORDINATOR: &str = "e2e-coordinator";
+
+impl Pki {
+    /// The CA's directory (ca.pem, ca.key).
+    pub fn ca_dir(&self) -> PathBuf {
+        self.root.join("ca")
+    }
+
+    /// A `--tls-dir` for `role`/`name` (issued on first use, valid a day),
+    /// with extra SANs for service roles.
+    pub fn dir_with(&self, role: Role, name: &str, sans: &[&str]) -> PathBuf {
+        let key = format!("{role}-{name}-{}", sans.join("_"));
+        let mut issued = self.issued.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(d) = issued.get(&key) {
+            return d.clone();
+        }
+        let dir = self.root.join(&key);
+        let req = Request::new(
+            Identity::new(role, name).expect("test identity"),
+            sans.iter().map(|s| s.to_string()).collect(),
+            Duration::from_secs(24 * 3600),
+        );
+        issue_to_dir(&self.ca_dir(), &req, &dir, false).expect("issue test certificate");
+        issued.insert(key, dir.clone());
+        dir
+    }
+
+    /// A `--tls-dir` for `role`/`name`.
+    pub fn dir(&self, role: Role, name: &str) -> PathBuf {
+        self.dir_with(role, name, &[])
+    }
+
+    /// The admin's directory (what `chaos()` uses).
+    pub fn admin(&self) -> PathBuf {
+        self.dir(Role::Admin, ADMIN)
+    }
+
+    /// A fresh directory for `role`/`name` under `parent` issued by `ca_dir`
+    /// with `req` (expired, other CA, ...), never cached.
+    pub fn issue_into(ca_dir: &Path, req: &Request, out: &Path) -> PathBuf {
+        issue_to_dir(ca_dir, req, out, true).expect("issue certificate");
+        out.to_path_buf()
+    }
+}
+
+/// Run the `chaos` CLI with args as the test admin; returns its output.
 pub fn chaos(args: &[&str]) -> Output {
-    Command::new(bin("chaos")).args(args).env("RUST_LOG", "warn").stdin(Stdio::null()).output().expect("run chaos")
+    chaos_as(&pki().admin(), args)
+}
+
+/// Run the `chaos` CLI with the certificate in `tls_dir`.
+pub fn chaos_as(tls_dir: &Path, args: &[&str]) -> Output {
+    Command::new(bin("chaos"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .env("CHAOS_TLS_DIR", tls_dir)
+        .env_remove("CHAOS_INSECURE")
+        .env_remove("CHAOS_TLS_CA")
+        .env_remove("CHAOS_TLS_CERT")
+        .env_remove("CHAOS_TLS_KEY")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run chaos")
+}
+
+/// A gRPC channel to a coordinator, as the test admin (for tests that call
+/// the contract directly).
+pub fn coordinator_channel(url: &str) -> tonic::transport::Channel {
+    channel_as(url, &pki().admin(), chaos_proto::trust::Expect::coordinator())
+}
+
+/// A gRPC channel to an agent, as the test admin.
+pub fn agent_channel(url: &str) -> tonic::transport::Channel {
+    channel_as(url, &pki().admin(), chaos_proto::trust::Expect::agent(None))
+}
+
+/// A gRPC channel with the certificate in `tls_dir`, requiring `expect` of the server.
+pub fn channel_as(url: &str, tls_dir: &Path, expect: chaos_proto::trust::Expect) -> tonic::transport::Channel {
+    let tls = chaos_proto::trust::Tls::load(chaos_proto::trust::TlsFiles::in_dir(tls_dir)).expect("test credentials");
+    let dial = chaos_proto::trust::Dial { connect_timeout: Duration::from_secs(2), timeout: None };
+    chaos_proto::trust::channel(url, &chaos_proto::trust::ClientTls::Tls(tls), expect, dial).expect("channel")
 }
 
 /// The CLI's stdout as text, asserting the expected exit code (with context on failure).
 pub fn chaos_ok(args: &[&str], want_code: i32) -> String {
-    let out = chaos(args);
+    chaos_ok_as(&pki().admin(), args, want_code)
+}
+
+/// [`chaos_ok`] with the certificate in `tls_dir`.
+pub fn chaos_ok_as(tls_dir: &Path, args: &[&str], want_code: i32) -> String {
+    let out = chaos_as(tls_dir, args);
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert_eq!(out.status.code(), Some(want_code), "chaos {args:?}\nstdout: {stdout}\nstderr: {stderr}");
@@ -200,13 +326,20 @@ pub fn start_coordinator_at(dir: &std::path::Path, port: u16) -> (Daemon, String
 pub fn start_coordinator_with(dir: &std::path::Path, port: u16, config: Option<&std::path::Path>) -> (Daemon, String) {
     static STARTS: AtomicU32 = AtomicU32::new(0);
     let state = dir.join("coordinator-state");
-    let mut args = vec!["--listen".to_string(), format!("127.0.0.1:{port}"), "--state-dir".into(), state.display().to_string()];
+    let mut args = vec![
+        "--listen".to_string(),
+        format!("127.0.0.1:{port}"),
+        "--state-dir".into(),
+        state.display().to_string(),
+        "--tls-dir".into(),
+        pki().dir(Role::Coordinator, COORDINATOR).display().to_string(),
+    ];
     if let Some(c) = config {
         args.extend(["--config".into(), c.display().to_string()]);
     }
     let log = dir.join(format!("coordinator-{port}-{}.log", STARTS.fetch_add(1, Ordering::Relaxed)));
     let d = Daemon::spawn("chaos-coordinator", &args, log);
-    let url = format!("http://127.0.0.1:{port}");
+    let url = format!("https://127.0.0.1:{port}");
     assert!(
         wait_until(Duration::from_secs(10), || chaos(&["--coordinator", &url, "status"]).status.success()),
         "coordinator did not start:\n{}",
@@ -242,6 +375,10 @@ pub fn start_agent_at(
         id.into(),
         "--lease".into(),
         lease.into(),
+        "--tls-dir".into(),
+        pki().dir(Role::Agent, id).display().to_string(),
+        "--local-socket".into(),
+        agent_socket(dir, id).display().to_string(),
     ];
     if let Some(c) = coordinator {
         args.extend(["--coordinator".into(), c.to_string()]);
@@ -250,13 +387,18 @@ pub fn start_agent_at(
     static STARTS: AtomicU32 = AtomicU32::new(0);
     let log = dir.join(format!("agent-{id}-{}.log", STARTS.fetch_add(1, Ordering::Relaxed)));
     let d = Daemon::spawn("chaos-agent", &args, log);
-    let url = format!("http://127.0.0.1:{port}");
+    let url = format!("https://127.0.0.1:{port}");
     assert!(
         wait_until(Duration::from_secs(10), || chaos(&["agent", "capabilities", "--agent", &url]).status.success()),
         "agent {id} did not start:\n{}",
         d.log_text()
     );
     (d, url)
+}
+
+/// The break-glass socket of agent `id` started by [`start_agent_at`] in `dir`.
+pub fn agent_socket(dir: &Path, id: &str) -> PathBuf {
+    dir.join(format!("agent-{id}.sock"))
 }
 
 /// Parse the CLI's JSON output (stdout; `chaos_ok` appends stderr after it).
@@ -483,7 +625,11 @@ impl Drop for NetPair {
 /// Run the `chaos` CLI inside a network namespace.
 pub fn chaos_in(ns: &str, args: &[&str]) -> Output {
     let bin = bin("chaos");
-    let mut argv = vec![bin.to_str().expect("utf-8 path")];
+    let admin = pki().admin();
+    let mut argv = vec!["env", "-u", "CHAOS_INSECURE"];
+    let dir_env = format!("CHAOS_TLS_DIR={}", admin.display());
+    argv.push(&dir_env);
+    argv.push(bin.to_str().expect("utf-8 path"));
     argv.extend_from_slice(args);
     NetPair::exec(ns, &argv)
 }

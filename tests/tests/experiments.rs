@@ -237,6 +237,7 @@ fn an_experiment_runs_reports_and_aborts_cleanly() {
     // Ctrl-C while the fault holds: the scenario is stopped and the run says so.
     let reports3 = dir.path().join("reports3");
     let run = Command::new(bin("chaos"))
+        .env("CHAOS_TLS_DIR", chaos_e2e::pki().admin())
         .args(["--coordinator", &curl, "run", &f, "--report-dir", &reports3.display().to_string()])
         .stdout(Stdio::piped())
         .stdin(Stdio::null())

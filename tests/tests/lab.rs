@@ -10,7 +10,17 @@
 
 use std::{path::PathBuf, process::Command, time::Duration};
 
-use chaos_e2e::{Daemon, bin, chaos, chaos_ok, json, wait_until};
+use chaos_e2e::{Daemon, bin, json, wait_until};
+
+/// `chaos` with the lab admin's certificate (`chaos lab up` makes it with
+/// the lab's own CA; the lab verbs use it whatever the environment says).
+fn chaos(args: &[&str]) -> std::process::Output {
+    chaos_e2e::chaos_as(&lab_home().join("run/tls/admin"), args)
+}
+
+fn chaos_ok(args: &[&str], want_code: i32) -> String {
+    chaos_e2e::chaos_ok_as(&lab_home().join("run/tls/admin"), args, want_code)
+}
 
 fn lab_home() -> PathBuf {
     PathBuf::from(std::env::var("CHAOS_LAB_HOME").unwrap_or_else(|_| "/var/lib/chaos-lab".into()))
@@ -80,6 +90,17 @@ fn lab_up_runs_real_kafka_and_cassandra_a_partition_bites_and_down_leaves_nothin
         }),
         "four lab agents registered"
     );
+    // `chaos lab env` points a shell at the lab; the break-glass socket answers without a certificate.
+    let env = chaos_ok(&["lab", "env", "--home", &home], 0);
+    assert!(env.contains("CHAOS_COORDINATOR=https://198.18.200.1:50061") && env.contains("run/tls/admin"), "{env}");
+    let sock = lab_home().join("run/agent-kafka.sock").display().to_string();
+    let local = json(&chaos_e2e::chaos_ok_as(
+        std::path::Path::new("/nonexistent"),
+        &["-o", "json", "agent", "capabilities", "--local", "--socket", &sock],
+        0,
+    ));
+    assert_eq!(local["agent_id"], "kafka", "{local:#}");
+    assert!(local["tls_identity"].as_str().is_some_and(|t| t == "spiffe://chaos/agent/kafka"), "{local:#}");
     assert!(tcp_from("lab-processor", "198.18.200.3:9042"), "CQL reachable from the processor host");
     assert!(tcp_from("lab-collector", "198.18.200.2:9092"), "Kafka reachable from the collector host");
 
@@ -371,5 +392,5 @@ fn lab_up_runs_real_kafka_and_cassandra_a_partition_bites_and_down_leaves_nothin
 }
 
 fn chaos_lab_coordinator() -> String {
-    "http://198.18.200.1:50061".to_string()
+    "https://198.18.200.1:50061".to_string()
 }

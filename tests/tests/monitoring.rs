@@ -208,7 +208,7 @@ async fn stop_condition_aborts_a_running_scenario_and_reverts_it() {
     let pid = victim.pid().to_string();
 
     // A watcher that never reads, open for the whole test.
-    let mut slow = CoordinatorClient::connect(curl.clone()).await.expect("connect");
+    let mut slow = CoordinatorClient::new(chaos_e2e::coordinator_channel(&curl));
     let _never_read = slow.stream_metrics(stream_request()).await.expect("slow watcher");
 
     let bad = chaos(&["--coordinator", &curl, "scenario", "create", "--pause-pid", &pid, "--agent-id", "a0", "--stop-if", "probe.up <"]);
@@ -239,7 +239,7 @@ async fn stop_condition_aborts_a_running_scenario_and_reverts_it() {
     assert!(wait_until(Duration::from_secs(5), || victim.state() == 'T'), "the fault holds while the service is up");
 
     // The fast watcher: every probe batch arrives about every 500 ms.
-    let mut fast = CoordinatorClient::connect(curl.clone()).await.expect("connect");
+    let mut fast = CoordinatorClient::new(chaos_e2e::coordinator_channel(&curl));
     let mut stream = fast.stream_metrics(stream_request()).await.expect("fast watcher").into_inner();
     let mut gaps = Vec::new();
     let mut last = Instant::now();

@@ -7,6 +7,7 @@
 use std::time::Duration;
 
 use chaos_e2e::{Daemon, NetPair, chaos_in, chaos_ok, free_port, json, start_agent, start_agent_at, wait_until};
+use chaos_proto::trust::Role;
 
 /// `chaos -o json agent apply --agent URL --netns NS ARGS...`, expecting success.
 fn apply_in(url: &str, ns: &str, args: &[&str]) -> serde_json::Value {
@@ -350,8 +351,11 @@ fn total_partition_of_the_agents_own_namespace_spares_the_control_channel() {
     let dir = tempfile::tempdir().expect("tempdir");
     let pair = NetPair::new();
     let (cport, aport) = (50051, 50052);
-    let curl = format!("http://{}:{cport}", pair.b_ip);
-    let aurl = format!("http://{}:{aport}", pair.a_ip);
+    let curl = format!("https://{}:{cport}", pair.b_ip);
+    let aurl = format!("https://{}:{aport}", pair.a_ip);
+    // Server certificates name the addresses the peers dial.
+    let ctls = chaos_e2e::pki().dir_with(Role::Coordinator, "ns-coordinator", &[&pair.b_ip]).display().to_string();
+    let atls = chaos_e2e::pki().dir_with(Role::Agent, "ctl", &[&pair.a_ip]).display().to_string();
     let bin = |n: &str| chaos_e2e::bin(n).display().to_string();
     let ns_daemon = |ns: &str, name: &str, args: &[String], log: &str| {
         let mut argv = vec!["netns".to_string(), "exec".into(), ns.to_string(), bin(name)];
@@ -361,7 +365,14 @@ fn total_partition_of_the_agents_own_namespace_spares_the_control_channel() {
     let _coord = ns_daemon(
         &pair.b,
         "chaos-coordinator",
-        &["--listen".into(), format!("{}:{cport}", pair.b_ip), "--state-dir".into(), dir.path().join("cstate").display().to_string()],
+        &[
+            "--listen".into(),
+            format!("{}:{cport}", pair.b_ip),
+            "--state-dir".into(),
+            dir.path().join("cstate").display().to_string(),
+            "--tls-dir".into(),
+            ctls,
+        ],
         "coord.log",
     );
     let _agent = ns_daemon(
@@ -378,6 +389,10 @@ fn total_partition_of_the_agents_own_namespace_spares_the_control_channel() {
             dir.path().join("jctl").display().to_string(),
             "--agent-id".into(),
             "ctl".into(),
+            "--tls-dir".into(),
+            atls,
+            "--local-socket".into(),
+            dir.path().join("ctl.sock").display().to_string(),
         ],
         "agent.log",
     );

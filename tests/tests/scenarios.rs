@@ -175,6 +175,17 @@ fn refusals_name_the_rule_and_the_numbers_and_the_audit_records_them() {
     );
     assert_eq!(entries.iter().filter(|e| e["action"] == "RegisterAgent").count(), 3);
     assert!(entries.iter().all(|e| e["actor"].as_str().is_some_and(|a| a.contains("127.0.0.1:"))), "peer address recorded: {audit:#}");
+    // The actor is the certificate's identity, never a header: the CLI's
+    // login is only a note beside it.
+    for e in entries {
+        let (name, role) = (e["actor_name"].as_str().unwrap_or(""), e["actor_role"].as_str().unwrap_or(""));
+        if e["action"] == "RegisterAgent" {
+            assert!(role == "agent" && name.starts_with('a'), "an agent registers as itself: {e:#}");
+        } else {
+            assert_eq!((name, role), (chaos_e2e::ADMIN, "admin"), "{e:#}");
+            assert!(e["client_note"].as_str().is_some_and(|n| n.contains('@')), "the CLI's USER@HOST note: {e:#}");
+        }
+    }
     assert!(json(&f.c(&["-o", "json", "audit", "--since", "1s", "--limit", "1"], 0))["entries"].as_array().is_some_and(|e| e.len() <= 1));
     // The audit lives in SQLite, inspectable as a file.
     assert!(f.dir().join("coordinator-state/coordinator.db").exists());

@@ -10,8 +10,14 @@
 //!  └─ lab-collector  198.18.200.5  agent :50062
 //! ```
 //!
+//! Every channel runs over mTLS: `up` makes a CA and the certificates under
+//! `HOME/run/tls` (`ca/`, `coordinator/`, `agent-NAME/`, and `admin/` for
+//! the `chaos` CLI's lab verbs; `chaos lab env` prints the exports for the
+//! rest). Each agent also serves its break-glass socket at
+//! `HOME/run/agent-NAME.sock`.
+//!
 //! Everything the lab creates lives under `HOME/run` (logs, data, journals,
-//! state) and in the namespaces and bridge above; [`down`] removes all of
+//! state, certificates) and in the namespaces and bridge above; [`down`] removes all of
 //! it (processes found by namespace, not only from the state file) and
 //! leaves the jars (`HOME/jars`, fetched by `deploy/lab/fetch.sh`).
 
@@ -54,7 +60,7 @@ impl Host {
         format!("clab-{}", &self.name[..self.name.len().min(9)])
     }
     pub fn agent_url(&self) -> String {
-        format!("http://{}:{AGENT_PORT}", self.ip())
+        format!("https://{}:{AGENT_PORT}", self.ip())
     }
 }
 
@@ -75,8 +81,11 @@ pub const GROUP: &str = "chaos-processor";
 pub const EVENTS_TABLE: &str = "chaos_lab.events";
 
 pub fn coordinator_url() -> String {
-    format!("http://{NET}.1:{COORDINATOR_PORT}")
+    format!("https://{NET}.1:{COORDINATOR_PORT}")
 }
+
+/// The lab admin's certificate name (the CLI's lab verbs use it).
+pub const ADMIN_NAME: &str = "lab-admin";
 
 pub fn kafka_bootstrap() -> String {
     format!("{NET}.2:{KAFKA_PORT}")
@@ -125,6 +134,41 @@ impl LabConfig {
     fn state_file(&self) -> PathBuf {
         self.run().join("state.json")
     }
+    /// The lab's certificates: `ca`, `coordinator`, `agent-NAME`, `admin`
+    /// (each a `--tls-dir`: ca.pem, cert.pem, key.pem).
+    pub fn tls_dir(&self, who: &str) -> PathBuf {
+        self.run().join("tls").join(who)
+    }
+    /// The directory of the lab admin's certificate (for `chaos --tls-dir`).
+    pub fn admin_tls_dir(&self) -> PathBuf {
+        self.tls_dir("admin")
+    }
+    /// A host's break-glass socket (`chaos agent --local --socket PATH`).
+    pub fn agent_socket(&self, host: &Host) -> PathBuf {
+        self.run().join(format!("agent-{}.sock", host.name))
+    }
+}
+
+/// A CA and every certificate the lab runs with, valid for 30 days.
+fn make_certs(cfg: &LabConfig) -> anyhow::Result<()> {
+    use chaos_proto::trust::{
+        Identity, Role,
+        certs::{Request, init_ca_dir, issue_to_dir},
+    };
+    let valid = Duration::from_secs(30 * 24 * 3600);
+    let ca = cfg.tls_dir("ca");
+    init_ca_dir(&ca, "lab", valid)?;
+    let issue = |role: Role, name: &str, san: Option<String>, dir: PathBuf| -> anyhow::Result<()> {
+        let req = Request::new(Identity::new(role, name)?, san.into_iter().collect(), valid);
+        issue_to_dir(&ca, &req, &dir, false).with_context(|| format!("issuing the lab's {role} certificate {name}"))?;
+        Ok(())
+    };
+    issue(Role::Coordinator, "lab-coordinator", Some(format!("{NET}.1")), cfg.tls_dir("coordinator"))?;
+    for h in HOSTS {
+        issue(Role::Agent, h.name, Some(h.ip()), cfg.tls_dir(&format!("agent-{}", h.name)))?;
+    }
+    issue(Role::Admin, ADMIN_NAME, None, cfg.admin_tls_dir())?;
+    Ok(())
 }
 
 /// A process the lab started (pid + start time, so a reused pid is never killed).
@@ -475,6 +519,8 @@ fn up_inner(cfg: &LabConfig, progress: &mut dyn FnMut(&str)) -> anyhow::Result<V
     fs::create_dir_all(run.join("logs"))?;
     let mut st = State::default();
     save_state(cfg, &st)?;
+    progress(&format!("CA and certificates in {}", run.join("tls").display()));
+    make_certs(cfg)?;
     network_up(progress)?;
 
     progress(&format!("coordinator on {}", coordinator_url()));
@@ -507,6 +553,8 @@ fn up_inner(cfg: &LabConfig, progress: &mut dyn FnMut(&str)) -> anyhow::Result<V
         ccfg.display().to_string(),
         "--heartbeat-interval".into(),
         "1s".into(),
+        "--tls-dir".into(),
+        cfg.tls_dir("coordinator").display().to_string(),
     ];
     st.processes.push(spawn("coordinator", None, &coord, &run.join("logs/coordinator.log"))?);
     save_state(cfg, &st)?;
@@ -527,6 +575,10 @@ fn up_inner(cfg: &LabConfig, progress: &mut dyn FnMut(&str)) -> anyhow::Result<V
             run.join(format!("journal-{}", h.name)).display().to_string(),
             "--lease".into(),
             "10s".into(),
+            "--tls-dir".into(),
+            cfg.tls_dir(&format!("agent-{}", h.name)).display().to_string(),
+            "--local-socket".into(),
+            cfg.agent_socket(&h).display().to_string(),
         ];
         st.processes.push(spawn(&format!("agent-{}", h.name), Some(&h.netns()), &agent, &run.join(format!("logs/agent-{}.log", h.name)))?);
         save_state(cfg, &st)?;
