@@ -46,7 +46,7 @@ printf 'chaos_testing:\n  blast_radius_limit: 1.0\n  max_concurrent_scenarios: 1
 for _ in $(seq 50); do "$CHAOS" agents 2>/dev/null | grep -q healthy && break; sleep 0.2; done
 "$CHAOS" agents
 
-step "no certificate, or too low a role: refused (exit code 3)"
+step "no certificate: refused before dialing (exit code 2, says how to make one); too low a role: PERMISSION_DENIED (exit code 3)"
 set +e
 "$CHAOS" --tls-dir "$WORK/nothing" agents; echo "exit code: $?"
 CHAOS_TLS_DIR="$WORK/viewer" "$CHAOS" scenario create --pause-name sleep --selector role=demo --duration 3s --severity 2; echo "exit code: $?"

@@ -8,19 +8,9 @@
 //!     process → RPC answered with every fault reverted (checked in /proc),
 //!     over R runs.
 //!
-//! (a) and (b) run twice, side by side: `--insecure` (plaintext, nobody
-//! authenticated) and mTLS everywhere, with a CA made for the run in its
-//! temporary directory: a coordinator certificate, one agent certificate
-//! per agent (named as its agent id), and an admin certificate for the
-//! bench's client (ApplyFault, RevertFault, EmergencyStop, Arm). Every
-//! client channel is opened (and its handshake done) before anything is
-//! timed; the coordinator's channels to the agents are its own, opened by
-//! the first emergency stop (reported apart in the notes).
-//!
 //! Everything runs in this process on loopback (agents and coordinator are
-//! the real libraries behind real gRPC servers); journals and certificates
-//! live in a temporary directory; victims are `sleep` children killed at
-//! the end.
+//! the real libraries behind real gRPC servers); journals live in a
+//! temporary directory; victims are `sleep` children killed at the end.
 //!
 //! (c..f) network faults between two network namespaces on a veth pair
 //!     (198.18.0.0/15; needs root): ApplyFault/RevertFault latency of a
@@ -52,7 +42,7 @@
 
 use std::{
     collections::BTreeMap,
-    path::{Path, PathBuf},
+    path::Path,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -64,10 +54,6 @@ use chaos_e2e::{NetPair, UdpCount, Victim, proc_state};
 use chaos_proto::{
     convert::{duration_to_pb, timestamp_from_pb},
     pb::{self, agent_client::AgentClient, coordinator_client::CoordinatorClient},
-    trust::{
-        ClientTls, Dial, Expect, Identity, Role, Tls, TlsFiles,
-        certs::{Request, init_ca_dir, issue_to_dir},
-    },
 };
 use clap::Parser;
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
@@ -76,13 +62,13 @@ use tonic::transport::Channel;
 #[derive(Debug, Parser)]
 #[command(name = "chaos-bench", about = "Latency of fault apply and of emergency stop, as a table")]
 struct Args {
-    /// Faults for (a), in each mode (insecure, TLS).
+    /// Faults for (a).
     #[arg(long, default_value_t = 1000)]
     faults: usize,
-    /// Agents for (b), in each mode (insecure, TLS).
+    /// Agents for (b).
     #[arg(long, default_value_t = 100)]
     agents: usize,
-    /// Emergency-stop runs for (b), in each mode (insecure, TLS).
+    /// Emergency-stop runs for (b).
     #[arg(long, default_value_t = 20)]
     runs: usize,
     /// Which measurements: lifecycle (a, b), network (c..f; needs root), or all.
@@ -118,18 +104,15 @@ impl Server {
     }
 }
 
-/// An in-process agent `id` (journal in `journal/id`), serving mTLS with
-/// `tls` (its certificate's name must be `id`), plaintext without.
-async fn start_agent(journal: &Path, id: &str, coordinator: Option<&str>, tls: Option<&TlsFiles>) -> anyhow::Result<Server> {
+async fn start_agent(journal: &Path, id: &str, coordinator: Option<&str>) -> anyhow::Result<Server> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
-    let url = format!("{}://{addr}", if tls.is_some() { "https" } else { "http" });
     let cfg = AgentConfig {
         listen: addr,
         coordinator: coordinator.map(str::to_string),
         journal_dir: journal.join(id),
         agent_id: Some(id.to_string()),
-        advertise: url.clone(),
+        advertise: format!("http://{addr}"),
         labels: BTreeMap::new(),
         lease: Duration::from_secs(30),
         heartbeat_interval: Duration::from_secs(10),
@@ -143,22 +126,19 @@ async fn start_agent(journal: &Path, id: &str, coordinator: Option<&str>, tls: O
         guards: Default::default(),
         docker_socket: "/var/run/docker.sock".into(),
         firewall: Default::default(),
-        tls: tls.cloned(),
+        tls: None,
         local_socket: None,
     };
     let (tx, rx) = oneshot::channel();
     let task = tokio::spawn(chaos_agent::run::run(cfg, listener, async {
         let _ = rx.await;
     }));
-    Ok(Server { url, stop: Some(tx), task })
+    Ok(Server { url: format!("http://{addr}"), stop: Some(tx), task })
 }
 
-/// An in-process coordinator (state in `state_dir/coordinator`), serving
-/// mTLS with `tls` and dialing agents with it, plaintext without.
-async fn start_coordinator(state_dir: &Path, tls: Option<&TlsFiles>) -> anyhow::Result<Server> {
+async fn start_coordinator(state_dir: &Path) -> anyhow::Result<Server> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
-    let url = format!("{}://{addr}", if tls.is_some() { "https" } else { "http" });
     let cfg = CoordinatorConfig {
         listen: addr,
         emergency_stop_deadline: Duration::from_secs(2),
@@ -168,92 +148,13 @@ async fn start_coordinator(state_dir: &Path, tls: Option<&TlsFiles>) -> anyhow::
         policy: Policy { blast_radius_limit: 1.0, group_blast_radius_limit: 1.0, ..Policy::default() },
         monitoring: Default::default(),
         recovery: Default::default(),
-        tls: tls.cloned(),
+        tls: None,
     };
     let (tx, rx) = oneshot::channel();
     let task = tokio::spawn(chaos_coordinator::run::run(cfg, listener, async {
         let _ = rx.await;
     }));
-    Ok(Server { url, stop: Some(tx), task })
-}
-
-/// The CA of one bench run, in the run's temporary directory (removed with
-/// it), and the certificates it issued, one directory each.
-struct BenchCa {
-    root: PathBuf,
-}
-
-impl BenchCa {
-    fn new(root: PathBuf) -> anyhow::Result<BenchCa> {
-        init_ca_dir(&root.join("ca"), "chaos-bench", Duration::from_secs(24 * 3600)).context("bench CA")?;
-        Ok(BenchCa { root })
-    }
-
-    /// A certificate for `role`/`name` (valid a day); agent and coordinator
-    /// certificates name 127.0.0.1, ::1 and localhost by themselves.
-    fn issue(&self, role: Role, name: &str) -> anyhow::Result<TlsFiles> {
-        let out = self.root.join(format!("{role}-{name}"));
-        let req = Request::new(Identity::new(role, name)?, vec![], Duration::from_secs(24 * 3600));
-        issue_to_dir(&self.root.join("ca"), &req, &out, false).with_context(|| format!("issuing {role} {name}"))?;
-        Ok(TlsFiles::in_dir(&out))
-    }
-}
-
-/// How the lifecycle suite's parties talk: plaintext (`--insecure`), or
-/// mTLS with certificates of the run's CA.
-struct Mode {
-    /// As the table names it: `insecure` or `TLS`.
-    label: &'static str,
-    /// This mode's journals and coordinator state.
-    dir: PathBuf,
-    /// None: insecure.
-    ca: Option<BenchCa>,
-    /// The bench's own client: anonymous, or holding an admin certificate.
-    client: ClientTls,
-}
-
-impl Mode {
-    fn insecure(dir: &Path) -> Mode {
-        Mode { label: "insecure", dir: dir.join("insecure"), ca: None, client: ClientTls::Insecure }
-    }
-
-    /// A CA for this run, and an admin certificate for the bench's client.
-    fn tls(dir: &Path) -> anyhow::Result<Mode> {
-        let ca = BenchCa::new(dir.join("pki"))?;
-        let admin = Tls::load(ca.issue(Role::Admin, "bench-admin")?).context("loading the bench's admin certificate")?;
-        Ok(Mode { label: "TLS", dir: dir.join("tls"), ca: Some(ca), client: ClientTls::Tls(admin) })
-    }
-
-    /// The certificate of `role`/`name` in this mode (None: insecure).
-    fn files(&self, role: Role, name: &str) -> anyhow::Result<Option<TlsFiles>> {
-        self.ca.as_ref().map(|ca| ca.issue(role, name)).transpose()
-    }
-
-    /// A lazily connecting channel to `url` as the bench's client.
-    fn channel(&self, url: &str, expect: Expect) -> anyhow::Result<Channel> {
-        let dial = Dial { connect_timeout: Duration::from_secs(2), timeout: Some(Duration::from_secs(30)) };
-        Ok(chaos_proto::trust::channel(url, &self.client, expect, dial)?)
-    }
-}
-
-/// Call `call` until it answers (bounded at 200 tries, 10 ms apart; only
-/// UNAVAILABLE is retried), so a lazy channel's connection and handshake
-/// are done before anything is timed. Returns how long the first answer
-/// took.
-async fn warm<T, F: Future<Output = Result<T, tonic::Status>>>(what: &str, mut call: impl FnMut() -> F) -> anyhow::Result<Duration> {
-    let t0 = Instant::now();
-    let mut last = None;
-    for _ in 0..200 {
-        match call().await {
-            Ok(_) => return Ok(t0.elapsed()),
-            Err(s) if s.code() == tonic::Code::Unavailable => {
-                last = Some(s);
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-            Err(s) => bail!("{what}: {s}"),
-        }
-    }
-    bail!("{what}: never answered: {}", last.map(|s| s.to_string()).unwrap_or_default())
+    Ok(Server { url: format!("http://{addr}"), stop: Some(tx), task })
 }
 
 async fn connect(url: &str) -> anyhow::Result<Channel> {
@@ -305,24 +206,9 @@ fn ms(d: Duration) -> String {
     format!("{:.2}", d.as_secs_f64() * 1000.0)
 }
 
-/// (a) in one mode.
-struct ApplyFigures {
-    observed: Stats,
-    inside: Stats,
-    /// The first call on the bench's fresh channel (connection, handshake
-    /// under TLS, ListFaults), not in the figures.
-    first_call: Duration,
-}
-
-async fn bench_apply(n: usize, mode: &Mode) -> anyhow::Result<ApplyFigures> {
-    let id = "apply-bench";
-    let agent = start_agent(&mode.dir, id, None, mode.files(Role::Agent, id)?.as_ref()).await?;
-    let mut client = AgentClient::new(mode.channel(&agent.url, Expect::agent(Some(id)))?);
-    let first_call = warm(&format!("ListFaults on {}", agent.url), || {
-        let mut c = client.clone();
-        async move { c.list_faults(pb::ListFaultsRequest::default()).await }
-    })
-    .await?;
+async fn bench_apply(n: usize, dir: &Path) -> anyhow::Result<(Stats, Stats)> {
+    let agent = start_agent(dir, "apply-bench", None).await?;
+    let mut client = AgentClient::new(connect(&agent.url).await?);
     let victim = Victim::spawn();
     let pid = victim.pid();
     let (mut observed, mut inside) = (Vec::with_capacity(n), Vec::with_capacity(n));
@@ -339,49 +225,20 @@ async fn bench_apply(n: usize, mode: &Mode) -> anyhow::Result<ApplyFigures> {
         spin_until(pid, |s| s != 'T')?;
     }
     agent.shutdown().await?;
-    Ok(ApplyFigures { observed: stats(observed), inside: stats(inside), first_call })
+    Ok((stats(observed), stats(inside)))
 }
 
-/// (b) in one mode.
-struct EstopFigures {
-    /// Every run.
-    all: Stats,
-    reverted: usize,
-    /// Run 0: the coordinator opens its channel to each agent inside it.
-    first: Duration,
-    /// Runs 1..R (None with one run).
-    warm: Option<Stats>,
-}
-
-async fn bench_estop(agents: usize, runs: usize, mode: &Mode) -> anyhow::Result<EstopFigures> {
-    let coord = start_coordinator(&mode.dir, mode.files(Role::Coordinator, "bench-coordinator")?.as_ref()).await?;
-    let mut cclient = CoordinatorClient::new(mode.channel(&coord.url, Expect::coordinator())?);
-    warm(&format!("ListAgents on {}", coord.url), || {
-        let mut c = cclient.clone();
-        async move { c.list_agents(pb::ListAgentsRequest {}).await }
-    })
-    .await?;
+async fn bench_estop(agents: usize, runs: usize, dir: &Path) -> anyhow::Result<(Stats, usize)> {
+    let coord = start_coordinator(dir).await?;
+    let mut cclient = CoordinatorClient::new(connect(&coord.url).await?);
     let mut servers = Vec::with_capacity(agents);
-    let mut clients = Vec::with_capacity(agents);
     for i in 0..agents {
-        let id = format!("estop-{i}");
-        let s = start_agent(&mode.dir, &id, Some(&coord.url), mode.files(Role::Agent, &id)?.as_ref()).await?;
-        clients.push(AgentClient::new(mode.channel(&s.url, Expect::agent(Some(&id)))?));
-        servers.push(s);
+        servers.push(start_agent(dir, &format!("estop-{i}"), Some(&coord.url)).await?);
     }
     let victims: Vec<Victim> = (0..agents).map(|_| Victim::spawn()).collect();
-    let opened = clients.iter().enumerate().map(|(i, c)| {
-        let c = c.clone();
-        async move {
-            warm(&format!("ListFaults on agent {i}"), || {
-                let mut c = c.clone();
-                async move { c.list_faults(pb::ListFaultsRequest::default()).await }
-            })
-            .await
-        }
-    });
-    for r in futures::future::join_all(opened).await {
-        r?;
+    let mut clients = Vec::with_capacity(agents);
+    for s in &servers {
+        clients.push(AgentClient::new(connect(&s.url).await?));
     }
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -437,9 +294,7 @@ async fn bench_estop(agents: usize, runs: usize, mode: &Mode) -> anyhow::Result<
         s.shutdown().await?;
     }
     coord.shutdown().await?;
-    let first = took[0];
-    let warm = (took.len() > 1).then(|| stats(took[1..].to_vec()));
-    Ok(EstopFigures { all: stats(took), reverted: reverted_total, first, warm })
+    Ok((stats(took), reverted_total))
 }
 
 /// Start `n` stand-in agents and register them with the coordinator at `curl`.
@@ -490,7 +345,7 @@ async fn until_all(agents: &[Standin], held: bool, within: Duration) -> anyhow::
 
 /// (j) create -> all applied, and (k/l) emergency stop, with `n` stand-ins.
 async fn bench_scenarios(n: usize, runs: usize, dir: &Path) -> anyhow::Result<(Stats, Stats)> {
-    let coord = start_coordinator(&dir.join(format!("scenarios-{n}")), None).await?;
+    let coord = start_coordinator(&dir.join(format!("scenarios-{n}"))).await?;
     let mut c = CoordinatorClient::new(connect(&coord.url).await?);
     let (agents, tasks) = standins(n, &mut c).await?;
     let spec = |d: Duration| pb::ScenarioSpec {
@@ -742,7 +597,7 @@ fn median_p99(mut v: Vec<f64>) -> (f64, f64) {
 
 async fn bench_network(dir: &Path, loss_packets: u32) -> anyhow::Result<NetFigures> {
     let pair = NetPair::new();
-    let agent = start_agent(dir, "net-bench", None, None).await?;
+    let agent = start_agent(dir, "net-bench", None).await?;
     let mut client = AgentClient::new(connect(&agent.url).await?);
     let before = NetPair::ruleset(&pair.a);
     // (c) apply -> effect: the answer comes after the nft transaction and its verification.
@@ -911,7 +766,7 @@ impl CpuTrace {
 }
 
 async fn bench_resource(dir: &Path) -> anyhow::Result<Vec<String>> {
-    let agent = start_agent(dir, "resource-bench", None, None).await?;
+    let agent = start_agent(dir, "resource-bench", None).await?;
     let mut client = AgentClient::new(connect(&agent.url).await?);
     let host = || Some(pb::Target { kind: Some(pb::target::Kind::Host(pb::HostTarget {})) });
     let spec = |id: &str, fault: pb::fault_spec::Fault| pb::FaultSpec {
@@ -1018,53 +873,14 @@ async fn bench() -> anyhow::Result<()> {
     };
     let mut notes = Vec::new();
     if matches!(args.suite, Suite::Lifecycle | Suite::All) {
-        // Insecure first, then mTLS with a CA made for this run (under
-        // `dir`, so removed with it).
-        let modes = [Mode::insecure(dir.path()), Mode::tls(dir.path())?];
-        let mut applies = Vec::new();
-        for m in &modes {
-            eprintln!("(a, {}) {} x ApplyFault(process_pause) -> SIGSTOP visible in /proc ...", m.label, args.faults);
-            applies.push(bench_apply(args.faults, m).await?);
-        }
-        let mut estops = Vec::new();
-        for m in &modes {
-            eprintln!("(b, {}) EmergencyStop with {} agents x {} runs ...", m.label, args.agents, args.runs);
-            estops.push(bench_estop(args.agents, args.runs, m).await?);
-        }
-        for (m, a) in modes.iter().zip(&applies) {
-            row(out, &format!("(a) ApplyFault sent -> process stopped, client view ({})", m.label), &a.observed, "<= 10 ms p99");
-        }
-        for (m, a) in modes.iter().zip(&applies) {
-            row(out, &format!("(a') in the agent: accepted -> applied, fsync + signal ({})", m.label), &a.inside, "-");
-        }
-        for (m, b) in modes.iter().zip(&estops) {
-            row(out, &format!("(b) EmergencyStop {} agents, every fault reverted ({})", args.agents, m.label), &b.all, "<= 100 ms p99");
-        }
-        notes.push(format!(
-            "(a) first call on the bench's fresh channel (connect, mTLS handshake under TLS, ListFaults), before timing: {}",
-            modes.iter().zip(&applies).map(|(m, a)| format!("{} ms {}", ms(a.first_call), m.label)).collect::<Vec<_>>().join(", ")
-        ));
-        for (m, b) in modes.iter().zip(&estops) {
-            let warm = b
-                .warm
-                .as_ref()
-                .map_or_else(String::new, |w| format!("; runs 2..{}: p50 {} ms, p99 {} ms", args.runs, ms(w.p50), ms(w.p99)));
-            notes.push(format!(
-                "(b, {}) {} agents, {} faults reverted over {} runs, each checked in /proc; run 1 (the coordinator opens its {} agent connections in it{}): {} ms{warm}",
-                m.label,
-                args.agents,
-                b.reverted,
-                args.runs,
-                args.agents,
-                if m.ca.is_some() { ", mTLS handshakes included" } else { "" },
-                ms(b.first)
-            ));
-        }
-        notes.push(
-            "(a, b) TLS: a CA made for this run; coordinator certificate, one agent certificate per agent (named as its agent id), \
-             the bench's client an admin certificate; insecure: the same servers with no TLS (--insecure)"
-                .into(),
-        );
+        eprintln!("(a) {} x ApplyFault(process_pause) -> SIGSTOP visible in /proc ...", args.faults);
+        let (a_obs, a_in) = bench_apply(args.faults, dir.path()).await?;
+        eprintln!("(b) EmergencyStop with {} agents x {} runs ...", args.agents, args.runs);
+        let (b, reverted) = bench_estop(args.agents, args.runs, dir.path()).await?;
+        row(out, "(a) ApplyFault sent -> process stopped (client view)", &a_obs, "<= 10 ms p99");
+        row(out, "(a') inside the agent: accepted -> applied (journal fsync + signal)", &a_in, "-");
+        row(out, "(b) EmergencyStop, every agent's fault reverted", &b, "<= 100 ms p99");
+        notes.push(format!("(b) {} agents, {reverted} faults reverted over {} runs, each checked in /proc", args.agents, args.runs));
     }
     if matches!(args.suite, Suite::Coordinator | Suite::All) {
         eprintln!("(j) CreateScenario -> every agent holds the fault, 100 stand-in agents x {} runs ...", args.runs);
