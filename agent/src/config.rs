@@ -131,7 +131,8 @@ pub struct AgentArgs {
     pub firewall: Option<Firewall>,
     /// The break-glass Unix socket (root only): the Agent service without the network or the
     /// coordinator [default: /run/chaos-agent/agent.sock; "" for none].
-    #[arg(long, env = "CHAOS_AGENT_LOCAL_SOCKET", value_name = "PATH")]
+    #[arg(long, env = "CHAOS_AGENT_LOCAL_SOCKET", value_name = "PATH",
+        value_parser = clap::builder::TypedValueParser::map(clap::builder::OsStringValueParser::new(), PathBuf::from))]
     pub local_socket: Option<PathBuf>,
     #[command(flatten)]
     pub tls: chaos_proto::trust::args::TlsArgs,
@@ -457,6 +458,16 @@ mod tests {
         assert_eq!(c.tls, Some(chaos_proto::trust::TlsFiles::in_dir(Path::new("/etc/chaos-agent/tls"))));
         assert_eq!(c.local_socket.as_deref(), Some(Path::new("/run/chaos-agent/agent.sock")));
         assert_eq!(c.labels.get("role").map(String::as_str), Some("kafka"));
+    }
+
+    #[test]
+    fn an_empty_local_socket_on_the_command_line_turns_it_off() {
+        use clap::Parser;
+        let args = AgentArgs::try_parse_from(["chaos-agent", "--local-socket", ""]).expect("empty value parses");
+        let c = AgentConfig::resolve(&args).expect("resolve");
+        assert_eq!(c.local_socket, None);
+        let args = AgentArgs::try_parse_from(["chaos-agent", "--local-socket", "/tmp/a.sock"]).expect("parses");
+        assert_eq!(AgentConfig::resolve(&args).expect("resolve").local_socket.as_deref(), Some(Path::new("/tmp/a.sock")));
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! loopback only; the agent's Unix socket), tracing set-up, and the
 //! shutdown signal.
 
-use std::{future::Future, net::SocketAddr, sync::Arc};
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use tonic::service::{Routes, RoutesBuilder};
 use tracing::warn;
@@ -58,8 +58,48 @@ pub enum Listen {
     Insecure,
 }
 
-/// Serve `routes` on `listener` behind the RPC timer and the auth layer
-/// (the roles table), until `shutdown`.
+/// How long open calls get to finish once a server is asked to stop.
+/// Streams that never end by themselves (a coordinator following an
+/// agent's metrics, a `chaos watch`) are then cut, so an agent always goes
+/// on to revert its faults and exit.
+pub const DRAIN: Duration = Duration::from_secs(2);
+
+type Signal = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// Run the server `serve` builds around its own stop signal; once
+/// `shutdown` resolves, give it [`DRAIN`] to finish open calls, then drop it.
+async fn drain_then_drop<S>(
+    what: &str,
+    shutdown: impl Future<Output = ()>,
+    serve: impl FnOnce(Signal) -> S,
+) -> Result<(), tonic::transport::Error>
+where
+    S: Future<Output = Result<(), tonic::transport::Error>>,
+{
+    let (tx, mut rx) = tokio::sync::watch::channel(false);
+    let signal: Signal = Box::pin(async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    });
+    let server = serve(signal);
+    tokio::pin!(server, shutdown);
+    tokio::select! {
+        r = &mut server => return r,
+        () = &mut shutdown => {
+            let _ = tx.send(true);
+        }
+    }
+    match tokio::time::timeout(DRAIN, &mut server).await {
+        Ok(r) => r,
+        Err(_) => {
+            warn!("{what}: calls still open {DRAIN:?} after the stop (streams): closing them");
+            Ok(())
+        }
+    }
+}
+
+/// Serve `routes` on a TCP listener behind the RPC-metrics and auth layers:
+/// mTLS ([`Listen::Tls`]) or plaintext ([`Listen::Insecure`]), until
+/// `shutdown` (then [`DRAIN`] for open calls).
 pub async fn serve_tcp(
     routes: Routes,
     listener: tokio::net::TcpListener,
@@ -67,24 +107,28 @@ pub async fn serve_tcp(
     rpc: RpcLayer,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
-    match listen {
-        Listen::Tls(tls) => {
-            tonic::transport::Server::builder()
-                .layer(rpc)
-                .layer(AuthLayer::new(AuthMode::Certificates))
-                .add_routes(routes)
-                .serve_with_incoming_shutdown(crate::trust::tls::incoming(listener, Arc::clone(tls)), shutdown)
-                .await
+    let listen = listen.clone();
+    drain_then_drop("gRPC server", shutdown, move |signal| async move {
+        match listen {
+            Listen::Tls(tls) => {
+                tonic::transport::Server::builder()
+                    .layer(rpc)
+                    .layer(AuthLayer::new(AuthMode::Certificates))
+                    .add_routes(routes)
+                    .serve_with_incoming_shutdown(crate::trust::tls::incoming(listener, tls), signal)
+                    .await
+            }
+            Listen::Insecure => {
+                tonic::transport::Server::builder()
+                    .layer(rpc)
+                    .layer(AuthLayer::new(AuthMode::Insecure))
+                    .add_routes(routes)
+                    .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)), signal)
+                    .await
+            }
         }
-        Listen::Insecure => {
-            tonic::transport::Server::builder()
-                .layer(rpc)
-                .layer(AuthLayer::new(AuthMode::Insecure))
-                .add_routes(routes)
-                .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)), shutdown)
-                .await
-        }
-    }
+    })
+    .await
 }
 
 /// Serve `routes` on a Unix socket (the agent's break-glass): callers must
@@ -96,12 +140,15 @@ pub async fn serve_unix(
     rpc: RpcLayer,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
-    tonic::transport::Server::builder()
-        .layer(rpc)
-        .layer(AuthLayer::new(AuthMode::LocalSocket(path)))
-        .add_routes(routes)
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::UnixListenerStream::new(listener), shutdown)
-        .await
+    drain_then_drop("break-glass socket", shutdown, move |signal| async move {
+        tonic::transport::Server::builder()
+            .layer(rpc)
+            .layer(AuthLayer::new(AuthMode::LocalSocket(path)))
+            .add_routes(routes)
+            .serve_with_incoming_shutdown(tokio_stream::wrappers::UnixListenerStream::new(listener), signal)
+            .await
+    })
+    .await
 }
 
 /// Log output format.

@@ -120,6 +120,30 @@ fn sigterm_reverts_every_fault_before_exit() {
     assert!(left.is_empty(), "journal empty after a clean stop");
 }
 
+/// A live coordinator follows every agent's metric stream, which never ends
+/// by itself: SIGTERM must still revert and exit (the stream is cut after
+/// the server's drain), not wait for the coordinator.
+#[test]
+fn sigterm_reverts_and_exits_while_the_coordinator_follows_the_agents_metrics() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_coord, curl) = chaos_e2e::start_coordinator(dir.path());
+    let journal = dir.path().join("journal-followed");
+    let (mut agent, url) = start_agent_at(dir.path(), "followed", chaos_e2e::free_port(), &journal, Some(&curl), "10s", &[]);
+    let v = Victim::spawn();
+    assert!(chaos_e2e::pause_when_ready(&url, v.pid(), Duration::from_secs(10)), "{}", agent.log_text());
+    // The coordinator is following: it has this agent's samples.
+    assert!(
+        chaos_e2e::wait_until(Duration::from_secs(10), || {
+            let out = chaos_e2e::chaos(&["--coordinator", &curl, "-o", "json", "metrics", "followed", "--metric", "host.memory"]);
+            out.status.success() && String::from_utf8_lossy(&out.stdout).contains("host.memory")
+        }),
+        "the coordinator never streamed the agent's metrics"
+    );
+    let status = agent.terminate(Duration::from_secs(15)).expect("agent exits on SIGTERM with its coordinator up");
+    assert!(status.success(), "exit status {status:?}:\n{}", agent.log_text());
+    assert_ne!(v.state(), 'T', "reverted before exit");
+}
+
 #[test]
 fn lease_lost_when_the_coordinator_dies_reverts_and_refuses_until_it_returns() {
     let dir = tempfile::tempdir().expect("tempdir");
