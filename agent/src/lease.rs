@@ -28,7 +28,10 @@ pub struct LeaseLink {
 /// Run forever (abort the task to stop): register, heartbeat, re-register
 /// when the coordinator forgot us.
 pub async fn run(link: LeaseLink, identity: Arc<AgentIdentity>, lifecycle: Lifecycle, protection: Arc<Protection>) {
-    let dial = Dial { connect_timeout: Duration::from_secs(1), timeout: Some(link.heartbeat_interval.min(Duration::from_secs(3))) };
+    // The connect timeout covers the TLS handshake too, which a busy
+    // coordinator (a fleet starting at once) may take a while to finish.
+    let per_call = link.heartbeat_interval.min(Duration::from_secs(3));
+    let dial = Dial { connect_timeout: per_call, timeout: Some(per_call) };
     let channel = match chaos_proto::trust::channel(&link.coordinator_url, &link.tls, Expect::coordinator(), dial) {
         Ok(c) => c,
         Err(e) => {
