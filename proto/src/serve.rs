@@ -7,7 +7,7 @@
 use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use tonic::service::{Routes, RoutesBuilder};
-use tracing::warn;
+use tracing::{info, warn};
 
 use crate::{
     telemetry::RpcLayer,
@@ -91,7 +91,7 @@ where
     match tokio::time::timeout(DRAIN, &mut server).await {
         Ok(r) => r,
         Err(_) => {
-            warn!("{what}: calls still open {DRAIN:?} after the stop (streams): closing them");
+            info!("{what}: calls still open {DRAIN:?} after the stop (streams such as a coordinator following metrics): closing them");
             Ok(())
         }
     }

@@ -8,9 +8,20 @@
 //!     process → RPC answered with every fault reverted (checked in /proc),
 //!     over R runs.
 //!
+//! (a) and (b) run twice, side by side: `--insecure` (plaintext, nobody
+//! authenticated) and mTLS everywhere, with a CA made for the run in its
+//! temporary directory: a coordinator certificate, one agent certificate
+//! per agent (named as its agent id), and an admin certificate for the
+//! bench's client (ApplyFault, RevertFault, EmergencyStop, Arm). Every
+//! client channel is opened (and its handshake done) before anything is
+//! timed; the coordinator's channels to the agents are its own, opened by
+//! the first emergency stop (reported apart in the notes). The (b)
+//! coordinator follows every agent's metric stream, as in production.
+//!
 //! Everything runs in this process on loopback (agents and coordinator are
-//! the real libraries behind real gRPC servers); journals live in a
-//! temporary directory; victims are `sleep` children killed at the end.
+//! the real libraries behind real gRPC servers); journals and certificates
+//! live in a temporary directory; victims are `sleep` children killed at
+//! the end.
 //!
 //! (c..f) network faults between two network namespaces on a veth pair
 //!     (198.18.0.0/15; needs root): ApplyFault/RevertFault latency of a
@@ -42,18 +53,22 @@
 
 use std::{
     collections::BTreeMap,
-    path::Path,
+    path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, bail};
 use chaos_agent::config::AgentConfig;
-use chaos_coordinator::{config::CoordinatorConfig, policy::Policy, standin::Standin};
+use chaos_coordinator::{config::CoordinatorConfig, monitor::MonitoringConfig, policy::Policy, standin::Standin};
 use chaos_e2e::{NetPair, UdpCount, Victim, proc_state};
 use chaos_proto::{
     convert::{duration_to_pb, timestamp_from_pb},
     pb::{self, agent_client::AgentClient, coordinator_client::CoordinatorClient},
+    trust::{
+        ClientTls, Dial, Expect, Identity, Role, Tls, TlsFiles,
+        certs::{Request, init_ca_dir, issue_to_dir},
+    },
 };
 use clap::Parser;
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
@@ -62,13 +77,13 @@ use tonic::transport::Channel;
 #[derive(Debug, Parser)]
 #[command(name = "chaos-bench", about = "Latency of fault apply and of emergency stop, as a table")]
 struct Args {
-    /// Faults for (a).
+    /// Faults for (a), in each mode (insecure, TLS).
     #[arg(long, default_value_t = 1000)]
     faults: usize,
-    /// Agents for (b).
+    /// Agents for (b), in each mode (insecure, TLS).
     #[arg(long, default_value_t = 100)]
     agents: usize,
-    /// Emergency-stop runs for (b).
+    /// Emergency-stop runs for (b), in each mode (insecure, TLS).
     #[arg(long, default_value_t = 20)]
     runs: usize,
     /// Which measurements: lifecycle (a, b), network (c..f; needs root), or all.
@@ -104,15 +119,18 @@ impl Server {
     }
 }
 
-async fn start_agent(journal: &Path, id: &str, coordinator: Option<&str>) -> anyhow::Result<Server> {
+/// An in-process agent `id` (journal in `journal/id`), serving mTLS with
+/// `tls` (its certificate's name must be `id`), plaintext without.
+async fn start_agent(journal: &Path, id: &str, coordinator: Option<&str>, tls: Option<&TlsFiles>) -> anyhow::Result<Server> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
+    let url = format!("{}://{addr}", if tls.is_some() { "https" } else { "http" });
     let cfg = AgentConfig {
         listen: addr,
         coordinator: coordinator.map(str::to_string),
         journal_dir: journal.join(id),
         agent_id: Some(id.to_string()),
-        advertise: format!("http://{addr}"),
+        advertise: url.clone(),
         labels: BTreeMap::new(),
         lease: Duration::from_secs(30),
         heartbeat_interval: Duration::from_secs(10),
@@ -126,19 +144,23 @@ async fn start_agent(journal: &Path, id: &str, coordinator: Option<&str>) -> any
         guards: Default::default(),
         docker_socket: "/var/run/docker.sock".into(),
         firewall: Default::default(),
-        tls: None,
+        tls: tls.cloned(),
         local_socket: None,
     };
     let (tx, rx) = oneshot::channel();
     let task = tokio::spawn(chaos_agent::run::run(cfg, listener, async {
         let _ = rx.await;
     }));
-    Ok(Server { url: format!("http://{addr}"), stop: Some(tx), task })
+    Ok(Server { url, stop: Some(tx), task })
 }
 
-async fn start_coordinator(state_dir: &Path) -> anyhow::Result<Server> {
+/// An in-process coordinator (state in `state_dir/coordinator`), serving
+/// mTLS with `tls` and dialing agents with it, plaintext without; it
+/// follows every agent's StreamMetrics.
+async fn start_coordinator(state_dir: &Path, tls: Option<&TlsFiles>) -> anyhow::Result<Server> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
+    let url = format!("{}://{addr}", if tls.is_some() { "https" } else { "http" });
     let cfg = CoordinatorConfig {
         listen: addr,
         emergency_stop_deadline: Duration::from_secs(2),
@@ -146,15 +168,92 @@ async fn start_coordinator(state_dir: &Path) -> anyhow::Result<Server> {
         state_dir: state_dir.join("coordinator"),
         // The benchmark's scenarios select the whole fleet on purpose.
         policy: Policy { blast_radius_limit: 1.0, group_blast_radius_limit: 1.0, ..Policy::default() },
-        monitoring: Default::default(),
+        monitoring: MonitoringConfig::default(),
         recovery: Default::default(),
-        tls: None,
+        tls: tls.cloned(),
     };
     let (tx, rx) = oneshot::channel();
     let task = tokio::spawn(chaos_coordinator::run::run(cfg, listener, async {
         let _ = rx.await;
     }));
-    Ok(Server { url: format!("http://{addr}"), stop: Some(tx), task })
+    Ok(Server { url, stop: Some(tx), task })
+}
+
+/// The CA of one bench run, in the run's temporary directory (removed with
+/// it), and the certificates it issued, one directory each.
+struct BenchCa {
+    root: PathBuf,
+}
+
+impl BenchCa {
+    fn new(root: PathBuf) -> anyhow::Result<BenchCa> {
+        init_ca_dir(&root.join("ca"), "chaos-bench", Duration::from_secs(24 * 3600)).context("bench CA")?;
+        Ok(BenchCa { root })
+    }
+
+    /// A certificate for `role`/`name` (valid a day); agent and coordinator
+    /// certificates name 127.0.0.1, ::1 and localhost by themselves.
+    fn issue(&self, role: Role, name: &str) -> anyhow::Result<TlsFiles> {
+        let out = self.root.join(format!("{role}-{name}"));
+        let req = Request::new(Identity::new(role, name)?, vec![], Duration::from_secs(24 * 3600));
+        issue_to_dir(&self.root.join("ca"), &req, &out, false).with_context(|| format!("issuing {role} {name}"))?;
+        Ok(TlsFiles::in_dir(&out))
+    }
+}
+
+/// How the lifecycle suite's parties talk: plaintext (`--insecure`), or
+/// mTLS with certificates of the run's CA.
+struct Mode {
+    /// As the table names it: `insecure` or `TLS`.
+    label: &'static str,
+    /// This mode's journals and coordinator state.
+    dir: PathBuf,
+    /// None: insecure.
+    ca: Option<BenchCa>,
+    /// The bench's own client: anonymous, or holding an admin certificate.
+    client: ClientTls,
+}
+
+impl Mode {
+    fn insecure(dir: &Path) -> Mode {
+        Mode { label: "insecure", dir: dir.join("insecure"), ca: None, client: ClientTls::Insecure }
+    }
+
+    /// A CA for this run, and an admin certificate for the bench's client.
+    fn tls(dir: &Path) -> anyhow::Result<Mode> {
+        let ca = BenchCa::new(dir.join("pki"))?;
+        let admin = Tls::load(ca.issue(Role::Admin, "bench-admin")?).context("loading the bench's admin certificate")?;
+        Ok(Mode { label: "TLS", dir: dir.join("tls"), ca: Some(ca), client: ClientTls::Tls(admin) })
+    }
+
+    /// The certificate of `role`/`name` in this mode (None: insecure).
+    fn files(&self, role: Role, name: &str) -> anyhow::Result<Option<TlsFiles>> {
+        self.ca.as_ref().map(|ca| ca.issue(role, name)).transpose()
+    }
+
+    /// A lazily connecting channel to `url` as the bench's client.
+    fn channel(&self, url: &str, expect: Expect) -> anyhow::Result<Channel> {
+        let dial = Dial { connect_timeout: Duration::from_secs(2), timeout: Some(Duration::from_secs(30)) };
+        Ok(chaos_proto::trust::channel(url, &self.client, expect, dial)?)
+    }
+}
+
+/// Call `call` until it answers (bounded at 200 tries, 10 ms apart; only
+/// UNAVAILABLE is retried), so a lazy channel's connection and handshake
+/// are done before anything is timed.
+async fn warm<T, F: Future<Output = Result<T, tonic::Status>>>(what: &str, mut call: impl FnMut() -> F) -> anyhow::Result<()> {
+    let mut last = None;
+    for _ in 0..200 {
+        match call().await {
+            Ok(_) => return Ok(()),
+            Err(s) if s.code() == tonic::Code::Unavailable => {
+                last = Some(s);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Err(s) => bail!("{what}: {s}"),
+        }
+    }
+    bail!("{what}: never answered: {}", last.map(|s| s.to_string()).unwrap_or_default())
 }
 
 async fn connect(url: &str) -> anyhow::Result<Channel> {
@@ -206,9 +305,40 @@ fn ms(d: Duration) -> String {
     format!("{:.2}", d.as_secs_f64() * 1000.0)
 }
 
-async fn bench_apply(n: usize, dir: &Path) -> anyhow::Result<(Stats, Stats)> {
-    let agent = start_agent(dir, "apply-bench", None).await?;
-    let mut client = AgentClient::new(connect(&agent.url).await?);
+/// (a) in one mode.
+struct ApplyFigures {
+    observed: Stats,
+    inside: Stats,
+    /// ListFaults as the first call on a new channel (TCP connect, the
+    /// handshake under TLS, the call), once the agent serves.
+    first_call: Stats,
+    /// ListFaults as the second call on the same channel.
+    next_call: Stats,
+}
+
+/// New channels opened for [`ApplyFigures::first_call`].
+const FRESH_CHANNELS: usize = 20;
+
+async fn bench_apply(n: usize, mode: &Mode) -> anyhow::Result<ApplyFigures> {
+    let id = "apply-bench";
+    let agent = start_agent(&mode.dir, id, None, mode.files(Role::Agent, id)?.as_ref()).await?;
+    let mut client = AgentClient::new(mode.channel(&agent.url, Expect::agent(Some(id)))?);
+    warm(&format!("ListFaults on {}", agent.url), || {
+        let mut c = client.clone();
+        async move { c.list_faults(pb::ListFaultsRequest::default()).await }
+    })
+    .await?;
+    // What a connection costs, apart from the figures (every channel below
+    // is open before timing).
+    let (mut first_call, mut next_call) = (Vec::with_capacity(FRESH_CHANNELS), Vec::with_capacity(FRESH_CHANNELS));
+    for _ in 0..FRESH_CHANNELS {
+        let mut fresh = AgentClient::new(mode.channel(&agent.url, Expect::agent(Some(id)))?);
+        for took in [&mut first_call, &mut next_call] {
+            let t0 = Instant::now();
+            fresh.list_faults(pb::ListFaultsRequest::default()).await?;
+            took.push(t0.elapsed());
+        }
+    }
     let victim = Victim::spawn();
     let pid = victim.pid();
     let (mut observed, mut inside) = (Vec::with_capacity(n), Vec::with_capacity(n));
@@ -225,20 +355,58 @@ async fn bench_apply(n: usize, dir: &Path) -> anyhow::Result<(Stats, Stats)> {
         spin_until(pid, |s| s != 'T')?;
     }
     agent.shutdown().await?;
-    Ok((stats(observed), stats(inside)))
+    Ok(ApplyFigures { observed: stats(observed), inside: stats(inside), first_call: stats(first_call), next_call: stats(next_call) })
 }
 
-async fn bench_estop(agents: usize, runs: usize, dir: &Path) -> anyhow::Result<(Stats, usize)> {
-    let coord = start_coordinator(dir).await?;
-    let mut cclient = CoordinatorClient::new(connect(&coord.url).await?);
+/// (b) in one mode.
+struct EstopFigures {
+    /// Every run.
+    all: Stats,
+    /// Faults the stop reported reverted.
+    reverted: usize,
+    /// Faults an agent reverted on its own (its heartbeat answered
+    /// "disarmed" first), so not in `reverted`; their processes resumed too.
+    self_reverted: usize,
+    /// Run 0: the coordinator opens its channel to each agent inside it.
+    first: Duration,
+    /// Runs 1..R (None with one run).
+    warm: Option<Stats>,
+    /// The slowest run: its index, time, and faults reverted in it by
+    /// their agent on its own.
+    slowest: (usize, Duration, usize),
+}
+
+async fn bench_estop(agents: usize, runs: usize, mode: &Mode) -> anyhow::Result<EstopFigures> {
+    // With monitoring, as in production: the coordinator follows every
+    // agent's metric stream while it stops them.
+    let coord = start_coordinator(&mode.dir, mode.files(Role::Coordinator, "bench-coordinator")?.as_ref()).await?;
+    let mut cclient = CoordinatorClient::new(mode.channel(&coord.url, Expect::coordinator())?);
+    warm(&format!("ListAgents on {}", coord.url), || {
+        let mut c = cclient.clone();
+        async move { c.list_agents(pb::ListAgentsRequest {}).await }
+    })
+    .await?;
     let mut servers = Vec::with_capacity(agents);
+    let mut clients = Vec::with_capacity(agents);
     for i in 0..agents {
-        servers.push(start_agent(dir, &format!("estop-{i}"), Some(&coord.url)).await?);
+        let id = format!("estop-{i}");
+        let s = start_agent(&mode.dir, &id, Some(&coord.url), mode.files(Role::Agent, &id)?.as_ref()).await?;
+        clients.push(AgentClient::new(mode.channel(&s.url, Expect::agent(Some(&id)))?));
+        servers.push(s);
     }
     let victims: Vec<Victim> = (0..agents).map(|_| Victim::spawn()).collect();
-    let mut clients = Vec::with_capacity(agents);
-    for s in &servers {
-        clients.push(AgentClient::new(connect(&s.url).await?));
+    let opened = clients.iter().enumerate().map(|(i, c)| {
+        let c = c.clone();
+        async move {
+            warm(&format!("ListFaults on agent {i}"), || {
+                let mut c = c.clone();
+                async move { c.list_faults(pb::ListFaultsRequest::default()).await }
+            })
+            .await
+        }
+    });
+    for r in futures::future::join_all(opened).await {
+        r?;
     }
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -252,7 +420,7 @@ async fn bench_estop(agents: usize, runs: usize, dir: &Path) -> anyhow::Result<(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let mut took = Vec::with_capacity(runs);
-    let mut reverted_total = 0;
+    let (mut reverted_total, mut self_reverted) = (0, Vec::with_capacity(runs));
     for run in 0..runs {
         // Each agent holds a pause fault on its own process (applied concurrently).
         let applies = clients.iter().zip(&victims).enumerate().map(|(i, (c, v))| {
@@ -279,8 +447,17 @@ async fn bench_estop(agents: usize, runs: usize, dir: &Path) -> anyhow::Result<(
         let t0 = Instant::now();
         let r = cclient.emergency_stop(pb::EmergencyStopRequest { reason: format!("bench run {run}"), deadline: None }).await?.into_inner();
         took.push(t0.elapsed());
-        if r.agents_reached as usize != agents || r.faults_reverted as usize != agents {
-            bail!("run {run}: reached {} agents, reverted {} faults (want {agents})", r.agents_reached, r.faults_reverted);
+        // An agent whose heartbeat is answered "disarmed" while the stop
+        // runs reverts on its own before the RevertAll reaches it, which
+        // then counts nothing there: every process resumed (in /proc) is
+        // what counts here, the stop's own count is reported.
+        if r.agents_reached as usize != agents || r.faults_failed != 0 || r.faults_reverted as usize > agents {
+            bail!(
+                "run {run}: reached {} agents, reverted {} faults, {} failed (want {agents}, {agents}, 0)",
+                r.agents_reached,
+                r.faults_reverted,
+                r.faults_failed
+            );
         }
         for v in &victims {
             if v.state() == 'T' {
@@ -288,13 +465,21 @@ async fn bench_estop(agents: usize, runs: usize, dir: &Path) -> anyhow::Result<(
             }
         }
         reverted_total += r.faults_reverted as usize;
+        self_reverted.push(agents - r.faults_reverted as usize);
         cclient.arm(pb::ArmRequest { reason: "bench".into() }).await?;
     }
-    for s in servers {
-        s.shutdown().await?;
+    // Side by side: each waits out its server's drain (the coordinator's
+    // metric stream from it stays open until the coordinator stops).
+    for r in futures::future::join_all(servers.into_iter().map(Server::shutdown)).await {
+        r?;
     }
     coord.shutdown().await?;
-    Ok((stats(took), reverted_total))
+    let first = took[0];
+    let warm = (took.len() > 1).then(|| stats(took[1..].to_vec()));
+    let slowest = (0..took.len()).max_by_key(|&i| took[i]).unwrap_or(0);
+    let slowest = (slowest, took[slowest], self_reverted[slowest]);
+    let self_reverted = self_reverted.iter().sum();
+    Ok(EstopFigures { all: stats(took), reverted: reverted_total, self_reverted, first, warm, slowest })
 }
 
 /// Start `n` stand-in agents and register them with the coordinator at `curl`.
@@ -345,7 +530,7 @@ async fn until_all(agents: &[Standin], held: bool, within: Duration) -> anyhow::
 
 /// (j) create -> all applied, and (k/l) emergency stop, with `n` stand-ins.
 async fn bench_scenarios(n: usize, runs: usize, dir: &Path) -> anyhow::Result<(Stats, Stats)> {
-    let coord = start_coordinator(&dir.join(format!("scenarios-{n}"))).await?;
+    let coord = start_coordinator(&dir.join(format!("scenarios-{n}")), None).await?;
     let mut c = CoordinatorClient::new(connect(&coord.url).await?);
     let (agents, tasks) = standins(n, &mut c).await?;
     let spec = |d: Duration| pb::ScenarioSpec {
@@ -597,7 +782,7 @@ fn median_p99(mut v: Vec<f64>) -> (f64, f64) {
 
 async fn bench_network(dir: &Path, loss_packets: u32) -> anyhow::Result<NetFigures> {
     let pair = NetPair::new();
-    let agent = start_agent(dir, "net-bench", None).await?;
+    let agent = start_agent(dir, "net-bench", None, None).await?;
     let mut client = AgentClient::new(connect(&agent.url).await?);
     let before = NetPair::ruleset(&pair.a);
     // (c) apply -> effect: the answer comes after the nft transaction and its verification.
@@ -766,7 +951,7 @@ impl CpuTrace {
 }
 
 async fn bench_resource(dir: &Path) -> anyhow::Result<Vec<String>> {
-    let agent = start_agent(dir, "resource-bench", None).await?;
+    let agent = start_agent(dir, "resource-bench", None, None).await?;
     let mut client = AgentClient::new(connect(&agent.url).await?);
     let host = || Some(pb::Target { kind: Some(pb::target::Kind::Host(pb::HostTarget {})) });
     let spec = |id: &str, fault: pb::fault_spec::Fault| pb::FaultSpec {
@@ -873,14 +1058,64 @@ async fn bench() -> anyhow::Result<()> {
     };
     let mut notes = Vec::new();
     if matches!(args.suite, Suite::Lifecycle | Suite::All) {
-        eprintln!("(a) {} x ApplyFault(process_pause) -> SIGSTOP visible in /proc ...", args.faults);
-        let (a_obs, a_in) = bench_apply(args.faults, dir.path()).await?;
-        eprintln!("(b) EmergencyStop with {} agents x {} runs ...", args.agents, args.runs);
-        let (b, reverted) = bench_estop(args.agents, args.runs, dir.path()).await?;
-        row(out, "(a) ApplyFault sent -> process stopped (client view)", &a_obs, "<= 10 ms p99");
-        row(out, "(a') inside the agent: accepted -> applied (journal fsync + signal)", &a_in, "-");
-        row(out, "(b) EmergencyStop, every agent's fault reverted", &b, "<= 100 ms p99");
-        notes.push(format!("(b) {} agents, {reverted} faults reverted over {} runs, each checked in /proc", args.agents, args.runs));
+        // Insecure first, then mTLS with a CA made for this run (under
+        // `dir`, so removed with it).
+        let modes = [Mode::insecure(dir.path()), Mode::tls(dir.path())?];
+        let mut applies = Vec::new();
+        for m in &modes {
+            eprintln!("(a, {}) {} x ApplyFault(process_pause) -> SIGSTOP visible in /proc ...", m.label, args.faults);
+            applies.push(bench_apply(args.faults, m).await?);
+        }
+        let mut estops = Vec::new();
+        for m in &modes {
+            eprintln!("(b, {}) EmergencyStop with {} agents x {} runs ...", m.label, args.agents, args.runs);
+            estops.push(bench_estop(args.agents, args.runs, m).await?);
+        }
+        for (m, a) in modes.iter().zip(&applies) {
+            row(out, &format!("(a) ApplyFault sent -> process stopped, client view ({})", m.label), &a.observed, "<= 10 ms p99");
+        }
+        for (m, a) in modes.iter().zip(&applies) {
+            row(out, &format!("(a') in the agent: accepted -> applied, fsync + signal ({})", m.label), &a.inside, "-");
+        }
+        for (m, a) in modes.iter().zip(&applies) {
+            row(out, &format!("(a'') first ListFaults on a new channel, with its handshake ({})", m.label), &a.first_call, "-");
+        }
+        for (m, b) in modes.iter().zip(&estops) {
+            row(out, &format!("(b) EmergencyStop {} agents, every fault reverted ({})", args.agents, m.label), &b.all, "<= 100 ms p99");
+        }
+        notes.push(format!(
+            "(a'') {FRESH_CHANNELS} new channels to the agent, not in (a): the call after the first on the same channel p50 {}; (a) opens its channel before timing",
+            modes.iter().zip(&applies).map(|(m, a)| format!("{} ms {}", ms(a.next_call.p50), m.label)).collect::<Vec<_>>().join(", ")
+        ));
+        for (m, b) in modes.iter().zip(&estops) {
+            let warm = b
+                .warm
+                .as_ref()
+                .map_or_else(String::new, |w| format!("; runs 2..{}: p50 {} ms, p99 {} ms", args.runs, ms(w.p50), ms(w.p99)));
+            let own = if b.self_reverted == 0 {
+                String::new()
+            } else {
+                format!(" (+{} reverted by their agent on a heartbeat answered \"disarmed\" before the RevertAll came)", b.self_reverted)
+            };
+            let (i, t, k) = b.slowest;
+            notes.push(format!(
+                "(b, {}) {} agents, {} faults reverted{own} over {} runs, each checked in /proc; run 1 (the coordinator opens its {} agent connections in it{}): {} ms{warm}; slowest run {}: {} ms, {k} of its faults reverted by their agent on its own",
+                m.label,
+                args.agents,
+                b.reverted,
+                args.runs,
+                args.agents,
+                if m.ca.is_some() { ", mTLS handshakes included" } else { "" },
+                ms(b.first),
+                i + 1,
+                ms(t)
+            ));
+        }
+        notes.push(
+            "(a, b) TLS: a CA made for this run; coordinator certificate, one agent certificate per agent (named as its agent id), \
+             the bench's client an admin certificate; insecure: the same servers with no TLS (--insecure)"
+                .into(),
+        );
     }
     if matches!(args.suite, Suite::Coordinator | Suite::All) {
         eprintln!("(j) CreateScenario -> every agent holds the fault, 100 stand-in agents x {} runs ...", args.runs);
