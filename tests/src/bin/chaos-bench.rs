@@ -74,17 +74,25 @@ use clap::Parser;
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 use tonic::transport::Channel;
 
+/// A count of at least 1 (percentiles of nothing do not exist).
+fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!("expected a whole number of at least 1, got {s:?}")),
+    }
+}
+
 #[derive(Debug, Parser)]
 #[command(name = "chaos-bench", about = "Latency of fault apply and of emergency stop, as a table")]
 struct Args {
     /// Faults for (a), in each mode (insecure, TLS).
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, default_value_t = 1000, value_parser = at_least_one)]
     faults: usize,
     /// Agents for (b), in each mode (insecure, TLS).
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 100, value_parser = at_least_one)]
     agents: usize,
     /// Emergency-stop runs for (b), in each mode (insecure, TLS).
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 20, value_parser = at_least_one)]
     runs: usize,
     /// Which measurements: lifecycle (a, b), network (c..f; needs root), or all.
     #[arg(long, value_enum, default_value = "all")]
