@@ -68,8 +68,10 @@ pub fn channel(url: &str, tls: &ClientTls, expect: Expect, dial: Dial) -> Result
     let (host, _) = super::tls::host_port(&uri)?;
     let port = uri.port_u16().unwrap_or(if tls.is_tls() { 443 } else { 80 });
     let host = if host.contains(':') { format!("[{host}]") } else { host };
-    // tonic's own TLS is not compiled in: the connector does it, so the
-    // endpoint itself is always plain http.
+    // tonic's ClientTlsConfig is not used: the connector does the handshake
+    // (and checks the server's chaos identity), so the endpoint itself is
+    // plain http. (tonic's tls-ring feature is on for the server side's
+    // TlsConnectInfo, which carries the verified client certificate.)
     let mut ep = Endpoint::from_shared(format!("http://{host}:{port}"))
         .map_err(|e| TrustError::Invalid { field: "url".into(), why: format!("{url:?}: {e}") })?
         .connect_timeout(dial.connect_timeout)
