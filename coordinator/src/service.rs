@@ -135,6 +135,10 @@ impl Coordinator for CoordinatorService {
         let caller = Caller::of(&req);
         let r = req.into_inner();
         let (agent_id, address) = (r.agent_id.clone(), r.address.clone());
+        // A refused twin retries on every heartbeat: its first refusal is
+        // audited and logged, the repeats within its lease are not.
+        let repeat =
+            self.registry.contenders().iter().any(|c| c.agent_id == r.agent_id && c.instance_id == r.instance_id && c.address == r.address);
         let result = match own_id(&caller, &agent_id, "RegisterAgent") {
             Err(e) => Err(Status::from(e)),
             Ok(()) => {
@@ -148,12 +152,19 @@ impl Coordinator for CoordinatorService {
                 self.registry.register(r, &who.text, replace).map_err(Status::from)
             }
         };
+        let repeated_refusal = matches!(&result, Err(e) if e.code() == tonic::Code::AlreadyExists) && repeat;
         if let Err(e) = &result
             && e.code() == tonic::Code::AlreadyExists
         {
-            tracing::warn!(agent_id = %agent_id, address = %address, refusal = %e.message(), "duplicate agent id refused");
+            if repeat {
+                tracing::debug!(agent_id = %agent_id, address = %address, "duplicate agent id refused again");
+            } else {
+                tracing::warn!(agent_id = %agent_id, address = %address, refusal = %e.message(), "duplicate agent id refused");
+            }
         }
-        self.audit(&who, "RegisterAgent", &agent_id, &address, &result);
+        if !repeated_refusal {
+            self.audit(&who, "RegisterAgent", &agent_id, &address, &result);
+        }
         let armed = result?;
         info!(armed, "agent registered");
         // Faults of scenarios that are not running any more (a coordinator

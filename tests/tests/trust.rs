@@ -229,6 +229,16 @@ fn a_twin_agent_id_is_refused_and_emergency_stop_never_claims_success_over_a_fau
     assert!(wait_until(Duration::from_secs(20), || caps()["registered"] == true), "{:#}", caps());
     let agents = json(&chaos_ok(&["--coordinator", &curl, "-o", "json", "agents"], 0));
     assert_eq!(agents["agents"][0]["address"], second_url.as_str(), "{agents:#}");
+    // The twin retried on every heartbeat while refused; the audit kept its
+    // first refusal, not one row per retry.
+    let audit = json(&chaos_ok(&["--coordinator", &curl, "-o", "json", "audit"], 0));
+    let refusals = audit["entries"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .filter(|e| e["action"] == "RegisterAgent" && e["outcome"].as_str().is_some_and(|o| o.starts_with("error: AlreadyExists")))
+        .count();
+    assert_eq!(refusals, 1, "{audit:#}");
 }
 
 #[test]
