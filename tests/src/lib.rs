@@ -71,6 +71,14 @@ impl Daemon {
         Self::spawn_program(bin(name), args, log)
     }
 
+    /// Spawn workspace binary `name` inside network namespace `ns` (`ip
+    /// netns exec` execs, so the pid stays the daemon's).
+    pub fn spawn_in_netns(ns: &str, name: &str, args: &[String], log: PathBuf) -> Daemon {
+        let mut argv = vec!["netns".to_string(), "exec".into(), ns.to_string(), bin(name).display().to_string()];
+        argv.extend_from_slice(args);
+        Self::spawn_program("ip", &argv, log)
+    }
+
     /// Spawn any program (e.g. `ip netns exec NS BIN ...`, which execs, so the pid stays the daemon's).
     pub fn spawn_program(program: impl AsRef<std::ffi::OsStr>, args: &[String], log: PathBuf) -> Daemon {
         let name = program.as_ref().to_string_lossy().into_owned();
@@ -188,9 +196,8 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
 
 /// The test process's CA and the certificates issued with it, each in a
 /// directory of its own (ca.pem, cert.pem, key.pem: a `--tls-dir`). Lives
-/// under the system temp dir and is removed when the process exits
-/// normally (`Pki` is never dropped for a static, so tests remove nothing
-/// by hand; the directories hold only files).
+/// under the system temp dir; an `atexit` hook removes it when the test
+/// process exits (a static is never dropped).
 pub struct Pki {
     root: PathBuf,
     issued: Mutex<HashMap<String, PathBuf>>,
@@ -252,12 +259,29 @@ impl Pki {
         self.dir(Role::Admin, ADMIN)
     }
 
-    /// A fresh directory for `role`/`name` under `parent` issued by `ca_dir`
-    /// with `req` (expired, other CA, ...), never cached.
+    /// Issue `req` with the CA in `ca_dir` into `out` (replacing what is
+    /// there): for certificates a test shapes itself (expired, another CA,
+    /// renewed in place); never cached.
     pub fn issue_into(ca_dir: &Path, req: &Request, out: &Path) -> PathBuf {
         issue_to_dir(ca_dir, req, out, true).expect("issue certificate");
         out.to_path_buf()
     }
+}
+
+/// The grpcurl binary: on PATH, in ~/go/bin or $GOPATH/bin (`deploy/test.sh` installs it).
+pub fn grpcurl_bin() -> PathBuf {
+    let mut candidates: Vec<PathBuf> =
+        std::env::var_os("PATH").map(|p| std::env::split_paths(&p).map(|d| d.join("grpcurl")).collect()).unwrap_or_default();
+    if let Some(home) = std::env::var_os("HOME") {
+        candidates.push(PathBuf::from(home).join("go/bin/grpcurl"));
+    }
+    if let Some(gp) = std::env::var_os("GOPATH") {
+        candidates.push(PathBuf::from(gp).join("bin/grpcurl"));
+    }
+    candidates
+        .into_iter()
+        .find(|p| p.exists())
+        .expect("grpcurl not found: install it with `go install github.com/fullstorydev/grpcurl/cmd/grpcurl@v1.9.3` (.ci/run does)")
 }
 
 /// Run the `chaos` CLI with args as the test admin; returns its output.

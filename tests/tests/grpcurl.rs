@@ -2,30 +2,15 @@
 //! and health, and can call the contract (reflection is part of the product),
 //! over mTLS with `-cacert -cert -key` as README shows.
 
-use std::{path::PathBuf, process::Command};
+use std::process::Command;
 
-use chaos_e2e::{pki, start_agent, start_coordinator};
-
-fn grpcurl() -> PathBuf {
-    let mut candidates: Vec<PathBuf> =
-        std::env::var_os("PATH").map(|p| std::env::split_paths(&p).map(|d| d.join("grpcurl")).collect()).unwrap_or_default();
-    if let Some(home) = std::env::var_os("HOME") {
-        candidates.push(PathBuf::from(home).join("go/bin/grpcurl"));
-    }
-    if let Some(gp) = std::env::var_os("GOPATH") {
-        candidates.push(PathBuf::from(gp).join("bin/grpcurl"));
-    }
-    candidates
-        .into_iter()
-        .find(|p| p.exists())
-        .expect("grpcurl not found: install it with `go install github.com/fullstorydev/grpcurl/cmd/grpcurl@v1.9.3` (.ci/run does)")
-}
+use chaos_e2e::{grpcurl_bin, pki, start_agent, start_coordinator};
 
 /// grpcurl as the test admin: README's `-cacert -cert -key`.
 fn run(args: &[&str]) -> (bool, String) {
     let dir = pki().admin();
     let files = chaos_proto::trust::TlsFiles::in_dir(&dir);
-    let out = Command::new(grpcurl())
+    let out = Command::new(grpcurl_bin())
         .arg("-cacert")
         .arg(&files.ca)
         .arg("-cert")

@@ -10,7 +10,7 @@
 
 use std::{path::PathBuf, process::Command, time::Duration};
 
-use chaos_e2e::{Daemon, bin, json, wait_until};
+use chaos_e2e::{Daemon, json, wait_until};
 
 /// `chaos` with the lab admin's certificate (`chaos lab up` makes it with
 /// the lab's own CA; the lab verbs use it whatever the environment says).
@@ -273,12 +273,8 @@ fn lab_up_runs_real_kafka_and_cassandra_a_partition_bites_and_down_leaves_nothin
     std::fs::write(&acks_path, all_acks).expect("write acks");
     let acks = acks_path.display().to_string();
     let seeded = |group: &str, table: &str, defect: &str| {
-        let b = bin("chaos-processor").display().to_string();
-        let args: Vec<String> = ["netns", "exec", "lab-processor", &b, "--group", group, "--table", table, "--defect", defect]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-        Daemon::spawn_program("ip", &args, work.path().join(format!("{group}.log")))
+        let args: Vec<String> = ["--group", group, "--table", table, "--defect", defect].iter().map(|s| s.to_string()).collect();
+        Daemon::spawn_in_netns("lab-processor", "chaos-processor", &args, work.path().join(format!("{group}.log")))
     };
     let caught_up = |d: &Daemon| wait_until(Duration::from_secs(180), || d.log_text().contains("idle: caught up"));
     let validate = |table: &str| {

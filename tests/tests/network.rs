@@ -356,12 +356,7 @@ fn total_partition_of_the_agents_own_namespace_spares_the_control_channel() {
     // Server certificates name the addresses the peers dial.
     let ctls = chaos_e2e::pki().dir_with(Role::Coordinator, "ns-coordinator", &[&pair.b_ip]).display().to_string();
     let atls = chaos_e2e::pki().dir_with(Role::Agent, "ctl", &[&pair.a_ip]).display().to_string();
-    let bin = |n: &str| chaos_e2e::bin(n).display().to_string();
-    let ns_daemon = |ns: &str, name: &str, args: &[String], log: &str| {
-        let mut argv = vec!["netns".to_string(), "exec".into(), ns.to_string(), bin(name)];
-        argv.extend_from_slice(args);
-        Daemon::spawn_program("ip", &argv, dir.path().join(log))
-    };
+    let ns_daemon = |ns: &str, name: &str, args: &[String], log: &str| Daemon::spawn_in_netns(ns, name, args, dir.path().join(log));
     let _coord = ns_daemon(
         &pair.b,
         "chaos-coordinator",

@@ -5,31 +5,19 @@
 //! identity in the audit; `--insecure` only on loopback.
 
 use std::{
-    path::{Path, PathBuf},
+    path::Path,
     process::Command,
     time::{Duration, SystemTime},
 };
 
 use chaos_e2e::{
-    Daemon, NetPair, Pki, Victim, agent_socket, chaos, chaos_as, chaos_ok, chaos_ok_as, free_port, json, pki, proc_state, start_agent,
-    start_agent_at, start_coordinator, wait_until,
+    Daemon, NetPair, Pki, Victim, agent_socket, chaos, chaos_as, chaos_ok, chaos_ok_as, free_port, grpcurl_bin, json, pki, proc_state,
+    start_agent, start_agent_at, start_coordinator, wait_until,
 };
 use chaos_proto::trust::{
     Identity, Role, TlsFiles,
     certs::{Request, init_ca_dir},
 };
-
-fn grpcurl_bin() -> PathBuf {
-    let mut candidates: Vec<PathBuf> =
-        std::env::var_os("PATH").map(|p| std::env::split_paths(&p).map(|d| d.join("grpcurl")).collect()).unwrap_or_default();
-    if let Some(home) = std::env::var_os("HOME") {
-        candidates.push(PathBuf::from(home).join("go/bin/grpcurl"));
-    }
-    if let Some(gp) = std::env::var_os("GOPATH") {
-        candidates.push(PathBuf::from(gp).join("bin/grpcurl"));
-    }
-    candidates.into_iter().find(|p| p.exists()).expect("grpcurl not found: go install github.com/fullstorydev/grpcurl/cmd/grpcurl@v1.9.3")
-}
 
 /// grpcurl trusting our CA, with the client certificate in `client` (None: none).
 fn grpcurl(client: Option<&Path>, args: &[&str]) -> (bool, String) {
@@ -252,15 +240,11 @@ fn break_glass_reverts_with_the_coordinator_down_and_the_network_cut() {
     let atls = pki().dir_with(Role::Agent, "bg", &[&pair.a_ip]);
     let sock = dir.path().join("bg.sock");
     let journal = dir.path().join("journal");
-    let in_ns = |ns: &str, name: &str, args: Vec<String>, log: &str| {
-        let mut argv = vec!["netns".to_string(), "exec".into(), ns.to_string(), chaos_e2e::bin(name).display().to_string()];
-        argv.extend(args);
-        Daemon::spawn_program("ip", &argv, dir.path().join(log))
-    };
+    let in_ns = |ns: &str, name: &str, args: &[String], log: &str| Daemon::spawn_in_netns(ns, name, args, dir.path().join(log));
     let mut coord = in_ns(
         &pair.b,
         "chaos-coordinator",
-        vec![
+        &[
             "--listen".into(),
             format!("{}:{cport}", pair.b_ip),
             "--state-dir".into(),
@@ -274,7 +258,7 @@ fn break_glass_reverts_with_the_coordinator_down_and_the_network_cut() {
     let mut agent = in_ns(
         &pair.a,
         "chaos-agent",
-        vec![
+        &[
             "--listen".into(),
             format!("{}:{aport}", pair.a_ip),
             "--coordinator".into(),
