@@ -153,30 +153,23 @@ impl Store {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.execute_batch(SCHEMA)?;
-        // Files made before version 3 lack the columns.
-        let has_achieved: bool =
-            conn.query_row("SELECT COUNT(*) FROM pragma_table_info('scenario_agents') WHERE name = 'achieved'", [], |r| {
-                r.get::<_, i64>(0).map(|n| n > 0)
-            })?;
-        if !has_achieved {
-            conn.execute_batch(
-                "ALTER TABLE scenario_agents ADD COLUMN achieved TEXT NOT NULL DEFAULT '{}';
-                 ALTER TABLE scenario_agents ADD COLUMN outcome TEXT NOT NULL DEFAULT '';",
-            )?;
-        }
-        // Files made before version 4 lack the actor's parts.
-        let has_actor_parts: bool =
-            conn.query_row("SELECT COUNT(*) FROM pragma_table_info('audit') WHERE name = 'actor_name'", [], |r| {
-                r.get::<_, i64>(0).map(|n| n > 0)
-            })?;
-        if !has_actor_parts {
-            conn.execute_batch(
-                "ALTER TABLE audit ADD COLUMN actor_name TEXT NOT NULL DEFAULT '';
-                 ALTER TABLE audit ADD COLUMN actor_role TEXT NOT NULL DEFAULT '';
-                 ALTER TABLE audit ADD COLUMN peer_address TEXT NOT NULL DEFAULT '';
-                 ALTER TABLE audit ADD COLUMN client_note TEXT NOT NULL DEFAULT '';",
-            )?;
-        }
+        // Files made before version 3 lack the fault outcome columns; before
+        // version 4, the actor's parts.
+        add_columns_if_missing(
+            &conn,
+            "scenario_agents",
+            &[("achieved", "TEXT NOT NULL DEFAULT '{}'"), ("outcome", "TEXT NOT NULL DEFAULT ''")],
+        )?;
+        add_columns_if_missing(
+            &conn,
+            "audit",
+            &[
+                ("actor_name", "TEXT NOT NULL DEFAULT ''"),
+                ("actor_role", "TEXT NOT NULL DEFAULT ''"),
+                ("peer_address", "TEXT NOT NULL DEFAULT ''"),
+                ("client_note", "TEXT NOT NULL DEFAULT ''"),
+            ],
+        )?;
         Ok(Self { conn: Mutex::new(conn) })
     }
 
@@ -425,6 +418,20 @@ impl Store {
     pub fn exists(&self, id: &str) -> StoreResult<bool> {
         Ok(self.lock().query_row("SELECT 1 FROM scenarios WHERE id = ?1", [id], |_| Ok(())).optional()?.is_some())
     }
+}
+
+/// Add each of `columns` (name, type) that `table` lacks: the migration of
+/// a file made by an older version (the names and types are ours, never input).
+fn add_columns_if_missing(conn: &Connection, table: &str, columns: &[(&str, &str)]) -> StoreResult<()> {
+    for (name, ty) in columns {
+        let has: bool = conn.query_row(&format!("SELECT COUNT(*) FROM pragma_table_info('{table}') WHERE name = ?1"), [name], |r| {
+            r.get::<_, i64>(0).map(|n| n > 0)
+        })?;
+        if !has {
+            conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {name} {ty};"))?;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
