@@ -257,6 +257,18 @@ impl Registry {
         Ok(armed)
     }
 
+    /// Whether this process (id, instance, address) was already refused as
+    /// a duplicate within its lease.
+    pub fn is_contender(&self, agent_id: &str, instance_id: &str, address: &str) -> bool {
+        let now = Instant::now();
+        self.lock().contenders.iter().any(|c| {
+            c.agent_id == agent_id
+                && c.instance_id == instance_id
+                && c.address == address
+                && now.saturating_duration_since(c.seen) < c.lease
+        })
+    }
+
     /// Processes refused as duplicates whose own lease could still run.
     pub fn contenders(&self) -> Vec<Contender> {
         let now = Instant::now();

@@ -137,8 +137,7 @@ impl Coordinator for CoordinatorService {
         let (agent_id, address) = (r.agent_id.clone(), r.address.clone());
         // A refused twin retries on every heartbeat: its first refusal is
         // audited and logged, the repeats within its lease are not.
-        let repeat =
-            self.registry.contenders().iter().any(|c| c.agent_id == r.agent_id && c.instance_id == r.instance_id && c.address == r.address);
+        let repeat = self.registry.is_contender(&r.agent_id, &r.instance_id, &r.address);
         let result = match own_id(&caller, &agent_id, "RegisterAgent") {
             Err(e) => Err(Status::from(e)),
             Ok(()) => {
