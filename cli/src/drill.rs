@@ -24,9 +24,10 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use crate::{
+    conn::request,
     fleet::client,
     output::{CliError, Format, emit, emit_json, exit, table},
-    scenario::{request, state_name},
+    scenario::state_name,
     validate::{report_json, validate, verdict_name},
 };
 

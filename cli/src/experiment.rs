@@ -29,10 +29,10 @@ use serde_json::json;
 
 use crate::{
     agent::FaultArgs,
-    conn::url,
+    conn::{request, url},
     fleet::client,
     output::{CliError, emit, exit, from_status},
-    scenario::{request, state_name},
+    scenario::state_name,
 };
 
 /// A duration written as text (`30s`, `2m`) or whole seconds.

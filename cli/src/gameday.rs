@@ -11,8 +11,7 @@ use clap::Subcommand;
 use serde_json::json;
 
 use crate::{
-    conn::request,
-    conn::url,
+    conn::{request, url},
     experiment::fault_from_flags,
     fleet::client,
     output::{CliError, Format, dur, emit, emit_json, exit, from_status, key_values, relative, rfc3339, table},

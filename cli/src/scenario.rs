@@ -12,8 +12,7 @@ use serde_json::json;
 
 use crate::{
     agent::FaultArgs,
-    conn::coordinator_channel as channel,
-    conn::url,
+    conn::{coordinator_channel as channel, request, url},
     fleet::client,
     output::{CliError, Format, dur, emit, emit_json, exit, from_status, relative, rfc3339, table},
 };
@@ -110,8 +109,6 @@ pub struct AuditArgs {
     #[arg(long, default_value_t = 100)]
     limit: u32,
 }
-
-pub use crate::conn::request;
 
 pub fn state_name(s: i32) -> String {
     ScenarioState::try_from(s).unwrap_or(ScenarioState::Unspecified).as_str_name().trim_start_matches("SCENARIO_STATE_").to_lowercase()

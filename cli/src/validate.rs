@@ -10,9 +10,7 @@ use chaos_proto::{
 use serde_json::{Value, json};
 
 use crate::{
-    conn::coordinator_channel as channel,
-    conn::request,
-    conn::url,
+    conn::{coordinator_channel as channel, request, url},
     output::{CliError, Format, dur, dur_secs, emit, emit_json, exit, from_status, rfc3339, table},
 };
 

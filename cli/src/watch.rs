@@ -12,8 +12,7 @@ use chaos_proto::pb::{self, coordinator_client::CoordinatorClient, metric_event:
 use serde_json::json;
 
 use crate::{
-    conn::coordinator_channel as channel,
-    conn::url,
+    conn::{coordinator_channel as channel, url},
     fleet::client,
     output::{CliError, Format, emit, emit_json, exit, from_status, key_values, labels_text, rfc3339, table},
     scenario::state_name,
