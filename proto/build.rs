@@ -13,6 +13,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for p in &protos {
         println!("cargo:rerun-if-changed={p}");
     }
-    tonic_prost_build::configure().file_descriptor_set_path(out.join("chaos_v1_descriptor.bin")).compile_protos(&protos, &["."])?;
+    // Type names let the edge codec find each request's descriptor; the
+    // codec checks every request at the edge (src/edge.rs).
+    let mut config = prost_build::Config::new();
+    config.enable_type_names();
+    tonic_prost_build::configure()
+        .file_descriptor_set_path(out.join("chaos_v1_descriptor.bin"))
+        .codec_path("crate::edge::EdgeCodec")
+        .compile_with_config(config, &protos, &["."])?;
     Ok(())
 }

@@ -282,7 +282,7 @@ pub fn hostname() -> String {
 
 impl AgentFile {
     pub fn load(path: &Path) -> anyhow::Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading config file {}", path.display()))?;
+        let text = chaos_proto::files::read_yaml(path).map_err(|e| anyhow::anyhow!("config file {e}"))?;
         serde_yaml_ng::from_str(&text).with_context(|| format!("config file {}", path.display()))
     }
 }
@@ -321,8 +321,13 @@ impl AgentConfig {
             }
         };
         let lease = opt_dur(args.lease, &file.lease, "lease")?.unwrap_or(Duration::from_secs(10));
-        if lease < Duration::from_millis(300) {
-            bail!("lease: must be at least 300ms, got {}", humantime::format_duration(lease));
+        if !(chaos_proto::spec::MIN_AGENT_LEASE..=chaos_proto::spec::MAX_AGENT_LEASE).contains(&lease) {
+            bail!(
+                "lease: must be in {}..={}, got {}",
+                humantime::format_duration(chaos_proto::spec::MIN_AGENT_LEASE),
+                humantime::format_duration(chaos_proto::spec::MAX_AGENT_LEASE),
+                humantime::format_duration(lease)
+            );
         }
         let heartbeat_interval = opt_dur(args.heartbeat_interval, &file.heartbeat_interval, "heartbeat_interval")?.unwrap_or(lease / 3);
         if heartbeat_interval.is_zero() || heartbeat_interval >= lease {

@@ -59,7 +59,8 @@ pub async fn run(link: LeaseLink, identity: Arc<AgentIdentity>, lifecycle: Lifec
                 .map(|r| r.into_inner().armed)
         } else {
             client
-                .register_agent(pb::RegisterAgentRequest {
+                // Capabilities quote the host (probe details, a Docker error): fitted to the coordinator's edge.
+                .register_agent(chaos_proto::edge::fit(pb::RegisterAgentRequest {
                     agent_id: identity.agent_id.clone(),
                     hostname: identity.hostname.clone(),
                     address: link.advertise.clone(),
@@ -67,7 +68,7 @@ pub async fn run(link: LeaseLink, identity: Arc<AgentIdentity>, lifecycle: Lifec
                     capabilities: Some(identity.capabilities(&status, &crate::faults::container::probe(&identity.docker_socket).await)),
                     lease_duration: Some(duration_to_pb(identity.lease)),
                     instance_id: identity.instance_id.clone(),
-                })
+                }))
                 .await
                 .map(|r| {
                     let r = r.into_inner();

@@ -529,6 +529,12 @@ impl Actor {
         if self.active.contains_key(&id) {
             return Err(AgentError::AlreadyExists(id));
         }
+        if self.active.len() >= chaos_proto::spec::MAX_ACTIVE_FAULTS as usize {
+            return Err(AgentError::Guard(format!(
+                "this agent holds {} faults, the most it holds at once; revert some first",
+                self.active.len()
+            )));
+        }
         // Drivers name what they create after the fault (e.g. nft tables).
         req.id = Some(id.clone());
         let planned = self.drivers.resolve_container(&req).await?;

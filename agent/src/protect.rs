@@ -79,6 +79,13 @@ mod tests {
         assert!(p.why_protected(&stat(50, "sleep"), None).expect("coord").contains("coordinator"));
         let mut k = stat(3, "kworker/0:1");
         k.ppid = 2;
+        k.flags = crate::sys::PF_KTHREAD;
         assert!(p.why_protected(&k, None).expect("kthread").contains("kernel thread"));
+        // Inside a pid namespace pid 2 (and its children) are user processes.
+        let mut in_ns = stat(2, "java");
+        assert_eq!(p.why_protected(&in_ns, None), None);
+        in_ns.pid = 12;
+        in_ns.ppid = 2;
+        assert_eq!(p.why_protected(&in_ns, None), None);
     }
 }

@@ -416,10 +416,13 @@ fn default_recovery() -> HumanDuration {
 
 /// Parse an experiment from its text; `file` names it in errors.
 pub fn parse(file: &str, text: &str) -> Result<Experiment, String> {
+    chaos_proto::files::check_yaml(file, text)?;
     let e: Experiment = serde_yaml_ng::from_str(text).map_err(|e| {
         let msg = e.to_string();
         // The position goes in front, file:line:column, as compilers write it.
         let msg = msg.rsplit_once(" at line ").map_or(msg.as_str(), |(m, _)| m).to_string();
+        // serde quotes the bad value whole: a 1 MB value would be a 1 MB message.
+        let msg = if msg.len() > 300 { format!("{}… ({} bytes)", chaos_proto::edge::one_line(&msg, 300), msg.len()) } else { msg };
         match e.location() {
             Some(l) => format!("{file}:{}:{}: {msg}", l.line(), l.column()),
             None => format!("{file}: {msg}"),
@@ -1104,7 +1107,7 @@ async fn show_plan(
 pub async fn run(coordinator: &str, timeout: Duration, fmt: crate::output::Format, a: RunArgs) -> Result<u8, CliError> {
     let json = fmt == crate::output::Format::Json;
     let file = a.file.display().to_string();
-    let text = std::fs::read_to_string(&a.file).map_err(|e| CliError::new(exit::USAGE, format!("{file}: {e}")))?;
+    let text = chaos_proto::files::read_text(&a.file).map_err(|m| CliError::new(exit::USAGE, m))?;
     let e = parse(&file, &text).map_err(|m| CliError::new(exit::USAGE, m))?;
     let server = format!("coordinator {}", url(coordinator));
     let faults: usize = e.method.iter().map(|s| s.faults().len()).sum();
@@ -1350,7 +1353,8 @@ pub async fn run(coordinator: &str, timeout: Duration, fmt: crate::output::Forma
         experiment: e.name.clone(),
         file: std::path::absolute(&a.file).unwrap_or(a.file.clone()).display().to_string(),
         verdict: verdict.as_str().into(),
-        abort_reason: abort_reason.clone(),
+        // The index keeps one line; report.md keeps the whole reason.
+        abort_reason: chaos_proto::edge::one_line(&abort_reason, chaos_proto::edge::TEXT.string_bytes),
         started_at: Some(chaos_proto::convert::timestamp_to_pb(started_at)),
         duration: Some(duration_to_pb(Duration::from_secs_f64(r.now()))),
         report_dir: std::path::absolute(&dir).unwrap_or(dir.clone()).display().to_string(),
@@ -1745,6 +1749,26 @@ report:
         assert!(e.starts_with("exp.yaml:") && e.contains("needs `fault`"), "{e}");
         let e = err(&GOOD.replace("name: pause-kafka", "name: [x]"));
         assert!(e.starts_with("exp.yaml:2:"), "{e}");
+    }
+
+    #[test]
+    fn hostile_files_are_refused_with_bounded_messages() {
+        // One big value aliased many times: refused before serde expands it.
+        let mut bomb = format!("{GOOD}x-big: &big \"{}\"\nx-copies:\n", "b".repeat(200_000));
+        for _ in 0..50 {
+            bomb.push_str("  - *big\n");
+        }
+        let e = err(&bomb);
+        assert!(e.starts_with("exp.yaml:") && e.contains("alias bomb"), "{e}");
+        // A 1 MB bad value is quoted in part, once.
+        let e = err(&GOOD.replace("name: pause-kafka", &format!("name: [{}]", "v".repeat(1 << 20))));
+        assert!(e.len() < 400, "{} bytes: {}", e.len(), &e[..200]);
+        // Not UTF-8: the byte offset and the line.
+        let dir = tempfile::tempdir().expect("dir");
+        let p = dir.path().join("latin1.yaml");
+        std::fs::write(&p, b"version: 1\nname: caf\xe9\n").expect("write");
+        let e = chaos_proto::files::read_text(&p).expect_err("latin-1");
+        assert!(e.ends_with("latin1.yaml:2:10: not UTF-8 text (invalid byte 0xe9 at byte offset 20)"), "{e}");
     }
 
     #[test]

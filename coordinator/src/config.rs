@@ -130,7 +130,7 @@ impl CoordinatorConfig {
     pub fn resolve(args: &CoordinatorArgs) -> anyhow::Result<Self> {
         let (file, origin, text) = match &args.config {
             Some(p) => {
-                let text = std::fs::read_to_string(p).with_context(|| format!("reading config file {}", p.display()))?;
+                let text = chaos_proto::files::read_yaml(p).map_err(|e| anyhow::anyhow!("config file {e}"))?;
                 let f: CoordinatorFile = serde_yaml_ng::from_str(&text).with_context(|| format!("config file {}", p.display()))?;
                 (f, format!("config file {}: ", p.display()), text)
             }

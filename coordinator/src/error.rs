@@ -36,6 +36,13 @@ impl CoordinatorError {
     }
 }
 
+impl From<chaos_proto::spec::SpecError> for CoordinatorError {
+    fn from(e: chaos_proto::spec::SpecError) -> Self {
+        let chaos_proto::spec::SpecError::Invalid { field, message } = e;
+        CoordinatorError::Invalid { field, message }
+    }
+}
+
 impl From<CoordinatorError> for Status {
     fn from(e: CoordinatorError) -> Status {
         let code = match &e {

@@ -12,7 +12,7 @@ use chaos_proto::{
     convert::{duration_to_pb, timestamp_to_pb},
     pb,
 };
-use futures::{StreamExt, stream};
+use futures::{FutureExt, StreamExt, stream};
 use tracing::{info, warn};
 
 use crate::{registry::Registry, scenarios::Scenarios};
@@ -23,7 +23,8 @@ struct StopTarget {
     address: String,
     instance_id: String,
     client: pb::agent_client::AgentClient<tonic::transport::Channel>,
-    lease_revert_by: std::time::SystemTime,
+    /// When the agent's own lease reverts its faults (`None`: cannot be told).
+    lease_revert_by: Option<std::time::SystemTime>,
     duplicate: bool,
 }
 
@@ -55,7 +56,7 @@ pub async fn emergency_stop(
         })
         .collect();
     targets.extend(registry.contenders().into_iter().map(|c| StopTarget {
-        lease_revert_by: c.seen_wall + c.lease,
+        lease_revert_by: c.seen_wall.checked_add(c.lease),
         agent_id: c.agent_id,
         address: c.address,
         instance_id: c.instance_id,
@@ -63,7 +64,7 @@ pub async fn emergency_stop(
         duplicate: true,
     }));
     warn!(reason, agents = targets.len(), deadline = ?deadline, "EMERGENCY STOP: reverting every fault on every agent");
-    let calls = targets.into_iter().map(|t| stop_one(t, reason.to_string(), deadline));
+    let calls = targets.into_iter().map(|t| guarded_stop(t, reason.to_string(), deadline));
     let results: Vec<pb::AgentStopResult> =
         stream::iter(calls).buffer_unordered(scenarios.policy().fanout_parallelism.max(1)).collect().await;
     // Only now end the scenarios (queue cancelled, runners confirm the
@@ -75,11 +76,12 @@ pub async fn emergency_stop(
         registry.set_active_faults(&r.agent_id, r.failed_count);
     }
     let reached = results.iter().filter(|r| r.reached).count();
-    let faults_reverted = results.iter().map(|r| r.reverted_count).sum();
-    let faults_failed: u32 = results.iter().map(|r| r.failed_count).sum();
+    // Counts come from agents: saturate rather than overflow.
+    let faults_reverted = results.iter().fold(0u32, |n, r| n.saturating_add(r.reverted_count));
+    let faults_failed = results.iter().fold(0u32, |n, r| n.saturating_add(r.failed_count));
     let resp = pb::EmergencyStopResponse {
         agents_reached: u32::try_from(reached).unwrap_or(u32::MAX),
-        agents_unreached: u32::try_from(results.len() - reached).unwrap_or(u32::MAX),
+        agents_unreached: u32::try_from(results.len().saturating_sub(reached)).unwrap_or(u32::MAX),
         faults_reverted,
         armed: false,
         took: Some(duration_to_pb(started.elapsed())),
@@ -94,6 +96,28 @@ pub async fn emergency_stop(
             "emergency stop INCOMPLETE: some agents did not confirm every revert; fleet disarmed until Arm");
     }
     resp
+}
+
+/// [`stop_one`], where a panic (a bug, a record no check foresaw) ends
+/// this agent's result, never the stop of the others.
+async fn guarded_stop(agent: StopTarget, reason: String, deadline: Duration) -> pb::AgentStopResult {
+    let (agent_id, address, instance_id, duplicate) =
+        (agent.agent_id.clone(), agent.address.clone(), agent.instance_id.clone(), agent.duplicate);
+    match std::panic::AssertUnwindSafe(stop_one(agent, reason, deadline)).catch_unwind().await {
+        Ok(r) => r,
+        Err(panic) => {
+            let why = chaos_proto::serve::panic_text(&*panic);
+            tracing::error!(agent_id = %agent_id, panic = %why, "emergency stop of this agent panicked; the others go on");
+            pb::AgentStopResult {
+                agent_id,
+                address,
+                instance_id,
+                duplicate,
+                error: format!("internal error while stopping this agent: {why}"),
+                ..Default::default()
+            }
+        }
+    }
 }
 
 async fn stop_one(agent: StopTarget, reason: String, deadline: Duration) -> pb::AgentStopResult {
@@ -121,11 +145,11 @@ async fn stop_one(agent: StopTarget, reason: String, deadline: Duration) -> pb::
         }
         Ok(Err(status)) => {
             res.error = format!("{}: {}", status.code(), status.message());
-            res.lease_revert_by = Some(timestamp_to_pb(agent.lease_revert_by));
+            res.lease_revert_by = agent.lease_revert_by.map(timestamp_to_pb);
         }
         Err(_) => {
             res.error = format!("no answer within {deadline:?}");
-            res.lease_revert_by = Some(timestamp_to_pb(agent.lease_revert_by));
+            res.lease_revert_by = agent.lease_revert_by.map(timestamp_to_pb);
         }
     }
     if !res.reached {

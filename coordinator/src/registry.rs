@@ -11,6 +11,7 @@ use std::{
 use chaos_proto::{
     convert::{duration_from_pb, duration_to_pb, timestamp_to_pb},
     pb::{self, AgentHealth, agent_client::AgentClient},
+    spec,
     trust::{ClientTls, Dial, Expect},
 };
 use tokio::time::Instant;
@@ -55,9 +56,10 @@ impl AgentRecord {
         }
     }
 
-    /// Wall-clock time by which the agent's own lease reverts its faults.
-    pub fn lease_revert_by(&self) -> SystemTime {
-        self.last_seen_wall + self.lease
+    /// Wall-clock time by which the agent's own lease reverts its faults
+    /// (`None` if it cannot be told: the sum overflows a time).
+    pub fn lease_revert_by(&self) -> Option<SystemTime> {
+        self.last_seen_wall.checked_add(self.lease)
     }
 
     pub fn to_pb(&self, now: Instant) -> pb::AgentInfo {
@@ -162,9 +164,22 @@ impl Registry {
     /// refused process is remembered for emergency stop, unless
     /// `replace_live` (the holder was found gone). Returns the armed flag.
     pub fn register(&self, req: pb::RegisterAgentRequest, registered_by: &str, replace_live: bool) -> Result<bool, CoordinatorError> {
-        if req.agent_id.is_empty() {
-            return Err(CoordinatorError::invalid("agent_id", "must not be empty"));
-        }
+        spec::validate_name("agent_id", &req.agent_id, spec::MAX_AGENT_ID_LEN).map_err(CoordinatorError::from)?;
+        let lease = match req.lease_duration.as_ref() {
+            None => DEFAULT_AGENT_LEASE,
+            Some(d) => duration_from_pb(d).filter(|d| (spec::MIN_AGENT_LEASE..=spec::MAX_AGENT_LEASE).contains(d)).ok_or_else(|| {
+                CoordinatorError::invalid(
+                    "lease_duration",
+                    format!(
+                        "must be in {}..={} (an agent's --lease), got {}s {}ns",
+                        humantime::format_duration(spec::MIN_AGENT_LEASE),
+                        humantime::format_duration(spec::MAX_AGENT_LEASE),
+                        d.seconds,
+                        d.nanos
+                    ),
+                )
+            })?,
+        };
         let scheme = if self.tls.is_tls() { "https" } else { "http" };
         if !req.address.starts_with(&format!("{scheme}://")) {
             return Err(CoordinatorError::invalid(
@@ -177,7 +192,6 @@ impl Registry {
             ));
         }
         let client = self.dial(&req.agent_id, &req.address)?;
-        let lease = req.lease_duration.as_ref().and_then(duration_from_pb).filter(|d| !d.is_zero()).unwrap_or(DEFAULT_AGENT_LEASE);
         let mut g = self.lock();
         let now = Instant::now();
         g.contenders.retain(|c| now.saturating_duration_since(c.seen) < c.lease);
@@ -251,6 +265,12 @@ impl Registry {
                 short(&req.instance_id)
             )));
         }
+        if req.active_faults > spec::MAX_ACTIVE_FAULTS {
+            return Err(CoordinatorError::invalid(
+                "active_faults",
+                format!("must be at most {} (an agent's limit), got {}", spec::MAX_ACTIVE_FAULTS, req.active_faults),
+            ));
+        }
         rec.last_seen = Instant::now();
         rec.last_seen_wall = SystemTime::now();
         rec.active_faults = req.active_faults;
@@ -318,6 +338,15 @@ impl Registry {
     }
 }
 
+#[cfg(test)]
+impl Registry {
+    /// Put a record in as is, past every check of [`Registry::register`]:
+    /// for tests of what the rest does with a record no check foresaw.
+    pub(crate) fn insert_unchecked(&self, rec: AgentRecord) {
+        self.lock().agents.insert(rec.agent_id.clone(), rec);
+    }
+}
+
 /// The first 8 characters of an instance id, for messages.
 fn short(id: &str) -> &str {
     if id.is_empty() { "(none)" } else { &id[..id.len().min(8)] }
@@ -336,6 +365,28 @@ mod tests {
             instance_id: format!("{id}-instance-1"),
             ..Default::default()
         }
+    }
+
+    #[tokio::test]
+    async fn leases_ids_and_fault_counts_at_the_edge_of_their_types_are_refused_by_name() {
+        let r = Registry::new(Duration::from_millis(100), ArmState { armed: true, ..Default::default() }, None, ClientTls::Insecure);
+        let field = |e: CoordinatorError| match e {
+            CoordinatorError::Invalid { field, .. } => field,
+            other => panic!("not INVALID_ARGUMENT: {other}"),
+        };
+        // A lease no time can hold once made every emergency stop panic.
+        for seconds in [i64::MAX / 2, 3601, 0] {
+            assert_eq!(field(r.register(reg("a", seconds), "t", false).expect_err("lease")), "lease_duration", "{seconds}s");
+        }
+        for id in ["", "a\nforged log line", "a b", ".hidden", &"x".repeat(300)] {
+            assert_eq!(field(r.register(reg(id, 10), "t", false).expect_err("id")), "agent_id", "{id:?}");
+        }
+        assert!(r.agents().is_empty());
+        r.register(reg("a", 3600), "t", false).expect("the longest lease");
+        let hb = |n| pb::HeartbeatRequest { agent_id: "a".into(), active_faults: n, lease_lost: false, instance_id: "a-instance-1".into() };
+        assert_eq!(field(r.heartbeat(&hb(u32::MAX)).expect_err("count")), "active_faults");
+        r.heartbeat(&hb(spec::MAX_ACTIVE_FAULTS)).expect("the most faults an agent holds");
+        assert_eq!(r.agents()[0].active_faults, spec::MAX_ACTIVE_FAULTS);
     }
 
     #[tokio::test(start_paused = true)]

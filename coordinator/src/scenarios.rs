@@ -316,7 +316,7 @@ impl Scenarios {
         }
         let n = selected.len();
         self.transition_locked(g, id, ScenarioState::Running, format!("started: applying on {n} agent(s)"));
-        tokio::spawn(Arc::clone(self).run(id.to_string(), rx, RunMode::Fresh));
+        tokio::spawn(Arc::clone(self).run_guarded(id.to_string(), rx, RunMode::Fresh));
     }
 
     /// Start queued scenarios while slots are free; each is admitted again
@@ -462,6 +462,25 @@ impl Scenarios {
             }
         });
         stream::iter(calls).buffer_unordered(self.policy.fanout_parallelism.max(1)).collect().await
+    }
+
+    /// [`Self::run`]; if the runner panics (a bug), the scenario still
+    /// ends: its faults are asked to revert and it is FAILED, saying so.
+    async fn run_guarded(self: Arc<Self>, id: String, stop: oneshot::Receiver<StopSignal>, mode: RunMode) {
+        let Err(why) = chaos_proto::serve::catch_panic(Arc::clone(&self).run(id.clone(), stop, mode)).await else { return };
+        tracing::error!(scenario = %id, panic = %why, "scenario runner panicked; reverting its faults");
+        let unconfirmed = match chaos_proto::serve::catch_panic(self.revert_all(&id)).await {
+            Ok(u) if u.is_empty() => String::new(),
+            Ok(u) => format!("; revert not confirmed on {} (their TTL and lease revert it)", u.join(", ")),
+            Err(_) => "; the revert panicked too (the agents' TTL and lease revert the fault)".to_string(),
+        };
+        if self.lock().active.contains_key(&id) {
+            self.finish(
+                &id,
+                ScenarioState::Failed,
+                format!("the scenario's runner failed (a bug, logged by the coordinator): {why}{unconfirmed}"),
+            );
+        }
     }
 
     async fn run(self: Arc<Self>, id: String, mut stop: oneshot::Receiver<StopSignal>, mode: RunMode) {
@@ -907,7 +926,7 @@ impl Scenarios {
                     };
                     self.transition_locked(&mut g, &id, state, why);
                     info!(scenario = %id, ?mode, "recovering scenario after restart");
-                    tokio::spawn(Arc::clone(self).run(id, rx, mode));
+                    tokio::spawn(Arc::clone(self).run_guarded(id, rx, mode));
                 }
             }
         }
@@ -1108,6 +1127,36 @@ mod tests {
         assert!(r.agents[0].applied().is_empty());
         let e = s.create(spec("a0", 1000), false, "t").expect_err("disarmed");
         assert!(matches!(&e, CoordinatorError::Refused(m) if m.contains("disarmed (drill)")), "{e}");
+    }
+
+    #[tokio::test]
+    async fn emergency_stop_reverts_the_others_past_a_poisoned_registry_record() {
+        let r = rig(2, open_policy(3)).await;
+        let s = &r.scenarios;
+        let a = id_of(s.create(spec("a0", 60_000), false, "t").expect("a"));
+        wait_state(s, &a, ScenarioState::Running).await;
+        for _ in 0..300 {
+            if !r.agents[0].applied().is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(r.agents[0].applied().len(), 1);
+        // A record no check of register() would let in: a lease past what a time can hold, a dead address.
+        let mut poisoned = r.registry.agents().into_iter().find(|x| x.agent_id == "a1").expect("a1");
+        poisoned.agent_id = "poisoned".into();
+        poisoned.lease = Duration::MAX;
+        poisoned.last_seen_wall = SystemTime::UNIX_EPOCH + Duration::from_secs(u64::MAX / 4);
+        poisoned.active_faults = u32::MAX;
+        poisoned.client = r.registry.client("poisoned", "http://127.0.0.1:1").expect("client");
+        r.registry.insert_unchecked(poisoned);
+        let resp = crate::fleet::emergency_stop(&r.registry, s, "drill", Duration::from_millis(500)).await;
+        assert!(r.agents[0].applied().is_empty(), "the healthy agent's fault is reverted");
+        let bad = resp.results.iter().find(|x| x.agent_id == "poisoned").expect("the poisoned record is reported");
+        assert!(!bad.reached && bad.lease_revert_by.is_none(), "{bad:?}");
+        assert!(!resp.complete, "an unreached agent leaves the stop incomplete: {resp:?}");
+        assert_eq!(resp.agents_reached, 2);
+        wait_state(s, &a, ScenarioState::Aborted).await;
     }
 
     #[tokio::test]

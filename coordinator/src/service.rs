@@ -244,7 +244,10 @@ impl Coordinator for CoordinatorService {
             agents_healthy: count(AgentHealth::Healthy),
             agents_late: count(AgentHealth::Late),
             agents_lost: count(AgentHealth::Lost),
-            active_faults: agents.iter().filter(|a| a.health(now) != AgentHealth::Lost).map(|a| a.active_faults).sum(),
+            active_faults: agents
+                .iter()
+                .filter(|a| a.health(now) != AgentHealth::Lost)
+                .fold(0u32, |n, a| n.saturating_add(a.active_faults)),
             uptime: Some(duration_to_pb(self.started.elapsed())),
             listen_address: self.cfg.listen_address.clone(),
             tls_identity: self.cfg.tls.as_ref().map(|t| t.identity().uri()).unwrap_or_default(),
@@ -301,7 +304,13 @@ impl Coordinator for CoordinatorService {
         self.audit(&who, "ValidateRecovery", &r.scenario_ids.join(","), &acks, &checked);
         let plan = checked?;
         let (tx, out) = tokio::sync::mpsc::channel(64);
-        tokio::spawn(crate::validate::run(plan, Arc::clone(&self.scenarios), tx));
+        let scenarios = Arc::clone(&self.scenarios);
+        tokio::spawn(async move {
+            // A panic (a bug) still ends the stream with a verdict that says so.
+            if let Err(why) = chaos_proto::serve::catch_panic(crate::validate::run(plan, scenarios, tx.clone())).await {
+                let _ = tx.send(Ok(crate::validate::internal_failure(&why))).await;
+            }
+        });
         Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(out))))
     }
 

@@ -101,11 +101,31 @@ fn table(field: &str, v: &str) -> Result<String, Status> {
     cassandra::parse_table_name(&need(field, v)?).map_err(|e| invalid(field, e))
 }
 
+/// Longest wait a validation may be asked for (one check's timeout, a retry interval, a window).
+pub const MAX_VALIDATION_WAIT: Duration = Duration::from_secs(3600);
+
 fn duration_or(field: &str, d: Option<&prost_types::Duration>, default: Duration) -> Result<Duration, Status> {
     match d {
         None => Ok(default),
-        Some(d) => duration_from_pb(d).filter(|d| !d.is_zero()).ok_or_else(|| invalid(field, "must be a positive duration")),
+        Some(d) => duration_from_pb(d).filter(|d| !d.is_zero() && *d <= MAX_VALIDATION_WAIT).ok_or_else(|| {
+            invalid(
+                field,
+                format!("must be a positive duration of at most {}, got {}s", humantime::format_duration(MAX_VALIDATION_WAIT), d.seconds),
+            )
+        }),
     }
+}
+
+/// A Kafka topic name: 1..=249 of `[a-zA-Z0-9._-]` (Kafka's own rule), not `.` or `..`.
+fn topic(field: &str, v: &str) -> Result<String, Status> {
+    let v = need(field, v)?;
+    if v.len() > 249 || v == "." || v == ".." || !v.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')) {
+        return Err(invalid(
+            field,
+            format!("must be a Kafka topic name (1..=249 of letters, digits, '.', '_', '-'), got {}", chaos_proto::edge::quote(&v)),
+        ));
+    }
+    Ok(v)
 }
 
 impl Plan {
@@ -126,7 +146,7 @@ impl Plan {
             Some(l) => Some(Lag {
                 bootstrap: host_port("lag.bootstrap", &l.bootstrap)?,
                 group: need("lag.group", &l.group)?,
-                topic: need("lag.topic", &l.topic)?,
+                topic: topic("lag.topic", &l.topic)?,
                 max_lag: l.max_lag,
                 timeout: duration_or("lag.timeout", l.timeout.as_ref(), defaults.recovery_timeout)?,
             }),
@@ -157,7 +177,9 @@ impl Plan {
                     max_degradation_pct: pct,
                     latency_slack: match &p.latency_slack {
                         None => Duration::from_millis(100),
-                        Some(d) => duration_from_pb(d).ok_or_else(|| invalid("performance.latency_slack", "must not be negative"))?,
+                        Some(d) => duration_from_pb(d)
+                            .filter(|d| *d <= MAX_VALIDATION_WAIT)
+                            .ok_or_else(|| invalid("performance.latency_slack", format!("must be in 0s..=1h, got {}s", d.seconds)))?,
                     },
                     min_events: if p.min_events == 0 { 50 } else { u64::from(p.min_events) },
                 })
@@ -175,7 +197,11 @@ impl Plan {
         Ok(Plan {
             checks,
             scenario_ids: r.scenario_ids.clone(),
-            max_attempts: if r.max_attempts == 0 { defaults.max_attempts.max(1) } else { r.max_attempts },
+            max_attempts: match r.max_attempts {
+                0 => defaults.max_attempts.max(1),
+                n if n > 1000 => return Err(invalid("max_attempts", format!("must be at most 1000, got {n}"))),
+                n => n,
+            },
             retry_interval: duration_or("retry_interval", r.retry_interval.as_ref(), defaults.retry_interval)?,
         })
     }
@@ -625,6 +651,18 @@ pub async fn run(plan: Plan, scenarios: std::sync::Arc<Scenarios>, tx: Tx) {
     };
     info!(passed, rounds = round, "recovery validation done");
     let _ = send(&tx, Event::Report(report)).await;
+}
+
+/// The last event of a validation whose task failed (a panic, logged):
+/// FAILED, saying why, never a stream that ends with no verdict.
+pub fn internal_failure(why: &str) -> pb::ValidationEvent {
+    pb::ValidationEvent {
+        event: Some(Event::Report(pb::ValidationReport {
+            verdict: Verdict::Failed as i32,
+            reasons: vec![format!("the validation failed inside the coordinator (a bug, logged there): {why}")],
+            ..Default::default()
+        })),
+    }
 }
 
 #[cfg(test)]

@@ -7,6 +7,8 @@
 //! conversions to typed domain values).
 
 pub mod convert;
+pub mod edge;
+pub mod files;
 pub mod metrics;
 pub mod rules;
 pub mod serve;

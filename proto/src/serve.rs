@@ -159,15 +159,86 @@ pub enum LogFormat {
     Json,
 }
 
-/// Tracing to stderr, filtered by `RUST_LOG` (default `info`).
+/// Tracing to stderr, filtered by `RUST_LOG` (default `info`). Text lines
+/// go through [`OneLine`], so a value from outside (an agent id, a
+/// process name read from /proc, a Docker error) can never start a line
+/// of its own; JSON escapes by itself. A panic is logged as one line with
+/// its place ("panicked at FILE:LINE").
 pub fn init_tracing(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let registry = tracing_subscriber::registry().with(filter);
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let _ = match format {
-        LogFormat::Text => registry.with(fmt::layer().with_ansi(ansi).with_writer(std::io::stderr)).try_init(),
+        LogFormat::Text => {
+            registry.with(fmt::layer().with_ansi(ansi).with_writer(move || OneLine { inner: std::io::stderr(), ansi })).try_init()
+        }
         LogFormat::Json => registry.with(fmt::layer().json().with_writer(std::io::stderr)).try_init(),
     };
+    std::panic::set_hook(Box::new(|info| {
+        let at = info.location().map(|l| format!("{}:{}", l.file(), l.line())).unwrap_or_else(|| "an unknown place".into());
+        let thread = std::thread::current().name().unwrap_or("unnamed").to_string();
+        tracing::error!(thread, "panicked at {at}: {}", panic_text(info.payload()));
+    }));
+}
+
+/// A writer for one formatted log event: every control character but the
+/// final newline (and the colour codes of a terminal's own output) is
+/// written escaped (`\n`, `\u{1b}`).
+pub struct OneLine<W> {
+    pub inner: W,
+    /// Keep ESC: the formatter colours a terminal's output itself.
+    pub ansi: bool,
+}
+
+impl<W: std::io::Write> std::io::Write for OneLine<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let (body, end) = match buf.split_last() {
+            Some((b'\n', body)) => (body, &b"\n"[..]),
+            _ => (buf, &b""[..]),
+        };
+        if !body.iter().any(|b| needs_escape(*b, self.ansi)) {
+            self.inner.write_all(buf)?;
+            return Ok(buf.len());
+        }
+        let mut out = Vec::with_capacity(buf.len() + 16);
+        for &b in body {
+            if needs_escape(b, self.ansi) {
+                out.extend(std::ascii::escape_default(b));
+            } else {
+                out.push(b);
+            }
+        }
+        out.extend_from_slice(end);
+        self.inner.write_all(&out)?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+fn needs_escape(b: u8, ansi: bool) -> bool {
+    (b < 0x20 && b != b'\t' && !(ansi && b == 0x1b)) || b == 0x7f
+}
+
+/// The message of a panic payload (`&str` or `String`; else a placeholder).
+pub fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        s.to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "a panic without a message".into()
+    }
+}
+
+/// Run `fut`; a panic inside it is caught and returned as its message
+/// (the panic hook has logged it with its place). For background tasks
+/// whose end must be reported: a run that panics still ends with a verdict.
+pub async fn catch_panic<F: Future>(fut: F) -> Result<F::Output, String> {
+    use futures::FutureExt;
+    std::panic::AssertUnwindSafe(fut).catch_unwind().await.map_err(|p| panic_text(&*p))
 }
 
 /// Resolves on the first SIGTERM or SIGINT.
@@ -180,5 +251,34 @@ pub async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM received"),
         _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn one_line(text: &[u8], ansi: bool) -> String {
+        let mut w = OneLine { inner: Vec::new(), ansi };
+        w.write_all(text).expect("write");
+        String::from_utf8(w.inner).expect("utf-8")
+    }
+
+    #[test]
+    fn a_value_from_outside_never_starts_a_log_line_of_its_own() {
+        let line = one_line(b"INFO agent registered agent_id=a\nERROR forged\r\x07\x7f\n", false);
+        assert_eq!(line, "INFO agent registered agent_id=a\\nERROR forged\\r\\x07\\x7f\n");
+        assert_eq!(line.matches('\n').count(), 1);
+        // A terminal's colours are the formatter's own; tabs stay.
+        assert_eq!(one_line(b"\x1b[32mINFO\x1b[0m\tok\n", true), "\x1b[32mINFO\x1b[0m\tok\n");
+        assert_eq!(one_line(b"\x1b[2J\n", false), "\\x1b[2J\n");
+    }
+
+    #[tokio::test]
+    async fn a_panic_is_caught_with_its_message() {
+        let r = catch_panic(async { panic!("boom {}", 7) }).await;
+        assert_eq!(r.expect_err("panicked"), "boom 7");
+        assert_eq!(catch_panic(async { 5 }).await, Ok(5));
     }
 }

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     convert::{duration_from_pb, duration_to_pb},
+    edge::quote,
     pb,
 };
 
@@ -22,6 +23,18 @@ pub const MAX_RATE_BPS: u64 = 100_000_000_000;
 
 /// Longest delay a latency fault may hold packets.
 pub const MAX_DELAY: Duration = Duration::from_secs(10);
+
+/// Highest IO throttle rate, bytes per second (100 GB/s: above any device).
+pub const MAX_IO_BYTES_PER_SECOND: u64 = 100_000_000_000;
+/// Largest byte count a memory or disk fault may name (1 PiB): above it a
+/// size is a mistake, and sums of it could overflow.
+pub const MAX_FAULT_BYTES: u64 = 1 << 50;
+/// Bounds of an agent's dead-man lease, on both sides of the contract.
+pub const MIN_AGENT_LEASE: Duration = Duration::from_millis(300);
+pub const MAX_AGENT_LEASE: Duration = Duration::from_secs(3600);
+/// Most faults one agent holds at once; more are refused (RESOURCE_EXHAUSTED),
+/// and a heartbeat counting more is refused by the coordinator.
+pub const MAX_ACTIVE_FAULTS: u32 = 10_000;
 
 /// Longest id a caller may choose.
 pub const MAX_ID_LEN: usize = 64;
@@ -91,7 +104,7 @@ pub fn parse_signal(s: &str) -> Result<Signal, String> {
     }
     let upper = t.to_ascii_uppercase();
     let name = if upper.starts_with("SIG") { upper } else { format!("SIG{upper}") };
-    name.parse::<Signal>().map_err(|_| format!("unknown signal {t:?}"))
+    name.parse::<Signal>().map_err(|_| format!("unknown signal {}", quote(t)))
 }
 
 /// Which way packets travel, seen from the target.
@@ -138,11 +151,13 @@ impl std::str::FromStr for Cidr {
             Some((a, p)) => (a, Some(p)),
             None => (s, None),
         };
-        let addr: IpAddr = a.parse().map_err(|_| format!("{s:?} is not an IP address or CIDR"))?;
+        let addr: IpAddr = a.parse().map_err(|_| format!("{} is not an IP address or CIDR", quote(s)))?;
         let max = if addr.is_ipv4() { 32 } else { 128 };
         let prefix = match p {
             None => max,
-            Some(p) => p.parse::<u8>().ok().filter(|p| *p <= max).ok_or_else(|| format!("{s:?} has a bad prefix length (0..={max})"))?,
+            Some(p) => {
+                p.parse::<u8>().ok().filter(|p| *p <= max).ok_or_else(|| format!("{} has a bad prefix length (0..={max})", quote(s)))?
+            }
         };
         Ok(Cidr { addr, prefix })
     }
@@ -293,10 +308,10 @@ impl fmt::Display for DeviceNumber {
 impl std::str::FromStr for DeviceNumber {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let (a, b) = s.trim().split_once(':').ok_or_else(|| format!("must be MAJOR:MINOR, got {s:?}"))?;
+        let (a, b) = s.trim().split_once(':').ok_or_else(|| format!("must be MAJOR:MINOR, got {}", quote(s)))?;
         match (a.parse(), b.parse()) {
             (Ok(major), Ok(minor)) => Ok(DeviceNumber { major, minor }),
-            _ => Err(format!("must be MAJOR:MINOR (two numbers), got {s:?}")),
+            _ => Err(format!("must be MAJOR:MINOR (two numbers), got {}", quote(s))),
         }
     }
 }
@@ -646,17 +661,30 @@ impl FaultRequest {
 }
 
 fn validate_id(id: &str) -> Result<(), SpecError> {
-    if id.len() > MAX_ID_LEN {
-        return Err(SpecError::invalid("spec.id", format!("must be at most {MAX_ID_LEN} characters, got {}", id.len())));
+    validate_name("spec.id", id, MAX_ID_LEN)
+}
+
+/// Longest agent id (a fully qualified host name may be one).
+pub const MAX_AGENT_ID_LEN: usize = 253;
+
+/// A name made of letters, digits, '-', '_' and '.', not starting with
+/// '.', of 1..=`max` characters: ids of faults and agents, safe in a path,
+/// a log line, an nft table name and a URL.
+pub fn validate_name(field: &str, id: &str, max: usize) -> Result<(), SpecError> {
+    if id.is_empty() {
+        return Err(SpecError::invalid(field, "must not be empty"));
+    }
+    if id.len() > max {
+        return Err(SpecError::invalid(field, format!("must be at most {max} characters, got {}: {}", id.len(), quote(id))));
     }
     if let Some(c) = id.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))) {
         return Err(SpecError::invalid(
-            "spec.id",
-            format!("may hold only letters, digits, '-', '_' and '.', got {id:?} (bad character {c:?})"),
+            field,
+            format!("may hold only letters, digits, '-', '_' and '.', got {} (bad character {c:?})", quote(id)),
         ));
     }
     if id.starts_with('.') {
-        return Err(SpecError::invalid("spec.id", format!("must not start with '.', got {id:?}")));
+        return Err(SpecError::invalid(field, format!("must not start with '.', got {}", quote(id))));
     }
     Ok(())
 }
@@ -675,7 +703,10 @@ fn target_from_pb(t: Option<&pb::Target>) -> Result<TargetSpec, SpecError> {
         K::Host(_) => TargetSpec::Host,
         K::Netns(n) => {
             if !is_netns_name(n) {
-                return Err(SpecError::invalid("spec.target.netns", format!("must be a namespace name under /run/netns, got {n:?}")));
+                return Err(SpecError::invalid(
+                    "spec.target.netns",
+                    format!("must be a namespace name under /run/netns, got {}", quote(n)),
+                ));
             }
             TargetSpec::Netns(n.clone())
         }
@@ -683,13 +714,16 @@ fn target_from_pb(t: Option<&pb::Target>) -> Result<TargetSpec, SpecError> {
         K::Pid(p) => TargetSpec::Pid(*p),
         K::ProcessName(n) => {
             if n.is_empty() || n.contains('/') || n.contains('\0') {
-                return Err(SpecError::invalid("spec.target.process_name", format!("must be a bare process name (no '/'), got {n:?}")));
+                return Err(SpecError::invalid(
+                    "spec.target.process_name",
+                    format!("must be a bare process name (no '/'), got {}", quote(n)),
+                ));
             }
             TargetSpec::ProcessName(n.clone())
         }
         K::CgroupPath(c) => {
             if c.split('/').any(|seg| seg == "..") {
-                return Err(SpecError::invalid("spec.target.cgroup_path", format!("must not contain '..', got {c:?}")));
+                return Err(SpecError::invalid("spec.target.cgroup_path", format!("must not contain '..', got {}", quote(c))));
             }
             TargetSpec::CgroupPath(c.trim_start_matches('/').to_string())
         }
@@ -723,7 +757,20 @@ fn percent_field(v: f64, field: &str, zero_ok: bool) -> Result<u32, SpecError> {
         return Err(SpecError::invalid(field, format!("must be in {range}, got {v}")));
     }
     // Bounded by the check above: 0..=10000.
-    Ok((v * 100.0).round() as u32)
+    let permyriad = (v * 100.0).round() as u32;
+    if permyriad == 0 && v != 0.0 {
+        // 0.001 would be taken as 0: a fault that does nothing, or an option silently off.
+        return Err(SpecError::invalid(field, format!("must be at least 0.01 (the resolution is a hundredth of a percent), got {v}")));
+    }
+    Ok(permyriad)
+}
+
+/// A byte count of at most [`MAX_FAULT_BYTES`].
+fn bytes_field(v: u64, field: &str) -> Result<u64, SpecError> {
+    if v > MAX_FAULT_BYTES {
+        return Err(SpecError::invalid(field, format!("must be at most {MAX_FAULT_BYTES} (1 PiB), got {v}")));
+    }
+    Ok(v)
 }
 
 fn scope_to_pb(s: &NetScope) -> pb::NetworkScope {
@@ -754,7 +801,7 @@ fn scope_from_pb(s: Option<&pb::NetworkScope>, field: &str) -> Result<NetScope, 
     } else if s.interface.len() > 15 || s.interface.contains(['/', ' ', '"', '\'']) {
         return Err(SpecError::invalid(
             format!("{field}.interface"),
-            format!("must be an interface name (at most 15 characters), got {:?}", s.interface),
+            format!("must be an interface name (at most 15 characters), got {}", quote(&s.interface)),
         ));
     } else {
         Some(s.interface.clone())
@@ -779,7 +826,9 @@ fn scope_from_pb(s: Option<&pb::NetworkScope>, field: &str) -> Result<NetScope, 
         "tcp" => Some(Protocol::Tcp),
         "udp" => Some(Protocol::Udp),
         "icmp" => Some(Protocol::Icmp),
-        other => return Err(SpecError::invalid(format!("{field}.protocol"), format!("must be tcp, udp, icmp or empty, got {other:?}"))),
+        other => {
+            return Err(SpecError::invalid(format!("{field}.protocol"), format!("must be tcp, udp, icmp or empty, got {}", quote(other))));
+        }
     };
     if !ports.is_empty() && protocol == Some(Protocol::Icmp) {
         return Err(SpecError::invalid(format!("{field}.ports"), "cannot be combined with protocol icmp"));
@@ -899,17 +948,18 @@ fn kind_from_pb(f: &pb::fault_spec::Fault) -> Result<FaultKind, SpecError> {
                 (b, p) if b > 0 && p != 0.0 => {
                     return Err(SpecError::invalid(field, format!("takes bytes or percent_of_total, not both (got {b} and {p})")));
                 }
-                (b, _) if b > 0 => MemorySize::Bytes(b),
+                (b, _) if b > 0 => MemorySize::Bytes(bytes_field(b, &format!("{field}.bytes"))?),
                 (_, p) => {
                     if !p.is_finite() || p <= 0.0 || p >= 100.0 {
                         return Err(SpecError::invalid(format!("{field}.percent_of_total"), format!("must be in (0, 100), got {p}")));
                     }
-                    MemorySize::PermyriadOfTotal((p * 100.0).round() as u32)
+                    MemorySize::PermyriadOfTotal(percent_field(p, &format!("{field}.percent_of_total"), false)?)
                 }
             };
             Ok(FaultKind::MemoryStress { size })
         }
         F::MemoryLimit(m) => {
+            bytes_field(m.limit_bytes, "spec.memory_limit.limit_bytes")?;
             if m.limit_bytes < MIN_MEMORY_LIMIT_BYTES {
                 return Err(SpecError::invalid(
                     "spec.memory_limit.limit_bytes",
@@ -924,7 +974,7 @@ fn kind_from_pb(f: &pb::fault_spec::Fault) -> Result<FaultKind, SpecError> {
             if !d.path.starts_with('/') || d.path.contains('\0') || d.path.split('/').any(|s| s == "..") {
                 return Err(SpecError::invalid(
                     format!("{field}.path"),
-                    format!("must be an absolute path without '..', got {:?}", d.path),
+                    format!("must be an absolute path without '..', got {}", quote(&d.path)),
                 ));
             }
             let amount = match (d.bytes, d.fill_to_percent) {
@@ -932,7 +982,7 @@ fn kind_from_pb(f: &pb::fault_spec::Fault) -> Result<FaultKind, SpecError> {
                 (b, p) if b > 0 && p != 0.0 => {
                     return Err(SpecError::invalid(field, format!("takes bytes or fill_to_percent, not both (got {b} and {p})")));
                 }
-                (b, _) if b > 0 => FillAmount::Bytes(b),
+                (b, _) if b > 0 => FillAmount::Bytes(bytes_field(b, &format!("{field}.bytes"))?),
                 (_, p) => FillAmount::ToPermyriad(percent_field(p, &format!("{field}.fill_to_percent"), false)?),
             };
             Ok(FaultKind::DiskFill { path: d.path.clone(), amount })
@@ -941,6 +991,15 @@ fn kind_from_pb(f: &pb::fault_spec::Fault) -> Result<FaultKind, SpecError> {
             let field = "spec.io_throttle";
             if io.read_bytes_per_second == 0 && io.write_bytes_per_second == 0 {
                 return Err(SpecError::invalid(field, "needs read_bytes_per_second or write_bytes_per_second (> 0)"));
+            }
+            for (name, v) in [("read_bytes_per_second", io.read_bytes_per_second), ("write_bytes_per_second", io.write_bytes_per_second)] {
+                // The kernel reads u64::MAX as "no limit": a throttle that throttles nothing.
+                if v > MAX_IO_BYTES_PER_SECOND {
+                    return Err(SpecError::invalid(
+                        format!("{field}.{name}"),
+                        format!("must be at most {MAX_IO_BYTES_PER_SECOND} (100 GB/s), got {v}"),
+                    ));
+                }
             }
             let device = if io.device.trim().is_empty() {
                 None
@@ -1197,7 +1256,8 @@ mod tests {
         s.fault = Some(pb::fault_spec::Fault::NetworkLoss(pb::NetworkLoss { percent: 10.5, ..Default::default() }));
         let r = FaultRequest::from_pb(&s, MAX).expect("valid");
         assert!(matches!(r.kind, FaultKind::NetworkLoss { permyriad: 1050, correlation_permyriad: 0, .. }), "{:?}", r.kind);
-        for bad in [0.0, -1.0, 140.0, f64::NAN] {
+        // 5e-324 and 0.004 would round to 0: a loss fault that drops nothing.
+        for bad in [0.0, -1.0, 140.0, f64::NAN, 5e-324, 0.004] {
             s.fault = Some(pb::fault_spec::Fault::NetworkLoss(pb::NetworkLoss { percent: bad, ..Default::default() }));
             let e = FaultRequest::from_pb(&s, MAX).expect_err("must be refused");
             assert_eq!(field_of(e.clone()), "spec.network_loss.percent", "{bad}: {e}");
@@ -1206,6 +1266,44 @@ mod tests {
             Some(pb::fault_spec::Fault::NetworkLoss(pb::NetworkLoss { percent: 5.0, correlation_percent: 120.0, ..Default::default() }));
         let e = FaultRequest::from_pb(&s, MAX).expect_err("must be refused");
         assert_eq!(field_of(e), "spec.network_loss.correlation_percent");
+    }
+
+    #[test]
+    fn sizes_and_rates_at_the_edge_of_u64_are_refused_by_name() {
+        let mut s = pause_pid(5, 5);
+        let cases: Vec<(pb::fault_spec::Fault, &str)> = vec![
+            (
+                pb::fault_spec::Fault::IoThrottle(pb::IoThrottle { read_bytes_per_second: u64::MAX, ..Default::default() }),
+                "spec.io_throttle.read_bytes_per_second",
+            ),
+            (
+                pb::fault_spec::Fault::IoThrottle(pb::IoThrottle {
+                    read_bytes_per_second: 1,
+                    write_bytes_per_second: MAX_IO_BYTES_PER_SECOND + 1,
+                    ..Default::default()
+                }),
+                "spec.io_throttle.write_bytes_per_second",
+            ),
+            (pb::fault_spec::Fault::MemoryLimit(pb::MemoryLimit { limit_bytes: u64::MAX }), "spec.memory_limit.limit_bytes"),
+            (pb::fault_spec::Fault::MemoryStress(pb::MemoryStress { bytes: u64::MAX, ..Default::default() }), "spec.memory_stress.bytes"),
+            (
+                pb::fault_spec::Fault::MemoryStress(pb::MemoryStress { percent_of_total: 1e-9, ..Default::default() }),
+                "spec.memory_stress.percent_of_total",
+            ),
+            (
+                pb::fault_spec::Fault::DiskFill(pb::DiskFill { path: "/tmp".into(), bytes: u64::MAX, ..Default::default() }),
+                "spec.disk_fill.bytes",
+            ),
+            (
+                pb::fault_spec::Fault::NetworkBandwidth(pb::NetworkBandwidth { rate_bits_per_second: u64::MAX, ..Default::default() }),
+                "spec.network_bandwidth.rate_bits_per_second",
+            ),
+        ];
+        for (fault, field) in cases {
+            s.fault = Some(fault);
+            let e = FaultRequest::from_pb(&s, MAX).expect_err(field);
+            assert_eq!(field_of(e), field);
+        }
     }
 
     #[test]

@@ -74,10 +74,11 @@ pub struct RpcTimer<S> {
     metrics: RpcMetrics,
 }
 
-impl<S, B> tower::Service<tonic::codegen::http::Request<B>> for RpcTimer<S>
+impl<S, B, ResBody> tower::Service<tonic::codegen::http::Request<B>> for RpcTimer<S>
 where
-    S: tower::Service<tonic::codegen::http::Request<B>> + Send,
+    S: tower::Service<tonic::codegen::http::Request<B>, Response = tonic::codegen::http::Response<ResBody>> + Send,
     S::Future: Send + 'static,
+    ResBody: Default + Send + 'static,
 {
     type Response = S::Response;
     type Error = S::Error;
@@ -95,7 +96,16 @@ where
         let fut = self.inner.call(req);
         let seconds = self.metrics.seconds.clone();
         Box::pin(async move {
-            let out = fut.await;
+            // A handler that panics answers INTERNAL (the hook has logged
+            // where); the server and its other calls go on.
+            let out = match crate::serve::catch_panic(fut).await {
+                Ok(out) => out,
+                Err(why) => {
+                    tracing::error!(method = %method, panic = %why, "handler panicked: answered INTERNAL");
+                    Ok(tonic::Status::internal(format!("the server failed handling {method} (a bug, logged on the server): {why}"))
+                        .into_http())
+                }
+            };
             seconds.get_or_create(&vec![("method".to_string(), method)]).observe(start.elapsed().as_secs_f64());
             out
         })

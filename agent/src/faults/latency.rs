@@ -188,6 +188,10 @@ impl NetworkDriver {
 
     pub(crate) async fn apply_latency(&self, plan: &LatencyPlan) -> Result<Applied, AgentError> {
         let backend = self.iptables_backend;
+        // A named interface must exist: iptables would take `-i nosuch` and match nothing.
+        if let Some(i) = plan.scope.interface.as_deref() {
+            self.interfaces_of(&plan.ns, Some(i)).await?;
+        }
         // The engine first: with --queue-bypass, rules without a listener would pass traffic undelayed.
         let engine = match plan.drop_permyriad {
             Some(_) => None,

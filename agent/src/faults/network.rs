@@ -399,8 +399,15 @@ impl FaultDriver for NetworkDriver {
             _ => {}
         }
         let plan = plan_of(plan)?;
-        let devices =
-            if plan.scope.direction.egress() { self.interfaces_of(&plan.ns, plan.scope.interface.as_deref()).await? } else { Vec::new() };
+        let devices = if plan.scope.direction.egress() {
+            self.interfaces_of(&plan.ns, plan.scope.interface.as_deref()).await?
+        } else {
+            // Ingress only: `iifname "nosuch"` is valid nft and matches nothing, so the name is checked here.
+            if let Some(i) = plan.scope.interface.as_deref() {
+                self.interfaces_of(&plan.ns, Some(i)).await?;
+            }
+            Vec::new()
+        };
         if !plan.scope.direction.ingress() && devices.is_empty() {
             return Err(AgentError::TargetNotFound(format!("{} has no interface besides lo to drop egress on", plan.ns.label)));
         }

@@ -615,6 +615,20 @@ impl FaultDriver for ResourceDriver {
             FaultKind::MemoryLimit { limit_bytes } => {
                 let (cgroup, _) = self.changeable_cgroup(&req.target, Controller::Memory)?;
                 let previous = cg()?.memory_limit_text(&cgroup).map_err(io_err("reading the memory limit"))?;
+                // A limit at or above what the cgroup may already use limits nothing: refused, not applied as a no-op.
+                let field = "spec.memory_limit.limit_bytes";
+                if let Some(total) = self.meminfo("MemTotal")
+                    && *limit_bytes >= total
+                {
+                    let why = format!("would limit nothing: {} is at or above this host's memory ({})", mib(*limit_bytes), mib(total));
+                    return Err(chaos_proto::spec::SpecError::invalid(field, why).into());
+                }
+                if let Ok(current) = previous.trim().parse::<u64>()
+                    && *limit_bytes >= current
+                {
+                    let why = format!("would limit nothing: cgroup {cgroup} is already limited to {}", mib(current));
+                    return Err(chaos_proto::spec::SpecError::invalid(field, why).into());
+                }
                 ResourcePlan::MemoryLimit { cgroup, previous, limit_bytes: *limit_bytes }
             }
             FaultKind::IoThrottle { read_bytes_per_second, write_bytes_per_second, device } => {

@@ -35,8 +35,11 @@ pub struct ProcStat {
 pub const PF_KTHREAD: u64 = 0x0020_0000;
 
 impl ProcStat {
+    /// By the kernel's own flag only: inside a pid namespace, pid 2 and
+    /// its children are ordinary processes (the host's kthreadd is not
+    /// visible there).
     pub fn is_kernel_thread(&self) -> bool {
-        self.flags & PF_KTHREAD != 0 || self.pid == 2 || self.ppid == 2
+        self.flags & PF_KTHREAD != 0
     }
 }
 
