@@ -39,11 +39,27 @@ pub enum AgentError {
     MissingFeature(String),
     #[error("{cmd} failed: {detail}")]
     Command { cmd: String, detail: String },
+    /// The host refused an operation the agent is entitled to try (EACCES from a kernel interface).
+    #[error("{0}")]
+    HostDenied(String),
 }
 
 impl AgentError {
     pub fn journal(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         AgentError::Journal { path: path.into(), source }
+    }
+
+    /// An I/O error while doing `what`, by its kind: a missing kernel
+    /// feature, a target gone, a refusal of the host, or (anything else) a
+    /// failure of the agent's own.
+    pub fn io(what: impl std::fmt::Display, e: std::io::Error) -> Self {
+        use std::io::ErrorKind as K;
+        match e.kind() {
+            K::Unsupported => AgentError::MissingFeature(format!("{e} ({what})")),
+            K::NotFound => AgentError::TargetNotFound(format!("{what}: {e}")),
+            K::PermissionDenied => AgentError::HostDenied(format!("{what}: {e}")),
+            _ => AgentError::Command { cmd: what.to_string(), detail: e.to_string() },
+        }
     }
 
     /// The gRPC code for this error.
@@ -53,7 +69,7 @@ impl AgentError {
             AgentError::Disarmed { .. } | AgentError::LeaseLost(_) | AgentError::MissingFeature(_) | AgentError::Guard(_) => {
                 Code::FailedPrecondition
             }
-            AgentError::Protected(_) => Code::PermissionDenied,
+            AgentError::Protected(_) | AgentError::HostDenied(_) => Code::PermissionDenied,
             AgentError::Os { errno: Errno::EPERM, .. } => Code::PermissionDenied,
             AgentError::TargetNotFound(_) | AgentError::UnknownFault(_) => Code::NotFound,
             AgentError::AlreadyExists(_) => Code::AlreadyExists,

@@ -129,8 +129,19 @@ impl Daemon {
 }
 
 impl Drop for Daemon {
+    /// Stop it, then fail the test if the daemon ever panicked (a handler
+    /// answering INTERNAL after a panic would otherwise pass unseen).
     fn drop(&mut self) {
         self.terminate(Duration::from_secs(5));
+        if std::thread::panicking() {
+            return;
+        }
+        let log = self.log_text();
+        if let Some(at) = log.find("panicked at") {
+            let from = log[..at].rfind('\n').map_or(0, |i| i + 1);
+            let line = log[from..].lines().next().unwrap_or_default();
+            panic!("{} panicked during the test ({}):\n{line}", self.name, self.log.display());
+        }
     }
 }
 

@@ -149,7 +149,7 @@ impl NetworkDriver {
 
     /// Identity of the namespace file at `path`, `None` when it does not exist.
     fn ns_identity(&self, path: &Path) -> Result<Option<NsId>, AgentError> {
-        self.exec.ns_id(path).map_err(|e| AgentError::Command { cmd: format!("stat {}", path.display()), detail: e.to_string() })
+        self.exec.ns_id(path).map_err(|e| AgentError::io(format!("stat {}", path.display()), e))
     }
 
     pub(crate) fn resolve_ns(&self, target: &TargetSpec) -> Result<NetnsRef, AgentError> {

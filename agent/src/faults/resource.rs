@@ -136,7 +136,7 @@ pub struct ResourceDriver {
 const DEADLINE_GRACE: Duration = Duration::from_secs(5);
 
 fn io_err(what: impl std::fmt::Display) -> impl FnOnce(std::io::Error) -> AgentError {
-    move |e| AgentError::Command { cmd: what.to_string(), detail: e.to_string() }
+    move |e| AgentError::io(what, e)
 }
 
 fn plan_of(plan: &Plan) -> Result<&ResourcePlan, AgentError> {

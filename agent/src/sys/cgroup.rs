@@ -238,7 +238,7 @@ impl CgroupFs {
     /// [`CgroupFs::dir`], with an error naming a missing v1 controller.
     fn dir_for(&self, ctrl: Controller, path: &str) -> io::Result<PathBuf> {
         self.dir(ctrl.v1(), path)
-            .ok_or_else(|| io::Error::new(ErrorKind::NotFound, format!("no {} controller under {}", ctrl.v1(), self.root.display())))
+            .ok_or_else(|| io::Error::new(ErrorKind::Unsupported, format!("no {} controller under {}", ctrl.v1(), self.root.display())))
     }
 
     /// Create cgroup `path` for `ctrl` (v2: enabling the controller in the
