@@ -1,6 +1,7 @@
 //! Agent configuration: flags, environment variables and a YAML file, in
 //! that order of precedence, validated at start with errors naming the key.
 
+use chaos_proto::edge::quote;
 use std::{
     collections::BTreeMap,
     net::SocketAddr,
@@ -265,7 +266,8 @@ pub struct AgentConfig {
 }
 
 fn dur(key: &str, v: &str) -> anyhow::Result<Duration> {
-    humantime::parse_duration(v).with_context(|| format!("{key}: invalid duration {v:?} (use e.g. \"10s\", \"500ms\")"))
+    chaos_proto::convert::parse_duration(v)
+        .map_err(|e| anyhow::anyhow!("{key}: invalid duration {} ({e}; use e.g. \"10s\", \"500ms\")", quote(v)))
 }
 
 fn parse_label(s: &str) -> anyhow::Result<(String, String)> {
@@ -282,8 +284,8 @@ pub fn hostname() -> String {
 
 impl AgentFile {
     pub fn load(path: &Path) -> anyhow::Result<Self> {
-        let text = chaos_proto::files::read_yaml(path).map_err(|e| anyhow::anyhow!("config file {e}"))?;
-        serde_yaml_ng::from_str(&text).with_context(|| format!("config file {}", path.display()))
+        let text = chaos_proto::files::read_text(path).map_err(|e| anyhow::anyhow!("config file {e}"))?;
+        chaos_proto::files::from_yaml(&path.display().to_string(), &text).map_err(|e| anyhow::anyhow!("config file {e}"))
     }
 }
 
@@ -300,7 +302,7 @@ impl AgentConfig {
         };
         let listen = match (args.listen, &file.listen) {
             (Some(a), _) => a,
-            (None, Some(s)) => s.parse().with_context(|| format!("{}: invalid address {s:?} (want IP:PORT)", in_file("listen")))?,
+            (None, Some(s)) => s.parse().with_context(|| format!("{}: invalid address {} (want IP:PORT)", in_file("listen"), quote(s)))?,
             (None, None) => chaos_proto::DEFAULT_AGENT_ADDR.parse().context("default agent address")?,
         };
         let tls = args.tls.resolve(&file.tls, Path::new(DEFAULT_TLS_DIR));
@@ -377,7 +379,7 @@ impl AgentConfig {
         let metrics_listen = match (args.metrics_listen, &file.metrics.listen) {
             (Some(a), _) => Some(a),
             (None, Some(s)) if !s.is_empty() => {
-                Some(s.parse().with_context(|| format!("{}: invalid address {s:?} (want IP:PORT)", in_file("metrics.listen")))?)
+                Some(s.parse().with_context(|| format!("{}: invalid address {} (want IP:PORT)", in_file("metrics.listen"), quote(s)))?)
             }
             _ => None,
         };
@@ -387,12 +389,12 @@ impl AgentConfig {
         metrics.cgroups = file.metrics.cgroups.iter().chain(&args.watch_cgroups).cloned().collect();
         for ns in &metrics.netns {
             if !chaos_proto::spec::is_netns_name(ns) {
-                bail!("metrics.netns: {ns:?} is not a namespace name (a file name under /run/netns)");
+                bail!("metrics.netns: {} is not a namespace name (a file name under /run/netns)", quote(ns));
             }
         }
         for cg in &metrics.cgroups {
             if !cg.starts_with('/') || cg.split('/').any(|c| c == "..") {
-                bail!("metrics.cgroups: {cg:?} is not an absolute cgroup path like /system.slice/kafka.service");
+                bail!("metrics.cgroups: {} is not an absolute cgroup path like /system.slice/kafka.service", quote(cg));
             }
         }
         let mut protected_pids = file.protected.pids.clone();

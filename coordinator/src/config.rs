@@ -1,6 +1,7 @@
 //! Coordinator configuration: flags, environment variables and a YAML
 //! file, in that order of precedence; errors name the key.
 
+use chaos_proto::edge::quote;
 use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, time::Duration};
 
 use anyhow::{Context, bail};
@@ -130,8 +131,9 @@ impl CoordinatorConfig {
     pub fn resolve(args: &CoordinatorArgs) -> anyhow::Result<Self> {
         let (file, origin, text) = match &args.config {
             Some(p) => {
-                let text = chaos_proto::files::read_yaml(p).map_err(|e| anyhow::anyhow!("config file {e}"))?;
-                let f: CoordinatorFile = serde_yaml_ng::from_str(&text).with_context(|| format!("config file {}", p.display()))?;
+                let text = chaos_proto::files::read_text(p).map_err(|e| anyhow::anyhow!("config file {e}"))?;
+                let f: CoordinatorFile =
+                    chaos_proto::files::from_yaml(&p.display().to_string(), &text).map_err(|e| anyhow::anyhow!("config file {e}"))?;
                 (f, format!("config file {}: ", p.display()), text)
             }
             None => (CoordinatorFile::default(), String::new(), String::new()),
@@ -175,13 +177,14 @@ impl CoordinatorConfig {
         }
         let listen = match (args.listen, &file.listen) {
             (Some(a), _) => a,
-            (None, Some(s)) => s.parse().with_context(|| format!("{origin}listen: invalid address {s:?} (want IP:PORT)"))?,
+            (None, Some(s)) => s.parse().with_context(|| format!("{origin}listen: invalid address {} (want IP:PORT)", quote(s)))?,
             (None, None) => chaos_proto::DEFAULT_COORDINATOR_ADDR.parse().context("default address")?,
         };
         let dur = |flag: Option<Duration>, v: &Option<String>, key: &str, default: Duration| -> anyhow::Result<Duration> {
             match (flag, v) {
                 (Some(d), _) => Ok(d),
-                (None, Some(s)) => humantime::parse_duration(s).with_context(|| format!("{origin}{key}: invalid duration {s:?}")),
+                (None, Some(s)) => chaos_proto::convert::parse_duration(s)
+                    .map_err(|e| anyhow::anyhow!("{origin}{key}: invalid duration {} ({e})", quote(s))),
                 (None, None) => Ok(default),
             }
         };
@@ -258,7 +261,7 @@ mod tests {
             "{:#}",
             CoordinatorConfig::resolve(&CoordinatorArgs { config: Some(p.clone()), ..Default::default() }).expect_err("bad")
         );
-        assert!(e.contains("max_concurent_scenarios") && e.contains("line 2"), "{e}");
+        assert!(e.contains("max_concurent_scenarios") && e.contains("c.yaml:2:"), "the key and its line: {e}");
         std::fs::write(&p, "recovery:\n  max_recovery_attempts: 3\n  recovery_timeout: later\n").expect("write");
         let e = format!("{:#}", CoordinatorConfig::resolve(&CoordinatorArgs { config: Some(p), ..Default::default() }).expect_err("bad"));
         assert!(e.contains("recovery.recovery_timeout: invalid duration \"later\"") && e.contains("line 3"), "{e}");

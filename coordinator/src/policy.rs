@@ -2,6 +2,7 @@
 //! the config file (the seed's `chaos_config.yaml` keys) and applied to a
 //! scenario's fault. Pure: no I/O, no clock, unit-tested.
 
+use chaos_proto::edge::quote;
 use std::{
     collections::{BTreeMap, BTreeSet},
     time::Duration,
@@ -374,7 +375,9 @@ impl DurationValue {
     pub fn resolve(&self, key: &str) -> Result<Duration, String> {
         match self {
             DurationValue::Seconds(s) => Ok(Duration::from_secs(*s)),
-            DurationValue::Text(t) => humantime::parse_duration(t).map_err(|e| format!("{key}: invalid duration {t:?}: {e}")),
+            DurationValue::Text(t) => {
+                chaos_proto::convert::parse_duration(t).map_err(|e| format!("{key}: invalid duration {}: {e}", quote(t)))
+            }
         }
     }
 }
@@ -555,7 +558,11 @@ impl PolicyFile<'_> {
                             "medium" => &[3][..],
                             "high" => &[4, 5][..],
                             other => {
-                                return Err(format!("{}: unknown level {other:?}; use 1..5, low, medium or high", k("severity_levels")));
+                                return Err(format!(
+                                    "{}: unknown level {}; use 1..5, low, medium or high",
+                                    k("severity_levels"),
+                                    quote(other)
+                                ));
                             }
                         }),
                     }
@@ -580,8 +587,9 @@ impl PolicyFile<'_> {
                         "hang" => FailureType::Hang,
                         other => {
                             return Err(format!(
-                                "{}: unknown failure type {other:?}; use crash or hang (slow responses are the network_latency type)",
-                                k("failure_types")
+                                "{}: unknown failure type {}; use crash or hang (slow responses are the network_latency type)",
+                                k("failure_types"),
+                                quote(other)
                             ));
                         }
                     });

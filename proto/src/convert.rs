@@ -32,6 +32,12 @@ pub fn timestamp_from_pb(t: &prost_types::Timestamp) -> SystemTime {
     UNIX_EPOCH + Duration::new(t.seconds as u64, t.nanos.max(0) as u32)
 }
 
+/// A duration as people write it (`10s`, `1m 30s`); the error (humantime
+/// quotes what it could not read) is cut short enough to show in a refusal.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text).map_err(|e| crate::edge::one_line(&e.to_string(), 120))
+}
+
 /// Human form of a duration: `1.5s`, `250ms`, `2m 30s`.
 pub fn human_duration(d: Duration) -> String {
     if d < Duration::from_secs(1) {

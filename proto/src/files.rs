@@ -3,8 +3,8 @@
 //! the byte offset and line of the first bad byte, and a YAML document
 //! whose aliases cannot expand it past [`MAX_EXPANDED_BYTES`] (one large
 //! string aliased thousands of times, or nested aliases, would otherwise
-//! make a parser allocate gigabytes). The YAML is then parsed by serde as
-//! before; this only refuses what no real file needs.
+//! make a parser allocate gigabytes). Then serde parses it ([`from_yaml`]),
+//! with errors that say where and quote the bad value in part only.
 
 use std::{collections::HashMap, io::Read, path::Path};
 
@@ -93,11 +93,20 @@ pub fn check_yaml(name: &str, text: &str) -> Result<(), String> {
     }
 }
 
-/// [`read_text`] then [`check_yaml`]: the text of a YAML file fit to parse.
-pub fn read_yaml(path: &Path) -> Result<String, String> {
-    let text = read_text(path)?;
-    check_yaml(&path.display().to_string(), &text)?;
-    Ok(text)
+/// Parse YAML `text` (from `name`) into `T` after [`check_yaml`]; the
+/// error reads `name:LINE:COL: message`, as compilers write it, with
+/// serde's quote of the bad value cut to 600 bytes.
+pub fn from_yaml<T: serde::de::DeserializeOwned>(name: &str, text: &str) -> Result<T, String> {
+    check_yaml(name, text)?;
+    serde_yaml_ng::from_str(text).map_err(|e| {
+        let msg = e.to_string();
+        let msg = msg.rsplit_once(" at line ").map_or(msg.as_str(), |(m, _)| m).to_string();
+        let msg = if msg.len() > 600 { format!("{}… ({} bytes)", crate::edge::one_line(&msg, 600), msg.len()) } else { msg };
+        match e.location() {
+            Some(l) => format!("{name}:{}:{}: {msg}", l.line(), l.column()),
+            None => format!("{name}: {msg}"),
+        }
+    })
 }
 
 #[cfg(test)]
@@ -136,6 +145,11 @@ mod tests {
         std::fs::write(&p, vec![b'#'; MAX_FILE_BYTES as usize + 1]).expect("write");
         assert!(read_text(&p).expect_err("big").contains("larger than"));
         std::fs::write(&p, "a: 1\n").expect("write");
-        assert_eq!(read_yaml(&p).expect("small"), "a: 1\n");
+        let text = read_text(&p).expect("small");
+        let v: std::collections::BTreeMap<String, u32> = from_yaml("small.yaml", &text).expect("parse");
+        assert_eq!(v["a"], 1);
+        let e = from_yaml::<std::collections::BTreeMap<String, u32>>("big.yaml", &format!("a: \"{}\"\n", "v".repeat(100_000)))
+            .expect_err("type");
+        assert!(e.starts_with("big.yaml:1:") && e.len() < 700, "{e}");
     }
 }

@@ -8,6 +8,7 @@
 //! comparison has held on every sample of that series for DURATION (at once
 //! without `for`).
 
+use crate::edge::quote;
 use std::{collections::HashMap, fmt, time::Duration};
 
 /// Comparison of a rule.
@@ -69,12 +70,16 @@ impl Rule {
     pub fn parse(text: &str) -> Result<Rule, String> {
         let expr = text.trim().to_string();
         let bad = |why: &str| {
-            format!("rule {expr:?}: {why} (grammar: METRIC[{{LABEL=VALUE,...}}] OP NUMBER [for DURATION], OP one of > >= < <= == !=)")
+            format!(
+                "rule {}: {why} (grammar: METRIC[{{LABEL=VALUE,...}}] OP NUMBER [for DURATION], OP one of > >= < <= == !=)",
+                quote(&expr)
+            )
         };
         let (cond, hold) = match expr.rsplit_once(" for ") {
             Some((c, d)) => {
                 let d = d.trim();
-                let hold = humantime::parse_duration(d).map_err(|e| bad(&format!("invalid duration {d:?} after `for`: {e}")))?;
+                let hold =
+                    crate::convert::parse_duration(d).map_err(|e| bad(&format!("invalid duration {} after `for`: {e}", quote(d))))?;
                 (c.trim(), hold)
             }
             None => (expr.as_str(), Duration::ZERO),
@@ -85,9 +90,9 @@ impl Rule {
             .min_by_key(|(i, (s, _))| (*i, std::cmp::Reverse(s.len())))
             .ok_or_else(|| bad("no comparison"))?;
         let (lhs, rhs) = (cond[..at].trim(), cond[at + op.0.len()..].trim());
-        let threshold: f64 = rhs.parse().map_err(|_| bad(&format!("threshold {rhs:?} is not a number")))?;
+        let threshold: f64 = rhs.parse().map_err(|_| bad(&format!("threshold {} is not a number", quote(rhs))))?;
         if !threshold.is_finite() {
-            return Err(bad(&format!("threshold {rhs:?} is not finite")));
+            return Err(bad(&format!("threshold {} is not finite", quote(rhs))));
         }
         let (metric, labels) = match lhs.split_once('{') {
             None => (lhs, Vec::new()),
@@ -95,10 +100,10 @@ impl Rule {
                 let inner = rest.strip_suffix('}').ok_or_else(|| bad("labels must end with `}`"))?;
                 let mut labels = Vec::new();
                 for pair in inner.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-                    let (k, v) = pair.split_once('=').ok_or_else(|| bad(&format!("label {pair:?} is not LABEL=VALUE")))?;
+                    let (k, v) = pair.split_once('=').ok_or_else(|| bad(&format!("label {} is not LABEL=VALUE", quote(pair))))?;
                     let (k, v) = (k.trim(), v.trim().trim_matches('"'));
                     if !valid_name(k) || v.is_empty() {
-                        return Err(bad(&format!("label {pair:?} is not LABEL=VALUE")));
+                        return Err(bad(&format!("label {} is not LABEL=VALUE", quote(pair))));
                     }
                     labels.push((k.to_string(), v.to_string()));
                 }
@@ -107,7 +112,7 @@ impl Rule {
             }
         };
         if !valid_name(metric) {
-            return Err(bad(&format!("metric name {metric:?} is empty or has characters other than letters, digits, _ . : - /")));
+            return Err(bad(&format!("metric name {} is empty or has characters other than letters, digits, _ . : - /", quote(metric))));
         }
         Ok(Rule { expr: expr.clone(), metric: metric.to_string(), labels, op: op.1, threshold, hold })
     }

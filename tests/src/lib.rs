@@ -13,6 +13,8 @@
 //! calls as an admin (`e2e-admin`) unless the test names another identity
 //! ([`chaos_as`]).
 
+pub mod fuzz;
+
 use std::{
     collections::HashMap,
     net::TcpListener,

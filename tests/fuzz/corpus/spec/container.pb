@@ -1,0 +1,4 @@
+
+;
+seed-container2kafka"
+scenarios1ºSIGKILL

@@ -1,0 +1,5 @@
+
+3
+	seed-kill"java"
+scenarios1ª	
+SIGTERM

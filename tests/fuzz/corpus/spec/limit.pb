@@ -1,0 +1,5 @@
+
+0
+
+seed-limit*/app"
+scenarios1Ê€€€ 
