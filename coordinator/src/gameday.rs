@@ -362,6 +362,18 @@ impl GameDays {
     }
 
     pub fn start(self: &Arc<Self>, spec: pb::GameDaySpec, actor: &crate::store::Actor) -> Result<pb::GameDay, CoordinatorError> {
+        let (snapshot, plan, rx) = self.begin(spec, actor)?;
+        let id = snapshot.id.clone();
+        tokio::spawn(Arc::clone(self).run_guarded(id.clone(), Arc::clone(self).run(id, plan, rx)));
+        Ok(snapshot)
+    }
+
+    /// Record a new running GameDay (checked, persisted, audited); its runner is the caller's to start.
+    fn begin(
+        self: &Arc<Self>,
+        spec: pb::GameDaySpec,
+        actor: &crate::store::Actor,
+    ) -> Result<(pb::GameDay, Plan, oneshot::Receiver<(GameDayState, String)>), CoordinatorError> {
         let plan = Plan::from_pb(&spec, |s| self.scenarios.validate(s))?;
         if !plan.stop_conditions.is_empty() && self.hub.is_none() {
             return Err(CoordinatorError::Refused(
@@ -405,8 +417,7 @@ impl GameDays {
             tracing::error!(error = %e, "audit write failed");
         }
         info!(gameday = %id, "{detail}");
-        tokio::spawn(Arc::clone(self).run(id, plan, rx));
-        Ok(snapshot)
+        Ok((snapshot, plan, rx))
     }
 
     fn audit(&self, actor: &str, action: &str, target: &str, detail: &str) {
@@ -452,6 +463,39 @@ impl GameDays {
         if let Some(l) = self.lock().as_mut() {
             f(l);
         }
+    }
+
+    /// Runs a GameDay's runner (`run`, [`Self::run`]); if it panics (a bug), the GameDay still ends
+    /// ABORTED saying so, and the actions it injected that still run are stopped (reverted).
+    async fn run_guarded(self: Arc<Self>, id: String, run: impl Future<Output = ()>) {
+        let Err(why) = chaos_proto::serve::catch_panic(run).await else { return };
+        tracing::error!(gameday = %id, panic = %why, "GameDay runner panicked");
+        let reason = format!("the GameDay's runner failed (a bug, logged by the coordinator): {why}");
+        let mut running = vec![];
+        self.with(|l| {
+            running =
+                l.history.iter().filter(|t| !t.scenario_id.is_empty() && t.outcome.is_empty()).map(|t| t.scenario_id.clone()).collect();
+        });
+        let stop_reason = format!("GameDay {id} ended: {reason}");
+        let ended = futures::future::join_all(running.iter().map(|sid| self.scenarios.stop(sid, &stop_reason))).await;
+        self.with(|l| {
+            for sc in ended.iter().flatten() {
+                if let Some(t) = l.history.iter_mut().find(|t| t.scenario_id == sc.id) {
+                    t.outcome = state_name(sc.state);
+                }
+            }
+            l.state = GameDayState::Aborted;
+            l.reason = reason.clone();
+            l.ended_at = Some(SystemTime::now());
+            l.stop = None;
+        });
+        for e in ended.iter().filter_map(|r| r.as_ref().err()) {
+            warn!(gameday = %id, error = %e, "stopping a GameDay action");
+        }
+        if let Ok(g) = self.get(0) {
+            self.persist(&g);
+        }
+        self.audit("coordinator", "EndGameDay", &id, &format!("ABORTED: {reason}"));
     }
 
     async fn run(self: Arc<Self>, id: String, plan: Plan, mut stop: oneshot::Receiver<(GameDayState, String)>) {
@@ -799,5 +843,41 @@ mod tests {
         let ns: Vec<u64> = l.to_pb(0).history.iter().map(|t| t.n).collect();
         assert_eq!(ns, vec![8, 9, 10]);
         assert_eq!(l.to_pb(2).history.iter().map(|t| t.n).collect::<Vec<_>>(), vec![9, 10]);
+    }
+
+    #[tokio::test]
+    async fn a_panicking_runner_ends_the_gameday_aborted_and_stops_its_actions() {
+        use chaos_proto::pb::ScenarioState;
+
+        use crate::scenarios::tests::{open_policy, rig, spec as scenario, wait_state};
+        let r = rig(1, open_policy(3)).await;
+        let gd = GameDays::new(Arc::clone(&r.scenarios), None);
+        let (snapshot, _plan, _stop) = gd.begin(spec(10, 60), &crate::store::Actor::default()).expect("begin");
+        let id = snapshot.id;
+        // The runner injects one action, then panics (standing in for any bug in its loop).
+        let sid = r.scenarios.create(scenario("a0", 60_000), false, "t").expect("create").scenario.expect("scenario").id;
+        wait_state(&r.scenarios, &sid, ScenarioState::Running).await;
+        let runner = {
+            let (gd, sid) = (Arc::clone(&gd), sid.clone());
+            async move {
+                gd.record(1, "pause java", "a0", &sid, "injected".into(), 1);
+                panic!("index out of bounds in the picker");
+            }
+        };
+        Arc::clone(&gd).run_guarded(id.clone(), runner).await;
+        let g = gd.get(0).expect("gameday");
+        assert_eq!(g.state, GameDayState::Aborted as i32, "{g:?}");
+        assert!(g.reason.contains("runner failed") && g.reason.contains("index out of bounds in the picker"), "{}", g.reason);
+        assert!(g.ended_at.is_some());
+        let sc = r.scenarios.get(&sid).expect("scenario");
+        assert!(is_final(sc.state), "its action is stopped: {sc:?}");
+        assert!(r.agents[0].applied().is_empty(), "and reverted on the agent");
+        assert_eq!(g.history[0].outcome, state_name(sc.state));
+        let stored = r.scenarios.store().last_gameday().expect("store").expect("persisted");
+        assert_eq!((stored.state, stored.reason), (g.state, g.reason));
+        let audit = r.scenarios.store().list_audit(None, 10).expect("audit");
+        assert!(audit.iter().any(|a| a.action == "EndGameDay" && a.target == id && a.detail.starts_with("ABORTED: ")), "{audit:?}");
+        // A new GameDay can start: the panicked one is not left running.
+        assert!(gd.begin(spec(10, 60), &crate::store::Actor::default()).is_ok());
     }
 }

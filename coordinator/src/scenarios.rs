@@ -1003,17 +1003,18 @@ fn queue_position(g: &Inner, id: &str) -> u32 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::{registry::ArmState, standin::Standin};
 
-    struct Rig {
-        scenarios: Arc<Scenarios>,
-        registry: Arc<Registry>,
-        agents: Vec<Standin>,
+    /// Scenarios over `n` stand-in agents (`a0`..), for this module's tests and the GameDay's.
+    pub(crate) struct Rig {
+        pub(crate) scenarios: Arc<Scenarios>,
+        pub(crate) registry: Arc<Registry>,
+        pub(crate) agents: Vec<Standin>,
     }
 
-    async fn rig(n: usize, policy: Policy) -> Rig {
+    pub(crate) async fn rig(n: usize, policy: Policy) -> Rig {
         let registry = Arc::new(Registry::new(
             Duration::from_millis(500),
             ArmState { armed: true, ..Default::default() },
@@ -1050,11 +1051,12 @@ mod tests {
         Rig { scenarios: Scenarios::new(policy, Arc::clone(&registry), store, timing), registry, agents }
     }
 
-    fn open_policy(max_concurrent: usize) -> Policy {
+    pub(crate) fn open_policy(max_concurrent: usize) -> Policy {
         Policy { blast_radius_limit: 1.0, group_blast_radius_limit: 1.0, max_concurrent, ..Policy::default() }
     }
 
-    fn spec(agent: &str, ms: u64) -> pb::ScenarioSpec {
+    /// Pause pid 4242 on `agent` for `ms`.
+    pub(crate) fn spec(agent: &str, ms: u64) -> pb::ScenarioSpec {
         pb::ScenarioSpec {
             fault: Some(pb::FaultSpec {
                 target: Some(pb::Target { kind: Some(pb::target::Kind::Pid(4242)) }),
@@ -1068,7 +1070,7 @@ mod tests {
         }
     }
 
-    async fn wait_state(s: &Scenarios, id: &str, state: ScenarioState) -> pb::Scenario {
+    pub(crate) async fn wait_state(s: &Scenarios, id: &str, state: ScenarioState) -> pb::Scenario {
         for _ in 0..300 {
             let sc = s.get(id).expect("get");
             if sc.state == state as i32 {

@@ -379,6 +379,18 @@ fn lab_up_runs_real_kafka_and_cassandra_a_partition_bites_and_down_leaves_nothin
     let refused = chaos_ok(&["load", "--profile", "a:10:1s", "--bootstrap", "10.0.0.1:9092"], 2);
     assert!(refused.contains("not a lab address"), "{refused}");
 
+    // None of the lab's own daemons panicked during all of it.
+    for f in std::fs::read_dir(lab_home().join("run/logs")).expect("lab logs").flatten() {
+        let name = f.file_name().to_string_lossy().into_owned();
+        if ["coordinator", "agent-", "processor"].iter().any(|p| name.starts_with(p)) {
+            let text = std::fs::read_to_string(f.path()).unwrap_or_default();
+            assert!(
+                !text.contains("panicked at"),
+                "{name} panicked:\n{}",
+                text.lines().filter(|l| l.contains("panicked at")).collect::<Vec<_>>().join("\n")
+            );
+        }
+    }
     chaos_ok(&["lab", "down", "--home", &home], 0);
     assert!(leftovers().is_empty(), "lab down left {:?}", leftovers());
     let java = String::from_utf8_lossy(&Command::new("pgrep").args(["-f", "kafka.Kafka|CassandraDaemon"]).output().expect("pgrep").stdout)
