@@ -296,6 +296,9 @@ fn state_text(s: GameDayState) -> &'static str {
     }
 }
 
+/// How a running GameDay is told to end: the state it ends in and why.
+type StopRx = oneshot::Receiver<(GameDayState, String)>;
+
 impl GameDays {
     /// `hub`: the monitoring hub (None when monitoring is off: SLOs are refused then).
     pub fn new(scenarios: Arc<Scenarios>, hub: Option<Arc<Hub>>) -> Arc<Self> {
@@ -373,7 +376,7 @@ impl GameDays {
         self: &Arc<Self>,
         spec: pb::GameDaySpec,
         actor: &crate::store::Actor,
-    ) -> Result<(pb::GameDay, Plan, oneshot::Receiver<(GameDayState, String)>), CoordinatorError> {
+    ) -> Result<(pb::GameDay, Plan, StopRx), CoordinatorError> {
         let plan = Plan::from_pb(&spec, |s| self.scenarios.validate(s))?;
         if !plan.stop_conditions.is_empty() && self.hub.is_none() {
             return Err(CoordinatorError::Refused(
@@ -498,7 +501,7 @@ impl GameDays {
         self.audit("coordinator", "EndGameDay", &id, &format!("ABORTED: {reason}"));
     }
 
-    async fn run(self: Arc<Self>, id: String, plan: Plan, mut stop: oneshot::Receiver<(GameDayState, String)>) {
+    async fn run(self: Arc<Self>, id: String, plan: Plan, mut stop: StopRx) {
         let t0 = Instant::now();
         let started = SystemTime::now();
         let policy = self.scenarios.policy().clone();
