@@ -296,6 +296,11 @@ fn state_text(s: GameDayState) -> &'static str {
     }
 }
 
+/// A history entry whose action was injected and has no outcome yet.
+fn is_pending(t: &pb::GameDayTick) -> bool {
+    !t.scenario_id.is_empty() && t.outcome.is_empty()
+}
+
 /// How a running GameDay is told to end: the state it ends in and why.
 type StopRx = oneshot::Receiver<(GameDayState, String)>;
 
@@ -328,7 +333,7 @@ impl GameDays {
         let running: Vec<String> = previous
             .iter()
             .filter(|g| g.reason == "the coordinator stopped while it ran")
-            .flat_map(|g| g.history.iter().filter(|t| !t.scenario_id.is_empty() && t.outcome.is_empty()).map(|t| t.scenario_id.clone()))
+            .flat_map(|g| g.history.iter().filter(|t| is_pending(t)).map(|t| t.scenario_id.clone()))
             .collect();
         let me = Arc::new(GameDays { scenarios, hub, current: Mutex::new(None), previous: Mutex::new(previous) });
         if !running.is_empty() {
@@ -475,30 +480,8 @@ impl GameDays {
         tracing::error!(gameday = %id, panic = %why, "GameDay runner panicked");
         let reason = format!("the GameDay's runner failed (a bug, logged by the coordinator): {why}");
         let mut running = vec![];
-        self.with(|l| {
-            running =
-                l.history.iter().filter(|t| !t.scenario_id.is_empty() && t.outcome.is_empty()).map(|t| t.scenario_id.clone()).collect();
-        });
-        let stop_reason = format!("GameDay {id} ended: {reason}");
-        let ended = futures::future::join_all(running.iter().map(|sid| self.scenarios.stop(sid, &stop_reason))).await;
-        self.with(|l| {
-            for sc in ended.iter().flatten() {
-                if let Some(t) = l.history.iter_mut().find(|t| t.scenario_id == sc.id) {
-                    t.outcome = state_name(sc.state);
-                }
-            }
-            l.state = GameDayState::Aborted;
-            l.reason = reason.clone();
-            l.ended_at = Some(SystemTime::now());
-            l.stop = None;
-        });
-        for e in ended.iter().filter_map(|r| r.as_ref().err()) {
-            warn!(gameday = %id, error = %e, "stopping a GameDay action");
-        }
-        if let Ok(g) = self.get(0) {
-            self.persist(&g);
-        }
-        self.audit("coordinator", "EndGameDay", &id, &format!("ABORTED: {reason}"));
+        self.with(|l| running = l.history.iter().filter(|t| is_pending(t)).map(|t| t.scenario_id.clone()).collect());
+        self.finish(&id, &running, GameDayState::Aborted, reason).await;
     }
 
     async fn run(self: Arc<Self>, id: String, plan: Plan, mut stop: StopRx) {
@@ -524,7 +507,7 @@ impl GameDays {
                 if affected > l.max_affected.0 {
                     l.max_affected = (affected, live);
                 }
-                for t in l.history.iter_mut().filter(|t| !t.scenario_id.is_empty() && t.outcome.is_empty()) {
+                for t in l.history.iter_mut().filter(|t| is_pending(t)) {
                     if let Ok(sc) = self.scenarios.get(&t.scenario_id)
                         && is_final(sc.state)
                     {
@@ -580,8 +563,14 @@ impl GameDays {
             }
         };
         // Its running actions end with it (reverted), all at once.
+        self.finish(&id, &created, end_state, end_reason).await;
+    }
+
+    /// End the GameDay: stop (revert) `actions`, settle the outcome of each action still pending in
+    /// its history, and record the end (persisted, logged, audited).
+    async fn finish(&self, id: &str, actions: &[String], end_state: GameDayState, end_reason: String) {
         let reason = format!("GameDay {id} ended: {end_reason}");
-        let stops = created.iter().map(|sid| self.scenarios.stop(sid, &reason));
+        let stops = actions.iter().map(|sid| self.scenarios.stop(sid, &reason));
         for r in futures::future::join_all(stops).await {
             if let Err(e) = r {
                 warn!(gameday = %id, error = %e, "stopping a GameDay action");
@@ -589,7 +578,7 @@ impl GameDays {
         }
         let mut summary = String::new();
         self.with(|l| {
-            for t in l.history.iter_mut().filter(|t| !t.scenario_id.is_empty() && t.outcome.is_empty()) {
+            for t in l.history.iter_mut().filter(|t| is_pending(t)) {
                 if let Ok(sc) = self.scenarios.get(&t.scenario_id) {
                     t.outcome = state_name(sc.state);
                 }
@@ -607,7 +596,7 @@ impl GameDays {
             self.persist(&g);
         }
         info!(gameday = %id, state = state_text(end_state), "GameDay ended: {summary}");
-        self.audit("coordinator", "EndGameDay", &id, &format!("{}: {summary}", state_text(end_state)));
+        self.audit("coordinator", "EndGameDay", id, &format!("{}: {summary}", state_text(end_state)));
     }
 
     /// One history entry; `kind` counts it (1 injected, 2 refused, 3 skipped).

@@ -138,12 +138,17 @@ impl Drop for Daemon {
         if std::thread::panicking() {
             return;
         }
-        let log = self.log_text();
-        if let Some(at) = log.find("panicked at") {
-            let from = log[..at].rfind('\n').map_or(0, |i| i + 1);
-            let line = log[from..].lines().next().unwrap_or_default();
-            panic!("{} panicked during the test ({}):\n{line}", self.name, self.log.display());
-        }
+        assert_no_panic(&self.name, &self.log);
+    }
+}
+
+/// Fail the test if the daemon log at `log` shows a panic (quoting its line).
+pub fn assert_no_panic(name: &str, log: &Path) {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    if let Some(at) = text.find("panicked at") {
+        let from = text[..at].rfind('\n').map_or(0, |i| i + 1);
+        let line = text[from..].lines().next().unwrap_or_default();
+        panic!("{name} panicked during the test ({}):\n{line}", log.display());
     }
 }
 

@@ -10,7 +10,7 @@
 
 use std::{path::PathBuf, process::Command, time::Duration};
 
-use chaos_e2e::{Daemon, json, wait_until};
+use chaos_e2e::{Daemon, assert_no_panic, json, wait_until};
 
 /// `chaos` with the lab admin's certificate (`chaos lab up` makes it with
 /// the lab's own CA; the lab verbs use it whatever the environment says).
@@ -383,12 +383,7 @@ fn lab_up_runs_real_kafka_and_cassandra_a_partition_bites_and_down_leaves_nothin
     for f in std::fs::read_dir(lab_home().join("run/logs")).expect("lab logs").flatten() {
         let name = f.file_name().to_string_lossy().into_owned();
         if ["coordinator", "agent-", "processor"].iter().any(|p| name.starts_with(p)) {
-            let text = std::fs::read_to_string(f.path()).unwrap_or_default();
-            assert!(
-                !text.contains("panicked at"),
-                "{name} panicked:\n{}",
-                text.lines().filter(|l| l.contains("panicked at")).collect::<Vec<_>>().join("\n")
-            );
+            assert_no_panic(&name, &f.path());
         }
     }
     chaos_ok(&["lab", "down", "--home", &home], 0);
