@@ -475,8 +475,10 @@ impl NetPair {
     pub fn new() -> NetPair {
         static N: AtomicU32 = AtomicU32::new(0);
         let n = N.fetch_add(1, Ordering::Relaxed);
-        // A distinct /24 per pair within this test process; the pid keeps names unique across processes.
-        let subnet = 100 + (std::process::id() % 50) * 3 + n;
+        // A distinct /24 per pair within this test process (156 of them in 198.18.100-255.0/24,
+        // wrapping, so the octet stays valid whatever the pid); the pid keeps names unique
+        // across processes. Each pair's addresses live only inside its own two namespaces.
+        let subnet = 100 + ((std::process::id() % 50) * 3 + n) % 156;
         let tag = format!("{}-{n}", std::process::id());
         let p = NetPair {
             a: format!("chaos-e2e-{tag}-a"),
