@@ -32,6 +32,9 @@ pub enum AgentError {
     ProcessTable(std::io::Error),
     #[error("agent is shutting down")]
     ShuttingDown,
+    /// The fault was reverted while its apply still waited for its turn.
+    #[error("{0}")]
+    Cancelled(String),
     /// A safety guard of the agent refuses the fault (memory floor, disk cap).
     #[error("refused by a guard: {0}")]
     Guard(String),
@@ -74,6 +77,7 @@ impl AgentError {
             AgentError::TargetNotFound(_) | AgentError::UnknownFault(_) => Code::NotFound,
             AgentError::AlreadyExists(_) => Code::AlreadyExists,
             AgentError::ShuttingDown => Code::Unavailable,
+            AgentError::Cancelled(_) => Code::Aborted,
             AgentError::Journal { .. }
             | AgentError::Os { .. }
             | AgentError::ProcessTable(_)

@@ -1,20 +1,32 @@
 //! The fault lifecycle: one owner task holds every fault's state and
-//! decides every transition. Requests reach it as messages; TTLs, revert
-//! retries and the dead-man lease are deadlines in its own loop (tokio
-//! time, so tests drive them with `tokio::time::pause`).
+//! decides every transition; it never waits on a driver. Requests reach it
+//! as messages; TTLs, revert retries, RevertAll's wait and the dead-man
+//! lease are deadlines in its own loop (tokio time, so tests drive them
+//! with `tokio::time::pause`).
+//!
+//! Driver work (resolve, plan, journal write, apply, revert) runs in jobs:
+//! spawned tasks whose results come back to the owner as messages. Jobs run
+//! in lanes, one lane per target (the request's target as given: a netns, a
+//! pid, a cgroup, a container): work on one target applies and reverts in
+//! order, work on different targets runs side by side. So a 20 s container
+//! stop delays nothing but later work on that container.
 //!
 //! ```text
-//!  ApplyFault ─ validate ─ plan ─ journal.put (fsync) ─ driver.apply ─► APPLIED ─┐
-//!                                      │ apply failed: driver.revert, journal.remove, FAILED
-//!  TTL | RevertFault | RevertAll | lease lost | SIGTERM | disarmed by coordinator
-//!                                                                                ▼
-//!                       driver.revert ─ ok ─ journal.remove ─► REVERTED (history)
-//!                                     └ err ─► FAILED (journal kept, retried)
+//!  ApplyFault ─ checks ─ PENDING ─ [job: resolve ─ plan ─ journal.put (fsync) ─ driver.apply] ─► APPLIED ─┐
+//!                  │ asked to revert while still queued: cancelled, nothing was done
+//!                  │ asked to revert while running: reverted as soon as the apply returns
+//!                  │ apply failed: [driver.revert, journal.remove] ─► FAILED (history)
+//!  TTL | RevertFault | RevertAll | lease lost | SIGTERM | disarmed by coordinator                           ▼
+//!                       REVERTING ─ [job: driver.revert ─ journal.remove] ─ ok ─► REVERTED (history)
+//!                                                                        └ err ─► FAILED (journal kept, retried)
 //!  start: every journal record ─► driver.revert (REVERT_REASON_JOURNAL_REPLAY)
 //! ```
+//!
+//! A journal record exists from before the host is touched until after the
+//! revert succeeded; a fault is never applied without one.
 
 use std::{
-    collections::{BTreeMap, VecDeque},
+    collections::{BTreeMap, BTreeSet, HashMap, VecDeque},
     sync::Arc,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -82,6 +94,10 @@ pub struct ReplayReport {
 pub struct RevertAllOutcome {
     pub reverted: Vec<pb::Fault>,
     pub failed: Vec<pb::Fault>,
+    /// Faults whose driver was still working when the wait ended; the agent
+    /// goes on reverting them (nothing new starts: it refuses new faults
+    /// while disarmed, lease-less or shutting down).
+    pub in_progress: Vec<pb::Fault>,
     pub armed: bool,
 }
 
@@ -96,14 +112,36 @@ pub struct LifecycleStatus {
     pub refused: Option<String>,
 }
 
+/// RevertAll's wait when the caller names none.
+pub const DEFAULT_REVERT_ALL_WAIT: Duration = Duration::from_secs(10);
+
+type ApplyReply = oneshot::Sender<Result<pb::Fault, AgentError>>;
+type RevertReply = oneshot::Sender<Result<(pb::Fault, bool), AgentError>>;
+
 enum Cmd {
-    Apply(Box<FaultRequest>, oneshot::Sender<Result<pb::Fault, AgentError>>),
-    Revert(String, oneshot::Sender<Result<(pb::Fault, bool), AgentError>>),
-    RevertAll { reason: RevertReason, disarm: Option<String>, reply: oneshot::Sender<RevertAllOutcome> },
+    Apply(Box<FaultRequest>, ApplyReply),
+    Revert(String, RevertReply),
+    /// `wait: None` waits until every revert has finished (shutdown).
+    RevertAll {
+        reason: RevertReason,
+        disarm: Option<String>,
+        wait: Option<Duration>,
+        reply: oneshot::Sender<RevertAllOutcome>,
+    },
     List(bool, oneshot::Sender<Vec<pb::Fault>>),
-    SetArmed { armed: bool, reason: String, reply: oneshot::Sender<bool> },
-    Contact { coordinator_armed: bool, reply: oneshot::Sender<()> },
-    Refused { reason: String, reply: oneshot::Sender<()> },
+    SetArmed {
+        armed: bool,
+        reason: String,
+        reply: oneshot::Sender<bool>,
+    },
+    Contact {
+        coordinator_armed: bool,
+        reply: oneshot::Sender<()>,
+    },
+    Refused {
+        reason: String,
+        reply: oneshot::Sender<()>,
+    },
     Status(oneshot::Sender<LifecycleStatus>),
     Shutdown(oneshot::Sender<RevertAllOutcome>),
 }
@@ -115,11 +153,25 @@ pub struct Lifecycle {
     max_fault_duration: Duration,
 }
 
+/// Whether a job of this fault is waiting in its lane or running.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Op {
+    Idle,
+    QueuedApply,
+    Applying,
+    QueuedRevert,
+    Reverting,
+}
+
 struct Entry {
     id: String,
     req: FaultRequest,
-    plan: Plan,
+    /// The lane its jobs run in.
+    lane: String,
+    /// Known once the apply job has journaled it.
+    plan: Option<Plan>,
     state: FaultState,
+    op: Op,
     applied: Option<Applied>,
     created_at: SystemTime,
     applied_at: Option<SystemTime>,
@@ -128,13 +180,42 @@ struct Entry {
     error: String,
     /// Why it is being reverted, once it is (kept across retries).
     revert_reason: RevertReason,
+    /// A revert asked for while the apply runs: done when the apply returns.
+    revert_wanted: Option<RevertReason>,
     /// When to try a failed revert again.
     retry_at: Option<Instant>,
     revert_summary: String,
     reverted_at: Option<SystemTime>,
+    apply_reply: Option<ApplyReply>,
+    revert_replies: Vec<RevertReply>,
 }
 
 impl Entry {
+    fn new(id: String, req: FaultRequest, created_at: SystemTime) -> Self {
+        let now = Instant::now();
+        Entry {
+            lane: lane_of(&req),
+            expires_at: now + req.duration,
+            expires_wall: created_at + req.duration,
+            id,
+            req,
+            plan: None,
+            state: FaultState::Pending,
+            op: Op::Idle,
+            applied: None,
+            created_at,
+            applied_at: None,
+            error: String::new(),
+            revert_reason: RevertReason::Unspecified,
+            revert_wanted: None,
+            retry_at: None,
+            revert_summary: String::new(),
+            reverted_at: None,
+            apply_reply: None,
+            revert_replies: Vec::new(),
+        }
+    }
+
     fn to_pb(&self) -> pb::Fault {
         pb::Fault {
             id: self.id.clone(),
@@ -152,17 +233,68 @@ impl Entry {
     }
 }
 
+/// The lane of a request: its target as given (two requests naming the
+/// same pid, netns, cgroup or container share one).
+fn lane_of(req: &FaultRequest) -> String {
+    req.target.to_string()
+}
+
 /// Refresh an active fault's measured figures from its driver.
 fn observe(drivers: &Drivers, entry: &mut Entry) {
     if entry.state != FaultState::Applied {
         return;
     }
-    if let (Some(applied), Some(o)) = (entry.applied.as_mut(), drivers.for_plan(&entry.plan).observe(&entry.plan)) {
+    let Some(plan) = entry.plan.as_ref() else { return };
+    if let (Some(applied), Some(o)) = (entry.applied.as_mut(), drivers.for_plan(plan).observe(plan)) {
         if let Some(out) = o.outcome.as_deref().filter(|o| *o != applied.outcome) {
             warn!(fault_id = %entry.id, outcome = %out, "fault changed on its own");
         }
         applied.update(o);
     }
+}
+
+/// A job's report to the owner.
+enum Done {
+    /// The apply job wrote the journal record: the plan is known and the host is about to be touched.
+    Journaled {
+        id: String,
+        plan: Plan,
+    },
+    Applied {
+        id: String,
+        outcome: ApplyOutcome,
+    },
+    Reverted {
+        id: String,
+        result: Result<String, AgentError>,
+    },
+}
+
+enum ApplyOutcome {
+    Ok(Applied),
+    /// Refused before the journal was written: nothing was done.
+    Refused(AgentError),
+    /// The apply failed (or its job panicked) after the journal was written;
+    /// `undo` is the revert of whatever part of it took effect.
+    Failed {
+        error: AgentError,
+        undo: Result<String, AgentError>,
+    },
+}
+
+/// One RevertAll waiting for its reverts.
+struct AllWait {
+    pending: BTreeSet<String>,
+    out: RevertAllOutcome,
+    /// `None`: until every revert has finished.
+    deadline: Option<Instant>,
+    reply: oneshot::Sender<RevertAllOutcome>,
+}
+
+#[derive(Default)]
+struct Lane {
+    running: bool,
+    queue: VecDeque<String>,
 }
 
 struct Actor {
@@ -171,6 +303,9 @@ struct Actor {
     journal: Arc<dyn JournalStore>,
     active: BTreeMap<String, Entry>,
     history: VecDeque<pb::Fault>,
+    lanes: HashMap<String, Lane>,
+    waits: Vec<AllWait>,
+    done_tx: mpsc::UnboundedSender<Done>,
     arming: Arming,
     last_contact: Option<Instant>,
     started: Instant,
@@ -202,6 +337,17 @@ fn unix_ms(t: SystemTime) -> u64 {
     u64::try_from(t.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis()).unwrap_or(u64::MAX)
 }
 
+/// A journal write or removal on the blocking pool (each one fsyncs).
+async fn journal_io<T: Send + 'static>(
+    journal: &Arc<dyn JournalStore>,
+    f: impl FnOnce(&dyn JournalStore) -> Result<T, AgentError> + Send + 'static,
+) -> Result<T, AgentError> {
+    let j = Arc::clone(journal);
+    tokio::task::spawn_blocking(move || f(&*j))
+        .await
+        .unwrap_or_else(|e| Err(AgentError::Command { cmd: "journal write".into(), detail: format!("its task failed: {e}") }))
+}
+
 impl Lifecycle {
     /// Replay the journal (reverting whatever a previous run left applied),
     /// then start the owner task.
@@ -211,6 +357,7 @@ impl Lifecycle {
         journal: Arc<dyn JournalStore>,
     ) -> Result<(Lifecycle, JoinHandle<()>, ReplayReport), AgentError> {
         let now = Instant::now();
+        let (done_tx, done_rx) = mpsc::unbounded_channel();
         let mut actor = Actor {
             lease_lost: cfg.lease.is_some(),
             refused: None,
@@ -219,6 +366,9 @@ impl Lifecycle {
             journal,
             active: BTreeMap::new(),
             history: VecDeque::new(),
+            lanes: HashMap::new(),
+            waits: Vec::new(),
+            done_tx,
             arming: Arming::Armed,
             last_contact: None,
             started: now,
@@ -227,7 +377,7 @@ impl Lifecycle {
         let report = actor.replay().await?;
         let (tx, rx) = mpsc::channel(1024);
         let max_fault_duration = actor.cfg.max_fault_duration;
-        let task = tokio::spawn(actor.run(rx));
+        let task = tokio::spawn(actor.run(rx, done_rx));
         Ok((Lifecycle { tx, max_fault_duration }, task, report))
     }
 
@@ -237,21 +387,26 @@ impl Lifecycle {
         rx.await.map_err(|_| AgentError::ShuttingDown)
     }
 
-    /// Validate and apply a fault.
+    /// Validate and apply a fault; answers when the driver has applied it
+    /// (or refused, or failed and undone it).
     pub async fn apply(&self, spec: &pb::FaultSpec) -> Result<pb::Fault, AgentError> {
         let req = FaultRequest::from_pb(spec, self.max_fault_duration)?;
         self.call(|r| Cmd::Apply(Box::new(req), r)).await?
     }
 
-    /// Revert one fault; `.1` is true when it was already reverted.
+    /// Revert one fault; `.1` is true when it was already reverted (or
+    /// never took effect). Waits for a running apply of it to return first.
     pub async fn revert(&self, id: &str) -> Result<(pb::Fault, bool), AgentError> {
         let id = id.to_string();
         self.call(|r| Cmd::Revert(id, r)).await?
     }
 
-    /// Revert every fault; `disarm` leaves the agent disarmed with that reason.
-    pub async fn revert_all(&self, reason: RevertReason, disarm: Option<String>) -> Result<RevertAllOutcome, AgentError> {
-        self.call(|reply| Cmd::RevertAll { reason, disarm, reply }).await
+    /// Revert every fault; `disarm` leaves the agent disarmed with that
+    /// reason (from before the first revert starts). Answers when every
+    /// revert has finished or `wait` has passed, whichever is first: faults
+    /// whose driver is still busy then are in `in_progress`.
+    pub async fn revert_all(&self, reason: RevertReason, disarm: Option<String>, wait: Duration) -> Result<RevertAllOutcome, AgentError> {
+        self.call(|reply| Cmd::RevertAll { reason, disarm, wait: Some(wait), reply }).await
     }
 
     pub async fn list(&self, include_finished: bool) -> Result<Vec<pb::Fault>, AgentError> {
@@ -279,7 +434,8 @@ impl Lifecycle {
         self.call(Cmd::Status).await
     }
 
-    /// Revert everything for shutdown and refuse new faults from now on.
+    /// Revert everything for shutdown and refuse new faults from now on;
+    /// answers when every revert has finished.
     pub async fn shutdown(&self) -> Result<RevertAllOutcome, AgentError> {
         self.call(Cmd::Shutdown).await
     }
@@ -300,24 +456,14 @@ impl Actor {
         for rec in records {
             info!(fault_id = %rec.id, written_by_pid = rec.agent_pid, family = rec.request.kind.family(),
                 "reverting a fault a previous agent run left applied");
-            let now = Instant::now();
-            let mut entry = Entry {
-                id: rec.id.clone(),
-                req: rec.request,
-                plan: rec.plan,
-                state: FaultState::Applied,
-                applied: None,
-                created_at: UNIX_EPOCH + Duration::from_millis(rec.created_at_unix_ms),
-                applied_at: None,
-                expires_at: now,
-                expires_wall: UNIX_EPOCH + Duration::from_millis(rec.expires_at_unix_ms),
-                error: String::new(),
-                revert_reason: RevertReason::JournalReplay,
-                retry_at: None,
-                revert_summary: String::new(),
-                reverted_at: None,
-            };
-            if self.revert_entry(&mut entry, RevertReason::JournalReplay).await {
+            let created_at = UNIX_EPOCH + Duration::from_millis(rec.created_at_unix_ms);
+            let mut entry = Entry::new(rec.id.clone(), rec.request, created_at);
+            entry.plan = Some(rec.plan);
+            entry.state = FaultState::Reverting;
+            entry.expires_wall = UNIX_EPOCH + Duration::from_millis(rec.expires_at_unix_ms);
+            entry.revert_reason = RevertReason::JournalReplay;
+            let result = revert_job(Arc::clone(&self.drivers), Arc::clone(&self.journal), entry.id.clone(), entry.plan.clone()).await;
+            if self.settle_revert(&mut entry, result) {
                 report.reverted += 1;
                 self.push_history(entry.to_pb());
             } else {
@@ -328,22 +474,25 @@ impl Actor {
         Ok(report)
     }
 
-    async fn run(mut self, mut rx: mpsc::Receiver<Cmd>) {
+    async fn run(mut self, mut rx: mpsc::Receiver<Cmd>, mut done_rx: mpsc::UnboundedReceiver<Done>) {
         loop {
             let deadline = self.next_deadline();
             let sleep = tokio::time::sleep_until(deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(86_400)));
             tokio::select! {
+                // Results first: they free lanes and answer waiting callers.
+                biased;
+                Some(done) = done_rx.recv() => self.on_done(done),
                 cmd = rx.recv() => match cmd {
-                    Some(cmd) => self.handle(cmd).await,
+                    Some(cmd) => self.handle(cmd),
                     None => break,
                 },
-                _ = sleep, if deadline.is_some() => self.tick().await,
+                _ = sleep, if deadline.is_some() => self.tick(),
             }
         }
     }
 
     fn next_deadline(&self) -> Option<Instant> {
-        let faults = self.active.values().filter_map(|e| match e.state {
+        let faults = self.active.values().filter(|e| e.op == Op::Idle).filter_map(|e| match e.state {
             FaultState::Applied => Some(e.expires_at),
             FaultState::Failed => e.retry_at,
             _ => None,
@@ -352,10 +501,11 @@ impl Actor {
             (Some(l), false) => Some(self.last_contact.unwrap_or(self.started) + l.duration),
             _ => None,
         };
-        faults.chain(lease).min()
+        let waits = self.waits.iter().filter_map(|w| w.deadline);
+        faults.chain(lease).chain(waits).min()
     }
 
-    async fn tick(&mut self) {
+    fn tick(&mut self) {
         let now = Instant::now();
         if let (Some(l), false) = (&self.cfg.lease, self.lease_lost) {
             let since = self.last_contact.unwrap_or(self.started);
@@ -363,12 +513,13 @@ impl Actor {
                 self.lease_lost = true;
                 warn!(coordinator = %l.coordinator_url, silent_for = %human_duration(now - since), active_faults = self.active.len(),
                     "dead-man lease expired: reverting every fault and refusing new ones until the coordinator answers");
-                self.revert_all(RevertReason::LeaseLost).await;
+                self.revert_all(RevertReason::LeaseLost);
             }
         }
         let due: Vec<(String, RevertReason)> = self
             .active
             .values()
+            .filter(|e| e.op == Op::Idle)
             .filter_map(|e| match e.state {
                 FaultState::Applied if e.expires_at <= now => Some((e.id.clone(), RevertReason::Ttl)),
                 FaultState::Failed if e.retry_at.is_some_and(|t| t <= now) => Some((e.id.clone(), e.revert_reason)),
@@ -379,27 +530,25 @@ impl Actor {
             if reason == RevertReason::Ttl {
                 info!(fault_id = %id, "fault reached its TTL");
             }
-            self.revert_by_id(&id, reason).await;
+            self.start_revert(&id, reason);
+        }
+        // RevertAll callers whose wait is over get what is done so far.
+        let (over, keep): (Vec<AllWait>, Vec<AllWait>) = self.waits.drain(..).partition(|w| w.deadline.is_some_and(|d| d <= now));
+        self.waits = keep;
+        for w in over {
+            self.answer_wait(w);
         }
     }
 
-    async fn handle(&mut self, cmd: Cmd) {
+    fn handle(&mut self, cmd: Cmd) {
         match cmd {
-            Cmd::Apply(req, reply) => {
-                let r = self.apply(*req).await;
-                let _ = reply.send(r);
-            }
-            Cmd::Revert(id, reply) => {
-                let r = self.revert_requested(&id).await;
-                let _ = reply.send(r);
-            }
-            Cmd::RevertAll { reason, disarm, reply } => {
-                let mut out = self.revert_all(reason).await;
+            Cmd::Apply(req, reply) => self.apply(*req, reply),
+            Cmd::Revert(id, reply) => self.revert_requested(&id, reply),
+            Cmd::RevertAll { reason, disarm, wait, reply } => {
                 if let Some(why) = disarm {
                     self.disarm(why, reason == RevertReason::EmergencyStop);
                 }
-                out.armed = self.arming.is_armed();
-                let _ = reply.send(out);
+                self.wait_for_all(reason, wait, reply);
             }
             Cmd::List(include_finished, reply) => {
                 let mut v: Vec<pb::Fault> = Vec::new();
@@ -423,7 +572,7 @@ impl Actor {
                 let _ = reply.send(self.arming.is_armed());
             }
             Cmd::Contact { coordinator_armed, reply } => {
-                self.contact(coordinator_armed).await;
+                self.contact(coordinator_armed);
                 let _ = reply.send(());
             }
             Cmd::Refused { reason, reply } => {
@@ -433,9 +582,7 @@ impl Actor {
                 }
                 self.refused = Some(reason);
                 self.lease_lost = true;
-                if !self.active.is_empty() {
-                    self.revert_all(RevertReason::LeaseLost).await;
-                }
+                self.revert_all(RevertReason::LeaseLost);
                 let _ = reply.send(());
             }
             Cmd::Status(reply) => {
@@ -448,8 +595,7 @@ impl Actor {
             }
             Cmd::Shutdown(reply) => {
                 self.shutting_down = true;
-                let out = self.revert_all(RevertReason::Shutdown).await;
-                let _ = reply.send(out);
+                self.wait_for_all(RevertReason::Shutdown, None, reply);
             }
         }
     }
@@ -469,7 +615,7 @@ impl Actor {
         self.arming = Arming::Disarmed { reason, by_coordinator };
     }
 
-    async fn contact(&mut self, coordinator_armed: bool) {
+    fn contact(&mut self, coordinator_armed: bool) {
         self.last_contact = Some(Instant::now());
         if self.refused.take().is_some() {
             info!("the coordinator accepted this agent");
@@ -487,9 +633,9 @@ impl Actor {
             if !by_coordinator {
                 self.disarm("the coordinator has disarmed the fleet (emergency stop)".into(), true);
             }
-            if !self.active.is_empty() {
+            if self.active.values().any(|e| !matches!(e.op, Op::Reverting | Op::QueuedRevert)) {
                 warn!(active_faults = self.active.len(), "fleet is disarmed but faults are active here: reverting them");
-                self.revert_all(RevertReason::EmergencyStop).await;
+                self.revert_all(RevertReason::EmergencyStop);
             }
         }
     }
@@ -523,107 +669,232 @@ impl Actor {
         Ok(())
     }
 
-    async fn apply(&mut self, mut req: FaultRequest) -> Result<pb::Fault, AgentError> {
-        self.refuse_new()?;
+    fn apply(&mut self, mut req: FaultRequest, reply: ApplyReply) {
+        if let Err(e) = self.refuse_new() {
+            let _ = reply.send(Err(e));
+            return;
+        }
         let id = req.id.clone().unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
         if self.active.contains_key(&id) {
-            return Err(AgentError::AlreadyExists(id));
+            let _ = reply.send(Err(AgentError::AlreadyExists(id)));
+            return;
         }
         if self.active.len() >= chaos_proto::spec::MAX_ACTIVE_FAULTS as usize {
-            return Err(AgentError::Guard(format!(
+            let _ = reply.send(Err(AgentError::Guard(format!(
                 "this agent holds {} faults, the most it holds at once; revert some first",
                 self.active.len()
-            )));
+            ))));
+            return;
         }
         // Drivers name what they create after the fault (e.g. nft tables).
         req.id = Some(id.clone());
-        let planned = self.drivers.resolve_container(&req).await?;
-        let plan = self.drivers.for_request(&planned).plan(&planned).await?;
-        let created_at = SystemTime::now();
-        let rec = JournalRecord {
-            version: 1,
-            id: id.clone(),
-            request: req.clone(),
-            plan: plan.clone(),
-            created_at_unix_ms: unix_ms(created_at),
-            expires_at_unix_ms: unix_ms(created_at + req.duration),
-            agent_pid: std::process::id(),
+        let mut entry = Entry::new(id.clone(), req, SystemTime::now());
+        entry.apply_reply = Some(reply);
+        entry.op = Op::QueuedApply;
+        let lane = entry.lane.clone();
+        self.active.insert(id.clone(), entry);
+        self.enqueue(&lane, id);
+    }
+
+    /// Put a job of fault `id` in `lane` and start it if the lane is free.
+    fn enqueue(&mut self, lane: &str, id: String) {
+        let l = self.lanes.entry(lane.to_string()).or_default();
+        l.queue.push_back(id);
+        if !l.running {
+            self.start_next(lane);
+        }
+    }
+
+    /// Start the next job waiting in `lane`; drop the lane when it is empty.
+    fn start_next(&mut self, lane: &str) {
+        let Some(l) = self.lanes.get_mut(lane) else { return };
+        let Some(id) = l.queue.pop_front() else {
+            self.lanes.remove(lane);
+            return;
         };
-        // Journal first: if the agent dies right after the host is touched,
-        // the next run finds this record and reverts it.
-        self.journal.put(&rec)?;
-        let driver = self.drivers.for_plan(&plan);
-        match driver.apply(&plan).await {
-            Ok(applied) => {
-                let applied_at = SystemTime::now();
-                info!(fault_id = %id, family = req.kind.family(), target = %req.target, ttl = %human_duration(req.duration),
-                    summary = %applied.summary, "fault applied");
-                self.cfg.counters.applied(req.kind.family(), applied.backend);
-                let entry = Entry {
-                    id: id.clone(),
-                    expires_at: Instant::now() + req.duration,
-                    expires_wall: applied_at + req.duration,
-                    req,
-                    plan,
-                    state: FaultState::Applied,
-                    applied: Some(applied),
-                    created_at,
-                    applied_at: Some(applied_at),
-                    error: String::new(),
-                    revert_reason: RevertReason::Unspecified,
-                    retry_at: None,
-                    revert_summary: String::new(),
-                    reverted_at: None,
-                };
-                let pb = entry.to_pb();
-                self.active.insert(id, entry);
-                Ok(pb)
+        l.running = true;
+        let Some(e) = self.active.get_mut(&id) else {
+            // Cancelled while queued.
+            if let Some(l) = self.lanes.get_mut(lane) {
+                l.running = false;
             }
-            Err(e) => {
-                warn!(fault_id = %id, error = %e, "apply failed; undoing whatever part of it took effect");
-                self.cfg.counters.apply_failed(req.kind.family());
-                let summary = match driver.revert(&plan).await {
-                    Ok(s) => s,
-                    Err(re) => {
-                        // Keep the record: the next start retries the revert.
-                        error!(fault_id = %id, error = %re, "undoing a failed apply failed too; journal record kept");
-                        return Err(e);
-                    }
-                };
-                if let Err(je) = self.journal.remove(&id) {
-                    error!(fault_id = %id, error = %je, "could not remove journal record of a failed apply");
-                }
-                let now = SystemTime::now();
-                self.push_history(pb::Fault {
-                    id: id.clone(),
-                    spec: Some(req.to_pb(&id)),
-                    state: FaultState::Failed as i32,
-                    created_at: Some(timestamp_to_pb(created_at)),
-                    reverted_at: Some(timestamp_to_pb(now)),
-                    revert_reason: RevertReason::ApplyFailed as i32,
-                    error: e.to_string(),
-                    revert_summary: summary,
-                    ..Default::default()
+            return self.start_next(lane);
+        };
+        let (drivers, journal, tx) = (Arc::clone(&self.drivers), Arc::clone(&self.journal), self.done_tx.clone());
+        match e.op {
+            Op::QueuedApply => {
+                e.op = Op::Applying;
+                let (req, created_at) = (e.req.clone(), e.created_at);
+                tokio::spawn(async move {
+                    let outcome = match chaos_proto::serve::catch_panic(apply_job(drivers, journal, req.clone(), created_at, &tx)).await {
+                        Ok(o) => o,
+                        Err(panic) => ApplyOutcome::Failed {
+                            error: AgentError::Command { cmd: "apply".into(), detail: format!("the driver panicked: {panic}") },
+                            undo: Err(AgentError::Command { cmd: "undo".into(), detail: "not tried after a panic; retried".into() }),
+                        },
+                    };
+                    let _ = tx.send(Done::Applied { id: req.id.clone().unwrap_or_default(), outcome });
                 });
-                Err(e)
+            }
+            Op::QueuedRevert => {
+                e.op = Op::Reverting;
+                let (id, plan) = (e.id.clone(), e.plan.clone());
+                tokio::spawn(async move {
+                    let result = match chaos_proto::serve::catch_panic(revert_job(drivers, journal, id.clone(), plan)).await {
+                        Ok(r) => r,
+                        Err(panic) => Err(AgentError::Command { cmd: "revert".into(), detail: format!("the driver panicked: {panic}") }),
+                    };
+                    let _ = tx.send(Done::Reverted { id, result });
+                });
+            }
+            op => {
+                error!(fault_id = %id, ?op, "lane held a fault with no job queued; skipped");
+                if let Some(l) = self.lanes.get_mut(lane) {
+                    l.running = false;
+                }
+                self.start_next(lane);
             }
         }
     }
 
-    /// Revert one entry in place. True when it is now reverted.
-    async fn revert_entry(&mut self, entry: &mut Entry, reason: RevertReason) -> bool {
-        // The last measurement is what history keeps.
-        observe(&self.drivers, entry);
-        entry.state = FaultState::Reverting;
-        entry.revert_reason = reason;
-        let driver = self.drivers.for_plan(&entry.plan);
-        match driver.revert(&entry.plan).await {
-            Ok(summary) => {
-                if let Err(e) = self.journal.remove(&entry.id) {
-                    // The revert is done; a stale record only causes one more
-                    // (idempotent, pid-guarded) revert at the next start.
-                    error!(fault_id = %entry.id, error = %e, "fault reverted but its journal record could not be removed");
+    /// A job finished (or a journal record was written): take its result and free its lane.
+    fn on_done(&mut self, done: Done) {
+        match done {
+            Done::Journaled { id, plan } => {
+                if let Some(e) = self.active.get_mut(&id) {
+                    e.plan = Some(plan);
                 }
+            }
+            Done::Applied { id, outcome } => {
+                let lane = self.active.get(&id).map(|e| e.lane.clone());
+                self.settle_apply(&id, outcome);
+                if let Some(lane) = lane {
+                    self.free(&lane);
+                }
+            }
+            Done::Reverted { id, result } => {
+                let Some(mut entry) = self.active.remove(&id) else { return };
+                let lane = entry.lane.clone();
+                entry.op = Op::Idle;
+                let reverted = self.settle_revert(&mut entry, result);
+                let pb = entry.to_pb();
+                let replies = std::mem::take(&mut entry.revert_replies);
+                if reverted {
+                    for r in replies {
+                        let _ = r.send(Ok((pb.clone(), false)));
+                    }
+                    self.push_history(pb.clone());
+                } else {
+                    for r in replies {
+                        let _ = r.send(Err(AgentError::RevertFailed { id: id.clone(), error: entry.error.clone() }));
+                    }
+                    self.active.insert(id.clone(), entry);
+                }
+                self.settle_waits(&id, if reverted { Settled::Reverted(pb) } else { Settled::Failed(pb) });
+                self.free(&lane);
+            }
+        }
+    }
+
+    fn free(&mut self, lane: &str) {
+        if let Some(l) = self.lanes.get_mut(lane) {
+            l.running = false;
+        }
+        self.start_next(lane);
+    }
+
+    fn settle_apply(&mut self, id: &str, outcome: ApplyOutcome) {
+        let Some(mut e) = self.active.remove(id) else { return };
+        e.op = Op::Idle;
+        let family = e.req.kind.family();
+        let reply = e.apply_reply.take();
+        match outcome {
+            ApplyOutcome::Ok(applied) => {
+                let applied_at = SystemTime::now();
+                info!(fault_id = %id, family, target = %e.req.target, ttl = %human_duration(e.req.duration),
+                    summary = %applied.summary, "fault applied");
+                self.cfg.counters.applied(family, applied.backend);
+                e.state = FaultState::Applied;
+                e.expires_at = Instant::now() + e.req.duration;
+                e.expires_wall = applied_at + e.req.duration;
+                e.applied = Some(applied);
+                e.applied_at = Some(applied_at);
+                if let Some(r) = reply {
+                    let _ = r.send(Ok(e.to_pb()));
+                }
+                let wanted = e.revert_wanted.take();
+                self.active.insert(id.to_string(), e);
+                if let Some(reason) = wanted {
+                    info!(fault_id = %id, reason = reason.as_str_name(), "reverting a fault asked to revert while it was being applied");
+                    self.start_revert(id, reason);
+                }
+            }
+            ApplyOutcome::Refused(err) => {
+                // Nothing was journaled or done: the request is refused as a whole.
+                let ended = self.ended_before_effect(&e, FaultState::Failed, RevertReason::ApplyFailed, err.to_string(), String::new());
+                if let Some(r) = reply {
+                    let _ = r.send(Err(err));
+                }
+                for r in e.revert_replies.drain(..) {
+                    let _ = r.send(Ok((ended.clone(), true)));
+                }
+                self.settle_waits(id, Settled::Gone);
+            }
+            ApplyOutcome::Failed { error, undo } => {
+                warn!(fault_id = %id, error = %error, "apply failed; undoing whatever part of it took effect");
+                self.cfg.counters.apply_failed(family);
+                match undo {
+                    Ok(summary) => {
+                        let ended = self.ended_before_effect(&e, FaultState::Failed, RevertReason::ApplyFailed, error.to_string(), summary);
+                        self.push_history(ended.clone());
+                        for r in e.revert_replies.drain(..) {
+                            let _ = r.send(Ok((ended.clone(), true)));
+                        }
+                        self.settle_waits(id, Settled::Gone);
+                    }
+                    Err(undo_err) => {
+                        // Part of it may be in effect: it stays active, FAILED, its record kept, and
+                        // the revert is retried like any failed revert.
+                        error!(fault_id = %id, error = %undo_err, "undoing a failed apply failed too; journal record kept, will retry");
+                        e.state = FaultState::Failed;
+                        e.revert_reason = RevertReason::ApplyFailed;
+                        e.error = format!("{error}; undoing it failed: {undo_err}");
+                        e.retry_at = Some(Instant::now() + self.cfg.revert_retry_interval);
+                        let pb = e.to_pb();
+                        for r in e.revert_replies.drain(..) {
+                            let _ = r.send(Err(AgentError::RevertFailed { id: id.to_string(), error: e.error.clone() }));
+                        }
+                        self.active.insert(id.to_string(), e);
+                        self.settle_waits(id, Settled::Failed(pb));
+                    }
+                }
+                if let Some(r) = reply {
+                    let _ = r.send(Err(error));
+                }
+            }
+        }
+    }
+
+    /// The final record of a fault that ended without being in effect.
+    fn ended_before_effect(&self, e: &Entry, state: FaultState, reason: RevertReason, error: String, summary: String) -> pb::Fault {
+        pb::Fault {
+            id: e.id.clone(),
+            spec: Some(e.req.to_pb(&e.id)),
+            state: state as i32,
+            created_at: Some(timestamp_to_pb(e.created_at)),
+            reverted_at: Some(timestamp_to_pb(SystemTime::now())),
+            revert_reason: reason as i32,
+            error,
+            revert_summary: summary,
+            ..Default::default()
+        }
+    }
+
+    /// Record the result of a revert job in `entry`. True when it is now reverted.
+    fn settle_revert(&mut self, entry: &mut Entry, result: Result<String, AgentError>) -> bool {
+        let reason = entry.revert_reason;
+        match result {
+            Ok(summary) => {
                 info!(fault_id = %entry.id, reason = reason.as_str_name(), summary = %summary, "fault reverted");
                 let backend = entry.applied.as_ref().map(|a| a.backend).unwrap_or("journal");
                 self.cfg.counters.reverted(entry.req.kind.family(), backend, reason.as_str_name());
@@ -646,48 +917,125 @@ impl Actor {
         }
     }
 
-    /// Revert an active fault by id; moves it to history when done.
-    async fn revert_by_id(&mut self, id: &str, reason: RevertReason) -> Option<Result<pb::Fault, pb::Fault>> {
-        let mut entry = self.active.remove(id)?;
-        let ok = self.revert_entry(&mut entry, reason).await;
-        let pb = entry.to_pb();
-        if ok {
-            self.push_history(pb.clone());
-            Some(Ok(pb))
-        } else {
-            self.active.insert(entry.id.clone(), entry);
-            Some(Err(pb))
-        }
-    }
-
-    async fn revert_requested(&mut self, id: &str) -> Result<(pb::Fault, bool), AgentError> {
-        match self.revert_by_id(id, RevertReason::Requested).await {
-            Some(Ok(f)) => Ok((f, false)),
-            Some(Err(f)) => Err(AgentError::RevertFailed { id: id.to_string(), error: f.error }),
-            None => self
-                .history
-                .iter()
-                .rev()
-                .find(|f| f.id == id)
-                .map(|f| (f.clone(), true))
-                .ok_or_else(|| AgentError::UnknownFault(id.to_string())),
-        }
-    }
-
-    async fn revert_all(&mut self, reason: RevertReason) -> RevertAllOutcome {
-        let ids: Vec<String> = self.active.keys().cloned().collect();
-        let mut out = RevertAllOutcome { armed: self.arming.is_armed(), ..Default::default() };
-        for id in ids {
-            match self.revert_by_id(&id, reason).await {
-                Some(Ok(f)) => out.reverted.push(f),
-                Some(Err(f)) => out.failed.push(f),
-                None => {}
+    /// Have fault `id` reverted for `reason`: cancelled if its apply is
+    /// still queued, reverted after its apply if that is running, queued in
+    /// its lane otherwise. Does nothing when a revert of it is already under way.
+    fn start_revert(&mut self, id: &str, reason: RevertReason) {
+        let Some(e) = self.active.get_mut(id) else { return };
+        match e.op {
+            Op::QueuedRevert | Op::Reverting => {}
+            Op::Applying => {
+                e.revert_wanted.get_or_insert(reason);
+            }
+            Op::QueuedApply => {
+                // Never started: nothing was journaled or done.
+                let Some(mut e) = self.active.remove(id) else { return };
+                info!(fault_id = %id, reason = reason.as_str_name(), "fault cancelled before its apply started");
+                if let Some(l) = self.lanes.get_mut(&e.lane) {
+                    l.queue.retain(|q| q != id);
+                }
+                let ended = self.ended_before_effect(
+                    &e,
+                    FaultState::Reverted,
+                    reason,
+                    String::new(),
+                    "cancelled before it was applied: nothing was done".into(),
+                );
+                if let Some(r) = e.apply_reply.take() {
+                    let _ = r.send(Err(AgentError::Cancelled(format!(
+                        "fault {id:?} was reverted ({}) before its apply started; nothing was done",
+                        reason.as_str_name()
+                    ))));
+                }
+                for r in e.revert_replies.drain(..) {
+                    let _ = r.send(Ok((ended.clone(), false)));
+                }
+                self.push_history(ended.clone());
+                self.settle_waits(id, Settled::Reverted(ended));
+            }
+            Op::Idle => {
+                observe(&self.drivers, e);
+                e.state = FaultState::Reverting;
+                e.revert_reason = reason;
+                e.op = Op::QueuedRevert;
+                e.retry_at = None;
+                let lane = e.lane.clone();
+                self.enqueue(&lane, id.to_string());
             }
         }
-        if !out.reverted.is_empty() || !out.failed.is_empty() {
-            info!(reason = reason.as_str_name(), reverted = out.reverted.len(), failed = out.failed.len(), "revert all done");
+    }
+
+    fn revert_requested(&mut self, id: &str, reply: RevertReply) {
+        if let Some(e) = self.active.get_mut(id) {
+            e.revert_replies.push(reply);
+            self.start_revert(id, RevertReason::Requested);
+            return;
         }
-        out
+        let r = self
+            .history
+            .iter()
+            .rev()
+            .find(|f| f.id == id)
+            .map(|f| (f.clone(), true))
+            .ok_or_else(|| AgentError::UnknownFault(id.to_string()));
+        let _ = reply.send(r);
+    }
+
+    /// Start reverting every active fault.
+    fn revert_all(&mut self, reason: RevertReason) {
+        let ids: Vec<String> = self.active.keys().cloned().collect();
+        for id in ids {
+            self.start_revert(&id, reason);
+        }
+    }
+
+    /// Start reverting every active fault and answer `reply` when they are
+    /// done or `wait` has passed.
+    fn wait_for_all(&mut self, reason: RevertReason, wait: Option<Duration>, reply: oneshot::Sender<RevertAllOutcome>) {
+        let pending: BTreeSet<String> = self.active.keys().cloned().collect();
+        self.waits.push(AllWait { pending, out: RevertAllOutcome::default(), deadline: wait.map(|w| Instant::now() + w), reply });
+        self.revert_all(reason);
+        // Whatever finished at once (cancelled applies) may complete a wait.
+        let (done, keep): (Vec<AllWait>, Vec<AllWait>) = self.waits.drain(..).partition(|w| w.pending.is_empty());
+        self.waits = keep;
+        for w in done {
+            self.answer_wait(w);
+        }
+    }
+
+    /// Tell every waiting RevertAll how fault `id` ended; answer those with nothing left to wait for.
+    fn settle_waits(&mut self, id: &str, how: Settled) {
+        let mut finished = Vec::new();
+        for (i, w) in self.waits.iter_mut().enumerate() {
+            if !w.pending.remove(id) {
+                continue;
+            }
+            match &how {
+                Settled::Reverted(f) => w.out.reverted.push(f.clone()),
+                Settled::Failed(f) => w.out.failed.push(f.clone()),
+                Settled::Gone => {}
+            }
+            if w.pending.is_empty() {
+                finished.push(i);
+            }
+        }
+        for i in finished.into_iter().rev() {
+            let w = self.waits.remove(i);
+            self.answer_wait(w);
+        }
+    }
+
+    fn answer_wait(&mut self, mut w: AllWait) {
+        w.out.in_progress = w.pending.iter().filter_map(|id| self.active.get(id)).map(Entry::to_pb).collect();
+        w.out.armed = self.arming.is_armed();
+        let o = &w.out;
+        if !o.reverted.is_empty() || !o.failed.is_empty() || !o.in_progress.is_empty() {
+            info!(reverted = o.reverted.len(), failed = o.failed.len(), in_progress = o.in_progress.len(), "revert all answered");
+        }
+        if !o.in_progress.is_empty() {
+            warn!(faults = ?w.pending, "revert all answered while these faults' drivers were still busy; they are reverted when their driver returns");
+        }
+        let _ = w.reply.send(w.out);
     }
 
     fn push_history(&mut self, f: pb::Fault) {
@@ -696,6 +1044,78 @@ impl Actor {
             self.history.pop_front();
         }
     }
+}
+
+/// How a fault a RevertAll waits for ended.
+enum Settled {
+    Reverted(pb::Fault),
+    Failed(pb::Fault),
+    /// It never took effect (its apply failed and was undone).
+    Gone,
+}
+
+/// Resolve, plan, journal and apply one fault (a job: runs outside the owner task).
+async fn apply_job(
+    drivers: Arc<Drivers>,
+    journal: Arc<dyn JournalStore>,
+    req: FaultRequest,
+    created_at: SystemTime,
+    tx: &mpsc::UnboundedSender<Done>,
+) -> ApplyOutcome {
+    let id = req.id.clone().unwrap_or_default();
+    let planned = match drivers.resolve_container(&req).await {
+        Ok(p) => p,
+        Err(e) => return ApplyOutcome::Refused(e),
+    };
+    let plan = match drivers.for_request(&planned).plan(&planned).await {
+        Ok(p) => p,
+        Err(e) => return ApplyOutcome::Refused(e),
+    };
+    let rec = JournalRecord {
+        version: 1,
+        id: id.clone(),
+        request: req.clone(),
+        plan: plan.clone(),
+        created_at_unix_ms: unix_ms(created_at),
+        expires_at_unix_ms: unix_ms(created_at + req.duration),
+        agent_pid: std::process::id(),
+    };
+    // Journal first: if the agent dies right after the host is touched,
+    // the next run finds this record and reverts it.
+    if let Err(e) = journal_io(&journal, move |j| j.put(&rec)).await {
+        return ApplyOutcome::Refused(e);
+    }
+    let _ = tx.send(Done::Journaled { id: id.clone(), plan: plan.clone() });
+    let driver = drivers.for_plan(&plan);
+    match driver.apply(&plan).await {
+        Ok(applied) => ApplyOutcome::Ok(applied),
+        Err(error) => {
+            let undo = driver.revert(&plan).await;
+            if undo.is_ok() {
+                let id = id.clone();
+                if let Err(je) = journal_io(&journal, move |j| j.remove(&id)).await {
+                    error!(fault_id = %req.id.as_deref().unwrap_or_default(), error = %je, "could not remove journal record of a failed apply");
+                }
+            }
+            ApplyOutcome::Failed { error, undo }
+        }
+    }
+}
+
+/// Revert one fault and remove its journal record (a job).
+async fn revert_job(drivers: Arc<Drivers>, journal: Arc<dyn JournalStore>, id: String, plan: Option<Plan>) -> Result<String, AgentError> {
+    let Some(plan) = plan else {
+        // Its apply job ended (a panic) before journaling: nothing was done.
+        return Ok("never applied: nothing to undo".into());
+    };
+    let summary = drivers.for_plan(&plan).revert(&plan).await?;
+    let rid = id.clone();
+    if let Err(e) = journal_io(&journal, move |j| j.remove(&rid)).await {
+        // The revert is done; a stale record only causes one more
+        // (idempotent, pid-guarded) revert at the next start.
+        error!(fault_id = %id, error = %e, "fault reverted but its journal record could not be removed");
+    }
+    Ok(summary)
 }
 
 #[cfg(test)]
@@ -719,13 +1139,15 @@ mod tests {
     struct Rig {
         lc: Lifecycle,
         procs: FakeProcs,
+        exec: FakeExec,
         journal: MemJournal,
         report: ReplayReport,
     }
 
     async fn rig_with(cfg: LifecycleConfig, procs: FakeProcs, journal: MemJournal) -> Rig {
         let prot = Arc::new(Protection::new(4242, vec![], vec![]));
-        let network = NetworkDriver::new(Arc::new(FakeExec::default()), Arc::new(procs.clone()), Exemptions::default());
+        let exec = FakeExec::default();
+        let network = NetworkDriver::new(Arc::new(exec.clone()), Arc::new(procs.clone()), Exemptions::default());
         let resource = crate::faults::resource::ResourceDriver::new(
             Err("no cgroups in this test".into()),
             Arc::new(procs.clone()),
@@ -741,7 +1163,7 @@ mod tests {
             container,
         });
         let (lc, _task, report) = Lifecycle::start(cfg, drivers, Arc::new(journal.clone())).await.expect("start");
-        Rig { lc, procs, journal, report }
+        Rig { lc, procs, exec, journal, report }
     }
 
     async fn rig() -> Rig {
@@ -902,7 +1324,7 @@ mod tests {
     async fn emergency_disarm_refuses_until_armed_and_coordinator_disarm_reverts() {
         let r = rig().await;
         r.lc.apply(&pause(10, 300)).await.expect("apply");
-        let out = r.lc.revert_all(RevertReason::EmergencyStop, Some("drill".into())).await.expect("revert all");
+        let out = r.lc.revert_all(RevertReason::EmergencyStop, Some("drill".into()), Duration::from_secs(5)).await.expect("revert all");
         assert_eq!(out.reverted.len(), 1);
         assert!(!out.armed);
         let e = r.lc.apply(&pause(10, 300)).await.expect_err("disarmed");
@@ -982,5 +1404,120 @@ mod tests {
         assert!(out.reverted.iter().all(|f| f.revert_reason == RevertReason::Shutdown as i32));
         assert_eq!((r.procs.state(10), r.procs.state(11)), (Some('S'), Some('S')));
         assert_eq!(r.lc.apply(&pause(10, 5)).await.expect_err("closed").code(), Code::Unavailable);
+    }
+
+    /// A host partition whose `nft -f` (the apply) waits for a gate: a slow driver.
+    fn slow_partition(r: &Rig, id: &str) -> (FaultSpec, crate::sys::netexec::Gate) {
+        use chaos_proto::pb::{NetworkPartition, NetworkScope};
+        r.exec.answer("list table", crate::sys::netexec::CmdOutput { success: true, stdout: "drop".into(), stderr: String::new() });
+        let gate = r.exec.hold("nft -f");
+        let spec = FaultSpec {
+            id: id.into(),
+            target: Some(Target { kind: Some(Kind::Host(chaos_proto::pb::HostTarget {})) }),
+            duration: Some(prost_types::Duration { seconds: 300, nanos: 0 }),
+            fault: Some(F::NetworkPartition(NetworkPartition {
+                scope: Some(NetworkScope { peer_cidrs: vec!["198.18.0.3".into()], ..Default::default() }),
+            })),
+            ..Default::default()
+        };
+        (spec, gate)
+    }
+
+    /// Reverts of a partition run so far (each deletes its inet table once).
+    fn nft_deletes(r: &Rig) -> usize {
+        r.exec.calls().iter().filter(|c| c.argv.starts_with(&["nft".into(), "delete".into(), "table".into(), "inet".into()])).count()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_apply_holds_up_nothing_on_other_targets_and_is_reverted_when_it_returns() {
+        let r = rig().await;
+        let (spec, gate) = slow_partition(&r, "slow");
+        let lc = r.lc.clone();
+        let slow = tokio::spawn(async move { lc.apply(&spec).await });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        // Another target's fault applies, lists and reverts while the partition's driver is busy.
+        let f = r.lc.apply(&pause(10, 300)).await.expect("apply beside a slow driver");
+        let listed = r.lc.list(false).await.expect("list");
+        assert_eq!(
+            listed.iter().map(|f| (f.id.as_str(), state(f))).collect::<Vec<_>>(),
+            vec![("slow", FaultState::Pending), (f.id.as_str(), FaultState::Applied)]
+        );
+        assert_eq!(r.journal.ids().len(), 2, "the slow fault is journaled before its driver runs");
+        let started = Instant::now();
+        let out = r.lc.revert_all(RevertReason::EmergencyStop, Some("drill".into()), Duration::from_secs(1)).await.expect("revert all");
+        assert_eq!(started.elapsed(), Duration::from_secs(1), "answered when its wait ended");
+        assert_eq!(out.reverted.iter().map(|f| f.id.as_str()).collect::<Vec<_>>(), vec![f.id.as_str()]);
+        assert_eq!(r.procs.state(10), Some('S'), "the other fault is reverted");
+        assert_eq!(out.in_progress.iter().map(|f| f.id.as_str()).collect::<Vec<_>>(), vec!["slow"]);
+        assert!(out.failed.is_empty() && !out.armed);
+        assert!(r.lc.status().await.expect("status").active_faults == 1);
+        // The driver returns: the apply is answered, then reverted without being asked again.
+        gate.open();
+        let applied = slow.await.expect("join").expect("the slow apply itself succeeded");
+        assert_eq!(state(&applied), FaultState::Applied);
+        for _ in 0..100 {
+            if r.lc.list(false).await.expect("list").is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(r.lc.list(false).await.expect("list").is_empty(), "reverted once its apply returned");
+        assert!(r.journal.ids().is_empty());
+        assert_eq!(nft_deletes(&r), 1, "its table deleted once");
+        let hist = r.lc.list(true).await.expect("list");
+        let slow = hist.iter().find(|h| h.id == "slow").expect("in history");
+        assert_eq!((state(slow), slow.revert_reason), (FaultState::Reverted, RevertReason::EmergencyStop as i32));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn work_on_one_target_runs_in_order_and_a_queued_apply_is_cancelled_by_a_revert() {
+        let r = rig().await;
+        let (spec, gate) = slow_partition(&r, "first");
+        let mut second = spec.clone();
+        second.id = "second".into();
+        let (lc1, lc2) = (r.lc.clone(), r.lc.clone());
+        let first = tokio::spawn(async move { lc1.apply(&spec).await });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let queued = tokio::spawn(async move { lc2.apply(&second).await });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(r.exec.calls().iter().filter(|c| c.argv.first().is_some_and(|a| a == "nft")).count(), 0, "still held");
+        assert_eq!(r.journal.ids(), vec!["first".to_string()], "the second waits its turn, not yet journaled");
+        // Reverting the queued one cancels it: nothing was done for it.
+        let (f, already) = r.lc.revert("second").await.expect("revert queued");
+        assert!(!already);
+        assert_eq!(state(&f), FaultState::Reverted);
+        assert!(f.revert_summary.contains("nothing was done"), "{}", f.revert_summary);
+        let e = queued.await.expect("join").expect_err("its apply is cancelled");
+        assert_eq!(e.code(), Code::Aborted);
+        // Reverting the running one waits for its apply, then reverts it.
+        let lc = r.lc.clone();
+        let rev = tokio::spawn(async move { lc.revert("first").await });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert!(!rev.is_finished(), "waits for the apply");
+        gate.open();
+        first.await.expect("join").expect("applied");
+        let (f, _) = rev.await.expect("join").expect("reverted after its apply");
+        assert_eq!(state(&f), FaultState::Reverted);
+        assert!(r.journal.ids().is_empty());
+        assert_eq!(r.journal.ops(), vec!["put first".to_string(), "remove first".to_string()]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_waits_for_a_slow_driver_and_reverts_what_it_applied() {
+        let r = rig().await;
+        let (spec, gate) = slow_partition(&r, "slow");
+        let lc = r.lc.clone();
+        let slow = tokio::spawn(async move { lc.apply(&spec).await });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let lc = r.lc.clone();
+        let down = tokio::spawn(async move { lc.shutdown().await });
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        assert!(!down.is_finished(), "shutdown waits for the driver");
+        gate.open();
+        let out = down.await.expect("join").expect("shutdown");
+        assert_eq!(out.reverted.len(), 1);
+        assert!(out.in_progress.is_empty());
+        slow.await.expect("join").expect("applied");
+        assert!(r.journal.ids().is_empty());
     }
 }

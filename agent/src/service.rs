@@ -225,12 +225,19 @@ impl Agent for AgentService {
         info!(%caller, reason = %r.reason, emergency = r.emergency, disarm = r.disarm, "RevertAll");
         let reason = if r.emergency { RevertReason::EmergencyStop } else { RevertReason::RevertAll };
         let disarm = r.disarm.then(|| if r.reason.is_empty() { "revert-all with disarm".to_string() } else { r.reason.clone() });
-        let out = self.lifecycle.revert_all(reason, disarm).await?;
+        let wait = match r.wait.as_ref() {
+            None => crate::lifecycle::DEFAULT_REVERT_ALL_WAIT,
+            Some(d) => chaos_proto::convert::duration_from_pb(d)
+                .filter(|w| *w <= Duration::from_secs(60))
+                .ok_or_else(|| Status::invalid_argument(format!("wait: must be in [0s, 60s], got {}s {}ns", d.seconds, d.nanos)))?,
+        };
+        let out = self.lifecycle.revert_all(reason, disarm, wait).await?;
         Ok(Response::new(pb::RevertAllResponse {
             reverted_count: u32::try_from(out.reverted.len()).unwrap_or(u32::MAX),
             failed: out.failed,
             reverted: out.reverted,
             armed: out.armed,
+            in_progress: out.in_progress,
         }))
     }
 

@@ -96,6 +96,11 @@ pub enum AgentCommand {
         /// Leave the agent disarmed (refusing faults) afterwards.
         #[arg(long)]
         disarm: bool,
+        /// How long the agent waits for reverts whose driver is busy (a
+        /// container stop waits out its grace) before answering; those not
+        /// done by then are listed as still reverting (exit 1). At most 60s.
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        wait: Duration,
     },
     /// What the agent and its host can do, and its state (armed, lease).
     Capabilities {
@@ -647,10 +652,10 @@ pub async fn run(cmd: AgentCommand, timeout: Duration, fmt: Format) -> Result<u8
                 Format::Table => emit(&format!("fault {} reverted: {}", f.id, f.revert_summary)),
             }
         }
-        AgentCommand::RevertAll { target, reason, disarm } => {
+        AgentCommand::RevertAll { target, reason, disarm, wait } => {
             let server = format!("agent {}", target.name());
-            let r = client(&target, timeout)?
-                .revert_all(pb::RevertAllRequest { reason, disarm, emergency: false })
+            let r = client(&target, timeout + wait)?
+                .revert_all(pb::RevertAllRequest { reason, disarm, emergency: false, wait: Some(duration_to_pb(wait)) })
                 .await
                 .map_err(|s| from_status(&server, s))?
                 .into_inner();
@@ -659,15 +664,24 @@ pub async fn run(cmd: AgentCommand, timeout: Duration, fmt: Format) -> Result<u8
                     "reverted_count": r.reverted_count, "armed": r.armed,
                     "reverted": r.reverted.iter().map(fault_json).collect::<Vec<_>>(),
                     "failed": r.failed.iter().map(fault_json).collect::<Vec<_>>(),
+                    "in_progress": r.in_progress.iter().map(fault_json).collect::<Vec<_>>(),
                 })),
                 Format::Table => {
                     emit(&format!("{} fault(s) reverted{}", r.reverted_count, if r.armed { "" } else { "; agent DISARMED" }));
                     if !r.failed.is_empty() {
                         emit(&format!("{} fault(s) FAILED to revert (journal kept, retried):\n{}", r.failed.len(), fault_rows(&r.failed)));
                     }
+                    if !r.in_progress.is_empty() {
+                        emit(&format!(
+                            "{} fault(s) STILL REVERTING after {}: their driver is busy; the agent reverts them when it returns (`chaos agent faults`):\n{}",
+                            r.in_progress.len(),
+                            humantime::format_duration(wait),
+                            fault_rows(&r.in_progress)
+                        ));
+                    }
                 }
             }
-            if !r.failed.is_empty() {
+            if !r.failed.is_empty() || !r.in_progress.is_empty() {
                 return Ok(exit::FAILURE);
             }
         }

@@ -132,12 +132,14 @@ pub async fn emergency_stop(coordinator: &str, timeout: Duration, fmt: Format, a
     match fmt {
         Format::Json => emit_json(&json!({
             "armed": r.armed, "agents_reached": r.agents_reached, "agents_unreached": r.agents_unreached,
-            "faults_reverted": r.faults_reverted, "faults_failed": r.faults_failed, "complete": r.complete,
+            "faults_reverted": r.faults_reverted, "faults_failed": r.faults_failed, "faults_in_progress": r.faults_in_progress,
+            "complete": r.complete,
             "took_s": dur_secs(r.took.as_ref()),
             "results": r.results.iter().map(|x| json!({
                 "agent_id": x.agent_id, "address": x.address, "reached": x.reached,
                 "duplicate": x.duplicate, "instance_id": x.instance_id,
-                "reverted_count": x.reverted_count, "failed_count": x.failed_count, "error": x.error,
+                "reverted_count": x.reverted_count, "failed_count": x.failed_count, "in_progress_count": x.in_progress_count,
+                "error": x.error,
                 "lease_revert_by": rfc3339(x.lease_revert_by.as_ref()), "took_s": dur_secs(x.took.as_ref()),
             })).collect::<Vec<_>>(),
         })),
@@ -147,7 +149,11 @@ pub async fn emergency_stop(coordinator: &str, timeout: Duration, fmt: Format, a
                 .iter()
                 .map(|x| {
                     let outcome = if x.reached {
-                        if x.failed_count > 0 { format!("{} failed: {}", x.failed_count, x.error) } else { "ok".into() }
+                        if x.failed_count > 0 || x.in_progress_count > 0 {
+                            format!("{} failed, {} still reverting: {}", x.failed_count, x.in_progress_count, x.error)
+                        } else {
+                            "ok".into()
+                        }
                     } else {
                         format!("NOT REACHED ({}); its lease reverts its faults {}", x.error, relative(x.lease_revert_by.as_ref()))
                     };
@@ -166,8 +172,8 @@ pub async fn emergency_stop(coordinator: &str, timeout: Duration, fmt: Format, a
                 "every agent confirmed".to_string()
             } else {
                 format!(
-                    "INCOMPLETE: {} not reached, {} revert(s) failed; faults may still be applied there",
-                    r.agents_unreached, r.faults_failed
+                    "INCOMPLETE: {} not reached, {} revert(s) failed, {} still reverting; faults may still be applied there",
+                    r.agents_unreached, r.faults_failed, r.faults_in_progress
                 )
             };
             emit(&format!(

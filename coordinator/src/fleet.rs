@@ -72,13 +72,14 @@ pub async fn emergency_stop(
     // RevertAll above for the same faults.
     scenarios.abort_all(reason);
     for r in results.iter().filter(|r| r.reached && !r.duplicate) {
-        // What is left on a reached agent is what it failed to revert.
-        registry.set_active_faults(&r.agent_id, r.failed_count);
+        // What is left on a reached agent is what it failed, or has not yet finished, to revert.
+        registry.set_active_faults(&r.agent_id, r.failed_count.saturating_add(r.in_progress_count));
     }
     let reached = results.iter().filter(|r| r.reached).count();
     // Counts come from agents: saturate rather than overflow.
     let faults_reverted = results.iter().fold(0u32, |n, r| n.saturating_add(r.reverted_count));
     let faults_failed = results.iter().fold(0u32, |n, r| n.saturating_add(r.failed_count));
+    let faults_in_progress = results.iter().fold(0u32, |n, r| n.saturating_add(r.in_progress_count));
     let resp = pb::EmergencyStopResponse {
         agents_reached: u32::try_from(reached).unwrap_or(u32::MAX),
         agents_unreached: u32::try_from(results.len().saturating_sub(reached)).unwrap_or(u32::MAX),
@@ -86,13 +87,14 @@ pub async fn emergency_stop(
         armed: false,
         took: Some(duration_to_pb(started.elapsed())),
         faults_failed,
-        complete: reached == results.len() && faults_failed == 0,
+        faults_in_progress,
+        complete: reached == results.len() && faults_failed == 0 && faults_in_progress == 0,
         results,
     };
     if resp.complete {
         info!(reached = resp.agents_reached, faults_reverted, took = ?started.elapsed(), "emergency stop done; fleet disarmed until Arm");
     } else {
-        warn!(reached = resp.agents_reached, unreached = resp.agents_unreached, faults_reverted, faults_failed, took = ?started.elapsed(),
+        warn!(reached = resp.agents_reached, unreached = resp.agents_unreached, faults_reverted, faults_failed, faults_in_progress, took = ?started.elapsed(),
             "emergency stop INCOMPLETE: some agents did not confirm every revert; fleet disarmed until Arm");
     }
     resp
@@ -123,7 +125,11 @@ async fn guarded_stop(agent: StopTarget, reason: String, deadline: Duration) -> 
 async fn stop_one(agent: StopTarget, reason: String, deadline: Duration) -> pb::AgentStopResult {
     let started = Instant::now();
     let mut client = agent.client.clone();
-    let mut req = tonic::Request::new(pb::RevertAllRequest { reason, disarm: true, emergency: true });
+    // The agent answers within 3/4 of the deadline with what is done, so a
+    // busy driver (a container stop) is reported as still reverting, not
+    // as an agent not reached.
+    let wait = deadline.mul_f64(0.75);
+    let mut req = tonic::Request::new(pb::RevertAllRequest { reason, disarm: true, emergency: true, wait: Some(duration_to_pb(wait)) });
     req.set_timeout(deadline);
     let call = tokio::time::timeout(deadline, client.revert_all(req)).await;
     let mut res = pb::AgentStopResult {
@@ -139,9 +145,10 @@ async fn stop_one(agent: StopTarget, reason: String, deadline: Duration) -> pb::
             res.reached = true;
             res.reverted_count = r.reverted_count;
             res.failed_count = u32::try_from(r.failed.len()).unwrap_or(u32::MAX);
-            if !r.failed.is_empty() {
-                res.error = r.failed.iter().map(|f| format!("{}: {}", f.id, f.error)).collect::<Vec<_>>().join("; ");
-            }
+            res.in_progress_count = u32::try_from(r.in_progress.len()).unwrap_or(u32::MAX);
+            let failed = r.failed.iter().map(|f| format!("{}: {}", f.id, f.error));
+            let busy = r.in_progress.iter().map(|f| format!("{}: still reverting (its driver is busy)", f.id));
+            res.error = failed.chain(busy).collect::<Vec<_>>().join("; ");
         }
         Ok(Err(status)) => {
             res.error = format!("{}: {}", status.code(), status.message());

@@ -205,11 +205,12 @@ impl Coordinator for CoordinatorService {
         self.gamedays.signal(pb::GameDayState::Aborted, &format!("emergency stop: {reason}"));
         let resp = fleet::emergency_stop(&self.registry, &self.scenarios, &reason, deadline).await;
         let detail = format!(
-            "{reason}: {} agent(s) reached, {} not, {} fault(s) reverted, {} failed{}",
+            "{reason}: {} agent(s) reached, {} not, {} fault(s) reverted, {} failed, {} still reverting{}",
             resp.agents_reached,
             resp.agents_unreached,
             resp.faults_reverted,
             resp.faults_failed,
+            resp.faults_in_progress,
             if resp.complete { "" } else { " (INCOMPLETE)" }
         );
         self.audit(&who, "EmergencyStop", "fleet", &detail, &Ok::<(), Status>(()));

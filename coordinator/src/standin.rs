@@ -132,7 +132,13 @@ impl Agent for Standin {
         if r.disarm {
             g.armed = false;
         }
-        Ok(Response::new(pb::RevertAllResponse { reverted_count: reverted.len() as u32, failed: vec![], reverted, armed: g.armed }))
+        Ok(Response::new(pb::RevertAllResponse {
+            reverted_count: reverted.len() as u32,
+            failed: vec![],
+            reverted,
+            armed: g.armed,
+            in_progress: vec![],
+        }))
     }
 
     async fn list_faults(&self, req: Request<pb::ListFaultsRequest>) -> Result<Response<pb::ListFaultsResponse>, Status> {

@@ -96,6 +96,19 @@ struct FakeInner {
     missing_program: bool,
     /// A namespace deleted when a command containing the key runs (races at teardown).
     vanish: Option<(String, PathBuf)>,
+    /// Commands containing the key wait for the gate to open (a slow tool).
+    gates: Vec<(String, Arc<tokio::sync::Semaphore>)>,
+}
+
+/// Holds every command of a [`FakeExec`] that matches its key until opened.
+#[derive(Debug, Clone)]
+pub struct Gate(Arc<tokio::sync::Semaphore>);
+
+impl Gate {
+    /// Let every held command (and every later one) go on.
+    pub fn open(&self) {
+        self.0.add_permits(tokio::sync::Semaphore::MAX_PERMITS / 2);
+    }
 }
 
 /// Records every command; answers success unless told otherwise.
@@ -130,6 +143,13 @@ impl FakeExec {
         self.lock().vanish = Some((key.to_string(), path.into()));
     }
 
+    /// Hold commands containing `key` until the returned gate is opened.
+    pub fn hold(&self, key: &str) -> Gate {
+        let sem = Arc::new(tokio::sync::Semaphore::new(0));
+        self.lock().gates.push((key.to_string(), Arc::clone(&sem)));
+        Gate(sem)
+    }
+
     /// Behave as if the program were not installed.
     pub fn set_missing_program(&self, missing: bool) {
         self.lock().missing_program = missing;
@@ -139,6 +159,12 @@ impl FakeExec {
 #[async_trait]
 impl NetExec for FakeExec {
     async fn run(&self, ns: Option<&Path>, argv: &[&str], stdin: Option<&str>) -> io::Result<CmdOutput> {
+        let joined = argv.join(" ");
+        let gate = self.lock().gates.iter().find(|(k, _)| joined.contains(k.as_str())).map(|(_, g)| Arc::clone(g));
+        if let Some(gate) = gate {
+            // The permit goes back when dropped: an opened gate stays open.
+            drop(gate.acquire().await);
+        }
         let mut g = self.lock();
         if g.missing_program {
             return Err(io::Error::new(io::ErrorKind::NotFound, "No such file or directory"));
@@ -148,7 +174,6 @@ impl NetExec for FakeExec {
             argv: argv.iter().map(|s| s.to_string()).collect(),
             stdin: stdin.map(str::to_string),
         });
-        let joined = argv.join(" ");
         if let Some((key, path)) = g.vanish.clone()
             && joined.contains(key.as_str())
         {
