@@ -849,7 +849,7 @@ mod tests {
         assert_eq!(l.to_pb(2).history.iter().map(|t| t.n).collect::<Vec<_>>(), vec![9, 10]);
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_panicking_runner_ends_the_gameday_aborted_and_stops_its_actions() {
         use chaos_proto::pb::ScenarioState;
 

@@ -1076,7 +1076,10 @@ pub(crate) mod tests {
     use super::*;
     use crate::{registry::ArmState, standin::Standin};
 
-    /// Scenarios over `n` stand-in agents (`a0`..), for this module's tests and the GameDay's.
+    /// Scenarios over `n` stand-in agents (`a0`..), for this module's tests
+    /// and the GameDay's. The stand-ins are reached in memory (no socket),
+    /// so the tests run under tokio's paused time: every deadline and
+    /// duration is virtual, and the clock moves only when all is idle.
     pub(crate) struct Rig {
         pub(crate) scenarios: Arc<Scenarios>,
         pub(crate) registry: Arc<Registry>,
@@ -1092,15 +1095,12 @@ pub(crate) mod tests {
         ));
         let mut agents = Vec::new();
         for i in 0..n {
-            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-            let addr = l.local_addr().expect("addr");
             let s = Standin::new();
-            tokio::spawn(s.clone().serve(l));
             registry
                 .register(
                     pb::RegisterAgentRequest {
                         agent_id: format!("a{i}"),
-                        address: format!("http://{addr}"),
+                        address: format!("http://a{i}.standin.invalid:50051"),
                         labels: [("role".to_string(), format!("r{i}"))].into(),
                         lease_duration: Some(duration_to_pb(Duration::from_secs(60))),
                         ..Default::default()
@@ -1109,6 +1109,9 @@ pub(crate) mod tests {
                     false,
                 )
                 .expect("register");
+            let mut rec = registry.agents().into_iter().find(|x| x.agent_id == format!("a{i}")).expect("registered");
+            rec.client = s.clone().in_memory();
+            registry.insert_unchecked(rec);
             agents.push(s);
         }
         let timing = Timing {
@@ -1139,15 +1142,42 @@ pub(crate) mod tests {
         }
     }
 
-    pub(crate) async fn wait_state(s: &Scenarios, id: &str, state: ScenarioState) -> pb::Scenario {
-        for _ in 0..300 {
-            let sc = s.get(id).expect("get");
-            if sc.state == state as i32 {
-                return sc;
+    /// Follow scenario `id`'s events until `done` holds for it (at most ten
+    /// minutes of the test's clock; ending first fails at once).
+    pub(crate) async fn wait_until(s: &Scenarios, id: &str, what: &str, done: impl Fn(&pb::Scenario) -> bool) -> pb::Scenario {
+        let follow = async {
+            loop {
+                // The scenario and its events from the same moment: no change is missed.
+                let (sc, events) = s.watch(id).expect("watch");
+                if done(&sc) {
+                    return sc;
+                }
+                let Some(mut events) = events else { panic!("{id} ended {} before {what}: {sc:?}", state_name(sc.state)) };
+                let _ = events.recv().await;
             }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        panic!("{id} never reached {state:?}: {:?}", s.get(id));
+        };
+        tokio::time::timeout(Duration::from_secs(600), follow).await.unwrap_or_else(|_| panic!("{id} never {what}: {:?}", s.get(id)))
+    }
+
+    pub(crate) async fn wait_state(s: &Scenarios, id: &str, state: ScenarioState) -> pb::Scenario {
+        wait_until(s, id, &format!("reached {state:?}"), |sc| sc.state == state as i32).await
+    }
+
+    /// Until the coordinator has heard `agent` confirm the fault of scenario `id`.
+    async fn wait_applied(s: &Scenarios, id: &str, agent: &str) -> pb::Scenario {
+        wait_until(s, id, &format!("applied on {agent}"), |sc| {
+            sc.agents.iter().any(|x| x.agent_id == agent && x.fault_state == FaultState::Applied as i32)
+        })
+        .await
+    }
+
+    /// A client whose every connection is refused, as a dead address's is
+    /// (in memory, so the paused clock never waits on a socket).
+    fn refusing_client() -> AgentClient<Channel> {
+        let refuse = tower::service_fn(|_: tonic::transport::Uri| async {
+            Err::<hyper_util::rt::TokioIo<tokio::io::DuplexStream>, _>(std::io::Error::from(std::io::ErrorKind::ConnectionRefused))
+        });
+        AgentClient::new(tonic::transport::Endpoint::from_static("http://127.0.0.1:1").connect_with_connector_lazy(refuse))
     }
 
     fn id_of(r: pb::CreateScenarioResponse) -> String {
@@ -1170,7 +1200,7 @@ pub(crate) mod tests {
     /// no reader of the scheduler, and a change made meanwhile is the one
     /// the store keeps: its write waits for the first, then carries the
     /// newest state.
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_slow_store_write_blocks_no_reader_and_the_newest_state_is_stored() {
         // No slot: every scenario queues, and nothing runs.
         let r = rig(1, open_policy(0)).await;
@@ -1221,7 +1251,7 @@ pub(crate) mod tests {
         assert_eq!(s.counts(), (0, 0));
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn fifo_queue_takes_freed_slots_and_a_queued_scenario_can_be_cancelled() {
         let r = rig(2, open_policy(1)).await;
         let s = &r.scenarios;
@@ -1234,12 +1264,7 @@ pub(crate) mod tests {
         let d = id_of(s.create(spec("a1", 200), false, "t").expect("d"));
         assert_eq!(s.stop(&c, "no").await.expect("stop").state, ScenarioState::Stopped as i32);
         assert_eq!(s.get(&d).expect("d").queue_position, 2, "d moved up behind b");
-        for _ in 0..200 {
-            if !r.agents[0].applied().is_empty() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        wait_applied(s, &a, "a0").await;
         assert_eq!(r.agents[0].applied(), vec![a.clone()], "running: the fault is applied");
         wait_state(s, &a, ScenarioState::Completed).await;
         assert!(r.agents[0].applied().is_empty(), "reverted at its end");
@@ -1250,7 +1275,7 @@ pub(crate) mod tests {
         assert_eq!(s.counts(), (0, 0));
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn disarm_aborts_running_and_queued_and_refuses_new_ones() {
         let r = rig(2, open_policy(1)).await;
         let s = &r.scenarios;
@@ -1267,18 +1292,12 @@ pub(crate) mod tests {
         assert!(matches!(&e, CoordinatorError::Refused(m) if m.contains("disarmed (drill)")), "{e}");
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn emergency_stop_reverts_the_others_past_a_poisoned_registry_record() {
         let r = rig(2, open_policy(3)).await;
         let s = &r.scenarios;
         let a = id_of(s.create(spec("a0", 60_000), false, "t").expect("a"));
-        wait_state(s, &a, ScenarioState::Running).await;
-        for _ in 0..300 {
-            if !r.agents[0].applied().is_empty() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        wait_applied(s, &a, "a0").await;
         assert_eq!(r.agents[0].applied().len(), 1);
         // A record no check of register() would let in: a lease past what a time can hold, a dead address.
         let mut poisoned = r.registry.agents().into_iter().find(|x| x.agent_id == "a1").expect("a1");
@@ -1286,7 +1305,8 @@ pub(crate) mod tests {
         poisoned.lease = Duration::MAX;
         poisoned.last_seen_wall = SystemTime::UNIX_EPOCH + Duration::from_secs(u64::MAX / 4);
         poisoned.active_faults = u32::MAX;
-        poisoned.client = r.registry.client("poisoned", "http://127.0.0.1:1").expect("client");
+        poisoned.address = "http://127.0.0.1:1".into();
+        poisoned.client = refusing_client();
         r.registry.insert_unchecked(poisoned);
         let resp = crate::fleet::emergency_stop(&r.registry, s, "drill", Duration::from_millis(500)).await;
         assert!(r.agents[0].applied().is_empty(), "the healthy agent's fault is reverted");
@@ -1297,7 +1317,7 @@ pub(crate) mod tests {
         wait_state(s, &a, ScenarioState::Aborted).await;
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn partial_apply_keeps_running_and_total_failure_fails() {
         let r = rig(2, open_policy(3)).await;
         let s = &r.scenarios;
@@ -1314,7 +1334,7 @@ pub(crate) mod tests {
         assert!(sc.reason.starts_with("the fault was applied on no agent: a1: "), "{}", sc.reason);
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_shrinking_fleet_aborts_the_newest_scenario_over_the_blast_radius() {
         let policy = Policy { blast_radius_limit: 0.5, group_blast_radius_limit: 1.0, ..open_policy(3) };
         let r = rig(2, policy).await;
@@ -1335,7 +1355,8 @@ pub(crate) mod tests {
         }
         let s = &r.scenarios;
         let first = id_of(s.create(spec("a0", 60_000), false, "t").expect("1 of 4"));
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        // Applied (started) before the second one starts.
+        wait_applied(s, &first, "a0").await;
         let second = id_of(s.create(spec("a1", 60_000), false, "t").expect("2 of 4 = 50 %"));
         wait_state(s, &second, ScenarioState::Running).await;
         assert!(s.enforce_blast_radius().is_empty(), "within the limit while the fleet is whole");
@@ -1347,7 +1368,7 @@ pub(crate) mod tests {
         assert_eq!(s.get(&first).expect("first").state, ScenarioState::Running as i32, "1 of 2 = 50 % fits");
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn recovery_reverts_a_scenario_whose_end_passed_while_down() {
         let r = rig(1, open_policy(3)).await;
         let a = id_of(r.scenarios.create(spec("a0", 60_000), false, "t").expect("a"));
