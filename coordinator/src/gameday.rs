@@ -10,7 +10,7 @@
 //! [`GameDays`] is the task around it.
 
 use std::{
-    collections::{BTreeSet, VecDeque},
+    collections::{BTreeMap, BTreeSet, VecDeque},
     sync::{Arc, Mutex, MutexGuard},
     time::{Duration, SystemTime},
 };
@@ -507,14 +507,8 @@ impl GameDays {
                 if affected > l.max_affected.0 {
                     l.max_affected = (affected, live);
                 }
-                for t in l.history.iter_mut().filter(|t| is_pending(t)) {
-                    if let Ok(sc) = self.scenarios.get(&t.scenario_id)
-                        && is_final(sc.state)
-                    {
-                        t.outcome = state_name(sc.state);
-                    }
-                }
             });
+            self.settle(true);
             let wait = match picker.poll(&plan, &policy, t0.elapsed(), &fleet, &busy) {
                 Pick::Over => break (GameDayState::Completed, format!("time box of {} s ran out", plan.time_box.as_secs())),
                 Pick::Wait(w) => w.min(Duration::from_secs(1)),
@@ -576,13 +570,9 @@ impl GameDays {
                 warn!(gameday = %id, error = %e, "stopping a GameDay action");
             }
         }
+        self.settle(false);
         let mut summary = String::new();
         self.with(|l| {
-            for t in l.history.iter_mut().filter(|t| is_pending(t)) {
-                if let Ok(sc) = self.scenarios.get(&t.scenario_id) {
-                    t.outcome = state_name(sc.state);
-                }
-            }
             l.state = end_state;
             l.reason = end_reason.clone();
             l.ended_at = Some(SystemTime::now());
@@ -597,6 +587,28 @@ impl GameDays {
         }
         info!(gameday = %id, state = state_text(end_state), "GameDay ended: {summary}");
         self.audit("coordinator", "EndGameDay", id, &format!("{}: {summary}", state_text(end_state)));
+    }
+
+    /// Record the scenario state of each action still pending in the history
+    /// (`only_final`: only of those that ended). The scenarios are read with
+    /// the GameDay's lock let go: one that ended is read from the store.
+    fn settle(&self, only_final: bool) {
+        let mut pending: Vec<String> = vec![];
+        self.with(|l| pending = l.history.iter().filter(|t| is_pending(t)).map(|t| t.scenario_id.clone()).collect());
+        if pending.is_empty() {
+            return;
+        }
+        let states: BTreeMap<String, i32> = pending
+            .into_iter()
+            .filter_map(|sid| self.scenarios.get(&sid).ok().filter(|sc| !only_final || is_final(sc.state)).map(|sc| (sid, sc.state)))
+            .collect();
+        self.with(|l| {
+            for t in l.history.iter_mut().filter(|t| is_pending(t)) {
+                if let Some(state) = states.get(&t.scenario_id) {
+                    t.outcome = state_name(*state);
+                }
+            }
+        });
     }
 
     /// One history entry; `kind` counts it (1 injected, 2 refused, 3 skipped).
@@ -837,7 +849,7 @@ mod tests {
         assert_eq!(l.to_pb(2).history.iter().map(|t| t.n).collect::<Vec<_>>(), vec![9, 10]);
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_panicking_runner_ends_the_gameday_aborted_and_stops_its_actions() {
         use chaos_proto::pb::ScenarioState;
 

@@ -116,6 +116,9 @@ pub struct Registry {
     connect_timeout: Duration,
     /// Where the armed flag is persisted; `None` keeps it in memory only (tests).
     store: Option<ArmStore>,
+    /// Held while the armed flag is written (never with `inner` held):
+    /// writes run one at a time, each with the flag as it is then.
+    persisting: Mutex<()>,
     /// How the coordinator dials agents.
     tls: ClientTls,
 }
@@ -123,7 +126,13 @@ pub struct Registry {
 impl Registry {
     /// A registry starting from `arm` (loaded from `store` by the caller).
     pub fn new(connect_timeout: Duration, arm: ArmState, store: Option<ArmStore>, tls: ClientTls) -> Self {
-        Self { inner: Mutex::new(Inner { agents: BTreeMap::new(), contenders: Vec::new(), arm }), connect_timeout, store, tls }
+        Self {
+            inner: Mutex::new(Inner { agents: BTreeMap::new(), contenders: Vec::new(), arm }),
+            connect_timeout,
+            store,
+            persisting: Mutex::new(()),
+            tls,
+        }
     }
 
     /// A lazily connecting client to agent `agent_id` at `address`.
@@ -134,12 +143,16 @@ impl Registry {
             .map_err(|e| CoordinatorError::invalid("address", e.to_string()))
     }
 
-    /// Persist the armed state; a failure is logged loudly but never blocks
-    /// a disarm (stopping faults matters more than remembering it).
-    fn persist(&self, arm: &ArmState) {
-        if let Some(store) = &self.store
-            && let Err(e) = store.save(arm)
-        {
+    /// Persist the armed state as it is now; a failure is logged loudly but
+    /// never blocks a disarm (stopping faults matters more than
+    /// remembering it). Called after each change, with `inner` let go: the
+    /// flag is read once this call is the only writer, so when an arm and
+    /// a disarm race, the last write carries the state the registry holds.
+    fn persist(&self) {
+        let Some(store) = &self.store else { return };
+        let _writer = self.persisting.lock().unwrap_or_else(|p| p.into_inner());
+        let arm = self.arm_state();
+        if let Err(e) = store.save(&arm) {
             tracing::error!(error = %e, armed = arm.armed, "could not persist the armed state; a coordinator restart would forget it");
         }
     }
@@ -324,17 +337,13 @@ impl Registry {
 
     pub fn disarm(&self, reason: &str) {
         let arm = ArmState { armed: false, disarmed_reason: reason.to_string(), disarmed_at: Some(SystemTime::now()) };
-        self.lock().arm = arm.clone();
-        self.persist(&arm);
+        self.lock().arm = arm;
+        self.persist();
     }
 
     pub fn arm(&self) {
-        let arm = {
-            let mut g = self.lock();
-            g.arm.armed = true;
-            g.arm.clone()
-        };
-        self.persist(&arm);
+        self.lock().arm.armed = true;
+        self.persist();
     }
 }
 

@@ -2,8 +2,13 @@
 //! limit, one runner task per running scenario (apply → hold → revert), and
 //! recovery after a coordinator restart.
 //!
-//! All state of live scenarios sits behind one mutex; every change goes to
-//! the store first (a transaction), then out to watchers. A scenario holds
+//! All state of live scenarios sits behind one mutex, and every change is
+//! decided and told to watchers under it; the store (SQLite) is written
+//! after the mutex is let go ([`Scenarios::flush`]), so no reader of the
+//! scheduler waits on a disk write. Writes go out one at a time, each with
+//! the scenario as it is when the write starts, so the last write of a
+//! scenario always carries its newest state; a finished scenario stays in
+//! memory until its final state is written. A scenario holds
 //! a *slot* from the moment it starts until its faults are reverted.
 //! Faults carry the label `chaos.scenario=ID` and the scenario id as their
 //! fault id, and the agents' own TTL is the scenario's duration: if the
@@ -83,6 +88,8 @@ struct Inner {
     queue: VecDeque<String>,
     /// Scenarios holding a run slot (running or reverting).
     slots: BTreeSet<String>,
+    /// Scenarios changed since their state was last taken for the store.
+    dirty: BTreeSet<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -101,6 +108,9 @@ pub struct Scenarios {
     store: Arc<Store>,
     timing: Timing,
     inner: Mutex<Inner>,
+    /// Held by [`Self::flush`] while it writes to the store (never while
+    /// `inner` is held): one write at a time, in the order of the states.
+    writer: Mutex<()>,
     rng: Mutex<StdRng>,
 }
 
@@ -116,7 +126,15 @@ fn status_text(s: &tonic::Status) -> String {
 
 impl Scenarios {
     pub fn new(policy: Policy, registry: Arc<Registry>, store: Arc<Store>, timing: Timing) -> Arc<Self> {
-        Arc::new(Self { policy, registry, store, timing, inner: Mutex::default(), rng: Mutex::new(StdRng::from_os_rng()) })
+        Arc::new(Self {
+            policy,
+            registry,
+            store,
+            timing,
+            inner: Mutex::default(),
+            writer: Mutex::default(),
+            rng: Mutex::new(StdRng::from_os_rng()),
+        })
     }
 
     pub fn policy(&self) -> &Policy {
@@ -294,6 +312,8 @@ impl Scenarios {
         }
         admission.queue_position = queue_position(&g, &id);
         let snapshot = self.snapshot_locked(&g, &id).unwrap_or_default();
+        drop(g);
+        self.flush();
         info!(scenario = %id, family, severity, queued, agents = snapshot.agents.len(), "scenario admitted");
         Ok(pb::CreateScenarioResponse { scenario: Some(snapshot), admission: Some(admission) })
     }
@@ -344,6 +364,8 @@ impl Scenarios {
         for id in queued {
             self.notify_locked(&g, &id, None, "queue position changed");
         }
+        drop(g);
+        self.flush();
     }
 
     fn snapshot_locked(&self, g: &Inner, id: &str) -> Option<pb::Scenario> {
@@ -373,17 +395,45 @@ impl Scenarios {
         let _ = a.events.send(event);
     }
 
-    fn persist_locked(&self, g: &Inner, id: &str) {
-        if let Some(a) = g.active.get(id)
-            && let Err(e) = self.store.save(&a.sc)
-        {
-            tracing::error!(scenario = %id, error = %e, "could not persist scenario state");
+    /// Write the scenarios changed since their last write to the store.
+    /// Called with the state lock let go, after every change: the state of
+    /// each is taken when the write starts, and writes run one at a time,
+    /// so a write that started later carries a state at least as new, and
+    /// the change that called it is written by this call or one running
+    /// already. A scenario in a final state leaves memory once written.
+    fn flush(&self) {
+        let _writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let batch: Vec<pb::Scenario> = {
+            let mut g = self.lock();
+            let dirty = std::mem::take(&mut g.dirty);
+            dirty.iter().filter_map(|id| g.active.get(id).map(|a| a.sc.clone())).collect()
+        };
+        if batch.is_empty() {
+            return;
+        }
+        for sc in &batch {
+            if let Err(e) = self.store.save(sc) {
+                tracing::error!(scenario = %sc.id, error = %e, "could not persist scenario state");
+            }
+        }
+        let mut g = self.lock();
+        for sc in batch.iter().filter(|sc| is_final(sc.state)) {
+            // A final state never changes again (transition_locked refuses):
+            // from now on, reads fall back to the store.
+            if !g.dirty.contains(&sc.id) {
+                g.active.remove(&sc.id);
+            }
         }
     }
 
-    /// Record a state change: store, then watchers.
+    /// Record a state change: watchers now, the store at the next
+    /// [`Self::flush`]. A scenario in a final state stays in it.
     fn transition_locked(&self, g: &mut Inner, id: &str, state: ScenarioState, reason: String) {
         let Some(a) = g.active.get_mut(id) else { return };
+        if is_final(a.sc.state) {
+            warn!(scenario = %id, state = %state_name(state as i32), %reason, "scenario already ended: transition ignored");
+            return;
+        }
         info!(scenario = %id, state = %state_name(state as i32), %reason, "scenario transition");
         push_transition(&mut a.sc, state, reason.clone());
         if state == ScenarioState::Running && a.sc.started_at.is_none() {
@@ -392,16 +442,16 @@ impl Scenarios {
         if is_final(state as i32) {
             a.sc.ended_at = now_pb();
         }
-        self.persist_locked(g, id);
+        g.dirty.insert(id.to_string());
         self.notify_locked(g, id, None, &reason);
     }
 
-    /// Move to a final state and free the slot.
+    /// Move to a final state and free the slot (the record leaves memory
+    /// once [`Self::flush`] has written it).
     fn finish_locked(&self, g: &mut Inner, id: &str, state: ScenarioState, reason: String) {
         self.transition_locked(g, id, state, reason);
         g.slots.remove(id);
         g.queue.retain(|q| q != id);
-        g.active.remove(id);
     }
 
     fn finish(self: &Arc<Self>, id: &str, state: ScenarioState, reason: String) {
@@ -409,6 +459,7 @@ impl Scenarios {
             let mut g = self.lock();
             self.finish_locked(&mut g, id, state, reason);
         }
+        self.flush();
         self.start_next();
     }
 
@@ -420,7 +471,7 @@ impl Scenarios {
             return;
         }
         let mut g = self.lock();
-        let Some(a) = g.active.get_mut(id) else { return };
+        let Some(a) = g.active.get_mut(id).filter(|a| !is_final(a.sc.state)) else { return };
         let mut events = Vec::with_capacity(updates.len());
         for (agent_id, message, f) in updates {
             if let Some(x) = a.sc.agents.iter_mut().find(|x| x.agent_id == agent_id) {
@@ -428,10 +479,12 @@ impl Scenarios {
             }
             events.push((agent_id, message));
         }
-        self.persist_locked(&g, id);
+        g.dirty.insert(id.to_string());
         for (agent_id, message) in events {
             self.notify_locked(&g, id, Some(&agent_id), message);
         }
+        drop(g);
+        self.flush();
     }
 
     fn agents_of(&self, id: &str) -> Vec<pb::ScenarioAgent> {
@@ -474,7 +527,8 @@ impl Scenarios {
             Ok(u) => format!("; revert not confirmed on {} (their TTL and lease revert it)", u.join(", ")),
             Err(_) => "; the revert panicked too (the agents' TTL and lease revert the fault)".to_string(),
         };
-        if self.lock().active.contains_key(&id) {
+        let live = self.lock().active.get(&id).is_some_and(|a| !is_final(a.sc.state));
+        if live {
             self.finish(
                 &id,
                 ScenarioState::Failed,
@@ -511,6 +565,7 @@ impl Scenarios {
             let mut g = self.lock();
             self.transition_locked(&mut g, &id, ScenarioState::Reverting, end.1.clone());
         }
+        self.flush();
         let unconfirmed = self.revert_all(&id).await;
         if unconfirmed.is_empty() {
             self.finish(&id, end.0, end.1);
@@ -574,18 +629,20 @@ impl Scenarios {
             return Err(format!("the fault was applied on no agent: {}", errors.join("; ")));
         }
         let mut g = self.lock();
-        if let Some(a) = g.active.get_mut(id) {
+        if let Some(a) = g.active.get_mut(id).filter(|a| !is_final(a.sc.state)) {
             let now = SystemTime::now();
             a.sc.started_at = Some(timestamp_to_pb(now));
             a.sc.ends_at = Some(timestamp_to_pb(now + duration));
+            g.dirty.insert(id.to_string());
         }
-        self.persist_locked(&g, id);
         let msg = if errors.is_empty() {
             format!("applied on {applied} of {total} agent(s)")
         } else {
             format!("applied on {applied} of {total} agent(s); failed on {}", errors.join("; "))
         };
         self.notify_locked(&g, id, None, &msg);
+        drop(g);
+        self.flush();
         Ok(())
     }
 
@@ -729,6 +786,8 @@ impl Scenarios {
                 Some(ScenarioState::Queued | ScenarioState::Pending) => {
                     self.finish_locked(&mut g, id, ScenarioState::Stopped, format!("cancelled while queued ({reason})"));
                 }
+                // Ended already; its final state is on its way to the store.
+                Some(s) if is_final(s as i32) => {}
                 Some(_) => {
                     if let Some(a) = g.active.get_mut(id) {
                         events = Some(a.events.subscribe());
@@ -738,6 +797,7 @@ impl Scenarios {
                 None => {}
             }
         }
+        self.flush();
         self.start_next();
         if let Some(mut rx) = events {
             let _ = tokio::time::timeout(self.timing.call_timeout, async {
@@ -790,6 +850,8 @@ impl Scenarios {
         for a in g.active.values_mut() {
             a.end(ScenarioState::Aborted, format!("emergency stop: {reason}"));
         }
+        drop(g);
+        self.flush();
     }
 
     /// The blast radius, enforced while running: when the live fleet
@@ -868,7 +930,11 @@ impl Scenarios {
         let mut v = self.store.list(states, if limit == 0 { 100 } else { limit }).map_err(CoordinatorError::store)?;
         let g = self.lock();
         for sc in &mut v {
-            sc.queue_position = queue_position(&g, &sc.id);
+            // A live scenario as it is now (the store may be a write behind).
+            match self.snapshot_locked(&g, &sc.id) {
+                Some(live) => *sc = live,
+                None => sc.queue_position = queue_position(&g, &sc.id),
+            }
         }
         Ok(v)
     }
@@ -878,7 +944,9 @@ impl Scenarios {
         {
             let g = self.lock();
             if let (Some(sc), Some(a)) = (self.snapshot_locked(&g, id), g.active.get(id)) {
-                return Ok((sc, Some(a.events.subscribe())));
+                // Ended (and about to leave memory): nothing more to watch.
+                let events = (!is_final(sc.state)).then(|| a.events.subscribe());
+                return Ok((sc, events));
             }
         }
         Ok((self.get(id)?, None))
@@ -931,6 +999,7 @@ impl Scenarios {
             }
         }
         drop(g);
+        self.flush();
         self.start_next();
         Ok(n)
     }
@@ -1007,7 +1076,10 @@ pub(crate) mod tests {
     use super::*;
     use crate::{registry::ArmState, standin::Standin};
 
-    /// Scenarios over `n` stand-in agents (`a0`..), for this module's tests and the GameDay's.
+    /// Scenarios over `n` stand-in agents (`a0`..), for this module's tests
+    /// and the GameDay's. The stand-ins are reached in memory (no socket),
+    /// so the tests run under tokio's paused time: every deadline and
+    /// duration is virtual, and the clock moves only when all is idle.
     pub(crate) struct Rig {
         pub(crate) scenarios: Arc<Scenarios>,
         pub(crate) registry: Arc<Registry>,
@@ -1023,15 +1095,12 @@ pub(crate) mod tests {
         ));
         let mut agents = Vec::new();
         for i in 0..n {
-            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-            let addr = l.local_addr().expect("addr");
             let s = Standin::new();
-            tokio::spawn(s.clone().serve(l));
             registry
                 .register(
                     pb::RegisterAgentRequest {
                         agent_id: format!("a{i}"),
-                        address: format!("http://{addr}"),
+                        address: format!("http://a{i}.standin.invalid:50051"),
                         labels: [("role".to_string(), format!("r{i}"))].into(),
                         lease_duration: Some(duration_to_pb(Duration::from_secs(60))),
                         ..Default::default()
@@ -1040,6 +1109,9 @@ pub(crate) mod tests {
                     false,
                 )
                 .expect("register");
+            let mut rec = registry.agents().into_iter().find(|x| x.agent_id == format!("a{i}")).expect("registered");
+            rec.client = s.clone().in_memory();
+            registry.insert_unchecked(rec);
             agents.push(s);
         }
         let timing = Timing {
@@ -1070,22 +1142,116 @@ pub(crate) mod tests {
         }
     }
 
-    pub(crate) async fn wait_state(s: &Scenarios, id: &str, state: ScenarioState) -> pb::Scenario {
-        for _ in 0..300 {
-            let sc = s.get(id).expect("get");
-            if sc.state == state as i32 {
-                return sc;
+    /// Follow scenario `id`'s events until `done` holds for it (at most ten
+    /// minutes of the test's clock; ending first fails at once).
+    pub(crate) async fn wait_until(s: &Scenarios, id: &str, what: &str, done: impl Fn(&pb::Scenario) -> bool) -> pb::Scenario {
+        let follow = async {
+            loop {
+                // The scenario and its events from the same moment: no change is missed.
+                let (sc, events) = s.watch(id).expect("watch");
+                if done(&sc) {
+                    return sc;
+                }
+                let Some(mut events) = events else { panic!("{id} ended {} before {what}: {sc:?}", state_name(sc.state)) };
+                let _ = events.recv().await;
             }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        panic!("{id} never reached {state:?}: {:?}", s.get(id));
+        };
+        tokio::time::timeout(Duration::from_secs(600), follow).await.unwrap_or_else(|_| panic!("{id} never {what}: {:?}", s.get(id)))
+    }
+
+    pub(crate) async fn wait_state(s: &Scenarios, id: &str, state: ScenarioState) -> pb::Scenario {
+        wait_until(s, id, &format!("reached {state:?}"), |sc| sc.state == state as i32).await
+    }
+
+    /// Until the coordinator has heard `agent` confirm the fault of scenario `id`.
+    async fn wait_applied(s: &Scenarios, id: &str, agent: &str) -> pb::Scenario {
+        wait_until(s, id, &format!("applied on {agent}"), |sc| {
+            sc.agents.iter().any(|x| x.agent_id == agent && x.fault_state == FaultState::Applied as i32)
+        })
+        .await
+    }
+
+    /// A client whose every connection is refused, as a dead address's is
+    /// (in memory, so the paused clock never waits on a socket).
+    fn refusing_client() -> AgentClient<Channel> {
+        let refuse = tower::service_fn(|_: tonic::transport::Uri| async {
+            Err::<hyper_util::rt::TokioIo<tokio::io::DuplexStream>, _>(std::io::Error::from(std::io::ErrorKind::ConnectionRefused))
+        });
+        AgentClient::new(tonic::transport::Endpoint::from_static("http://127.0.0.1:1").connect_with_connector_lazy(refuse))
     }
 
     fn id_of(r: pb::CreateScenarioResponse) -> String {
         r.scenario.expect("scenario").id
     }
 
-    #[tokio::test]
+    /// Run a call that may block on its own thread, inside this runtime.
+    fn on_thread<T: Send + 'static>(
+        s: &Arc<Scenarios>,
+        f: impl FnOnce(&Arc<Scenarios>) -> T + Send + 'static,
+    ) -> std::thread::JoinHandle<T> {
+        let (s, rt) = (Arc::clone(s), tokio::runtime::Handle::current());
+        std::thread::spawn(move || {
+            let _rt = rt.enter();
+            f(&s)
+        })
+    }
+
+    /// A store write in flight (a slow disk, here held by a hook) holds up
+    /// no reader of the scheduler, and a change made meanwhile is the one
+    /// the store keeps: its write waits for the first, then carries the
+    /// newest state.
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_store_write_blocks_no_reader_and_the_newest_state_is_stored() {
+        // No slot: every scenario queues, and nothing runs.
+        let r = rig(1, open_policy(0)).await;
+        let s = Arc::clone(&r.scenarios);
+        let (entered_tx, entered) = std::sync::mpsc::channel::<(String, String)>();
+        let (go, go_rx) = std::sync::mpsc::channel::<()>();
+        let go_rx = Mutex::new(go_rx);
+        let first = std::sync::atomic::AtomicBool::new(true);
+        s.store().on_save(move |sc| {
+            if first.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                let _ = entered_tx.send((sc.id.clone(), state_name(sc.state)));
+                // Until the test lets it go (or drops `go` by failing).
+                let _ = go_rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
+            }
+        });
+        let creator = on_thread(&s, |s| s.create(spec("a0", 1000), false, "t").ok().map(id_of));
+        let (id, written) = entered.recv().expect("the create writes its scenario");
+        assert_eq!(written, "QUEUED");
+        // The write is blocked in the store; the scheduler answers meanwhile.
+        assert!(s.inner.try_lock().is_ok(), "the scheduler's lock is held across a store write");
+        assert_eq!(s.counts(), (0, 1));
+        assert_eq!(s.get(&id).expect("get").queue_position, 1);
+        assert_eq!(s.list(&[], 0).expect("list").iter().map(|sc| sc.id.clone()).collect::<Vec<_>>(), Vec::<String>::new());
+        let (_, events) = s.watch(&id).expect("watch");
+        let mut events = events.expect("a queued scenario is live");
+        // A newer state, decided while the first write is still in flight.
+        let stopper = on_thread(&s, |s| s.abort_all("drill"));
+        let ev = events.recv().await.expect("the abort is told to watchers");
+        assert_eq!(ev.state, ScenarioState::Aborted as i32);
+        assert_eq!(s.get(&id).expect("get").state, ScenarioState::Aborted as i32, "readers see the newest state at once");
+        // Give the abort's write the chance to overtake the blocked one (it
+        // must not: it waits for it). The pass never depends on this wait;
+        // it lets a write that does not wait show itself.
+        for _ in 0..100_000 {
+            if stopper.is_finished() {
+                break;
+            }
+            std::thread::yield_now();
+        }
+        go.send(()).expect("the write is waiting");
+        assert_eq!(creator.join().expect("create"), Some(id.clone()));
+        stopper.join().expect("abort");
+        let stored = s.store().load(&id).expect("load").expect("row");
+        assert_eq!(stored.state, ScenarioState::Aborted as i32, "the newest state is the one stored: {:?}", stored.transitions);
+        assert_eq!(stored.reason, "emergency stop: drill");
+        assert!(!s.lock().active.contains_key(&id), "written in its final state, it left memory");
+        assert_eq!(s.get(&id).expect("from the store").state, ScenarioState::Aborted as i32);
+        assert_eq!(s.counts(), (0, 0));
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn fifo_queue_takes_freed_slots_and_a_queued_scenario_can_be_cancelled() {
         let r = rig(2, open_policy(1)).await;
         let s = &r.scenarios;
@@ -1098,12 +1264,7 @@ pub(crate) mod tests {
         let d = id_of(s.create(spec("a1", 200), false, "t").expect("d"));
         assert_eq!(s.stop(&c, "no").await.expect("stop").state, ScenarioState::Stopped as i32);
         assert_eq!(s.get(&d).expect("d").queue_position, 2, "d moved up behind b");
-        for _ in 0..200 {
-            if !r.agents[0].applied().is_empty() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        wait_applied(s, &a, "a0").await;
         assert_eq!(r.agents[0].applied(), vec![a.clone()], "running: the fault is applied");
         wait_state(s, &a, ScenarioState::Completed).await;
         assert!(r.agents[0].applied().is_empty(), "reverted at its end");
@@ -1114,7 +1275,7 @@ pub(crate) mod tests {
         assert_eq!(s.counts(), (0, 0));
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn disarm_aborts_running_and_queued_and_refuses_new_ones() {
         let r = rig(2, open_policy(1)).await;
         let s = &r.scenarios;
@@ -1131,18 +1292,12 @@ pub(crate) mod tests {
         assert!(matches!(&e, CoordinatorError::Refused(m) if m.contains("disarmed (drill)")), "{e}");
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn emergency_stop_reverts_the_others_past_a_poisoned_registry_record() {
         let r = rig(2, open_policy(3)).await;
         let s = &r.scenarios;
         let a = id_of(s.create(spec("a0", 60_000), false, "t").expect("a"));
-        wait_state(s, &a, ScenarioState::Running).await;
-        for _ in 0..300 {
-            if !r.agents[0].applied().is_empty() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        wait_applied(s, &a, "a0").await;
         assert_eq!(r.agents[0].applied().len(), 1);
         // A record no check of register() would let in: a lease past what a time can hold, a dead address.
         let mut poisoned = r.registry.agents().into_iter().find(|x| x.agent_id == "a1").expect("a1");
@@ -1150,7 +1305,8 @@ pub(crate) mod tests {
         poisoned.lease = Duration::MAX;
         poisoned.last_seen_wall = SystemTime::UNIX_EPOCH + Duration::from_secs(u64::MAX / 4);
         poisoned.active_faults = u32::MAX;
-        poisoned.client = r.registry.client("poisoned", "http://127.0.0.1:1").expect("client");
+        poisoned.address = "http://127.0.0.1:1".into();
+        poisoned.client = refusing_client();
         r.registry.insert_unchecked(poisoned);
         let resp = crate::fleet::emergency_stop(&r.registry, s, "drill", Duration::from_millis(500)).await;
         assert!(r.agents[0].applied().is_empty(), "the healthy agent's fault is reverted");
@@ -1161,7 +1317,7 @@ pub(crate) mod tests {
         wait_state(s, &a, ScenarioState::Aborted).await;
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn partial_apply_keeps_running_and_total_failure_fails() {
         let r = rig(2, open_policy(3)).await;
         let s = &r.scenarios;
@@ -1178,7 +1334,7 @@ pub(crate) mod tests {
         assert!(sc.reason.starts_with("the fault was applied on no agent: a1: "), "{}", sc.reason);
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_shrinking_fleet_aborts_the_newest_scenario_over_the_blast_radius() {
         let policy = Policy { blast_radius_limit: 0.5, group_blast_radius_limit: 1.0, ..open_policy(3) };
         let r = rig(2, policy).await;
@@ -1199,7 +1355,8 @@ pub(crate) mod tests {
         }
         let s = &r.scenarios;
         let first = id_of(s.create(spec("a0", 60_000), false, "t").expect("1 of 4"));
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        // Applied (started) before the second one starts.
+        wait_applied(s, &first, "a0").await;
         let second = id_of(s.create(spec("a1", 60_000), false, "t").expect("2 of 4 = 50 %"));
         wait_state(s, &second, ScenarioState::Running).await;
         assert!(s.enforce_blast_radius().is_empty(), "within the limit while the fleet is whole");
@@ -1211,7 +1368,7 @@ pub(crate) mod tests {
         assert_eq!(s.get(&first).expect("first").state, ScenarioState::Running as i32, "1 of 2 = 50 % fits");
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn recovery_reverts_a_scenario_whose_end_passed_while_down() {
         let r = rig(1, open_policy(3)).await;
         let a = id_of(r.scenarios.create(spec("a0", 60_000), false, "t").expect("a"));

@@ -81,6 +81,33 @@ impl Standin {
     }
 }
 
+#[cfg(test)]
+impl Standin {
+    /// Serve in this process over in-memory pipes: a client whose every
+    /// connection is a fresh `tokio::io::duplex` pair served by this
+    /// stand-in. No socket is involved, so under tokio's paused time a
+    /// call never waits on the OS (which would let the clock jump past
+    /// the call's deadline).
+    pub(crate) fn in_memory(self) -> pb::agent_client::AgentClient<tonic::transport::Channel> {
+        use futures::StreamExt;
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<tokio::io::DuplexStream>();
+        let incoming = tokio_stream::wrappers::UnboundedReceiverStream::new(rx).map(Ok::<_, std::io::Error>);
+        let server = tonic::transport::Server::builder().add_service(pb::agent_server::AgentServer::new(self));
+        // Ends when the last client is dropped (the stream of connections ends).
+        tokio::spawn(server.serve_with_incoming(incoming));
+        let connect = tower::service_fn(move |_: tonic::transport::Uri| {
+            let tx = tx.clone();
+            async move {
+                let (client, server) = tokio::io::duplex(64 * 1024);
+                tx.send(server).map_err(|_| std::io::Error::other("the stand-in stopped"))?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(client))
+            }
+        });
+        let channel = tonic::transport::Endpoint::from_static("http://standin.invalid").connect_with_connector_lazy(connect);
+        pb::agent_client::AgentClient::new(channel)
+    }
+}
+
 type MetricStream = Pin<Box<dyn Stream<Item = Result<pb::MetricBatch, Status>> + Send>>;
 
 #[tonic::async_trait]

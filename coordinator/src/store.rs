@@ -102,7 +102,14 @@ PRAGMA user_version = 4;
 
 pub struct Store {
     conn: Mutex<Connection>,
+    /// Tests: runs at the start of every [`Store::save`], before the
+    /// connection is taken (to hold a write in flight).
+    #[cfg(test)]
+    save_hook: Mutex<Option<SaveHook>>,
 }
+
+#[cfg(test)]
+type SaveHook = std::sync::Arc<dyn Fn(&pb::Scenario) + Send + Sync>;
 
 /// Who did something, as the audit keeps it: one line, and its parts.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -170,7 +177,17 @@ impl Store {
                 ("client_note", "TEXT NOT NULL DEFAULT ''"),
             ],
         )?;
-        Ok(Self { conn: Mutex::new(conn) })
+        Ok(Self {
+            conn: Mutex::new(conn),
+            #[cfg(test)]
+            save_hook: Mutex::new(None),
+        })
+    }
+
+    /// Run `hook` at the start of every scenario save from now on.
+    #[cfg(test)]
+    pub(crate) fn on_save(&self, hook: impl Fn(&pb::Scenario) + Send + Sync + 'static) {
+        *self.save_hook.lock().unwrap_or_else(|p| p.into_inner()) = Some(std::sync::Arc::new(hook));
     }
 
     fn lock(&self) -> MutexGuard<'_, Connection> {
@@ -179,6 +196,14 @@ impl Store {
 
     /// Write the whole scenario (row, agents, transitions) in one transaction.
     pub fn save(&self, sc: &pb::Scenario) -> StoreResult<()> {
+        #[cfg(test)]
+        {
+            // Cloned out first: the hook runs with no lock of the store held.
+            let hook = self.save_hook.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            if let Some(hook) = hook {
+                hook(sc);
+            }
+        }
         let fault_text = sc.spec.as_ref().and_then(|s| s.fault.as_ref()).map(chaos_proto::spec::describe).unwrap_or_default();
         let mut c = self.lock();
         let tx = c.transaction()?;
