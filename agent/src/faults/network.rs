@@ -25,7 +25,7 @@ use chaos_proto::spec::{Cidr, FaultKind, FaultRequest, NetScope, Protocol, Targe
 use serde::{Deserialize, Serialize};
 
 use super::{
-    Applied, FaultDriver, Observation, Plan,
+    Applied, FaultDriver, Observation, Plan, Snapshot,
     bandwidth::Netem,
     delay_engine::{Engine, Profile},
 };
@@ -206,6 +206,50 @@ impl NetworkDriver {
         })
     }
 
+    /// Where a snapshot read was made, for its keys: "netns /run/netns/x" or "host netns".
+    pub(crate) fn ns_where(ns: &NetnsRef) -> String {
+        match &ns.path {
+            Some(p) => format!("netns {}", p.display()),
+            None => "host netns".into(),
+        }
+    }
+
+    /// `Err(TargetNotFound)` unless the plan's namespace is still there (and the same one).
+    pub(crate) fn ensure_there(&self, ns: &NetnsRef) -> Result<(), AgentError> {
+        if self.still_there(ns)? { Ok(()) } else { Err(AgentError::TargetNotFound(format!("{} is gone (or replaced)", ns.label))) }
+    }
+
+    /// Run a read-only tool for a snapshot: its stdout, `Err(TargetNotFound)`
+    /// when the namespace vanished meanwhile, a named error when the tool fails.
+    pub(crate) async fn read_tool(&self, ns: &NetnsRef, argv: &[&str]) -> Result<String, AgentError> {
+        let out = self.run_tool(ns, argv, None).await?;
+        if out.success {
+            return Ok(out.stdout);
+        }
+        self.ensure_there(ns)?;
+        Err(AgentError::Command { cmd: format!("{} (in {})", argv.join(" "), ns.label), detail: out.stderr })
+    }
+
+    /// The nft tables a partition or loss plan touches: per family, the
+    /// sorted names of that family's tables (the fault's own must be absent
+    /// before apply and after revert).
+    async fn snapshot_tables(&self, plan: &NetworkPlan) -> Result<Snapshot, AgentError> {
+        self.ensure_there(&plan.ns)?;
+        let listed = self.read_tool(&plan.ns, &["nft", "list", "tables"]).await?;
+        let mut families = Vec::new();
+        if plan.scope.direction.ingress() {
+            families.push("inet");
+        }
+        if plan.scope.direction.egress() {
+            families.push("netdev");
+        }
+        let mut snap = Snapshot::default();
+        for fam in families {
+            snap.insert(format!("nft tables {fam} in {}", Self::ns_where(&plan.ns)), nft_table_names(&listed, fam));
+        }
+        Ok(snap)
+    }
+
     /// Interfaces of the namespace other than loopback (or the one asked for).
     pub(crate) async fn interfaces_of(&self, ns: &NetnsRef, wanted: Option<&str>) -> Result<Vec<String>, AgentError> {
         let out = self.run_tool(ns, &["ip", "-o", "link", "show"], None).await?;
@@ -228,6 +272,20 @@ pub fn parse_link_names(text: &str) -> Vec<String> {
         .map(|n| n.trim().split('@').next().unwrap_or("").to_string())
         .filter(|n| !n.is_empty())
         .collect()
+}
+
+/// The sorted names of `family`'s tables in `nft list tables` output ("table inet x"), "(none)" if none.
+pub fn nft_table_names(listed: &str, family: &str) -> String {
+    let mut names: Vec<&str> = listed
+        .lines()
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            (w.next() == Some("table") && w.next() == Some(family)).then(|| w.next()).flatten()
+        })
+        .collect();
+    names.sort_unstable();
+    names.dedup();
+    if names.is_empty() { "(none)".into() } else { names.join(", ") }
 }
 
 /// nft table names allow letters, digits and '_'.
@@ -464,6 +522,14 @@ impl FaultDriver for NetworkDriver {
                 Ok(format!("{} disappeared during the revert ({e}): nothing left to remove", ns.label))
             }
             other => other,
+        }
+    }
+
+    async fn snapshot(&self, plan: &Plan) -> Result<Option<Snapshot>, AgentError> {
+        match plan {
+            Plan::Latency(l) => self.snapshot_latency(l).await.map(Some),
+            Plan::Bandwidth(b) => self.snapshot_bandwidth(b).await.map(Some),
+            other => self.snapshot_tables(plan_of(other)?).await.map(Some),
         }
     }
 

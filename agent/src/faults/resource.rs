@@ -29,7 +29,7 @@ use chaos_proto::spec::{FaultKind, FaultRequest, FillAmount, MemorySize, TargetS
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 
-use super::{Applied, FaultDriver, Observation, Plan, ProcRef, process::resolve_processes};
+use super::{Applied, FaultDriver, Observation, Plan, ProcRef, Snapshot, process::resolve_processes};
 use crate::{
     error::AgentError,
     protect::Protection,
@@ -528,6 +528,70 @@ impl ResourceDriver {
         Ok(parts.join("; "))
     }
 
+    /// The knob files a plan writes, by controller (they differ between v1 and v2).
+    fn knob_files(&self, plan: &ResourcePlan) -> Result<(Controller, &'static [&'static str]), AgentError> {
+        let v2 = self.cg()?.version() == cgroup::Version::V2;
+        Ok(match plan {
+            ResourcePlan::CpuThrottle { .. } if v2 => (Controller::Cpu, &["cpu.max"]),
+            ResourcePlan::CpuThrottle { .. } => (Controller::Cpu, &["cpu.cfs_quota_us", "cpu.cfs_period_us"]),
+            ResourcePlan::MemoryLimit { .. } if v2 => (Controller::Memory, &["memory.max"]),
+            ResourcePlan::MemoryLimit { .. } => (Controller::Memory, &["memory.limit_in_bytes"]),
+            ResourcePlan::Freeze { .. } if v2 => (Controller::Freezer, &["cgroup.freeze"]),
+            ResourcePlan::Freeze { .. } => (Controller::Freezer, &["freezer.state"]),
+            _ => (Controller::Cpu, &[]),
+        })
+    }
+
+    /// What a resource plan touches, read now (see [`FaultDriver::snapshot`]).
+    fn read_snapshot(&self, plan: &ResourcePlan) -> Result<Snapshot, AgentError> {
+        let mut snap = Snapshot::default();
+        match plan {
+            ResourcePlan::CpuThrottle { cgroup, .. } | ResourcePlan::MemoryLimit { cgroup, .. } | ResourcePlan::Freeze { cgroup, .. } => {
+                let cg = self.cg()?;
+                let (ctrl, files) = self.knob_files(plan)?;
+                for file in files {
+                    let (dir, value) = cg.read_knob(ctrl, cgroup, file).map_err(io_err(format!("reading {file} of cgroup {cgroup}")))?;
+                    snap.insert(format!("{file} of {}", dir.display()), value);
+                }
+            }
+            ResourcePlan::IoThrottle { cgroup, device, .. } => {
+                let cg = self.cg()?;
+                let l = cg.io_limits(cgroup, device).map_err(io_err(format!("reading IO limits of cgroup {cgroup}")))?;
+                let n = |v: Option<u64>| v.map_or_else(|| "unlimited".to_string(), |v| format!("{v} B/s"));
+                let file = if cg.version() == cgroup::Version::V2 { "io.max" } else { "blkio.throttle.*_bps_device" };
+                snap.insert(
+                    format!("{file} of cgroup {cgroup}, device {device}"),
+                    format!("read {}, write {}", n(l.read_bps), n(l.write_bps)),
+                );
+            }
+            ResourcePlan::Stress { fault_id, cgroups, own, .. } => {
+                let workers = self.orphan_workers(fault_id);
+                let value = if workers.is_empty() { "none running".to_string() } else { format!("running: pids {workers:?}") };
+                snap.insert(format!("stress workers of fault {fault_id}"), value);
+                if *own {
+                    let cg = self.cg()?;
+                    for c in cgroups {
+                        let there = cg.existing_dir(c.controller, &c.path).is_ok();
+                        snap.insert(format!("cgroup {}:{}", c.controller.v1(), c.path), if there { "present" } else { "absent" });
+                    }
+                }
+            }
+            ResourcePlan::DiskFill { file, .. } => {
+                let dir = file.parent().unwrap_or(Path::new("/"));
+                if !dir.is_dir() {
+                    return Err(AgentError::TargetNotFound(format!("the directory of the fill file {} is gone", file.display())));
+                }
+                let value = match fs::symlink_metadata(file) {
+                    Ok(_) => "present",
+                    Err(e) if e.kind() == ErrorKind::NotFound => "absent",
+                    Err(e) => return Err(io_err(format!("stat {}", file.display()))(e)),
+                };
+                snap.insert(format!("fill file {}", file.display()), value);
+            }
+        }
+        Ok(snap)
+    }
+
     /// If the worker has exited on its own, what became of it.
     fn exit_outcome(&self, l: &mut Live) -> Option<String> {
         let status = l.child.try_wait().ok()??;
@@ -786,6 +850,12 @@ impl FaultDriver for ResourceDriver {
                 Err(e) => Err(io_err(format!("removing {}", file.display()))(e)),
             },
         }
+    }
+
+    /// The knob files it writes (read back), the freezer state, whether its
+    /// stress workers run and its own cgroups exist, whether its fill file exists.
+    async fn snapshot(&self, plan: &Plan) -> Result<Option<Snapshot>, AgentError> {
+        self.read_snapshot(plan_of(plan)?).map(Some)
     }
 
     fn observe(&self, plan: &Plan) -> Option<Observation> {
