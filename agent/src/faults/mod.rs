@@ -122,7 +122,7 @@ pub struct Snapshot {
 }
 
 /// Longest value a difference line shows, in characters.
-const SHOWN_CHARS: usize = 120;
+const SHOWN_CHARS: usize = 200;
 /// Characters kept before the first differing one when a long value is cut.
 const SHOWN_CONTEXT: usize = 30;
 
@@ -287,7 +287,7 @@ mod tests {
         let d = after.differences(&before);
         assert_eq!(d.len(), 1);
         assert!(d[0].contains("CHAOS-x-I"), "the differing part is shown: {}", d[0]);
-        assert!(d[0].len() < 400, "shortened: {} chars", d[0].len());
+        assert!(d[0].len() < 2 * SHOWN_CHARS + 150, "shortened (both values hold over 600 chars): {} chars", d[0].len());
         assert!(d[0].contains('…') && d[0].contains("chars)"), "{}", d[0]);
         // Multi-byte characters are never split.
         let wide = snap(&[("k", &"é".repeat(500))]);

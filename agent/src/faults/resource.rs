@@ -995,6 +995,82 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn knob_snapshots_read_back_what_the_fault_writes_and_name_a_value_not_restored() {
+        let r = rig(Guards::default());
+        let app = r.dir.path().join("cg/app");
+        let io = FaultKind::IoThrottle {
+            read_bytes_per_second: 0,
+            write_bytes_per_second: 1 << 20,
+            device: Some("254:0".parse().expect("dev")),
+        };
+        let cases: Vec<(FaultKind, String, &str, &str)> = vec![
+            (FaultKind::CpuThrottle { quota_permyriad: 2500 }, format!("cpu.max of {}", app.display()), "max 100000", "25000 100000"),
+            (FaultKind::MemoryLimit { limit_bytes: 64 << 20 }, format!("memory.max of {}", app.display()), "max", "67108864"),
+            (io, "io.max of cgroup /app, device 254:0".to_string(), "read unlimited, write unlimited", "read unlimited, write 1048576 B/s"),
+            (FaultKind::CgroupFreeze, format!("cgroup.freeze of {}", app.display()), "0", "1"),
+        ];
+        for (kind, key, was, during) in cases {
+            let plan = r.driver.plan(&req(TargetSpec::Pid(10), kind.clone())).await.expect("plan");
+            let before = r.driver.snapshot(&plan).await.expect("snapshot").expect("knobs are compared");
+            assert_eq!(before.items.keys().collect::<Vec<_>>(), vec![&key], "{kind:?}");
+            assert_eq!(before.items[&key], was, "{kind:?}");
+            if kind == FaultKind::CgroupFreeze {
+                write(&app.join("cgroup.events"), "populated 1\nfrozen 1\n");
+            }
+            r.driver.apply(&plan).await.expect("apply");
+            let left = r.driver.snapshot(&plan).await.expect("snapshot").expect("some");
+            // As if the revert had not taken: the line names the knob and both values.
+            assert_eq!(left.differences(&before), vec![format!("{key}: was {was:?}, now {during:?}")], "{kind:?}");
+            r.driver.revert(&plan).await.expect("revert");
+            let after = r.driver.snapshot(&plan).await.expect("snapshot").expect("some");
+            assert!(after.differences(&before).is_empty(), "{kind:?}: {:?}", after.differences(&before));
+        }
+        let plan = r.driver.plan(&req(TargetSpec::Pid(10), FaultKind::CgroupFreeze)).await.expect("plan");
+        fs::remove_dir_all(&app).expect("rm cgroup");
+        let e = r.driver.snapshot(&plan).await.expect_err("cgroup gone");
+        assert!(matches!(e, AgentError::TargetNotFound(_)), "{e}");
+    }
+
+    #[tokio::test]
+    async fn stress_and_fill_snapshots_see_workers_own_cgroups_and_the_fill_file() {
+        let r = rig(Guards { memory_floor_bytes: 0, disk_fill_max_permyriad: 10_000 });
+        let plan = r.driver.plan(&req(TargetSpec::Host, FaultKind::CpuStress { workers: 1, load_permyriad: 5000 })).await.expect("plan");
+        let before = r.driver.snapshot(&plan).await.expect("snapshot").expect("compared");
+        let want: BTreeMap<String, String> = [
+            ("cgroup cpu:/chaos-f1".to_string(), "absent".to_string()),
+            ("stress workers of fault f1".to_string(), "none running".to_string()),
+        ]
+        .into();
+        assert_eq!(before.items, want);
+        // A worker of this fault left running, and its cgroup left behind.
+        write(
+            &r.dir.path().join("proc/77/cmdline"),
+            &["chaos-agent", "__stressor", "--fault-id", "f1", "--deadline-unix-ms", "1", "cpu", "1", "5000", ""].join("\0"),
+        );
+        r.procs.spawn(77, "chaos-agent", 700);
+        fs::create_dir_all(r.dir.path().join("cg/chaos-f1")).expect("mkdir");
+        let left = r.driver.snapshot(&plan).await.expect("snapshot").expect("some");
+        assert_eq!(
+            left.differences(&before),
+            vec![
+                r#"cgroup cpu:/chaos-f1: was "absent", now "present""#.to_string(),
+                r#"stress workers of fault f1: was "none running", now "running: pids [77]""#.to_string(),
+            ]
+        );
+        let dir = r.dir.path().display().to_string();
+        let fill =
+            r.driver.plan(&req(TargetSpec::Host, FaultKind::DiskFill { path: dir, amount: FillAmount::Bytes(4096) })).await.expect("plan");
+        let key = format!("fill file {}", r.dir.path().join(".chaos-fill-f1").display());
+        let before = r.driver.snapshot(&fill).await.expect("snapshot").expect("compared");
+        assert_eq!(before.items.get(&key).map(String::as_str), Some("absent"), "{before:?}");
+        r.driver.apply(&fill).await.expect("apply");
+        let left = r.driver.snapshot(&fill).await.expect("snapshot").expect("some");
+        assert_eq!(left.differences(&before), vec![format!(r#"{key}: was "absent", now "present""#)]);
+        r.driver.revert(&fill).await.expect("revert");
+        assert!(r.driver.snapshot(&fill).await.expect("snapshot").expect("some").differences(&before).is_empty());
+    }
+
+    #[tokio::test]
     async fn root_and_protected_cgroups_are_refused() {
         let r = rig(Guards::default());
         let e = r.driver.plan(&req(TargetSpec::Pid(30), FaultKind::CgroupFreeze)).await.expect_err("root");
