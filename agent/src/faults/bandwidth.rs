@@ -27,7 +27,7 @@ use chaos_proto::spec::{NetScope, Protocol};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    Applied,
+    Applied, Snapshot,
     network::{Exemptions, NetnsRef, NetworkDriver},
 };
 use crate::error::AgentError;
@@ -239,6 +239,29 @@ pub fn render(plan: &BandwidthPlan) -> String {
     s
 }
 
+/// `tc qdisc show` / `tc filter show` output without what changes on its
+/// own: reference counts (`refcnt N`, an action's `index N ref N bind N`)
+/// and htb's `direct_packets_stat N`; blank lines dropped, lines joined by "; ".
+pub fn tc_normalised(text: &str) -> String {
+    const VOLATILE: [&str; 5] = ["refcnt", "direct_packets_stat", "index", "ref", "bind"];
+    let lines: Vec<String> = text
+        .lines()
+        .filter_map(|l| {
+            let mut kept = Vec::new();
+            let mut words = l.split_whitespace();
+            while let Some(w) = words.next() {
+                if VOLATILE.contains(&w) {
+                    words.next();
+                } else {
+                    kept.push(w);
+                }
+            }
+            (!kept.is_empty()).then(|| kept.join(" "))
+        })
+        .collect();
+    if lines.is_empty() { "(none)".into() } else { lines.join("; ") }
+}
+
 fn describe(plan: &BandwidthPlan) -> String {
     let what = match &plan.netem {
         Some(n) => format!("netem {}", n.args()),
@@ -362,6 +385,38 @@ impl NetworkDriver {
             summary: format!("{} in {} (htb {h}, u32 filters; control channel direct) (verified)", describe(plan), plan.ns.label),
             ..Default::default()
         })
+    }
+
+    /// What a tc plan touches: per device its qdisc tree, the root filters
+    /// (egress) and the ingress filters (ingress), normalised
+    /// ([`tc_normalised`]), and whether each of the fault's ifbs exists.
+    pub(crate) async fn snapshot_bandwidth(&self, plan: &BandwidthPlan) -> Result<Snapshot, AgentError> {
+        self.ensure_there(&plan.ns)?;
+        let at = Self::ns_where(&plan.ns);
+        let mut snap = Snapshot::default();
+        let links = self.read_tool(&plan.ns, &["ip", "-o", "link", "show"]).await?;
+        let names = super::network::parse_link_names(&links);
+        for dev in &plan.devices {
+            if !names.contains(dev) {
+                snap.insert(format!("tc qdiscs of dev {dev} in {at}"), "(no such device)");
+                continue;
+            }
+            let mut reads = vec![("qdiscs", vec!["tc", "qdisc", "show", "dev", dev])];
+            if plan.egress() {
+                reads.push(("root filters", vec!["tc", "filter", "show", "dev", dev]));
+            }
+            if !plan.ifbs.is_empty() {
+                reads.push(("ingress filters", vec!["tc", "filter", "show", "dev", dev, "ingress"]));
+            }
+            for (what, argv) in reads {
+                let out = self.read_tool(&plan.ns, &argv).await?;
+                snap.insert(format!("tc {what} of dev {dev} in {at}"), tc_normalised(&out));
+            }
+        }
+        for ifb in &plan.ifbs {
+            snap.insert(format!("ifb device {ifb} in {at}"), if names.contains(ifb) { "present" } else { "absent" });
+        }
+        Ok(snap)
     }
 
     pub(crate) async fn revert_bandwidth(&self, plan: &BandwidthPlan) -> Result<String, AgentError> {

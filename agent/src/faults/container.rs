@@ -22,7 +22,7 @@ use chaos_proto::spec::{ContainerVerb, FaultKind, FaultRequest, SignalName, Targ
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 
-use super::{Applied, FaultDriver, Plan};
+use super::{Applied, FaultDriver, Plan, Snapshot};
 use crate::{error::AgentError, protect::Protection};
 
 /// One container as the plan saw it.
@@ -248,6 +248,29 @@ fn inverse(verb: ContainerVerb) -> Option<ContainerVerb> {
     }
 }
 
+/// A container's state as a snapshot value: "running", "paused", "not
+/// running" (exited, created, dead: a start then a stop may turn "created"
+/// into "exited", which is the same to the verbs) or "absent".
+fn state_text(st: Option<State>) -> &'static str {
+    match st {
+        None => "absent",
+        Some(s) if s.paused => "paused",
+        Some(s) if s.running => "running",
+        Some(_) => "not running",
+    }
+}
+
+/// The snapshot of `p`'s containers in the states `states` (same order);
+/// `None` when the verb is not undone (restart).
+fn snapshot_of(p: &ContainerPlan, states: &[Option<State>]) -> Option<Snapshot> {
+    inverse(p.verb)?;
+    let mut snap = Snapshot::default();
+    for (c, st) in p.containers.iter().zip(states) {
+        snap.insert(format!("docker container {} ({})", c.name, short(&c.id)), state_text(*st));
+    }
+    Some(snap)
+}
+
 #[async_trait]
 impl FaultDriver for ContainerDriver {
     async fn plan(&self, req: &FaultRequest) -> Result<Plan, AgentError> {
@@ -279,6 +302,24 @@ impl FaultDriver for ContainerDriver {
         }
         let verb = if p.verb == ContainerVerb::Kill { format!("kill -{}", p.signal.0.as_str()) } else { p.verb.as_str().to_string() };
         Ok(Applied { backend: "docker", summary: format!("{verb}: {} (state verified)", done.join(", ")), ..Default::default() })
+    }
+
+    /// The state Docker reports for each container, for the verbs that are undone.
+    async fn snapshot(&self, plan: &Plan) -> Result<Option<Snapshot>, AgentError> {
+        let p = plan_of(plan)?;
+        if inverse(p.verb).is_none() {
+            return Ok(None);
+        }
+        let d = self.docker().await?;
+        let mut states = Vec::with_capacity(p.containers.len());
+        for c in &p.containers {
+            states.push(self.state(&d, &c.id).await?.map(|(_, st)| st));
+        }
+        if !states.is_empty() && states.iter().all(Option::is_none) {
+            let names: Vec<&str> = p.containers.iter().map(|c| c.name.as_str()).collect();
+            return Err(AgentError::TargetNotFound(format!("every container of the fault is gone: {}", names.join(", "))));
+        }
+        Ok(snapshot_of(p, &states))
     }
 
     async fn revert(&self, plan: &Plan) -> Result<String, AgentError> {
@@ -327,5 +368,26 @@ mod tests {
             assert!(applies(undo, after).is_ok(), "{v:?} then {undo:?}");
         }
         assert_eq!(inverse(Restart), None);
+    }
+
+    #[test]
+    fn snapshot_names_each_container_state_and_a_pause_left_behind() {
+        let running = State { running: true, paused: false, pid: 5 };
+        let paused = State { running: true, paused: true, pid: 5 };
+        let exited = State { running: false, paused: false, pid: 0 };
+        let web = ContainerRef { id: "0123456789abcdef0123".into(), name: "web".into() };
+        let db = ContainerRef { id: "fedcba9876543210fedc".into(), name: "db".into() };
+        let p =
+            ContainerPlan { verb: ContainerVerb::Pause, signal: SignalName(nix::sys::signal::Signal::SIGKILL), containers: vec![web, db] };
+        let before = snapshot_of(&p, &[Some(running), Some(running)]).expect("pause is undone");
+        assert_eq!(before.items.get("docker container web (0123456789ab)").map(String::as_str), Some("running"), "{before:?}");
+        let reverted = snapshot_of(&p, &[Some(running), Some(running)]).expect("some");
+        assert!(reverted.differences(&before).is_empty());
+        let left = snapshot_of(&p, &[Some(running), Some(paused)]).expect("some");
+        assert_eq!(left.differences(&before), vec![r#"docker container db (fedcba987654): was "running", now "paused""#.to_string()]);
+        let gone = snapshot_of(&p, &[None, Some(exited)]).expect("some");
+        assert_eq!(gone.items.values().map(String::as_str).collect::<Vec<_>>(), vec!["not running", "absent"]);
+        let restart = ContainerPlan { verb: ContainerVerb::Restart, ..p };
+        assert_eq!(snapshot_of(&restart, &[Some(running), Some(running)]), None, "a restart is not undone");
     }
 }

@@ -21,7 +21,7 @@ use chaos_proto::spec::{Cidr, NetScope, Protocol};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    Applied,
+    Applied, Snapshot,
     delay_engine::{DUPLICATE_MARK, Engine, Profile},
     network::{Exemptions, NetnsRef, NetworkDriver},
 };
@@ -156,7 +156,68 @@ pub fn render(plan: &LatencyPlan) -> String {
     s
 }
 
+/// The chains of `iptables-save -t raw` output, by name: policy ("-" for a
+/// user chain) and rule lines without the `-A CHAIN` prefix, in order.
+/// Comments (which carry the time), counters and `COMMIT` are dropped.
+pub fn saved_chains(saved: &str) -> std::collections::BTreeMap<String, (String, Vec<String>)> {
+    let mut chains = std::collections::BTreeMap::new();
+    for line in saved.lines().map(str::trim) {
+        // `iptables-save -c` puts "[packets:bytes] " before each rule.
+        let line = match line.strip_prefix('[').and_then(|l| l.split_once("] ")) {
+            Some((_, rest)) => rest,
+            None => line,
+        };
+        if let Some(decl) = line.strip_prefix(':') {
+            let mut w = decl.split_whitespace();
+            if let Some(name) = w.next() {
+                let policy = w.next().unwrap_or("-").to_string();
+                chains.insert(name.to_string(), (policy, Vec::new()));
+            }
+        } else if let Some(rule) = line.strip_prefix("-A ") {
+            let (chain, rest) = rule.split_once(' ').unwrap_or((rule, ""));
+            chains.entry(chain.to_string()).or_insert_with(|| ("-".to_string(), Vec::new())).1.push(rest.to_string());
+        }
+    }
+    chains
+}
+
+/// One chain as a snapshot value: "policy ACCEPT; rules: R1 | R2" or "policy ACCEPT; no rules".
+fn chain_text(policy: &str, rules: &[String]) -> String {
+    if rules.is_empty() { format!("policy {policy}; no rules") } else { format!("policy {policy}; rules: {}", rules.join(" | ")) }
+}
+
 impl NetworkDriver {
+    /// What a latency (or iptables-firewall) plan touches in its namespace:
+    /// the raw table's hook chains (PREROUTING, OUTPUT) and the fault's own
+    /// chains from `iptables-save -t raw` (no counters, no comments), and
+    /// whether nftables holds `table ip raw` (revert removes it when the fault created it).
+    pub(crate) async fn snapshot_latency(&self, plan: &LatencyPlan) -> Result<Snapshot, AgentError> {
+        self.ensure_there(&plan.ns)?;
+        let at = Self::ns_where(&plan.ns);
+        let saved = self.read_tool(&plan.ns, &["iptables-save", "-t", "raw"]).await?;
+        let chains = saved_chains(&saved);
+        let mut snap = Snapshot::default();
+        let ours = plan.legs().map(|l| l.chain.to_string());
+        for name in ["PREROUTING", "OUTPUT"].into_iter().map(str::to_string).chain(ours) {
+            let value = chains.get(&name).map_or_else(|| "absent".to_string(), |(policy, rules)| chain_text(policy, rules));
+            snap.insert(format!("iptables raw chain {name} in {at}"), value);
+        }
+        // nft absent or unusable (iptables-legacy hosts): no such key, the same before and after.
+        match self.run_tool(&plan.ns, &["nft", "list", "tables"], None).await {
+            Ok(out) if out.success => {
+                let raw = out.stdout.lines().any(|l| l.split_whitespace().eq(["table", "ip", "raw"]));
+                snap.insert(format!("nft table ip raw in {at}"), if raw { "present" } else { "absent" });
+            }
+            Ok(out) => {
+                self.ensure_there(&plan.ns)?;
+                tracing::debug!(ns = %plan.ns.label, stderr = %out.stderr, "nft list tables failed; raw table presence not compared");
+            }
+            Err(AgentError::MissingFeature(_)) => {}
+            Err(e) => return Err(e),
+        }
+        Ok(snap)
+    }
+
     pub(crate) async fn plan_latency(
         &self,
         id: &str,

@@ -20,6 +20,7 @@ use chaos_proto::{
     spec::{FaultKind, FaultRequest},
 };
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 
 /// A share in hundredths of a percent as text: 1050 -> "10.50".
 pub fn permyriad_text(n: u32) -> String {
@@ -111,6 +112,66 @@ impl From<&Applied> for pb::AppliedDetail {
     }
 }
 
+/// What a fault touches on the host, read before apply and again after
+/// revert; equal snapshots prove the revert. Keys name the thing read
+/// ("nft tables in netns /proc/123/ns/net", "cpu.max of /sys/fs/cgroup/x"),
+/// values are its normalised state (no counters, no statistics, nothing that changes on its own).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub items: BTreeMap<String, String>,
+}
+
+/// Longest value a difference line shows, in characters.
+const SHOWN_CHARS: usize = 200;
+/// Characters kept before the first differing one when a long value is cut.
+const SHOWN_CONTEXT: usize = 30;
+
+impl Snapshot {
+    /// Record `value` under `key`.
+    pub fn insert(&mut self, key: impl Into<String>, value: impl Into<String>) {
+        self.items.insert(key.into(), value.into());
+    }
+
+    /// One line per difference from `before` to `self`, naming the thing and both values
+    /// (values shortened to a readable length), empty when equal.
+    pub fn differences(&self, before: &Snapshot) -> Vec<String> {
+        let mut keys: Vec<&String> = before.items.keys().chain(self.items.keys()).collect();
+        keys.sort();
+        keys.dedup();
+        let mut out = Vec::new();
+        for k in keys {
+            match (before.items.get(k), self.items.get(k)) {
+                (Some(b), Some(a)) if a == b => {}
+                (Some(b), Some(a)) => {
+                    let at = first_difference(b, a);
+                    out.push(format!("{k}: was {}, now {}", shown(b, at), shown(a, at)));
+                }
+                (Some(b), None) => out.push(format!("{k}: was {}, now not read", shown(b, 0))),
+                (None, Some(a)) => out.push(format!("{k}: not read before, now {}", shown(a, 0))),
+                (None, None) => {}
+            }
+        }
+        out
+    }
+}
+
+/// Index (in characters) of the first character where `a` and `b` differ.
+fn first_difference(a: &str, b: &str) -> usize {
+    a.chars().zip(b.chars()).take_while(|(x, y)| x == y).count()
+}
+
+/// `v` quoted and cut to [`SHOWN_CHARS`], keeping the part around character `at`.
+fn shown(v: &str, at: usize) -> String {
+    let n = v.chars().count();
+    if n <= SHOWN_CHARS {
+        return format!("{v:?}");
+    }
+    let start = at.saturating_sub(SHOWN_CONTEXT).min(n - SHOWN_CHARS);
+    let body: String = v.chars().skip(start).take(SHOWN_CHARS).collect();
+    let (pre, post) = (if start > 0 { "…" } else { "" }, if start + SHOWN_CHARS < n { "…" } else { "" });
+    format!("{pre}{body:?}{post} ({n} chars)")
+}
+
 /// One fault family on this host.
 #[async_trait]
 pub trait FaultDriver: Send + Sync {
@@ -124,6 +185,12 @@ pub trait FaultDriver: Send + Sync {
     /// Measure an active fault now (cheap: it runs when faults are listed).
     fn observe(&self, _plan: &Plan) -> Option<Observation> {
         None
+    }
+    /// Read the state `plan` touches (reads only, cheap: it runs before every
+    /// apply and after every revert). `Ok(None)`: nothing to compare (a kill is
+    /// not undone). `Err(AgentError::TargetNotFound(_))` when the target is gone.
+    async fn snapshot(&self, _plan: &Plan) -> Result<Option<Snapshot>, AgentError> {
+        Ok(None)
     }
 }
 
@@ -179,5 +246,51 @@ impl Drivers {
             Plan::Resource(_) => &self.resource,
             Plan::Container(_) => &self.container,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snap(items: &[(&str, &str)]) -> Snapshot {
+        Snapshot { items: items.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect() }
+    }
+
+    #[test]
+    fn equal_snapshots_have_no_differences() {
+        let a = snap(&[("nft tables inet in netns /run/netns/a", "(none)"), ("cpu.max of /app", "max 100000")]);
+        assert!(a.differences(&a.clone()).is_empty());
+        assert!(Snapshot::default().differences(&Snapshot::default()).is_empty());
+    }
+
+    #[test]
+    fn differences_name_the_thing_and_both_values_for_changed_added_and_removed_keys() {
+        let before = snap(&[("cpu.max of /app", "max 100000"), ("freezer state of /app", "0"), ("same", "x")]);
+        let after = snap(&[("cpu.max of /app", "25000 100000"), ("fill file /d/.chaos-fill-f1", "present"), ("same", "x")]);
+        let d = after.differences(&before);
+        assert_eq!(
+            d,
+            vec![
+                r#"cpu.max of /app: was "max 100000", now "25000 100000""#.to_string(),
+                r#"fill file /d/.chaos-fill-f1: not read before, now "present""#.to_string(),
+                r#"freezer state of /app: was "0", now not read"#.to_string(),
+            ]
+        );
+    }
+
+    #[test]
+    fn long_values_are_cut_around_where_they_differ() {
+        let common = "rule; ".repeat(100);
+        let before = snap(&[("iptables raw chain PREROUTING in host", &format!("{common}-j CHAOS-x-I; end"))]);
+        let after = snap(&[("iptables raw chain PREROUTING in host", &format!("{common}end"))]);
+        let d = after.differences(&before);
+        assert_eq!(d.len(), 1);
+        assert!(d[0].contains("CHAOS-x-I"), "the differing part is shown: {}", d[0]);
+        assert!(d[0].len() < 2 * SHOWN_CHARS + 150, "shortened (both values hold over 600 chars): {} chars", d[0].len());
+        assert!(d[0].contains('…') && d[0].contains("chars)"), "{}", d[0]);
+        // Multi-byte characters are never split.
+        let wide = snap(&[("k", &"é".repeat(500))]);
+        assert_eq!(wide.differences(&Snapshot::default()).len(), 1);
     }
 }

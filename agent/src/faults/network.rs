@@ -25,7 +25,7 @@ use chaos_proto::spec::{Cidr, FaultKind, FaultRequest, NetScope, Protocol, Targe
 use serde::{Deserialize, Serialize};
 
 use super::{
-    Applied, FaultDriver, Observation, Plan,
+    Applied, FaultDriver, Observation, Plan, Snapshot,
     bandwidth::Netem,
     delay_engine::{Engine, Profile},
 };
@@ -206,6 +206,50 @@ impl NetworkDriver {
         })
     }
 
+    /// Where a snapshot read was made, for its keys: "netns /run/netns/x" or "host netns".
+    pub(crate) fn ns_where(ns: &NetnsRef) -> String {
+        match &ns.path {
+            Some(p) => format!("netns {}", p.display()),
+            None => "host netns".into(),
+        }
+    }
+
+    /// `Err(TargetNotFound)` unless the plan's namespace is still there (and the same one).
+    pub(crate) fn ensure_there(&self, ns: &NetnsRef) -> Result<(), AgentError> {
+        if self.still_there(ns)? { Ok(()) } else { Err(AgentError::TargetNotFound(format!("{} is gone (or replaced)", ns.label))) }
+    }
+
+    /// Run a read-only tool for a snapshot: its stdout, `Err(TargetNotFound)`
+    /// when the namespace vanished meanwhile, a named error when the tool fails.
+    pub(crate) async fn read_tool(&self, ns: &NetnsRef, argv: &[&str]) -> Result<String, AgentError> {
+        let out = self.run_tool(ns, argv, None).await?;
+        if out.success {
+            return Ok(out.stdout);
+        }
+        self.ensure_there(ns)?;
+        Err(AgentError::Command { cmd: format!("{} (in {})", argv.join(" "), ns.label), detail: out.stderr })
+    }
+
+    /// The nft tables a partition or loss plan touches: per family, the
+    /// sorted names of that family's tables (the fault's own must be absent
+    /// before apply and after revert).
+    async fn snapshot_tables(&self, plan: &NetworkPlan) -> Result<Snapshot, AgentError> {
+        self.ensure_there(&plan.ns)?;
+        let listed = self.read_tool(&plan.ns, &["nft", "list", "tables"]).await?;
+        let mut families = Vec::new();
+        if plan.scope.direction.ingress() {
+            families.push("inet");
+        }
+        if plan.scope.direction.egress() {
+            families.push("netdev");
+        }
+        let mut snap = Snapshot::default();
+        for fam in families {
+            snap.insert(format!("nft tables {fam} in {}", Self::ns_where(&plan.ns)), nft_table_names(&listed, fam));
+        }
+        Ok(snap)
+    }
+
     /// Interfaces of the namespace other than loopback (or the one asked for).
     pub(crate) async fn interfaces_of(&self, ns: &NetnsRef, wanted: Option<&str>) -> Result<Vec<String>, AgentError> {
         let out = self.run_tool(ns, &["ip", "-o", "link", "show"], None).await?;
@@ -228,6 +272,20 @@ pub fn parse_link_names(text: &str) -> Vec<String> {
         .map(|n| n.trim().split('@').next().unwrap_or("").to_string())
         .filter(|n| !n.is_empty())
         .collect()
+}
+
+/// The sorted names of `family`'s tables in `nft list tables` output ("table inet x"), "(none)" if none.
+pub fn nft_table_names(listed: &str, family: &str) -> String {
+    let mut names: Vec<&str> = listed
+        .lines()
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            (w.next() == Some("table") && w.next() == Some(family)).then(|| w.next()).flatten()
+        })
+        .collect();
+    names.sort_unstable();
+    names.dedup();
+    if names.is_empty() { "(none)".into() } else { names.join(", ") }
 }
 
 /// nft table names allow letters, digits and '_'.
@@ -464,6 +522,14 @@ impl FaultDriver for NetworkDriver {
                 Ok(format!("{} disappeared during the revert ({e}): nothing left to remove", ns.label))
             }
             other => other,
+        }
+    }
+
+    async fn snapshot(&self, plan: &Plan) -> Result<Option<Snapshot>, AgentError> {
+        match plan {
+            Plan::Latency(l) => self.snapshot_latency(l).await.map(Some),
+            Plan::Bandwidth(b) => self.snapshot_bandwidth(b).await.map(Some),
+            other => self.snapshot_tables(plan_of(other)?).await.map(Some),
         }
     }
 
@@ -767,6 +833,149 @@ mod tests {
             assert!(undo.contains(&want), "revert runs `{want}`: {undo:#?}");
         }
         assert!(s.contains("veth0 restored") && s.contains(&format!("{ifb} removed")), "{s}");
+    }
+
+    #[tokio::test]
+    async fn nft_snapshot_reads_the_plans_families_and_names_a_table_left_behind() {
+        let exec = FakeExec::default();
+        exec.add_namespace("/run/netns/lab-a", (1, 42));
+        exec.answer_in_turn(
+            "nft list tables",
+            vec![
+                ok("table ip nat\ntable inet fw\n"),
+                ok("table ip nat\ntable inet fw\ntable inet chaos_f_1\ntable netdev chaos_f_1_eg\n"),
+                // Another family changed meanwhile (Docker's nat): not what the fault touches.
+                ok("table ip filter\ntable inet fw\ntable ip nat\n"),
+            ],
+        );
+        let d = driver(&exec);
+        let plan = d.plan(&req(TargetSpec::Netns("lab-a".into()), scope(&["198.18.0.3"], Direction::Both))).await.expect("plan");
+        let before = d.snapshot(&plan).await.expect("snapshot").expect("nft plans are compared");
+        let want: BTreeMap<String, String> = [
+            ("nft tables inet in netns /run/netns/lab-a".to_string(), "fw".to_string()),
+            ("nft tables netdev in netns /run/netns/lab-a".to_string(), "(none)".to_string()),
+        ]
+        .into();
+        assert_eq!(before.items, want);
+        let calls = exec.calls();
+        assert_eq!(calls.len(), 1, "one read: {calls:?}");
+        assert_eq!((calls[0].ns.as_deref(), calls[0].argv.join(" ")), (Some(Path::new("/run/netns/lab-a")), "nft list tables".into()));
+        let left = d.snapshot(&plan).await.expect("snapshot").expect("some");
+        assert_eq!(
+            left.differences(&before),
+            vec![
+                r#"nft tables inet in netns /run/netns/lab-a: was "fw", now "chaos_f_1, fw""#.to_string(),
+                r#"nft tables netdev in netns /run/netns/lab-a: was "(none)", now "chaos_f_1_eg""#.to_string(),
+            ]
+        );
+        let after = d.snapshot(&plan).await.expect("snapshot").expect("some");
+        assert!(after.differences(&before).is_empty(), "{:?}", after.differences(&before));
+        exec.remove_namespace(Path::new("/run/netns/lab-a"));
+        let e = d.snapshot(&plan).await.expect_err("gone");
+        assert!(matches!(e, AgentError::TargetNotFound(_)), "{e}");
+    }
+
+    #[tokio::test]
+    async fn latency_snapshot_reads_the_raw_chains_without_counters_and_names_a_jump_left_behind() {
+        let exec = FakeExec::default();
+        exec.add_namespace("/run/netns/lab-a", (1, 42));
+        let saved = |when: &str, counters: &str, rules: &str| {
+            ok(&format!(
+                "# Generated by iptables-save v1.8.9 (nf_tables) on {when}\n*raw\n:PREROUTING ACCEPT [{counters}]\n:OUTPUT ACCEPT [0:0]\n{rules}COMMIT\n# Completed on {when}\n"
+            ))
+        };
+        exec.answer_in_turn(
+            "iptables-save -t raw",
+            vec![
+                saved("Thu Dec  3 09:46:39 2026", "0:0", ""),
+                saved("Thu Dec  3 09:47:01 2026", "12:3400", "-A PREROUTING ! -i lo -j CHAOS-f1-I\n"),
+                saved("Thu Dec  3 09:47:02 2026", "15:4000", ""),
+            ],
+        );
+        exec.answer_in_turn("nft list tables", vec![ok(""), ok("table ip raw\n"), ok("")]);
+        let d = driver(&exec);
+        let mut r = req(TargetSpec::Netns("lab-a".into()), scope(&["198.18.0.3"], Direction::Ingress));
+        r.kind = FaultKind::NetworkLatency {
+            scope: scope(&["198.18.0.3"], Direction::Ingress),
+            delay: Duration::from_millis(50),
+            jitter: Duration::ZERO,
+            correlation_permyriad: 0,
+        };
+        let plan = d.plan(&r).await.expect("plan");
+        assert!(matches!(plan, Plan::Latency(_)), "{plan:?}");
+        let before = d.snapshot(&plan).await.expect("snapshot").expect("compared");
+        let at = "in netns /run/netns/lab-a";
+        assert_eq!(before.items.get(&format!("iptables raw chain PREROUTING {at}")).map(String::as_str), Some("policy ACCEPT; no rules"));
+        assert_eq!(before.items.get(&format!("iptables raw chain CHAOS-f1-I {at}")).map(String::as_str), Some("absent"));
+        assert_eq!(before.items.get(&format!("nft table ip raw {at}")).map(String::as_str), Some("absent"));
+        let left = d.snapshot(&plan).await.expect("snapshot").expect("some");
+        assert_eq!(
+            left.differences(&before),
+            vec![
+                format!(
+                    r#"iptables raw chain PREROUTING {at}: was "policy ACCEPT; no rules", now "policy ACCEPT; rules: ! -i lo -j CHAOS-f1-I""#
+                ),
+                format!(r#"nft table ip raw {at}: was "absent", now "present""#),
+            ]
+        );
+        let after = d.snapshot(&plan).await.expect("snapshot").expect("some");
+        assert!(after.differences(&before).is_empty(), "new counters and times are no difference: {:?}", after.differences(&before));
+        let saved_with_c = "*raw\n:PREROUTING ACCEPT [3:180]\n:CHAOS-x-I - [0:0]\n[3:180] -A PREROUTING ! -i lo -j CHAOS-x-I\nCOMMIT\n";
+        let chains = super::super::latency::saved_chains(saved_with_c);
+        assert_eq!(chains.get("PREROUTING"), Some(&("ACCEPT".to_string(), vec!["! -i lo -j CHAOS-x-I".to_string()])));
+        assert_eq!(chains.get("CHAOS-x-I"), Some(&("-".to_string(), vec![])));
+    }
+
+    #[tokio::test]
+    async fn tc_snapshot_reads_qdiscs_filters_and_ifbs_and_names_an_ingress_left_behind() {
+        let exec = FakeExec::default();
+        exec.add_namespace("/run/netns/lab-a", (1, 42));
+        let ifb = super::super::bandwidth::ifb_name(super::super::bandwidth::handle_for("f-1"), 0);
+        let links = "1: lo: <LOOPBACK>\n2: veth0@if3: <UP>\n";
+        exec.answer_in_turn("ip -o link show", vec![ok(links), ok(links), ok(&format!("{links}4: {ifb}: <UP>\n")), ok(links)]);
+        let plain = "qdisc noqueue 0: root refcnt 2 \n";
+        let with_ingress = format!("{plain}qdisc ingress ffff: parent ffff:fff1 ---------------- \n");
+        exec.answer_in_turn("qdisc show dev veth0", vec![ok(plain), ok(plain), ok(&with_ingress), ok("qdisc noqueue 0: root refcnt 3 \n")]);
+        let redirect = format!(
+            "filter parent ffff: protocol all pref 1 u32 chain 0 \n  match 00000000/00000000 at 0\n\taction order 1: mirred (Egress Redirect to device {ifb}) stolen\n\tindex 1 ref 1 bind 1\n\n"
+        );
+        exec.answer_in_turn("filter show dev veth0 ingress", vec![ok(""), ok(&redirect), ok("")]);
+        exec.answer("filter show dev veth0", ok(""));
+        let d = driver(&exec);
+        let mut r = req(TargetSpec::Netns("lab-a".into()), scope(&[], Direction::Both));
+        r.kind = FaultKind::NetworkBandwidth { scope: scope(&[], Direction::Both), rate_bits_per_second: 8_000_000, burst_bytes: 0 };
+        let plan = d.plan(&r).await.expect("plan");
+        let before = d.snapshot(&plan).await.expect("snapshot").expect("compared");
+        let at = "in netns /run/netns/lab-a";
+        let want: BTreeMap<String, String> = [
+            (format!("ifb device {ifb} {at}"), "absent".to_string()),
+            (format!("tc ingress filters of dev veth0 {at}"), "(none)".to_string()),
+            (format!("tc qdiscs of dev veth0 {at}"), "qdisc noqueue 0: root".to_string()),
+            (format!("tc root filters of dev veth0 {at}"), "(none)".to_string()),
+        ]
+        .into();
+        assert_eq!(before.items, want);
+        let argv: Vec<String> = exec.calls().iter().map(|c| c.argv.join(" ")).collect();
+        assert!(
+            argv.contains(&"tc filter show dev veth0 ingress".to_string()) && argv.contains(&"tc filter show dev veth0".to_string()),
+            "{argv:#?}"
+        );
+        let left = d.snapshot(&plan).await.expect("snapshot").expect("some");
+        let diff = left.differences(&before);
+        assert_eq!(diff.len(), 3, "{diff:#?}");
+        assert_eq!(diff[0], format!(r#"ifb device {ifb} {at}: was "absent", now "present""#));
+        assert!(
+            diff[1].starts_with(&format!("tc ingress filters of dev veth0 {at}: was \"(none)\"")) && diff[1].contains(&ifb),
+            "{}",
+            diff[1]
+        );
+        assert!(!diff[1].contains("index 1"), "action reference counts are no state: {}", diff[1]);
+        assert!(diff[2].contains("qdisc ingress ffff:"), "{}", diff[2]);
+        let after = d.snapshot(&plan).await.expect("snapshot").expect("some");
+        assert!(after.differences(&before).is_empty(), "a new refcnt is no difference: {:?}", after.differences(&before));
+        let htb = |n: u32| format!("qdisc htb c4a5: root refcnt 3 r2q 10 default 0 direct_packets_stat {n} direct_qlen 1000\n");
+        assert_eq!(super::super::bandwidth::tc_normalised(&htb(7)), super::super::bandwidth::tc_normalised(&htb(9)));
+        assert_eq!(super::super::bandwidth::tc_normalised(&htb(7)), "qdisc htb c4a5: root r2q 10 default 0 direct_qlen 1000");
     }
 
     #[tokio::test]

@@ -16,7 +16,7 @@ use chaos_proto::spec::{FaultKind, FaultRequest, SignalName, TargetSpec};
 use nix::sys::signal::Signal;
 use serde::{Deserialize, Serialize};
 
-use super::{Applied, FaultDriver, Observation, Plan, ProcRef};
+use super::{Applied, FaultDriver, Observation, Plan, ProcRef, Snapshot};
 use crate::{
     error::AgentError,
     protect::Protection,
@@ -208,6 +208,19 @@ impl ProcessDriver {
     }
 }
 
+/// A process as a pause snapshot sees it: "stopped" (state T or t),
+/// "not stopped", or "gone" (no such pid, or the pid now names another
+/// process: its start time differs).
+pub fn pause_state(table: &dyn ProcessTable, p: &ProcRef) -> Result<&'static str, AgentError> {
+    Ok(match table.stat(p.pid).map_err(AgentError::ProcessTable)? {
+        Some(s) if s.start_time_ticks != p.start_time_ticks => "gone",
+        Some(s) if matches!(s.state, 'Z' | 'X') => "gone",
+        Some(s) if matches!(s.state, 'T' | 't') => "stopped",
+        Some(_) => "not stopped",
+        None => "gone",
+    })
+}
+
 fn list(procs: &[ProcRef]) -> String {
     procs.iter().map(|p| format!("{} {}", p.pid, p.name)).collect::<Vec<_>>().join(", ")
 }
@@ -276,6 +289,23 @@ impl FaultDriver for ProcessDriver {
             },
             None => Observation { achieved: vec![("restarted".into(), 0.0)], outcome: None },
         })
+    }
+
+    /// Pause: whether each process is stopped. Kill: nothing to compare (not undone).
+    async fn snapshot(&self, plan: &Plan) -> Result<Option<Snapshot>, AgentError> {
+        let plan = plan_of(plan)?;
+        if plan.action != ProcessAction::Pause {
+            return Ok(None);
+        }
+        let mut snap = Snapshot::default();
+        for p in &plan.processes {
+            let state = pause_state(self.table.as_ref(), p)?;
+            snap.insert(format!("process {} ({}, start time {})", p.pid, p.name, p.start_time_ticks), state);
+        }
+        if !plan.processes.is_empty() && snap.items.values().all(|v| v == "gone") {
+            return Err(AgentError::TargetNotFound(format!("every process of the pause is gone: {}", list(&plan.processes))));
+        }
+        Ok(Some(snap))
     }
 
     async fn revert(&self, plan: &Plan) -> Result<String, AgentError> {
@@ -460,6 +490,47 @@ mod tests {
         assert!(o.outcome.expect("outcome").contains("pid 12"));
         let s = d.revert(&plan).await.expect("revert");
         assert!(s.contains("restarted as pid 12 (worker) 1200 ms after the kill"), "{s}");
+    }
+
+    #[tokio::test]
+    async fn pause_snapshot_reads_each_process_and_names_one_left_stopped() {
+        let fake = FakeProcs::default();
+        fake.spawn(10, "sleep", 100);
+        fake.spawn(11, "sleep", 101);
+        let d = driver(&fake);
+        let plan = d.plan(&req(TargetSpec::ProcessName("sleep".into()), FaultKind::ProcessPause)).await.expect("plan");
+        let before = d.snapshot(&plan).await.expect("snapshot").expect("a pause is compared");
+        assert_eq!(before.items.get("process 10 (sleep, start time 100)").map(String::as_str), Some("not stopped"), "{before:?}");
+        d.apply(&plan).await.expect("apply");
+        let during = d.snapshot(&plan).await.expect("snapshot").expect("some");
+        assert_eq!(during.differences(&before).len(), 2, "{during:?}");
+        d.revert(&plan).await.expect("revert");
+        assert!(d.snapshot(&plan).await.expect("snapshot").expect("some").differences(&before).is_empty());
+        // A revert that did not reach pid 11: the difference names it.
+        fake.fail_signal(11, Signal::SIGCONT, nix::errno::Errno::EPERM);
+        d.apply(&plan).await.expect("apply");
+        let _ = d.revert(&plan).await;
+        let diff = d.snapshot(&plan).await.expect("snapshot").expect("some").differences(&before);
+        assert_eq!(diff, vec![r#"process 11 (sleep, start time 101): was "not stopped", now "stopped""#.to_string()]);
+    }
+
+    #[tokio::test]
+    async fn pause_snapshot_sees_a_reused_pid_as_gone_and_all_gone_as_not_found_and_kill_has_none() {
+        let fake = FakeProcs::default();
+        fake.spawn(10, "sleep", 100);
+        fake.spawn(11, "sleep", 101);
+        let d = driver(&fake);
+        let plan = d.plan(&req(TargetSpec::ProcessName("sleep".into()), FaultKind::ProcessPause)).await.expect("plan");
+        fake.exit(10);
+        fake.spawn(10, "sleep", 555);
+        let s = d.snapshot(&plan).await.expect("snapshot").expect("some");
+        assert_eq!(s.items.get("process 10 (sleep, start time 100)").map(String::as_str), Some("gone"), "{s:?}");
+        fake.exit(11);
+        let e = d.snapshot(&plan).await.expect_err("all gone");
+        assert!(matches!(e, AgentError::TargetNotFound(_)), "{e}");
+        fake.spawn(12, "worker", 7);
+        let kill = d.plan(&req(TargetSpec::Pid(12), FaultKind::ProcessKill { signal: SignalName(Signal::SIGKILL) })).await.expect("plan");
+        assert_eq!(d.snapshot(&kill).await.expect("snapshot"), None, "a kill is not undone");
     }
 
     #[tokio::test]

@@ -29,7 +29,7 @@ use chaos_proto::spec::{FaultKind, FaultRequest, FillAmount, MemorySize, TargetS
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 
-use super::{Applied, FaultDriver, Observation, Plan, ProcRef, process::resolve_processes};
+use super::{Applied, FaultDriver, Observation, Plan, ProcRef, Snapshot, process::resolve_processes};
 use crate::{
     error::AgentError,
     protect::Protection,
@@ -528,6 +528,70 @@ impl ResourceDriver {
         Ok(parts.join("; "))
     }
 
+    /// The knob files a plan writes, by controller (they differ between v1 and v2).
+    fn knob_files(&self, plan: &ResourcePlan) -> Result<(Controller, &'static [&'static str]), AgentError> {
+        let v2 = self.cg()?.version() == cgroup::Version::V2;
+        Ok(match plan {
+            ResourcePlan::CpuThrottle { .. } if v2 => (Controller::Cpu, &["cpu.max"]),
+            ResourcePlan::CpuThrottle { .. } => (Controller::Cpu, &["cpu.cfs_quota_us", "cpu.cfs_period_us"]),
+            ResourcePlan::MemoryLimit { .. } if v2 => (Controller::Memory, &["memory.max"]),
+            ResourcePlan::MemoryLimit { .. } => (Controller::Memory, &["memory.limit_in_bytes"]),
+            ResourcePlan::Freeze { .. } if v2 => (Controller::Freezer, &["cgroup.freeze"]),
+            ResourcePlan::Freeze { .. } => (Controller::Freezer, &["freezer.state"]),
+            _ => (Controller::Cpu, &[]),
+        })
+    }
+
+    /// What a resource plan touches, read now (see [`FaultDriver::snapshot`]).
+    fn read_snapshot(&self, plan: &ResourcePlan) -> Result<Snapshot, AgentError> {
+        let mut snap = Snapshot::default();
+        match plan {
+            ResourcePlan::CpuThrottle { cgroup, .. } | ResourcePlan::MemoryLimit { cgroup, .. } | ResourcePlan::Freeze { cgroup, .. } => {
+                let cg = self.cg()?;
+                let (ctrl, files) = self.knob_files(plan)?;
+                for file in files {
+                    let (dir, value) = cg.read_knob(ctrl, cgroup, file).map_err(io_err(format!("reading {file} of cgroup {cgroup}")))?;
+                    snap.insert(format!("{file} of {}", dir.display()), value);
+                }
+            }
+            ResourcePlan::IoThrottle { cgroup, device, .. } => {
+                let cg = self.cg()?;
+                let l = cg.io_limits(cgroup, device).map_err(io_err(format!("reading IO limits of cgroup {cgroup}")))?;
+                let n = |v: Option<u64>| v.map_or_else(|| "unlimited".to_string(), |v| format!("{v} B/s"));
+                let file = if cg.version() == cgroup::Version::V2 { "io.max" } else { "blkio.throttle.*_bps_device" };
+                snap.insert(
+                    format!("{file} of cgroup {cgroup}, device {device}"),
+                    format!("read {}, write {}", n(l.read_bps), n(l.write_bps)),
+                );
+            }
+            ResourcePlan::Stress { fault_id, cgroups, own, .. } => {
+                let workers = self.orphan_workers(fault_id);
+                let value = if workers.is_empty() { "none running".to_string() } else { format!("running: pids {workers:?}") };
+                snap.insert(format!("stress workers of fault {fault_id}"), value);
+                if *own {
+                    let cg = self.cg()?;
+                    for c in cgroups {
+                        let there = cg.existing_dir(c.controller, &c.path).is_ok();
+                        snap.insert(format!("cgroup {}:{}", c.controller.v1(), c.path), if there { "present" } else { "absent" });
+                    }
+                }
+            }
+            ResourcePlan::DiskFill { file, .. } => {
+                let dir = file.parent().unwrap_or(Path::new("/"));
+                if !dir.is_dir() {
+                    return Err(AgentError::TargetNotFound(format!("the directory of the fill file {} is gone", file.display())));
+                }
+                let value = match fs::symlink_metadata(file) {
+                    Ok(_) => "present",
+                    Err(e) if e.kind() == ErrorKind::NotFound => "absent",
+                    Err(e) => return Err(io_err(format!("stat {}", file.display()))(e)),
+                };
+                snap.insert(format!("fill file {}", file.display()), value);
+            }
+        }
+        Ok(snap)
+    }
+
     /// If the worker has exited on its own, what became of it.
     fn exit_outcome(&self, l: &mut Live) -> Option<String> {
         let status = l.child.try_wait().ok()??;
@@ -788,6 +852,12 @@ impl FaultDriver for ResourceDriver {
         }
     }
 
+    /// The knob files it writes (read back), the freezer state, whether its
+    /// stress workers run and its own cgroups exist, whether its fill file exists.
+    async fn snapshot(&self, plan: &Plan) -> Result<Option<Snapshot>, AgentError> {
+        self.read_snapshot(plan_of(plan)?).map(Some)
+    }
+
     fn observe(&self, plan: &Plan) -> Option<Observation> {
         let ResourcePlan::Stress { fault_id, work, .. } = plan_of(plan).ok()? else { return None };
         let mut live = self.live();
@@ -922,6 +992,82 @@ mod tests {
                 _ => assert_eq!(restored, "0"),
             }
         }
+    }
+
+    #[tokio::test]
+    async fn knob_snapshots_read_back_what_the_fault_writes_and_name_a_value_not_restored() {
+        let r = rig(Guards::default());
+        let app = r.dir.path().join("cg/app");
+        let io = FaultKind::IoThrottle {
+            read_bytes_per_second: 0,
+            write_bytes_per_second: 1 << 20,
+            device: Some("254:0".parse().expect("dev")),
+        };
+        let cases: Vec<(FaultKind, String, &str, &str)> = vec![
+            (FaultKind::CpuThrottle { quota_permyriad: 2500 }, format!("cpu.max of {}", app.display()), "max 100000", "25000 100000"),
+            (FaultKind::MemoryLimit { limit_bytes: 64 << 20 }, format!("memory.max of {}", app.display()), "max", "67108864"),
+            (io, "io.max of cgroup /app, device 254:0".to_string(), "read unlimited, write unlimited", "read unlimited, write 1048576 B/s"),
+            (FaultKind::CgroupFreeze, format!("cgroup.freeze of {}", app.display()), "0", "1"),
+        ];
+        for (kind, key, was, during) in cases {
+            let plan = r.driver.plan(&req(TargetSpec::Pid(10), kind.clone())).await.expect("plan");
+            let before = r.driver.snapshot(&plan).await.expect("snapshot").expect("knobs are compared");
+            assert_eq!(before.items.keys().collect::<Vec<_>>(), vec![&key], "{kind:?}");
+            assert_eq!(before.items[&key], was, "{kind:?}");
+            if kind == FaultKind::CgroupFreeze {
+                write(&app.join("cgroup.events"), "populated 1\nfrozen 1\n");
+            }
+            r.driver.apply(&plan).await.expect("apply");
+            let left = r.driver.snapshot(&plan).await.expect("snapshot").expect("some");
+            // As if the revert had not taken: the line names the knob and both values.
+            assert_eq!(left.differences(&before), vec![format!("{key}: was {was:?}, now {during:?}")], "{kind:?}");
+            r.driver.revert(&plan).await.expect("revert");
+            let after = r.driver.snapshot(&plan).await.expect("snapshot").expect("some");
+            assert!(after.differences(&before).is_empty(), "{kind:?}: {:?}", after.differences(&before));
+        }
+        let plan = r.driver.plan(&req(TargetSpec::Pid(10), FaultKind::CgroupFreeze)).await.expect("plan");
+        fs::remove_dir_all(&app).expect("rm cgroup");
+        let e = r.driver.snapshot(&plan).await.expect_err("cgroup gone");
+        assert!(matches!(e, AgentError::TargetNotFound(_)), "{e}");
+    }
+
+    #[tokio::test]
+    async fn stress_and_fill_snapshots_see_workers_own_cgroups_and_the_fill_file() {
+        let r = rig(Guards { memory_floor_bytes: 0, disk_fill_max_permyriad: 10_000 });
+        let plan = r.driver.plan(&req(TargetSpec::Host, FaultKind::CpuStress { workers: 1, load_permyriad: 5000 })).await.expect("plan");
+        let before = r.driver.snapshot(&plan).await.expect("snapshot").expect("compared");
+        let want: BTreeMap<String, String> = [
+            ("cgroup cpu:/chaos-f1".to_string(), "absent".to_string()),
+            ("stress workers of fault f1".to_string(), "none running".to_string()),
+        ]
+        .into();
+        assert_eq!(before.items, want);
+        // A worker of this fault left running, and its cgroup left behind.
+        write(
+            &r.dir.path().join("proc/77/cmdline"),
+            &["chaos-agent", "__stressor", "--fault-id", "f1", "--deadline-unix-ms", "1", "cpu", "1", "5000", ""].join("\0"),
+        );
+        r.procs.spawn(77, "chaos-agent", 700);
+        fs::create_dir_all(r.dir.path().join("cg/chaos-f1")).expect("mkdir");
+        let left = r.driver.snapshot(&plan).await.expect("snapshot").expect("some");
+        assert_eq!(
+            left.differences(&before),
+            vec![
+                r#"cgroup cpu:/chaos-f1: was "absent", now "present""#.to_string(),
+                r#"stress workers of fault f1: was "none running", now "running: pids [77]""#.to_string(),
+            ]
+        );
+        let dir = r.dir.path().display().to_string();
+        let fill =
+            r.driver.plan(&req(TargetSpec::Host, FaultKind::DiskFill { path: dir, amount: FillAmount::Bytes(4096) })).await.expect("plan");
+        let key = format!("fill file {}", r.dir.path().join(".chaos-fill-f1").display());
+        let before = r.driver.snapshot(&fill).await.expect("snapshot").expect("compared");
+        assert_eq!(before.items.get(&key).map(String::as_str), Some("absent"), "{before:?}");
+        r.driver.apply(&fill).await.expect("apply");
+        let left = r.driver.snapshot(&fill).await.expect("snapshot").expect("some");
+        assert_eq!(left.differences(&before), vec![format!(r#"{key}: was "absent", now "present""#)]);
+        r.driver.revert(&fill).await.expect("revert");
+        assert!(r.driver.snapshot(&fill).await.expect("snapshot").expect("some").differences(&before).is_empty());
     }
 
     #[tokio::test]

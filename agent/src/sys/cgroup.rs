@@ -272,6 +272,14 @@ impl CgroupFs {
         }
     }
 
+    /// A knob file of the cgroup as it reads now (trimmed), with the cgroup's
+    /// directory; `NotFound` when the cgroup is gone.
+    pub fn read_knob(&self, ctrl: Controller, path: &str, file: &str) -> io::Result<(PathBuf, String)> {
+        let d = self.existing_dir(ctrl, path)?;
+        let text = read_file(&d.join(file))?;
+        Ok((d, text.trim().to_string()))
+    }
+
     /// Move process `pid` into the cgroup.
     pub fn add_process(&self, ctrl: Controller, path: &str, pid: u32) -> io::Result<()> {
         write_file(&self.existing_dir(ctrl, path)?.join("cgroup.procs"), &pid.to_string())
