@@ -250,10 +250,10 @@ fn inverse(verb: ContainerVerb) -> Option<ContainerVerb> {
 
 /// A container's state as a snapshot value: "running", "paused", "not
 /// running" (exited, created, dead: a start then a stop may turn "created"
-/// into "exited", which is the same to the verbs) or "absent".
+/// into "exited", which is the same to the verbs) or "gone" (removed: not a leftover of ours).
 fn state_text(st: Option<State>) -> &'static str {
     match st {
-        None => "absent",
+        None => "gone",
         Some(s) if s.paused => "paused",
         Some(s) if s.running => "running",
         Some(_) => "not running",
@@ -386,7 +386,7 @@ mod tests {
         let left = snapshot_of(&p, &[Some(running), Some(paused)]).expect("some");
         assert_eq!(left.differences(&before), vec![r#"docker container db (fedcba987654): was "running", now "paused""#.to_string()]);
         let gone = snapshot_of(&p, &[None, Some(exited)]).expect("some");
-        assert_eq!(gone.items.values().map(String::as_str).collect::<Vec<_>>(), vec!["not running", "absent"]);
+        assert_eq!(gone.items.values().map(String::as_str).collect::<Vec<_>>(), vec!["not running", "gone"]);
         let restart = ContainerPlan { verb: ContainerVerb::Restart, ..p };
         assert_eq!(snapshot_of(&restart, &[Some(running), Some(running)]), None, "a restart is not undone");
     }
