@@ -22,10 +22,15 @@ use serde::{Deserialize, Serialize};
 
 use crate::{error::AgentError, faults::Plan};
 
+/// The record format this agent writes and the newest it reads. Records of
+/// an older version decode (fixtures of each under `tests/fixtures`); a
+/// record of a newer one is set aside, never half-read.
+pub const JOURNAL_VERSION: u32 = 1;
+
 /// What the journal keeps of one fault: enough to revert it from scratch.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JournalRecord {
-    /// Format version, for future migrations.
+    /// Format version ([`JOURNAL_VERSION`] when written by this agent).
     pub version: u32,
     pub id: String,
     pub request: FaultRequest,
@@ -42,6 +47,21 @@ pub struct JournalRecord {
 pub struct CorruptRecord {
     pub path: PathBuf,
     pub error: String,
+    /// Set when the record is well-formed but of a format newer than this agent reads.
+    pub future_version: Option<u64>,
+}
+
+/// Decode one record, checking its format version first.
+pub fn decode(bytes: &[u8]) -> Result<JournalRecord, (String, Option<u64>)> {
+    let v: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| (e.to_string(), None))?;
+    let version = v.get("version").and_then(serde_json::Value::as_u64).ok_or_else(|| ("no numeric \"version\" field".to_string(), None))?;
+    if version > u64::from(JOURNAL_VERSION) {
+        return Err((
+            format!("written by a newer agent: format version {version}, this agent reads up to {JOURNAL_VERSION}"),
+            Some(version),
+        ));
+    }
+    serde_json::from_value(v).map_err(|e| (format!("format version {version}: {e}"), None))
 }
 
 /// Storage of journal records.
@@ -133,12 +153,9 @@ impl JournalStore for DirJournal {
             if !name.ends_with(".json") || name.starts_with('.') {
                 continue;
             }
-            match fs::read(&path)
-                .map_err(|e| e.to_string())
-                .and_then(|b| serde_json::from_slice::<JournalRecord>(&b).map_err(|e| e.to_string()))
-            {
+            match fs::read(&path).map_err(|e| (e.to_string(), None)).and_then(|b| decode(&b)) {
                 Ok(rec) => good.push(rec),
-                Err(error) => bad.push(CorruptRecord { path, error }),
+                Err((error, future_version)) => bad.push(CorruptRecord { path, error, future_version }),
             }
         }
         good.sort_by_key(|r| r.created_at_unix_ms);
@@ -150,9 +167,14 @@ impl JournalStore for DirJournal {
     }
 }
 
-/// Set a corrupt record aside (renamed to `*.corrupt`) so start can go on.
+/// Set a record aside so start can go on: `*.json.corrupt`, or
+/// `*.json.vN` for a record of a newer format (an agent of that version
+/// reads it again once renamed back).
 pub fn quarantine(rec: &CorruptRecord) -> std::io::Result<PathBuf> {
-    let to = rec.path.with_extension("json.corrupt");
+    let to = match rec.future_version {
+        Some(v) => rec.path.with_extension(format!("json.v{v}")),
+        None => rec.path.with_extension("json.corrupt"),
+    };
     fs::rename(&rec.path, &to)?;
     Ok(to)
 }
@@ -236,7 +258,7 @@ mod tests {
 
     fn rec(id: &str) -> JournalRecord {
         JournalRecord {
-            version: 1,
+            version: JOURNAL_VERSION,
             id: id.into(),
             request: FaultRequest {
                 id: None,
@@ -292,5 +314,53 @@ mod tests {
         let _a = DirJournal::open(dir.path()).expect("first");
         let e = DirJournal::open(dir.path()).err().expect("second must fail");
         assert!(e.to_string().contains("--journal-dir"), "{e}");
+    }
+
+    /// Records as the format-1 agent wrote them (committed once, never regenerated).
+    fn fixtures(version: &str) -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(format!("journal-{version}"))
+    }
+
+    #[test]
+    fn format_1_fixtures_decode() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for e in fs::read_dir(fixtures("v1")).expect("fixtures") {
+            let p = e.expect("entry").path();
+            fs::copy(&p, dir.path().join(p.file_name().expect("name"))).expect("copy");
+        }
+        let (good, bad) = DirJournal::open(dir.path()).expect("open").load().expect("load");
+        assert!(bad.is_empty(), "{bad:?}");
+        let plans: Vec<&str> = good
+            .iter()
+            .map(|r| match &r.plan {
+                Plan::Process(_) => "process",
+                Plan::Network(_) => "network",
+                _ => "other",
+            })
+            .collect();
+        assert_eq!(plans.len(), 2);
+        assert!(plans.contains(&"process") && plans.contains(&"network"), "{plans:?}");
+        assert!(good.iter().all(|r| r.version == 1));
+    }
+
+    #[test]
+    fn a_record_of_a_newer_format_is_set_aside_by_name_never_half_read() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let j = DirJournal::open(dir.path()).expect("open");
+        let mut v: serde_json::Value = serde_json::to_value(rec("new")).expect("json");
+        v["version"] = serde_json::json!(JOURNAL_VERSION + 1);
+        v["plan"] = serde_json::json!({"driver": "from_the_future"});
+        fs::write(dir.path().join("new.json"), serde_json::to_vec(&v).expect("json")).expect("write");
+        fs::write(dir.path().join("nov.json"), br#"{"id": "x"}"#).expect("write");
+        let (good, bad) = j.load().expect("load");
+        assert!(good.is_empty());
+        let newer = bad.iter().find(|b| b.path.ends_with("new.json")).expect("newer record reported");
+        assert_eq!(newer.future_version, Some(u64::from(JOURNAL_VERSION) + 1));
+        assert!(newer.error.contains("newer agent"), "{}", newer.error);
+        let moved = quarantine(newer).expect("quarantine");
+        assert!(moved.to_string_lossy().ends_with(&format!("new.json.v{}", JOURNAL_VERSION + 1)), "{}", moved.display());
+        let unversioned = bad.iter().find(|b| b.path.ends_with("nov.json")).expect("unversioned reported");
+        assert!(unversioned.error.contains("version"), "{}", unversioned.error);
+        assert_eq!(unversioned.future_version, None);
     }
 }

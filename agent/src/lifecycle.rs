@@ -448,8 +448,10 @@ impl Actor {
         for bad in &corrupt {
             report.corrupt += 1;
             match quarantine(bad) {
-                Ok(to) => error!(path = %bad.path.display(), error = %bad.error, moved_to = %to.display(),
-                    "unreadable journal record set aside; inspect it by hand: the fault it held may still be applied"),
+                Ok(to) => {
+                    error!(path = %bad.path.display(), error = %bad.error, moved_to = %to.display(), future_version = ?bad.future_version,
+                    "unreadable journal record set aside; inspect it by hand: the fault it held may still be applied")
+                }
                 Err(e) => error!(path = %bad.path.display(), error = %bad.error, rename_error = %e, "unreadable journal record"),
             }
         }
@@ -1072,7 +1074,7 @@ async fn apply_job(
         Err(e) => return ApplyOutcome::Refused(e),
     };
     let rec = JournalRecord {
-        version: 1,
+        version: crate::journal::JOURNAL_VERSION,
         id: id.clone(),
         request: req.clone(),
         plan: plan.clone(),
