@@ -1425,6 +1425,18 @@ mod tests {
         (spec, gate)
     }
 
+    /// Start applying a [`slow_partition`] in the background; its driver is held until the gate opens.
+    async fn start_slow_partition(
+        r: &Rig,
+        id: &str,
+    ) -> (tokio::task::JoinHandle<Result<pb::Fault, AgentError>>, crate::sys::netexec::Gate) {
+        let (spec, gate) = slow_partition(r, id);
+        let lc = r.lc.clone();
+        let slow = tokio::spawn(async move { lc.apply(&spec).await });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        (slow, gate)
+    }
+
     /// Reverts of a partition run so far (each deletes its inet table once).
     fn nft_deletes(r: &Rig) -> usize {
         r.exec.calls().iter().filter(|c| c.argv.starts_with(&["nft".into(), "delete".into(), "table".into(), "inet".into()])).count()
@@ -1433,10 +1445,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_slow_apply_holds_up_nothing_on_other_targets_and_is_reverted_when_it_returns() {
         let r = rig().await;
-        let (spec, gate) = slow_partition(&r, "slow");
-        let lc = r.lc.clone();
-        let slow = tokio::spawn(async move { lc.apply(&spec).await });
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        let (slow, gate) = start_slow_partition(&r, "slow").await;
         // Another target's fault applies, lists and reverts while the partition's driver is busy.
         let f = r.lc.apply(&pause(10, 300)).await.expect("apply beside a slow driver");
         let listed = r.lc.list(false).await.expect("list");
@@ -1507,10 +1516,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn shutdown_waits_for_a_slow_driver_and_reverts_what_it_applied() {
         let r = rig().await;
-        let (spec, gate) = slow_partition(&r, "slow");
-        let lc = r.lc.clone();
-        let slow = tokio::spawn(async move { lc.apply(&spec).await });
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        let (slow, gate) = start_slow_partition(&r, "slow").await;
         let lc = r.lc.clone();
         let down = tokio::spawn(async move { lc.shutdown().await });
         tokio::time::sleep(Duration::from_secs(30)).await;
