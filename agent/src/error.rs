@@ -16,6 +16,9 @@ pub enum AgentError {
     LeaseLost(String),
     #[error("revert of fault {id:?} failed: {error}; its journal record is kept and the revert is retried")]
     RevertFailed { id: String, error: String },
+    /// The re-read after a revert (and one more revert) still differs from before the fault.
+    #[error("the host is not as it was before the fault, after its revert and one more try: {0}")]
+    NotRestored(String),
     #[error("target is protected: {0}")]
     Protected(String),
     #[error("target not found: {0}")]
@@ -82,6 +85,7 @@ impl AgentError {
             | AgentError::Os { .. }
             | AgentError::ProcessTable(_)
             | AgentError::RevertFailed { .. }
+            | AgentError::NotRestored(_)
             | AgentError::Command { .. } => Code::Internal,
         }
     }

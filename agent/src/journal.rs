@@ -20,12 +20,17 @@ use chaos_proto::spec::FaultRequest;
 use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 
-use crate::{error::AgentError, faults::Plan};
+use crate::{
+    error::AgentError,
+    faults::{Before, Plan},
+};
 
 /// The record format this agent writes and the newest it reads. Records of
 /// an older version decode (fixtures of each under `tests/fixtures`); a
 /// record of a newer one is set aside, never half-read.
-pub const JOURNAL_VERSION: u32 = 1;
+///
+/// 1: request, plan, times, pid. 2: adds `before`, the state read before apply.
+pub const JOURNAL_VERSION: u32 = 2;
 
 /// What the journal keeps of one fault: enough to revert it from scratch.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -40,6 +45,10 @@ pub struct JournalRecord {
     pub expires_at_unix_ms: u64,
     /// The agent process that wrote it.
     pub agent_pid: u32,
+    /// What the fault touches, as read before apply: compared after the
+    /// revert (also by a replay). `None` in records of format 1.
+    #[serde(default)]
+    pub before: Option<Before>,
 }
 
 /// A record that could not be read back.
@@ -274,6 +283,7 @@ mod tests {
             }),
             created_at_unix_ms: 1,
             expires_at_unix_ms: 2,
+            before: None,
             agent_pid: 3,
         }
     }

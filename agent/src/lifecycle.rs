@@ -45,7 +45,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     error::AgentError,
-    faults::{Applied, Drivers, Plan},
+    faults::{Applied, Before, Check, Drivers, Plan, read_before, revert_verified},
     journal::{JournalRecord, JournalStore, quarantine},
 };
 
@@ -170,6 +170,13 @@ struct Entry {
     lane: String,
     /// Known once the apply job has journaled it.
     plan: Option<Plan>,
+    /// The state it touches, read before apply (with the plan).
+    before: Option<Before>,
+    /// Keys of `before` that another fault active meanwhile read too, with
+    /// that fault's id: a difference there is not judged as ours.
+    shared: BTreeMap<String, String>,
+    /// The re-read after the last revert.
+    check: Check,
     state: FaultState,
     op: Op,
     applied: Option<Applied>,
@@ -200,6 +207,9 @@ impl Entry {
             id,
             req,
             plan: None,
+            before: None,
+            shared: BTreeMap::new(),
+            check: Check::default(),
             state: FaultState::Pending,
             op: Op::Idle,
             applied: None,
@@ -229,6 +239,17 @@ impl Entry {
             revert_reason: self.revert_reason as i32,
             error: self.error.clone(),
             revert_summary: self.revert_summary.clone(),
+            revert_check: self.check.verdict as i32,
+            revert_check_detail: self.check.detail.clone(),
+        }
+    }
+
+    /// Note that `other` reads some of the same things (both are active now).
+    fn share_with(&mut self, other: &mut Entry) {
+        let (Some(Before::Read(mine)), Some(Before::Read(theirs))) = (&self.before, &other.before) else { return };
+        for k in mine.items.keys().filter(|k| theirs.items.contains_key(*k)) {
+            self.shared.insert(k.clone(), other.id.clone());
+            other.shared.insert(k.clone(), self.id.clone());
         }
     }
 }
@@ -259,6 +280,7 @@ enum Done {
     Journaled {
         id: String,
         plan: Plan,
+        before: Before,
     },
     Applied {
         id: String,
@@ -267,6 +289,7 @@ enum Done {
     Reverted {
         id: String,
         result: Result<String, AgentError>,
+        check: Check,
     },
 }
 
@@ -279,6 +302,7 @@ enum ApplyOutcome {
     Failed {
         error: AgentError,
         undo: Result<String, AgentError>,
+        check: Check,
     },
 }
 
@@ -455,17 +479,27 @@ impl Actor {
                 Err(e) => error!(path = %bad.path.display(), error = %bad.error, rename_error = %e, "unreadable journal record"),
             }
         }
+        // Records replayed together were active together: what they share is not judged as one's own.
+        let mut entries: Vec<Entry> = Vec::with_capacity(records.len());
         for rec in records {
             info!(fault_id = %rec.id, written_by_pid = rec.agent_pid, family = rec.request.kind.family(),
                 "reverting a fault a previous agent run left applied");
             let created_at = UNIX_EPOCH + Duration::from_millis(rec.created_at_unix_ms);
             let mut entry = Entry::new(rec.id.clone(), rec.request, created_at);
             entry.plan = Some(rec.plan);
+            entry.before = rec.before;
             entry.state = FaultState::Reverting;
             entry.expires_wall = UNIX_EPOCH + Duration::from_millis(rec.expires_at_unix_ms);
             entry.revert_reason = RevertReason::JournalReplay;
-            let result = revert_job(Arc::clone(&self.drivers), Arc::clone(&self.journal), entry.id.clone(), entry.plan.clone()).await;
-            if self.settle_revert(&mut entry, result) {
+            for other in &mut entries {
+                entry.share_with(other);
+            }
+            entries.push(entry);
+        }
+        for mut entry in entries {
+            let job = RevertJob::of(&entry);
+            let (result, check) = job.run(Arc::clone(&self.drivers), Arc::clone(&self.journal)).await;
+            if self.settle_revert(&mut entry, result, check) {
                 report.reverted += 1;
                 self.push_history(entry.to_pb());
             } else {
@@ -733,6 +767,7 @@ impl Actor {
                         Err(panic) => ApplyOutcome::Failed {
                             error: AgentError::Command { cmd: "apply".into(), detail: format!("the driver panicked: {panic}") },
                             undo: Err(AgentError::Command { cmd: "undo".into(), detail: "not tried after a panic; retried".into() }),
+                            check: Check::default(),
                         },
                     };
                     let _ = tx.send(Done::Applied { id: req.id.clone().unwrap_or_default(), outcome });
@@ -740,13 +775,17 @@ impl Actor {
             }
             Op::QueuedRevert => {
                 e.op = Op::Reverting;
-                let (id, plan) = (e.id.clone(), e.plan.clone());
+                let job = RevertJob::of(e);
                 tokio::spawn(async move {
-                    let result = match chaos_proto::serve::catch_panic(revert_job(drivers, journal, id.clone(), plan)).await {
+                    let id = job.id.clone();
+                    let (result, check) = match chaos_proto::serve::catch_panic(job.run(drivers, journal)).await {
                         Ok(r) => r,
-                        Err(panic) => Err(AgentError::Command { cmd: "revert".into(), detail: format!("the driver panicked: {panic}") }),
+                        Err(panic) => (
+                            Err(AgentError::Command { cmd: "revert".into(), detail: format!("the driver panicked: {panic}") }),
+                            Check::default(),
+                        ),
                     };
-                    let _ = tx.send(Done::Reverted { id, result });
+                    let _ = tx.send(Done::Reverted { id, result, check });
                 });
             }
             op => {
@@ -762,10 +801,14 @@ impl Actor {
     /// A job finished (or a journal record was written): take its result and free its lane.
     fn on_done(&mut self, done: Done) {
         match done {
-            Done::Journaled { id, plan } => {
-                if let Some(e) = self.active.get_mut(&id) {
-                    e.plan = Some(plan);
+            Done::Journaled { id, plan, before } => {
+                let Some(mut e) = self.active.remove(&id) else { return };
+                e.plan = Some(plan);
+                e.before = Some(before);
+                for other in self.active.values_mut() {
+                    e.share_with(other);
                 }
+                self.active.insert(id, e);
             }
             Done::Applied { id, outcome } => {
                 let lane = self.active.get(&id).map(|e| e.lane.clone());
@@ -774,11 +817,11 @@ impl Actor {
                     self.free(&lane);
                 }
             }
-            Done::Reverted { id, result } => {
+            Done::Reverted { id, result, check } => {
                 let Some(mut entry) = self.active.remove(&id) else { return };
                 let lane = entry.lane.clone();
                 entry.op = Op::Idle;
-                let reverted = self.settle_revert(&mut entry, result);
+                let reverted = self.settle_revert(&mut entry, result, check);
                 let pb = entry.to_pb();
                 let replies = std::mem::take(&mut entry.revert_replies);
                 if reverted {
@@ -842,9 +885,13 @@ impl Actor {
                 }
                 self.settle_waits(id, Settled::Gone);
             }
-            ApplyOutcome::Failed { error, undo } => {
+            ApplyOutcome::Failed { error, undo, check } => {
                 warn!(fault_id = %id, error = %error, "apply failed; undoing whatever part of it took effect");
                 self.cfg.counters.apply_failed(family);
+                if check.verdict != pb::RevertCheck::Unspecified {
+                    self.cfg.counters.revert_checked(family, check.name());
+                }
+                e.check = check;
                 match undo {
                     Ok(summary) => {
                         let ended = self.ended_before_effect(&e, FaultState::Failed, RevertReason::ApplyFailed, error.to_string(), summary);
@@ -888,16 +935,30 @@ impl Actor {
             revert_reason: reason as i32,
             error,
             revert_summary: summary,
+            revert_check: e.check.verdict as i32,
+            revert_check_detail: e.check.detail.clone(),
             ..Default::default()
         }
     }
 
     /// Record the result of a revert job in `entry`. True when it is now reverted.
-    fn settle_revert(&mut self, entry: &mut Entry, result: Result<String, AgentError>) -> bool {
+    fn settle_revert(&mut self, entry: &mut Entry, result: Result<String, AgentError>, check: Check) -> bool {
         let reason = entry.revert_reason;
+        let family = entry.req.kind.family();
+        if check.verdict != pb::RevertCheck::Unspecified {
+            self.cfg.counters.revert_checked(family, check.name());
+        }
+        match check.verdict {
+            pb::RevertCheck::Different => {
+                error!(fault_id = %entry.id, differences = %check.detail, "the host is NOT as before the fault after its revert")
+            }
+            pb::RevertCheck::NotCompared => info!(fault_id = %entry.id, why = %check.detail, "revert not compared with the state before"),
+            _ => {}
+        }
+        entry.check = check;
         match result {
             Ok(summary) => {
-                info!(fault_id = %entry.id, reason = reason.as_str_name(), summary = %summary, "fault reverted");
+                info!(fault_id = %entry.id, reason = reason.as_str_name(), summary = %summary, check = %entry.check.detail, "fault reverted");
                 let backend = entry.applied.as_ref().map(|a| a.backend).unwrap_or("journal");
                 self.cfg.counters.reverted(entry.req.kind.family(), backend, reason.as_str_name());
                 entry.state = FaultState::Reverted;
@@ -1073,6 +1134,12 @@ async fn apply_job(
         Ok(p) => p,
         Err(e) => return ApplyOutcome::Refused(e),
     };
+    let driver = drivers.for_plan(&plan);
+    // What the fault is about to touch, compared after its revert.
+    let before = match read_before(driver, &plan).await {
+        Ok(b) => b,
+        Err(e) => return ApplyOutcome::Refused(e),
+    };
     let rec = JournalRecord {
         version: crate::journal::JOURNAL_VERSION,
         id: id.clone(),
@@ -1081,43 +1148,59 @@ async fn apply_job(
         created_at_unix_ms: unix_ms(created_at),
         expires_at_unix_ms: unix_ms(created_at + req.duration),
         agent_pid: std::process::id(),
+        before: Some(before.clone()),
     };
     // Journal first: if the agent dies right after the host is touched,
     // the next run finds this record and reverts it.
     if let Err(e) = journal_io(&journal, move |j| j.put(&rec)).await {
         return ApplyOutcome::Refused(e);
     }
-    let _ = tx.send(Done::Journaled { id: id.clone(), plan: plan.clone() });
-    let driver = drivers.for_plan(&plan);
+    let _ = tx.send(Done::Journaled { id: id.clone(), plan: plan.clone(), before: before.clone() });
     match driver.apply(&plan).await {
         Ok(applied) => ApplyOutcome::Ok(applied),
         Err(error) => {
-            let undo = driver.revert(&plan).await;
+            // Nothing else was applied on this target meanwhile (its lane is held): nothing is shared.
+            let (undo, check) = revert_verified(driver, &plan, Some(&before), &BTreeMap::new()).await;
             if undo.is_ok() {
                 let id = id.clone();
                 if let Err(je) = journal_io(&journal, move |j| j.remove(&id)).await {
                     error!(fault_id = %req.id.as_deref().unwrap_or_default(), error = %je, "could not remove journal record of a failed apply");
                 }
             }
-            ApplyOutcome::Failed { error, undo }
+            ApplyOutcome::Failed { error, undo, check }
         }
     }
 }
 
-/// Revert one fault and remove its journal record (a job).
-async fn revert_job(drivers: Arc<Drivers>, journal: Arc<dyn JournalStore>, id: String, plan: Option<Plan>) -> Result<String, AgentError> {
-    let Some(plan) = plan else {
-        // Its apply job ended (a panic) before journaling: nothing was done.
-        return Ok("never applied: nothing to undo".into());
-    };
-    let summary = drivers.for_plan(&plan).revert(&plan).await?;
-    let rid = id.clone();
-    if let Err(e) = journal_io(&journal, move |j| j.remove(&rid)).await {
-        // The revert is done; a stale record only causes one more
-        // (idempotent, pid-guarded) revert at the next start.
-        error!(fault_id = %id, error = %e, "fault reverted but its journal record could not be removed");
+/// Revert one fault, prove it, and remove its journal record (a job).
+struct RevertJob {
+    id: String,
+    plan: Option<Plan>,
+    before: Option<Before>,
+    shared: BTreeMap<String, String>,
+}
+
+impl RevertJob {
+    fn of(e: &Entry) -> Self {
+        RevertJob { id: e.id.clone(), plan: e.plan.clone(), before: e.before.clone(), shared: e.shared.clone() }
     }
-    Ok(summary)
+
+    async fn run(self, drivers: Arc<Drivers>, journal: Arc<dyn JournalStore>) -> (Result<String, AgentError>, Check) {
+        let Some(plan) = self.plan else {
+            // Its apply job ended (a panic) before journaling: nothing was done.
+            return (Ok("never applied: nothing to undo".into()), Check::default());
+        };
+        let (result, check) = revert_verified(drivers.for_plan(&plan), &plan, self.before.as_ref(), &self.shared).await;
+        if result.is_ok() {
+            let id = self.id.clone();
+            if let Err(e) = journal_io(&journal, move |j| j.remove(&id)).await {
+                // The revert is done; a stale record only causes one more
+                // (idempotent, pid-guarded) revert at the next start.
+                error!(fault_id = %self.id, error = %e, "fault reverted but its journal record could not be removed");
+            }
+        }
+        (result, check)
+    }
 }
 
 #[cfg(test)]
@@ -1226,9 +1309,15 @@ mod tests {
         procs.signal_if_same(10, 100, Signal::SIGSTOP).expect("stop");
         procs.spawn(11, "sleep", 555); // pid reused since the crash: must not be touched
         let journal = MemJournal::default();
-        for (id, pid, start) in [("left-1", 10, 100), ("left-2", 11, 101)] {
+        // left-1 as this agent writes it (with the state before), left-2 as format 1 did.
+        for (id, pid, start, version) in [("left-1", 10, 100, 2), ("left-2", 11, 101, 1)] {
+            let before = (version == 2).then(|| {
+                let mut s = crate::faults::Snapshot::default();
+                s.insert("process 10 (sleep, start time 100)", "not stopped");
+                Before::Read(s)
+            });
             journal.seed(JournalRecord {
-                version: 1,
+                version,
                 id: id.into(),
                 request: FaultRequest::from_pb(&pause(pid, 60), Duration::from_secs(3600)).expect("req"),
                 plan: Plan::Process(ProcessPlan {
@@ -1239,6 +1328,7 @@ mod tests {
                 created_at_unix_ms: 1,
                 expires_at_unix_ms: 60_001,
                 agent_pid: 1234,
+                before,
             });
         }
         let r = rig_with(LifecycleConfig::default(), procs, journal).await;
@@ -1249,6 +1339,12 @@ mod tests {
         let hist = r.lc.list(true).await.expect("list");
         assert!(hist.iter().all(|f| f.revert_reason == RevertReason::JournalReplay as i32));
         assert!(hist.iter().any(|f| f.revert_summary.contains("already gone")));
+        let check =
+            |id: &str| hist.iter().find(|f| f.id == id).map(|f| (f.revert_check, f.revert_check_detail.clone())).expect("in history");
+        assert_eq!(check("left-1"), (pb::RevertCheck::Verified as i32, "host state as before (1 item read)".into()));
+        let (v, why) = check("left-2");
+        assert_eq!(v, pb::RevertCheck::NotCompared as i32);
+        assert!(why.contains("older agent"), "{why}");
     }
 
     #[tokio::test(start_paused = true)]
@@ -1404,6 +1500,10 @@ mod tests {
         let out = r.lc.shutdown().await.expect("shutdown");
         assert_eq!(out.reverted.len(), 2);
         assert!(out.reverted.iter().all(|f| f.revert_reason == RevertReason::Shutdown as i32));
+        for f in &out.reverted {
+            assert_eq!(f.revert_check, pb::RevertCheck::Verified as i32, "{}", f.revert_check_detail);
+            assert_eq!(f.revert_check_detail, "host state as before (1 item read)");
+        }
         assert_eq!((r.procs.state(10), r.procs.state(11)), (Some('S'), Some('S')));
         assert_eq!(r.lc.apply(&pause(10, 5)).await.expect_err("closed").code(), Code::Unavailable);
     }
@@ -1491,7 +1591,8 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(10)).await;
         let queued = tokio::spawn(async move { lc2.apply(&second).await });
         tokio::time::sleep(Duration::from_millis(10)).await;
-        assert_eq!(r.exec.calls().iter().filter(|c| c.argv.first().is_some_and(|a| a == "nft")).count(), 0, "still held");
+        let changes = |r: &Rig| r.exec.calls().iter().filter(|c| c.argv.first().is_some_and(|a| a == "nft") && c.argv[1] != "list").count();
+        assert_eq!(changes(&r), 0, "still held (only the state before was read)");
         assert_eq!(r.journal.ids(), vec!["first".to_string()], "the second waits its turn, not yet journaled");
         // Reverting the queued one cancels it: nothing was done for it.
         let (f, already) = r.lc.revert("second").await.expect("revert queued");
@@ -1526,6 +1627,69 @@ mod tests {
         assert_eq!(out.reverted.len(), 1);
         assert!(out.in_progress.is_empty());
         slow.await.expect("join").expect("applied");
+        assert!(r.journal.ids().is_empty());
+    }
+
+    fn out(stdout: &str) -> crate::sys::netexec::CmdOutput {
+        crate::sys::netexec::CmdOutput { success: true, stdout: stdout.into(), stderr: String::new() }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_leftover_found_after_a_revert_is_reverted_again_then_reported_failed_by_name() {
+        let counters = crate::metrics::FaultCounters::default();
+        let cfg = LifecycleConfig { counters: counters.clone(), ..Default::default() };
+        let r = rig_with(cfg.clone(), FakeProcs::default(), MemJournal::default()).await;
+        // Reads of the host's tables: before apply; after the revert and after the second
+        // revert the fault's table is still there (a delete that did nothing); the retry finds it gone.
+        let (before, left) = (out("table inet fw\n"), out("table inet fw\ntable inet chaos_left\ntable inet chaos_other\n"));
+        r.exec.answer_in_turn("list tables", vec![before.clone(), left.clone(), left, before]);
+        let (spec, gate) = slow_partition(&r, "left");
+        gate.open();
+        r.lc.apply(&spec).await.expect("apply");
+        let e = r.lc.revert("left").await.expect_err("a leftover is not a revert");
+        let want = r#"nft tables inet in host netns: was "fw", now "chaos_left, fw""#;
+        assert!(e.to_string().contains(want), "{e}");
+        assert_eq!(nft_deletes(&r), 2, "reverted once more before it is reported");
+        let f = r.lc.list(false).await.expect("list").pop().expect("still active");
+        assert_eq!((state(&f), f.revert_check), (FaultState::Failed, pb::RevertCheck::Different as i32));
+        assert_eq!(f.revert_check_detail, want, "the difference is named, another fault's table is not");
+        assert!(f.error.contains(want), "{}", f.error);
+        assert_eq!(r.journal.ids(), vec!["left".to_string()], "its record is kept");
+        assert_eq!(counters.revert_checks("network_partition", "different"), 1);
+        // Retried like any failed revert: this time the host is as before.
+        tokio::time::sleep(cfg.revert_retry_interval + Duration::from_millis(100)).await;
+        let hist = r.lc.list(true).await.expect("list");
+        assert!(r.lc.list(false).await.expect("list").is_empty(), "{hist:?}");
+        let f = hist.iter().find(|f| f.id == "left").expect("history");
+        assert_eq!((state(f), f.revert_check), (FaultState::Reverted, pb::RevertCheck::Verified as i32));
+        assert_eq!(f.revert_check_detail, "host state as before (2 items read)");
+        assert!(r.journal.ids().is_empty());
+        assert_eq!(counters.revert_checks("network_partition", "verified"), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn faults_on_the_same_thing_do_not_count_each_other_as_leftovers() {
+        let r = rig().await;
+        let a = r.lc.apply(&pause(10, 300)).await.expect("first pause");
+        let b = r.lc.apply(&pause(10, 300)).await.expect("second pause of the same process");
+        // The first revert resumes the process: as before the first pause.
+        let (fa, _) = r.lc.revert(&a.id).await.expect("revert first");
+        assert_eq!(fa.revert_check, pb::RevertCheck::Verified as i32, "{}", fa.revert_check_detail);
+        // The second found it stopped (by the first): not a leftover of either.
+        let (fb, _) = r.lc.revert(&b.id).await.expect("revert second");
+        assert_eq!((state(&fb), fb.revert_check), (FaultState::Reverted, pb::RevertCheck::NotCompared as i32));
+        assert!(fb.revert_check_detail.contains(&format!("fault {} changed it too", a.id)), "{}", fb.revert_check_detail);
+        assert_eq!(r.procs.state(10), Some('S'));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_target_gone_by_its_revert_is_verified_as_nothing_left() {
+        let r = rig().await;
+        let f = r.lc.apply(&pause(11, 300)).await.expect("apply");
+        r.procs.exit(11);
+        let (f, _) = r.lc.revert(&f.id).await.expect("revert");
+        assert_eq!(f.revert_check, pb::RevertCheck::Verified as i32);
+        assert!(f.revert_check_detail.contains("gone"), "{}", f.revert_check_detail);
         assert!(r.journal.ids().is_empty());
     }
 }

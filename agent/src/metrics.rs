@@ -352,6 +352,7 @@ pub struct FaultCounters {
     apply_failed: Family<Labels, Counter>,
     reverted: Family<Labels, Counter>,
     revert_failed: Family<Labels, Counter>,
+    revert_checks: Family<Labels, Counter>,
 }
 
 impl FaultCounters {
@@ -365,6 +366,11 @@ impl FaultCounters {
         );
         registry.register("chaos_agent_faults_reverted", "Faults reverted, by family, backend and reason", c.reverted.clone());
         registry.register("chaos_agent_faults_revert_failed", "Revert attempts that failed (retried), by family", c.revert_failed.clone());
+        registry.register(
+            "chaos_agent_revert_checks",
+            "Re-reads of the host after a revert, by family and verdict (verified, different, not_compared)",
+            c.revert_checks.clone(),
+        );
         c
     }
 
@@ -386,6 +392,15 @@ impl FaultCounters {
 
     pub fn revert_failed(&self, family: &str) {
         self.revert_failed.get_or_create(&Self::labels(&[("family", family)])).inc();
+    }
+
+    pub fn revert_checked(&self, family: &str, verdict: &str) {
+        self.revert_checks.get_or_create(&Self::labels(&[("family", family), ("verdict", verdict)])).inc();
+    }
+
+    /// How many re-reads of `family` ended with `verdict` (for tests and the bench).
+    pub fn revert_checks(&self, family: &str, verdict: &str) -> u64 {
+        self.revert_checks.get_or_create(&Self::labels(&[("family", family), ("verdict", verdict)])).get()
     }
 }
 

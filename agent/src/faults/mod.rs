@@ -135,23 +135,177 @@ impl Snapshot {
     /// One line per difference from `before` to `self`, naming the thing and both values
     /// (values shortened to a readable length), empty when equal.
     pub fn differences(&self, before: &Snapshot) -> Vec<String> {
+        self.differing(before).into_iter().map(|d| d.line).collect()
+    }
+
+    /// The differences from `before` to `self`, each with its key.
+    fn differing(&self, before: &Snapshot) -> Vec<Difference> {
         let mut keys: Vec<&String> = before.items.keys().chain(self.items.keys()).collect();
         keys.sort();
         keys.dedup();
         let mut out = Vec::new();
         for k in keys {
-            match (before.items.get(k), self.items.get(k)) {
-                (Some(b), Some(a)) if a == b => {}
+            let (b, a) = (before.items.get(k), self.items.get(k));
+            let line = match (b, a) {
+                (Some(b), Some(a)) if a == b => continue,
                 (Some(b), Some(a)) => {
                     let at = first_difference(b, a);
-                    out.push(format!("{k}: was {}, now {}", shown(b, at), shown(a, at)));
+                    format!("{k}: was {}, now {}", shown(b, at), shown(a, at))
                 }
-                (Some(b), None) => out.push(format!("{k}: was {}, now not read", shown(b, 0))),
-                (None, Some(a)) => out.push(format!("{k}: not read before, now {}", shown(a, 0))),
-                (None, None) => {}
-            }
+                (Some(b), None) => format!("{k}: was {}, now not read", shown(b, 0)),
+                (None, Some(a)) => format!("{k}: not read before, now {}", shown(a, 0)),
+                (None, None) => continue,
+            };
+            let vanished = a.is_some_and(|a| VANISHED.contains(&a.as_str()));
+            out.push(Difference { key: k.clone(), line, vanished });
         }
         out
+    }
+}
+
+/// Snapshot values that say the thing itself is gone (a process, a
+/// container, an interface): nothing of a fault can remain on it, so such a
+/// difference is not a leftover.
+const VANISHED: &[&str] = &["gone", "(no such device)"];
+
+struct Difference {
+    key: String,
+    line: String,
+    vanished: bool,
+}
+
+/// What a fault's state was before apply, as its journal record keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Before {
+    /// Read: compared after the revert.
+    Read(Snapshot),
+    /// The driver reads nothing for this plan (a kill is not undone).
+    NothingToCompare,
+    /// Reading failed before apply (the fault was applied anyway): why.
+    Unread(String),
+}
+
+/// The verdict of the re-read after a revert.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Check {
+    pub verdict: pb::RevertCheck,
+    pub detail: String,
+}
+
+impl Check {
+    fn new(verdict: pb::RevertCheck, detail: impl Into<String>) -> Self {
+        Check { verdict, detail: detail.into() }
+    }
+
+    /// Its name for metrics and logs: "verified", "different", "not_compared", "unspecified".
+    pub fn name(&self) -> &'static str {
+        match self.verdict {
+            pb::RevertCheck::Verified => "verified",
+            pb::RevertCheck::Different => "different",
+            pb::RevertCheck::NotCompared => "not_compared",
+            pb::RevertCheck::Unspecified => "unspecified",
+        }
+    }
+}
+
+/// What a re-read found, sorted by whose it is.
+#[derive(Debug, Default)]
+struct Judged {
+    /// Differences on things only this fault touched: leftovers.
+    ours: Vec<String>,
+    /// Differences on things another fault (named) touched too: not judged.
+    shared: Vec<String>,
+    /// Things that are gone now (a process that exited).
+    vanished: usize,
+}
+
+/// Sort the differences from `before` to `after`. `shared` maps the keys
+/// other faults read too (faults active on the same things while this one
+/// was) to one such fault's id.
+fn judge(before: &Snapshot, after: &Snapshot, shared: &BTreeMap<String, String>) -> Judged {
+    let mut j = Judged::default();
+    for d in after.differing(before) {
+        if d.vanished {
+            j.vanished += 1;
+        } else if let Some(other) = shared.get(&d.key) {
+            j.shared.push(format!("{} (fault {other} changed it too)", d.line));
+        } else {
+            j.ours.push(d.line);
+        }
+    }
+    j
+}
+
+/// Revert `plan` and prove it: read the state again and compare it with
+/// `before`; a leftover is reverted once more and read again. Still
+/// different: `Err(NotRestored)` naming each difference, with a DIFFERENT check.
+pub async fn revert_verified(
+    driver: &dyn FaultDriver,
+    plan: &Plan,
+    before: Option<&Before>,
+    shared: &BTreeMap<String, String>,
+) -> (Result<String, AgentError>, Check) {
+    use pb::RevertCheck as V;
+    let mut summary = match driver.revert(plan).await {
+        Ok(s) => s,
+        Err(e) => return (Err(e), Check::default()),
+    };
+    let snap = match before {
+        Some(Before::Read(s)) => s,
+        Some(Before::NothingToCompare) => return (Ok(summary), Check::new(V::NotCompared, "this fault is not undone: nothing to compare")),
+        Some(Before::Unread(e)) => {
+            return (Ok(summary), Check::new(V::NotCompared, format!("the state could not be read before apply: {e}")));
+        }
+        None => return (Ok(summary), Check::new(V::NotCompared, "no state was read before apply (journal record of an older agent)")),
+    };
+    let mut retried = false;
+    loop {
+        let after = match driver.snapshot(plan).await {
+            Ok(Some(a)) => a,
+            Ok(None) => return (Ok(summary), Check::new(V::NotCompared, "nothing could be read after the revert")),
+            Err(AgentError::TargetNotFound(why)) => {
+                return (Ok(summary), Check::new(V::Verified, format!("the target is gone ({why}): nothing of the fault can remain")));
+            }
+            Err(e) => return (Ok(summary), Check::new(V::NotCompared, format!("the state could not be read after the revert: {e}"))),
+        };
+        let j = judge(snap, &after, shared);
+        if j.ours.is_empty() {
+            let read = snap.items.len();
+            let mut detail = format!("host state as before ({read} item{} read", if read == 1 { "" } else { "s" });
+            if j.vanished > 0 {
+                detail.push_str(&format!(", {} gone since", j.vanished));
+            }
+            detail.push(')');
+            if retried {
+                detail.push_str(", after a second revert");
+            }
+            if j.shared.is_empty() {
+                return (Ok(summary), Check::new(V::Verified, detail));
+            }
+            return (Ok(summary), Check::new(V::NotCompared, format!("{detail}; not judged: {}", j.shared.join("; "))));
+        }
+        let found = j.ours.join("; ");
+        if retried {
+            return (Err(AgentError::NotRestored(found.clone())), Check::new(V::Different, found));
+        }
+        tracing::warn!(differences = %found, "the host is not as before the fault after its revert: reverting once more");
+        retried = true;
+        match driver.revert(plan).await {
+            Ok(s) => summary = s,
+            Err(e) => return (Err(e), Check::new(V::Different, found)),
+        }
+    }
+}
+
+/// Read the state `plan` is about to touch, for [`revert_verified`].
+/// `Err` only when the target is gone (the fault is refused then).
+pub async fn read_before(driver: &dyn FaultDriver, plan: &Plan) -> Result<Before, AgentError> {
+    match driver.snapshot(plan).await {
+        Ok(Some(s)) => Ok(Before::Read(s)),
+        Ok(None) => Ok(Before::NothingToCompare),
+        Err(e @ AgentError::TargetNotFound(_)) => Err(e),
+        Err(e) => Ok(Before::Unread(e.to_string())),
     }
 }
 
