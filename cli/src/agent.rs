@@ -544,6 +544,29 @@ fn reason_name(r: i32) -> String {
     }
 }
 
+/// The re-read after the revert: "verified", "DIFFERENT", "not compared", "" before any revert.
+pub fn check_name(v: i32) -> &'static str {
+    match pb::RevertCheck::try_from(v) {
+        Ok(pb::RevertCheck::Verified) => "verified",
+        Ok(pb::RevertCheck::Different) => "DIFFERENT",
+        Ok(pb::RevertCheck::NotCompared) => "not compared",
+        Ok(pb::RevertCheck::Unspecified) | Err(_) => "",
+    }
+}
+
+/// The same for JSON: "verified", "different", "not_compared", "".
+pub fn check_key(v: i32) -> String {
+    check_name(v).to_lowercase().replace(' ', "_")
+}
+
+/// "verified: host state as before (2 items read)", or "" when there was no check.
+fn check_text(f: &pb::Fault) -> String {
+    match check_name(f.revert_check) {
+        "" => String::new(),
+        name => format!("{name}: {}", f.revert_check_detail),
+    }
+}
+
 fn family(f: &pb::Fault) -> &'static str {
     f.spec.as_ref().and_then(|s| s.fault.as_ref()).map(chaos_proto::spec::family_of).unwrap_or("?")
 }
@@ -563,6 +586,7 @@ pub fn fault_json(f: &pb::Fault) -> serde_json::Value {
         "created_at": rfc3339(f.created_at.as_ref()), "applied_at": rfc3339(f.applied_at.as_ref()),
         "expires_at": rfc3339(f.expires_at.as_ref()), "reverted_at": rfc3339(f.reverted_at.as_ref()),
         "revert_reason": reason_name(f.revert_reason), "revert_summary": f.revert_summary, "error": f.error,
+        "revert_check": check_key(f.revert_check), "revert_check_detail": f.revert_check_detail,
         "labels": f.spec.as_ref().map(|s| s.labels.clone()).unwrap_or_default(),
     })
 }
@@ -577,10 +601,19 @@ fn fault_rows(faults: &[pb::Fault]) -> String {
                 _ if !f.error.is_empty() => f.error.clone(),
                 _ => "-".into(),
             };
-            vec![f.id.clone(), family(f).into(), target_text(f), state_name(f.state), when, achieved_text(f)]
+            let check = match check_name(f.revert_check) {
+                "" => "-",
+                c => c,
+            };
+            vec![f.id.clone(), family(f).into(), target_text(f), state_name(f.state), when, check.into(), achieved_text(f)]
         })
         .collect();
-    table(&["ID", "FAMILY", "TARGET", "STATE", "WHEN", "ACHIEVED"], &rows)
+    let mut out = table(&["ID", "FAMILY", "TARGET", "STATE", "WHEN", "CHECK", "ACHIEVED"], &rows);
+    // What a check that did not verify found, or why there was none.
+    for f in faults.iter().filter(|f| f.revert_check != pb::RevertCheck::Verified as i32 && !f.revert_check_detail.is_empty()) {
+        out.push_str(&format!("\n{}: {}", f.id, check_text(f)));
+    }
+    out
 }
 
 /// `cpu_load_percent=49.8` pairs and the outcome, `-` when none.
@@ -649,7 +682,10 @@ pub async fn run(cmd: AgentCommand, timeout: Duration, fmt: Format) -> Result<u8
                     reason_name(f.revert_reason),
                     relative(f.reverted_at.as_ref())
                 )),
-                Format::Table => emit(&format!("fault {} reverted: {}", f.id, f.revert_summary)),
+                Format::Table => match check_text(&f) {
+                    c if c.is_empty() => emit(&format!("fault {} reverted: {}", f.id, f.revert_summary)),
+                    c => emit(&format!("fault {} reverted: {}; {c}", f.id, f.revert_summary)),
+                },
             }
         }
         AgentCommand::RevertAll { target, reason, disarm, wait } => {

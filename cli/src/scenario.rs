@@ -148,6 +148,7 @@ fn blast_text(b: Option<&pb::BlastRadius>) -> String {
 fn agent_json(a: &pb::ScenarioAgent) -> serde_json::Value {
     json!({"agent_id": a.agent_id, "address": a.address, "fault_id": a.fault_id,
         "fault_state": fault_state(a.fault_state), "summary": a.summary, "backend": a.backend, "error": a.error,
+        "revert_check": crate::agent::check_key(a.revert_check), "revert_check_detail": a.revert_check_detail,
         "applied_at": rfc3339(a.applied_at.as_ref()), "reverted_at": rfc3339(a.reverted_at.as_ref())})
 }
 
@@ -209,15 +210,21 @@ fn show_text(sc: &pb::Scenario) -> String {
             .agents
             .iter()
             .map(|a| {
+                let check = match crate::agent::check_name(a.revert_check) {
+                    "" => "-".to_string(),
+                    "verified" => "verified".to_string(),
+                    c => format!("{c}: {}", a.revert_check_detail),
+                };
                 vec![
                     a.agent_id.clone(),
                     fault_state(a.fault_state),
                     a.backend.clone(),
+                    check,
                     if a.error.is_empty() { a.summary.clone() } else { a.error.clone() },
                 ]
             })
             .collect();
-        out.push_str(&table(&["AGENT", "FAULT", "BACKEND", "DETAIL"], &rows));
+        out.push_str(&table(&["AGENT", "FAULT", "BACKEND", "CHECK", "DETAIL"], &rows));
         out.push('\n');
     }
     let rows: Vec<Vec<String>> =

@@ -63,6 +63,14 @@ impl Default for Timing {
 }
 
 /// Per-agent changes: agent id, event message, the change.
+/// An agent's answer to a scenario's revert.
+enum RevertAnswer {
+    /// Reverted, or not held (None).
+    Done(Option<pb::Fault>),
+    /// The agent's revert failed (it retries); its error and its record of the fault.
+    Failed(String, pb::Fault),
+}
+
 type AgentUpdates = Vec<(String, &'static str, Box<dyn FnOnce(&mut pb::ScenarioAgent) + Send>)>;
 
 /// Why a runner stops holding its faults.
@@ -711,8 +719,16 @@ impl Scenarios {
             let results = self
                 .fanout(pending, |mut c, a| async move {
                     match c.revert_fault(pb::RevertFaultRequest { fault_id: a.fault_id.clone() }).await {
-                        Ok(r) => Ok(r.into_inner().fault),
-                        Err(s) if s.code() == tonic::Code::NotFound => Ok(None),
+                        Ok(r) => Ok(RevertAnswer::Done(r.into_inner().fault)),
+                        Err(s) if s.code() == tonic::Code::NotFound => Ok(RevertAnswer::Done(None)),
+                        // The agent's revert failed: its record says how (a leftover it names, its re-read).
+                        Err(s) if s.code() == tonic::Code::Internal => {
+                            let listed = c.list_faults(pb::ListFaultsRequest { include_finished: false }).await;
+                            match listed.ok().and_then(|l| l.into_inner().faults.into_iter().find(|f| f.id == a.fault_id)) {
+                                Some(f) => Ok(RevertAnswer::Failed(status_text(&s), f)),
+                                None => Err(s),
+                            }
+                        }
                         Err(s) => Err(s),
                     }
                 })
@@ -721,12 +737,26 @@ impl Scenarios {
             let mut updates: AgentUpdates = Vec::new();
             for (agent_id, r) in results {
                 match r {
-                    Ok(f) => updates.push((
+                    Ok(RevertAnswer::Failed(e, f)) => {
+                        failed.push(agent_id.clone());
+                        updates.push((
+                            agent_id,
+                            "revert failed on the agent",
+                            Box::new(move |x: &mut pb::ScenarioAgent| {
+                                x.error = format!("revert: {e}");
+                                x.revert_check = f.revert_check;
+                                x.revert_check_detail = f.revert_check_detail;
+                            }),
+                        ));
+                    }
+                    Ok(RevertAnswer::Done(f)) => updates.push((
                         agent_id,
                         "fault reverted",
                         Box::new(move |x: &mut pb::ScenarioAgent| match f {
                             Some(f) => {
                                 x.fault_state = f.state;
+                                x.revert_check = f.revert_check;
+                                x.revert_check_detail = f.revert_check_detail;
                                 x.reverted_at = f.reverted_at.or_else(now_pb);
                                 // The last measurement before the revert.
                                 if let Some(a) = f.applied.filter(|a| !a.achieved.is_empty() || !a.outcome.is_empty()) {
@@ -765,12 +795,26 @@ impl Scenarios {
                     .filter(|a| a.fault_state == FaultState::Failed as i32 && a.applied_at.is_some())
                     .map(|a| a.agent_id)
                     .collect();
+                self.audit_leftovers(id);
                 return bad;
             }
             if Instant::now() >= deadline {
+                self.audit_leftovers(id);
                 return failed;
             }
             tokio::time::sleep(self.timing.revert_retry).await;
+        }
+    }
+
+    /// An audit row for each agent whose re-read after the revert found the
+    /// host not as before (the agent keeps retrying; this is the lasting trace).
+    fn audit_leftovers(&self, id: &str) {
+        for a in self.agents_of(id).into_iter().filter(|a| a.revert_check == pb::RevertCheck::Different as i32) {
+            warn!(scenario = %id, agent = %a.agent_id, differences = %a.revert_check_detail, "the host is not as before the fault after its revert");
+            let detail = format!("fault {id}: the host is not as before the fault after its revert: {}", a.revert_check_detail);
+            if let Err(e) = self.store.audit("coordinator", "RevertNotVerified", &a.agent_id, &detail, "error") {
+                tracing::error!(error = %e, "audit write failed");
+            }
         }
     }
 
@@ -1332,6 +1376,34 @@ pub(crate) mod tests {
         let b = id_of(s.create(spec("a1", 200), false, "t").expect("b"));
         let sc = wait_state(s, &b, ScenarioState::Failed).await;
         assert!(sc.reason.starts_with("the fault was applied on no agent: a1: "), "{}", sc.reason);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_leftover_an_agent_finds_after_its_revert_is_shown_per_agent_and_audited() {
+        let r = rig(2, open_policy(3)).await;
+        let s = &r.scenarios;
+        let diff = r#"nft tables inet in host netns: was "(none)", now "chaos_x""#;
+        r.agents[1].leave_behind(Some(diff));
+        let mut both = spec("a0", 200);
+        both.selector = Some(pb::AgentSelector::default());
+        let id = id_of(s.create(both, false, "t").expect("create"));
+        let sc = wait_until(s, &id, "ended", |sc| is_final(sc.state)).await;
+        let by = |a: &str| sc.agents.iter().find(|x| x.agent_id == a).cloned().expect("agent");
+        assert_eq!((by("a0").fault_state, by("a0").revert_check), (FaultState::Reverted as i32, pb::RevertCheck::Unspecified as i32));
+        let a1 = by("a1");
+        assert_eq!(a1.revert_check, pb::RevertCheck::Different as i32, "{a1:?}");
+        assert_eq!(a1.revert_check_detail, diff);
+        assert!(a1.error.contains(diff), "{}", a1.error);
+        assert_eq!(sc.state, ScenarioState::Failed as i32, "{}", sc.reason);
+        assert!(sc.reason.contains("a1"), "{}", sc.reason);
+        let audit = s.store().list_audit(None, 50).expect("audit");
+        let rows: Vec<_> = audit.iter().filter(|a| a.action == "RevertNotVerified").collect();
+        assert_eq!(rows.len(), 1, "{audit:?}");
+        assert_eq!((rows[0].target.as_str(), rows[0].outcome.as_str()), ("a1", "error"));
+        assert!(rows[0].detail.contains(diff), "{}", rows[0].detail);
+        // The stored scenario says the same.
+        let stored = s.store().load(&id).expect("load").expect("stored");
+        assert_eq!(stored.agents.iter().find(|x| x.agent_id == "a1").map(|x| x.revert_check), Some(pb::RevertCheck::Different as i32));
     }
 
     #[tokio::test(start_paused = true)]

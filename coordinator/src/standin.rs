@@ -25,6 +25,9 @@ struct State {
     armed: bool,
     /// When set, ApplyFault fails with this status message.
     fail_apply: Option<String>,
+    /// When set, RevertFault finds this left behind: the fault stays FAILED
+    /// with a DIFFERENT check naming it, and the call fails as an agent's does.
+    leave_behind: Option<String>,
     /// Metrics per batch of StreamMetrics (0: UNIMPLEMENTED).
     metrics: usize,
 }
@@ -60,6 +63,10 @@ impl Standin {
 
     pub fn fail_apply(&self, why: Option<&str>) {
         self.lock().fail_apply = why.map(str::to_string);
+    }
+
+    pub fn leave_behind(&self, difference: Option<&str>) {
+        self.lock().leave_behind = difference.map(str::to_string);
     }
 
     /// Serve on `listener` until the task is dropped or aborted.
@@ -146,7 +153,15 @@ impl Agent for Standin {
     async fn revert_fault(&self, req: Request<pb::RevertFaultRequest>) -> Result<Response<pb::RevertFaultResponse>, Status> {
         let id = req.into_inner().fault_id;
         let mut g = self.lock();
+        let left = g.leave_behind.clone();
         let f = g.faults.get_mut(&id).ok_or_else(|| Status::not_found(format!("fault {id}")))?;
+        if let Some(diff) = left {
+            f.state = FaultState::Failed as i32;
+            f.revert_check = pb::RevertCheck::Different as i32;
+            f.revert_check_detail = diff.clone();
+            f.error = format!("the host is not as it was before the fault, after its revert and one more try: {diff}");
+            return Err(Status::internal(format!("revert of fault {id:?} failed: {}", f.error)));
+        }
         let already_reverted = !Self::revert(f, RevertReason::Requested);
         Ok(Response::new(pb::RevertFaultResponse { fault: Some(f.clone()), already_reverted }))
     }
@@ -170,7 +185,7 @@ impl Agent for Standin {
 
     async fn list_faults(&self, req: Request<pb::ListFaultsRequest>) -> Result<Response<pb::ListFaultsResponse>, Status> {
         let all = req.into_inner().include_finished;
-        let faults = self.lock().faults.values().filter(|f| all || f.state == FaultState::Applied as i32).cloned().collect();
+        let faults = self.lock().faults.values().filter(|f| all || f.state != FaultState::Reverted as i32).cloned().collect();
         Ok(Response::new(pb::ListFaultsResponse { faults }))
     }
 

@@ -19,9 +19,11 @@ use chaos_proto::{
 use prost::Message;
 use rusqlite::{Connection, OptionalExtension, params};
 
-/// Schema version 4: version 1 plus `experiment_runs` (2),
-/// `scenario_agents.achieved`/`outcome` and `gamedays` (3), and the audit's
-/// authenticated actor in parts (4); opening an older file adds them.
+/// Schema version 5: version 1 plus `experiment_runs` (2),
+/// `scenario_agents.achieved`/`outcome` and `gamedays` (3), the audit's
+/// authenticated actor in parts (4), and the agents' re-read after the
+/// revert, `scenario_agents.revert_check`/`revert_check_detail` (5); opening
+/// an older file adds them.
 pub const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS scenarios (
     id            TEXT PRIMARY KEY,
@@ -63,6 +65,8 @@ CREATE TABLE IF NOT EXISTS scenario_agents (
     reverted_at TEXT,
     achieved    TEXT NOT NULL DEFAULT '{}',  -- JSON object: what the fault achieved, by name with its unit
     outcome     TEXT NOT NULL DEFAULT '',    -- what became of the target (e.g. OOM-killed)
+    revert_check TEXT NOT NULL DEFAULT '',   -- the agent's re-read after the revert: VERIFIED DIFFERENT NOT_COMPARED, '' before
+    revert_check_detail TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (scenario_id, agent_id)
 );
 CREATE TABLE IF NOT EXISTS audit (
@@ -144,6 +148,18 @@ fn fault_state_name(s: i32) -> String {
     FaultState::try_from(s).unwrap_or(FaultState::Unspecified).as_str_name().trim_start_matches("FAULT_STATE_").to_string()
 }
 
+/// "VERIFIED", "DIFFERENT", "NOT_COMPARED", or "" before any revert.
+fn check_name(c: i32) -> &'static str {
+    match pb::RevertCheck::try_from(c) {
+        Ok(pb::RevertCheck::Unspecified) | Err(_) => "",
+        Ok(c) => c.as_str_name().trim_start_matches("REVERT_CHECK_"),
+    }
+}
+
+fn parse_check(s: &str) -> i32 {
+    pb::RevertCheck::from_str_name(&format!("REVERT_CHECK_{s}")).unwrap_or(pb::RevertCheck::Unspecified) as i32
+}
+
 pub type StoreResult<T> = Result<T, rusqlite::Error>;
 
 impl Store {
@@ -161,11 +177,16 @@ impl Store {
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.execute_batch(SCHEMA)?;
         // Files made before version 3 lack the fault outcome columns; before
-        // version 4, the actor's parts.
+        // version 4, the actor's parts; before 5, the revert check.
         add_columns_if_missing(
             &conn,
             "scenario_agents",
-            &[("achieved", "TEXT NOT NULL DEFAULT '{}'"), ("outcome", "TEXT NOT NULL DEFAULT ''")],
+            &[
+                ("achieved", "TEXT NOT NULL DEFAULT '{}'"),
+                ("outcome", "TEXT NOT NULL DEFAULT ''"),
+                ("revert_check", "TEXT NOT NULL DEFAULT ''"),
+                ("revert_check_detail", "TEXT NOT NULL DEFAULT ''"),
+            ],
         )?;
         add_columns_if_missing(
             &conn,
@@ -242,7 +263,8 @@ impl Store {
         for a in &sc.agents {
             tx.execute(
                 "INSERT OR REPLACE INTO scenario_agents (scenario_id, agent_id, address, fault_id, fault_state, summary, backend, error,
-                     applied_at, reverted_at, achieved, outcome) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                     applied_at, reverted_at, achieved, outcome, revert_check, revert_check_detail)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
                 params![
                     sc.id,
                     a.agent_id,
@@ -255,7 +277,9 @@ impl Store {
                     ts(a.applied_at.as_ref()),
                     ts(a.reverted_at.as_ref()),
                     serde_json::to_string(&a.achieved).unwrap_or_else(|_| "{}".into()),
-                    a.outcome
+                    a.outcome,
+                    check_name(a.revert_check),
+                    a.revert_check_detail,
                 ],
             )?;
         }
@@ -292,7 +316,8 @@ impl Store {
             .collect::<Result<_, _>>()?;
         let mut tstmt = c.prepare("SELECT at, state, reason FROM transitions WHERE scenario_id = ?1 ORDER BY n")?;
         let mut astmt = c.prepare(
-            "SELECT agent_id, address, fault_id, fault_state, summary, backend, error, applied_at, reverted_at, achieved, outcome
+            "SELECT agent_id, address, fault_id, fault_state, summary, backend, error, applied_at, reverted_at, achieved, outcome,
+                    revert_check, revert_check_detail
              FROM scenario_agents WHERE scenario_id = ?1 ORDER BY agent_id",
         )?;
         for sc in &mut out {
@@ -316,6 +341,8 @@ impl Store {
                         reverted_at: parse_ts(r.get(8)?),
                         achieved: serde_json::from_str(&r.get::<_, String>(9)?).unwrap_or_default(),
                         outcome: r.get(10)?,
+                        revert_check: parse_check(&r.get::<_, String>(11)?),
+                        revert_check_detail: r.get(12)?,
                     })
                 })?
                 .collect::<Result<_, _>>()?;
@@ -508,6 +535,8 @@ mod tests {
             fault_state: FaultState::Applied as i32,
             achieved: [("cpu_pct".to_string(), 49.5)].into(),
             outcome: "OOM-killed".into(),
+            revert_check: pb::RevertCheck::Different as i32,
+            revert_check_detail: "nft tables inet in host netns: was \"(none)\", now \"chaos_sc_1\"".into(),
             ..Default::default()
         });
         s.save(&sc).expect("save again");
@@ -516,6 +545,8 @@ mod tests {
         assert_eq!(back.transitions.len(), 2);
         assert_eq!(back.agents[0].fault_state, FaultState::Applied as i32);
         assert_eq!((back.agents[0].achieved.get("cpu_pct"), back.agents[0].outcome.as_str()), (Some(&49.5), "OOM-killed"));
+        assert_eq!(back.agents[0].revert_check, pb::RevertCheck::Different as i32);
+        assert_eq!(back.agents[0].revert_check_detail, sc.agents[0].revert_check_detail);
         assert_eq!(back.spec.as_ref().map(|s| s.name.as_str()), Some("loss on kafka"));
         assert_eq!(back.duration.as_ref().and_then(duration_from_pb), Some(Duration::from_secs(30)));
         assert_eq!(s.unfinished().expect("unfinished").len(), 1);
@@ -554,7 +585,12 @@ mod tests {
                     "    achieved    TEXT NOT NULL DEFAULT '{}',  -- JSON object: what the fault achieved, by name with its unit\n",
                     "",
                 )
-                .replace("    outcome     TEXT NOT NULL DEFAULT '',    -- what became of the target (e.g. OOM-killed)\n", "");
+                .replace("    outcome     TEXT NOT NULL DEFAULT '',    -- what became of the target (e.g. OOM-killed)\n", "")
+                .replace(
+                    "    revert_check TEXT NOT NULL DEFAULT '',   -- the agent's re-read after the revert: VERIFIED DIFFERENT NOT_COMPARED, '' before\n",
+                    "",
+                )
+                .replace("    revert_check_detail TEXT NOT NULL DEFAULT '',\n", "");
             let v1 = &v1[..v1.find("CREATE TABLE IF NOT EXISTS experiment_runs").expect("runs table")];
             c.execute_batch(v1).expect("version 1 schema");
             let cols: i64 = c.query_row("SELECT COUNT(*) FROM pragma_table_info('scenario_agents')", [], |r| r.get(0)).expect("cols");
@@ -563,7 +599,7 @@ mod tests {
         let s = Store::open(&path).expect("migrates");
         s.record_run(&pb::ExperimentRun { id: "r".into(), verdict: "HELD".into(), ..Default::default() }).expect("runs table");
         let cols: i64 = s.lock().query_row("SELECT COUNT(*) FROM pragma_table_info('scenario_agents')", [], |r| r.get(0)).expect("cols");
-        assert_eq!(cols, 12);
+        assert_eq!(cols, 14);
     }
 
     #[test]
