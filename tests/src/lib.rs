@@ -449,6 +449,16 @@ pub fn json(s: &str) -> serde_json::Value {
     serde_json::from_str(&s[..end]).unwrap_or_else(|e| panic!("not JSON ({e}): {s}"))
 }
 
+/// Revert fault `id` through `agent` and require the agent's re-read after
+/// the revert to have found the host as before; returns the fault's record.
+pub fn revert_verified(agent: &str, id: &str) -> serde_json::Value {
+    let out = json(&chaos_ok(&["-o", "json", "agent", "revert", "--agent", agent, id], 0));
+    let f = &out["fault"];
+    assert_eq!(f["revert_check"], "verified", "the revert of {id} was not verified: {out}");
+    eprintln!("{id}: {}", f["revert_check_detail"]);
+    f.clone()
+}
+
 /// Pause `pid` through `agent` for 5 minutes, retrying while the agent
 /// still refuses (a registered agent accepts faults once its coordinator
 /// has answered).

@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use chaos_e2e::{Daemon, NetPair, chaos_in, chaos_ok, free_port, json, start_agent, start_agent_at, wait_until};
+use chaos_e2e::{Daemon, NetPair, chaos_in, chaos_ok, free_port, json, revert_verified, start_agent, start_agent_at, wait_until};
 use chaos_proto::trust::Role;
 
 /// `chaos -o json agent apply --agent URL --netns NS ARGS...`, expecting success.
@@ -32,7 +32,8 @@ fn partition_drops_both_ways_and_revert_restores_the_ruleset_exactly() {
     let during = NetPair::ruleset(&pair.a);
     assert!(during.contains("table inet chaos_p1") && during.contains("table netdev chaos_p1_eg"), "{during}");
     assert_eq!(NetPair::ruleset(&pair.b), "", "the peer namespace is untouched");
-    chaos_ok(&["agent", "revert", "--agent", &url, "p1"], 0);
+    let f = revert_verified(&url, "p1");
+    assert_eq!(f["revert_check_detail"], "host state as before (2 items read)", "{f}");
     assert_eq!(NetPair::ping(&pair.a, &pair.b_ip, 3), 3, "traffic flows again");
     assert_eq!(NetPair::ruleset(&pair.a), before, "ruleset exactly as before");
 }
@@ -102,13 +103,14 @@ fn loss_drops_the_requested_share_of_packets() {
     let (_agent, url) = start_agent(dir.path(), "loss", None, "10s");
     let peer = format!("{}/32", pair.b_ip);
     // Ingress only: each echo reply crosses the fault once, so replies received ~ 70 %.
-    let out = apply_in(&url, &pair.a, &["--loss", "30%", "--peer", &peer, "--direction", "ingress", "--duration", "60s"]);
+    let out = apply_in(&url, &pair.a, &["--loss", "30%", "--peer", &peer, "--direction", "ingress", "--duration", "60s", "--id", "lo1"]);
     assert!(out["summary"].as_str().is_some_and(|s| s.starts_with("loss 30.00 %")), "{out}");
     let n = 500;
     let got = NetPair::ping_every(&pair.a, &pair.b_ip, n, "0.005");
     // Binomial(500, 0.7): mean 350, sd 10.2; 4.4 sd either side.
     assert!((305..=395).contains(&got), "30 % loss asked, {got}/{n} replies received");
     eprintln!("loss 30 %: {got}/{n} replies ({:.1} % lost)", 100.0 * f64::from(n - got) / f64::from(n));
+    revert_verified(&url, "lo1");
 }
 
 #[test]
@@ -124,8 +126,8 @@ fn latency_holds_packets_for_the_requested_delay_and_revert_is_exact() {
     eprintln!("latency 50 ms: rtt min {min} avg {avg} max {max}");
     assert!(min >= 49.5, "no packet may come early: min {min} ms");
     assert!(avg <= 60.0, "held about 50 ms: avg {avg} ms");
-    let r = chaos_ok(&["agent", "revert", "--agent", &url, "l1"], 0);
-    assert!(r.contains("handling 20 packets"), "the engine held each echo reply once: {r}");
+    let r = revert_verified(&url, "l1");
+    assert!(r["revert_summary"].as_str().is_some_and(|s| s.contains("handling 20 packets")), "the engine held each echo reply once: {r}");
     let (_, avg_after, _) = NetPair::rtt_ms(&pair.a, &pair.b_ip, 5).expect("rtt");
     assert!(avg_after < 10.0, "delay gone after revert: {avg_after} ms");
     assert_eq!(NetPair::ruleset(&pair.a), before, "ruleset exactly as before (iptables-nft's raw table included)");
@@ -247,7 +249,7 @@ fn bandwidth_caps_egress_spares_the_control_port_and_restores_the_root_qdisc() {
     let direct = NetPair::throughput_from_port_bps(&pair.a, &pair.a_ip, port, &pair.b, 20_000_000);
     eprintln!("from the agent's port: {:.1} Mbit/s", direct / 1e6);
     assert!(direct > 50e6, "the control channel's port is exempt: {:.1} Mbit/s", direct / 1e6);
-    chaos_ok(&["agent", "revert", "--agent", &url, "bw1"], 0);
+    revert_verified(&url, "bw1");
     assert_eq!(qdisc(&pair.a), before, "root qdisc restored exactly");
 }
 

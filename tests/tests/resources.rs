@@ -58,8 +58,8 @@ fn cpu_stress_reaches_its_load_on_the_host_and_stays_inside_a_target_quota() {
     let reported = achieved(&f, "cpu_load_percent").expect("achieved cpu_load_percent");
     assert!((42.0..=58.0).contains(&reported), "agent reports {reported:.1} %: {f}");
     assert_eq!(stress_workers(&id).len(), 1);
-    let r = chaos_ok(&["agent", "revert", "--agent", &url, &id], 0);
-    assert!(r.contains("removed cgroup"), "{r}");
+    let r = chaos_e2e::revert_verified(&url, &id);
+    assert!(r["revert_summary"].as_str().is_some_and(|s| s.contains("removed cgroup")), "{r}");
     assert!(stress_workers(&id).is_empty(), "worker left running");
     assert!(!acct.exists(), "the fault's cgroup is left behind");
 
@@ -101,6 +101,10 @@ fn cpu_throttle_and_memory_limit_bite_and_restore_the_exact_values() {
     std::thread::sleep(Duration::from_millis(300));
     let throttled = cg.cpu_percent(Duration::from_secs(2));
     assert!((15.0..=23.0).contains(&throttled), "burner under a 20 % quota measured {throttled:.1} %");
+    chaos_e2e::revert_verified(&url, &id);
+    assert_eq!(cg.read("cpu", quota_file), quota_before, "CPU quota restored exactly");
+    let id = uniq("thr2");
+    chaos_ok(&["agent", "apply", "--agent", &url, "--cpu-quota", "20%", "--cgroup", &cg.path, "--duration", "60s", "--id", &id], 0);
 
     let mid = uniq("lim");
     chaos_ok(&["agent", "apply", "--agent", &url, "--memory-limit", "64MiB", "--cgroup", &cg.path, "--duration", "60s", "--id", &mid], 0);
