@@ -241,6 +241,7 @@ impl Entry {
             revert_summary: self.revert_summary.clone(),
             revert_check: self.check.verdict as i32,
             revert_check_detail: self.check.detail.clone(),
+            revert_check_took: self.check.took(),
         }
     }
 
@@ -937,6 +938,7 @@ impl Actor {
             revert_summary: summary,
             revert_check: e.check.verdict as i32,
             revert_check_detail: e.check.detail.clone(),
+            revert_check_took: e.check.took(),
             ..Default::default()
         }
     }

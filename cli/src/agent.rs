@@ -587,6 +587,7 @@ pub fn fault_json(f: &pb::Fault) -> serde_json::Value {
         "expires_at": rfc3339(f.expires_at.as_ref()), "reverted_at": rfc3339(f.reverted_at.as_ref()),
         "revert_reason": reason_name(f.revert_reason), "revert_summary": f.revert_summary, "error": f.error,
         "revert_check": check_key(f.revert_check), "revert_check_detail": f.revert_check_detail,
+        "revert_check_took_s": crate::output::dur_secs(f.revert_check_took.as_ref()),
         "labels": f.spec.as_ref().map(|s| s.labels.clone()).unwrap_or_default(),
     })
 }

@@ -191,11 +191,18 @@ pub enum Before {
 pub struct Check {
     pub verdict: pb::RevertCheck,
     pub detail: String,
+    /// What the check added to the revert.
+    pub took: std::time::Duration,
 }
 
 impl Check {
     fn new(verdict: pb::RevertCheck, detail: impl Into<String>) -> Self {
-        Check { verdict, detail: detail.into() }
+        Check { verdict, detail: detail.into(), took: std::time::Duration::ZERO }
+    }
+
+    /// `took` for the record; unset when there was no check.
+    pub fn took(&self) -> Option<prost_types::Duration> {
+        (self.verdict != pb::RevertCheck::Unspecified).then(|| chaos_proto::convert::duration_to_pb(self.took))
     }
 
     /// Its name for metrics and logs: "verified", "different", "not_compared", "unspecified".
@@ -246,11 +253,25 @@ pub async fn revert_verified(
     before: Option<&Before>,
     shared: &BTreeMap<String, String>,
 ) -> (Result<String, AgentError>, Check) {
-    use pb::RevertCheck as V;
-    let mut summary = match driver.revert(plan).await {
+    let summary = match driver.revert(plan).await {
         Ok(s) => s,
         Err(e) => return (Err(e), Check::default()),
     };
+    let t0 = std::time::Instant::now();
+    let (result, mut check) = verify(driver, plan, before, shared, summary).await;
+    check.took = t0.elapsed();
+    (result, check)
+}
+
+/// The check of [`revert_verified`], after its first revert returned `summary`.
+async fn verify(
+    driver: &dyn FaultDriver,
+    plan: &Plan,
+    before: Option<&Before>,
+    shared: &BTreeMap<String, String>,
+    mut summary: String,
+) -> (Result<String, AgentError>, Check) {
+    use pb::RevertCheck as V;
     let snap = match before {
         Some(Before::Read(s)) => s,
         Some(Before::NothingToCompare) => return (Ok(summary), Check::new(V::NotCompared, "this fault is not undone: nothing to compare")),

@@ -313,6 +313,26 @@ fn ms(d: Duration) -> String {
     format!("{:.2}", d.as_secs_f64() * 1000.0)
 }
 
+/// (r) What the agent's re-read after each revert took, and those that did not verify.
+#[derive(Default)]
+struct Checks {
+    took: Vec<Duration>,
+    not_verified: Vec<String>,
+}
+
+impl Checks {
+    /// Take in the fault a RevertFault answered with.
+    fn take(&mut self, f: Option<&pb::Fault>) {
+        let Some(f) = f else { return self.not_verified.push("an answer without its fault".into()) };
+        if f.revert_check != pb::RevertCheck::Verified as i32 {
+            self.not_verified.push(format!("{}: {:?} {}", f.id, pb::RevertCheck::try_from(f.revert_check), f.revert_check_detail));
+        }
+        if let Some(d) = f.revert_check_took.as_ref().and_then(chaos_proto::convert::duration_from_pb) {
+            self.took.push(d);
+        }
+    }
+}
+
 /// (a) in one mode.
 struct ApplyFigures {
     observed: Stats,
@@ -322,6 +342,8 @@ struct ApplyFigures {
     first_call: Stats,
     /// ListFaults as the second call on the same channel.
     next_call: Stats,
+    /// (r) the revert checks of the pauses.
+    checks: Checks,
 }
 
 /// New channels opened for [`ApplyFigures::first_call`].
@@ -350,6 +372,7 @@ async fn bench_apply(n: usize, mode: &Mode) -> anyhow::Result<ApplyFigures> {
     let victim = Victim::spawn();
     let pid = victim.pid();
     let (mut observed, mut inside) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    let mut checks = Checks::default();
     for i in 0..n {
         let t0 = Instant::now();
         let r = client.apply_fault(pb::ApplyFaultRequest { spec: Some(pause_spec(pid, format!("b{i}"))) }).await?.into_inner();
@@ -359,11 +382,18 @@ async fn bench_apply(n: usize, mode: &Mode) -> anyhow::Result<ApplyFigures> {
         if let (Some(c), Some(a)) = (f.created_at.as_ref(), f.applied_at.as_ref()) {
             inside.push(timestamp_from_pb(a).duration_since(timestamp_from_pb(c)).unwrap_or_default());
         }
-        client.revert_fault(pb::RevertFaultRequest { fault_id: f.id }).await?;
+        let r = client.revert_fault(pb::RevertFaultRequest { fault_id: f.id }).await?.into_inner();
+        checks.take(r.fault.as_ref());
         spin_until(pid, |s| s != 'T')?;
     }
     agent.shutdown().await?;
-    Ok(ApplyFigures { observed: stats(observed), inside: stats(inside), first_call: stats(first_call), next_call: stats(next_call) })
+    Ok(ApplyFigures {
+        observed: stats(observed),
+        inside: stats(inside),
+        first_call: stats(first_call),
+        next_call: stats(next_call),
+        checks,
+    })
 }
 
 /// (b) in one mode.
@@ -777,6 +807,31 @@ struct NetFigures {
     duplicate: UdpCount,
     ingress_bps: f64,
     engine_udp: UdpCount,
+    /// (r) revert checks by family.
+    checks: Vec<(&'static str, Checks)>,
+}
+
+/// A fault towards a peer address.
+type FaultOf = fn(&str) -> pb::fault_spec::Fault;
+
+/// The goal of the revert check: a fifth of (b)'s, so an emergency stop stays within its own.
+const CHECK_GOAL: &str = "<= 20 ms p99";
+
+/// (r) One family's revert checks: a row of what they added, a note of any that did not verify.
+fn check_rows(out: &mut String, notes: &mut Vec<String>, family: &str, c: &Checks) {
+    use std::fmt::Write;
+    let name = format!("(r) RevertFault: what its re-read + compare added ({family})");
+    if c.took.is_empty() {
+        let _ = writeln!(out, "{name:<70} {:>6}  no check reported  {CHECK_GOAL}", 0);
+    } else {
+        let s = stats(c.took.clone());
+        let _ = writeln!(out, "{:<70} {:>6} {:>9} {:>9} {:>9}  {CHECK_GOAL}", name, s.n, ms(s.p50), ms(s.p99), ms(s.max));
+    }
+    if c.not_verified.is_empty() {
+        notes.push(format!("(r) {family}: all {} reverts verified (host state as before)", c.took.len()));
+    } else {
+        notes.push(format!("(r) {family}: {} reverts NOT verified: {}", c.not_verified.len(), c.not_verified.join("; ")));
+    }
 }
 
 fn median_p99(mut v: Vec<f64>) -> (f64, f64) {
@@ -795,14 +850,51 @@ async fn bench_network(dir: &Path, loss_packets: u32) -> anyhow::Result<NetFigur
     let before = NetPair::ruleset(&pair.a);
     // (c) apply -> effect: the answer comes after the nft transaction and its verification.
     let (mut apply, mut revert) = (Vec::new(), Vec::new());
+    let mut partition_checks = Checks::default();
     for i in 0..50 {
         let partition = pb::fault_spec::Fault::NetworkPartition(pb::NetworkPartition { scope: scope(&pair.b_ip, pb::Direction::Both) });
         let t0 = Instant::now();
         client.apply_fault(pb::ApplyFaultRequest { spec: Some(net_spec(&pair.a, partition, format!("nb{i}"))) }).await?;
         apply.push(t0.elapsed());
         let t1 = Instant::now();
-        client.revert_fault(pb::RevertFaultRequest { fault_id: format!("nb{i}") }).await?;
+        let r = client.revert_fault(pb::RevertFaultRequest { fault_id: format!("nb{i}") }).await?.into_inner();
         revert.push(t1.elapsed());
+        partition_checks.take(r.fault.as_ref());
+    }
+    // (r) the revert check of the other families: 20 apply/revert cycles each, no traffic.
+    let mut checks = vec![("network_partition", partition_checks)];
+    let others: [(&'static str, FaultOf); 3] = [
+        ("network_loss", |peer| {
+            pb::fault_spec::Fault::NetworkLoss(pb::NetworkLoss {
+                scope: scope(peer, pb::Direction::Both),
+                percent: 10.0,
+                correlation_percent: 0.0,
+            })
+        }),
+        ("network_latency", |peer| {
+            pb::fault_spec::Fault::NetworkLatency(pb::NetworkLatency {
+                scope: scope(peer, pb::Direction::Ingress),
+                delay: Some(duration_to_pb(Duration::from_millis(5))),
+                jitter: None,
+                correlation_percent: 0.0,
+            })
+        }),
+        ("network_bandwidth", |peer| {
+            pb::fault_spec::Fault::NetworkBandwidth(pb::NetworkBandwidth {
+                scope: scope(peer, pb::Direction::Egress),
+                rate_bits_per_second: 8_000_000,
+                burst_bytes: 0,
+            })
+        }),
+    ];
+    for (family, fault) in others {
+        let mut c = Checks::default();
+        for i in 0..20 {
+            let id = format!("chk-{family}-{i}").replace('_', "-");
+            client.apply_fault(pb::ApplyFaultRequest { spec: Some(net_spec(&pair.a, fault(&pair.b_ip), id.clone())) }).await?;
+            c.take(client.revert_fault(pb::RevertFaultRequest { fault_id: id }).await?.into_inner().fault.as_ref());
+        }
+        checks.push((family, c));
     }
     let partition = pb::fault_spec::Fault::NetworkPartition(pb::NetworkPartition { scope: scope(&pair.b_ip, pb::Direction::Both) });
     client.apply_fault(pb::ApplyFaultRequest { spec: Some(net_spec(&pair.a, partition, "np".into())) }).await?;
@@ -906,6 +998,7 @@ async fn bench_network(dir: &Path, loss_packets: u32) -> anyhow::Result<NetFigur
         duplicate,
         ingress_bps,
         engine_udp,
+        checks,
     })
 }
 
@@ -1091,6 +1184,9 @@ async fn bench() -> anyhow::Result<()> {
         for (m, b) in modes.iter().zip(&estops) {
             row(out, &format!("(b) EmergencyStop {} agents, every fault reverted ({})", args.agents, m.label), &b.all, "<= 100 ms p99");
         }
+        if let Some(a) = applies.first() {
+            check_rows(out, &mut notes, "process_pause", &a.checks);
+        }
         notes.push(format!(
             "(a'') {FRESH_CHANNELS} new channels to the agent, not in (a): the call after the first on the same channel p50 {}; (a) opens its channel before timing",
             modes.iter().zip(&applies).map(|(m, a)| format!("{} ms {}", ms(a.next_call.p50), m.label)).collect::<Vec<_>>().join(", ")
@@ -1159,6 +1255,9 @@ async fn bench() -> anyhow::Result<()> {
         row(out, "(c) ApplyFault(partition) answered = rules verified in place", &n.apply, "<= 10 ms p99");
         row(out, "(c') RevertFault(partition) answered = tables deleted", &n.revert, "-");
         row(out, "(c'') ApplyFault(latency) answered = engine bound + rules verified", &n.latency_apply, "<= 10 ms p99");
+        for (family, c) in &n.checks {
+            check_rows(out, &mut notes, family, c);
+        }
         notes.push(format!("(d) partition: {}/{} pings crossed (goal 0)", n.partition_crossed.0, n.partition_crossed.1));
         let achieved = 100.0 * f64::from(n.loss.0) / f64::from(n.loss.1);
         notes.push(format!(
