@@ -331,6 +331,27 @@ mod tests {
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(format!("journal-{version}"))
     }
 
+    /// A plan's kind, down to the resource plan's. The match has no catch-all:
+    /// a new kind of plan does not compile here until it has a fixture.
+    fn kind_of(plan: &Plan) -> &'static str {
+        use crate::faults::resource::ResourcePlan as R;
+        match plan {
+            Plan::Process(_) => "process",
+            Plan::Network(_) => "network",
+            Plan::Latency(_) => "latency",
+            Plan::Bandwidth(_) => "bandwidth",
+            Plan::Resource(r) => match **r {
+                R::Stress { .. } => "resource stress",
+                R::CpuThrottle { .. } => "resource cpu_throttle",
+                R::MemoryLimit { .. } => "resource memory_limit",
+                R::IoThrottle { .. } => "resource io_throttle",
+                R::Freeze { .. } => "resource freeze",
+                R::DiskFill { .. } => "resource disk_fill",
+            },
+            Plan::Container(_) => "container",
+        }
+    }
+
     #[test]
     fn format_1_fixtures_decode() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -340,17 +361,25 @@ mod tests {
         }
         let (good, bad) = DirJournal::open(dir.path()).expect("open").load().expect("load");
         assert!(bad.is_empty(), "{bad:?}");
-        let plans: Vec<&str> = good
-            .iter()
-            .map(|r| match &r.plan {
-                Plan::Process(_) => "process",
-                Plan::Network(_) => "network",
-                _ => "other",
-            })
-            .collect();
-        assert_eq!(plans.len(), 2);
-        assert!(plans.contains(&"process") && plans.contains(&"network"), "{plans:?}");
+        let kinds: BTreeMap<&str, &str> = good.iter().map(|r| (r.id.as_str(), kind_of(&r.plan))).collect();
+        let want: BTreeMap<&str, &str> = [
+            ("fixture-pause", "process"),
+            ("fixture-partition", "network"),
+            ("fixture-latency", "latency"),
+            ("fixture-bandwidth", "bandwidth"),
+            ("fixture-cpu-stress", "resource stress"),
+            ("fixture-cpu-throttle", "resource cpu_throttle"),
+            ("fixture-memory-limit", "resource memory_limit"),
+            ("fixture-io-throttle", "resource io_throttle"),
+            ("fixture-freeze", "resource freeze"),
+            ("fixture-disk-fill", "resource disk_fill"),
+            ("fixture-container-stop", "container"),
+        ]
+        .into();
+        assert_eq!(kinds, want, "one fixture of each kind of plan, named by its id");
+        assert_eq!(good.len(), want.len(), "every id is distinct");
         assert!(good.iter().all(|r| r.version == 1));
+        assert!(good.iter().all(|r| r.request.id.as_deref() == Some(r.id.as_str())), "the request carries the fault's id");
     }
 
     #[test]

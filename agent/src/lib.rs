@@ -17,6 +17,8 @@ pub mod lease;
 pub mod lifecycle;
 pub mod metrics;
 pub mod protect;
+#[cfg(test)]
+mod replay_fixtures;
 pub mod run;
 pub mod service;
 pub mod stressor;
