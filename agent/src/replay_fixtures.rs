@@ -41,12 +41,20 @@ use crate::{
 };
 
 fn fixtures_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/journal-v1")
+    fixtures_of(1)
+}
+
+fn fixtures_of(version: u32) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("tests/fixtures/journal-v{version}"))
 }
 
 /// The fixture record of fault `id`.
 fn fixture(id: &str) -> JournalRecord {
-    let path = fixtures_dir().join(format!("{id}.json"));
+    fixture_of(1, id)
+}
+
+fn fixture_of(version: u32, id: &str) -> JournalRecord {
+    let path = fixtures_of(version).join(format!("{id}.json"));
     decode(&fs::read(&path).expect("fixture")).unwrap_or_else(|e| panic!("{}: {e:?}", path.display()))
 }
 
@@ -231,6 +239,9 @@ async fn every_format_1_fixture_is_reverted_by_journal_replay() {
     for f in &hist {
         assert_eq!(FaultState::try_from(f.state), Ok(FaultState::Reverted), "{}", f.id);
         assert_eq!(f.revert_reason, RevertReason::JournalReplay as i32, "{}", f.id);
+        // Format 1 kept no reading of the state before: nothing to compare with, and it says so.
+        assert_eq!(f.revert_check, chaos_proto::pb::RevertCheck::NotCompared as i32, "{}", f.id);
+        assert!(f.revert_check_detail.contains("older agent"), "{}: {}", f.id, f.revert_check_detail);
     }
 
     // Process pause: SIGCONT to the same process (pid and start time); nothing else signalled.
@@ -292,4 +303,67 @@ async fn every_format_1_fixture_is_reverted_by_journal_replay() {
     let changes: Vec<&String> = requests.iter().filter(|r| !r.starts_with("GET ")).collect();
     assert_eq!(changes, vec![&format!("POST /containers/{}/start", web.id)], "{requests:#?}");
     assert_eq!(summaries["fixture-container-stop"], "start chaos-fixture-web");
+}
+
+/// The current format (2, with the state read before apply), as this agent
+/// wrote it for a pause and a partition in a named namespace: replayed, each
+/// revert is read again and compared with what the record holds.
+#[tokio::test]
+async fn current_format_fixtures_are_reverted_and_verified_by_journal_replay() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let journal_dir = dir.path().join("journal");
+    fs::create_dir(&journal_dir).expect("mkdir");
+    for id in ["fixture-pause", "fixture-partition"] {
+        let rec = fixture_of(crate::journal::JOURNAL_VERSION, id);
+        assert_eq!(rec.version, crate::journal::JOURNAL_VERSION);
+        assert!(matches!(rec.before, Some(crate::faults::Before::Read(_))), "{id} carries its reading: {:?}", rec.before);
+        fs::copy(fixtures_of(crate::journal::JOURNAL_VERSION).join(format!("{id}.json")), journal_dir.join(format!("{id}.json")))
+            .expect("copy");
+    }
+    let pause = fixture_of(crate::journal::JOURNAL_VERSION, "fixture-pause");
+    let Plan::Process(pp) = &pause.plan else { panic!("not a pause: {:?}", pause.plan) };
+    let p = pp.processes[0].clone();
+    let procs = FakeProcs::default();
+    procs.spawn(p.pid, &p.name, p.start_time_ticks);
+    procs.signal_if_same(p.pid, p.start_time_ticks, Signal::SIGSTOP).expect("stop");
+    let exec = FakeExec::default();
+    let partition = fixture_of(crate::journal::JOURNAL_VERSION, "fixture-partition");
+    let Plan::Network(np) = &partition.plan else { panic!("not a partition: {:?}", partition.plan) };
+    let ns_path = np.ns.path.clone().expect("a named netns");
+    exec.add_namespace(ns_path.clone(), np.ns.id.expect("its identity"));
+    // Read after the revert: none of the fault's tables, as the record's reading before apply.
+    exec.answer("nft list tables", ok("table ip nat\n"));
+    let prot = Arc::new(Protection::new(4242, vec![], vec![]));
+    let drivers = Arc::new(Drivers {
+        process: ProcessDriver::new(Arc::new(procs.clone()), Arc::new(procs.clone()), prot.clone()),
+        network: NetworkDriver::new(Arc::new(exec.clone()), Arc::new(procs.clone()), Exemptions::default()),
+        resource: ResourceDriver::new(
+            Err("no cgroups here".into()),
+            Arc::new(procs.clone()),
+            prot.clone(),
+            "/nonexistent".into(),
+            Default::default(),
+        ),
+        container: ContainerDriver::new(dir.path().join("no-docker.sock"), prot),
+    });
+    let journal = DirJournal::open(&journal_dir).expect("open the journal");
+    let (lc, _task, report) = Lifecycle::start(LifecycleConfig::default(), drivers, Arc::new(journal)).await.expect("start");
+    assert_eq!(report, ReplayReport { reverted: 2, failed: 0, corrupt: 0 });
+    assert_eq!(procs.state(p.pid), Some('S'), "resumed");
+    assert_eq!(
+        commands_in(&exec, Some(&ns_path)).into_iter().filter(|c| c.contains("delete")).collect::<Vec<_>>(),
+        vec!["nft delete table inet chaos_fixture_partition_v2", "nft delete table netdev chaos_fixture_partition_v2_eg"]
+    );
+    let hist = lc.list(true).await.expect("list");
+    let checks: BTreeMap<&str, (i32, &str)> =
+        hist.iter().map(|f| (f.id.as_str(), (f.revert_check, f.revert_check_detail.as_str()))).collect();
+    let verified = chaos_proto::pb::RevertCheck::Verified as i32;
+    assert_eq!(
+        checks,
+        [
+            ("fixture-pause-v2", (verified, "host state as before (1 item read)")),
+            ("fixture-partition-v2", (verified, "host state as before (2 items read)")),
+        ]
+        .into()
+    );
 }
