@@ -623,6 +623,7 @@ impl NetPair {
             distinct: num("distinct").unwrap_or(0.0) as u64,
             duplicates: num("duplicates").unwrap_or(0.0) as u64,
             bad: num("bad").unwrap_or(0.0) as u64,
+            reordered: num("reordered").unwrap_or(0.0) as u64,
             seconds: num("seconds").unwrap_or(0.0),
         }
     }
@@ -659,6 +660,8 @@ pub struct UdpCount {
     pub duplicates: u64,
     /// Datagrams whose bytes were not what was sent.
     pub bad: u64,
+    /// Intact datagrams that arrived after a higher-numbered one.
+    pub reordered: u64,
     pub seconds: f64,
 }
 

@@ -6,7 +6,9 @@
 //!   chaos-netprobe source ADDR:PORT BYTES  accept one connection, send BYTES, close
 //!   chaos-netprobe drain ADDR:PORT         connect, read to EOF, print "BYTES SECONDS"
 //!   chaos-netprobe udp-sink ADDR:PORT      print "ready", count numbered datagrams until 1 s
-//!                                          without one, print "received R distinct D duplicates X bad B seconds S"
+//!                                          without one, print "received R distinct D duplicates X bad B
+//!                                          reordered O seconds S" (O: intact datagrams that arrived after
+//!                                          a higher-numbered one)
 //!   chaos-netprobe udp-send ADDR:PORT COUNT PPS   send COUNT numbered datagrams (at most
 //!                                          1,000,000) at PPS per second (0: as fast as possible)
 //!
@@ -68,6 +70,7 @@ fn udp_sink(addr: &str) -> anyhow::Result<()> {
     stdout.write_all(b"ready\n")?;
     stdout.flush()?;
     let (mut received, mut bad, mut seen) = (0u64, 0u64, HashSet::new());
+    let (mut highest, mut reordered) = (None::<u64>, 0u64);
     let (start, mut first, mut last) = (Instant::now(), None, None);
     let mut buf = [0u8; 2048];
     loop {
@@ -81,6 +84,10 @@ fn udp_sink(addr: &str) -> anyhow::Result<()> {
                 match seq {
                     Some(q) if n == DATAGRAM && buf[..n] == datagram(q) => {
                         seen.insert(q);
+                        if highest.is_some_and(|h| q < h) {
+                            reordered += 1;
+                        }
+                        highest = highest.max(Some(q));
                     }
                     _ => bad += 1,
                 }
@@ -99,7 +106,9 @@ fn udp_sink(addr: &str) -> anyhow::Result<()> {
     };
     let distinct = seen.len() as u64;
     let dups = received - distinct - bad;
-    stdout.write_all(format!("received {received} distinct {distinct} duplicates {dups} bad {bad} seconds {secs}\n").as_bytes())?;
+    stdout.write_all(
+        format!("received {received} distinct {distinct} duplicates {dups} bad {bad} reordered {reordered} seconds {secs}\n").as_bytes(),
+    )?;
     Ok(())
 }
 
