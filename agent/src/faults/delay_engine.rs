@@ -1,6 +1,8 @@
 //! The userspace packet engine: holds each packet the kernel hands it
-//! through an NFQUEUE for its delay (± jitter), then accepts it. Verdicts
-//! may be given out of order, so jitter also reorders, as real jitter does.
+//! through an NFQUEUE for its delay (± jitter), then accepts it. With one
+//! delay for all (no jitter, no reorder) packets wait in a FIFO and leave in
+//! the order they came; with jitter verdicts are given by release time, so
+//! jitter also reorders, as real jitter does.
 //! It also stands in for netem's corruption (one bit flipped past the IP
 //! header, the packet handed back with its checksums stale, so the
 //! receiving stack discards it) and duplication (a copy re-sent through a
@@ -11,12 +13,19 @@
 //! queue socket: NFQUEUE is per namespace. It **fails open**: the iptables
 //! rules that feed it use `--queue-bypass` (no listener -> packets pass) and
 //! the queue itself is fail-open when full, so an agent crash degrades to
-//! "no delay", never to "no network".
+//! "no delay", never to "no network". Fail-open also means that a packet
+//! the kernel cannot hand over (the queue socket's buffer full) passes at
+//! once, ahead of those held: the socket gets a large buffer, the engine
+//! wakes as soon as a packet arrives, and it counts those that passed
+//! (`passed_undelayed`, from the gaps in the kernel's packet ids).
+
+mod nfqueue;
 
 use std::{
     cmp::Reverse,
-    collections::BinaryHeap,
+    collections::{BinaryHeap, VecDeque},
     fs::File,
+    os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd},
     path::PathBuf,
     sync::{
         Arc,
@@ -27,6 +36,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use nfqueue::NfQueue;
 use nix::sched::{CloneFlags, setns};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
@@ -105,6 +115,8 @@ pub struct EngineStats {
     pub released: AtomicU64,
     pub corrupted: AtomicU64,
     pub duplicated: AtomicU64,
+    /// Packets the kernel let through undelayed because the queue socket was full (fail-open).
+    pub passed_undelayed: AtomicU64,
 }
 
 /// Flip one random bit past the IPv4 header, leaving every checksum as it
@@ -132,12 +144,29 @@ fn destination(pkt: &[u8]) -> Option<SockAddr> {
 pub struct Engine {
     pub queue_num: u16,
     stop: Arc<AtomicBool>,
+    /// An eventfd the engine's thread polls beside its queue, so a stop wakes it at once.
+    waker: Arc<OwnedFd>,
     pub stats: Arc<EngineStats>,
     thread: Option<JoinHandle<()>>,
 }
 
-/// Kernel queue length: deep enough for ~50k packets/s held 200 ms.
+/// Kernel queue length: deep enough for ~50k packets/s held 200 ms. Past
+/// it the kernel accepts new packets at once (fail-open).
 const QUEUE_MAX_LEN: u32 = 16_384;
+
+/// Receive buffer asked for the queue socket (the kernel grants twice this):
+/// room for a full queue's messages, so a burst is held, not passed undelayed.
+const QUEUE_RCVBUF: usize = 16 << 20;
+
+fn eventfd() -> Result<OwnedFd, String> {
+    // SAFETY: eventfd(2) with flags only; the result is checked before it is owned.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+    if fd < 0 {
+        return Err(format!("eventfd: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: `fd` was just opened and nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
 
 impl Engine {
     /// Start an engine bound to `queue_num` inside the namespace at `ns`
@@ -146,8 +175,9 @@ impl Engine {
     pub fn start(ns: Option<PathBuf>, queue_num: u16, profile: Profile) -> Result<Engine, String> {
         let stop = Arc::new(AtomicBool::new(false));
         let stats = Arc::new(EngineStats::default());
+        let waker = Arc::new(eventfd()?);
         let (ready_tx, ready_rx) = mpsc::channel::<Result<(), String>>();
-        let (stop2, stats2) = (stop.clone(), stats.clone());
+        let (stop2, stats2, waker2) = (stop.clone(), stats.clone(), waker.clone());
         let thread = std::thread::Builder::new()
             .name(format!("delay-q{queue_num}"))
             .spawn(move || {
@@ -161,11 +191,11 @@ impl Engine {
                         return;
                     }
                 };
-                run(queue, raw, queue_num, profile, &stop2, &stats2);
+                run(queue, raw, &waker2, queue_num, profile, &stop2, &stats2);
             })
             .map_err(|e| format!("spawning the delay engine thread: {e}"))?;
         match ready_rx.recv_timeout(Duration::from_secs(5)) {
-            Ok(Ok(())) => Ok(Engine { queue_num, stop, stats, thread: Some(thread) }),
+            Ok(Ok(())) => Ok(Engine { queue_num, stop, waker, stats, thread: Some(thread) }),
             Ok(Err(e)) => {
                 let _ = thread.join();
                 Err(e)
@@ -183,6 +213,9 @@ impl Engine {
 impl Drop for Engine {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: an 8-byte write of an initialised buffer to our eventfd.
+        let _ = unsafe { libc::write(self.waker.as_raw_fd(), one.as_ptr().cast(), one.len()) };
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -190,20 +223,15 @@ impl Drop for Engine {
 }
 
 /// The queue socket (and, to duplicate, a raw socket), both opened inside the namespace.
-fn open_queue(ns: Option<&PathBuf>, queue_num: u16, profile: &Profile) -> Result<(nfq::Queue, Option<Socket>), String> {
+fn open_queue(ns: Option<&PathBuf>, queue_num: u16, profile: &Profile) -> Result<(NfQueue, Option<Socket>), String> {
     if let Some(path) = ns {
         let f = File::open(path).map_err(|e| format!("opening {}: {e}", path.display()))?;
         // Only this thread moves; the agent's other threads stay where they are.
         setns(&f, CloneFlags::CLONE_NEWNET).map_err(|e| format!("setns into {}: {e}", path.display()))?;
     }
-    let mut q = nfq::Queue::open().map_err(|e| format!("opening an NFQUEUE socket: {e}"))?;
-    q.bind(queue_num).map_err(|e| format!("binding NFQUEUE {queue_num}: {e} (in use by another program?)"))?;
-    q.set_fail_open(queue_num, true).map_err(|e| format!("NFQUEUE {queue_num} fail-open: {e}"))?;
-    q.set_queue_max_len(queue_num, QUEUE_MAX_LEN).map_err(|e| format!("NFQUEUE {queue_num} length: {e}"))?;
     // Metadata only unless packets are rewritten or copied: verdicts keep payloads intact.
-    let range = if profile.needs_payload() { u16::MAX } else { 0 };
-    q.set_copy_range(queue_num, range).map_err(|e| format!("NFQUEUE {queue_num} copy range: {e}"))?;
-    q.set_nonblocking(true);
+    let q = NfQueue::open(queue_num, profile.needs_payload(), QUEUE_MAX_LEN, QUEUE_RCVBUF)?;
+    debug!(queue_num, rcvbuf = q.rcvbuf(), "NFQUEUE bound");
     let raw = if profile.duplicate_permyriad > 0 {
         // IPPROTO_RAW implies IP_HDRINCL: the copy goes out with the original's header.
         let s = Socket::new(Domain::IPV4, Type::RAW, Some(libc::IPPROTO_RAW.into()))
@@ -220,7 +248,12 @@ fn open_queue(ns: Option<&PathBuf>, queue_num: u16, profile: &Profile) -> Result
 struct Held {
     release: Instant,
     seq: u64,
-    msg: nfq::Message,
+    /// The kernel's packet id, for the verdict.
+    id: u32,
+    /// The packet's bytes (only when the profile copies them).
+    payload: Option<Vec<u8>>,
+    /// Whether `payload` was changed (corrupted): then it goes back with the verdict.
+    modified: bool,
     duplicate: bool,
 }
 
@@ -241,63 +274,161 @@ impl Ord for Held {
     }
 }
 
+/// The held packets in release order. With one delay for every packet (no
+/// jitter, no reorder) a FIFO: packets leave in the order they came, by
+/// construction, and a batch verdict can accept a whole run at once. With
+/// delays that differ, a heap by release time: jitter reorders, as netem's does.
+enum Holding {
+    Fifo(VecDeque<Held>),
+    Timed(BinaryHeap<Reverse<Held>>),
+}
+
+impl Holding {
+    fn for_profile(p: &Profile) -> Holding {
+        if p.jitter.is_zero() && p.pass_permyriad == 0 { Holding::Fifo(VecDeque::new()) } else { Holding::Timed(BinaryHeap::new()) }
+    }
+
+    fn push(&mut self, h: Held) {
+        match self {
+            Holding::Fifo(q) => q.push_back(h),
+            Holding::Timed(q) => q.push(Reverse(h)),
+        }
+    }
+
+    fn next_release(&self) -> Option<Instant> {
+        match self {
+            Holding::Fifo(q) => q.front().map(|h| h.release),
+            Holding::Timed(q) => q.peek().map(|h| h.0.release),
+        }
+    }
+
+    /// The next packet due at `now` (any packet when `all`).
+    fn pop_due(&mut self, now: Instant, all: bool) -> Option<Held> {
+        if !self.next_release().is_some_and(|r| all || r <= now) {
+            return None;
+        }
+        match self {
+            Holding::Fifo(q) => q.pop_front(),
+            Holding::Timed(q) => q.pop().map(|h| h.0),
+        }
+    }
+
+    fn is_fifo(&self) -> bool {
+        matches!(self, Holding::Fifo(_))
+    }
+}
+
 fn chance(rng: &mut impl Rng, permyriad: u32) -> bool {
     permyriad > 0 && rng.random_range(0..10_000) < permyriad
 }
 
-fn run(mut q: nfq::Queue, raw: Option<Socket>, queue_num: u16, profile: Profile, stop: &AtomicBool, stats: &EngineStats) {
+/// Packets taken from the socket before the engine looks at what is due.
+const RECV_BATCH: usize = 256;
+
+/// The longest the engine sleeps when nothing is due (a stop wakes it sooner).
+const IDLE_NAP: Duration = Duration::from_millis(500);
+
+/// How many packets the kernel let pass between ids `last` and `id`: it numbers
+/// each packet it tries to hand over, and when the socket is full it accepts
+/// that one at once (fail-open), undelayed.
+fn skipped(last: Option<u32>, id: u32) -> u64 {
+    match last {
+        Some(l) => {
+            let gap = id.wrapping_sub(l).wrapping_sub(1);
+            // A gap this large is not a skip but a rebind; count nothing.
+            if gap < 1 << 24 { u64::from(gap) } else { 0 }
+        }
+        None => 0,
+    }
+}
+
+fn run(mut q: NfQueue, raw: Option<Socket>, waker: &OwnedFd, queue_num: u16, profile: Profile, stop: &AtomicBool, stats: &EngineStats) {
     let mut rng = rand::rng();
-    let mut held: BinaryHeap<Reverse<Held>> = BinaryHeap::new();
-    let mut seq = 0u64;
+    let mut held = Holding::for_profile(&profile);
+    let (mut seq, mut last_id) = (0u64, None);
     loop {
         let stopping = stop.load(Ordering::SeqCst);
-        // Take in everything the kernel has for us.
-        loop {
+        // Take in what the kernel has for us (a batch at a time, so releases stay on time).
+        for _ in 0..RECV_BATCH {
             match q.recv() {
-                Ok(mut msg) => {
+                Ok(Some(p)) => {
                     seq += 1;
                     stats.held.fetch_add(1, Ordering::Relaxed);
-                    if chance(&mut rng, profile.corrupt_permyriad) && corrupt_packet(msg.get_payload_mut(), &mut rng) {
+                    stats.passed_undelayed.fetch_add(skipped(last_id, p.id), Ordering::Relaxed);
+                    last_id = Some(p.id);
+                    let mut payload = p.payload;
+                    let modified =
+                        chance(&mut rng, profile.corrupt_permyriad) && payload.as_mut().is_some_and(|b| corrupt_packet(b, &mut rng));
+                    if modified {
                         stats.corrupted.fetch_add(1, Ordering::Relaxed);
                     }
                     let duplicate = raw.is_some() && chance(&mut rng, profile.duplicate_permyriad);
-                    held.push(Reverse(Held { release: Instant::now() + profile.draw(&mut rng), seq, msg, duplicate }));
+                    held.push(Held { release: Instant::now() + profile.draw(&mut rng), seq, id: p.id, payload, modified, duplicate });
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Ok(None) => break,
                 Err(e) => {
+                    // ENOBUFS: the socket overflowed; those packets passed (fail-open) and show as id gaps.
                     debug!(queue_num, error = %e, "NFQUEUE recv");
                     break;
                 }
             }
         }
-        let now = Instant::now();
-        while held.peek().is_some_and(|h| stopping || h.0.release <= now) {
-            let Some(Reverse(h)) = held.pop() else { break };
-            let mut msg = h.msg;
-            let copy = h.duplicate.then(|| msg.get_payload().to_vec());
-            msg.set_verdict(nfq::Verdict::Accept);
-            if let Err(e) = q.verdict(msg) {
-                warn!(queue_num, error = %e, "NFQUEUE verdict failed (the kernel drops that packet)");
-            }
-            stats.released.fetch_add(1, Ordering::Relaxed);
-            if let (Some(pkt), Some(sock)) = (copy, raw.as_ref())
-                && let Some(to) = destination(&pkt)
-            {
-                match sock.send_to(&pkt, &to) {
-                    Ok(_) => {
-                        stats.duplicated.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Err(e) => debug!(queue_num, error = %e, "sending a duplicate"),
-                }
-            }
-        }
+        release(&mut q, &mut held, stopping, raw.as_ref(), queue_num, stats);
         if stopping {
-            let _ = q.unbind(queue_num);
+            let _ = q.unbind();
             return;
         }
-        // Sleep until the next release, at most 200 µs so new arrivals are stamped promptly.
-        let nap = held.peek().map(|h| h.0.release.saturating_duration_since(Instant::now())).unwrap_or(Duration::MAX);
-        std::thread::sleep(nap.min(Duration::from_micros(200)));
+        let nap = held.next_release().map_or(IDLE_NAP, |r| r.saturating_duration_since(Instant::now()));
+        if !nap.is_zero()
+            && let Err(e) = q.wait(nap.min(IDLE_NAP), Some(waker.as_fd()))
+        {
+            debug!(queue_num, error = %e, "waiting on the NFQUEUE socket");
+        }
+    }
+}
+
+/// Accept every packet that is due (all of them when `stopping`). In FIFO
+/// order a run of untouched packets is accepted with one batch verdict;
+/// copies to duplicate go out after their originals.
+fn release(q: &mut NfQueue, held: &mut Holding, stopping: bool, raw: Option<&Socket>, queue_num: u16, stats: &EngineStats) {
+    let now = Instant::now();
+    let fifo = held.is_fifo();
+    let mut run_to: Option<u32> = None;
+    let mut copies = Vec::new();
+    let flush = |q: &mut NfQueue, run_to: &mut Option<u32>| {
+        if let Some(id) = run_to.take()
+            && let Err(e) = q.accept_up_to(id)
+        {
+            warn!(queue_num, error = %e, "NFQUEUE batch verdict failed (the kernel drops those packets)");
+        }
+    };
+    while let Some(h) = held.pop_due(now, stopping) {
+        stats.released.fetch_add(1, Ordering::Relaxed);
+        if fifo && !h.modified {
+            run_to = Some(h.id);
+        } else {
+            flush(q, &mut run_to);
+            let payload = if h.modified { h.payload.as_deref() } else { None };
+            if let Err(e) = q.accept(h.id, payload) {
+                warn!(queue_num, error = %e, "NFQUEUE verdict failed (the kernel drops that packet)");
+            }
+        }
+        if h.duplicate
+            && let Some(p) = h.payload
+        {
+            copies.push(p);
+        }
+    }
+    flush(q, &mut run_to);
+    let Some(sock) = raw else { return };
+    for pkt in copies {
+        let Some(to) = destination(&pkt) else { continue };
+        match sock.send_to(&pkt, &to) {
+            Ok(_) => {
+                stats.duplicated.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => debug!(queue_num, error = %e, "sending a duplicate"),
+        }
     }
 }
 
@@ -315,6 +446,51 @@ mod tests {
         assert!((mean - 0.050).abs() < 0.0005, "mean {mean}");
         let fixed = Profile { delay: Duration::from_millis(5), ..Default::default() };
         assert_eq!(fixed.draw(&mut rng), Duration::from_millis(5));
+    }
+
+    fn held(release: Instant, seq: u64) -> Held {
+        Held { release, seq, id: seq as u32, payload: None, modified: false, duplicate: false }
+    }
+
+    /// Push `n` packets arriving 10 µs apart with the profile's draws; the ids in release order.
+    fn release_order(p: &Profile, n: u64) -> Vec<u32> {
+        let (t0, mut rng) = (Instant::now(), rand::rng());
+        let mut h = Holding::for_profile(p);
+        for seq in 1..=n {
+            h.push(held(t0 + Duration::from_micros(10 * seq) + p.draw(&mut rng), seq));
+        }
+        std::iter::from_fn(|| h.pop_due(t0 + Duration::from_secs(10), false)).map(|h| h.id).collect()
+    }
+
+    #[test]
+    fn one_delay_for_all_releases_in_arrival_order_and_jitter_reorders() {
+        let fixed = Profile { delay: Duration::from_millis(20), ..Default::default() };
+        assert!(Holding::for_profile(&fixed).is_fifo());
+        let ids = release_order(&fixed, 5_000);
+        assert_eq!(ids, (1..=5_000).collect::<Vec<u32>>(), "a FIFO: every packet leaves in the order it came");
+        // Nothing is released before it is due, and a stop releases the rest, still in order.
+        let t0 = Instant::now();
+        let mut h = Holding::for_profile(&fixed);
+        (1..=3).for_each(|s| h.push(held(t0 + Duration::from_millis(20 + s), s)));
+        assert!(h.pop_due(t0 + Duration::from_millis(20), false).is_none());
+        assert_eq!(h.pop_due(t0, true).map(|h| h.id), Some(1));
+        assert_eq!(std::iter::from_fn(|| h.pop_due(t0, true)).map(|h| h.id).collect::<Vec<_>>(), vec![2, 3]);
+        let jitter = Profile { delay: Duration::from_millis(20), jitter: Duration::from_millis(5), ..Default::default() };
+        assert!(!Holding::for_profile(&jitter).is_fifo());
+        let ids = release_order(&jitter, 5_000);
+        assert_eq!(ids.len(), 5_000);
+        assert!(ids.windows(2).filter(|w| w[1] < w[0]).count() > 500, "jitter reorders, as netem's does");
+        let reorder = Profile { delay: Duration::from_millis(20), pass_permyriad: 2_500, ..Default::default() };
+        assert!(!Holding::for_profile(&reorder).is_fifo());
+    }
+
+    #[test]
+    fn gaps_in_the_kernels_packet_ids_count_packets_passed_undelayed() {
+        assert_eq!(skipped(None, 7), 0, "the first packet");
+        assert_eq!(skipped(Some(7), 8), 0);
+        assert_eq!(skipped(Some(7), 12), 4);
+        assert_eq!(skipped(Some(u32::MAX), 1), 1, "ids wrap");
+        assert_eq!(skipped(Some(9), 3), 0, "not a skip: a rebind");
     }
 
     #[test]

@@ -545,6 +545,8 @@ impl FaultDriver for NetworkDriver {
         let s = &engines.get(&l.chain_in)?.stats;
         let n = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed) as f64;
         let mut achieved = vec![("packets_handled".to_string(), n(&s.held))];
+        // Fail-open: packets the kernel let pass undelayed because the engine's socket was full.
+        achieved.push(("packets_passed_undelayed".to_string(), n(&s.passed_undelayed)));
         if l.profile.corrupt_permyriad > 0 {
             achieved.push(("packets_corrupted".to_string(), n(&s.corrupted)));
         }
