@@ -630,7 +630,18 @@ impl NetPair {
 
     /// A counter of `/proc/net/snmp` inside `ns`, e.g. `snmp(ns, "Udp", "InCsumErrors")`.
     pub fn snmp(ns: &str, group: &str, field: &str) -> u64 {
-        let text = String::from_utf8_lossy(&Self::exec(ns, &["cat", "/proc/net/snmp"]).stdout).into_owned();
+        Self::proc_counter(ns, "/proc/net/snmp", group, field)
+    }
+
+    /// A counter of `/proc/net/netstat` inside `ns` (what `nstat` shows as TcpExt…),
+    /// e.g. `netstat(ns, "TcpExt", "TCPSACKReorder")`.
+    pub fn netstat(ns: &str, group: &str, field: &str) -> u64 {
+        Self::proc_counter(ns, "/proc/net/netstat", group, field)
+    }
+
+    /// One counter of a `/proc/net` file made of name-line / value-line pairs per group.
+    fn proc_counter(ns: &str, file: &str, group: &str, field: &str) -> u64 {
+        let text = String::from_utf8_lossy(&Self::exec(ns, &["cat", file]).stdout).into_owned();
         let prefix = format!("{group}:");
         let mut rows = text.lines().filter(|l| l.starts_with(&prefix));
         let (Some(names), Some(values)) = (rows.next(), rows.next()) else { return 0 };

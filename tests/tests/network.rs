@@ -162,6 +162,43 @@ fn reorder_lets_later_packets_overtake_held_ones() {
     assert!((60..=140).contains(&fast) && (60..=140).contains(&held), "fast {fast}, held {held}");
 }
 
+/// The TCP counters of `ns` that show reordering and retransmission (see `nstat`).
+fn tcp_counters(ns: &str) -> [u64; 4] {
+    let reorder = ["TCPSACKReorder", "TCPTSReorder", "TCPRenoReorder"].iter().map(|f| NetPair::netstat(ns, "TcpExt", f)).sum();
+    [reorder, NetPair::snmp(ns, "Tcp", "RetransSegs"), NetPair::netstat(ns, "TcpExt", "TCPDSACKRecv"), NetPair::snmp(ns, "Tcp", "OutSegs")]
+}
+
+#[test]
+fn fixed_latency_releases_packets_in_arrival_order_and_tcp_is_not_resent() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pair = NetPair::new();
+    let (_agent, url) = start_agent(dir.path(), "order", None, "10s");
+    let peer = format!("{}/32", pair.b_ip);
+    // Numbered datagrams sent flat out through a fixed 20 ms hold: none may overtake another.
+    // 10,000 stay under the kernel queue's 16,384, so fail-open never has a reason to let one pass.
+    apply_in(&url, &pair.a, &["--latency", "20ms", "--peer", &peer, "--direction", "ingress", "--duration", "60s", "--id", "o1"]);
+    let n = 10_000;
+    let got = NetPair::udp(&pair.b, &pair.a, &pair.a_ip, 7006, n, 0);
+    let faults = json(&chaos_ok(&["-o", "json", "agent", "faults", "--agent", &url], 0));
+    let achieved = faults["faults"][0]["achieved"].clone();
+    eprintln!("20 ms, {n} UDP flat out: {got:?}; engine {achieved}");
+    assert_eq!(got.reordered, 0, "with one delay for all, packets leave in the order they came: {got:?}");
+    assert_eq!(achieved["packets_passed_undelayed"].as_f64(), Some(0.0), "none passed around the engine: {achieved}");
+    chaos_ok(&["agent", "revert", "--agent", &url, "o1"], 0);
+    // TCP bulk from b into a through 50 ms: no reordering seen by the sender, so no spurious resends.
+    apply_in(&url, &pair.a, &["--latency", "50ms", "--peer", &peer, "--direction", "ingress", "--duration", "60s", "--id", "o2"]);
+    let before = tcp_counters(&pair.b);
+    let bps = NetPair::throughput_bps(&pair.b, &pair.a, &pair.a_ip, 7007, 16_000_000);
+    let after = tcp_counters(&pair.b);
+    let [reorder, retrans, dsack, segs] = [0, 1, 2, 3].map(|i| after[i] - before[i]);
+    eprintln!("50 ms TCP bulk: {:.0} Mbit/s, {segs} segments, {retrans} retransmitted, {dsack} DSACKs, {reorder} reorderings", bps / 1e6);
+    assert!(bps > 0.0, "the transfer completed");
+    assert_eq!(reorder, 0, "the sender saw no reordering");
+    assert_eq!(dsack, 0, "no retransmission was spurious (the receiver reported no duplicate)");
+    assert!(retrans * 100 <= segs, "at most 1 % resent: {retrans} of {segs}");
+    chaos_ok(&["agent", "revert", "--agent", &url, "o2"], 0);
+}
+
 #[test]
 fn corruption_is_discarded_by_the_receivers_checksums_and_revert_is_exact() {
     let dir = tempfile::tempdir().expect("tempdir");
