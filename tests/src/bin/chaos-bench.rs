@@ -807,8 +807,56 @@ struct NetFigures {
     duplicate: UdpCount,
     ingress_bps: f64,
     engine_udp: UdpCount,
+    /// (i') the same flat-out UDP over the plain path (no fault), and its sink's RcvbufErrors.
+    plain_udp: (UdpCount, u64),
+    /// Where (i')'s datagrams went: what the engine handled and let pass, what the sink's socket dropped.
+    engine_udp_split: UdpSplit,
+    /// (i'') one TCP bulk flow through 50 ms of ingress latency.
+    tcp50: TcpRun,
     /// (r) revert checks by family.
     checks: Vec<(&'static str, Checks)>,
+}
+
+/// Counters around (i'): the engine's (ListFaults `achieved`) and the receiver's `Udp RcvbufErrors`.
+#[derive(Debug, Default, Clone, Copy)]
+struct UdpSplit {
+    handled: f64,
+    passed_undelayed: f64,
+    rcvbuf_errors: u64,
+}
+
+/// One TCP bulk flow: rate, the sender's counters over it, and the window limit of its buffers.
+#[derive(Debug, Default, Clone, Copy)]
+struct TcpRun {
+    bps: f64,
+    segs: u64,
+    retrans: u64,
+    dsack: u64,
+    reorder: u64,
+    /// min(receiver's tcp_rmem max, sender's tcp_wmem max) / 2 (the kernel keeps about half
+    /// of a buffer for overhead), over the RTT: what these socket buffers allow at best.
+    bdp_bps: f64,
+    rtt_ms: f64,
+}
+
+/// The sender-side TCP counters (nstat's names): reorderings seen, segments resent,
+/// DSACKs received (a resend that was not needed), segments sent.
+fn tcp_counters(ns: &str) -> [u64; 4] {
+    let reorder = ["TCPSACKReorder", "TCPTSReorder", "TCPRenoReorder"].iter().map(|f| NetPair::netstat(ns, "TcpExt", f)).sum();
+    [reorder, NetPair::snmp(ns, "Tcp", "RetransSegs"), NetPair::netstat(ns, "TcpExt", "TCPDSACKRecv"), NetPair::snmp(ns, "Tcp", "OutSegs")]
+}
+
+/// The max (third) field of a `net.ipv4.tcp_[rw]mem` sysctl inside `ns`.
+fn tcp_mem_max(ns: &str, which: &str) -> u64 {
+    let out = NetPair::exec(ns, &["cat", &format!("/proc/sys/net/ipv4/{which}")]);
+    String::from_utf8_lossy(&out.stdout).split_whitespace().nth(2).and_then(|v| v.parse().ok()).unwrap_or(0)
+}
+
+/// The `achieved` counter `key` of fault `id`, as the agent lists it.
+async fn achieved(client: &mut AgentClient<Channel>, id: &str, key: &str) -> anyhow::Result<f64> {
+    let faults = client.list_faults(pb::ListFaultsRequest::default()).await?.into_inner().faults;
+    let f = faults.iter().find(|f| f.spec.as_ref().is_some_and(|s| s.id == id)).with_context(|| format!("fault {id} listed"))?;
+    Ok(f.applied.as_ref().and_then(|a| a.achieved.get(key)).copied().unwrap_or(f64::NAN))
 }
 
 /// A fault towards a peer address.
@@ -954,10 +1002,37 @@ async fn bench_network(dir: &Path, loss_packets: u32) -> anyhow::Result<NetFigur
         jitter: None,
         correlation_percent: 0.0,
     });
+    let rcvbuf0 = NetPair::snmp(&pair.a, "Udp", "RcvbufErrors");
+    let plain = NetPair::udp(&pair.b, &pair.a, &pair.a_ip, 9107, 200_000, 0);
+    let plain_udp = (plain, NetPair::snmp(&pair.a, "Udp", "RcvbufErrors") - rcvbuf0);
     client.apply_fault(pb::ApplyFaultRequest { spec: Some(net_spec(&pair.a, lat, "neng".into())) }).await?;
     let engine_bps = NetPair::throughput_bps(&pair.b, &pair.a, &pair.a_ip, 9101, 50_000_000);
+    let handled0 = achieved(&mut client, "neng", "packets_handled").await?;
+    let passed0 = achieved(&mut client, "neng", "packets_passed_undelayed").await?;
+    let rcvbuf0 = NetPair::snmp(&pair.a, "Udp", "RcvbufErrors");
     let engine_udp = NetPair::udp(&pair.b, &pair.a, &pair.a_ip, 9102, 200_000, 0);
+    let engine_udp_split = UdpSplit {
+        handled: achieved(&mut client, "neng", "packets_handled").await? - handled0,
+        passed_undelayed: achieved(&mut client, "neng", "packets_passed_undelayed").await? - passed0,
+        rcvbuf_errors: NetPair::snmp(&pair.a, "Udp", "RcvbufErrors") - rcvbuf0,
+    };
     client.revert_fault(pb::RevertFaultRequest { fault_id: "neng".into() }).await?;
+    // (i'') one TCP bulk flow b -> a through 50 ms at a's ingress, no jitter.
+    let lat = pb::fault_spec::Fault::NetworkLatency(pb::NetworkLatency {
+        scope: scope(&pair.b_ip, pb::Direction::Ingress),
+        delay: Some(duration_to_pb(Duration::from_millis(50))),
+        jitter: None,
+        correlation_percent: 0.0,
+    });
+    client.apply_fault(pb::ApplyFaultRequest { spec: Some(net_spec(&pair.a, lat, "nt50".into())) }).await?;
+    let c0 = tcp_counters(&pair.b);
+    let bps = NetPair::throughput_bps(&pair.b, &pair.a, &pair.a_ip, 9106, 60_000_000);
+    let c1 = tcp_counters(&pair.b);
+    client.revert_fault(pb::RevertFaultRequest { fault_id: "nt50".into() }).await?;
+    let [reorder, retrans, dsack, segs] = [0, 1, 2, 3].map(|i| c1[i].saturating_sub(c0[i]));
+    let window = tcp_mem_max(&pair.a, "tcp_rmem").min(tcp_mem_max(&pair.b, "tcp_wmem")) / 2;
+    let rtt_ms = 50.0 + base_mean;
+    let tcp50 = TcpRun { bps, segs, retrans, dsack, reorder, bdp_bps: window as f64 * 8.0 / (rtt_ms / 1e3), rtt_ms };
     // (j) corruption 10 % at a's ingress and (k) duplication 10 % at a's egress, 10,000 UDP datagrams each.
     let corrupt =
         pb::fault_spec::Fault::NetworkCorrupt(pb::NetworkCorrupt { scope: scope(&pair.b_ip, pb::Direction::Ingress), percent: 10.0 });
@@ -998,6 +1073,9 @@ async fn bench_network(dir: &Path, loss_packets: u32) -> anyhow::Result<NetFigur
         duplicate,
         ingress_bps,
         engine_udp,
+        engine_udp_split,
+        plain_udp,
+        tcp50,
         checks,
     })
 }
@@ -1266,13 +1344,43 @@ async fn bench() -> anyhow::Result<()> {
         ));
         notes.push(format!("(h) bandwidth 8 Mbit/s requested (htb): {:.2} Mbit/s achieved over TCP", n.bandwidth_bps / 1e6));
         notes.push(format!("(i) delay engine throughput (TCP through 1 ms ingress hold): {:.0} Mbit/s", n.engine_bps / 1e6));
-        let u = n.engine_udp;
+        let (u, sp) = (n.engine_udp, n.engine_udp_split);
         notes.push(format!(
-            "(i') delay engine, 200,000 64-byte UDP datagrams sent flat out through a 1 ms ingress hold: {} received in {:.2} s = {:.0} packets/s, {:.2} % lost",
+            "(i') delay engine, 200,000 64-byte UDP datagrams sent flat out through a 1 ms ingress hold: {} received in {:.2} s = {:.0} packets/s, {:.2} % lost (goal: >= 200k packets/s, < 1 % lost in the engine)",
             u.distinct,
             u.seconds,
             u.distinct as f64 / u.seconds.max(1e-9),
             100.0 * (u.sent - u.distinct) as f64 / u.sent as f64
+        ));
+        let queued = sp.handled + sp.passed_undelayed;
+        notes.push(format!(
+            "(i') where they went: sent {} / reached the queue {queued:.0} / held and released by the engine {:.0} / passed undelayed (socket full, fail-open) {:.0} / delivered {} / dropped at the sink's socket (Udp RcvbufErrors) {} / lost elsewhere {:.0}; in the engine: {:.2} %",
+            u.sent,
+            sp.handled,
+            sp.passed_undelayed,
+            u.distinct,
+            sp.rcvbuf_errors,
+            (u.sent as f64 - u.distinct as f64 - sp.rcvbuf_errors as f64).max(0.0),
+            100.0 * sp.passed_undelayed / queued.max(1.0)
+        ));
+        let (p, p_rcvbuf) = n.plain_udp;
+        notes.push(format!(
+            "(i') reference, the same 200,000 datagrams over the plain path (no fault): {} delivered in {:.2} s = {:.0} packets/s, {p_rcvbuf} dropped at the sink's socket (what one flat-out sender and sink on this host allow)",
+            p.distinct,
+            p.seconds,
+            p.distinct as f64 / p.seconds.max(1e-9)
+        ));
+        let t = n.tcp50;
+        notes.push(format!(
+            "(i'') one TCP flow through 50 ms ingress latency (no jitter), 60 MB: {:.0} Mbit/s; {} segments sent, {} retransmitted, {} DSACKs (spurious resends), {} reorderings seen by the sender; socket-buffer limit min(rmem, wmem)/2 over {:.1} ms RTT: {:.0} Mbit/s, achieved {:.0} % of it (goal >= 80 %)",
+            t.bps / 1e6,
+            t.segs,
+            t.retrans,
+            t.dsack,
+            t.reorder,
+            t.rtt_ms,
+            t.bdp_bps / 1e6,
+            100.0 * t.bps / t.bdp_bps.max(1.0)
         ));
         let c = n.corrupt;
         notes.push(format!(
