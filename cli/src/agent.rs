@@ -625,7 +625,8 @@ pub async fn run(cmd: AgentCommand, timeout: Duration, fmt: Format) -> Result<u8
         AgentCommand::Apply(a) => {
             let server = format!("agent {}", a.target.name());
             let spec = a.spec()?;
-            let r = client(&a.target, timeout)?
+            // A container stop is answered once the container has exited, up to its grace.
+            let r = client(&a.target, timeout + chaos_proto::spec::apply_allowance(&spec))?
                 .apply_fault(pb::ApplyFaultRequest { spec: Some(spec) })
                 .await
                 .map_err(|s| from_status(&server, s))?

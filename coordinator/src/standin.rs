@@ -25,6 +25,9 @@ struct State {
     armed: bool,
     /// When set, ApplyFault fails with this status message.
     fail_apply: Option<String>,
+    /// When set, ApplyFault answers this much later (as a container stop
+    /// waiting out its grace does).
+    apply_delay: Option<std::time::Duration>,
     /// Metrics per batch of StreamMetrics (0: UNIMPLEMENTED).
     metrics: usize,
 }
@@ -60,6 +63,11 @@ impl Standin {
 
     pub fn fail_apply(&self, why: Option<&str>) {
         self.lock().fail_apply = why.map(str::to_string);
+    }
+
+    /// Make ApplyFault answer `delay` later (None: at once).
+    pub fn delay_apply(&self, delay: Option<std::time::Duration>) {
+        self.lock().apply_delay = delay;
     }
 
     /// Serve on `listener` until the task is dropped or aborted.
@@ -114,6 +122,10 @@ type MetricStream = Pin<Box<dyn Stream<Item = Result<pb::MetricBatch, Status>> +
 impl Agent for Standin {
     async fn apply_fault(&self, req: Request<pb::ApplyFaultRequest>) -> Result<Response<pb::ApplyFaultResponse>, Status> {
         let spec = req.into_inner().spec.unwrap_or_default();
+        let delay = self.lock().apply_delay;
+        if let Some(d) = delay {
+            tokio::time::sleep(d).await;
+        }
         let mut g = self.lock();
         if let Some(why) = &g.fail_apply {
             return Err(Status::failed_precondition(why.clone()));

@@ -247,6 +247,19 @@ fn default_stop_grace() -> Duration {
     DEFAULT_STOP_GRACE
 }
 
+/// How much longer than an ordinary call an ApplyFault of `spec` may take
+/// by design: a container stop or restart is answered once the container
+/// has exited, up to its grace after SIGTERM. Callers that wait for the
+/// answer (the CLI, the coordinator's scenarios) add it to their deadline.
+pub fn apply_allowance(spec: &pb::FaultSpec) -> Duration {
+    let Some(pb::fault_spec::Fault::ContainerAction(c)) = spec.fault.as_ref() else { return Duration::ZERO };
+    match pb::ContainerVerb::try_from(c.verb) {
+        Ok(pb::ContainerVerb::Stop) => stop_grace_from_pb(ContainerVerb::Stop, c.stop_grace.as_ref()).unwrap_or(DEFAULT_STOP_GRACE),
+        Ok(pb::ContainerVerb::Restart) => stop_grace_from_pb(ContainerVerb::Restart, c.stop_grace.as_ref()).unwrap_or(DEFAULT_STOP_GRACE),
+        _ => Duration::ZERO,
+    }
+}
+
 /// A wire duration as text for an error: `20s`, `1.5s`, `-3s`.
 fn pb_duration_text(d: &prost_types::Duration) -> String {
     if d.nanos == 0 {
@@ -1474,6 +1487,23 @@ mod tests {
             assert!(e.to_string().starts_with("spec.container_action.stop_grace "), "{e}");
             assert!(e.to_string().contains(text), "{verb:?} {grace:?}: {e}");
         }
+    }
+
+    #[test]
+    fn an_apply_that_stops_a_container_is_allowed_its_grace() {
+        let spec = |verb: pb::ContainerVerb, secs: Option<i64>| pb::FaultSpec {
+            fault: Some(pb::fault_spec::Fault::ContainerAction(pb::ContainerAction {
+                verb: verb as i32,
+                stop_grace: secs.map(|seconds| prost_types::Duration { seconds, nanos: 0 }),
+                ..Default::default()
+            })),
+            ..Default::default()
+        };
+        assert_eq!(apply_allowance(&spec(pb::ContainerVerb::Stop, Some(20))), Duration::from_secs(20));
+        assert_eq!(apply_allowance(&spec(pb::ContainerVerb::Restart, None)), DEFAULT_STOP_GRACE);
+        assert_eq!(apply_allowance(&spec(pb::ContainerVerb::Stop, Some(100_000))), DEFAULT_STOP_GRACE, "refused later, never waited for");
+        assert_eq!(apply_allowance(&spec(pb::ContainerVerb::Pause, Some(20))), Duration::ZERO);
+        assert_eq!(apply_allowance(&pause_pid(1, 5)), Duration::ZERO);
     }
 
     #[test]
