@@ -973,13 +973,30 @@ impl Dockerd {
     /// Whether the process of a container made by [`Dockerd::run_term_ignorer`]
     /// has been sent SIGTERM since it started (read through `/proc/PID/root`).
     pub fn got_term(&self, name: &str) -> bool {
-        self.term_note(name).as_deref() == Some("term")
+        self.got_term_all(&[name])
+    }
+
+    /// [`Dockerd::got_term`] of every one of `names` (one `docker inspect`).
+    pub fn got_term_all(&self, names: &[&str]) -> bool {
+        let notes = self.term_notes(names);
+        notes.len() == names.len() && notes.iter().all(|n| n.as_deref() == Some("term"))
     }
 
     fn term_note(&self, name: &str) -> Option<String> {
-        let pid = self.docker(&["inspect", "-f", "{{.State.Pid}}", name]);
-        let pid = String::from_utf8_lossy(&pid.stdout).trim().parse::<u32>().ok().filter(|p| *p > 0)?;
-        std::fs::read_to_string(format!("/proc/{pid}/root/term")).ok().map(|s| s.trim().to_string())
+        self.term_notes(&[name]).pop().flatten()
+    }
+
+    fn term_notes(&self, names: &[&str]) -> Vec<Option<String>> {
+        let mut args = vec!["inspect", "-f", "{{.State.Pid}}"];
+        args.extend_from_slice(names);
+        let out = self.docker(&args);
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|pid| {
+                let pid = pid.trim().parse::<u32>().ok().filter(|p| *p > 0)?;
+                std::fs::read_to_string(format!("/proc/{pid}/root/term")).ok().map(|s| s.trim().to_string())
+            })
+            .collect()
     }
 
     /// Whether a container is running and whether it is paused.
