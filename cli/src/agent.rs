@@ -40,6 +40,7 @@ Examples:
   chaos agent apply --freeze-cgroup /system.slice/processor.service --duration 30s
   chaos agent apply --container kafka --action pause --duration 30s        # unpaused at revert
   chaos agent apply --container label:role=processor --action stop --duration 1m
+  chaos agent apply --container kafka --action stop --stop-grace 20s --duration 1m   # SIGKILL after 20 s
   chaos agent apply --partition all --container cassandra --duration 30s   # in the container's netns
 
 Every fault reverts by itself at the end of --duration, even if the agent
@@ -258,6 +259,11 @@ pub struct FaultArgs {
     /// reverted at the end: stop/kill by start, pause by unpause, start by stop, unpause by pause.
     #[arg(long, value_name = "VERB", value_parser = str::parse::<ContainerVerb>, requires = "container", help_heading = "Containers")]
     action: Option<ContainerVerb>,
+    /// With --action stop or restart: how long Docker waits after SIGTERM for the container to
+    /// exit before SIGKILL, e.g. `20s` (whole seconds, 0s..=300s; 0s kills at once) [default: 5s].
+    /// The apply lasts until the container has exited; a revert asked meanwhile follows it.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, requires = "action", help_heading = "Containers")]
+    stop_grace: Option<Duration>,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -299,7 +305,11 @@ impl FaultArgs {
         let t = self.resource_target();
         if let (Some(verb), Some(c)) = (self.action, &self.container) {
             let signal = if verb == ContainerVerb::Kill { self.signal.clone() } else { String::new() };
-            let action = pb::ContainerAction { verb: verb.to_pb() as i32, signal };
+            let stop_grace = self.stop_grace.map(duration_to_pb);
+            // The agent's own rule, checked here so the refusal names the flag.
+            chaos_proto::spec::stop_grace_from_pb(verb, stop_grace.as_ref())
+                .map_err(|e| CliError::new(exit::USAGE, format!("--stop-grace {e}")))?;
+            let action = pb::ContainerAction { verb: verb.to_pb() as i32, signal, stop_grace };
             return Ok(Some((Kind::Container(c.clone()), F::ContainerAction(action))));
         }
         let needs_target = |flag: &str| {
@@ -649,7 +659,8 @@ pub async fn run(cmd: AgentCommand, timeout: Duration, fmt: Format) -> Result<u8
         AgentCommand::Apply(a) => {
             let server = format!("agent {}", a.target.name());
             let spec = a.spec()?;
-            let r = client(&a.target, timeout)?
+            // A container stop is answered once the container has exited, up to its grace.
+            let r = client(&a.target, timeout + chaos_proto::spec::apply_allowance(&spec))?
                 .apply_fault(pb::ApplyFaultRequest { spec: Some(spec) })
                 .await
                 .map_err(|s| from_status(&server, s))?
@@ -822,5 +833,28 @@ mod tests {
         let s = spec("--loss 10% --peer 198.18.200.3/32").expect("loss");
         let Some(F::NetworkLoss(l)) = s.fault else { panic!("loss: {s:?}") };
         assert_eq!(l.scope.map(|sc| sc.peer_cidrs), Some(vec!["198.18.200.3/32".to_string()]));
+    }
+
+    #[test]
+    fn a_stop_grace_goes_with_stop_and_restart_only_and_is_refused_by_flag() {
+        let grace = |args: &str| match spec(args).map(|s| s.fault) {
+            Ok(Some(F::ContainerAction(a))) => Ok(a.stop_grace),
+            Ok(other) => panic!("a container action: {other:?}"),
+            Err(e) => Err(e.message),
+        };
+        assert_eq!(grace("--container web --action stop --stop-grace 20s"), Ok(Some(prost_types::Duration { seconds: 20, nanos: 0 })));
+        assert_eq!(grace("--container web --action restart --stop-grace 0s"), Ok(Some(prost_types::Duration::default())));
+        assert_eq!(grace("--container web --action stop"), Ok(None), "unset: the agent's 5 s");
+        for (args, text) in [
+            ("--container web --action pause --stop-grace 20s", "--stop-grace only applies to stop and restart, got 20s for pause"),
+            ("--container web --action kill --stop-grace 1s", "got 1s for kill"),
+            ("--container web --action stop --stop-grace 301s", "--stop-grace must be whole seconds in 0..=300s, got 301s"),
+            ("--container web --action stop --stop-grace 1500ms", "got 1.5s"),
+        ] {
+            let e = grace(args).expect_err(args);
+            assert!(e.contains(text), "{args}: {e}");
+        }
+        let e = grace("--pause-pid 42 --stop-grace 20s").expect_err("no --action");
+        assert!(e.contains("--action"), "{e}");
     }
 }

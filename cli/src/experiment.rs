@@ -1971,6 +1971,17 @@ validation: --lab --max-lag 100
     }
 
     #[test]
+    fn a_container_stop_step_takes_its_grace_and_refuses_it_on_another_verb_by_line() {
+        let text = GOOD.replace("--pause-name java", "--container kafka --action stop --stop-grace 20s");
+        let e = parse("exp.yaml", &text).expect("parse");
+        let Step::Fault { fault, .. } = &e.method[0] else { panic!("fault step") };
+        let Some(pb::fault_spec::Fault::ContainerAction(a)) = &fault.spec.fault else { panic!("container action: {:?}", fault.spec) };
+        assert_eq!(a.stop_grace, Some(prost_types::Duration { seconds: 20, nanos: 0 }));
+        let e = err(&GOOD.replace("--pause-name java", "--container kafka --action pause --stop-grace 20s"));
+        assert!(e.starts_with("exp.yaml:7:") && e.contains("--stop-grace only applies to stop and restart, got 20s for pause"), "{e}");
+    }
+
+    #[test]
     fn a_step_waits_for_a_load_phase_that_the_profile_has() {
         let text = "version: 1
 name: aligned

@@ -60,7 +60,8 @@ struct Cli {
     /// Output format: a table for people, JSON for scripts.
     #[arg(long, short = 'o', global = true, value_enum, default_value = "table")]
     output: Format,
-    /// Deadline of each call.
+    /// Deadline of each call (`agent apply` of a container stop or restart: plus its grace;
+    /// `agent revert-all`: plus its --wait).
     #[arg(long, global = true, default_value = "10s", value_parser = humantime::parse_duration)]
     timeout: Duration,
     #[command(subcommand)]

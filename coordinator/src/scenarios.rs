@@ -505,7 +505,15 @@ impl Scenarios {
         F: Fn(AgentClient<Channel>, pb::ScenarioAgent) -> Fut,
         Fut: Future<Output = Result<T, tonic::Status>>,
     {
-        let timeout = self.timing.call_timeout;
+        self.fanout_within(self.timing.call_timeout, agents, f).await
+    }
+
+    /// [`Self::fanout`] with each call bounded by `timeout`.
+    async fn fanout_within<T, F, Fut>(&self, timeout: Duration, agents: Vec<pb::ScenarioAgent>, f: F) -> Vec<(String, Result<T, String>)>
+    where
+        F: Fn(AgentClient<Channel>, pb::ScenarioAgent) -> Fut,
+        Fut: Future<Output = Result<T, tonic::Status>>,
+    {
         let calls = agents.into_iter().map(|a| {
             let client = self.registry.client(&a.agent_id, &a.address);
             let id = a.agent_id.clone();
@@ -592,8 +600,10 @@ impl Scenarios {
         fault.labels.insert(SCENARIO_LABEL.into(), id.to_string());
         let agents = self.agents_of(id);
         let total = agents.len();
+        // A container stop is answered once the container has exited, up to its grace.
+        let timeout = self.timing.call_timeout + chaos_proto::spec::apply_allowance(&fault);
         let results = self
-            .fanout(agents, |mut c, _| {
+            .fanout_within(timeout, agents, |mut c, _| {
                 let spec = fault.clone();
                 async move { c.apply_fault(pb::ApplyFaultRequest { spec: Some(spec) }).await.map(|r| r.into_inner().fault.unwrap_or_default()) }
             })
@@ -1404,6 +1414,33 @@ pub(crate) mod tests {
         // The stored scenario says the same.
         let stored = s.store().load(&id).expect("load").expect("stored");
         assert_eq!(stored.agents.iter().find(|x| x.agent_id == "a1").map(|x| x.revert_check), Some(pb::RevertCheck::Different as i32));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_apply_that_waits_out_a_container_stop_grace_is_not_timed_out() {
+        let r = rig(1, open_policy(3)).await;
+        let s = &r.scenarios;
+        // The agent answers after 5 s, as a 5 s stop would; the rig's call timeout is 2 s.
+        r.agents[0].delay_apply(Some(Duration::from_secs(5)));
+        let stop = |grace_s: i64| pb::FaultSpec {
+            target: Some(pb::Target { kind: Some(pb::target::Kind::Container("web".into())) }),
+            fault: Some(pb::fault_spec::Fault::ContainerAction(pb::ContainerAction {
+                verb: pb::ContainerVerb::Stop as i32,
+                stop_grace: Some(prost_types::Duration { seconds: grace_s, nanos: 0 }),
+                ..Default::default()
+            })),
+            ..Default::default()
+        };
+        let with = |fault: pb::FaultSpec| pb::ScenarioSpec { fault: Some(fault), severity: 4, ..spec("a0", 60_000) };
+        let a = id_of(s.create(with(stop(20)), false, "t").expect("a"));
+        let sc = wait_applied(s, &a, "a0").await;
+        assert_eq!(sc.agents[0].error, "", "{sc:?}");
+        s.stop(&a, "done").await.expect("stop");
+        wait_until(s, &a, "ended", |sc| is_final(sc.state)).await;
+        // A grace of 0 s allows nothing more: the same slow answer is timed out.
+        let b = id_of(s.create(with(stop(0)), false, "t").expect("b"));
+        let sc = wait_state(s, &b, ScenarioState::Failed).await;
+        assert!(sc.reason.contains("no answer within 2s"), "{}", sc.reason);
     }
 
     #[tokio::test(start_paused = true)]

@@ -28,6 +28,9 @@ struct State {
     /// When set, RevertFault finds this left behind: the fault stays FAILED
     /// with a DIFFERENT check naming it, and the call fails as an agent's does.
     leave_behind: Option<String>,
+    /// When set, ApplyFault answers this much later (as a container stop
+    /// waiting out its grace does).
+    apply_delay: Option<std::time::Duration>,
     /// Metrics per batch of StreamMetrics (0: UNIMPLEMENTED).
     metrics: usize,
 }
@@ -67,6 +70,11 @@ impl Standin {
 
     pub fn leave_behind(&self, difference: Option<&str>) {
         self.lock().leave_behind = difference.map(str::to_string);
+    }
+
+    /// Make ApplyFault answer `delay` later (None: at once).
+    pub fn delay_apply(&self, delay: Option<std::time::Duration>) {
+        self.lock().apply_delay = delay;
     }
 
     /// Serve on `listener` until the task is dropped or aborted.
@@ -121,6 +129,10 @@ type MetricStream = Pin<Box<dyn Stream<Item = Result<pb::MetricBatch, Status>> +
 impl Agent for Standin {
     async fn apply_fault(&self, req: Request<pb::ApplyFaultRequest>) -> Result<Response<pb::ApplyFaultResponse>, Status> {
         let spec = req.into_inner().spec.unwrap_or_default();
+        let delay = self.lock().apply_delay;
+        if let Some(d) = delay {
+            tokio::time::sleep(d).await;
+        }
         let mut g = self.lock();
         if let Some(why) = &g.fail_apply {
             return Err(Status::failed_precondition(why.clone()));

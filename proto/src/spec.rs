@@ -224,8 +224,65 @@ pub enum FaultKind {
     DiskFill { path: String, amount: FillAmount },
     /// Block IO limits of the target cgroup; 0 leaves that direction alone.
     IoThrottle { read_bytes_per_second: u64, write_bytes_per_second: u64, device: Option<DeviceNumber> },
-    /// A Docker container action; `signal` for kill.
-    ContainerAction { verb: ContainerVerb, signal: SignalName },
+    /// A Docker container action; `signal` for kill, `stop_grace` for stop
+    /// and restart (the default on other verbs, where it does nothing).
+    ContainerAction {
+        verb: ContainerVerb,
+        signal: SignalName,
+        /// How long Docker waits after SIGTERM before SIGKILL. Records
+        /// written before the field existed read as [`DEFAULT_STOP_GRACE`].
+        #[serde(default = "default_stop_grace")]
+        stop_grace: Duration,
+    },
+}
+
+/// How long a container stop or restart waits for the container to exit
+/// before SIGKILL when the spec names no `stop_grace`: shorter than
+/// Docker's 10 s, so an answer comes within a client's usual deadline.
+pub const DEFAULT_STOP_GRACE: Duration = Duration::from_secs(5);
+/// The longest `stop_grace` accepted.
+pub const MAX_STOP_GRACE: Duration = Duration::from_secs(300);
+
+fn default_stop_grace() -> Duration {
+    DEFAULT_STOP_GRACE
+}
+
+/// How much longer than an ordinary call an ApplyFault of `spec` may take
+/// by design: a container stop or restart is answered once the container
+/// has exited, up to its grace after SIGTERM. Callers that wait for the
+/// answer (the CLI, the coordinator's scenarios) add it to their deadline.
+pub fn apply_allowance(spec: &pb::FaultSpec) -> Duration {
+    let Some(pb::fault_spec::Fault::ContainerAction(c)) = spec.fault.as_ref() else { return Duration::ZERO };
+    match pb::ContainerVerb::try_from(c.verb) {
+        Ok(pb::ContainerVerb::Stop) => stop_grace_from_pb(ContainerVerb::Stop, c.stop_grace.as_ref()).unwrap_or(DEFAULT_STOP_GRACE),
+        Ok(pb::ContainerVerb::Restart) => stop_grace_from_pb(ContainerVerb::Restart, c.stop_grace.as_ref()).unwrap_or(DEFAULT_STOP_GRACE),
+        _ => Duration::ZERO,
+    }
+}
+
+/// A wire duration as text for an error: `20s`, `1.5s`, `-3s`.
+fn pb_duration_text(d: &prost_types::Duration) -> String {
+    if d.nanos == 0 {
+        return format!("{}s", d.seconds);
+    }
+    let frac = format!("{:09}", d.nanos.unsigned_abs());
+    let sign = if d.seconds == 0 && d.nanos < 0 { "-" } else { "" };
+    format!("{sign}{}.{}s", d.seconds, frac.trim_end_matches('0'))
+}
+
+/// Check a container action's `stop_grace`: only for stop and restart,
+/// whole seconds in 0..=300 ([`MAX_STOP_GRACE`]); unset means
+/// [`DEFAULT_STOP_GRACE`]. The error says what is wrong and quotes the
+/// value, for the caller to put behind its own field name (the spec's
+/// `spec.container_action.stop_grace`, the CLI's `--stop-grace`).
+pub fn stop_grace_from_pb(verb: ContainerVerb, grace: Option<&prost_types::Duration>) -> Result<Duration, String> {
+    let Some(g) = grace else { return Ok(DEFAULT_STOP_GRACE) };
+    if !verb.has_stop_grace() {
+        return Err(format!("only applies to stop and restart, got {} for {}", pb_duration_text(g), verb.as_str()));
+    }
+    let max = MAX_STOP_GRACE.as_secs();
+    let whole = duration_from_pb(g).filter(|d| d.subsec_nanos() == 0 && d.as_secs() <= max);
+    whole.ok_or_else(|| format!("must be whole seconds in 0..={max}s, got {}", pb_duration_text(g)))
 }
 
 /// What a container action does (see `chaos.v1.ContainerVerb`).
@@ -261,6 +318,12 @@ impl ContainerVerb {
         ContainerVerb::Start,
         ContainerVerb::Unpause,
     ];
+
+    /// Whether the verb stops a container, so Docker waits out a grace
+    /// after SIGTERM (stop, restart).
+    pub fn has_stop_grace(self) -> bool {
+        matches!(self, ContainerVerb::Stop | ContainerVerb::Restart)
+    }
 
     pub fn to_pb(self) -> pb::ContainerVerb {
         match self {
@@ -505,10 +568,11 @@ pub fn describe(spec: &pb::FaultSpec) -> String {
                 F::ProcessKill(k) => format!("{fam} {}", if k.signal.is_empty() { "SIGKILL" } else { &k.signal }),
                 F::ProcessPause(_) => fam.to_string(),
                 F::ContainerAction(c) => format!(
-                    "{fam} {}",
+                    "{fam} {}{}",
                     pb::ContainerVerb::try_from(c.verb)
                         .map(|v| v.as_str_name().trim_start_matches("CONTAINER_VERB_").to_lowercase())
-                        .unwrap_or_default()
+                        .unwrap_or_default(),
+                    c.stop_grace.as_ref().map(|g| format!(" (grace {})", pb_duration_text(g))).unwrap_or_default()
                 ),
             }
         }
@@ -638,9 +702,11 @@ impl FaultRequest {
                 FillAmount::Bytes(b) => pb::DiskFill { path: path.clone(), bytes: *b, fill_to_percent: 0.0 },
                 FillAmount::ToPermyriad(p) => pb::DiskFill { path: path.clone(), bytes: 0, fill_to_percent: f64::from(*p) / 100.0 },
             }),
-            FaultKind::ContainerAction { verb, signal } => pb::fault_spec::Fault::ContainerAction(pb::ContainerAction {
+            FaultKind::ContainerAction { verb, signal, stop_grace } => pb::fault_spec::Fault::ContainerAction(pb::ContainerAction {
                 verb: verb.to_pb() as i32,
                 signal: if *verb == ContainerVerb::Kill { signal.0.as_str().to_string() } else { String::new() },
+                // Shown where it acts, so ListFaults says the grace in effect.
+                stop_grace: verb.has_stop_grace().then(|| duration_to_pb(*stop_grace)),
             }),
             FaultKind::IoThrottle { read_bytes_per_second, write_bytes_per_second, device } => {
                 pb::fault_spec::Fault::IoThrottle(pb::IoThrottle {
@@ -1037,7 +1103,9 @@ fn kind_from_pb(f: &pb::fault_spec::Fault) -> Result<FaultKind, SpecError> {
             } else {
                 parse_signal(&c.signal).map_err(|e| SpecError::invalid("spec.container_action.signal", e))?
             };
-            Ok(FaultKind::ContainerAction { verb, signal: SignalName(signal) })
+            let stop_grace =
+                stop_grace_from_pb(verb, c.stop_grace.as_ref()).map_err(|e| SpecError::invalid("spec.container_action.stop_grace", e))?;
+            Ok(FaultKind::ContainerAction { verb, signal: SignalName(signal), stop_grace })
         }
     }
 }
@@ -1368,6 +1436,85 @@ mod tests {
         s.fault = Some(bw(1_000_000, pb::Direction::Ingress));
         let r = FaultRequest::from_pb(&s, MAX).expect("ingress shapes through an ifb");
         assert!(matches!(&r.kind, FaultKind::NetworkBandwidth { scope, .. } if scope.direction == Direction::Ingress));
+    }
+
+    #[test]
+    fn container_stop_grace_is_whole_seconds_up_to_300_and_only_for_stop_and_restart() {
+        let mut s = pause_pid(5, 5);
+        s.target = Some(pb::Target { kind: Some(pb::target::Kind::Container("web".into())) });
+        let action = |verb: pb::ContainerVerb, grace: Option<(i64, i32)>| {
+            pb::fault_spec::Fault::ContainerAction(pb::ContainerAction {
+                verb: verb as i32,
+                stop_grace: grace.map(|(seconds, nanos)| prost_types::Duration { seconds, nanos }),
+                ..Default::default()
+            })
+        };
+        let grace_of = |r: &FaultRequest| match r.kind {
+            FaultKind::ContainerAction { stop_grace, .. } => stop_grace,
+            ref k => panic!("not a container action: {k:?}"),
+        };
+        // Unset: 5 s, for every verb; set: as asked, on stop and restart, 0 (SIGKILL at once) to 300.
+        for verb in [pb::ContainerVerb::Stop, pb::ContainerVerb::Pause, pb::ContainerVerb::Kill] {
+            s.fault = Some(action(verb, None));
+            assert_eq!(grace_of(&FaultRequest::from_pb(&s, MAX).expect("unset")), DEFAULT_STOP_GRACE, "{verb:?}");
+        }
+        for (verb, secs) in [(pb::ContainerVerb::Stop, 20), (pb::ContainerVerb::Restart, 0), (pb::ContainerVerb::Stop, 300)] {
+            s.fault = Some(action(verb, Some((secs, 0))));
+            let r = FaultRequest::from_pb(&s, MAX).unwrap_or_else(|e| panic!("{verb:?} {secs}s: {e}"));
+            assert_eq!(grace_of(&r), Duration::from_secs(secs as u64));
+            assert_eq!(FaultRequest::from_pb(&r.to_pb(""), MAX).expect("round trip"), r);
+            assert!(describe(&r.to_pb("")).contains(&format!("(grace {secs}s)")), "{}", describe(&r.to_pb("")));
+        }
+        // A verb without a grace round-trips without one (ListFaults shows none).
+        s.fault = Some(action(pb::ContainerVerb::Pause, None));
+        let r = FaultRequest::from_pb(&s, MAX).expect("pause");
+        let Some(pb::fault_spec::Fault::ContainerAction(back)) = r.to_pb("p").fault else { panic!("container action") };
+        assert_eq!(back.stop_grace, None);
+        for (verb, grace, text) in [
+            (pb::ContainerVerb::Stop, (301, 0), "must be whole seconds in 0..=300s, got 301s"),
+            (pb::ContainerVerb::Restart, (1, 500_000_000), "must be whole seconds in 0..=300s, got 1.5s"),
+            (pb::ContainerVerb::Stop, (0, 1), "got 0.000000001s"),
+            (pb::ContainerVerb::Stop, (-3, 0), "got -3s"),
+            (pb::ContainerVerb::Stop, (0, -500_000_000), "got -0.5s"),
+            (pb::ContainerVerb::Stop, (i64::MAX, 0), "got 9223372036854775807s"),
+            (pb::ContainerVerb::Pause, (20, 0), "only applies to stop and restart, got 20s for pause"),
+            (pb::ContainerVerb::Kill, (0, 0), "only applies to stop and restart, got 0s for kill"),
+            (pb::ContainerVerb::Start, (5, 0), "got 5s for start"),
+            (pb::ContainerVerb::Unpause, (5, 0), "got 5s for unpause"),
+        ] {
+            s.fault = Some(action(verb, Some(grace)));
+            let e = FaultRequest::from_pb(&s, MAX).expect_err("must be refused");
+            assert!(e.to_string().starts_with("spec.container_action.stop_grace "), "{e}");
+            assert!(e.to_string().contains(text), "{verb:?} {grace:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn an_apply_that_stops_a_container_is_allowed_its_grace() {
+        let spec = |verb: pb::ContainerVerb, secs: Option<i64>| pb::FaultSpec {
+            fault: Some(pb::fault_spec::Fault::ContainerAction(pb::ContainerAction {
+                verb: verb as i32,
+                stop_grace: secs.map(|seconds| prost_types::Duration { seconds, nanos: 0 }),
+                ..Default::default()
+            })),
+            ..Default::default()
+        };
+        assert_eq!(apply_allowance(&spec(pb::ContainerVerb::Stop, Some(20))), Duration::from_secs(20));
+        assert_eq!(apply_allowance(&spec(pb::ContainerVerb::Restart, None)), DEFAULT_STOP_GRACE);
+        assert_eq!(apply_allowance(&spec(pb::ContainerVerb::Stop, Some(100_000))), DEFAULT_STOP_GRACE, "refused later, never waited for");
+        assert_eq!(apply_allowance(&spec(pb::ContainerVerb::Pause, Some(20))), Duration::ZERO);
+        assert_eq!(apply_allowance(&pause_pid(1, 5)), Duration::ZERO);
+    }
+
+    #[test]
+    fn a_container_action_recorded_before_stop_grace_existed_reads_as_5_s() {
+        let old = r#"{"family": "container_action", "verb": "stop", "signal": "SIGKILL"}"#;
+        // JSON, read as YAML (its superset) with the parser this crate already has.
+        let k: FaultKind = serde_yaml_ng::from_str(old).expect("old record");
+        assert_eq!(
+            k,
+            FaultKind::ContainerAction { verb: ContainerVerb::Stop, signal: SignalName(Signal::SIGKILL), stop_grace: DEFAULT_STOP_GRACE }
+        );
     }
 
     #[test]

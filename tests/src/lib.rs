@@ -309,17 +309,58 @@ pub fn chaos(args: &[&str]) -> Output {
 
 /// Run the `chaos` CLI with the certificate in `tls_dir`.
 pub fn chaos_as(tls_dir: &Path, args: &[&str]) -> Output {
-    Command::new(bin("chaos"))
-        .args(args)
+    chaos_command(tls_dir, args).output().expect("run chaos")
+}
+
+/// The `chaos` CLI with `args`, as the holder of the certificate in `tls_dir`.
+fn chaos_command(tls_dir: &Path, args: &[&str]) -> Command {
+    let mut c = Command::new(bin("chaos"));
+    c.args(args)
         .env("RUST_LOG", "warn")
         .env("CHAOS_TLS_DIR", tls_dir)
         .env_remove("CHAOS_INSECURE")
         .env_remove("CHAOS_TLS_CA")
         .env_remove("CHAOS_TLS_CERT")
         .env_remove("CHAOS_TLS_KEY")
-        .stdin(Stdio::null())
-        .output()
-        .expect("run chaos")
+        .stdin(Stdio::null());
+    c
+}
+
+/// A `chaos` call left running in the background as the test admin (e.g.
+/// an apply that waits out a container's stop grace); killed on drop.
+pub struct Background {
+    child: Option<Child>,
+    args: Vec<String>,
+}
+
+impl Background {
+    pub fn chaos(args: &[&str]) -> Background {
+        let child = chaos_command(&pki().admin(), args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn chaos");
+        Background { child: Some(child), args: args.iter().map(|a| a.to_string()).collect() }
+    }
+
+    /// Whether it has ended.
+    pub fn done(&mut self) -> bool {
+        self.child.as_mut().is_none_or(|c| matches!(c.try_wait(), Ok(Some(_))))
+    }
+
+    /// Wait up to `timeout` for it to end with `want_code`; its stdout + stderr.
+    pub fn finish(mut self, timeout: Duration, want_code: i32) -> String {
+        assert!(wait_until(timeout, || self.done()), "chaos {:?} still running after {timeout:?}", self.args);
+        let out = self.child.take().expect("child").wait_with_output().expect("chaos output");
+        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned());
+        assert_eq!(out.status.code(), Some(want_code), "chaos {:?}\nstdout: {stdout}\nstderr: {stderr}", self.args);
+        stdout + &stderr
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
 }
 
 /// A gRPC channel to a coordinator, as the test admin (for tests that call
@@ -849,10 +890,17 @@ pub struct Dockerd {
 
 impl Dockerd {
     pub fn start() -> Dockerd {
-        let dir = tempfile::tempdir().expect("tempdir");
+        Self::try_start().unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`Dockerd::start`], or why the daemon is not there (not installed,
+    /// not answering within 30 s), for callers that skip rather than fail.
+    pub fn try_start() -> Result<Dockerd, String> {
+        let dir = tempfile::tempdir().map_err(|e| format!("tempdir: {e}"))?;
         let socket = dir.path().join("docker.sock");
         let cgroup_parent = format!("chaos-e2e-docker-{}", std::process::id());
-        let log = std::fs::File::create(dir.path().join("dockerd.log")).expect("log");
+        let log = std::fs::File::create(dir.path().join("dockerd.log")).map_err(|e| format!("dockerd log: {e}"))?;
+        let log2 = log.try_clone().map_err(|e| format!("dockerd log: {e}"))?;
         let child = Command::new("dockerd")
             .arg("--host")
             .arg(format!("unix://{}", socket.display()))
@@ -866,28 +914,29 @@ impl Dockerd {
             .args(["--storage-driver", "vfs", "--cgroup-parent", &cgroup_parent])
             .args(["--default-address-pool", "base=198.19.0.0/16,size=24"])
             .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log"))
+            .stdout(log2)
             .stderr(log)
             .spawn()
-            .expect("dockerd (Debian package docker.io) must be installed: deploy/test.sh installs it");
+            .map_err(|e| format!("dockerd (Debian package docker.io) must be installed: deploy/test.sh installs it ({e})"))?;
         let d = Dockerd { dir, child, socket, cgroup_parent };
-        assert!(
-            wait_until(Duration::from_secs(30), || d.docker(&["version"]).status.success()),
-            "dockerd did not start:\n{}",
-            std::fs::read_to_string(d.dir.path().join("dockerd.log")).unwrap_or_default()
-        );
-        d
+        if !wait_until(Duration::from_secs(30), || d.docker_cli(&["version"]).is_ok_and(|o| o.status.success())) {
+            // Dropping `d` stops the daemon and removes what it left.
+            return Err(format!(
+                "dockerd did not answer within 30 s:\n{}",
+                std::fs::read_to_string(d.dir.path().join("dockerd.log")).unwrap_or_default()
+            ));
+        }
+        Ok(d)
+    }
+
+    /// `docker -H unix://SOCKET ARGS`, or why the CLI could not run.
+    fn docker_cli(&self, args: &[&str]) -> std::io::Result<Output> {
+        Command::new("docker").arg("-H").arg(format!("unix://{}", self.socket.display())).args(args).stdin(Stdio::null()).output()
     }
 
     /// `docker -H unix://SOCKET ARGS`.
     pub fn docker(&self, args: &[&str]) -> Output {
-        Command::new("docker")
-            .arg("-H")
-            .arg(format!("unix://{}", self.socket.display()))
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .expect("docker CLI")
+        self.docker_cli(args).expect("docker CLI")
     }
 
     /// Stdout of a docker command that must succeed.
@@ -899,13 +948,19 @@ impl Dockerd {
 
     /// A tiny image made with `docker import` from busybox (no registry here).
     pub fn busybox_image(&self) -> String {
+        self.try_busybox_image().unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`Dockerd::busybox_image`], or why it could not be made.
+    pub fn try_busybox_image(&self) -> Result<String, String> {
         let root = self.dir.path().join("rootfs");
-        std::fs::create_dir_all(root.join("bin")).expect("mkdir");
-        std::fs::copy("/bin/busybox", root.join("bin/busybox")).expect("busybox (Debian package busybox-static)");
+        std::fs::create_dir_all(root.join("bin")).map_err(|e| format!("mkdir {}: {e}", root.display()))?;
+        std::fs::copy("/bin/busybox", root.join("bin/busybox"))
+            .map_err(|e| format!("/bin/busybox (Debian package busybox-static): {e}"))?;
         for applet in ["sh", "sleep"] {
             let _ = std::os::unix::fs::symlink("busybox", root.join("bin").join(applet));
         }
-        let tar = Command::new("tar").arg("-C").arg(&root).args(["-c", "."]).output().expect("tar");
+        let tar = Command::new("tar").arg("-C").arg(&root).args(["-c", "."]).output().map_err(|e| format!("tar: {e}"))?;
         let mut import = Command::new("docker")
             .arg("-H")
             .arg(format!("unix://{}", self.socket.display()))
@@ -913,11 +968,59 @@ impl Dockerd {
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .spawn()
-            .expect("docker import");
+            .map_err(|e| format!("docker import: {e}"))?;
         use std::io::Write;
-        import.stdin.take().expect("stdin").write_all(&tar.stdout).expect("feed docker import");
-        assert!(import.wait().expect("wait").success(), "docker import failed");
-        "chaos-e2e-busybox:1".into()
+        let fed = import.stdin.take().map(|mut i| i.write_all(&tar.stdout));
+        let ok = import.wait().map_err(|e| format!("docker import: {e}"))?.success();
+        if !ok || !matches!(fed, Some(Ok(()))) {
+            return Err(format!("docker import failed (fed the tar: {fed:?})"));
+        }
+        Ok("chaos-e2e-busybox:1".into())
+    }
+
+    /// Start container `name` (with `extra` `docker run` flags, e.g. a
+    /// label) whose process outlives SIGTERM: a shell that notes the signal
+    /// in its `/term` and keeps going, a bounded loop of 1 s sleeps (`secs`
+    /// in all), so only SIGKILL ends it sooner. Each start writes `start`
+    /// there first, so [`Dockerd::got_term`] tells about the latest stop.
+    pub fn run_term_ignorer(&self, image: &str, name: &str, secs: u32, extra: &[&str]) {
+        let script =
+            format!("echo start > /term; trap 'echo term > /term' TERM; i=0; while [ $i -lt {secs} ]; do sleep 1; i=$((i+1)); done");
+        let mut args = vec!["run", "-d", "--name", name, "--network", "none"];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&[image, "sh", "-c", &script]);
+        self.docker_ok(&args);
+        // The trap is set before the first sleep: wait for it.
+        assert!(wait_until(Duration::from_secs(10), || self.term_note(name).as_deref() == Some("start")), "{name} never started its loop");
+    }
+
+    /// Whether the process of a container made by [`Dockerd::run_term_ignorer`]
+    /// has been sent SIGTERM since it started (read through `/proc/PID/root`).
+    pub fn got_term(&self, name: &str) -> bool {
+        self.got_term_all(&[name])
+    }
+
+    /// [`Dockerd::got_term`] of every one of `names` (one `docker inspect`).
+    pub fn got_term_all(&self, names: &[&str]) -> bool {
+        let notes = self.term_notes(names);
+        notes.len() == names.len() && notes.iter().all(|n| n.as_deref() == Some("term"))
+    }
+
+    fn term_note(&self, name: &str) -> Option<String> {
+        self.term_notes(&[name]).pop().flatten()
+    }
+
+    fn term_notes(&self, names: &[&str]) -> Vec<Option<String>> {
+        let mut args = vec!["inspect", "-f", "{{.State.Pid}}"];
+        args.extend_from_slice(names);
+        let out = self.docker(&args);
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|pid| {
+                let pid = pid.trim().parse::<u32>().ok().filter(|p| *p > 0)?;
+                std::fs::read_to_string(format!("/proc/{pid}/root/term")).ok().map(|s| s.trim().to_string())
+            })
+            .collect()
     }
 
     /// Whether a container is running and whether it is paused.

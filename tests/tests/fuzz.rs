@@ -235,7 +235,12 @@ fn write_spec_corpus() {
         (
             "container",
             pb::target::Kind::Container("kafka".into()),
-            F::ContainerAction(pb::ContainerAction { verb: pb::ContainerVerb::Kill as i32, signal: "SIGKILL".into() }),
+            F::ContainerAction(pb::ContainerAction { verb: pb::ContainerVerb::Kill as i32, signal: "SIGKILL".into(), stop_grace: None }),
+        ),
+        (
+            "container-stop",
+            pb::target::Kind::Container("label:role=kafka".into()),
+            F::ContainerAction(pb::ContainerAction { verb: pb::ContainerVerb::Stop as i32, signal: String::new(), stop_grace: d(20_000) }),
         ),
     ];
     let dir = chaos_e2e::fuzz::corpus_dir("spec");

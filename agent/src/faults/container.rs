@@ -18,7 +18,7 @@ use bollard::{
         KillContainerOptionsBuilder, ListContainersOptionsBuilder, RestartContainerOptionsBuilder, StopContainerOptionsBuilder,
     },
 };
-use chaos_proto::spec::{ContainerVerb, FaultKind, FaultRequest, SignalName, TargetSpec};
+use chaos_proto::spec::{ContainerVerb, DEFAULT_STOP_GRACE, FaultKind, FaultRequest, SignalName, TargetSpec};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 
@@ -37,6 +37,15 @@ pub struct ContainerPlan {
     pub verb: ContainerVerb,
     pub signal: SignalName,
     pub containers: Vec<ContainerRef>,
+    /// What a stop (the verb's, or a revert's) waits after SIGTERM before
+    /// SIGKILL. Journal records written before the field existed read as
+    /// the 5 s every stop waited then.
+    #[serde(default = "default_stop_grace")]
+    pub stop_grace: Duration,
+}
+
+fn default_stop_grace() -> Duration {
+    DEFAULT_STOP_GRACE
 }
 
 /// The state of a container that matters to the verbs.
@@ -53,12 +62,9 @@ pub struct ContainerDriver {
     docker: Mutex<Option<Docker>>,
 }
 
-/// How long one call to the daemon may take.
+/// How long one call to the daemon may take; a stop or restart may take
+/// its grace on top (the daemon answers once the container has exited).
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
-/// Seconds a stop (and a restart) waits for the container to exit before
-/// SIGKILL: shorter than Docker's 10 s so an answer comes within a client's
-/// usual deadline.
-const STOP_GRACE_S: i32 = 5;
 
 fn short(id: &str) -> &str {
     &id[..id.len().min(12)]
@@ -181,13 +187,16 @@ impl ContainerDriver {
         Ok(st.pid)
     }
 
-    /// Do `verb` to one container.
-    async fn act(&self, d: &Docker, verb: ContainerVerb, signal: SignalName, id: &str) -> Result<(), AgentError> {
+    /// Do `verb` to one container; a stop or restart waits up to `grace`
+    /// after SIGTERM before Docker sends SIGKILL.
+    async fn act(&self, d: &Docker, verb: ContainerVerb, signal: SignalName, grace: Duration, id: &str) -> Result<(), AgentError> {
         let what = format!("{} {}", verb.as_str(), short(id));
+        let (t, timeout) = stop_timing(grace);
+        let patient = || d.clone().with_timeout(timeout);
         match verb {
-            ContainerVerb::Stop => d.stop_container(id, Some(StopContainerOptionsBuilder::new().t(STOP_GRACE_S).build())).await,
+            ContainerVerb::Stop => patient().stop_container(id, Some(StopContainerOptionsBuilder::new().t(t).build())).await,
             ContainerVerb::Start => d.start_container(id, None).await,
-            ContainerVerb::Restart => d.restart_container(id, Some(RestartContainerOptionsBuilder::new().t(STOP_GRACE_S).build())).await,
+            ContainerVerb::Restart => patient().restart_container(id, Some(RestartContainerOptionsBuilder::new().t(t).build())).await,
             ContainerVerb::Pause => d.pause_container(id).await,
             ContainerVerb::Unpause => d.unpause_container(id).await,
             ContainerVerb::Kill => d.kill_container(id, Some(KillContainerOptionsBuilder::new().signal(signal.0.as_str()).build())).await,
@@ -199,7 +208,7 @@ impl ContainerDriver {
 impl ContainerDriver {
     /// Do the plan's verb to one container and wait to see its effect.
     async fn act_and_verify(&self, d: &Docker, p: &ContainerPlan, c: &ContainerRef) -> Result<(), AgentError> {
-        self.act(d, p.verb, p.signal, &c.id).await?;
+        self.act(d, p.verb, p.signal, p.stop_grace, &c.id).await?;
         // Stop and kill return before the state settles on some daemons.
         for _ in 0..100 {
             if let Some((_, st)) = self.state(d, &c.id).await?
@@ -214,6 +223,15 @@ impl ContainerDriver {
             detail: "the container did not reach the expected state within 2 s".into(),
         })
     }
+}
+
+/// Docker's `t` (seconds between SIGTERM and SIGKILL) for a stop or restart
+/// with `grace`, and how long its call may take: the daemon answers once
+/// the container has exited, so the grace comes on top of the usual bound.
+fn stop_timing(grace: Duration) -> (i32, Duration) {
+    // The spec bounds the grace to 0..=300 s; a record edited by hand is clamped.
+    let t = i32::try_from(grace.as_secs()).unwrap_or(i32::MAX);
+    (t, CALL_TIMEOUT.saturating_add(Duration::from_secs(t.unsigned_abs().into())))
 }
 
 /// Whether `verb` applies to a container in state `st`.
@@ -274,7 +292,7 @@ fn snapshot_of(p: &ContainerPlan, states: &[Option<State>]) -> Option<Snapshot> 
 #[async_trait]
 impl FaultDriver for ContainerDriver {
     async fn plan(&self, req: &FaultRequest) -> Result<Plan, AgentError> {
-        let (FaultKind::ContainerAction { verb, signal }, TargetSpec::Container(target)) = (&req.kind, &req.target) else {
+        let (FaultKind::ContainerAction { verb, signal, stop_grace }, TargetSpec::Container(target)) = (&req.kind, &req.target) else {
             return Err(AgentError::Command {
                 cmd: "container driver".into(),
                 detail: format!("cannot plan {} on {}", req.kind.family(), req.target),
@@ -287,7 +305,12 @@ impl FaultDriver for ContainerDriver {
             let why: Vec<String> = unfit.iter().map(|(c, st)| format!("{} {}", c.name, applies(*verb, *st).err().unwrap_or(""))).collect();
             return Err(AgentError::Guard(format!("cannot {} {target:?}: {}", verb.as_str(), why.join(", "))));
         }
-        Ok(Plan::Container(ContainerPlan { verb: *verb, signal: *signal, containers: fit.into_iter().map(|(c, _)| c).collect() }))
+        Ok(Plan::Container(ContainerPlan {
+            verb: *verb,
+            signal: *signal,
+            containers: fit.into_iter().map(|(c, _)| c).collect(),
+            stop_grace: *stop_grace,
+        }))
     }
 
     async fn apply(&self, plan: &Plan) -> Result<Applied, AgentError> {
@@ -300,7 +323,11 @@ impl FaultDriver for ContainerDriver {
             r?;
             done.push(format!("{} ({})", c.name, short(&c.id)));
         }
-        let verb = if p.verb == ContainerVerb::Kill { format!("kill -{}", p.signal.0.as_str()) } else { p.verb.as_str().to_string() };
+        let verb = match p.verb {
+            ContainerVerb::Kill => format!("kill -{}", p.signal.0.as_str()),
+            v if v.has_stop_grace() => format!("{} (grace {} s)", v.as_str(), p.stop_grace.as_secs()),
+            v => v.as_str().to_string(),
+        };
         Ok(Applied { backend: "docker", summary: format!("{verb}: {} (state verified)", done.join(", ")), ..Default::default() })
     }
 
@@ -331,7 +358,7 @@ impl FaultDriver for ContainerDriver {
             match self.state(&d, &c.id).await? {
                 None => parts.push(format!("{} is gone", c.name)),
                 Some((_, st)) if applies(undo, st).is_err() => parts.push(format!("{} needs no {}", c.name, undo.as_str())),
-                Some(_) => match self.act(&d, undo, p.signal, &c.id).await {
+                Some(_) => match self.act(&d, undo, p.signal, p.stop_grace, &c.id).await {
                     Err(AgentError::Command { detail, .. }) if detail.contains("404") => parts.push(format!("{} is gone", c.name)),
                     Err(e) => return Err(e),
                     Ok(()) => parts.push(format!("{} {}", undo.as_str(), c.name)),
@@ -370,6 +397,61 @@ mod tests {
         assert_eq!(inverse(Restart), None);
     }
 
+    /// A container stop's journal record as the agent wrote it before
+    /// `stop_grace` existed (format 1, commit 3b0fcf8), byte for byte.
+    const STOP_RECORD_BEFORE_STOP_GRACE: &str = r#"{
+  "version": 1,
+  "id": "fixture-stop",
+  "request": {
+    "id": "fixture-stop",
+    "target": {
+      "container": "web"
+    },
+    "duration": 300000,
+    "labels": {},
+    "kind": {
+      "family": "container_action",
+      "verb": "stop",
+      "signal": "SIGKILL"
+    }
+  },
+  "plan": {
+    "driver": "container",
+    "verb": "stop",
+    "signal": "SIGKILL",
+    "containers": [
+      {
+        "id": "4f1c2a9e8b7d6c5b4a3928171605f4e3d2c1b0a99887766554433221100ffee",
+        "name": "web"
+      }
+    ]
+  },
+  "created_at_unix_ms": 1796299372966,
+  "expires_at_unix_ms": 1796299672966,
+  "agent_pid": 8873
+}"#;
+
+    #[test]
+    fn a_stop_journaled_before_stop_grace_existed_reverts_with_the_old_5_s() {
+        let rec = crate::journal::decode(STOP_RECORD_BEFORE_STOP_GRACE.as_bytes()).expect("an older record decodes");
+        let Plan::Container(p) = &rec.plan else { panic!("a container plan: {:?}", rec.plan) };
+        assert_eq!((p.verb, p.stop_grace), (ContainerVerb::Stop, Duration::from_secs(5)));
+        assert_eq!(p.containers[0].name, "web");
+        assert!(matches!(rec.request.kind, FaultKind::ContainerAction { stop_grace, .. } if stop_grace == DEFAULT_STOP_GRACE));
+        // Written again, the record names its grace; read back, it is the same record.
+        let again = serde_json::to_vec(&rec).expect("json");
+        assert!(String::from_utf8_lossy(&again).contains("\"stop_grace\""));
+        assert_eq!(crate::journal::decode(&again).expect("decode"), rec);
+    }
+
+    #[test]
+    fn a_stop_call_waits_its_grace_on_top_of_the_usual_bound() {
+        assert_eq!(stop_timing(Duration::from_secs(20)), (20, Duration::from_secs(50)));
+        assert_eq!(stop_timing(Duration::ZERO), (0, CALL_TIMEOUT));
+        assert_eq!(stop_timing(chaos_proto::spec::MAX_STOP_GRACE), (300, Duration::from_secs(330)));
+        assert_eq!(stop_timing(Duration::from_secs(u64::MAX)).0, i32::MAX, "clamped, never wrapped");
+    }
+
     #[test]
     fn snapshot_names_each_container_state_and_a_pause_left_behind() {
         let running = State { running: true, paused: false, pid: 5 };
@@ -377,8 +459,12 @@ mod tests {
         let exited = State { running: false, paused: false, pid: 0 };
         let web = ContainerRef { id: "0123456789abcdef0123".into(), name: "web".into() };
         let db = ContainerRef { id: "fedcba9876543210fedc".into(), name: "db".into() };
-        let p =
-            ContainerPlan { verb: ContainerVerb::Pause, signal: SignalName(nix::sys::signal::Signal::SIGKILL), containers: vec![web, db] };
+        let p = ContainerPlan {
+            verb: ContainerVerb::Pause,
+            signal: SignalName(nix::sys::signal::Signal::SIGKILL),
+            containers: vec![web, db],
+            stop_grace: DEFAULT_STOP_GRACE,
+        };
         let before = snapshot_of(&p, &[Some(running), Some(running)]).expect("pause is undone");
         assert_eq!(before.items.get("docker container web (0123456789ab)").map(String::as_str), Some("running"), "{before:?}");
         let reverted = snapshot_of(&p, &[Some(running), Some(running)]).expect("some");

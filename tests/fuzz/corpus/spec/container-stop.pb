@@ -1,0 +1,4 @@
+
+F
+seed-container-stop2label:role=kafka"
+scenarios1º
