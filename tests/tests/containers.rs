@@ -228,6 +228,11 @@ fn a_container_stop_waiting_out_its_grace_holds_up_neither_revert_all_nor_emerge
     assert!(json(&out)["summary"].as_str().is_some_and(|s| s.contains("stop (grace 20 s)")), "{out}");
     assert!(wait_until(Duration::from_secs(15), || d.state(&name) == (true, false)), "not started again at revert");
     assert!(wait_until(Duration::from_secs(10), || finished(&url, "slow-stop")["state"] == "REVERTED"), "{}", finished(&url, "slow-stop"));
+    // Both reverts were read back: the container running again, the process no longer stopped.
+    for id in ["slow-stop", "other-2"] {
+        let f = finished(&url, id);
+        assert_eq!(f["revert_check"], "verified", "{f}");
+    }
     let active = json(&chaos_ok(&["-o", "json", "agent", "faults", "--agent", &url], 0));
     assert!(ids(&active["faults"]).is_empty(), "nothing left active: {active}");
 }
