@@ -508,7 +508,10 @@ pub fn stripped(cache: &Path, bin: &Path) -> Result<PathBuf> {
     }
     // Older copies of this binary go.
     for e in fs::read_dir(&dir)?.flatten() {
-        if e.file_name().to_str().is_some_and(|f| f.starts_with(&format!("{name}-")) && f[name.len() + 1..].contains('-')) {
+        let older = e.file_name().to_str().and_then(|f| f.strip_prefix(name)?.strip_prefix('-')).is_some_and(|rest| {
+            rest.split('-').count() == 2 && rest.split('-').all(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        });
+        if older {
             let _ = fs::remove_file(e.path());
         }
     }
@@ -667,4 +670,59 @@ pub fn boot(spec: &VmSpec) -> Result<VmRun> {
         bail!("VM run failed: {why} (kernel {}, {:?} since QEMU started)\n---- console ----\n{console}", kernel.version, total);
     }
     Ok(VmRun { kernel, console, exit, boot: boot_at, total })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Reads back a newc archive: (name, mode, data) of each entry before the trailer.
+    fn entries(bytes: &[u8]) -> Vec<(String, u32, Vec<u8>)> {
+        let (mut at, mut out) = (0, vec![]);
+        loop {
+            let field = |i: usize| {
+                u32::from_str_radix(std::str::from_utf8(&bytes[at + 6 + i * 8..at + 14 + i * 8]).expect("hex"), 16).expect("hex")
+            };
+            assert_eq!(&bytes[at..at + 6], b"070701", "entry at {at}");
+            let (mode, size, namesize) = (field(1), field(6) as usize, field(11) as usize);
+            let name = String::from_utf8(bytes[at + 110..at + 110 + namesize - 1].to_vec()).expect("name");
+            let data_at = (at + 110 + namesize).next_multiple_of(4);
+            if name == "TRAILER!!!" {
+                assert_eq!((data_at + size) % 4, 0);
+                return out;
+            }
+            out.push((name, mode, bytes[data_at..data_at + size].to_vec()));
+            at = (data_at + size).next_multiple_of(4);
+        }
+    }
+
+    #[test]
+    fn the_archive_is_newc_with_parents_first_and_four_byte_alignment() {
+        let mut c = Cpio::new(Vec::new());
+        c.bytes("etc/chaos-vm/modules", 0o644, b"abc").expect("file");
+        c.symlink("bin/sh", "/usr/bin/dash").expect("link");
+        c.bytes("/init", 0o755, b"#!/bin/busybox sh\n").expect("init");
+        let bytes = c.finish().expect("finish");
+        assert_eq!(bytes.len() % 4, 0);
+        let got: Vec<(String, u32, Vec<u8>)> = entries(&bytes);
+        let names: Vec<&str> = got.iter().map(|(n, _, _)| n.as_str()).collect();
+        assert_eq!(names, ["etc", "etc/chaos-vm", "etc/chaos-vm/modules", "bin", "bin/sh", "init"]);
+        assert_eq!(got[2], ("etc/chaos-vm/modules".into(), 0o100644, b"abc".to_vec()));
+        assert_eq!(got[4], ("bin/sh".into(), 0o120777, b"/usr/bin/dash".to_vec()));
+        assert_eq!(got[0].1, 0o040755);
+    }
+
+    #[test]
+    fn module_dependencies_come_from_modinfo_and_load_first() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let k = dir.path().join("kernel/net/sched");
+        fs::create_dir_all(&k).expect("mkdir");
+        // .modinfo strings as the kernel build leaves them, NUL-separated inside the ELF.
+        fs::write(k.join("sch_netem.ko"), b"\x7fELF...\0license=GPL\0depends=\0name=sch_netem\0").expect("ko");
+        fs::write(k.join("act_mirred.ko"), b"\x7fELF\0depends=nf-tables,sch_netem\0name=act_mirred\0").expect("ko");
+        fs::write(k.join("nf_tables.ko"), b"\x7fELF\0depends=\0").expect("ko");
+        let order = module_load_order(dir.path(), &["act_mirred", "built_in_thing"]).expect("order");
+        let names: Vec<&str> = order.iter().filter_map(|p| p.file_name()?.to_str()).collect();
+        assert_eq!(names, ["nf_tables.ko", "sch_netem.ko", "act_mirred.ko"], "dependencies first; a module built in is skipped");
+    }
 }
