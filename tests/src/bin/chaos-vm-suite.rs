@@ -48,7 +48,8 @@ fn main() {
         ("v2_cpu_stress", v2_cpu_stress),
         ("v2_memory_stress_oom", v2_memory_stress_oom),
         ("v2_io_throttle", v2_io_throttle),
-        ("v2_journal_replay_after_kill9", v2_journal_replay_after_kill9),
+        ("v2_pause_by_cgroup", v2_pause_by_cgroup),
+        ("journal_replay_after_kill9", journal_replay_after_kill9),
     ];
     // Panics are reported by the runner below, once, with the check's name.
     std::panic::set_hook(Box::new(|_| {}));
@@ -557,12 +558,35 @@ fn v2_io_throttle(agent_url: &str) -> Figures {
     format!("io.max {before:?} -> {rule:?} -> {after:?}: dd {free:.1} MB/s free, {rate:.2} MB/s throttled (2 MB/s asked) on {dev}")
 }
 
-fn v2_journal_replay_after_kill9(_shared: &str) -> Figures {
+fn v2_pause_by_cgroup(agent_url: &str) -> Figures {
+    let cg = TestCgroup::new("pcg", &["freezer"]);
+    let mut a = cg.spawn_sh("exec sleep 120");
+    let mut b = cg.spawn_sh("exec sleep 120");
+    let pids = || chaos_e2e::proc_pids_in(&cg.dir("freezer"));
+    assert!(wait_until(Duration::from_secs(5), || pids().len() == 2), "two sleepers in {}", cg.path);
+    let id = uniq("pcg");
+    let out = apply(agent_url, &["--pause-cgroup", &cg.path, "--duration", "2m", "--id", &id]);
+    let paused = out["processes"].as_array().map(Vec::len);
+    let stopped = pids().iter().all(|p| chaos_e2e::proc_state(*p) == Some('T'));
+    chaos_ok(&["agent", "revert", "--agent", agent_url, &id], 0);
+    let resumed = pids().iter().all(|p| chaos_e2e::proc_state(*p) != Some('T'));
+    for c in [&mut a, &mut b] {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    assert_eq!(paused, Some(2), "{out}");
+    assert!(stopped && resumed, "stopped {stopped}, resumed {resumed}");
+    format!("the 2 processes of {} (from its cgroup.procs) stopped and resumed", cg.path)
+}
+
+fn journal_replay_after_kill9(_shared: &str) -> Figures {
     let dir = tempfile::tempdir().expect("tempdir");
     let port = free_port();
     let journal = dir.path().join("journal-k9");
     let (mut agent, url) = start_agent_at(dir.path(), "k9", port, &journal, None, "30s", &[]);
     let cg = TestCgroup::new("k9", &["cpu", "memory", "freezer"]);
+    let pair = NetPair::new();
+    let tree_before = tree(&pair.a);
     let files = ["cpu.max", "memory.max", "cgroup.freeze"];
     let before: Vec<String> = files.iter().map(|f| cg.read("cpu", f)).collect();
     let (thr, lim, frz, cpu) = (uniq("k9thr"), uniq("k9lim"), uniq("k9frz"), uniq("k9cpu"));
@@ -570,13 +594,29 @@ fn v2_journal_replay_after_kill9(_shared: &str) -> Figures {
     apply(&url, &["--memory-limit", "80MiB", "--cgroup", &cg.path, "--duration", "5m", "--id", &lim]);
     apply(&url, &["--freeze-cgroup", &cg.path, "--duration", "5m", "--id", &frz]);
     apply(&url, &["--cpu", "20%", "--duration", "5m", "--id", &cpu]);
+    let peer = format!("{}/32", pair.b_ip);
+    apply(&url, &["--netns", &pair.a, "--latency", "100ms", "--peer", &peer, "--direction", "egress", "--duration", "5m", "--id", "k9lat"]);
+    apply(&url, &["--netns", &pair.a, "--corrupt", "5%", "--peer", &peer, "--direction", "ingress", "--duration", "5m", "--id", "k9cor"]);
     let during: Vec<String> = files.iter().map(|f| cg.read("cpu", f)).collect();
+    let tree_during = tree(&pair.a);
     agent.kill9();
     assert_eq!(files.iter().map(|f| cg.read("cpu", f)).collect::<Vec<_>>(), during, "the knobs stay until a revert");
+    assert_eq!(tree(&pair.a), tree_during, "the qdiscs stay until a revert");
     let own = std::path::PathBuf::from(format!("/sys/fs/cgroup/chaos-{cpu}"));
     let (_agent, _url) = start_agent_at(dir.path(), "k9", port, &journal, None, "30s", &[]);
     let after: Vec<String> = files.iter().map(|f| cg.read("cpu", f)).collect();
     assert_eq!(after, before, "journal replay restores every v2 file byte for byte (during: {during:?})");
     assert!(wait_until(Duration::from_secs(5), || !own.exists()), "journal replay removes the stress cgroup");
-    format!("{files:?}: {before:?} -> {during:?} -> kill -9, restart -> {after:?}")
+    assert!(
+        wait_until(Duration::from_secs(5), || tree(&pair.a) == tree_before),
+        "journal replay restores the qdisc tree: {:?}",
+        tree(&pair.a)
+    );
+    let qdiscs = |t: &(String, String)| t.0.lines().count();
+    format!(
+        "{files:?}: {before:?} -> {during:?} -> kill -9, restart -> {after:?}; qdiscs in the netns {} -> {} (netem egress + ifb ingress) -> {}",
+        qdiscs(&tree_before),
+        qdiscs(&tree_during),
+        qdiscs(&tree(&pair.a))
+    )
 }
