@@ -178,8 +178,13 @@ pub fn extract_kernel(cache: &Path, deb: &Path) -> Result<Kernel> {
         fs::create_dir_all(&tmp).with_context(|| format!("mkdir {}", tmp.display()))?;
         run(Command::new("dpkg-deb").arg("-x").arg(deb).arg(&tmp))?;
         fs::write(tmp.join(".done"), "")?;
-        let _ = fs::remove_dir_all(&dir);
-        fs::rename(&tmp, &dir).with_context(|| format!("rename to {}", dir.display()))?;
+        if dir.join(".done").exists() {
+            // Another run (another worktree) extracted it meanwhile: keep theirs, it may be in use.
+            let _ = fs::remove_dir_all(&tmp);
+        } else {
+            let _ = fs::remove_dir_all(&dir);
+            fs::rename(&tmp, &dir).with_context(|| format!("rename to {}", dir.display()))?;
+        }
     }
     let boot = dir.join("boot");
     let vmlinuz = fs::read_dir(&boot)
@@ -497,6 +502,7 @@ pub fn base_archive(cache: &Path, kernel: &Kernel) -> Result<PathBuf> {
 
 /// A copy of `bin` without debug info, cached by its size and mtime (the
 /// debug builds are 50–110 MB each; stripped they unpack in a fraction of the time).
+/// Copies not made for a day are removed (not sooner: another worktree may be booting one).
 pub fn stripped(cache: &Path, bin: &Path) -> Result<PathBuf> {
     let name = bin.file_name().and_then(|f| f.to_str()).ok_or_else(|| anyhow!("odd binary name {}", bin.display()))?;
     let m = fs::metadata(bin).with_context(|| format!("{} not found: build the workspace binaries first", bin.display()))?;
@@ -506,16 +512,13 @@ pub fn stripped(cache: &Path, bin: &Path) -> Result<PathBuf> {
     if out.exists() {
         return Ok(out);
     }
-    // Older copies of this binary go.
     for e in fs::read_dir(&dir)?.flatten() {
-        let older = e.file_name().to_str().and_then(|f| f.strip_prefix(name)?.strip_prefix('-')).is_some_and(|rest| {
-            rest.split('-').count() == 2 && rest.split('-').all(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
-        });
-        if older {
+        let made = e.metadata().and_then(|m| m.modified()).ok();
+        if made.and_then(|t| t.elapsed().ok()).is_some_and(|age| age > Duration::from_secs(24 * 3600)) {
             let _ = fs::remove_file(e.path());
         }
     }
-    let tmp = out.with_extension("tmp");
+    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
     if run(Command::new("strip").arg("--strip-debug").arg("-o").arg(&tmp).arg(bin)).is_err() {
         fs::copy(bin, &tmp)?;
     }
