@@ -661,8 +661,8 @@ pub fn boot(spec: &VmSpec) -> Result<VmRun> {
             }
         }
     }
-    // Give it a moment to power off by itself, then kill it.
-    let off = Instant::now() + Duration::from_secs(10);
+    // After the exit status, give it a moment to power off by itself; on a failure, kill it now.
+    let off = Instant::now() + if exit.is_some() { Duration::from_secs(10) } else { Duration::ZERO };
     while Instant::now() < off && matches!(qemu.0.try_wait(), Ok(None)) {
         std::thread::sleep(Duration::from_millis(50));
     }
