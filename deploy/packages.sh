@@ -1,7 +1,8 @@
 # Sourced by deploy/test.sh and deploy/drill.sh (needs their `step`):
 #   ensure_tools COMMAND:DEBIAN_PACKAGE ...
 # installs, with apt-get, the package of every command not on PATH;
-#   ensure_packages DEBIAN_PACKAGE ... installs packages by name.
+#   ensure_packages DEBIAN_PACKAGE ... installs packages by name;
+#   ensure_vm_kernel DIR [PACKAGE] downloads (never installs) the VM suite's kernel.
 ensure_tools() {
   local need=() pair
   for pair in "$@"; do
@@ -26,4 +27,26 @@ ensure_packages() {
   fi
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
   [ -z "$guard" ] || rm -f /usr/sbin/policy-rc.d
+}
+
+# ensure_vm_kernel DIR [PACKAGE]: the kernel package the VM suite boots
+# (default: what linux-image-cloud-amd64 depends on), downloaded into DIR with
+# `apt-get download` — never installed, so the host's kernel and boot
+# configuration stay as they are.
+ensure_vm_kernel() {
+  local dir="$1" pkg="${2:-}"
+  if [ -z "$pkg" ]; then
+    pkg="$(apt-cache depends --important linux-image-cloud-amd64 2>/dev/null | sed -n 's/^ *Depends: *\(linux-image-[^ ]*\).*/\1/p' | head -1)"
+    if [ -z "$pkg" ]; then
+      step "apt-get update (no linux-image-cloud-amd64 in the package lists)"
+      DEBIAN_FRONTEND=noninteractive apt-get update -qq
+      pkg="$(apt-cache depends --important linux-image-cloud-amd64 | sed -n 's/^ *Depends: *\(linux-image-[^ ]*\).*/\1/p' | head -1)"
+    fi
+  fi
+  [ -n "$pkg" ] || { echo "no kernel package found for the VM suite" >&2; exit 1; }
+  mkdir -p "$dir"
+  compgen -G "$dir/${pkg}_*.deb" >/dev/null && return 0
+  step "downloading $pkg for the VM suite (apt-get download into $dir)"
+  (cd "$dir" && apt-get download -q "$pkg" 2>&1 | grep -v 'unsandboxed' >&2 || true)
+  compgen -G "$dir/${pkg}_*.deb" >/dev/null || { echo "apt-get download $pkg failed" >&2; exit 1; }
 }

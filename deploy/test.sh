@@ -17,6 +17,10 @@ command -v go >/dev/null || { echo "go not found: needed to install grpcurl" >&2
 ensure_tools nft:nftables iptables:iptables ip:iproute2 ping:iputils-ping nsenter:util-linux dockerd:docker.io
 # The image needs a statically linked busybox (Debian's plain `busybox` is dynamic).
 dpkg -s busybox-static >/dev/null 2>&1 || ensure_packages busybox-static
+# The VM suite (tests/tests/vm.rs): netem and cgroup v2 on Debian's stock cloud kernel under
+# QEMU (TCG); the kernel package is downloaded into the harness's cache, not installed.
+ensure_tools qemu-system-x86_64:qemu-system-x86 strip:binutils
+ensure_vm_kernel "${CHAOS_VM_CACHE:-/var/cache/chaos-vm}/debs" "${CHAOS_VM_KERNEL_PACKAGE:-}"
 [ "$(id -u)" = 0 ] || echo "warning: not root: the network-namespace tests will fail (they create namespaces)" >&2
 
 GOBIN_DIR="$(go env GOPATH)/bin"
@@ -51,3 +55,5 @@ step "building binaries and tests (the end-to-end tests drive the binaries)"
 cargo build --workspace --all-targets --locked
 step "cargo test"
 cargo test --workspace --locked
+# What the VM suite tested (cargo hides a passing test's output).
+cat "$target_dir/debug/chaos-vm-last-run.txt" 2>/dev/null || true

@@ -14,6 +14,7 @@
 //! ([`chaos_as`]).
 
 pub mod fuzz;
+pub mod vm;
 
 use std::{
     collections::HashMap,

@@ -1007,7 +1007,7 @@ mod tests {
         assert_eq!(p.netem.map(|n| n.args()), Some("limit 1000 delay 20000us reorder 25.00%".to_string()));
         r.kind = FaultKind::NetworkLoss { scope: eg(), permyriad: 1000, correlation_permyriad: 2500 };
         let Plan::Bandwidth(p) = with.plan(&r).await.expect("netem") else { panic!("netem plan") };
-        assert_eq!(p.netem.map(|n| n.args()), Some("limit 1000 loss random 10.00% 25.00%".to_string()));
+        assert_eq!(p.netem.map(|n| n.args()), Some("limit 1000 loss state 7.50% 67.50%".to_string()));
         r.kind = FaultKind::NetworkLoss { scope: eg(), permyriad: 1000, correlation_permyriad: 0 };
         assert!(matches!(with.plan(&r).await.expect("nft"), Plan::Network(_)), "plain loss stays an exact nftables draw");
         r.kind = FaultKind::NetworkLatency {
