@@ -270,32 +270,27 @@ pub fn module_load_order(modules: &Path, wanted: &[&str]) -> Result<Vec<PathBuf>
     Ok(order)
 }
 
-/// A `newc` cpio archive written as files are added.
+/// A `newc` cpio archive (written by the `cpio` crate) as files are added,
+/// each parent directory once, before what it holds.
 pub struct Cpio<W: Write> {
-    out: W,
+    /// `None` only while an entry is being written.
+    out: Option<W>,
     ino: u32,
     seen: BTreeSet<String>,
 }
 
 impl<W: Write> Cpio<W> {
     pub fn new(out: W) -> Self {
-        Cpio { out, ino: 1, seen: BTreeSet::new() }
+        Cpio { out: Some(out), ino: 1, seen: BTreeSet::new() }
     }
 
-    fn header(&mut self, name: &str, mode: u32, size: usize, target: Option<&[u8]>) -> Result<()> {
-        let name = name.trim_start_matches('/');
-        let mut h = format!("070701{:08x}{mode:08x}{:08x}{:08x}{:08x}{:08x}{size:08x}", self.ino, 0, 0, 1, 0);
-        h.push_str(&format!("{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}", 0, 0, 0, 0, name.len() + 1, 0));
+    fn entry(&mut self, name: &str, mode: u32, data: &[u8]) -> Result<()> {
+        let out = self.out.take().context("a failed entry left the archive unusable")?;
+        let size = u32::try_from(data.len()).with_context(|| format!("{name}: too big for a newc archive"))?;
+        let mut w = cpio::newc::Builder::new(name.trim_start_matches('/')).ino(self.ino).mode(mode).nlink(1).write(out, size);
         self.ino += 1;
-        self.out.write_all(h.as_bytes())?;
-        self.out.write_all(name.as_bytes())?;
-        self.out.write_all(&[0])?;
-        let pad = (4 - (110 + name.len() + 1) % 4) % 4;
-        self.out.write_all(&[0; 4][..pad])?;
-        if let Some(t) = target {
-            self.out.write_all(t)?;
-            self.out.write_all(&[0; 4][..(4 - t.len() % 4) % 4])?;
-        }
+        w.write_all(data)?;
+        self.out = Some(w.finish()?);
         Ok(())
     }
 
@@ -309,7 +304,7 @@ impl<W: Write> Cpio<W> {
             }
             at.push_str(part);
             if self.seen.insert(at.clone()) {
-                self.header(&at.clone(), 0o040755, 0, None)?;
+                self.entry(&at.clone(), 0o040755, &[])?;
             }
         }
         Ok(())
@@ -326,7 +321,7 @@ impl<W: Write> Cpio<W> {
     pub fn bytes(&mut self, path: &str, mode: u32, data: &[u8]) -> Result<()> {
         self.parent(path)?;
         self.seen.insert(path.trim_start_matches('/').to_string());
-        self.header(path, 0o100000 | mode, data.len(), Some(data))
+        self.entry(path, 0o100000 | mode, data)
     }
 
     /// A copy of host file `src` (symlinks followed) at `path`.
@@ -339,7 +334,7 @@ impl<W: Write> Cpio<W> {
     pub fn symlink(&mut self, path: &str, target: &str) -> Result<()> {
         self.parent(path)?;
         self.seen.insert(path.trim_start_matches('/').to_string());
-        self.header(path, 0o120777, target.len(), Some(target.as_bytes()))
+        self.entry(path, 0o120777, target.as_bytes())
     }
 
     pub fn contains(&self, path: &str) -> bool {
@@ -348,9 +343,10 @@ impl<W: Write> Cpio<W> {
 
     /// The trailer; returns the writer.
     pub fn finish(mut self) -> Result<W> {
-        self.header("TRAILER!!!", 0, 0, None)?;
-        self.out.flush()?;
-        Ok(self.out)
+        let out = self.out.take().context("a failed entry left the archive unusable")?;
+        let mut out = cpio::newc::trailer(out)?;
+        out.flush()?;
+        Ok(out)
     }
 }
 
