@@ -12,18 +12,20 @@
 //! stop delays nothing but later work on that container.
 //!
 //! ```text
-//!  ApplyFault ─ checks ─ PENDING ─ [job: resolve ─ plan ─ journal.put (fsync) ─ driver.apply] ─► APPLIED ─┐
+//!  ApplyFault ─ checks ─ PENDING ─ [job: resolve ─ plan ─ read state ─ journal.put (fsync) ─ driver.apply] ─► APPLIED ─┐
 //!                  │ asked to revert while still queued: cancelled, nothing was done
 //!                  │ asked to revert while running: reverted as soon as the apply returns
 //!                  │ apply failed: [driver.revert, journal.remove] ─► FAILED (history)
 //!  TTL | RevertFault | RevertAll | lease lost | SIGTERM | disarmed by coordinator                           ▼
-//!                       REVERTING ─ [job: driver.revert ─ journal.remove] ─ ok ─► REVERTED (history)
-//!                                                                        └ err ─► FAILED (journal kept, retried)
+//!                       REVERTING ─ [job: driver.revert ─ re-read + compare ─ journal.remove] ─ ok ─► REVERTED (history)
+//!                                                           └ err, or a leftover after a second revert ─► FAILED (journal kept, retried)
 //!  start: every journal record ─► driver.revert (REVERT_REASON_JOURNAL_REPLAY)
 //! ```
 //!
 //! A journal record exists from before the host is touched until after the
-//! revert succeeded; a fault is never applied without one.
+//! revert succeeded; a fault is never applied without one. The record holds
+//! the state read before apply, so every revert (a replay's too) is proved
+//! against it: see [`crate::faults::revert_verified`].
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, VecDeque},
