@@ -1382,7 +1382,7 @@ impl CpuTrace {
     }
 }
 
-async fn bench_resource(dir: &Path) -> anyhow::Result<Vec<String>> {
+async fn bench_resource(dir: &Path) -> anyhow::Result<(Vec<String>, Vec<(&'static str, Checks)>)> {
     let agent = start_agent(dir, "resource-bench", None, None).await?;
     let mut client = AgentClient::new(connect(&agent.url).await?);
     let host = || Some(pb::Target { kind: Some(pb::target::Kind::Host(pb::HostTarget {})) });
@@ -1408,6 +1408,7 @@ async fn bench_resource(dir: &Path) -> anyhow::Result<Vec<String>> {
     };
     let acct = |name: &str| if v2 { cg_root.join(name) } else { cg_root.join("cpuacct").join(name) };
     let stress_ng = std::process::Command::new("stress-ng").arg("--version").output().is_ok_and(|o| o.status.success());
+    let (mut stress_checks, mut other_checks) = (Checks::default(), Checks::default());
     for load in [25.0, 50.0, 90.0] {
         let id = format!("bench-cpu-{load}");
         client
@@ -1417,7 +1418,7 @@ async fn bench_resource(dir: &Path) -> anyhow::Result<Vec<String>> {
             .await?;
         let read = usage_of(acct(&format!("chaos-{id}")));
         let ours = tokio::task::spawn_blocking(move || CpuTrace::record(load, 8, read)).await?;
-        client.revert_fault(pb::RevertFaultRequest { fault_id: id }).await?;
+        stress_checks.take(client.revert_fault(pb::RevertFaultRequest { fault_id: id }).await?.into_inner().fault.as_ref());
         lines.push(format!("(o) CPU stress {load:.0} % of one core, 1 worker, 8 s:"));
         lines.push(format!("      {}", ours.line("chaos")));
         if stress_ng {
@@ -1444,7 +1445,7 @@ async fn bench_resource(dir: &Path) -> anyhow::Result<Vec<String>> {
         .into_inner();
     let took = t0.elapsed();
     let rss = r.fault.and_then(|f| f.applied).and_then(|a| a.achieved.get("resident_bytes").copied()).unwrap_or(0.0);
-    client.revert_fault(pb::RevertFaultRequest { fault_id: "bench-mem".into() }).await?;
+    other_checks.take(client.revert_fault(pb::RevertFaultRequest { fault_id: "bench-mem".into() }).await?.into_inner().fault.as_ref());
     lines.push(format!(
         "(p) memory stress 256 MiB: {:.1} MiB resident when ApplyFault answered ({:+.1} %), in {:.0} ms",
         rss / 1048576.0,
@@ -1468,8 +1469,18 @@ async fn bench_resource(dir: &Path) -> anyhow::Result<Vec<String>> {
     } else {
         lines.push("(q) disk fill: could not mount a tmpfs (needs root)".into());
     }
+    // (s) the revert check of a cgroup knob: 20 CPU throttles of a cgroup of the bench's own.
+    let cg = chaos_e2e::TestCgroup::new("bench-thr", &["cpu", "cpuacct"]);
+    let mut throttle_checks = Checks::default();
+    for i in 0..20 {
+        let id = format!("bench-thr-{i}");
+        let mut s = spec(&id, pb::fault_spec::Fault::CpuThrottle(pb::CpuThrottle { quota_percent: 20.0 }));
+        s.target = Some(pb::Target { kind: Some(pb::target::Kind::CgroupPath(cg.path.clone())) });
+        client.apply_fault(pb::ApplyFaultRequest { spec: Some(s) }).await?;
+        throttle_checks.take(client.revert_fault(pb::RevertFaultRequest { fault_id: id }).await?.into_inner().fault.as_ref());
+    }
     agent.shutdown().await?;
-    Ok(lines)
+    Ok((lines, vec![("cpu_stress", stress_checks), ("cpu_throttle", throttle_checks), ("memory_stress", other_checks)]))
 }
 
 fn main() -> anyhow::Result<()> {
@@ -1607,7 +1618,11 @@ async fn bench() -> anyhow::Result<()> {
     }
     if matches!(args.suite, Suite::Resource | Suite::All) {
         eprintln!("(o..q) resource faults (CPU 25/50/90 %, with stress-ng for comparison; memory; disk fill) ...");
-        notes.extend(bench_resource(dir.path()).await?);
+        let (lines, checks) = bench_resource(dir.path()).await?;
+        notes.extend(lines);
+        for (family, c) in &checks {
+            check_rows(out, &mut notes, family, c);
+        }
     }
     if matches!(args.suite, Suite::Network | Suite::All) {
         eprintln!("(c..f) network faults between two namespaces ...");
