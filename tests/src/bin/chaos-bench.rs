@@ -57,7 +57,13 @@
 //!     its revert. The runs share one round of stops (more rounds when they
 //!     do not fit in its grace). "skipped: why" when no dockerd can start.
 //!
-//! Run: `cargo build --release --workspace --bins && ./target/release/chaos-bench [--suite lifecycle|network|coordinator|hub|resource|slow-stop|all] [--faults N] [--agents M] [--runs R] [--slow-stop-runs S]`
+//! (t) netem's fidelity on a stock distribution kernel: the VM suite's
+//!     netem checks (latency with jitter, loss, corruption, duplication) in
+//!     Debian's cloud kernel under QEMU TCG, as the VM test runs them,
+//!     printed after the engine's figures of the network suite. Emulated:
+//!     timings are looser than on a host.
+//!
+//! Run: `cargo build --release --workspace --bins && ./target/release/chaos-bench [--suite lifecycle|network|coordinator|hub|resource|slow-stop|vm|all] [--faults N] [--agents M] [--runs R] [--slow-stop-runs S]`
 //! (the network suite drives `chaos-netprobe`, built next to it).
 
 use std::{
@@ -124,6 +130,8 @@ enum Suite {
     Resource,
     /// (r): emergency stop while agents wait out a container stop's grace (a private dockerd).
     SlowStop,
+    /// (t): netem's fidelity on Debian's stock kernel in a QEMU VM (emulated).
+    Vm,
     All,
 }
 
@@ -1483,6 +1491,41 @@ async fn bench_resource(dir: &Path) -> anyhow::Result<(Vec<String>, Vec<(&'stati
     Ok((lines, vec![("cpu_stress", stress_checks), ("cpu_throttle", throttle_checks), ("memory_stress", other_checks)]))
 }
 
+/// (t) The VM suite's netem checks, as lines for the notes; a VM that does
+/// not boot or a check that fails is named, never left out.
+fn bench_vm_netem() -> Vec<String> {
+    let checks = ["netem_latency_with_jitter", "netem_loss_with_correlation", "netem_corruption", "netem_duplication"];
+    let binaries = ["chaos-agent", "chaos", "chaos-netprobe", "chaos-vm-suite"].map(|b| chaos_e2e::bin_dir().join(b));
+    if let Some(missing) = binaries.iter().find(|b| !b.exists()) {
+        return vec![format!("(t) netem in a VM: skipped: {} not built (cargo build --workspace --bins)", missing.display())];
+    }
+    let spec = chaos_e2e::vm::VmSpec {
+        binaries: binaries.to_vec(),
+        program: "/chaos/bin/chaos-vm-suite".into(),
+        args: checks.iter().map(ToString::to_string).collect(),
+        memory_mib: 1536,
+        cpus: 2,
+        disk_mib: None,
+        timeout: Duration::from_secs(300),
+    };
+    match chaos_e2e::vm::boot(&spec) {
+        Err(e) => vec![format!("(t) netem in a VM: FAILED to run: {e:#}")],
+        Ok(run) => {
+            let mut lines = vec![format!(
+                "(t) netem in a VM, kernel {} under QEMU TCG (EMULATED: timings looser than a host's), boot {:.1} s; goals as the engine's (g, e, j, k):",
+                run.kernel.version,
+                run.boot.map_or(f64::NAN, |b| b.as_secs_f64())
+            )];
+            let found: Vec<&str> = run.console.lines().filter(|l| l.starts_with("VM-CHECK ")).collect();
+            lines.extend(found.iter().map(|l| format!("      {}", l.trim_start_matches("VM-CHECK "))));
+            if found.len() != checks.len() || run.exit != Some(0) {
+                lines.push(format!("      the VM suite exited {:?} with {} of {} checks reported", run.exit, found.len(), checks.len()));
+            }
+            lines
+        }
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     // The in-process agent runs its stress workers as this binary.
     chaos_agent::stressor::run_if_stressor();
@@ -1562,6 +1605,10 @@ async fn bench() -> anyhow::Result<()> {
              the bench's client an admin certificate; insecure: the same servers with no TLS (--insecure)"
                 .into(),
         );
+    }
+    if matches!(args.suite, Suite::Vm | Suite::All) {
+        eprintln!("(t) netem in a QEMU VM with Debian's stock kernel (emulated) ...");
+        notes.extend(bench_vm_netem());
     }
     if matches!(args.suite, Suite::SlowStop | Suite::All) {
         eprintln!("(r) EmergencyStop with 100 agents while 10 wait out a 20 s container stop, {} runs ...", args.slow_stop_runs);
