@@ -197,16 +197,30 @@ impl NetworkDriver {
         let saved = self.read_tool(&plan.ns, &["iptables-save", "-t", "raw"]).await?;
         let chains = saved_chains(&saved);
         let mut snap = Snapshot::default();
-        let ours = plan.legs().map(|l| l.chain.to_string());
-        for name in ["PREROUTING", "OUTPUT"].into_iter().map(str::to_string).chain(ours) {
-            let value = chains.get(&name).map_or_else(|| "absent".to_string(), |(policy, rules)| chain_text(policy, rules));
+        let ours: Vec<String> = plan.legs().map(|l| l.chain.to_string()).into_iter().collect();
+        // Other chaos faults' chains and jumps (this agent's or another's) come and go with them.
+        let theirs = |w: &str| w.starts_with("CHAOS-") && !ours.iter().any(|o| o == w);
+        let others = chains.keys().any(|c| theirs(c));
+        for name in ["PREROUTING", "OUTPUT"].into_iter().map(str::to_string).chain(ours.iter().cloned()) {
+            let value = chains.get(&name).map_or_else(
+                || "absent".to_string(),
+                |(policy, rules)| {
+                    let rules: Vec<String> = rules.iter().filter(|r| !r.split_whitespace().any(theirs)).cloned().collect();
+                    chain_text(policy, &rules)
+                },
+            );
             snap.insert(format!("iptables raw chain {name} in {at}"), value);
         }
         // nft absent or unusable (iptables-legacy hosts): no such key, the same before and after.
         match self.run_tool(&plan.ns, &["nft", "list", "tables"], None).await {
             Ok(out) if out.success => {
                 let raw = out.stdout.lines().any(|l| l.split_whitespace().eq(["table", "ip", "raw"]));
-                snap.insert(format!("nft table ip raw in {at}"), if raw { "present" } else { "absent" });
+                let value = match (others, raw) {
+                    (true, _) => super::SHARED_WITH_OTHERS,
+                    (false, true) => "present",
+                    (false, false) => "absent",
+                };
+                snap.insert(format!("nft table ip raw in {at}"), value);
             }
             Ok(out) => {
                 self.ensure_there(&plan.ns)?;

@@ -163,6 +163,15 @@ impl Snapshot {
     }
 }
 
+/// Values starting with this are not judged after the revert (either side).
+pub const NOT_JUDGED: &str = "(not judged";
+/// The value a reading before apply gives a thing that was already in the
+/// fault's state (a process stopped by someone else before a pause): the
+/// revert does not restore it to that.
+pub const ALREADY_FAULTED: &str = "(not judged: already in the fault's state before it)";
+/// The value of a thing other chaos faults (of this agent or another) use too.
+pub const SHARED_WITH_OTHERS: &str = "(not judged: in use by other chaos faults too)";
+
 /// Snapshot values that say the thing itself is gone (a process, a
 /// container, an interface): nothing of a fault can remain on it, so such a
 /// difference is not a leftover.
@@ -223,6 +232,8 @@ struct Judged {
     ours: Vec<String>,
     /// Differences on things another fault (named) touched too: not judged.
     shared: Vec<String>,
+    /// Things read before as [`NOT_JUDGED`].
+    unjudged: usize,
     /// Things that are gone now (a process that exited).
     vanished: usize,
 }
@@ -232,7 +243,12 @@ struct Judged {
 /// was) to one such fault's id.
 fn judge(before: &Snapshot, after: &Snapshot, shared: &BTreeMap<String, String>) -> Judged {
     let mut j = Judged::default();
+    j.unjudged = before.items.values().filter(|v| v.starts_with(NOT_JUDGED)).count();
     for d in after.differing(before) {
+        let unjudged = |s: &Snapshot| s.items.get(&d.key).is_some_and(|v| v.starts_with(NOT_JUDGED));
+        if unjudged(before) || unjudged(after) {
+            continue;
+        }
         if d.vanished {
             j.vanished += 1;
         } else if let Some(other) = shared.get(&d.key) {
@@ -291,9 +307,16 @@ async fn verify(
             Err(e) => return (Ok(summary), Check::new(V::NotCompared, format!("the state could not be read after the revert: {e}"))),
         };
         let j = judge(snap, &after, shared);
+        if !snap.items.is_empty() && j.unjudged == snap.items.len() {
+            let why = "nothing it touches could be judged (already in the fault's state before it, e.g. a process stopped by someone else, or in use by other chaos faults): nothing to compare";
+            return (Ok(summary), Check::new(V::NotCompared, why));
+        }
         if j.ours.is_empty() {
-            let read = snap.items.len();
+            let read = snap.items.len() - j.unjudged;
             let mut detail = format!("host state as before ({read} item{} read", if read == 1 { "" } else { "s" });
+            if j.unjudged > 0 {
+                detail.push_str(&format!(", {} not judged", j.unjudged));
+            }
             if j.vanished > 0 {
                 detail.push_str(&format!(", {} gone since", j.vanished));
             }
@@ -323,7 +346,7 @@ async fn verify(
 /// `Err` only when the target is gone (the fault is refused then).
 pub async fn read_before(driver: &dyn FaultDriver, plan: &Plan) -> Result<Before, AgentError> {
     match driver.snapshot(plan).await {
-        Ok(Some(s)) => Ok(Before::Read(s)),
+        Ok(Some(s)) => Ok(Before::Read(driver.as_before(plan, s))),
         Ok(None) => Ok(Before::NothingToCompare),
         Err(e @ AgentError::TargetNotFound(_)) => Err(e),
         Err(e) => Ok(Before::Unread(e.to_string())),
@@ -360,6 +383,11 @@ pub trait FaultDriver: Send + Sync {
     /// Measure an active fault now (cheap: it runs when faults are listed).
     fn observe(&self, _plan: &Plan) -> Option<Observation> {
         None
+    }
+    /// The reading before apply as it is kept: a driver marks with
+    /// [`ALREADY_FAULTED`] what its revert does not restore to the value read.
+    fn as_before(&self, _plan: &Plan, before: Snapshot) -> Snapshot {
+        before
     }
     /// Read the state `plan` touches (reads only, cheap: it runs before every
     /// apply and after every revert). `Ok(None)`: nothing to compare (a kill is
@@ -430,6 +458,17 @@ mod tests {
 
     fn snap(items: &[(&str, &str)]) -> Snapshot {
         Snapshot { items: items.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect() }
+    }
+
+    #[test]
+    fn what_another_fault_read_too_or_was_already_faulted_is_not_judged_as_ours() {
+        let before = snap(&[("a", "1"), ("b", "1"), ("c", ALREADY_FAULTED), ("p", "not stopped")]);
+        let after = snap(&[("a", "2"), ("b", "2"), ("c", "not stopped"), ("p", "gone")]);
+        let shared: BTreeMap<String, String> = [("b".to_string(), "f2".to_string())].into();
+        let j = judge(&before, &after, &shared);
+        assert_eq!(j.ours, vec![r#"a: was "1", now "2""#.to_string()]);
+        assert_eq!(j.shared, vec![r#"b: was "1", now "2" (fault f2 changed it too)"#.to_string()]);
+        assert_eq!((j.unjudged, j.vanished), (1, 1));
     }
 
     #[test]

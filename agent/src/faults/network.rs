@@ -898,9 +898,11 @@ mod tests {
                 saved("Thu Dec  3 09:46:39 2026", "0:0", ""),
                 saved("Thu Dec  3 09:47:01 2026", "12:3400", "-A PREROUTING ! -i lo -j CHAOS-f1-I\n"),
                 saved("Thu Dec  3 09:47:02 2026", "15:4000", ""),
+                // Another fault's chain and jump (this agent's or another's).
+                saved("Thu Dec  3 09:47:03 2026", "16:4100", ":CHAOS-other-I - [0:0]\n-A PREROUTING ! -i lo -j CHAOS-other-I\n"),
             ],
         );
-        exec.answer_in_turn("nft list tables", vec![ok(""), ok("table ip raw\n"), ok("")]);
+        exec.answer_in_turn("nft list tables", vec![ok(""), ok("table ip raw\n"), ok(""), ok("table ip raw\n")]);
         let d = driver(&exec);
         let mut r = req(TargetSpec::Netns("lab-a".into()), scope(&["198.18.0.3"], Direction::Ingress));
         r.kind = FaultKind::NetworkLatency {
@@ -928,6 +930,9 @@ mod tests {
         );
         let after = d.snapshot(&plan).await.expect("snapshot").expect("some");
         assert!(after.differences(&before).is_empty(), "new counters and times are no difference: {:?}", after.differences(&before));
+        let beside = d.snapshot(&plan).await.expect("snapshot").expect("some");
+        assert_eq!(beside.items.get(&format!("iptables raw chain PREROUTING {at}")).map(String::as_str), Some("policy ACCEPT; no rules"));
+        assert_eq!(beside.items.get(&format!("nft table ip raw {at}")).map(String::as_str), Some(crate::faults::SHARED_WITH_OTHERS));
         let saved_with_c = "*raw\n:PREROUTING ACCEPT [3:180]\n:CHAOS-x-I - [0:0]\n[3:180] -A PREROUTING ! -i lo -j CHAOS-x-I\nCOMMIT\n";
         let chains = super::super::latency::saved_chains(saved_with_c);
         assert_eq!(chains.get("PREROUTING"), Some(&("ACCEPT".to_string(), vec!["! -i lo -j CHAOS-x-I".to_string()])));

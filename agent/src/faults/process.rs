@@ -292,6 +292,16 @@ impl FaultDriver for ProcessDriver {
     }
 
     /// Pause: whether each process is stopped. Kill: nothing to compare (not undone).
+    /// A process already stopped before the pause (by someone else, or
+    /// another agent's pause) is resumed by the revert's SIGCONT all the same:
+    /// "stopped" is not what the revert restores, so it is not judged.
+    fn as_before(&self, _plan: &Plan, mut before: Snapshot) -> Snapshot {
+        for v in before.items.values_mut().filter(|v| *v == "stopped") {
+            *v = super::ALREADY_FAULTED.to_string();
+        }
+        before
+    }
+
     async fn snapshot(&self, plan: &Plan) -> Result<Option<Snapshot>, AgentError> {
         let plan = plan_of(plan)?;
         if plan.action != ProcessAction::Pause {
