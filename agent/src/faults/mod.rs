@@ -242,8 +242,7 @@ struct Judged {
 /// other faults read too (faults active on the same things while this one
 /// was) to one such fault's id.
 fn judge(before: &Snapshot, after: &Snapshot, shared: &BTreeMap<String, String>) -> Judged {
-    let mut j = Judged::default();
-    j.unjudged = before.items.values().filter(|v| v.starts_with(NOT_JUDGED)).count();
+    let mut j = Judged { unjudged: before.items.values().filter(|v| v.starts_with(NOT_JUDGED)).count(), ..Default::default() };
     for d in after.differing(before) {
         let unjudged = |s: &Snapshot| s.items.get(&d.key).is_some_and(|v| v.starts_with(NOT_JUDGED));
         if unjudged(before) || unjudged(after) {
