@@ -891,9 +891,7 @@ impl Actor {
             ApplyOutcome::Failed { error, undo, check } => {
                 warn!(fault_id = %id, error = %error, "apply failed; undoing whatever part of it took effect");
                 self.cfg.counters.apply_failed(family);
-                if check.verdict != pb::RevertCheck::Unspecified {
-                    self.cfg.counters.revert_checked(family, check.name());
-                }
+                self.count_check(family, &check);
                 e.check = check;
                 match undo {
                     Ok(summary) => {
@@ -945,13 +943,18 @@ impl Actor {
         }
     }
 
+    /// Count a revert check's verdict (none when there was no check).
+    fn count_check(&self, family: &str, check: &Check) {
+        if check.verdict != pb::RevertCheck::Unspecified {
+            self.cfg.counters.revert_checked(family, check.name());
+        }
+    }
+
     /// Record the result of a revert job in `entry`. True when it is now reverted.
     fn settle_revert(&mut self, entry: &mut Entry, result: Result<String, AgentError>, check: Check) -> bool {
         let reason = entry.revert_reason;
         let family = entry.req.kind.family();
-        if check.verdict != pb::RevertCheck::Unspecified {
-            self.cfg.counters.revert_checked(family, check.name());
-        }
+        self.count_check(family, &check);
         match check.verdict {
             pb::RevertCheck::Different => {
                 error!(fault_id = %entry.id, differences = %check.detail, "the host is NOT as before the fault after its revert")

@@ -584,6 +584,19 @@ impl NetPair {
         Self::arrivals(ns, to, count, interval).into_iter().map(|(_, rtt)| rtt).collect()
     }
 
+    /// How many of `arrivals` (from [`NetPair::arrivals`]) came after a later-numbered one.
+    pub fn overtaken(arrivals: &[(u32, f64)]) -> usize {
+        let mut max_seen = 0;
+        arrivals
+            .iter()
+            .filter(|(seq, _)| {
+                let late = *seq < max_seen;
+                max_seen = max_seen.max(*seq);
+                late
+            })
+            .count()
+    }
+
     /// (icmp_seq, RTT ms) of each reply, in arrival order, from `ping -U`: user-to-user
     /// time, since the kernel's receive timestamp predates a hold at PREROUTING.
     pub fn arrivals(ns: &str, to: &str, count: u32, interval: &str) -> Vec<(u32, f64)> {

@@ -145,15 +145,7 @@ fn reorder_lets_later_packets_overtake_held_ones() {
     // 5 ms apart with 20 ms holds: a reply let through at once overtakes the held ones before it.
     let got = NetPair::arrivals(&pair.a, &pair.b_ip, 200, "0.005");
     assert!(got.len() >= 195, "reorder must not lose packets: {} of 200", got.len());
-    let mut max_seen = 0;
-    let overtaken = got
-        .iter()
-        .filter(|(seq, _)| {
-            let late = *seq < max_seen;
-            max_seen = max_seen.max(*seq);
-            late
-        })
-        .count();
+    let overtaken = NetPair::overtaken(&got);
     let fast = got.iter().filter(|(_, rtt)| *rtt < 5.0).count();
     let held = got.iter().filter(|(_, rtt)| *rtt >= 19.5).count();
     eprintln!("reorder 50 %: {overtaken} arrivals after a later one, {fast} fast, {held} held");

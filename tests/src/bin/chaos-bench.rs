@@ -480,17 +480,7 @@ async fn bench_estop(agents: usize, runs: usize, mode: &Mode) -> anyhow::Result<
     for r in futures::future::join_all(opened).await {
         r?;
     }
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let n = cclient.list_agents(pb::ListAgentsRequest {}).await?.into_inner().agents.len();
-        if n == agents {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!("only {n} of {agents} agents registered");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until_registered(&mut cclient, agents).await?;
     let mut took = Vec::with_capacity(runs);
     let (mut reverted_total, mut self_reverted) = (0, Vec::with_capacity(runs));
     for run in 0..runs {
@@ -552,6 +542,21 @@ async fn bench_estop(agents: usize, runs: usize, mode: &Mode) -> anyhow::Result<
     let slowest = (slowest, took[slowest], self_reverted[slowest]);
     let self_reverted = self_reverted.iter().sum();
     Ok(EstopFigures { all: stats(took), reverted: reverted_total, self_reverted, first, warm, slowest })
+}
+
+/// Until the coordinator lists `agents` registered agents (at most 30 s).
+async fn until_registered(cclient: &mut CoordinatorClient<Channel>, agents: usize) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let n = cclient.list_agents(pb::ListAgentsRequest {}).await?.into_inner().agents.len();
+        if n == agents {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("only {n} of {agents} agents registered");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// (r): what became of the emergency stops.
@@ -644,17 +649,7 @@ async fn slow_stop_rounds(d: &Arc<Dockerd>, agents: usize, busy: usize, runs: us
         clients.push(AgentClient::new(mode.channel(&servers[i].url, Expect::agent(Some(&id)))?));
     }
     let victims: Vec<Victim> = (0..agents).map(|_| Victim::spawn()).collect();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let n = cclient.list_agents(pb::ListAgentsRequest {}).await?.into_inner().agents.len();
-        if n == agents {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!("only {n} of {agents} agents registered");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until_registered(&mut cclient, agents).await?;
     let mut took = Vec::with_capacity(runs);
     let (mut reverted, mut self_reverted, mut in_progress, mut round_trip) = (0, 0, vec![], vec![]);
     let mut rounds = 0;

@@ -88,6 +88,15 @@ fn apply(url: &str, args: &[&str]) -> serde_json::Value {
     json(&chaos_ok(&argv, 0))
 }
 
+/// A network fault (`fault`'s flags) in `pair.a` towards `pair.b` in `direction`, for 2 minutes, as `id`.
+fn netem_fault(url: &str, pair: &NetPair, id: &str, direction: &str, fault: &[&str]) -> serde_json::Value {
+    let peer = format!("{}/32", pair.b_ip);
+    let mut args = vec!["--netns", &pair.a];
+    args.extend_from_slice(fault);
+    args.extend_from_slice(&["--peer", &peer, "--direction", direction, "--duration", "2m", "--id", id]);
+    apply(url, &args)
+}
+
 /// `tc qdisc show` and `ip -o link show` inside `ns`: what a netem fault must leave as it found.
 fn tree(ns: &str) -> (String, String) {
     let show = |argv: &[&str]| String::from_utf8_lossy(&NetPair::exec(ns, argv).stdout).into_owned();
@@ -127,26 +136,7 @@ fn netem_latency_with_jitter(agent_url: &str) -> Figures {
     let pair = NetPair::new();
     let before = tree(&pair.a);
     let base = base_rtt(&pair);
-    let peer = format!("{}/32", pair.b_ip);
-    let out = apply(
-        agent_url,
-        &[
-            "--netns",
-            &pair.a,
-            "--latency",
-            "50ms",
-            "--jitter",
-            "10ms",
-            "--peer",
-            &peer,
-            "--direction",
-            "egress",
-            "--duration",
-            "2m",
-            "--id",
-            "lat1",
-        ],
-    );
+    let out = netem_fault(agent_url, &pair, "lat1", "egress", &["--latency", "50ms", "--jitter", "10ms"]);
     assert_eq!(out["backend"], "tc-netem", "{out}");
     let qd = tree(&pair.a).0;
     assert!(qd.contains("netem") && qd.contains("htb"), "netem under an htb class: {qd}");
@@ -177,28 +167,7 @@ fn netem_latency_correlation(agent_url: &str) -> Figures {
     let pair = NetPair::new();
     let before = tree(&pair.a);
     let base = base_rtt(&pair);
-    let peer = format!("{}/32", pair.b_ip);
-    let out = apply(
-        agent_url,
-        &[
-            "--netns",
-            &pair.a,
-            "--latency",
-            "40ms",
-            "--jitter",
-            "20ms",
-            "--correlation",
-            "75%",
-            "--peer",
-            &peer,
-            "--direction",
-            "egress",
-            "--duration",
-            "2m",
-            "--id",
-            "latc1",
-        ],
-    );
+    let out = netem_fault(agent_url, &pair, "latc1", "egress", &["--latency", "40ms", "--jitter", "20ms", "--correlation", "75%"]);
     assert_eq!(out["backend"], "tc-netem", "{out}");
     let qd = tree(&pair.a).0;
     assert!(qd.contains("delay 40ms  20ms 75%") || qd.contains("75%"), "correlation in the netem qdisc: {qd}");
@@ -220,26 +189,7 @@ fn netem_latency_correlation(agent_url: &str) -> Figures {
 fn netem_loss_with_correlation(agent_url: &str) -> Figures {
     let pair = NetPair::new();
     let before = tree(&pair.a);
-    let peer = format!("{}/32", pair.b_ip);
-    let out = apply(
-        agent_url,
-        &[
-            "--netns",
-            &pair.a,
-            "--loss",
-            "20%",
-            "--correlation",
-            "25%",
-            "--peer",
-            &peer,
-            "--direction",
-            "egress",
-            "--duration",
-            "2m",
-            "--id",
-            "lc1",
-        ],
-    );
+    let out = netem_fault(agent_url, &pair, "lc1", "egress", &["--loss", "20%", "--correlation", "25%"]);
     assert_eq!(out["backend"], "tc-netem", "{out}");
     let n = 2_000;
     let got = NetPair::udp(&pair.a, &pair.b, &pair.b_ip, 7101, n, 2_000);
@@ -258,26 +208,7 @@ fn netem_loss_with_correlation(agent_url: &str) -> Figures {
 fn netem_corruption(agent_url: &str) -> Figures {
     let pair = NetPair::new();
     let before = tree(&pair.a);
-    let peer = format!("{}/32", pair.b_ip);
-    let out = apply(
-        agent_url,
-        &[
-            "--netns",
-            &pair.a,
-            "--corrupt",
-            "10%",
-            "--peer",
-            &peer,
-            "--protocol",
-            "udp",
-            "--direction",
-            "ingress",
-            "--duration",
-            "2m",
-            "--id",
-            "c1",
-        ],
-    );
+    let out = netem_fault(agent_url, &pair, "c1", "ingress", &["--corrupt", "10%", "--protocol", "udp"]);
     assert_eq!(out["backend"], "tc-netem", "{out}");
     let links = tree(&pair.a).1;
     assert!(links.contains(": chx"), "ingress netem goes through an ifb of the fault's own: {links}");
@@ -300,26 +231,7 @@ fn netem_corruption(agent_url: &str) -> Figures {
 fn netem_duplication(agent_url: &str) -> Figures {
     let pair = NetPair::new();
     let before = tree(&pair.a);
-    let peer = format!("{}/32", pair.b_ip);
-    let out = apply(
-        agent_url,
-        &[
-            "--netns",
-            &pair.a,
-            "--duplicate",
-            "20%",
-            "--peer",
-            &peer,
-            "--protocol",
-            "udp",
-            "--direction",
-            "egress",
-            "--duration",
-            "2m",
-            "--id",
-            "d1",
-        ],
-    );
+    let out = netem_fault(agent_url, &pair, "d1", "egress", &["--duplicate", "20%", "--protocol", "udp"]);
     assert_eq!(out["backend"], "tc-netem", "{out}");
     let n = 2_000;
     let got = NetPair::udp(&pair.a, &pair.b, &pair.b_ip, 7003, n, 2_000);
@@ -336,38 +248,11 @@ fn netem_duplication(agent_url: &str) -> Figures {
 fn netem_reorder(agent_url: &str) -> Figures {
     let pair = NetPair::new();
     let before = tree(&pair.a);
-    let peer = format!("{}/32", pair.b_ip);
-    let out = apply(
-        agent_url,
-        &[
-            "--netns",
-            &pair.a,
-            "--reorder",
-            "50%",
-            "--latency",
-            "20ms",
-            "--peer",
-            &peer,
-            "--direction",
-            "egress",
-            "--duration",
-            "2m",
-            "--id",
-            "r1",
-        ],
-    );
+    let out = netem_fault(agent_url, &pair, "r1", "egress", &["--reorder", "50%", "--latency", "20ms"]);
     assert_eq!(out["backend"], "tc-netem", "{out}");
     let got = NetPair::arrivals(&pair.a, &pair.b_ip, 200, "0.005");
     assert!(got.len() >= 195, "reorder must not lose packets: {} of 200", got.len());
-    let mut max_seen = 0;
-    let overtaken = got
-        .iter()
-        .filter(|(seq, _)| {
-            let late = *seq < max_seen;
-            max_seen = max_seen.max(*seq);
-            late
-        })
-        .count();
+    let overtaken = NetPair::overtaken(&got);
     let fast = got.iter().filter(|(_, rtt)| *rtt < 10.0).count();
     let held = got.iter().filter(|(_, rtt)| *rtt >= 19.5).count();
     assert!(overtaken >= 20, "packets arrive out of order: {overtaken}");
