@@ -199,6 +199,14 @@ fn proc_comm(pid: u32) -> Option<String> {
     std::fs::read_to_string(format!("/proc/{pid}/comm")).ok().map(|s| s.trim().to_string())
 }
 
+/// Pin the calling thread to CPU 0, so that the processes it starts from now on (agents, traffic)
+/// run there too: they inherit its affinity. Other test threads are left alone.
+pub fn pin_to_one_cpu() {
+    let mut one = nix::sched::CpuSet::new();
+    one.set(0).expect("cpu 0");
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &one).expect("sched_setaffinity to cpu 0");
+}
+
 /// Poll `cond` every 10 ms until it holds or `timeout` passes; returns whether it held.
 pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
