@@ -33,6 +33,11 @@ fn main() {
         std::process::exit(2);
     }
     let filter: Vec<String> = std::env::args().skip(1).collect();
+    if let [mode, bytes, marker] = filter.as_slice()
+        && mode == "hold-memory"
+    {
+        hold_memory(bytes.parse().expect("hold-memory BYTES MARKER"), marker);
+    }
     let checks: &[Check] = &[
         ("capabilities_choose_netem", capabilities_choose_netem),
         ("netem_latency_with_jitter", netem_latency_with_jitter),
@@ -391,28 +396,44 @@ fn v2_memory_stress_oom(agent_url: &str) -> Figures {
     chaos_ok(&["agent", "revert", "--agent", agent_url, &id], 0);
     assert!(!own.exists());
 
-    // A worker in a 100 MiB cgroup holds 60 MiB; the service then needs 60 MiB: the kernel kills
-    // the worker (oom_score_adj 1000), the fault says so, and memory.events counts it.
+    // A worker in a 100 MiB cgroup holds 60 MiB; the service (one process) then needs 60 MiB: the
+    // kernel kills the worker (oom_score_adj 1000), the fault says so, memory.events counts one
+    // kill, and the service gets its memory. (A shell pipeline as the service was not one
+    // process: busybox `tail -c` grows its buffer past the limit and was killed too.)
     let cg = TestCgroup::new("oom", &["memory"]);
     cg.write("memory", "memory.max", "104857600");
     let id = uniq("oom");
     apply(agent_url, &["--memory", "60MiB", "--cgroup", &cg.path, "--duration", "2m", "--id", &id]);
-    let mut service = cg.spawn_sh("head -c 62914560 /dev/zero | tail -c 62914560 > /dev/null; sleep 60");
+    let marker = std::env::temp_dir().join(format!("{id}.held"));
+    let me = std::env::current_exe().expect("own path");
+    let mut service = cg.spawn_sh(&format!("exec {} hold-memory 62914560 {}", me.display(), marker.display()));
     let listed = || {
         let all = json(&chaos_ok(&["-o", "json", "agent", "faults", "--agent", agent_url, "--all"], 0));
         all["faults"].as_array().into_iter().flatten().rev().find(|f| f["id"] == id.as_str()).cloned().unwrap_or_default()
     };
     let seen = wait_until(Duration::from_secs(30), || listed()["outcome"].as_str().is_some_and(|o| o.contains("OOM-killed")));
+    let held = wait_until(Duration::from_secs(30), || marker.exists());
     let outcome = listed()["outcome"].clone();
     let events = cg.read("memory", "memory.events");
     let alive = service.try_wait().expect("wait").is_none();
     let _ = service.kill();
     let _ = service.wait();
+    let _ = std::fs::remove_file(&marker);
     chaos_ok(&["agent", "revert", "--agent", agent_url, &id], 0);
     assert!(seen, "no OOM outcome: {outcome}");
-    assert!(alive, "the service under test must survive");
-    assert!(events.contains("oom_kill 1"), "memory.events: {events}");
+    assert!(alive && held, "the service under test must survive and get its 60 MiB (alive {alive}, held {held})");
+    let kills = events.lines().find_map(|l| l.strip_prefix("oom_kill ")).and_then(|n| n.trim().parse::<u64>().ok());
+    assert_eq!(kills, Some(1), "one OOM kill, the worker's: memory.events {events}");
     format!("128 MiB held ({:.0} MiB charged); OOM: {outcome}", charged / 1048576.0)
+}
+
+/// The service of the OOM check: touch `bytes` of memory, say so in `marker`, hold it for a minute.
+fn hold_memory(bytes: usize, marker: &str) -> ! {
+    let held = std::hint::black_box(vec![0xA5u8; bytes]);
+    std::fs::write(marker, format!("held {}", held.len())).expect("marker");
+    std::thread::sleep(Duration::from_secs(60));
+    drop(held);
+    std::process::exit(0)
 }
 
 /// `dd` of `mib` MiB with direct IO to `/dev/vda` inside `cg`; MB/s.
