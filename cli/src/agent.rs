@@ -177,7 +177,8 @@ pub struct FaultArgs {
     /// Duplicate: deliver this share of packets twice, e.g. `5%`.
     #[arg(long, value_name = "PERCENT")]
     duplicate: Option<String>,
-    /// Loss/latency: how much each draw follows the previous one, e.g. `25%` (needs sch_netem on the host).
+    /// Loss/latency: how much each draw follows the previous one, e.g. `25%`: the lag-1 correlation of
+    /// successive delays (with --jitter; by the NFQUEUE engine) or losses (needs sch_netem on the host).
     #[arg(long, value_name = "PERCENT")]
     correlation: Option<String>,
     /// Reorder: this share of packets passes at once while the rest is held for --latency, e.g. `25%`.

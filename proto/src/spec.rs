@@ -964,11 +964,21 @@ fn kind_from_pb(f: &pb::fault_spec::Fault) -> Result<FaultKind, SpecError> {
                     format!("must not exceed the delay ({}ms), got {}ms", delay.as_millis(), jitter.as_millis()),
                 ));
             }
+            let correlation_permyriad = percent_field(l.correlation_percent, &format!("{field}.correlation_percent"), true)?;
+            if correlation_permyriad > 0 && jitter.is_zero() {
+                return Err(SpecError::invalid(
+                    format!("{field}.correlation_percent"),
+                    format!(
+                        "correlates each packet's jitter with the previous one's, so it needs a jitter; got {}% with none",
+                        l.correlation_percent
+                    ),
+                ));
+            }
             Ok(FaultKind::NetworkLatency {
                 scope: scope_from_pb(l.scope.as_ref(), &format!("{field}.scope"))?,
                 delay,
                 jitter,
-                correlation_permyriad: percent_field(l.correlation_percent, &format!("{field}.correlation_percent"), true)?,
+                correlation_permyriad,
             })
         }
         F::NetworkLoss(l) => Ok(FaultKind::NetworkLoss {
@@ -1400,6 +1410,22 @@ mod tests {
             s.fault = Some(f);
             assert_eq!(field_of(FaultRequest::from_pb(&s, MAX).expect_err("must be refused")), field);
         }
+        // A correlation correlates jitter: with none it would change nothing.
+        let correlated = |j_ms| match lat(Some(50), j_ms) {
+            pb::fault_spec::Fault::NetworkLatency(l) => {
+                pb::fault_spec::Fault::NetworkLatency(pb::NetworkLatency { correlation_percent: 75.0, ..l })
+            }
+            other => other,
+        };
+        s.fault = Some(correlated(0));
+        let e = FaultRequest::from_pb(&s, MAX).expect_err("must be refused");
+        assert!(e.to_string().contains("needs a jitter"), "{e}");
+        assert_eq!(field_of(e), "spec.network_latency.correlation_percent");
+        s.fault = Some(correlated(10));
+        assert!(matches!(
+            FaultRequest::from_pb(&s, MAX).expect("valid").kind,
+            FaultKind::NetworkLatency { correlation_permyriad: 7500, .. }
+        ));
     }
 
     #[test]

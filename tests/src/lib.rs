@@ -199,6 +199,16 @@ fn proc_comm(pid: u32) -> Option<String> {
     std::fs::read_to_string(format!("/proc/{pid}/comm")).ok().map(|s| s.trim().to_string())
 }
 
+/// Mean, standard deviation and lag-1 autocorrelation of a series (the last about 0 for
+/// independent draws, `c` for a chain whose draws follow each other with correlation `c`).
+pub fn moments(v: &[f64]) -> (f64, f64, f64) {
+    let n = v.len() as f64;
+    let mean = v.iter().sum::<f64>() / n;
+    let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n;
+    let lag1 = v.windows(2).map(|w| (w[0] - mean) * (w[1] - mean)).sum::<f64>() / (n - 1.0) / var;
+    (mean, var.sqrt(), lag1)
+}
+
 /// Pin the calling thread to CPU 0, so that the processes it starts from now on (agents, traffic)
 /// run there too: they inherit its affinity. Other test threads are left alone.
 pub fn pin_to_one_cpu() {
@@ -524,6 +534,9 @@ pub struct NetPair {
     pub b: String,
     pub a_ip: String,
     pub b_ip: String,
+    /// The veth ends, in `a` and in `b`.
+    pub a_if: String,
+    pub b_if: String,
 }
 
 fn ip(args: &[&str]) {
@@ -545,16 +558,18 @@ impl NetPair {
             b: format!("chaos-e2e-{tag}-b"),
             a_ip: format!("198.18.{subnet}.1"),
             b_ip: format!("198.18.{subnet}.2"),
+            a_if: format!("ce{tag}a"),
+            b_if: format!("ce{tag}b"),
         };
-        let (va, vb) = (format!("ce{tag}a"), format!("ce{tag}b"));
+        let (va, vb) = (&p.a_if, &p.b_if);
         ip(&["netns", "add", &p.a]);
         ip(&["netns", "add", &p.b]);
-        ip(&["link", "add", &va, "type", "veth", "peer", "name", &vb]);
-        ip(&["link", "set", &va, "netns", &p.a]);
-        ip(&["link", "set", &vb, "netns", &p.b]);
-        ip(&["-n", &p.a, "addr", "add", &format!("{}/24", p.a_ip), "dev", &va]);
-        ip(&["-n", &p.b, "addr", "add", &format!("{}/24", p.b_ip), "dev", &vb]);
-        for (ns, dev) in [(&p.a, &va), (&p.b, &vb)] {
+        ip(&["link", "add", va, "type", "veth", "peer", "name", vb]);
+        ip(&["link", "set", va, "netns", &p.a]);
+        ip(&["link", "set", vb, "netns", &p.b]);
+        ip(&["-n", &p.a, "addr", "add", &format!("{}/24", p.a_ip), "dev", va]);
+        ip(&["-n", &p.b, "addr", "add", &format!("{}/24", p.b_ip), "dev", vb]);
+        for (ns, dev) in [(&p.a, va), (&p.b, vb)] {
             ip(&["-n", ns, "link", "set", dev, "up"]);
             ip(&["-n", ns, "link", "set", "lo", "up"]);
         }

@@ -134,6 +134,34 @@ fn latency_holds_packets_for_the_requested_delay_and_revert_is_exact() {
 }
 
 #[test]
+fn correlated_jitter_makes_each_delay_follow_the_previous_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pair = NetPair::new();
+    let (_agent, url) = start_agent(dir.path(), "corr", None, "10s");
+    let before = NetPair::ruleset(&pair.a);
+    let peer = format!("{}/32", pair.b_ip);
+    let args = ["--latency", "40ms", "--jitter", "20ms", "--correlation", "75%", "--peer", &peer, "--direction", "ingress"];
+    let out = apply_in(&url, &pair.a, &[&args[..], &["--duration", "60s", "--id", "lc1"]].concat());
+    assert_eq!(out["backend"], "nfqueue", "{out}");
+    assert!(out["summary"].as_str().is_some_and(|s| s.contains("latency 40 ms ± 20 ms, correlation 75")), "{out}");
+    // One echo every 20 ms, each reply held once; in the order they were sent (= drawn).
+    let mut got = NetPair::arrivals(&pair.a, &pair.b_ip, 300, "0.02");
+    got.sort_by_key(|(seq, _)| *seq);
+    let rtts: Vec<f64> = got.iter().map(|(_, rtt)| *rtt).collect();
+    let (mean, sd, lag1) = chaos_e2e::moments(&rtts);
+    eprintln!("40 ms ± 20, correlation 75 %: mean {mean:.2} ms, sd {sd:.2}, lag-1 {lag1:.3} (n {})", rtts.len());
+    assert!(rtts.len() >= 295, "nothing lost: {} of 300", rtts.len());
+    assert!(rtts.iter().all(|r| *r >= 19.5), "no reply earlier than 40 - 20 ms: min {:?}", rtts.iter().copied().reduce(f64::min));
+    // 300 draws correlated 0.75 are worth about 43 independent ones: sampling sd about 1.8 ms on
+    // the mean, 0.9 on the sd (uniform: 11.55), 0.04 on the lag-1 figure (independent draws: 0).
+    assert!((32.0..=48.0).contains(&mean), "mean {mean:.2} ms, 40 asked");
+    assert!((7.5..=15.5).contains(&sd), "sd {sd:.2} ms, 11.55 for a uniform ± 20");
+    assert!((0.55..=0.92).contains(&lag1), "lag-1 autocorrelation {lag1:.3}, 0.75 asked");
+    revert_verified(&url, "lc1");
+    assert_eq!(NetPair::ruleset(&pair.a), before, "ruleset exactly as before");
+}
+
+#[test]
 fn reorder_lets_later_packets_overtake_held_ones() {
     let dir = tempfile::tempdir().expect("tempdir");
     let pair = NetPair::new();

@@ -409,10 +409,15 @@ impl FaultDriver for NetworkDriver {
             }
             FaultKind::NetworkLoss { scope, permyriad, .. } => (scope, Some(*permyriad)),
             FaultKind::NetworkLatency { scope, delay, jitter, correlation_permyriad } => {
-                let netem =
-                    Netem { delay: *delay, jitter: *jitter, delay_correlation_permyriad: *correlation_permyriad, ..Default::default() };
-                let engine = (*correlation_permyriad == 0).then_some(Profile { delay: *delay, jitter: *jitter, ..Default::default() });
-                return self.plan_netem(id, req, scope, netem, engine, "latency correlation").await;
+                let engine =
+                    Profile { delay: *delay, jitter: *jitter, correlation_permyriad: *correlation_permyriad, ..Default::default() };
+                if *correlation_permyriad > 0 {
+                    // The engine on every kernel: netem's correlated delay keeps almost none of the
+                    // correlation (lag-1 about 0.1 for 75 % on Debian's 6.1, in the VM suite).
+                    return Ok(Plan::Latency(Box::new(self.plan_latency(id, &req.target, scope, engine).await?)));
+                }
+                let netem = Netem { delay: *delay, jitter: *jitter, ..Default::default() };
+                return self.plan_netem(id, req, scope, netem, Some(engine), "latency").await;
             }
             FaultKind::NetworkCorrupt { scope, permyriad } => {
                 let netem = Netem { corrupt_permyriad: *permyriad, ..Default::default() };
@@ -780,7 +785,7 @@ mod tests {
             scope: scope(&["198.18.0.3"], Direction::Both),
             delay: Duration::from_millis(50),
             jitter: Duration::from_millis(10),
-            correlation_permyriad: 2500,
+            correlation_permyriad: 0,
         };
         let plan = d.plan(&r).await.expect("plan");
         assert!(matches!(plan, Plan::Bandwidth(_)), "netem, not the engine: {plan:?}");
@@ -797,7 +802,7 @@ mod tests {
             lines.contains(&format!("class add dev veth0 parent {h} classid {h}10 htb rate 100gbit ceil 100gbit").as_str()),
             "{script}"
         );
-        assert!(script.contains("netem limit 3000 delay 50000us 10000us 25.00%"), "{script}");
+        assert!(script.contains("netem limit 3000 delay 50000us 10000us"), "{script}");
         assert!(
             lines.contains(
                 &format!("filter add dev veth0 parent {h} protocol ip prio 1 u32 match ip sport 50052 0xffff flowid {h}0").as_str()
@@ -1021,9 +1026,11 @@ mod tests {
             jitter: Duration::from_millis(5),
             correlation_permyriad: 1000,
         };
-        let e = without.plan(&r).await.expect_err("correlation needs netem");
-        assert_eq!(e.code(), tonic::Code::FailedPrecondition);
-        assert!(e.to_string().contains("latency correlation") && e.to_string().contains("sch_netem"), "{e}");
+        // Latency with a correlation: the engine, netem or not (netem keeps little of it).
+        for d in [&without, &with] {
+            let Plan::Latency(p) = d.plan(&r).await.expect("engine") else { panic!("engine plan") };
+            assert_eq!(p.profile.correlation_permyriad, 1000);
+        }
     }
 
     #[tokio::test]

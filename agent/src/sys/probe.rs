@@ -23,7 +23,7 @@ pub const PROBES: &[(&str, &str, &str)] = &[
     (
         "sch_netem",
         "tc qdisc add dev lo root netem delay 1ms",
-        "latency, corruption, duplication and reorder (else the NFQUEUE engine does them), and loss/latency correlation (nothing else can)",
+        "latency, corruption, duplication and reorder (else the NFQUEUE engine does them), and loss correlation (nothing else can; latency correlation is the engine's on every kernel)",
     ),
     (
         "htb",

@@ -1489,7 +1489,13 @@ async fn bench_resource(dir: &Path) -> anyhow::Result<(Vec<String>, Vec<(&'stati
 /// (t) The VM suite's netem checks, as lines for the notes; a VM that does
 /// not boot or a check that fails is named, never left out.
 fn bench_vm_netem() -> Vec<String> {
-    let checks = ["netem_latency_with_jitter", "netem_loss_with_correlation", "netem_corruption", "netem_duplication"];
+    let checks = [
+        "netem_latency_with_jitter",
+        "latency_correlation_by_the_engine",
+        "netem_loss_with_correlation",
+        "netem_corruption",
+        "netem_duplication",
+    ];
     let binaries = ["chaos-agent", "chaos", "chaos-netprobe", "chaos-vm-suite"].map(|b| chaos_e2e::bin_dir().join(b));
     if let Some(missing) = binaries.iter().find(|b| !b.exists()) {
         return vec![format!("(t) netem in a VM: skipped: {} not built (cargo build --workspace --bins)", missing.display())];
