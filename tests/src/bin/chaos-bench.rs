@@ -63,7 +63,14 @@
 //!     printed after the engine's figures of the network suite. Emulated:
 //!     timings are looser than on a host.
 //!
-//! Run: `cargo build --release --workspace --bins && ./target/release/chaos-bench [--suite lifecycle|network|coordinator|hub|resource|slow-stop|vm|all] [--faults N] [--agents M] [--runs R] [--slow-stop-runs S]`
+//! (u) an idle agent: the real `chaos-agent` process with no faults, no
+//!     coordinator and no client, settled, over 30 s: RSS (VmRSS, max and
+//!     at the end), CPU (utime + stime of all threads, % of one core; and
+//!     the threads' schedstat, in ns, since 30 s of ticks resolve only
+//!     0.033 %), threads, context switches per second; then the same over
+//!     10 s while one client follows its StreamMetrics.
+//!
+//! Run: `cargo build --release --workspace --bins && ./target/release/chaos-bench [--suite lifecycle|network|coordinator|hub|resource|slow-stop|vm|idle|all] [--faults N] [--agents M] [--runs R] [--slow-stop-runs S]`
 //! (the network suite drives `chaos-netprobe`, built next to it).
 
 use std::{
@@ -132,6 +139,8 @@ enum Suite {
     SlowStop,
     /// (t): netem's fidelity on Debian's stock kernel in a QEMU VM (emulated).
     Vm,
+    /// (u): an idle `chaos-agent` process: RSS, CPU, threads, wake-ups.
+    Idle,
     All,
 }
 
@@ -1486,6 +1495,135 @@ async fn bench_resource(dir: &Path) -> anyhow::Result<(Vec<String>, Vec<(&'stati
     Ok((lines, vec![("cpu_stress", stress_checks), ("cpu_throttle", throttle_checks), ("memory_stress", other_checks)]))
 }
 
+/// What one look at a process in /proc found (all its threads).
+#[derive(Debug, Clone, Copy, Default)]
+struct ProcLook {
+    rss_kib: u64,
+    anon_kib: u64,
+    file_kib: u64,
+    /// utime + stime from /proc/PID/stat, in USER_HZ ticks (10 ms).
+    ticks: u64,
+    /// Time on a CPU of the live threads (/proc/PID/task/*/schedstat), ns.
+    run_ns: u64,
+    /// Context switches of the live threads (each one a wake-up or a preemption).
+    switches: u64,
+    threads: usize,
+}
+
+fn status_kib(status: &str, key: &str) -> u64 {
+    status.lines().find_map(|l| l.strip_prefix(key)).and_then(|v| v.split_whitespace().next()?.parse().ok()).unwrap_or(0)
+}
+
+fn look(pid: u32) -> anyhow::Result<ProcLook> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).with_context(|| format!("/proc/{pid}/status"))?;
+    let mut l = ProcLook {
+        rss_kib: status_kib(&status, "VmRSS:"),
+        anon_kib: status_kib(&status, "RssAnon:"),
+        file_kib: status_kib(&status, "RssFile:"),
+        ticks: cpu_ticks(pid)?,
+        ..Default::default()
+    };
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let task = task?.path();
+        // A thread may end between the listing and the read: it is left out.
+        if let Ok(s) = std::fs::read_to_string(task.join("schedstat")) {
+            l.run_ns += s.split_whitespace().next().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        }
+        if let Ok(s) = std::fs::read_to_string(task.join("status")) {
+            l.switches += status_kib(&s, "voluntary_ctxt_switches:") + status_kib(&s, "nonvoluntary_ctxt_switches:");
+        }
+        l.threads += 1;
+    }
+    Ok(l)
+}
+
+/// An idle agent over one window.
+#[derive(Debug, Default)]
+struct IdleWindow {
+    rss_max_kib: u64,
+    end: ProcLook,
+    /// % of one core, from utime + stime (10 ms resolution).
+    cpu_pct: f64,
+    /// % of one core, from the threads' schedstat (ns; threads that ended are missed).
+    run_pct: f64,
+    switches_per_s: f64,
+    seconds: f64,
+}
+
+/// Look at `pid` every second for `window`.
+async fn idle_window(pid: u32, window: Duration) -> anyhow::Result<IdleWindow> {
+    let (t0, first) = (Instant::now(), look(pid)?);
+    let mut rss_max_kib = first.rss_kib;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.tick().await;
+    let end = loop {
+        tick.tick().await;
+        let l = look(pid)?;
+        rss_max_kib = rss_max_kib.max(l.rss_kib);
+        if t0.elapsed() + Duration::from_millis(500) >= window {
+            break l;
+        }
+    };
+    let secs = t0.elapsed().as_secs_f64();
+    Ok(IdleWindow {
+        rss_max_kib,
+        end,
+        // USER_HZ is 100 by the Linux ABI.
+        cpu_pct: 100.0 * (end.ticks.saturating_sub(first.ticks) as f64 / 100.0) / secs,
+        run_pct: 100.0 * (end.run_ns.saturating_sub(first.run_ns) as f64 / 1e9) / secs,
+        switches_per_s: end.switches.saturating_sub(first.switches) as f64 / secs,
+        seconds: secs,
+    })
+}
+
+/// Figures of the idle suite.
+struct IdleFigures {
+    alone: IdleWindow,
+    subscribed: Option<IdleWindow>,
+}
+
+/// (u) The real `chaos-agent` process with no faults: alone (no
+/// coordinator, no client) for `window` after it settled, then while one
+/// client follows its metric stream.
+async fn bench_idle(dir: &Path, window: Duration) -> anyhow::Result<IdleFigures> {
+    let port = chaos_e2e::free_port();
+    let journal = dir.join("idle-journal");
+    let child = tokio::process::Command::new(chaos_e2e::bin("chaos-agent"))
+        .args(["--listen", &format!("127.0.0.1:{port}"), "--agent-id", "bench-idle", "--insecure"])
+        .arg("--journal-dir")
+        .arg(&journal)
+        .arg("--local-socket")
+        .arg(dir.join("idle-agent.sock"))
+        .env("RUST_LOG", "warn")
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting chaos-agent")?;
+    let pid = child.id().context("agent pid")?;
+    let url = format!("http://127.0.0.1:{port}");
+    {
+        // Answering, then no client: the channel is closed before the window.
+        let mut c = AgentClient::new(connect(&url).await?);
+        c.list_faults(pb::ListFaultsRequest::default()).await?;
+    }
+    // Settle: start-up probes done, the blocking pool's threads gone (tokio keeps them 10 s).
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let alone = idle_window(pid, window).await?;
+    let subscribed = async {
+        let mut c = AgentClient::new(connect(&url).await?);
+        let mut stream = c.stream_metrics(pb::StreamMetricsRequest::default()).await?.into_inner();
+        let reader = tokio::spawn(async move { while let Ok(Some(_)) = stream.message().await {} });
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let w = idle_window(pid, Duration::from_secs(10)).await;
+        reader.abort();
+        w
+    }
+    .await;
+    let mut child = child;
+    let _ = child.kill().await;
+    Ok(IdleFigures { alone, subscribed: subscribed.map_err(|e| eprintln!("(u') the subscribed window failed: {e:#}")).ok() })
+}
+
 /// (t) The VM suite's netem checks, as lines for the notes; a VM that does
 /// not boot or a check that fails is named, never left out.
 fn bench_vm_netem() -> Vec<String> {
@@ -1543,7 +1681,51 @@ async fn bench() -> anyhow::Result<()> {
     let row = |out: &mut String, name: &str, s: &Stats, goal: &str| {
         let _ = writeln!(out, "{:<70} {:>6} {:>9} {:>9} {:>9}  {goal}", name, s.n, ms(s.p50), ms(s.p99), ms(s.max));
     };
+    // A figure that is not a latency: its value in the n..max columns.
+    let figure = |out: &mut String, name: &str, value: &str, goal: &str| {
+        let _ = writeln!(out, "{name:<70} {value:>36}  {goal}");
+    };
     let mut notes = Vec::new();
+    if matches!(args.suite, Suite::Idle | Suite::All) {
+        eprintln!("(u) an idle chaos-agent process: settle 12 s, then 30 s alone and 10 s with one metric stream ...");
+        let f = bench_idle(dir.path(), Duration::from_secs(30)).await?;
+        let a = &f.alone;
+        let mib = |kib: u64| kib as f64 / 1024.0;
+        figure(out, "(u) idle agent RSS, max over 30 s (VmRSS)", &format!("{:.1} MiB", mib(a.rss_max_kib)), "<= 8 MiB");
+        figure(
+            out,
+            "(u) idle agent RSS at the end (anon + file)",
+            &format!("{:.1} MiB = {:.1} + {:.1}", mib(a.end.rss_kib), mib(a.end.anon_kib), mib(a.end.file_kib)),
+            "<= 8 MiB",
+        );
+        figure(out, "(u) idle agent CPU over 30 s, utime + stime", &format!("{:.3} %", a.cpu_pct), "<= 0.02 % of a core");
+        figure(out, "(u) idle agent CPU over 30 s, threads' schedstat (ns)", &format!("{:.4} %", a.run_pct), "<= 0.02 % of a core");
+        figure(
+            out,
+            "(u) idle agent threads; context switches (all threads)",
+            &format!("{} threads; {:.2}/s", a.end.threads, a.switches_per_s),
+            "-",
+        );
+        if let Some(s) = &f.subscribed {
+            figure(
+                out,
+                "(u') agent CPU, one client following StreamMetrics (1 Hz), 10 s",
+                &format!("{:.3} % / {:.4} %", s.cpu_pct, s.run_pct),
+                "-",
+            );
+            figure(
+                out,
+                "(u') ... its threads; context switches; RSS max",
+                &format!("{} threads; {:.1}/s; {:.1} MiB", s.end.threads, s.switches_per_s, mib(s.rss_max_kib)),
+                "-",
+            );
+        }
+        notes.push(format!(
+            "(u) idle agent: --insecure, no coordinator, no client, no faults; measured {:.1} s after 12 s of settling; CPU from /proc/PID/stat (10 ms ticks:              0.033 % resolution over 30 s) and from the live threads' schedstat (ns){}",
+            a.seconds,
+            f.subscribed.as_ref().map_or_else(String::new, |s| format!("; (u') {:.1} s, as stat % / schedstat %", s.seconds))
+        ));
+    }
     if matches!(args.suite, Suite::Lifecycle | Suite::All) {
         // Insecure first, then mTLS with a CA made for this run (under
         // `dir`, so removed with it).
