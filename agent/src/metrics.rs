@@ -2,6 +2,9 @@
 //! interval and publishes each batch on a `watch` channel. Readers
 //! (StreamMetrics, the Prometheus collector) only ever see the latest batch,
 //! so a slow reader skips samples and can never hold the sampler back.
+//! While no reader subscribes, the thread sleeps on a condition variable
+//! (no timer, no reads of the host); a reader arriving after that gets its
+//! first batch about [`WAKE_SPAN`] later (see [`Metrics::subscribe`]).
 //!
 //! Sources: `sysinfo` for CPU (total and per core), load, memory, swap, disk
 //! usage and IO per mount; `/proc/net/dev` for interface counters (read
@@ -30,7 +33,7 @@ use std::{
     collections::HashMap,
     fs, io,
     path::PathBuf,
-    sync::Arc,
+    sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError},
     time::{Duration, Instant, SystemTime},
 };
 
@@ -190,6 +193,19 @@ impl Sampler {
 
     /// Take one sample.
     pub fn sample(&mut self, active_faults: u32) -> pb::MetricBatch {
+        let metrics = self.measure(active_faults);
+        self.seq += 1;
+        pb::MetricBatch {
+            source: self.source.clone(),
+            sampled_at: Some(timestamp_to_pb(SystemTime::now())),
+            metrics,
+            seq: self.seq,
+            ..Default::default()
+        }
+    }
+
+    /// Read the host; the rates cover the span since the last reading.
+    fn measure(&mut self, active_faults: u32) -> Vec<pb::Metric> {
         let t0 = Instant::now();
         let secs = self.last.map(|l| l.elapsed().as_secs_f64()).unwrap_or(0.0);
         let first = self.last.is_none();
@@ -248,14 +264,7 @@ impl Sampler {
         self.sample_cgroups(&mut out, secs);
         out.push(metric("agent.faults.active", &[], f64::from(active_faults)));
         out.push(metric("agent.sample_ms", &[], t0.elapsed().as_secs_f64() * 1000.0));
-        self.seq += 1;
-        pb::MetricBatch {
-            source: self.source.clone(),
-            sampled_at: Some(timestamp_to_pb(SystemTime::now())),
-            metrics: out,
-            seq: self.seq,
-            ..Default::default()
-        }
+        out
     }
 
     fn sample_net(&mut self, out: &mut Vec<pb::Metric>, secs: f64) {
@@ -405,55 +414,255 @@ impl FaultCounters {
 }
 
 /// The latest batch, shared by the sampler and its readers.
-pub type Latest = watch::Receiver<Arc<pb::MetricBatch>>;
+type Latest = watch::Receiver<Arc<pb::MetricBatch>>;
 
-/// `/metrics` export of the latest sample, read at scrape time.
+/// How long the sampler reads the host after an idle spell before it
+/// publishes: the first batch's rates (CPU, disk, network) cover this
+/// span rather than the whole idle spell (capped at the interval).
+pub const WAKE_SPAN: Duration = Duration::from_millis(250);
+
+/// Who wants samples. While nobody does, the sampler thread waits on
+/// `wake` with no timer: no reads of the host, no wake-ups.
+#[derive(Debug, Default)]
+struct Demand {
+    state: Mutex<DemandState>,
+    wake: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct DemandState {
+    /// Live [`Subscription`]s.
+    readers: usize,
+    /// The sampler is on its interval: the latest batch is at most one
+    /// interval old (false while it sleeps, and until the first batch after
+    /// waking is published).
+    sampling: bool,
+    /// The sampler waits for a reader (for tests: "it sleeps now").
+    idle: bool,
+    /// Every [`Metrics`] handle is gone: the sampler thread ends.
+    closed: bool,
+}
+
+impl Demand {
+    fn lock(&self) -> MutexGuard<'_, DemandState> {
+        // The state is counters and flags, valid whatever panicked.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The sampler, before each sample: block while nobody reads. `None`
+    /// once closed; `Some(true)` after an idle spell.
+    fn until_read(&self) -> Option<bool> {
+        let mut st = self.lock();
+        let mut slept = false;
+        while st.readers == 0 && !st.closed {
+            if !st.idle {
+                debug!("no metric readers: the sampler sleeps until one subscribes");
+            }
+            (st.sampling, st.idle, slept) = (false, true, true);
+            st = self.wake.wait(st).unwrap_or_else(PoisonError::into_inner);
+        }
+        st.idle = false;
+        (!st.closed).then_some(slept)
+    }
+
+    /// The sampler, between samples: sleep until `deadline`; false once closed.
+    fn sleep_until(&self, deadline: Instant) -> bool {
+        let mut st = self.lock();
+        loop {
+            let now = Instant::now();
+            if st.closed || now >= deadline {
+                return !st.closed;
+            }
+            st = self.wake.wait_timeout(st, deadline - now).unwrap_or_else(PoisonError::into_inner).0;
+        }
+    }
+}
+
+/// The readers' side of the sampler: subscribe to receive batches. The
+/// sampler thread ends when the last clone is dropped.
+#[derive(Debug, Clone)]
+pub struct Metrics(Arc<Handle>);
+
 #[derive(Debug)]
-pub struct SampleCollector(pub Latest);
+struct Handle {
+    latest: Latest,
+    demand: Arc<Demand>,
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        self.demand.lock().closed = true;
+        self.demand.wake.notify_all();
+    }
+}
+
+impl Metrics {
+    /// Start receiving batches; the sampler runs while any subscription
+    /// lives. The first [`Subscription::changed`] yields a fresh batch: the
+    /// current one when the sampler is on its interval (at most one
+    /// interval old), else the first one the woken sampler takes, after
+    /// [`WAKE_SPAN`] (capped at the interval) plus two samples' time.
+    pub fn subscribe(&self) -> Subscription {
+        let mut rx = self.0.latest.clone();
+        // Seen: from here on only a newly published batch counts.
+        rx.borrow_and_update();
+        let sampling = {
+            let mut st = self.0.demand.lock();
+            st.readers += 1;
+            st.sampling
+        };
+        self.0.demand.wake.notify_all();
+        if sampling {
+            rx.mark_changed();
+        }
+        Subscription { rx, demand: Arc::clone(&self.0.demand) }
+    }
+
+    /// Whether the sampler thread is asleep waiting for a reader.
+    pub fn is_idle(&self) -> bool {
+        self.0.demand.lock().idle
+    }
+}
+
+/// One reader of the sampler's batches; the sampler runs while one lives.
+#[derive(Debug)]
+pub struct Subscription {
+    rx: Latest,
+    demand: Arc<Demand>,
+}
+
+impl Subscription {
+    /// Wait for a batch this subscription has not seen; an error once the
+    /// sampler has stopped.
+    pub async fn changed(&mut self) -> Result<(), watch::error::RecvError> {
+        self.rx.changed().await
+    }
+
+    /// The latest batch, marked seen.
+    pub fn latest(&mut self) -> Arc<pb::MetricBatch> {
+        Arc::clone(&self.rx.borrow_and_update())
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        let mut st = self.demand.lock();
+        st.readers = st.readers.saturating_sub(1);
+    }
+}
+
+/// `/metrics` export of the latest sample, read at scrape time. It holds a
+/// subscription, so the sampler stays on its interval while the endpoint
+/// is served: a scrape, whenever it comes, reads a batch at most one
+/// interval old.
+#[derive(Debug)]
+pub struct SampleCollector(pub Subscription);
 
 impl Collector for SampleCollector {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
         // Hold the watch's lock for a pointer copy, not for the encoding.
-        let latest = Arc::clone(&self.0.borrow());
+        let latest = Arc::clone(&self.0.rx.borrow());
         encode_batches(&mut encoder, [&*latest])
     }
 }
 
-/// Start the sampler on its own thread. It stops when every receiver is
-/// gone. `active_faults` is read at each sample.
-pub fn start(source: String, cfg: MetricsConfig, active_faults: Arc<dyn Fn() -> u32 + Send + Sync>) -> io::Result<Latest> {
-    let mut sampler = Sampler::new(source.clone(), cfg.clone());
-    if let Some(v) = sampler.cgroup_version() {
-        debug!(cgroup = v.as_str(), "cgroup hierarchy detected");
+/// What the sampler thread drives: the host's [`Sampler`], or a test's fake.
+pub trait Sample {
+    /// Read every counter so the next sample's rates cover the span from
+    /// now (after an idle spell, whose rates nobody asked for).
+    fn prime(&mut self);
+    fn sample(&mut self, active_faults: u32) -> pb::MetricBatch;
+}
+
+impl Sample for Sampler {
+    fn prime(&mut self) {
+        self.measure(0);
     }
-    // Taken on the caller's thread, which may be a runtime worker: not
-    // `active_faults` (it may block on the runtime); the next sample has it.
-    let first = sampler.sample(0);
-    let (tx, rx) = watch::channel(Arc::new(first));
-    std::thread::Builder::new().name("metrics-sampler".into()).spawn(move || {
-        let mut next = Instant::now() + cfg.interval;
-        loop {
-            let now = Instant::now();
-            if next > now {
-                std::thread::sleep(next - now);
+
+    fn sample(&mut self, active_faults: u32) -> pb::MetricBatch {
+        Sampler::sample(self, active_faults)
+    }
+}
+
+/// Start the host sampler on its own thread (see [`sample_on_thread`]).
+/// `active_faults` is read at each sample.
+pub fn start(source: String, cfg: MetricsConfig, active_faults: Arc<dyn Fn() -> u32 + Send + Sync>) -> io::Result<Metrics> {
+    let interval = cfg.interval;
+    sample_on_thread(
+        source.clone(),
+        interval,
+        move || {
+            let sampler = Sampler::new(source, cfg);
+            if let Some(v) = sampler.cgroup_version() {
+                debug!(cgroup = v.as_str(), "cgroup hierarchy detected");
             }
-            next += cfg.interval;
+            sampler
+        },
+        active_faults,
+    )
+}
+
+/// Run a sampler on its own thread: built by `make` when the first reader
+/// subscribes, it samples every `interval` while any [`Subscription`]
+/// lives and sleeps (no timer) while none does. After each sleep it primes,
+/// waits [`WAKE_SPAN`] and publishes at once, then keeps its interval. The
+/// batch published before any sample is empty (`seq` 0). The thread ends
+/// when every [`Metrics`] clone is dropped.
+pub fn sample_on_thread<S: Sample + 'static>(
+    source: String,
+    interval: Duration,
+    make: impl FnOnce() -> S + Send + 'static,
+    active_faults: Arc<dyn Fn() -> u32 + Send + Sync>,
+) -> io::Result<Metrics> {
+    let empty = pb::MetricBatch { source, ..Default::default() };
+    let (tx, latest) = watch::channel(Arc::new(empty));
+    let demand = Arc::new(Demand::default());
+    let theirs = Arc::clone(&demand);
+    std::thread::Builder::new().name("metrics-sampler".into()).spawn(move || {
+        let demand = theirs;
+        let (mut make, mut sampler) = (Some(make), None::<S>);
+        let mut next = Instant::now();
+        loop {
+            let Some(slept) = demand.until_read() else {
+                debug!("metrics handle dropped; sampler stops");
+                return;
+            };
+            // Its first batch after a sleep, or ever: the one a new reader waits for.
+            let woke = slept || sampler.is_none();
+            let s = match (sampler.as_mut(), make.take()) {
+                (Some(s), _) => s,
+                (None, Some(make)) => sampler.insert(make()),
+                (None, None) => return,
+            };
+            if woke {
+                s.prime();
+                next = Instant::now() + WAKE_SPAN.min(interval);
+            }
+            if !demand.sleep_until(next) {
+                return;
+            }
+            next += interval;
             // Fell far behind (a suspended VM): do not burst.
             if next < Instant::now() {
-                next = Instant::now() + cfg.interval;
+                next = Instant::now() + interval;
             }
-            let batch = sampler.sample(active_faults());
+            let batch = s.sample(active_faults());
             if tx.send(Arc::new(batch)).is_err() {
                 debug!("no metric readers left; sampler stops");
                 return;
             }
+            if woke {
+                demand.lock().sampling = true;
+            }
         }
     })?;
-    Ok(rx)
+    Ok(Metrics(Arc::new(Handle { latest, demand })))
 }
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicU64, Ordering};
+
     use super::*;
 
     #[test]
@@ -495,5 +704,75 @@ mod tests {
         assert_eq!(get("process.count"), Some(0.0));
         assert_eq!(get("agent.faults.active"), Some(2.0));
         assert_eq!(b.seq, 2);
+    }
+
+    /// A sampler that counts what it was asked for.
+    struct Counting {
+        primed: Arc<AtomicU64>,
+        taken: Arc<AtomicU64>,
+        /// Dropped with the sampler, when its thread ends.
+        _alive: Arc<()>,
+    }
+
+    impl Sample for Counting {
+        fn prime(&mut self) {
+            self.primed.fetch_add(1, Ordering::SeqCst);
+        }
+
+        fn sample(&mut self, active_faults: u32) -> pb::MetricBatch {
+            let seq = self.taken.fetch_add(1, Ordering::SeqCst) + 1;
+            pb::MetricBatch { seq, metrics: vec![metric("agent.faults.active", &[], f64::from(active_faults))], ..Default::default() }
+        }
+    }
+
+    /// Liveness bound only: every wait here ends on an event, not a clock.
+    fn until(what: &str, done: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(Instant::now() < deadline, "not within 10 s: {what}");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    async fn next(sub: &mut Subscription) -> Arc<pb::MetricBatch> {
+        tokio::time::timeout(Duration::from_secs(10), sub.changed()).await.expect("a batch within 10 s").expect("sampler running");
+        sub.latest()
+    }
+
+    #[tokio::test]
+    async fn the_sampler_sleeps_while_nobody_reads_and_samples_fresh_for_a_new_reader() {
+        let (primed, taken, alive) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)), Arc::new(()));
+        let (p, t, a) = (Arc::clone(&primed), Arc::clone(&taken), Arc::clone(&alive));
+        let gone = Arc::downgrade(&alive);
+        drop(alive);
+        let m =
+            sample_on_thread("t".into(), Duration::from_millis(100), move || Counting { primed: p, taken: t, _alive: a }, Arc::new(|| 3))
+                .expect("thread");
+        until("the sampler waits for a reader", || m.is_idle());
+        assert_eq!((primed.load(Ordering::SeqCst), taken.load(Ordering::SeqCst)), (0, 0), "nobody subscribed: the host is not read");
+
+        let mut first = m.subscribe();
+        let b = next(&mut first).await;
+        assert_eq!(b.seq, 1, "the first batch is one taken for this reader, not the empty one from the start");
+        assert_eq!(primed.load(Ordering::SeqCst), 1, "its rates cover a span after the reader came");
+        assert_eq!(b.metrics[0].value, 3.0);
+
+        // A second reader while sampling gets the current batch at once.
+        let mut second = m.subscribe();
+        let now = tokio::time::timeout(Duration::ZERO, second.changed()).await;
+        assert!(matches!(now, Ok(Ok(()))), "the current batch is ready for a reader who comes while sampling");
+        assert!(second.latest().seq >= 1);
+
+        drop((first, second));
+        until("the sampler sleeps again once every reader left", || m.is_idle());
+        let before = taken.load(Ordering::SeqCst);
+        let mut late = m.subscribe();
+        let b = next(&mut late).await;
+        assert_eq!(b.seq, before + 1, "a reader after an idle spell waits for a new sample, never gets the stale one");
+        assert_eq!(primed.load(Ordering::SeqCst), 2, "primed again after the idle spell");
+
+        drop(late);
+        drop(m);
+        until("the sampler thread ends with its last handle", || gone.strong_count() == 0);
     }
 }

@@ -171,7 +171,7 @@ pub async fn run(cfg: AgentConfig, listener: TcpListener, shutdown: impl Future<
         tls: tls.clone(),
     });
 
-    let latest = {
+    let metrics = {
         let (lc, rt) = (lifecycle.clone(), tokio::runtime::Handle::current());
         let active = move || {
             rt.block_on(async { tokio::time::timeout(Duration::from_millis(200), lc.status()).await })
@@ -183,7 +183,7 @@ pub async fn run(cfg: AgentConfig, listener: TcpListener, shutdown: impl Future<
     };
     let (metrics_stop, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
     if let Some(addr) = cfg.metrics_listen {
-        registry.register_collector(Box::new(SampleCollector(latest.clone())));
+        registry.register_collector(Box::new(SampleCollector(metrics.subscribe())));
         serve_metrics(addr, Arc::new(registry), async {
             let _ = metrics_stopped.await;
         })
@@ -194,7 +194,7 @@ pub async fn run(cfg: AgentConfig, listener: TcpListener, shutdown: impl Future<
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<AgentServer<AgentService>>().await;
     let mut routes = tonic::service::RoutesBuilder::default();
-    routes.add_service(health_service).add_service(AgentServer::new(AgentService::new(lifecycle.clone(), identity.clone(), latest)));
+    routes.add_service(health_service).add_service(AgentServer::new(AgentService::new(lifecycle.clone(), identity.clone(), metrics)));
     chaos_proto::serve::add_reflection(&mut routes, &["chaos.v1.Agent"]).context("building reflection service")?;
     let routes = routes.routes();
 

@@ -20,7 +20,7 @@ use tracing::{info, instrument};
 
 use crate::{
     lifecycle::{Lifecycle, LifecycleStatus},
-    metrics::Latest,
+    metrics::Metrics,
 };
 
 /// Facts about this agent that do not change while it runs.
@@ -184,11 +184,11 @@ impl AgentIdentity {
 pub struct AgentService {
     lifecycle: Lifecycle,
     identity: Arc<AgentIdentity>,
-    metrics: Latest,
+    metrics: Metrics,
 }
 
 impl AgentService {
-    pub fn new(lifecycle: Lifecycle, identity: Arc<AgentIdentity>, metrics: Latest) -> Self {
+    pub fn new(lifecycle: Lifecycle, identity: Arc<AgentIdentity>, metrics: Metrics) -> Self {
         Self { lifecycle, identity, metrics }
     }
 }
@@ -272,18 +272,24 @@ impl Agent for AgentService {
                 .ok_or_else(|| Status::invalid_argument(format!("interval: must be in [0s, 1h], got {}s", d.seconds)))?,
         };
         let filter = Filter::from_stream(&r);
-        let mut rx = self.metrics.clone();
-        // The current sample first, then each new one; a slow reader only
-        // ever sees the latest (watch), never holding the sampler.
-        rx.mark_changed();
+        // A fresh sample first (the current one, or the woken sampler's
+        // next), then each new one; a slow reader only ever sees the latest
+        // (watch), never holding the sampler. The sampler runs while `rx`
+        // lives: until the client goes.
+        let mut rx = self.metrics.subscribe();
         let (tx, out) = tokio::sync::mpsc::channel(4);
         tokio::spawn(async move {
             let mut last_sent: Option<Instant> = None;
-            while rx.changed().await.is_ok() {
+            loop {
+                // A client that went stops the sampler now, not at the next send.
+                tokio::select! {
+                    () = tx.closed() => return,
+                    changed = rx.changed() => if changed.is_err() { return },
+                }
                 if last_sent.is_some_and(|t| t.elapsed() + Duration::from_millis(50) < every) {
                     continue;
                 }
-                let batch = rx.borrow_and_update().clone();
+                let batch = rx.latest();
                 let Some(wanted) = filter.apply(&batch) else { continue };
                 last_sent = Some(Instant::now());
                 if tx.send(Ok(wanted)).await.is_err() {
