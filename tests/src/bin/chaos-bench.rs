@@ -1721,7 +1721,7 @@ async fn bench() -> anyhow::Result<()> {
             );
         }
         notes.push(format!(
-            "(u) idle agent: --insecure, no coordinator, no client, no faults; measured {:.1} s after 12 s of settling; CPU from /proc/PID/stat (10 ms ticks:              0.033 % resolution over 30 s) and from the live threads' schedstat (ns){}",
+            "(u) idle agent: --insecure, no coordinator, no client, no faults; measured {:.1} s after 12 s of settling; CPU from /proc/PID/stat (10 ms ticks: 0.033 % resolution over 30 s) and from the live threads' schedstat (ns){}",
             a.seconds,
             f.subscribed.as_ref().map_or_else(String::new, |s| format!("; (u') {:.1} s, as stat % / schedstat %", s.seconds))
         ));
