@@ -33,7 +33,7 @@ use crate::{
     error::CoordinatorError,
     monitor::{
         alerts::{Engine, NamedRule},
-        hub::{Hub, HubEvent},
+        hub::{Hub, HubEvent, decoded},
     },
     policy::Policy,
     scenarios::{Scenarios, is_final},
@@ -542,7 +542,8 @@ impl GameDays {
                     s = &mut stop => break 'run s.unwrap_or((GameDayState::Stopped, "the coordinator is shutting down".into())),
                     ev = async { match slo.as_mut() { Some(rx) => rx.recv().await, None => std::future::pending().await } } => {
                         match ev {
-                            Ok(HubEvent::Batch(b)) => {
+                            Ok(HubEvent::Batch(shared)) => {
+                                let Some(b) = decoded(&shared) else { continue };
                                 let out = engine.observe(&rules, &b, Instant::now());
                                 if let Some((_, why)) = out.aborts.into_iter().next() {
                                     break 'run (GameDayState::Aborted, format!("SLO breached: {why}"));

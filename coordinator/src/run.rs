@@ -14,7 +14,7 @@ use tracing::{info, warn};
 use crate::{
     armstore::ArmStore,
     config::CoordinatorConfig,
-    monitor,
+    monitor::{self, watch::SharedStreamMetrics},
     registry::Registry,
     scenarios::{Scenarios, Timing},
     service::{CoordinatorService, ServiceConfig},
@@ -62,7 +62,7 @@ pub async fn run(cfg: CoordinatorConfig, listener: TcpListener, shutdown: impl F
     let svc = CoordinatorService::new(
         registry,
         scenarios,
-        monitor,
+        Arc::clone(&monitor),
         ServiceConfig {
             emergency_stop_deadline: cfg.emergency_stop_deadline,
             heartbeat_interval: cfg.heartbeat_interval,
@@ -75,7 +75,8 @@ pub async fn run(cfg: CoordinatorConfig, listener: TcpListener, shutdown: impl F
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<CoordinatorServer<CoordinatorService>>().await;
     let mut routes = tonic::service::RoutesBuilder::default();
-    routes.add_service(health_service).add_service(CoordinatorServer::new(svc));
+    // StreamMetrics from the hub's shared bytes; every other method as generated.
+    routes.add_service(health_service).add_service(SharedStreamMetrics::new(CoordinatorServer::new(svc), monitor));
     chaos_proto::serve::add_reflection(&mut routes, &["chaos.v1.Coordinator"]).context("building reflection service")?;
     let reload = tls.as_ref().map(|t| tokio::spawn(reload_on_sighup(Arc::clone(t), "chaos-coordinator")));
     let tls_text =

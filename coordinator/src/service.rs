@@ -8,7 +8,8 @@ use chaos_proto::{
     pb::{self, AgentHealth, coordinator_server::Coordinator},
     trust::{Caller, Role, Tls},
 };
-use futures::Stream;
+use futures::{Stream, StreamExt};
+use prost::Message;
 use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 use tracing::{info, instrument};
@@ -17,7 +18,7 @@ use crate::{
     error::CoordinatorError,
     fleet,
     gameday::GameDays,
-    monitor::{Monitor, hub::HubEvent},
+    monitor::{Monitor, watch},
     registry::{AgentRecord, Registry},
     scenarios::{Scenarios, snapshot_event},
     store::Actor,
@@ -101,11 +102,7 @@ impl CoordinatorService {
     }
 
     fn monitoring_on(&self) -> Result<(), Status> {
-        if self.monitor.enabled {
-            Ok(())
-        } else {
-            Err(Status::failed_precondition("monitoring is disabled on this coordinator (config monitoring.enabled: false)"))
-        }
+        watch::refuse_when_off(&self.monitor)
     }
 
     /// Record a mutation in the audit log; a failed write is logged, never fatal.
@@ -348,43 +345,14 @@ impl Coordinator for CoordinatorService {
 
     type StreamMetricsStream = MetricEventStream;
 
+    /// Served from shared bytes by [`watch::SharedStreamMetrics`] in front
+    /// of this server; here the same frames are decoded, for a caller of
+    /// the generated server alone.
     async fn stream_metrics(&self, req: Request<pb::StreamMetricsRequest>) -> Result<Response<MetricEventStream>, Status> {
         self.monitoring_on()?;
-        let r = req.into_inner();
-        let filter = Filter::from_stream(&r);
-        // Subscribe before the snapshot: nothing falls between the two.
-        let mut rx = self.monitor.hub.subscribe();
-        let (now, _) = self.monitor.hub.snapshot(&filter, 0);
-        let firing = if r.no_alerts { Vec::new() } else { self.monitor.alerts.firing() };
-        // Small: a slow client fills it, then its broadcast receiver lags
-        // and it skips, while every other watcher goes on.
-        let (tx, out) = tokio::sync::mpsc::channel(64);
-        tokio::spawn(async move {
-            use pb::metric_event::Event;
-            let initial = now.into_iter().map(Event::Batch).chain(firing.into_iter().map(Event::Alert));
-            for ev in initial {
-                if tx.send(Ok(pb::MetricEvent { event: Some(ev) })).await.is_err() {
-                    return;
-                }
-            }
-            loop {
-                let ev = match rx.recv().await {
-                    // The one copy this watcher needs: tonic sends owned messages.
-                    Ok(HubEvent::Batch(b)) => match filter.apply(&b) {
-                        Some(b) => Event::Batch(b),
-                        None => continue,
-                    },
-                    Ok(HubEvent::Alert(_)) if r.no_alerts => continue,
-                    Ok(HubEvent::Alert(a)) => Event::Alert((*a).clone()),
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => Event::Skipped(n),
-                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
-                };
-                if tx.send(Ok(pb::MetricEvent { event: Some(ev) })).await.is_err() {
-                    return;
-                }
-            }
-        });
-        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(out))))
+        let frames = watch::watch(&self.monitor, req.get_ref());
+        let events = frames.map(|f| f.and_then(|b| pb::MetricEvent::decode(b).map_err(|e| Status::internal(format!("metric event: {e}")))));
+        Ok(Response::new(Box::pin(events)))
     }
 
     async fn get_metrics(&self, req: Request<pb::GetMetricsRequest>) -> Result<Response<pb::GetMetricsResponse>, Status> {

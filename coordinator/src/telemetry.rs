@@ -51,7 +51,7 @@ fn gauge_family(enc: &mut DescriptorEncoder<'_>, name: &str, help: &str, series:
 
 impl Collector for StateCollector {
     fn encode(&self, mut enc: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
-        encode_batches(&mut enc, self.hub.current_probes().iter().map(|b| &**b))?;
+        encode_batches(&mut enc, self.hub.current_probes().iter())?;
         let (running, queued) = self.scenarios.counts();
         gauge_family(
             &mut enc,

@@ -25,11 +25,14 @@
 
 use std::{collections::HashSet, marker::PhantomData, sync::LazyLock, time::Duration};
 
-use prost::{Message, Name, bytes::Buf};
+use prost::{
+    Message, Name,
+    bytes::{Buf, BufMut, Bytes},
+};
 use prost_reflect::{DescriptorPool, DynamicMessage, FieldDescriptor, Kind, MapKey, MessageDescriptor, ReflectMessage, Value};
 use tonic::{
     Status,
-    codec::{BufferSettings, Codec, DecodeBuf, Decoder},
+    codec::{BufferSettings, Codec, DecodeBuf, Decoder, EncodeBuf, Encoder},
 };
 use tonic_prost::ProstEncoder;
 
@@ -336,6 +339,53 @@ where
 
     fn decoder(&mut self) -> Self::Decoder {
         EdgeDecoder(PhantomData)
+    }
+}
+
+/// The codec of a server-streaming method whose responses are encoded
+/// ahead of time, once, and shared between callers (the coordinator's
+/// StreamMetrics: one encoding of a batch for every watcher). Each item is
+/// the protobuf encoding of one response message and is framed as it is,
+/// so the wire is the same as [`EdgeCodec`]'s; requests are decoded and
+/// checked at the edge as [`EdgeCodec`] does.
+#[derive(Debug, Clone)]
+pub struct PreEncodedCodec<U>(PhantomData<U>);
+
+impl<U> Default for PreEncodedCodec<U> {
+    fn default() -> Self {
+        PreEncodedCodec(PhantomData)
+    }
+}
+
+impl<U> Codec for PreEncodedCodec<U>
+where
+    U: Message + Default + Name + Send + 'static,
+{
+    type Encode = Bytes;
+    type Decode = U;
+    type Encoder = PreEncoded;
+    type Decoder = EdgeDecoder<U>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        PreEncoded
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        EdgeDecoder(PhantomData)
+    }
+}
+
+/// Writes an already encoded message (one copy into the frame, no encoding).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PreEncoded;
+
+impl Encoder for PreEncoded {
+    type Item = Bytes;
+    type Error = Status;
+
+    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        dst.put(item);
+        Ok(())
     }
 }
 

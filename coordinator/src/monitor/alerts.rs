@@ -22,7 +22,7 @@ use prometheus_client::metrics::{counter::Counter, family::Family};
 use tokio::{sync::broadcast, time::Instant};
 use tracing::warn;
 
-use super::hub::{Hub, HubEvent};
+use super::hub::{Hub, HubEvent, decoded};
 use crate::scenarios::Scenarios;
 
 /// A rule with its name and, for a stop condition, its scenario.
@@ -196,7 +196,7 @@ impl Alerts {
                 }
                 Err(broadcast::error::RecvError::Closed) => return,
             };
-            let HubEvent::Batch(batch) = ev else { continue };
+            let HubEvent::Batch(shared) = ev else { continue };
             // A scenario's stop conditions apply from its start: refresh often.
             if refreshed.elapsed() >= Duration::from_millis(200) {
                 let sc = Self::scenario_rules(&scenarios, &mut cache);
@@ -205,9 +205,11 @@ impl Alerts {
                 rules = self.rules.iter().cloned().chain(sc).collect();
                 refreshed = Instant::now();
             }
+            // Decoded only when some rule reads it.
             if rules.is_empty() {
                 continue;
             }
+            let Some(batch) = decoded(&shared) else { continue };
             let out = self.engine.lock().unwrap_or_else(|p| p.into_inner()).observe(&rules, &batch, Instant::now());
             for ev in out.events {
                 let firing = ev.state == pb::AlertState::Firing as i32;

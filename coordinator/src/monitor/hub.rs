@@ -3,6 +3,12 @@
 //! bounded broadcast channel. Ingest never waits: a watcher that falls
 //! behind loses the oldest events (and is told how many), it never slows
 //! the agents or the other watchers.
+//!
+//! Each batch is encoded once, at ingest, as the `MetricEvent` a watcher
+//! receives ([`SharedBatch`]); the window, the channel and every watcher
+//! share those bytes, so ten watchers cost about what one does and a kept
+//! batch costs its encoded size (a decoded one, with a map per metric, is
+//! about ten times larger). Code that reads the values decodes them.
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -11,11 +17,63 @@ use std::{
 };
 
 use chaos_proto::{convert::duration_to_pb, metrics::Filter, pb};
+use prost::{Message, bytes::Bytes};
 use tokio::{sync::broadcast, time::Instant};
+use tracing::error;
+
+/// One batch as the hub keeps and sends it: the encoding of
+/// `MetricEvent { batch }`, made once, plus what a watcher's source filter
+/// looks at, so most watchers never decode it.
+#[derive(Debug, Clone)]
+pub struct SharedBatch {
+    pub source: String,
+    pub source_labels: HashMap<String, String>,
+    pub seq: u64,
+    /// The encoded `MetricEvent` (field 1, the batch) as sent to a watcher.
+    event: Bytes,
+    /// Where the encoded `MetricBatch` starts inside `event` (after its tag and length).
+    batch_at: usize,
+}
+
+impl SharedBatch {
+    /// Encode `batch` once; its source labels move into the result.
+    pub fn new(mut batch: pb::MetricBatch) -> Self {
+        let len = batch.encoded_len();
+        let mut event = Vec::with_capacity(len + 1 + prost::length_delimiter_len(len));
+        // `MetricEvent { event: Some(Batch(batch)) }` is exactly field 1 holding the batch.
+        prost::encoding::message::encode(1, &batch, &mut event);
+        let batch_at = event.len() - len;
+        Self {
+            source: std::mem::take(&mut batch.source),
+            source_labels: std::mem::take(&mut batch.source_labels),
+            seq: batch.seq,
+            event: event.into(),
+            batch_at,
+        }
+    }
+
+    /// The encoded `MetricEvent` carrying this batch, as a watcher receives it.
+    pub fn event_bytes(&self) -> &Bytes {
+        &self.event
+    }
+
+    /// Bytes this batch holds.
+    pub fn size(&self) -> usize {
+        self.event.len()
+    }
+
+    /// The batch's values. The bytes are the hub's own encoding, so this
+    /// fails only on a bug; the caller logs it and skips the batch.
+    pub fn decode(&self) -> Result<pb::MetricBatch, prost::DecodeError> {
+        pb::MetricBatch::decode(self.event.slice(self.batch_at..))
+    }
+}
 
 struct Source {
-    latest: Arc<pb::MetricBatch>,
-    window: VecDeque<Arc<pb::MetricBatch>>,
+    latest: Arc<SharedBatch>,
+    window: VecDeque<Arc<SharedBatch>>,
+    /// Bytes held by `window`, kept at most the hub's `window_bytes`.
+    window_bytes: usize,
     received_at: Option<Instant>,
     received: u64,
     stale: bool,
@@ -25,15 +83,24 @@ struct Source {
 }
 
 impl Source {
-    fn new(latest: Arc<pb::MetricBatch>, interval: Duration) -> Self {
-        Source { latest, window: VecDeque::new(), received_at: None, received: 0, stale: false, error: String::new(), interval }
+    fn new(latest: Arc<SharedBatch>, interval: Duration) -> Self {
+        Source {
+            latest,
+            window: VecDeque::new(),
+            window_bytes: 0,
+            received_at: None,
+            received: 0,
+            stale: false,
+            error: String::new(),
+            interval,
+        }
     }
 }
 
 /// What the hub fans out: shared, so a batch is never copied to be sent.
 #[derive(Debug, Clone)]
 pub enum HubEvent {
-    Batch(Arc<pb::MetricBatch>),
+    Batch(Arc<SharedBatch>),
     Alert(Arc<pb::AlertEvent>),
 }
 
@@ -42,14 +109,24 @@ pub struct Hub {
     sources: Mutex<HashMap<String, Source>>,
     events: broadcast::Sender<HubEvent>,
     window: usize,
+    window_bytes: usize,
 }
+
+/// Bytes of encoded batches a source's window keeps by default (the
+/// latest batch is always kept, whatever its size).
+pub const WINDOW_BYTES: usize = 256 * 1024;
 
 impl Hub {
     /// `window`: batches kept per source; `capacity`: events buffered for
     /// the slowest watcher before it starts skipping.
     pub fn new(window: usize, capacity: usize) -> Arc<Self> {
+        Self::with_limits(window, WINDOW_BYTES, capacity)
+    }
+
+    /// As [`Hub::new`], with at most `window_bytes` of encoded batches per source window.
+    pub fn with_limits(window: usize, window_bytes: usize, capacity: usize) -> Arc<Self> {
         let (events, _) = broadcast::channel(capacity.max(16));
-        Arc::new(Self { sources: Mutex::default(), events, window: window.max(1) })
+        Arc::new(Self { sources: Mutex::default(), events, window: window.max(1), window_bytes })
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<String, Source>> {
@@ -58,19 +135,23 @@ impl Hub {
 
     /// A batch arrived from `batch.source`, expected every `interval`.
     pub fn ingest(&self, batch: pb::MetricBatch, interval: Duration) {
-        let batch = Arc::new(batch);
+        let error = batch.error.clone();
+        let batch = Arc::new(SharedBatch::new(batch));
         {
             let mut g = self.lock();
             let s = g.entry(batch.source.clone()).or_insert_with(|| Source::new(Arc::clone(&batch), interval));
             s.latest = Arc::clone(&batch);
-            if s.window.len() == self.window {
-                s.window.pop_front();
-            }
             s.window.push_back(Arc::clone(&batch));
+            s.window_bytes += batch.size();
+            while s.window.len() > self.window || (s.window_bytes > self.window_bytes && s.window.len() > 1) {
+                if let Some(old) = s.window.pop_front() {
+                    s.window_bytes -= old.size();
+                }
+            }
             s.received_at = Some(Instant::now());
             s.received += 1;
             s.stale = false;
-            s.error = batch.error.clone();
+            s.error = error;
             s.interval = interval;
         }
         // No receiver is fine: nobody watches.
@@ -85,7 +166,7 @@ impl Hub {
             let Some(s) = g.get_mut(source) else {
                 // Never reported: remember the error for GetMetrics.
                 let empty = pb::MetricBatch { source: source.to_string(), stale: true, error: error.to_string(), ..Default::default() };
-                let mut s = Source::new(Arc::new(empty), Duration::from_secs(1));
+                let mut s = Source::new(Arc::new(SharedBatch::new(empty)), Duration::from_secs(1));
                 (s.stale, s.error) = (true, error.to_string());
                 g.insert(source.to_string(), s);
                 return;
@@ -95,7 +176,9 @@ impl Hub {
                 return;
             }
             s.stale = true;
-            pb::MetricBatch { stale: true, error: error.to_string(), ..(*s.latest).clone() }
+            // The last values, now marked stale with why.
+            let Some(b) = latest(s) else { return };
+            SharedBatch::new(b)
         };
         let _ = self.events.send(HubEvent::Batch(Arc::new(out)));
     }
@@ -129,8 +212,8 @@ impl Hub {
 
     /// The latest batch of every probe that is not stale (for `/metrics`:
     /// agents export their own host metrics).
-    pub fn current_probes(&self) -> Vec<Arc<pb::MetricBatch>> {
-        self.lock().iter().filter(|(k, s)| k.starts_with("probe:") && !s.stale).map(|(_, s)| Arc::clone(&s.latest)).collect()
+    pub fn current_probes(&self) -> Vec<pb::MetricBatch> {
+        self.lock().iter().filter(|(k, s)| k.starts_with("probe:") && !s.stale).filter_map(|(_, s)| decoded(&s.latest)).collect()
     }
 
     /// The latest batch of each matching source (plus up to `history`
@@ -155,10 +238,11 @@ impl Hub {
             });
             let earlier = s.window.len().saturating_sub(1);
             for b in s.window.iter().skip(earlier.saturating_sub(history)).take(earlier.min(history)) {
-                batches.extend(filter.apply(b));
+                batches.extend(decoded(b).and_then(|b| filter.apply(&b)));
             }
-            let latest = pb::MetricBatch { stale: s.stale, error: s.error.clone(), ..(*s.latest).clone() };
-            batches.extend(filter.apply(&latest));
+            if let Some(latest) = latest(s) {
+                batches.extend(filter.apply(&latest));
+            }
         }
         (batches, statuses)
     }
@@ -167,6 +251,22 @@ impl Hub {
     pub fn counts(&self) -> (usize, usize) {
         let g = self.lock();
         (g.len(), g.values().filter(|s| s.stale).count())
+    }
+}
+
+/// The source's latest batch as GetMetrics shows it: with its staleness and error now.
+fn latest(s: &Source) -> Option<pb::MetricBatch> {
+    decoded(&s.latest).map(|b| pb::MetricBatch { stale: s.stale, error: s.error.clone(), ..b })
+}
+
+/// `b` decoded, or None (logged): the hub's own bytes always decode.
+pub fn decoded(b: &SharedBatch) -> Option<pb::MetricBatch> {
+    match b.decode() {
+        Ok(batch) => Some(batch),
+        Err(e) => {
+            error!(source = %b.source, seq = b.seq, error = %e, "a batch the hub encoded does not decode; skipped");
+            None
+        }
     }
 }
 
@@ -224,6 +324,7 @@ mod tests {
         hub.sweep();
         let ev = rx.try_recv().expect("stale event");
         let HubEvent::Batch(b) = &ev else { panic!("{ev:?}") };
+        let b = b.decode().expect("decodes");
         assert!(b.stale && b.error.contains("no metrics for 3500 ms"), "{b:?}");
         assert_eq!(b.seq, 5, "the last values, marked stale");
         assert!(rx.try_recv().is_err(), "stale is said once");
@@ -233,5 +334,59 @@ mod tests {
         hub.ingest(batch("a", 6, 6.0), Duration::from_secs(1));
         let (_, st) = hub.snapshot(&Filter::default(), 0);
         assert!(!st[0].stale);
+    }
+
+    #[test]
+    fn the_shared_bytes_are_the_metric_event_a_watcher_was_sent() {
+        let b = pb::MetricBatch {
+            source: "a".into(),
+            sampled_at: Some(prost_types::Timestamp { seconds: 1_700_000_000, nanos: 5 }),
+            metrics: vec![
+                metric("host.cpu.used_pct", &[("core", "0")], 12.5),
+                metric("net.rx_bytes_total", &[("iface", "eth0"), ("netns", "x")], 9.0),
+            ],
+            seq: 7,
+            stale: true,
+            error: "why".into(),
+            source_labels: [("role".to_string(), "kafka".to_string()), ("zone".to_string(), "b".to_string())].into(),
+        };
+        let shared = SharedBatch::new(b.clone());
+        let sent = pb::MetricEvent { event: Some(pb::metric_event::Event::Batch(b.clone())) };
+        assert_eq!(pb::MetricEvent::decode(shared.event_bytes().clone()).expect("decodes"), sent);
+        assert_eq!(shared.event_bytes().len(), sent.encoded_len());
+        assert_eq!(shared.decode().expect("decodes"), b);
+        assert_eq!((shared.source.as_str(), shared.seq, shared.source_labels.get("role").map(String::as_str)), ("a", 7, Some("kafka")));
+    }
+
+    #[test]
+    fn a_source_window_is_bounded_in_batches_and_in_bytes() {
+        let big = |seq| pb::MetricBatch {
+            source: "a".into(),
+            seq,
+            metrics: (0..100).map(|i| metric("standin.value", &[("i", &i.to_string())], 1.0)).collect(),
+            ..Default::default()
+        };
+        let one = SharedBatch::new(big(1)).size();
+        // Room for three big batches, though the window counts ten.
+        let hub = Hub::with_limits(10, 3 * one + one / 2, 16);
+        for seq in 1..=20 {
+            hub.ingest(big(seq), Duration::from_secs(1));
+        }
+        let (batches, _) = hub.snapshot(&Filter::default(), 100);
+        assert_eq!(batches.iter().map(|b| b.seq).collect::<Vec<_>>(), vec![18, 19, 20]);
+        let held: usize = hub.lock()["a"].window.iter().map(|b| b.size()).sum();
+        assert!(held <= 3 * one + one / 2 && held == hub.lock()["a"].window_bytes, "{held}");
+        // A batch larger than the bound still is the latest.
+        let tiny = Hub::with_limits(10, 10, 16);
+        tiny.ingest(big(1), Duration::from_secs(1));
+        tiny.ingest(big(2), Duration::from_secs(1));
+        let (batches, _) = tiny.snapshot(&Filter::default(), 100);
+        assert_eq!(batches.iter().map(|b| b.seq).collect::<Vec<_>>(), vec![2]);
+        // Small batches: the count bounds it.
+        let hub = Hub::with_limits(3, WINDOW_BYTES, 16);
+        for seq in 1..=9 {
+            hub.ingest(batch("a", seq, 1.0), Duration::from_secs(1));
+        }
+        assert_eq!(hub.lock()["a"].window.len(), 3);
     }
 }

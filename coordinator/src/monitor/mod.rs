@@ -5,6 +5,7 @@
 pub mod alerts;
 pub mod hub;
 pub mod probes;
+pub mod watch;
 
 use std::{collections::BTreeMap, collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
 
@@ -36,6 +37,9 @@ pub struct MonitoringFile {
     pub listen: Option<String>,
     /// Batches kept per source for GetMetrics' history (default 10).
     pub window: Option<usize>,
+    /// Bytes of encoded batches kept per source window (default 256 KiB;
+    /// the latest batch is kept whatever its size).
+    pub window_bytes: Option<usize>,
     /// Events buffered for a slow watcher before it skips (default 4096).
     pub watcher_buffer: Option<usize>,
 }
@@ -57,6 +61,7 @@ pub struct MonitoringConfig {
     pub probes: Vec<ProbeSpec>,
     pub listen: Option<SocketAddr>,
     pub window: usize,
+    pub window_bytes: usize,
     pub watcher_buffer: usize,
 }
 
@@ -69,6 +74,7 @@ impl Default for MonitoringConfig {
             probes: Vec::new(),
             listen: None,
             window: 10,
+            window_bytes: hub::WINDOW_BYTES,
             watcher_buffer: 4096,
         }
     }
@@ -109,6 +115,12 @@ impl MonitoringFile {
                 return Err(format!("monitoring.window: must be in [1, 3600] batches, got {w}"));
             }
             c.window = w;
+        }
+        if let Some(b) = self.window_bytes {
+            if !(4096..=64 << 20).contains(&b) {
+                return Err(format!("monitoring.window_bytes: must be in [4096, 67108864] bytes, got {b}"));
+            }
+            c.window_bytes = b;
         }
         if let Some(b) = self.watcher_buffer {
             if !(16..=1_000_000).contains(&b) {
@@ -212,7 +224,7 @@ async fn follow_agents(hub: Arc<Hub>, registry: Arc<Registry>, interval: Duratio
 
 /// Start the hub, the agent followers, the probes and the alert evaluator.
 pub fn start(cfg: &MonitoringConfig, registry: Arc<Registry>, scenarios: Arc<Scenarios>, counters: AlertCounters) -> Monitor {
-    let hub = Hub::new(cfg.window, cfg.watcher_buffer);
+    let hub = Hub::with_limits(cfg.window, cfg.window_bytes, cfg.watcher_buffer);
     let alerts = Alerts::new(cfg.rules.clone(), counters);
     let mut tasks = Vec::new();
     if cfg.enabled {
@@ -256,6 +268,8 @@ mod tests {
     fn errors_name_the_key() {
         assert!(parse("alerts: [{expr: kafka.lag.total >> 5}]\n").expect_err("bad").starts_with("monitoring.alerts[0].expr: rule"));
         assert!(parse("metrics_interval: 10ms\n").expect_err("bad").contains("monitoring.metrics_interval"));
+        assert!(parse("window_bytes: 100\n").expect_err("bad").contains("monitoring.window_bytes: must be in [4096"));
+        assert_eq!(parse("window_bytes: 65536\n").expect("valid").window_bytes, 65536);
         assert!(parse("listen: nowhere\n").expect_err("bad").contains("monitoring.listen: invalid address \"nowhere\""));
         let e = parse("probes: [{name: a, kind: tcp, address: 'h:1'}, {name: a, kind: tcp, address: 'h:2'}]\n").expect_err("dup");
         assert!(e.contains("monitoring.probes[1].name") && e.contains("earlier"), "{e}");

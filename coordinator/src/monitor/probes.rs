@@ -339,6 +339,7 @@ mod tests {
         let t0 = Instant::now();
         let ev = tokio::time::timeout(Duration::from_secs(3), rx.recv()).await.expect("a batch").expect("recv");
         let super::super::hub::HubEvent::Batch(b) = &ev else { panic!("{ev:?}") };
+        let b = b.decode().expect("decodes");
         assert!(t0.elapsed() < Duration::from_millis(1500), "took {:?}", t0.elapsed());
         assert_eq!(b.source, "probe:web");
         assert!(b.error.contains("no answer within 300 ms"), "{}", b.error);
