@@ -37,6 +37,8 @@ use crate::error::AgentError;
 pub struct Netem {
     pub delay: Duration,
     pub jitter: Duration,
+    /// Always 0 in new plans (a latency correlation is the NFQUEUE engine's);
+    /// kept so journal records stay readable by agents of the same journal version.
     pub delay_correlation_permyriad: u32,
     pub loss_permyriad: u32,
     pub loss_correlation_permyriad: u32,

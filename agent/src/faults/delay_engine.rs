@@ -107,14 +107,28 @@ impl Profile {
 /// successive delays have lag-1 correlation `(6/π)·asin(ρ/2)`, which is `c`
 /// for `ρ = 2·sin(πc/6)`. (netem's correlated draw, taken modulo twice the
 /// jitter, keeps almost none of it: lag-1 about 0.1 for 75 % on Linux 6.1.)
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct DelayDraw {
+    profile: Profile,
+    /// The chain's ρ and √(1-ρ²), from the profile's correlation (none without one).
+    chain: Option<(f64, f64)>,
     /// The chain's last value (none before the first packet).
     z: Option<f64>,
 }
 
 impl DelayDraw {
-    fn next(&mut self, p: &Profile, rng: &mut impl Rng) -> Duration {
+    fn new(profile: &Profile) -> Self {
+        let chain = (profile.correlation_permyriad > 0).then(|| {
+            let c = f64::from(profile.correlation_permyriad.min(10_000)) / 10_000.0;
+            // (100 % exactly 1: sin(π/6) in floating point falls just short.)
+            let rho = if c >= 1.0 { 1.0 } else { 2.0 * (std::f64::consts::PI * c / 6.0).sin() };
+            (rho, (1.0 - rho * rho).max(0.0).sqrt())
+        });
+        DelayDraw { profile: *profile, chain, z: None }
+    }
+
+    fn next(&mut self, rng: &mut impl Rng) -> Duration {
+        let p = &self.profile;
         if p.delay.is_zero() {
             return Duration::ZERO;
         }
@@ -125,17 +139,15 @@ impl DelayDraw {
             return p.delay;
         }
         let j = p.jitter.as_nanos() as f64;
-        let offset = if p.correlation_permyriad == 0 {
-            rng.random_range(-j..=j)
-        } else {
-            let c = f64::from(p.correlation_permyriad.min(10_000)) / 10_000.0;
-            // (100 % exactly 1: sin(π/6) in floating point falls just short.)
-            let rho = if c >= 1.0 { 1.0 } else { 2.0 * (std::f64::consts::PI * c / 6.0).sin() };
-            let e: f64 = rng.sample(rand_distr::StandardNormal);
-            let z = self.z.map_or(e, |prev| rho * prev + (1.0 - rho * rho).max(0.0).sqrt() * e);
-            self.z = Some(z);
-            let u = 0.5 * libm::erfc(-z / std::f64::consts::SQRT_2);
-            j * (2.0 * u - 1.0)
+        let offset = match self.chain {
+            None => rng.random_range(-j..=j),
+            Some((rho, rest)) => {
+                let e: f64 = rng.sample(rand_distr::StandardNormal);
+                let z = self.z.map_or(e, |prev| rho * prev + rest * e);
+                self.z = Some(z);
+                let u = 0.5 * libm::erfc(-z / std::f64::consts::SQRT_2);
+                j * (2.0 * u - 1.0)
+            }
         };
         let d = p.delay.as_nanos() as f64 + offset;
         Duration::from_nanos(d.max(0.0) as u64)
@@ -379,7 +391,7 @@ fn skipped(last: Option<u32>, id: u32) -> u64 {
 fn run(mut q: NfQueue, raw: Option<Socket>, waker: &OwnedFd, queue_num: u16, profile: Profile, stop: &AtomicBool, stats: &EngineStats) {
     let mut rng = rand::rng();
     let mut held = Holding::for_profile(&profile);
-    let mut delays = DelayDraw::default();
+    let mut delays = DelayDraw::new(&profile);
     let (mut seq, mut last_id) = (0u64, None);
     loop {
         let stopping = stop.load(Ordering::SeqCst);
@@ -398,14 +410,7 @@ fn run(mut q: NfQueue, raw: Option<Socket>, waker: &OwnedFd, queue_num: u16, pro
                         stats.corrupted.fetch_add(1, Ordering::Relaxed);
                     }
                     let duplicate = raw.is_some() && chance(&mut rng, profile.duplicate_permyriad);
-                    held.push(Held {
-                        release: Instant::now() + delays.next(&profile, &mut rng),
-                        seq,
-                        id: p.id,
-                        payload,
-                        modified,
-                        duplicate,
-                    });
+                    held.push(Held { release: Instant::now() + delays.next(&mut rng), seq, id: p.id, payload, modified, duplicate });
                 }
                 Ok(None) => break,
                 Err(e) => {
@@ -482,12 +487,12 @@ mod tests {
     fn jitter_draws_stay_in_range_and_average_to_the_delay() {
         let p = Profile { delay: Duration::from_millis(50), jitter: Duration::from_millis(10), ..Default::default() };
         let mut rng = rand::rng();
-        let draws: Vec<Duration> = (0..10_000).map(|_| DelayDraw::default().next(&p, &mut rng)).collect();
+        let draws: Vec<Duration> = (0..10_000).map(|_| DelayDraw::new(&p).next(&mut rng)).collect();
         assert!(draws.iter().all(|d| *d >= Duration::from_millis(40) && *d <= Duration::from_millis(60)));
         let mean = draws.iter().map(Duration::as_secs_f64).sum::<f64>() / draws.len() as f64;
         assert!((mean - 0.050).abs() < 0.0005, "mean {mean}");
         let fixed = Profile { delay: Duration::from_millis(5), ..Default::default() };
-        assert_eq!(DelayDraw::default().next(&fixed, &mut rng), Duration::from_millis(5));
+        assert_eq!(DelayDraw::new(&fixed).next(&mut rng), Duration::from_millis(5));
     }
 
     /// Mean, sd and lag-1 autocorrelation of a series.
@@ -509,8 +514,8 @@ mod tests {
                 correlation_permyriad: permyriad,
                 ..Default::default()
             };
-            let mut d = DelayDraw::default();
-            let ms: Vec<f64> = (0..200_000).map(|_| d.next(&p, &mut rng).as_secs_f64() * 1e3).collect();
+            let mut d = DelayDraw::new(&p);
+            let ms: Vec<f64> = (0..200_000).map(|_| d.next(&mut rng).as_secs_f64() * 1e3).collect();
             assert!(ms.iter().all(|m| (20.0..=60.0).contains(m)), "{permyriad}: outside 40 ± 20 ms");
             let (mean, sd, lag1) = moments(&ms);
             // Uniform on 40 ± 20: sd 20/√3 = 11.55. A correlated chain of 200,000 is worth about
@@ -529,9 +534,9 @@ mod tests {
             correlation_permyriad: 10_000,
             ..Default::default()
         };
-        let mut d = DelayDraw::default();
-        let first = d.next(&all, &mut rng);
-        assert!((0..100).all(|_| d.next(&all, &mut rng) == first), "100 % correlation: every packet the first one's delay");
+        let mut d = DelayDraw::new(&all);
+        let first = d.next(&mut rng);
+        assert!((0..100).all(|_| d.next(&mut rng) == first), "100 % correlation: every packet the first one's delay");
     }
 
     fn held(release: Instant, seq: u64) -> Held {
@@ -543,7 +548,7 @@ mod tests {
         let (t0, mut rng) = (Instant::now(), rand::rng());
         let mut h = Holding::for_profile(p);
         for seq in 1..=n {
-            h.push(held(t0 + Duration::from_micros(10 * seq) + DelayDraw::default().next(p, &mut rng), seq));
+            h.push(held(t0 + Duration::from_micros(10 * seq) + DelayDraw::new(p).next(&mut rng), seq));
         }
         std::iter::from_fn(|| h.pop_due(t0 + Duration::from_secs(10), false)).map(|h| h.id).collect()
     }
@@ -584,7 +589,7 @@ mod tests {
         let p = Profile { delay: Duration::from_millis(20), pass_permyriad: 2500, ..Default::default() };
         let mut rng = rand::rng();
         let n = 20_000;
-        let passed = (0..n).filter(|_| DelayDraw::default().next(&p, &mut rng).is_zero()).count();
+        let passed = (0..n).filter(|_| DelayDraw::new(&p).next(&mut rng).is_zero()).count();
         // Binomial(20000, 0.25): sd 61; 5 sd either side.
         assert!((4_700..=5_300).contains(&passed), "{passed}");
     }
@@ -617,7 +622,7 @@ mod tests {
         let corrupt = Profile { corrupt_permyriad: 500, ..Default::default() };
         assert_eq!(corrupt.describe(), "corrupt 5.00 % (one bit past the IP header, checksums left stale)");
         assert!(corrupt.needs_payload());
-        assert_eq!(DelayDraw::default().next(&corrupt, &mut rand::rng()), Duration::ZERO, "no delay asked, none added");
+        assert_eq!(DelayDraw::new(&corrupt).next(&mut rand::rng()), Duration::ZERO, "no delay asked, none added");
         let lat = Profile { delay: Duration::from_millis(50), jitter: Duration::from_millis(10), ..Default::default() };
         assert_eq!(lat.describe(), "latency 50 ms ± 10 ms");
         assert!(!lat.needs_payload());
