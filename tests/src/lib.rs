@@ -607,6 +607,14 @@ impl NetPair {
         Self::arrivals(ns, to, count, interval).into_iter().map(|(_, rtt)| rtt).collect()
     }
 
+    /// RTT ms of each reply in the order the echoes were sent (for a fault that draws one delay
+    /// per packet: the order of its draws), whatever order they arrived in.
+    pub fn rtts_in_sent_order(ns: &str, to: &str, count: u32, interval: &str) -> Vec<f64> {
+        let mut got = Self::arrivals(ns, to, count, interval);
+        got.sort_by_key(|(seq, _)| *seq);
+        got.into_iter().map(|(_, rtt)| rtt).collect()
+    }
+
     /// How many of `arrivals` (from [`NetPair::arrivals`]) came after a later-numbered one.
     pub fn overtaken(arrivals: &[(u32, f64)]) -> usize {
         let mut max_seen = 0;

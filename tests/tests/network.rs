@@ -145,9 +145,7 @@ fn correlated_jitter_makes_each_delay_follow_the_previous_one() {
     assert_eq!(out["backend"], "nfqueue", "{out}");
     assert!(out["summary"].as_str().is_some_and(|s| s.contains("latency 40 ms ± 20 ms, correlation 75")), "{out}");
     // One echo every 20 ms, each reply held once; in the order they were sent (= drawn).
-    let mut got = NetPair::arrivals(&pair.a, &pair.b_ip, 300, "0.02");
-    got.sort_by_key(|(seq, _)| *seq);
-    let rtts: Vec<f64> = got.iter().map(|(_, rtt)| *rtt).collect();
+    let rtts = NetPair::rtts_in_sent_order(&pair.a, &pair.b_ip, 300, "0.02");
     let (mean, sd, lag1) = chaos_e2e::moments(&rtts);
     eprintln!("40 ms ± 20, correlation 75 %: mean {mean:.2} ms, sd {sd:.2}, lag-1 {lag1:.3} (n {})", rtts.len());
     assert!(rtts.len() >= 295, "nothing lost: {} of 300", rtts.len());
@@ -194,7 +192,7 @@ fn fixed_latency_releases_packets_in_arrival_order_and_tcp_is_not_resent() {
     // of the CPU that sent it, so a sender whose segments leave from both CPUs (its writes and the
     // ACK-clocked sends in softirq) can reach the engine's hook already out of order: on this VM,
     // 28 sender-seen reorderings in 1 run of 6 under load with every segment through the engine
-    // (none passed around it); 0 in 6 with all on one CPU. The engine keeps the order it is given.
+    // (none passed around it); 0 in 16 with all on one CPU. The engine keeps the order it is given.
     chaos_e2e::pin_to_one_cpu();
     let dir = tempfile::tempdir().expect("tempdir");
     let pair = NetPair::new();

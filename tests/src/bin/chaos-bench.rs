@@ -893,18 +893,25 @@ fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
     Ok(f[11].parse::<u64>()? + f[12].parse::<u64>()?)
 }
 
-/// A coordinator process on a free port with its state under `dir`.
-fn coordinator_process(dir: &Path, name: &str) -> anyhow::Result<(tokio::process::Child, u32, String)> {
+/// Built binary `bin` on a free port (`--listen`, `--insecure`, then `args`), quiet, killed
+/// with its handle; its pid and URL.
+fn daemon_process(bin: &str, args: &[&std::ffi::OsStr]) -> anyhow::Result<(tokio::process::Child, u32, String)> {
     let port = chaos_e2e::free_port();
-    let child = tokio::process::Command::new(chaos_e2e::bin("chaos-coordinator"))
-        .args(["--listen", &format!("127.0.0.1:{port}"), "--state-dir", &dir.join(name).display().to_string(), "--insecure"])
+    let child = tokio::process::Command::new(chaos_e2e::bin(bin))
+        .args(["--listen", &format!("127.0.0.1:{port}"), "--insecure"])
+        .args(args)
         .env("RUST_LOG", "warn")
         .stderr(std::process::Stdio::null())
         .kill_on_drop(true)
         .spawn()
-        .context("starting chaos-coordinator")?;
-    let pid = child.id().context("coordinator pid")?;
+        .with_context(|| format!("starting {bin}"))?;
+    let pid = child.id().with_context(|| format!("{bin} pid"))?;
     Ok((child, pid, format!("http://127.0.0.1:{port}")))
+}
+
+/// A coordinator process on a free port with its state under `dir`.
+fn coordinator_process(dir: &Path, name: &str) -> anyhow::Result<(tokio::process::Child, u32, String)> {
+    daemon_process("chaos-coordinator", &["--state-dir".as_ref(), dir.join(name).as_os_str()])
 }
 
 /// Figures of the hub benchmark.
@@ -968,9 +975,7 @@ async fn bench_hub(agents: usize, metrics: usize, watchers: usize, window: Durat
     tokio::time::sleep(window).await;
     let (elapsed, used) = (t0.elapsed(), cpu_ticks(pid)? - c0);
     measuring.store(false, std::sync::atomic::Ordering::Relaxed);
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let rss_kib: f64 =
-        status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next()?.parse().ok()).unwrap_or(0.0);
+    let rss_kib = look(pid)?.rss_kib as f64;
     let _ = child.kill().await;
     let (mut delays, mut skipped) = (Vec::new(), 0);
     for r in readers {
@@ -1586,21 +1591,16 @@ struct IdleFigures {
 /// coordinator, no client) for `window` after it settled, then while one
 /// client follows its metric stream.
 async fn bench_idle(dir: &Path, window: Duration) -> anyhow::Result<IdleFigures> {
-    let port = chaos_e2e::free_port();
-    let journal = dir.join("idle-journal");
-    let child = tokio::process::Command::new(chaos_e2e::bin("chaos-agent"))
-        .args(["--listen", &format!("127.0.0.1:{port}"), "--agent-id", "bench-idle", "--insecure"])
-        .arg("--journal-dir")
-        .arg(&journal)
-        .arg("--local-socket")
-        .arg(dir.join("idle-agent.sock"))
-        .env("RUST_LOG", "warn")
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .context("starting chaos-agent")?;
-    let pid = child.id().context("agent pid")?;
-    let url = format!("http://127.0.0.1:{port}");
+    let (journal, socket) = (dir.join("idle-journal"), dir.join("idle-agent.sock"));
+    let args = [
+        "--agent-id".as_ref(),
+        "bench-idle".as_ref(),
+        "--journal-dir".as_ref(),
+        journal.as_os_str(),
+        "--local-socket".as_ref(),
+        socket.as_os_str(),
+    ];
+    let (mut child, pid, url) = daemon_process("chaos-agent", &args)?;
     {
         // Answering, then no client: the channel is closed before the window.
         let mut c = AgentClient::new(connect(&url).await?);
@@ -1619,7 +1619,6 @@ async fn bench_idle(dir: &Path, window: Duration) -> anyhow::Result<IdleFigures>
         w
     }
     .await;
-    let mut child = child;
     let _ = child.kill().await;
     Ok(IdleFigures { alone, subscribed: subscribed.map_err(|e| eprintln!("(u') the subscribed window failed: {e:#}")).ok() })
 }

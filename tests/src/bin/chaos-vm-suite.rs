@@ -173,11 +173,8 @@ fn latency_correlation_by_the_engine(agent_url: &str) -> Figures {
     let raw_before = NetPair::raw_rules(&pair.a);
     let base = base_rtt(&pair);
     // Delays in the order they were drawn (one echo every 20 ms, each delayed once on egress).
-    let delays = |pair: &NetPair| {
-        let mut got = NetPair::arrivals(&pair.a, &pair.b_ip, 300, "0.02");
-        got.sort_by_key(|(seq, _)| *seq);
-        got.iter().map(|(_, rtt)| rtt - base).collect::<Vec<f64>>()
-    };
+    let delays =
+        |pair: &NetPair| NetPair::rtts_in_sent_order(&pair.a, &pair.b_ip, 300, "0.02").iter().map(|r| r - base).collect::<Vec<f64>>();
     // What netem itself keeps of a delay correlation on this kernel: why the agent does not use it.
     let netem = ["tc", "qdisc", "add", "dev", &pair.a_if, "root", "netem", "delay", "40ms", "20ms", "75%"];
     assert!(NetPair::exec(&pair.a, &netem).status.success(), "tc {netem:?}");
