@@ -1518,8 +1518,7 @@ mod tests {
     /// A host partition whose `nft -f` (the apply) waits for a gate: a slow driver.
     fn slow_partition(r: &Rig, id: &str) -> (FaultSpec, crate::sys::netexec::Gate) {
         use chaos_proto::pb::{NetworkPartition, NetworkScope};
-        r.exec.answer("list table", crate::sys::netexec::CmdOutput { success: true, stdout: "drop".into(), stderr: String::new() });
-        let gate = r.exec.hold("nft -f");
+        let gate = r.exec.hold("nft --echo -f");
         let spec = FaultSpec {
             id: id.into(),
             target: Some(Target { kind: Some(Kind::Host(chaos_proto::pb::HostTarget {})) }),
@@ -1544,9 +1543,13 @@ mod tests {
         (slow, gate)
     }
 
-    /// Reverts of a partition run so far (each deletes its inet table once).
+    /// Reverts of a partition run so far (each deletes its inet table once, in an `nft -f` script).
     fn nft_deletes(r: &Rig) -> usize {
-        r.exec.calls().iter().filter(|c| c.argv.starts_with(&["nft".into(), "delete".into(), "table".into(), "inet".into()])).count()
+        r.exec
+            .calls()
+            .iter()
+            .filter(|c| c.argv.first().is_some_and(|a| a == "nft") && c.stdin.as_deref().is_some_and(|s| s.contains("delete table inet")))
+            .count()
     }
 
     #[tokio::test(start_paused = true)]

@@ -144,7 +144,11 @@ fn fake_docker(socket: &Path, id: String, name: String) -> Arc<Mutex<Vec<String>
 
 /// The commands run in one namespace (`None`: the agent's own), each joined by spaces.
 fn commands_in(exec: &FakeExec, ns: Option<&Path>) -> Vec<String> {
-    exec.calls().iter().filter(|c| c.ns.as_deref() == ns).map(|c| c.argv.join(" ")).collect()
+    let line = |c: &crate::sys::netexec::Call| match &c.stdin {
+        Some(script) => format!("{} <<< {}", c.argv.join(" "), script.trim().replace('\n', "; ")),
+        None => c.argv.join(" "),
+    };
+    exec.calls().iter().filter(|c| c.ns.as_deref() == ns).map(line).collect()
 }
 
 #[tokio::test]
@@ -251,7 +255,7 @@ async fn every_format_1_fixture_is_reverted_by_journal_replay() {
     // Partition (host namespace): both of its nft tables deleted by name.
     assert_eq!(
         commands_in(&exec, None),
-        vec!["nft delete table inet chaos_fixture_partition", "nft delete table netdev chaos_fixture_partition_eg"]
+        vec!["nft -f - <<< delete table inet chaos_fixture_partition; delete table netdev chaos_fixture_partition_eg"]
     );
     // Latency: the PREROUTING jump, then its chain flushed and removed; the OUTPUT leg tried
     // (it never existed); `table ip raw` deleted because the fault had created it.
@@ -352,7 +356,7 @@ async fn current_format_fixtures_are_reverted_and_verified_by_journal_replay() {
     assert_eq!(procs.state(p.pid), Some('S'), "resumed");
     assert_eq!(
         commands_in(&exec, Some(&ns_path)).into_iter().filter(|c| c.contains("delete")).collect::<Vec<_>>(),
-        vec!["nft delete table inet chaos_fixture_partition_v2", "nft delete table netdev chaos_fixture_partition_v2_eg"]
+        vec!["nft -f - <<< delete table inet chaos_fixture_partition_v2; delete table netdev chaos_fixture_partition_v2_eg"]
     );
     let hist = lc.list(true).await.expect("list");
     let checks: BTreeMap<&str, (i32, &str)> =

@@ -28,7 +28,7 @@ use crate::{
     metrics::{self, FaultCounters, SampleCollector},
     protect::Protection,
     service::{AgentIdentity, AgentService, proc_line},
-    sys::{netexec::NsenterExec, procfs::ProcFs, signals::PidfdSignals},
+    sys::{netexec::SetnsExec, procfs::ProcFs, signals::PidfdSignals},
 };
 
 /// The coordinator's socket address from its URL (resolved once, at start).
@@ -84,7 +84,7 @@ pub fn build_drivers(cfg: &AgentConfig, protection: Arc<Protection>, exemptions:
             .with_cgroups(cgroups.clone().ok()),
         container: crate::faults::container::ContainerDriver::new(cfg.docker_socket.clone(), protection.clone()),
         resource: ResourceDriver::new(cgroups.clone(), Arc::new(procfs.clone()), protection, exe, cfg.guards),
-        network: NetworkDriver::new(Arc::new(NsenterExec), Arc::new(procfs), exemptions)
+        network: NetworkDriver::new(Arc::new(SetnsExec), Arc::new(procfs), exemptions)
             .with_iptables_version(iptables.as_deref().ok())
             .with_netem(netem)
             .with_firewall(firewall),

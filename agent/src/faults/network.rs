@@ -199,7 +199,7 @@ impl NetworkDriver {
                     p if p.starts_with("iptables") => "iptables",
                     _ => "iproute2",
                 };
-                AgentError::MissingFeature(format!("`{}` (package {package}) or `nsenter` (util-linux): not installed", argv[0]))
+                AgentError::MissingFeature(format!("`{}` (package {package}): not installed", argv[0]))
             } else {
                 AgentError::Command { cmd: argv.join(" "), detail: e.to_string() }
             }
@@ -376,6 +376,30 @@ pub fn render(plan: &NetworkPlan, egress_devices: &[String]) -> String {
     s
 }
 
+/// (family, table, rule count) of each table a script from [`render`] adds: its
+/// rules are the lines two tabs in, but for the chains' `type` lines.
+fn rendered_rules(script: &str) -> Vec<(String, String, usize)> {
+    let mut tables: Vec<(String, String, usize)> = Vec::new();
+    for line in script.lines() {
+        let mut w = line.split_whitespace();
+        if line.starts_with("table ") {
+            let (_, fam, t) = (w.next(), w.next().unwrap_or_default(), w.next().unwrap_or_default());
+            tables.push((fam.to_string(), t.to_string(), 0));
+        } else if let (Some(t), Some(rule)) = (tables.last_mut(), line.strip_prefix("\t\t")) {
+            t.2 += usize::from(!rule.starts_with("type "));
+        }
+    }
+    tables
+}
+
+/// How many rules `nft --echo` says the kernel committed to `family` `table`:
+/// `None` when it did not echo the table itself.
+fn echoed_rules(echo: &str, family: &str, table: &str) -> Option<usize> {
+    let made = echo.lines().any(|l| l.trim_end() == format!("add table {family} {table}"));
+    let rule = format!("add rule {family} {table} ");
+    made.then(|| echo.lines().filter(|l| l.starts_with(&rule)).count())
+}
+
 /// The random draw that turns a drop into a loss: `numgen random mod 10000 < N`.
 fn sample(plan: &NetworkPlan) -> String {
     match plan.loss_permyriad {
@@ -480,24 +504,22 @@ impl FaultDriver for NetworkDriver {
             return Err(AgentError::TargetNotFound(format!("{} has no interface besides lo to drop egress on", plan.ns.label)));
         }
         let script = render(plan, &devices);
-        let out = self.run_tool(&plan.ns, &["nft", "-f", "-"], Some(&script)).await?;
+        // One transaction, and --echo: the kernel sends back each object it committed, which is
+        // the read-back (a `list` in the same run would read nft's cache, not the kernel).
+        let out = self.run_tool(&plan.ns, &["nft", "--echo", "-f", "-"], Some(&script)).await?;
         if !out.success {
             return Err(AgentError::Command { cmd: format!("nft -f - (in {})", plan.ns.label), detail: out.stderr });
         }
-        // Verify: the tables are there, as the kernel holds them.
-        let mut tables = Vec::new();
-        if plan.scope.direction.ingress() {
-            tables.push(("inet", plan.table.as_str()));
-        }
-        if !devices.is_empty() {
-            tables.push(("netdev", plan.egress_table.as_str()));
-        }
-        for (fam, t) in &tables {
-            let v = self.run_tool(&plan.ns, &["nft", "list", "table", fam, t], None).await?;
-            if !v.success || !v.stdout.contains("drop") {
+        let tables = rendered_rules(&script);
+        for (fam, t, want) in &tables {
+            let got = echoed_rules(&out.stdout, fam, t);
+            if got != Some(*want) {
                 return Err(AgentError::Command {
-                    cmd: format!("nft list table {fam} {t}"),
-                    detail: format!("rules not in place after apply: {}", v.stderr),
+                    cmd: format!("nft --echo -f - (in {})", plan.ns.label),
+                    detail: format!(
+                        "rules not in place after apply: the kernel echoed {} of the {want} rules of table {fam} {t}",
+                        got.map_or("no table and none".to_string(), |n| n.to_string())
+                    ),
                 });
             }
         }
@@ -512,7 +534,7 @@ impl FaultDriver for NetworkDriver {
             plan.ns.label,
             plan.scope.direction,
             if devices.is_empty() { String::new() } else { format!(" (egress on {})", devices.join(", ")) },
-            tables.iter().map(|(f, t)| format!("{f} {t}")).collect::<Vec<_>>().join(", "),
+            tables.iter().map(|(f, t, _)| format!("{f} {t}")).collect::<Vec<_>>().join(", "),
         );
         Ok(Applied { backend: "nftables", processes: Vec::new(), summary, ..Default::default() })
     }
@@ -589,15 +611,38 @@ impl NetworkDriver {
         if !self.still_there(&plan.ns)? {
             return Ok(format!("{} is gone (or replaced): nothing left to remove", plan.ns.label));
         }
-        let mut removed = Vec::new();
-        for (fam, t) in [("inet", &plan.table), ("netdev", &plan.egress_table)] {
-            let out = self.run_tool(&plan.ns, &["nft", "delete", "table", fam, t], None).await?;
-            if out.success {
-                removed.push(format!("{fam} {t}"));
-            } else if !is_missing_table(&out.stderr) {
-                return Err(AgentError::Command { cmd: format!("nft delete table {fam} {t} (in {})", plan.ns.label), detail: out.stderr });
-            }
+        // The tables its apply makes, in one transaction; if one is missing (an apply that never
+        // ran, a table removed by hand) the transaction changes nothing and each goes alone.
+        let mut tables = Vec::new();
+        if plan.scope.direction.ingress() {
+            tables.push(("inet", plan.table.as_str()));
         }
+        if plan.scope.direction.egress() {
+            tables.push(("netdev", plan.egress_table.as_str()));
+        }
+        let script: String = tables.iter().map(|(fam, t)| format!("delete table {fam} {t}\n")).collect();
+        let out = self.run_tool(&plan.ns, &["nft", "-f", "-"], Some(&script)).await?;
+        let removed = if out.success {
+            tables.iter().map(|(fam, t)| format!("{fam} {t}")).collect()
+        } else if is_missing_table(&out.stderr) {
+            // (Also what entering a namespace deleted meanwhile says.)
+            self.ensure_there(&plan.ns)?;
+            let mut removed = Vec::new();
+            for (fam, t) in &tables {
+                let out = self.run_tool(&plan.ns, &["nft", "delete", "table", fam, t], None).await?;
+                if out.success {
+                    removed.push(format!("{fam} {t}"));
+                } else if !is_missing_table(&out.stderr) {
+                    return Err(AgentError::Command {
+                        cmd: format!("nft delete table {fam} {t} (in {})", plan.ns.label),
+                        detail: out.stderr,
+                    });
+                }
+            }
+            removed
+        } else {
+            return Err(AgentError::Command { cmd: format!("nft -f - (in {}): {}", plan.ns.label, script.trim()), detail: out.stderr });
+        };
         Ok(if removed.is_empty() {
             format!("no tables left in {}", plan.ns.label)
         } else {
@@ -710,10 +755,23 @@ mod tests {
         let exec = FakeExec::default();
         exec.add_namespace("/run/netns/lab-a", (1, 42));
         let d = driver(&exec);
-        let plan = d.plan(&req(TargetSpec::Netns("lab-a".into()), scope(&[], Direction::Ingress))).await.expect("plan");
-        exec.answer("netdev", CmdOutput { success: false, stdout: String::new(), stderr: "Error: No such file or directory".into() });
+        let plan = d.plan(&req(TargetSpec::Netns("lab-a".into()), scope(&[], Direction::Both))).await.expect("plan");
+        // Both tables in one transaction.
         let s = d.revert(&plan).await.expect("revert");
-        assert!(s.contains("removed inet chaos_f_1"), "{s}");
+        assert_eq!(s, "removed inet chaos_f_1, netdev chaos_f_1_eg from netns lab-a");
+        let c = exec.calls().pop().expect("the delete");
+        assert_eq!(
+            (c.argv.join(" "), c.stdin.as_deref()),
+            ("nft -f -".into(), Some("delete table inet chaos_f_1\ndelete table netdev chaos_f_1_eg\n"))
+        );
+        // One of them missing: the transaction changes nothing, so each goes alone.
+        let missing = CmdOutput { success: false, stdout: String::new(), stderr: "Error: No such file or directory".into() };
+        exec.answer("nft -f -", missing.clone());
+        exec.answer("delete table netdev", missing);
+        let s = d.revert(&plan).await.expect("revert");
+        assert_eq!(s, "removed inet chaos_f_1 from netns lab-a");
+        let calls: Vec<String> = exec.calls().iter().rev().take(2).map(|c| c.argv.join(" ")).collect();
+        assert_eq!(calls, ["nft delete table netdev chaos_f_1_eg", "nft delete table inet chaos_f_1"]);
         exec.remove_namespace(Path::new("/run/netns/lab-a"));
         exec.add_namespace("/run/netns/lab-a", (1, 99)); // same name, another namespace
         let before = exec.calls().len();
@@ -723,12 +781,36 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn apply_is_verified_by_the_kernels_echo_of_every_rule() {
+        let exec = FakeExec::default();
+        let d = driver(&exec);
+        let plan = d.plan(&req(TargetSpec::Host, scope(&["198.18.0.3"], Direction::Ingress))).await.expect("plan");
+        // The fake echoes each table and rule of the script, as the kernel does.
+        let a = d.apply(&plan).await.expect("apply");
+        assert!(a.summary.contains("tables inet chaos_f_1 (verified)"), "{}", a.summary);
+        let script = exec.calls().iter().find_map(|c| c.stdin.clone()).expect("script");
+        assert_eq!(
+            rendered_rules(&script),
+            vec![("inet".to_string(), "chaos_f_1".to_string(), 5)],
+            "lo, 3 exemptions, the drop:\n{script}"
+        );
+        // A kernel that echoes fewer rules than were sent: refused, naming the table and counts.
+        let short = "add table inet chaos_f_1\nadd chain inet chaos_f_1 input { type filter hook input priority raw; policy accept; }\nadd rule inet chaos_f_1 input iifname \"lo\" accept\n";
+        let echo = |text: &str| CmdOutput { success: true, stdout: text.into(), stderr: String::new() };
+        exec.answer_in_turn("nft --echo", vec![echo(short), echo("")]);
+        let e = d.apply(&plan).await.expect_err("not all in place");
+        assert!(e.to_string().contains("the kernel echoed 1 of the 5 rules of table inet chaos_f_1"), "{e}");
+        let e = d.apply(&plan).await.expect_err("no echo");
+        assert!(e.to_string().contains("echoed no table and none of the 5 rules"), "{e}");
+    }
+
+    #[tokio::test]
     async fn a_namespace_vanishing_mid_revert_counts_as_reverted() {
         let exec = FakeExec::default();
         exec.add_namespace("/run/netns/lab-a", (1, 42));
         let d = driver(&exec);
         let plan = d.plan(&req(TargetSpec::Netns("lab-a".into()), scope(&[], Direction::Ingress))).await.expect("plan");
-        exec.vanish_on("delete table inet", "/run/netns/lab-a");
+        exec.vanish_on("nft -f", "/run/netns/lab-a");
         let s = d.revert(&plan).await.expect("a vanished namespace is not a failed revert");
         assert!(s.contains("disappeared during the revert"), "{s}");
     }

@@ -1,11 +1,12 @@
 //! Running network tools inside a network namespace without moving the
-//! agent: each command is spawned through `nsenter --net=PATH`, so only the
-//! child enters the namespace. A recording fake stands in for tests.
+//! agent: the child enters the namespace (`setns`) between fork and exec, so
+//! only the child is in it, and there is no `nsenter` exec on the way (about
+//! 2 ms each here). A recording fake stands in for tests.
 
 use std::{
     collections::BTreeMap,
     io,
-    os::unix::fs::MetadataExt,
+    os::{fd::AsRawFd, unix::fs::MetadataExt},
     path::{Path, PathBuf},
     process::Stdio,
     sync::{Arc, Mutex},
@@ -34,30 +35,37 @@ pub trait NetExec: Send + Sync {
     fn ns_id(&self, path: &Path) -> io::Result<Option<NsId>>;
 }
 
-/// The real thing: `nsenter` + the tool.
+/// The real thing: the tool, started inside the namespace.
 #[derive(Debug, Default, Clone)]
-pub struct NsenterExec;
+pub struct SetnsExec;
 
 #[async_trait]
-impl NetExec for NsenterExec {
+impl NetExec for SetnsExec {
     async fn run(&self, ns: Option<&Path>, argv: &[&str], stdin: Option<&str>) -> io::Result<CmdOutput> {
-        let mut cmd = match ns {
-            None => {
-                let mut c = tokio::process::Command::new(argv[0]);
-                c.args(&argv[1..]);
-                c
-            }
-            Some(p) => {
-                let mut c = tokio::process::Command::new("nsenter");
-                c.arg(format!("--net={}", p.display())).arg("--").args(argv);
-                c
+        let mut cmd = tokio::process::Command::new(argv[0]);
+        cmd.args(&argv[1..]);
+        // Opened close-on-exec: the child holds it only until its exec.
+        let ns_file = match ns.map(std::fs::File::open).transpose() {
+            Ok(f) => f,
+            Err(e) => {
+                let path = ns.map(|p| p.display().to_string()).unwrap_or_default();
+                return Ok(CmdOutput { success: false, stdout: String::new(), stderr: format!("cannot enter netns {path}: {e}") });
             }
         };
+        if let Some(f) = &ns_file {
+            let fd = f.as_raw_fd();
+            // SAFETY: between fork and exec the closure makes one async-signal-safe
+            // system call on a descriptor the parent keeps open until the spawn returns.
+            unsafe {
+                cmd.pre_exec(move || if libc::setns(fd, libc::CLONE_NEWNET) == 0 { Ok(()) } else { Err(io::Error::last_os_error()) });
+            }
+        }
         cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
         let mut child = cmd.spawn()?;
+        drop(ns_file);
         if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
             pipe.write_all(text.as_bytes()).await?;
             drop(pipe);
@@ -156,6 +164,27 @@ impl FakeExec {
     }
 }
 
+/// What `nft --echo -f -` prints for a script in `nft -f` syntax (tables,
+/// chains, rules two tabs in): each table and rule as the kernel echoes it.
+/// Empty for any other command.
+fn echo_of(argv: &[&str], stdin: Option<&str>) -> String {
+    let (["nft", "--echo", ..], Some(script)) = (argv, stdin) else { return String::new() };
+    let (mut out, mut table, mut chain) = (String::new(), String::new(), String::new());
+    for line in script.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match (line.starts_with("table "), line.strip_prefix("\t\t"), words.as_slice()) {
+            (true, _, [_, fam, name, ..]) => {
+                table = format!("{fam} {name}");
+                out.push_str(&format!("add table {table}\n"));
+            }
+            (_, None, ["chain", name, ..]) => chain = name.to_string(),
+            (_, Some(rule), _) if !rule.starts_with("type ") => out.push_str(&format!("add rule {table} {chain} {rule}\n")),
+            _ => {}
+        }
+    }
+    out
+}
+
 #[async_trait]
 impl NetExec for FakeExec {
     async fn run(&self, ns: Option<&Path>, argv: &[&str], stdin: Option<&str>) -> io::Result<CmdOutput> {
@@ -178,14 +207,18 @@ impl NetExec for FakeExec {
             && joined.contains(key.as_str())
         {
             g.namespaces.remove(&path);
-            return Ok(CmdOutput { success: false, stdout: String::new(), stderr: format!("nsenter: cannot open {}", path.display()) });
+            return Ok(CmdOutput {
+                success: false,
+                stdout: String::new(),
+                stderr: format!("cannot enter netns {}: No such file or directory", path.display()),
+            });
         }
         let out = g
             .answers
             .iter_mut()
             .find(|(k, outs)| joined.contains(k.as_str()) && !outs.is_empty())
             .map(|(_, outs)| if outs.len() > 1 { outs.remove(0) } else { outs[0].clone() });
-        Ok(out.unwrap_or(CmdOutput { success: true, ..Default::default() }))
+        Ok(out.unwrap_or_else(|| CmdOutput { success: true, stdout: echo_of(argv, stdin), stderr: String::new() }))
     }
 
     fn ns_id(&self, path: &Path) -> io::Result<Option<NsId>> {
