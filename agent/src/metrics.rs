@@ -118,17 +118,8 @@ pub fn parse_net_dev(text: &str) -> Vec<(String, NetDev)> {
 /// `/proc/net/dev` as seen from inside the namespace at `ns`: read from a
 /// short-lived thread that enters it; the agent's other threads stay put.
 pub fn net_dev_in(ns: PathBuf) -> io::Result<String> {
-    std::thread::Builder::new()
-        .name("netns-read".into())
-        .spawn(move || -> io::Result<String> {
-            let f = fs::File::open(&ns)?;
-            nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET)
-                .map_err(|e| io::Error::other(format!("setns {}: {e}", ns.display())))?;
-            // thread-self: this thread's namespace, not the process's.
-            fs::read_to_string("/proc/thread-self/net/dev")
-        })?
-        .join()
-        .map_err(|_| io::Error::other("netns reader thread panicked"))?
+    // thread-self: this thread's namespace, not the process's.
+    crate::sys::netns::in_netns(Some(&ns), || fs::read_to_string("/proc/thread-self/net/dev"))
 }
 
 /// Per-second rate of a counter between two samples (0 when it went back).

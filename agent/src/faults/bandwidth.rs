@@ -402,8 +402,7 @@ impl NetworkDriver {
         self.ensure_there(&plan.ns)?;
         let at = Self::ns_where(&plan.ns);
         let mut snap = Snapshot::default();
-        let links = self.read_tool(&plan.ns, &["ip", "-o", "link", "show"]).await?;
-        let names = super::network::parse_link_names(&links);
+        let names = self.link_names(&plan.ns).await?;
         for dev in &plan.devices {
             if !names.contains(dev) {
                 snap.insert(format!("tc qdiscs of dev {dev} in {at}"), "(no such device)");

@@ -253,26 +253,25 @@ impl NetworkDriver {
 
     /// Interfaces of the namespace other than loopback (or the one asked for).
     pub(crate) async fn interfaces_of(&self, ns: &NetnsRef, wanted: Option<&str>) -> Result<Vec<String>, AgentError> {
-        let out = self.run_tool(ns, &["ip", "-o", "link", "show"], None).await?;
-        if !out.success {
-            return Err(AgentError::Command { cmd: "ip -o link show".into(), detail: out.stderr });
-        }
-        let all = parse_link_names(&out.stdout);
+        let all = self.link_names(ns).await?;
         match wanted {
             Some(i) if all.iter().any(|n| n == i) => Ok(vec![i.to_string()]),
             Some(i) => Err(AgentError::TargetNotFound(format!("no interface {i:?} in {} (has: {})", ns.label, all.join(", ")))),
             None => Ok(all.into_iter().filter(|n| n != "lo").collect()),
         }
     }
-}
 
-/// Interface names from `ip -o link show` ("2: veth0@if3: <...>").
-pub fn parse_link_names(text: &str) -> Vec<String> {
-    text.lines()
-        .filter_map(|l| l.split(':').nth(1))
-        .map(|n| n.trim().split('@').next().unwrap_or("").to_string())
-        .filter(|n| !n.is_empty())
-        .collect()
+    /// The namespace's interface names, `lo` included (rtnetlink, in-process);
+    /// `Err(TargetNotFound)` when the namespace is gone.
+    pub(crate) async fn link_names(&self, ns: &NetnsRef) -> Result<Vec<String>, AgentError> {
+        match self.exec.link_names(ns.path.as_deref()).await {
+            Ok(names) => Ok(names),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound || !self.still_there(ns).unwrap_or(true) => {
+                Err(AgentError::TargetNotFound(format!("{} is gone (or replaced): {e}", ns.label)))
+            }
+            Err(e) => Err(AgentError::Command { cmd: format!("rtnetlink link dump (in {})", ns.label), detail: e.to_string() }),
+        }
+    }
 }
 
 /// The sorted names of `family`'s tables in `nft list tables` output ("table inet x"), "(none)" if none.
@@ -706,7 +705,7 @@ mod tests {
         let exec = FakeExec::default();
         exec.add_namespace("/run/netns/lab-a", (1, 42));
         exec.answer(
-            "ip -o link show",
+            "link names",
             CmdOutput { success: true, stdout: "1: lo: <LOOPBACK>\n2: veth0@if3: <UP>\n".into(), stderr: String::new() },
         );
         exec.answer("list table", CmdOutput { success: true, stdout: "table ... drop".into(), stderr: String::new() });
@@ -837,7 +836,7 @@ mod tests {
         assert_eq!(m.len(), 4);
         assert!(m.contains(&"ip saddr { 198.18.0.3/32 } meta l4proto tcp th sport { 9092 }".to_string()), "{m:?}");
         assert!(m.contains(&"ip6 saddr { 2001:db8::/64 } meta l4proto tcp th dport { 9092 }".to_string()), "{m:?}");
-        assert_eq!(parse_link_names("1: lo: <LOOPBACK>\n5: eth0@if6: <UP>\n"), vec!["lo", "eth0"]);
+        assert_eq!(crate::sys::netexec::parse_link_names("1: lo: <LOOPBACK>\n5: eth0@if6: <UP>\n"), vec!["lo", "eth0"]);
     }
 
     fn ok(stdout: &str) -> CmdOutput {
@@ -850,7 +849,7 @@ mod tests {
         exec.add_namespace("/run/netns/lab-a", (1, 42));
         let h = format!("{:x}:", super::super::bandwidth::handle_for("f-1"));
         let ifb = super::super::bandwidth::ifb_name(super::super::bandwidth::handle_for("f-1"), 0);
-        exec.answer("ip -o link show", ok("1: lo: <LOOPBACK>\n2: veth0@if3: <UP>\n"));
+        exec.answer("link names", ok("1: lo: <LOOPBACK>\n2: veth0@if3: <UP>\n"));
         let ours = format!("qdisc htb {h} root refcnt 2\nqdisc netem 1: parent {h}10 limit 3000\n");
         let with_ingress = format!("{ours}qdisc ingress ffff: parent ffff:fff1 ----------------\n");
         exec.answer_in_turn("qdisc show dev veth0", vec![ok("qdisc noqueue 0: root refcnt 2\n"), ok(&with_ingress)]);
@@ -1032,7 +1031,7 @@ mod tests {
         exec.add_namespace("/run/netns/lab-a", (1, 42));
         let ifb = super::super::bandwidth::ifb_name(super::super::bandwidth::handle_for("f-1"), 0);
         let links = "1: lo: <LOOPBACK>\n2: veth0@if3: <UP>\n";
-        exec.answer_in_turn("ip -o link show", vec![ok(links), ok(links), ok(&format!("{links}4: {ifb}: <UP>\n")), ok(links)]);
+        exec.answer_in_turn("link names", vec![ok(links), ok(links), ok(&format!("{links}4: {ifb}: <UP>\n")), ok(links)]);
         let plain = "qdisc noqueue 0: root refcnt 2 \n";
         let with_ingress = format!("{plain}qdisc ingress ffff: parent ffff:fff1 ---------------- \n");
         exec.answer_in_turn("qdisc show dev veth0", vec![ok(plain), ok(plain), ok(&with_ingress), ok("qdisc noqueue 0: root refcnt 3 \n")]);
@@ -1081,7 +1080,7 @@ mod tests {
     #[tokio::test]
     async fn netem_decides_the_backend_and_what_only_netem_can_do_is_refused_without_it() {
         let exec = FakeExec::default();
-        exec.answer("ip -o link show", ok("2: veth0@if3: <UP>\n"));
+        exec.answer("link names", ok("2: veth0@if3: <UP>\n"));
         exec.answer("qdisc show", ok("qdisc noqueue 0: root refcnt 2\n"));
         let eg = || scope(&["198.18.0.3"], Direction::Egress);
         let mut r = req(TargetSpec::Host, eg());
@@ -1118,7 +1117,7 @@ mod tests {
     #[tokio::test]
     async fn a_kernel_without_netem_at_apply_is_a_named_precondition_and_nothing_is_left() {
         let exec = FakeExec::default();
-        exec.answer("ip -o link show", ok("2: veth0@if3: <UP>\n"));
+        exec.answer("link names", ok("2: veth0@if3: <UP>\n"));
         exec.answer_in_turn(
             "qdisc show dev veth0",
             vec![

@@ -5,6 +5,7 @@
 pub mod cgroup;
 pub mod fake;
 pub mod netexec;
+pub mod netns;
 pub mod probe;
 pub mod procfs;
 pub mod signals;

@@ -33,6 +33,9 @@ pub trait NetExec: Send + Sync {
     async fn run(&self, ns: Option<&Path>, argv: &[&str], stdin: Option<&str>) -> io::Result<CmdOutput>;
     /// Identity of the namespace file, `None` when it does not exist.
     fn ns_id(&self, path: &Path) -> io::Result<Option<NsId>>;
+    /// Names of the namespace's interfaces, `lo` included (`Err` of kind
+    /// `NotFound` when the namespace is gone).
+    async fn link_names(&self, ns: Option<&Path>) -> io::Result<Vec<String>>;
 }
 
 /// The real thing: the tool, started inside the namespace.
@@ -76,6 +79,14 @@ impl NetExec for SetnsExec {
             stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
             stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
         })
+    }
+
+    async fn link_names(&self, ns: Option<&Path>) -> io::Result<Vec<String>> {
+        // An rtnetlink dump from a thread in the namespace: tens of microseconds, not an exec.
+        let ns = ns.map(Path::to_path_buf);
+        tokio::task::spawn_blocking(move || super::netns::in_netns(ns.as_deref(), super::netns::link_names))
+            .await
+            .map_err(io::Error::other)?
     }
 
     fn ns_id(&self, path: &Path) -> io::Result<Option<NsId>> {
@@ -164,6 +175,15 @@ impl FakeExec {
     }
 }
 
+/// Interface names from `ip -o link show` ("2: veth0@if3: <...>").
+pub fn parse_link_names(text: &str) -> Vec<String> {
+    text.lines()
+        .filter_map(|l| l.split(':').nth(1))
+        .map(|n| n.trim().split('@').next().unwrap_or("").to_string())
+        .filter(|n| !n.is_empty())
+        .collect()
+}
+
 /// What `nft --echo -f -` prints for a script in `nft -f` syntax (tables,
 /// chains, rules two tabs in): each table and rule as the kernel echoes it.
 /// Empty for any other command.
@@ -219,6 +239,17 @@ impl NetExec for FakeExec {
             .find(|(k, outs)| joined.contains(k.as_str()) && !outs.is_empty())
             .map(|(_, outs)| if outs.len() > 1 { outs.remove(0) } else { outs[0].clone() });
         Ok(out.unwrap_or_else(|| CmdOutput { success: true, stdout: echo_of(argv, stdin), stderr: String::new() }))
+    }
+
+    /// Recorded as the command `rtnetlink link names`; answered from a canned
+    /// `ip -o link show` text ("2: veth0@if3: <UP>"), `lo` alone by default.
+    async fn link_names(&self, ns: Option<&Path>) -> io::Result<Vec<String>> {
+        let out = self.run(ns, &["rtnetlink", "link", "names"], None).await?;
+        if !out.success {
+            return Err(io::Error::new(io::ErrorKind::NotFound, out.stderr));
+        }
+        let text = if out.stdout.is_empty() { "1: lo: <LOOPBACK,UP>" } else { out.stdout.as_str() };
+        Ok(parse_link_names(text))
     }
 
     fn ns_id(&self, path: &Path) -> io::Result<Option<NsId>> {
