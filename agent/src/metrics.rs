@@ -638,13 +638,15 @@ pub fn sample_on_thread<S: Sample + 'static>(
                 next = Instant::now() + interval;
             }
             let batch = s.sample(active_faults());
+            // Published and flagged as one step under the lock `subscribe` reads the flag
+            // under: a reader coming just after sees the batch as new either way.
+            let mut st = demand.lock();
             if tx.send(Arc::new(batch)).is_err() {
                 debug!("no metric readers left; sampler stops");
                 return;
             }
-            if woke {
-                demand.lock().sampling = true;
-            }
+            st.sampling |= woke;
+            drop(st);
         }
     })?;
     Ok(Metrics(Arc::new(Handle { latest, demand })))
