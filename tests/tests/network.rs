@@ -481,3 +481,34 @@ fn total_partition_of_the_agents_own_namespace_spares_the_control_channel() {
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
     assert_eq!(NetPair::ping(&pair.a, &pair.b_ip, 3), 3, "emergency stop reached the agent through the partition");
 }
+
+#[test]
+fn nftables_tables_are_listed_and_deleted_over_netlink_in_one_transaction() {
+    use chaos_agent::sys::{netns::in_netns, nftnl};
+    let pair = NetPair::new();
+    let ns = std::path::PathBuf::from(format!("/run/netns/{}", pair.a));
+    let script = "add table inet chaos_nl\nadd table netdev chaos_nl_eg\nadd table ip keep\n";
+    let mut nft = std::process::Command::new("ip")
+        .args(["netns", "exec", &pair.a, "nft", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("nft");
+    std::io::Write::write_all(&mut nft.stdin.take().expect("stdin"), script.as_bytes()).expect("script");
+    assert!(nft.wait().expect("nft").success(), "nft -f: {script}");
+    let listed = |ns: &std::path::Path| {
+        let mut t = in_netns(Some(ns), nftnl::tables).expect("list over netlink");
+        t.sort();
+        t
+    };
+    let pairs = |v: &[(&str, &str)]| v.iter().map(|(f, n)| (f.to_string(), n.to_string())).collect::<Vec<_>>();
+    // What nft made, as nft names it; the agent's own namespace is another one.
+    assert_eq!(listed(&ns), pairs(&[("inet", "chaos_nl"), ("ip", "keep"), ("netdev", "chaos_nl_eg")]));
+    assert!(!in_netns(None, nftnl::tables).expect("here").iter().any(|(_, n)| n.starts_with("chaos_nl")), "not in the agent's namespace");
+    // All or none: one missing table fails the transaction and deletes nothing.
+    let e = in_netns(Some(&ns), || nftnl::delete_tables(&[("inet", "chaos_nl"), ("inet", "nosuch")])).expect_err("one is missing");
+    assert_eq!(e.kind(), std::io::ErrorKind::NotFound, "{e}");
+    assert_eq!(listed(&ns).len(), 3, "nothing deleted by a failed transaction");
+    in_netns(Some(&ns), || nftnl::delete_tables(&[("inet", "chaos_nl"), ("netdev", "chaos_nl_eg")])).expect("delete both");
+    assert_eq!(listed(&ns), pairs(&[("ip", "keep")]), "only the other table is left");
+    assert_eq!(NetPair::ruleset(&pair.a).trim(), "table ip keep {\n}", "as nft lists it");
+}

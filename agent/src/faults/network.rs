@@ -235,7 +235,13 @@ impl NetworkDriver {
     /// before apply and after revert).
     async fn snapshot_tables(&self, plan: &NetworkPlan) -> Result<Snapshot, AgentError> {
         self.ensure_there(&plan.ns)?;
-        let listed = self.read_tool(&plan.ns, &["nft", "list", "tables"]).await?;
+        let listed = match self.exec.nft_tables(plan.ns.path.as_deref()).await {
+            Ok(listed) => listed,
+            Err(e) => {
+                self.ensure_there(&plan.ns)?;
+                return Err(AgentError::Command { cmd: format!("listing nftables tables (in {})", plan.ns.label), detail: e.to_string() });
+            }
+        };
         let mut families = Vec::new();
         if plan.scope.direction.ingress() {
             families.push("inet");
@@ -412,10 +418,6 @@ fn plan_of(plan: &Plan) -> Result<&NetworkPlan, AgentError> {
         Plan::Network(p) => Ok(p),
         other => Err(AgentError::Command { cmd: "network driver".into(), detail: format!("given a foreign plan {other:?}") }),
     }
-}
-
-fn is_missing_table(stderr: &str) -> bool {
-    stderr.contains("No such file or directory")
 }
 
 #[async_trait]
@@ -619,28 +621,31 @@ impl NetworkDriver {
         if plan.scope.direction.egress() {
             tables.push(("netdev", plan.egress_table.as_str()));
         }
-        let script: String = tables.iter().map(|(fam, t)| format!("delete table {fam} {t}\n")).collect();
-        let out = self.run_tool(&plan.ns, &["nft", "-f", "-"], Some(&script)).await?;
-        let removed = if out.success {
-            tables.iter().map(|(fam, t)| format!("{fam} {t}")).collect()
-        } else if is_missing_table(&out.stderr) {
-            // (Also what entering a namespace deleted meanwhile says.)
-            self.ensure_there(&plan.ns)?;
-            let mut removed = Vec::new();
-            for (fam, t) in &tables {
-                let out = self.run_tool(&plan.ns, &["nft", "delete", "table", fam, t], None).await?;
-                if out.success {
-                    removed.push(format!("{fam} {t}"));
-                } else if !is_missing_table(&out.stderr) {
-                    return Err(AgentError::Command {
-                        cmd: format!("nft delete table {fam} {t} (in {})", plan.ns.label),
-                        detail: out.stderr,
-                    });
+        let ns = plan.ns.path.as_deref();
+        let removed = match self.exec.nft_delete_tables(ns, &tables).await {
+            Ok(()) => tables.iter().map(|(fam, t)| format!("{fam} {t}")).collect(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                // (Also what a namespace deleted meanwhile gives.)
+                self.ensure_there(&plan.ns)?;
+                let mut removed = Vec::new();
+                for (fam, t) in &tables {
+                    match self.exec.nft_delete_tables(ns, &[(fam, t)]).await {
+                        Ok(()) => removed.push(format!("{fam} {t}")),
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(e) => {
+                            return Err(AgentError::Command {
+                                cmd: format!("delete table {fam} {t} (in {})", plan.ns.label),
+                                detail: e.to_string(),
+                            });
+                        }
+                    }
                 }
+                removed
             }
-            removed
-        } else {
-            return Err(AgentError::Command { cmd: format!("nft -f - (in {}): {}", plan.ns.label, script.trim()), detail: out.stderr });
+            Err(e) => {
+                let what = tables.iter().map(|(fam, t)| format!("{fam} {t}")).collect::<Vec<_>>().join(", ");
+                return Err(AgentError::Command { cmd: format!("delete tables {what} (in {})", plan.ns.label), detail: e.to_string() });
+            }
         };
         Ok(if removed.is_empty() {
             format!("no tables left in {}", plan.ns.label)
@@ -765,12 +770,12 @@ mod tests {
         );
         // One of them missing: the transaction changes nothing, so each goes alone.
         let missing = CmdOutput { success: false, stdout: String::new(), stderr: "Error: No such file or directory".into() };
-        exec.answer("nft -f -", missing.clone());
-        exec.answer("delete table netdev", missing);
+        let done = CmdOutput { success: true, ..Default::default() };
+        exec.answer_in_turn("nft -f -", vec![missing.clone(), done.clone(), missing, done]);
         let s = d.revert(&plan).await.expect("revert");
         assert_eq!(s, "removed inet chaos_f_1 from netns lab-a");
-        let calls: Vec<String> = exec.calls().iter().rev().take(2).map(|c| c.argv.join(" ")).collect();
-        assert_eq!(calls, ["nft delete table netdev chaos_f_1_eg", "nft delete table inet chaos_f_1"]);
+        let calls: Vec<String> = exec.calls().iter().rev().take(2).filter_map(|c| c.stdin.clone()).collect();
+        assert_eq!(calls, ["delete table netdev chaos_f_1_eg\n", "delete table inet chaos_f_1\n"]);
         exec.remove_namespace(Path::new("/run/netns/lab-a"));
         exec.add_namespace("/run/netns/lab-a", (1, 99)); // same name, another namespace
         let before = exec.calls().len();

@@ -6,6 +6,7 @@ pub mod cgroup;
 pub mod fake;
 pub mod netexec;
 pub mod netns;
+pub mod nftnl;
 pub mod probe;
 pub mod procfs;
 pub mod signals;

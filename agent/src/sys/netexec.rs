@@ -36,6 +36,12 @@ pub trait NetExec: Send + Sync {
     /// Names of the namespace's interfaces, `lo` included (`Err` of kind
     /// `NotFound` when the namespace is gone).
     async fn link_names(&self, ns: Option<&Path>) -> io::Result<Vec<String>>;
+    /// The namespace's nftables tables as `nft list tables` prints them
+    /// ("table inet x" a line).
+    async fn nft_tables(&self, ns: Option<&Path>) -> io::Result<String>;
+    /// Delete nftables tables ((family, name)) in one transaction, all or
+    /// none: `Err` of kind `NotFound` when one of them (or the namespace) is missing.
+    async fn nft_delete_tables(&self, ns: Option<&Path>, tables: &[(&str, &str)]) -> io::Result<()>;
 }
 
 /// The real thing: the tool, started inside the namespace.
@@ -87,6 +93,25 @@ impl NetExec for SetnsExec {
         tokio::task::spawn_blocking(move || super::netns::in_netns(ns.as_deref(), super::netns::link_names))
             .await
             .map_err(io::Error::other)?
+    }
+
+    async fn nft_tables(&self, ns: Option<&Path>) -> io::Result<String> {
+        let ns = ns.map(Path::to_path_buf);
+        let tables = tokio::task::spawn_blocking(move || super::netns::in_netns(ns.as_deref(), super::nftnl::tables))
+            .await
+            .map_err(io::Error::other)??;
+        Ok(tables.iter().map(|(fam, name)| format!("table {fam} {name}\n")).collect())
+    }
+
+    async fn nft_delete_tables(&self, ns: Option<&Path>, tables: &[(&str, &str)]) -> io::Result<()> {
+        let ns = ns.map(Path::to_path_buf);
+        let owned: Vec<(String, String)> = tables.iter().map(|(f, t)| (f.to_string(), t.to_string())).collect();
+        tokio::task::spawn_blocking(move || {
+            let tables: Vec<(&str, &str)> = owned.iter().map(|(f, t)| (f.as_str(), t.as_str())).collect();
+            super::netns::in_netns(ns.as_deref(), || super::nftnl::delete_tables(&tables))
+        })
+        .await
+        .map_err(io::Error::other)?
     }
 
     fn ns_id(&self, path: &Path) -> io::Result<Option<NsId>> {
@@ -250,6 +275,24 @@ impl NetExec for FakeExec {
         }
         let text = if out.stdout.is_empty() { "1: lo: <LOOPBACK,UP>" } else { out.stdout.as_str() };
         Ok(parse_link_names(text))
+    }
+
+    /// Recorded as `nft list tables`; a failing canned answer is an error.
+    async fn nft_tables(&self, ns: Option<&Path>) -> io::Result<String> {
+        let out = self.run(ns, &["nft", "list", "tables"], None).await?;
+        if out.success { Ok(out.stdout) } else { Err(io::Error::other(out.stderr)) }
+    }
+
+    /// Recorded as `nft -f -` with a `delete table F T` line per table; a canned
+    /// failure saying "No such file or directory" is `NotFound`.
+    async fn nft_delete_tables(&self, ns: Option<&Path>, tables: &[(&str, &str)]) -> io::Result<()> {
+        let script: String = tables.iter().map(|(fam, t)| format!("delete table {fam} {t}\n")).collect();
+        let out = self.run(ns, &["nft", "-f", "-"], Some(&script)).await?;
+        match out {
+            o if o.success => Ok(()),
+            o if o.stderr.contains("No such file or directory") => Err(io::Error::new(io::ErrorKind::NotFound, o.stderr)),
+            o => Err(io::Error::other(o.stderr)),
+        }
     }
 
     fn ns_id(&self, path: &Path) -> io::Result<Option<NsId>> {
