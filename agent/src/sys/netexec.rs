@@ -89,29 +89,18 @@ impl NetExec for SetnsExec {
 
     async fn link_names(&self, ns: Option<&Path>) -> io::Result<Vec<String>> {
         // An rtnetlink dump from a thread in the namespace: tens of microseconds, not an exec.
-        let ns = ns.map(Path::to_path_buf);
-        tokio::task::spawn_blocking(move || super::netns::in_netns(ns.as_deref(), super::netns::link_names))
-            .await
-            .map_err(io::Error::other)?
+        in_netns_blocking(ns, super::netns::link_names).await
     }
 
     async fn nft_tables(&self, ns: Option<&Path>) -> io::Result<String> {
-        let ns = ns.map(Path::to_path_buf);
-        let tables = tokio::task::spawn_blocking(move || super::netns::in_netns(ns.as_deref(), super::nftnl::tables))
-            .await
-            .map_err(io::Error::other)??;
+        let tables = in_netns_blocking(ns, super::nftnl::tables).await?;
         Ok(tables.iter().map(|(fam, name)| format!("table {fam} {name}\n")).collect())
     }
 
     async fn nft_delete_tables(&self, ns: Option<&Path>, tables: &[(&str, &str)]) -> io::Result<()> {
-        let ns = ns.map(Path::to_path_buf);
         let owned: Vec<(String, String)> = tables.iter().map(|(f, t)| (f.to_string(), t.to_string())).collect();
-        tokio::task::spawn_blocking(move || {
-            let tables: Vec<(&str, &str)> = owned.iter().map(|(f, t)| (f.as_str(), t.as_str())).collect();
-            super::netns::in_netns(ns.as_deref(), || super::nftnl::delete_tables(&tables))
-        })
-        .await
-        .map_err(io::Error::other)?
+        in_netns_blocking(ns, move || super::nftnl::delete_tables(&owned.iter().map(|(f, t)| (f.as_str(), t.as_str())).collect::<Vec<_>>()))
+            .await
     }
 
     fn ns_id(&self, path: &Path) -> io::Result<Option<NsId>> {
@@ -121,6 +110,12 @@ impl NetExec for SetnsExec {
             Err(e) => Err(e),
         }
     }
+}
+
+/// `work` on a blocking thread, inside the namespace at `ns` ([`super::netns::in_netns`]).
+async fn in_netns_blocking<T: Send + 'static>(ns: Option<&Path>, work: impl FnOnce() -> io::Result<T> + Send + 'static) -> io::Result<T> {
+    let ns = ns.map(Path::to_path_buf);
+    tokio::task::spawn_blocking(move || super::netns::in_netns(ns.as_deref(), work)).await.map_err(io::Error::other)?
 }
 
 /// One recorded call.
