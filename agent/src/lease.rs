@@ -41,6 +41,7 @@ pub async fn run(link: LeaseLink, identity: Arc<AgentIdentity>, lifecycle: Lifec
     };
     let mut client = pb::coordinator_client::CoordinatorClient::new(channel);
     let mut registered = false;
+    let mut beats = Beats::Closed;
     let mut failures: u32 = 0;
     let mut ticker = tokio::time::interval(link.heartbeat_interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -48,16 +49,16 @@ pub async fn run(link: LeaseLink, identity: Arc<AgentIdentity>, lifecycle: Lifec
         ticker.tick().await;
         let Ok(status) = lifecycle.status().await else { return };
         let result = if registered {
-            client
-                .heartbeat(pb::HeartbeatRequest {
-                    agent_id: identity.agent_id.clone(),
-                    active_faults: u32::try_from(status.active_faults).unwrap_or(u32::MAX),
-                    lease_lost: status.lease_lost,
-                    instance_id: identity.instance_id.clone(),
-                })
-                .await
-                .map(|r| r.into_inner().armed)
+            let beat = pb::HeartbeatRequest {
+                agent_id: identity.agent_id.clone(),
+                active_faults: u32::try_from(status.active_faults).unwrap_or(u32::MAX),
+                lease_lost: status.lease_lost,
+                instance_id: identity.instance_id.clone(),
+            };
+            beats.beat(&mut client, beat, per_call).await
         } else {
+            // A new registration tries the stream again (the coordinator may have been upgraded).
+            beats = Beats::Closed;
             client
                 // Capabilities quote the host (probe details, a Docker error): fitted to the coordinator's edge.
                 .register_agent(chaos_proto::edge::fit(pb::RegisterAgentRequest {
@@ -117,5 +118,63 @@ pub async fn run(link: LeaseLink, identity: Arc<AgentIdentity>, lifecycle: Lifec
                 }
             }
         }
+    }
+}
+
+/// How heartbeats reach the coordinator: on one stream for the agent's life
+/// with it, or as single calls to a coordinator without the stream.
+enum Beats {
+    /// None open (the first beat, or the last stream broke): the next beat opens one.
+    Closed,
+    Open {
+        send: tokio::sync::mpsc::Sender<pb::HeartbeatRequest>,
+        answers: Box<tonic::Streaming<pb::HeartbeatResponse>>,
+    },
+    /// The coordinator answered UNIMPLEMENTED (an older release): `Heartbeat` calls.
+    Unary,
+}
+
+impl Beats {
+    /// One beat: the fleet's armed flag from the coordinator's answer within
+    /// `per_call`, or why there is none (the stream is closed then, and the
+    /// next beat opens another).
+    async fn beat(
+        &mut self,
+        client: &mut pb::coordinator_client::CoordinatorClient<tonic::transport::Channel>,
+        beat: pb::HeartbeatRequest,
+        per_call: Duration,
+    ) -> Result<bool, tonic::Status> {
+        if matches!(self, Beats::Closed) {
+            let (send, queue) = tokio::sync::mpsc::channel(1);
+            let opened = tokio::time::timeout(per_call, client.heartbeat_stream(tokio_stream::wrappers::ReceiverStream::new(queue))).await;
+            *self = match opened {
+                Ok(Ok(answers)) => {
+                    debug!("heartbeat stream open");
+                    Beats::Open { send, answers: Box::new(answers.into_inner()) }
+                }
+                Ok(Err(s)) if s.code() == Code::Unimplemented => {
+                    info!("the coordinator has no HeartbeatStream (an older release): heartbeats go as single calls");
+                    Beats::Unary
+                }
+                Ok(Err(s)) => return Err(s),
+                Err(_) => return Err(tonic::Status::deadline_exceeded(format!("opening the heartbeat stream took over {per_call:?}"))),
+            };
+        }
+        let (send, answers) = match self {
+            Beats::Open { send, answers } => (send, answers),
+            _ => return client.heartbeat(beat).await.map(|r| r.into_inner().armed),
+        };
+        let answer = match send.send(beat).await {
+            Ok(()) => tokio::time::timeout(per_call, answers.message()).await,
+            Err(_) => Ok(Ok(None)),
+        };
+        let why = match answer {
+            Ok(Ok(Some(a))) => return Ok(a.armed),
+            Ok(Ok(None)) => tonic::Status::unavailable("the coordinator ended the heartbeat stream"),
+            Ok(Err(s)) => s,
+            Err(_) => tonic::Status::deadline_exceeded(format!("no heartbeat answer within {per_call:?}")),
+        };
+        *self = Beats::Closed;
+        Err(why)
     }
 }

@@ -269,7 +269,7 @@ async fn every_format_1_fixture_is_reverted_by_journal_replay() {
             "iptables -w -t raw -F CHAOS-fixturelatency-O",
             "iptables -w -t raw -X CHAOS-fixturelatency-O",
             "iptables -w -t raw -S",
-            "nft delete table ip raw",
+            "nft -f - <<< delete table ip raw",
         ]
     );
     // Bandwidth: the ingress redirect and the ifb go first, then the htb root that carries the fault's handle.

@@ -49,6 +49,7 @@ pub async fn agents(coordinator: &str, timeout: Duration, fmt: Format) -> Result
             "instance_id": a.instance_id, "registered_by": a.registered_by,
             "health": health_name(a.health), "lease_age_s": dur_secs(a.lease_age.as_ref()),
             "lease_s": dur_secs(a.lease_duration.as_ref()), "active_faults": a.active_faults,
+            "heartbeat": if a.heartbeat_streamed { "stream" } else { "unary" },
             "labels": a.labels, "last_seen_at": rfc3339(a.last_seen_at.as_ref()),
             "armed": a.capabilities.as_ref().map(|c| c.armed),
         })).collect::<Vec<_>>()})),

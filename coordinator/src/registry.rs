@@ -39,6 +39,8 @@ pub struct AgentRecord {
     pub instance_id: String,
     /// Who registered it (certificate identity and address).
     pub registered_by: String,
+    /// Its last heartbeat came on a `HeartbeatStream`.
+    pub heartbeat_streamed: bool,
     /// A lazily connecting channel to the agent's gRPC server (with TLS,
     /// it accepts only a server whose certificate is this agent's).
     pub client: AgentClient<Channel>,
@@ -77,6 +79,7 @@ impl AgentRecord {
             active_faults: self.active_faults,
             instance_id: self.instance_id.clone(),
             registered_by: self.registered_by.clone(),
+            heartbeat_streamed: self.heartbeat_streamed,
         }
     }
 }
@@ -257,6 +260,7 @@ impl Registry {
             active_faults: 0,
             instance_id: req.instance_id,
             registered_by: registered_by.to_string(),
+            heartbeat_streamed: false,
             client,
         };
         g.agents.insert(req.agent_id, rec);
@@ -265,7 +269,7 @@ impl Registry {
 
     /// Renew an agent's lease. Returns the fleet's armed flag. A heartbeat
     /// from another instance than the holder is refused (ALREADY_EXISTS).
-    pub fn heartbeat(&self, req: &pb::HeartbeatRequest) -> Result<bool, CoordinatorError> {
+    pub fn heartbeat(&self, req: &pb::HeartbeatRequest, streamed: bool) -> Result<bool, CoordinatorError> {
         let mut g = self.lock();
         let armed = g.arm.armed;
         let rec = g.agents.get_mut(&req.agent_id).ok_or_else(|| CoordinatorError::UnknownAgent(req.agent_id.clone()))?;
@@ -287,6 +291,7 @@ impl Registry {
         rec.last_seen = Instant::now();
         rec.last_seen_wall = SystemTime::now();
         rec.active_faults = req.active_faults;
+        rec.heartbeat_streamed = streamed;
         Ok(armed)
     }
 
@@ -393,8 +398,8 @@ mod tests {
         assert!(r.agents().is_empty());
         r.register(reg("a", 3600), "t", false).expect("the longest lease");
         let hb = |n| pb::HeartbeatRequest { agent_id: "a".into(), active_faults: n, lease_lost: false, instance_id: "a-instance-1".into() };
-        assert_eq!(field(r.heartbeat(&hb(u32::MAX)).expect_err("count")), "active_faults");
-        r.heartbeat(&hb(spec::MAX_ACTIVE_FAULTS)).expect("the most faults an agent holds");
+        assert_eq!(field(r.heartbeat(&hb(u32::MAX), false).expect_err("count")), "active_faults");
+        r.heartbeat(&hb(spec::MAX_ACTIVE_FAULTS), false).expect("the most faults an agent holds");
         assert_eq!(r.agents()[0].active_faults, spec::MAX_ACTIVE_FAULTS);
     }
 
@@ -408,21 +413,20 @@ mod tests {
         assert_eq!(age(&r), AgentHealth::Late);
         tokio::time::advance(Duration::from_secs(5)).await;
         assert_eq!(age(&r), AgentHealth::Lost);
-        r.heartbeat(&pb::HeartbeatRequest {
-            agent_id: "a".into(),
-            active_faults: 2,
-            lease_lost: false,
-            instance_id: "a-instance-1".into(),
-        })
+        r.heartbeat(
+            &pb::HeartbeatRequest { agent_id: "a".into(), active_faults: 2, lease_lost: false, instance_id: "a-instance-1".into() },
+            true,
+        )
         .expect("hb");
         assert_eq!(age(&r), AgentHealth::Healthy);
         assert_eq!(r.agents()[0].active_faults, 2);
+        assert!(r.agents()[0].to_pb(Instant::now()).heartbeat_streamed, "a heartbeat that came on the stream says so");
     }
 
     #[tokio::test]
     async fn unknown_heartbeat_and_bad_registration_are_refused() {
         let r = Registry::new(Duration::from_millis(100), ArmState { armed: true, ..Default::default() }, None, ClientTls::Insecure);
-        let e = r.heartbeat(&pb::HeartbeatRequest { agent_id: "ghost".into(), ..Default::default() }).expect_err("unknown");
+        let e = r.heartbeat(&pb::HeartbeatRequest { agent_id: "ghost".into(), ..Default::default() }, false).expect_err("unknown");
         assert_eq!(tonic::Status::from(e).code(), tonic::Code::NotFound);
         let mut bad = reg("a", 10);
         bad.address = "127.0.0.1:5".into();
@@ -438,14 +442,14 @@ mod tests {
         r.register(reg("a", 10), "t", false).expect("register");
         r.disarm("drill");
         assert!(
-            !r.heartbeat(&pb::HeartbeatRequest { agent_id: "a".into(), instance_id: "a-instance-1".into(), ..Default::default() })
+            !r.heartbeat(&pb::HeartbeatRequest { agent_id: "a".into(), instance_id: "a-instance-1".into(), ..Default::default() }, false)
                 .expect("hb")
         );
         assert!(!r.register(reg("b", 10), "t", false).expect("register"));
         assert_eq!(r.arm_state().disarmed_reason, "drill");
         r.arm();
         assert!(
-            r.heartbeat(&pb::HeartbeatRequest { agent_id: "a".into(), instance_id: "a-instance-1".into(), ..Default::default() })
+            r.heartbeat(&pb::HeartbeatRequest { agent_id: "a".into(), instance_id: "a-instance-1".into(), ..Default::default() }, false)
                 .expect("hb")
         );
     }
@@ -468,15 +472,15 @@ mod tests {
         assert_eq!(c[0].address, "http://127.0.0.1:2");
         // The twin's heartbeats are refused too, the holder's are not.
         let hb = |i: &str| pb::HeartbeatRequest { agent_id: "a".into(), instance_id: i.into(), ..Default::default() };
-        assert!(r.heartbeat(&hb("twin")).is_err());
-        assert!(r.heartbeat(&hb("a-instance-1")).is_ok());
+        assert!(r.heartbeat(&hb("twin"), false).is_err());
+        assert!(r.heartbeat(&hb("a-instance-1"), false).is_ok());
         // The same process registering again is fine.
         r.register(reg("a", 10), "t", false).expect("same instance");
         // Once the holder's lease is over, the twin takes the id; the old holder's heartbeats are then refused.
         tokio::time::advance(Duration::from_secs(10)).await;
         assert!(r.contenders().is_empty(), "a contender is forgotten after its own lease");
         r.register(twin.clone(), "t", false).expect("holder lost");
-        assert!(r.heartbeat(&hb("a-instance-1")).expect_err("displaced").to_string().contains("twin"));
+        assert!(r.heartbeat(&hb("a-instance-1"), false).expect_err("displaced").to_string().contains("twin"));
         // A holder found gone (its address answers with another instance) can be replaced at once.
         r.register(reg("a", 10), "t", true).expect("replace");
         assert_eq!(r.agents()[0].instance_id, "a-instance-1");

@@ -123,6 +123,7 @@ impl CoordinatorService {
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::ScenarioEvent, Status>> + Send>>;
 type ValidationStream = Pin<Box<dyn Stream<Item = Result<pb::ValidationEvent, Status>> + Send>>;
 type MetricEventStream = Pin<Box<dyn Stream<Item = Result<pb::MetricEvent, Status>> + Send>>;
+type HeartbeatAnswers = Pin<Box<dyn Stream<Item = Result<pb::HeartbeatResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl Coordinator for CoordinatorService {
@@ -176,8 +177,29 @@ impl Coordinator for CoordinatorService {
 
     async fn heartbeat(&self, req: Request<pb::HeartbeatRequest>) -> Result<Response<pb::HeartbeatResponse>, Status> {
         own_id(&Caller::of(&req), &req.get_ref().agent_id, "Heartbeat")?;
-        let armed = self.registry.heartbeat(req.get_ref())?;
+        let armed = self.registry.heartbeat(req.get_ref(), false)?;
         Ok(Response::new(pb::HeartbeatResponse { armed }))
+    }
+
+    type HeartbeatStreamStream = HeartbeatAnswers;
+
+    async fn heartbeat_stream(&self, req: Request<tonic::Streaming<pb::HeartbeatRequest>>) -> Result<Response<HeartbeatAnswers>, Status> {
+        let caller = Caller::of(&req);
+        let state = (req.into_inner(), caller, Arc::clone(&self.registry));
+        // Answered in line, one per beat: a beat costs a frame each way, no task or channel.
+        let answers = futures::stream::unfold(Some(state), |state| async move {
+            let (mut beats, caller, registry) = state?;
+            // The agent closing its side, or its connection going, ends the stream.
+            let beat = beats.message().await.ok().flatten()?;
+            let answer = own_id(&caller, &beat.agent_id, "HeartbeatStream")
+                .and_then(|()| registry.heartbeat(&beat, true))
+                .map(|armed| pb::HeartbeatResponse { armed })
+                .map_err(Status::from);
+            // A refusal is the stream's last message: its status.
+            let next = answer.is_ok().then_some((beats, caller, registry));
+            Some((answer, next))
+        });
+        Ok(Response::new(Box::pin(answers)))
     }
 
     async fn list_agents(&self, _req: Request<pb::ListAgentsRequest>) -> Result<Response<pb::ListAgentsResponse>, Status> {

@@ -20,9 +20,9 @@ fn three_agents_register_emergency_stop_disarm_and_arm() {
         wait_until(Duration::from_secs(10), || {
             let out = chaos(&["--coordinator", &curl, "-o", "json", "agents"]);
             let v = json(&String::from_utf8_lossy(&out.stdout));
-            v["agents"].as_array().is_some_and(|a| a.len() == 3 && a.iter().all(|x| x["health"] == "healthy"))
+            v["agents"].as_array().is_some_and(|a| a.len() == 3 && a.iter().all(|x| x["health"] == "healthy" && x["heartbeat"] == "stream"))
         }),
-        "three healthy agents"
+        "three healthy agents, heartbeating on their streams"
     );
     // The coordinator shares this host (same boot id): its pid is protected.
     let e = chaos_ok(&["agent", "apply", "--agent", &agents[0].1, "--pause-pid", &coord.pid().to_string(), "--duration", "5s"], 3);

@@ -211,23 +211,20 @@ impl NetworkDriver {
             );
             snap.insert(format!("iptables raw chain {name} in {at}"), value);
         }
-        // nft absent or unusable (iptables-legacy hosts): no such key, the same before and after.
-        match self.run_tool(&plan.ns, &["nft", "list", "tables"], None).await {
-            Ok(out) if out.success => {
-                let raw = out.stdout.lines().any(|l| l.split_whitespace().eq(["table", "ip", "raw"]));
-                let value = match (others, raw) {
+        // nf_tables unusable (iptables-legacy hosts): no such key, the same before and after.
+        match self.exec.nft_tables(plan.ns.path.as_deref()).await {
+            Ok(listed) => {
+                let value = match (others, has_ip_raw(&listed)) {
                     (true, _) => super::SHARED_WITH_OTHERS,
                     (false, true) => "present",
                     (false, false) => "absent",
                 };
                 snap.insert(format!("nft table ip raw in {at}"), value);
             }
-            Ok(out) => {
+            Err(e) => {
                 self.ensure_there(&plan.ns)?;
-                tracing::debug!(ns = %plan.ns.label, stderr = %out.stderr, "nft list tables failed; raw table presence not compared");
+                tracing::debug!(ns = %plan.ns.label, error = %e, "nftables tables not listed; raw table presence not compared");
             }
-            Err(AgentError::MissingFeature(_)) => {}
-            Err(e) => return Err(e),
         }
         Ok(snap)
     }
@@ -245,8 +242,8 @@ impl NetworkDriver {
             )));
         }
         let ns = self.resolve_ns(target)?;
-        let raw = self.run_tool(&ns, &["nft", "list", "table", "ip", "raw"], None).await;
-        let raw_table_existed = !matches!(raw, Ok(ref o) if !o.success);
+        // Unknown (nf_tables unusable) counts as there: the revert never deletes what it cannot tell it made.
+        let raw_table_existed = self.exec.nft_tables(ns.path.as_deref()).await.map_or(true, |listed| has_ip_raw(&listed));
         let short: String = id.chars().filter(|c| c.is_ascii_alphanumeric()).take(16).collect();
         Ok(LatencyPlan {
             ns,
@@ -354,7 +351,7 @@ impl NetworkDriver {
         if !plan.raw_table_existed {
             let rest = self.run_tool(&plan.ns, &["iptables", "-w", "-t", "raw", "-S"], None).await?;
             if rest.success && rest.stdout.lines().all(|l| l.starts_with("-P ")) {
-                let _ = self.run_tool(&plan.ns, &["nft", "delete", "table", "ip", "raw"], None).await;
+                let _ = self.exec.nft_delete_tables(plan.ns.path.as_deref(), &[("ip", "raw")]).await;
             }
         }
         let mut s = if removed.is_empty() {
@@ -369,6 +366,11 @@ impl NetworkDriver {
         }
         Ok(s)
     }
+}
+
+/// Whether an `nft list tables` listing holds `table ip raw` (iptables-nft's raw table).
+fn has_ip_raw(listed: &str) -> bool {
+    listed.lines().any(|l| l.split_whitespace().eq(["table", "ip", "raw"]))
 }
 
 #[cfg(test)]

@@ -713,7 +713,6 @@ mod tests {
             "link names",
             CmdOutput { success: true, stdout: "1: lo: <LOOPBACK>\n2: veth0@if3: <UP>\n".into(), stderr: String::new() },
         );
-        exec.answer("list table", CmdOutput { success: true, stdout: "table ... drop".into(), stderr: String::new() });
         let d = driver(&exec);
         let plan = d.plan(&req(TargetSpec::Netns("lab-a".into()), scope(&["198.18.0.3"], Direction::Both))).await.expect("plan");
         assert!(exec.calls().is_empty(), "plan has no side effects");
@@ -738,7 +737,6 @@ mod tests {
     #[tokio::test]
     async fn loss_draws_each_packet_and_correlation_is_refused_by_name() {
         let exec = FakeExec::default();
-        exec.answer("list table", CmdOutput { success: true, stdout: "drop".into(), stderr: String::new() });
         let d = driver(&exec);
         let mut r = req(TargetSpec::Host, scope(&["198.18.0.3"], Direction::Ingress));
         r.kind = FaultKind::NetworkLoss { scope: scope(&["198.18.0.3"], Direction::Ingress), permyriad: 1050, correlation_permyriad: 0 };
@@ -993,7 +991,8 @@ mod tests {
                 saved("Thu Dec  3 09:47:03 2026", "16:4100", ":CHAOS-other-I - [0:0]\n-A PREROUTING ! -i lo -j CHAOS-other-I\n"),
             ],
         );
-        exec.answer_in_turn("nft list tables", vec![ok(""), ok("table ip raw\n"), ok(""), ok("table ip raw\n")]);
+        // The plan's read (no raw table: the fault's apply would make it), then the snapshots'.
+        exec.answer_in_turn("nft list tables", vec![ok(""), ok(""), ok("table ip raw\n"), ok(""), ok("table ip raw\n")]);
         let d = driver(&exec);
         let mut r = req(TargetSpec::Netns("lab-a".into()), scope(&["198.18.0.3"], Direction::Ingress));
         r.kind = FaultKind::NetworkLatency {

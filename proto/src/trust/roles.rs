@@ -27,6 +27,7 @@ pub const RULES: &[(&str, &[Role])] = &[
     // chaos.v1.Coordinator: only agents register and keep leases.
     ("/chaos.v1.Coordinator/RegisterAgent", &[Agent]),
     ("/chaos.v1.Coordinator/Heartbeat", &[Agent]),
+    ("/chaos.v1.Coordinator/HeartbeatStream", &[Agent]),
     ("/chaos.v1.Coordinator/Arm", &[Admin]),
     ("/chaos.v1.Coordinator/EmergencyStop", OPERATE),
     ("/chaos.v1.Coordinator/CreateScenario", OPERATE),
