@@ -189,8 +189,13 @@ impl Coordinator for CoordinatorService {
         // Answered in line, one per beat: a beat costs a frame each way, no task or channel.
         let answers = futures::stream::unfold(Some(state), |state| async move {
             let (mut beats, caller, registry) = state?;
-            // The agent closing its side, or its connection going, ends the stream.
-            let beat = beats.message().await.ok().flatten()?;
+            let beat = match beats.message().await {
+                Ok(Some(beat)) => beat,
+                // The agent closed its side.
+                Ok(None) => return None,
+                // A beat the edge refused (naming the field), or the connection gone: the last item.
+                Err(status) => return Some((Err(status), None)),
+            };
             let answer = own_id(&caller, &beat.agent_id, "HeartbeatStream")
                 .and_then(|()| registry.heartbeat(&beat, true))
                 .map(|armed| pb::HeartbeatResponse { armed })
