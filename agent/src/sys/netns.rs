@@ -5,7 +5,9 @@
 
 use std::{fs::File, io, path::Path};
 
-use netlink_packet_core::{NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload};
+use netlink_packet_core::{
+    NLM_F_DUMP, NLM_F_REQUEST, NetlinkDeserializable, NetlinkHeader, NetlinkMessage, NetlinkPayload, NetlinkSerializable,
+};
 use netlink_packet_route::{
     RouteNetlinkMessage,
     link::{LinkAttribute, LinkMessage},
@@ -30,48 +32,81 @@ pub fn in_netns<T: Send>(ns: Option<&Path>, work: impl FnOnce() -> io::Result<T>
     })
 }
 
-/// The names of the interfaces of the calling thread's namespace, `lo` included,
-/// in the kernel's order (by index).
-pub fn link_names() -> io::Result<Vec<String>> {
-    let mut socket = Socket::new(NETLINK_ROUTE)?;
+/// The longest a netlink reply may take; the kernel answers at once, so this
+/// only turns a lost reply into an error instead of a hang.
+const REPLY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// A netlink socket of `protocol` connected to the kernel, in the calling thread's namespace.
+pub(crate) fn open(protocol: isize) -> io::Result<Socket> {
+    let mut socket = Socket::new(protocol)?;
     socket.bind_auto()?;
     socket.connect(&SocketAddr::new(0, 0))?;
-    let mut request =
-        NetlinkMessage::new(NetlinkHeader::default(), NetlinkPayload::from(RouteNetlinkMessage::GetLink(LinkMessage::default())));
-    request.header.flags = NLM_F_DUMP | NLM_F_REQUEST;
-    request.header.sequence_number = 1;
-    request.finalize();
-    let mut buf = vec![0; request.buffer_len()];
-    request.serialize(&mut buf);
+    socket2::SockRef::from(&socket).set_read_timeout(Some(REPLY_TIMEOUT))?;
+    Ok(socket)
+}
+
+/// Send `messages` in one datagram (a batch is one).
+pub(crate) fn send<M: NetlinkSerializable>(socket: &Socket, messages: &[NetlinkMessage<M>]) -> io::Result<()> {
+    let mut buf = vec![0; messages.iter().map(NetlinkMessage::buffer_len).sum()];
+    let mut at = 0;
+    for m in messages {
+        m.serialize(&mut buf[at..at + m.buffer_len()]);
+        at += m.buffer_len();
+    }
     socket.send(&buf, 0)?;
-    let bad = |e: netlink_packet_core::DecodeError| io::Error::new(io::ErrorKind::InvalidData, format!("rtnetlink link dump: {e}"));
-    let mut names = Vec::new();
-    // A dump comes in datagrams of several messages each, up to NLMSG_DONE.
+    Ok(())
+}
+
+/// Read replies (datagrams of several messages each), handing each to `each`
+/// until it says it has all it needs (`true`).
+pub(crate) fn receive<M: NetlinkDeserializable>(
+    socket: &Socket,
+    mut each: impl FnMut(NetlinkMessage<M>) -> io::Result<bool>,
+) -> io::Result<()> {
     let mut datagram = Vec::with_capacity(64 * 1024);
     loop {
         datagram.clear();
         let size = socket.recv(&mut datagram, 0)?;
         let mut at = 0;
         while at < size {
-            let msg: NetlinkMessage<RouteNetlinkMessage> = NetlinkMessage::deserialize(&datagram[at..size]).map_err(bad)?;
-            match msg.payload {
-                NetlinkPayload::Done(_) => return Ok(names),
-                NetlinkPayload::Error(e) if e.code.is_some() => return Err(e.to_io()),
-                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(link)) => {
-                    names.extend(link.attributes.into_iter().filter_map(|a| match a {
-                        LinkAttribute::IfName(n) => Some(n),
-                        _ => None,
-                    }));
-                }
-                _ => {}
-            }
+            let msg = NetlinkMessage::<M>::deserialize(&datagram[at..size])
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("netlink reply: {e}")))?;
             let len = msg.header.length as usize;
+            if each(msg)? {
+                return Ok(());
+            }
             if len == 0 {
                 break;
             }
             at += len;
         }
     }
+}
+
+/// The names of the interfaces of the calling thread's namespace, `lo` included,
+/// in the kernel's order (by index).
+pub fn link_names() -> io::Result<Vec<String>> {
+    let socket = open(NETLINK_ROUTE)?;
+    let mut request =
+        NetlinkMessage::new(NetlinkHeader::default(), NetlinkPayload::from(RouteNetlinkMessage::GetLink(LinkMessage::default())));
+    request.header.flags = NLM_F_DUMP | NLM_F_REQUEST;
+    request.header.sequence_number = 1;
+    request.finalize();
+    send(&socket, &[request])?;
+    let mut names = Vec::new();
+    receive(&socket, |msg| match msg.payload {
+        NetlinkPayload::Done(_) => Ok(true),
+        NetlinkPayload::Error(e) if e.code.is_some() => Err(e.to_io()),
+        NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(link)) => {
+            names.extend(link.attributes.into_iter().filter_map(|a| match a {
+                LinkAttribute::IfName(n) => Some(n),
+                _ => None,
+            }));
+            Ok(false)
+        }
+        _ => Ok(false),
+    })?;
+    Ok(names)
 }
 
 #[cfg(test)]

@@ -4,7 +4,9 @@
 //! (3–4 ms here). Rules are still written by `nft`, which compiles them.
 //! Each call works in the calling thread's namespace (see [`super::netns`]).
 
-use std::{io, time::Duration};
+use std::io;
+
+use super::netns::{open, receive, send};
 
 use netlink_packet_core::{NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload};
 use netlink_packet_netfilter::{
@@ -12,13 +14,10 @@ use netlink_packet_netfilter::{
     nftables::{NfTablesMessage, TableAttribute, TableMessage},
     none::ControlMessage,
 };
-use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_NETFILTER};
+use netlink_sys::protocols::NETLINK_NETFILTER;
 
 /// The nfnetlink subsystem of nf_tables (batch messages name it as their resource).
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
-/// The longest a reply may take; the kernel answers at once, so this only
-/// turns a lost reply into an error instead of a hang.
-const REPLY_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// nft's name for a family ("inet", "ip", "ip6", "netdev", ...).
 pub fn family_name(f: NetfilterProtoFamily) -> String {
@@ -45,14 +44,6 @@ fn family_of(name: &str) -> io::Result<NetfilterProtoFamily> {
     })
 }
 
-fn open() -> io::Result<Socket> {
-    let mut socket = Socket::new(NETLINK_NETFILTER)?;
-    socket.bind_auto()?;
-    socket.connect(&SocketAddr::new(0, 0))?;
-    socket2::SockRef::from(&socket).set_read_timeout(Some(REPLY_TIMEOUT))?;
-    Ok(socket)
-}
-
 fn message(header: NetfilterHeader, inner: impl Into<NetfilterMessageInner>, flags: u16, seq: u32) -> NetlinkMessage<NetfilterMessage> {
     let mut m = NetlinkMessage::from(NetfilterMessage::new(header, inner));
     m.header.flags = flags;
@@ -61,47 +52,14 @@ fn message(header: NetfilterHeader, inner: impl Into<NetfilterMessageInner>, fla
     m
 }
 
-fn send(socket: &Socket, messages: &[NetlinkMessage<NetfilterMessage>]) -> io::Result<()> {
-    let mut buf = vec![0; messages.iter().map(NetlinkMessage::buffer_len).sum()];
-    let mut at = 0;
-    for m in messages {
-        m.serialize(&mut buf[at..at + m.buffer_len()]);
-        at += m.buffer_len();
-    }
-    socket.send(&buf, 0)?;
-    Ok(())
-}
-
-/// Read replies, handing each to `each` until it says it has all it needs (`true`).
-fn receive(socket: &Socket, mut each: impl FnMut(NetlinkMessage<NetfilterMessage>) -> io::Result<bool>) -> io::Result<()> {
-    let mut datagram = Vec::with_capacity(64 * 1024);
-    loop {
-        datagram.clear();
-        let size = socket.recv(&mut datagram, 0)?;
-        let mut at = 0;
-        while at < size {
-            let msg = NetlinkMessage::<NetfilterMessage>::deserialize(&datagram[at..size])
-                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("nf_tables reply: {e}")))?;
-            let len = msg.header.length as usize;
-            if each(msg)? {
-                return Ok(());
-            }
-            if len == 0 {
-                break;
-            }
-            at += len;
-        }
-    }
-}
-
 /// Every table of the namespace as (family, name), in the kernel's order.
 pub fn tables() -> io::Result<Vec<(String, String)>> {
-    let socket = open()?;
+    let socket = open(NETLINK_NETFILTER)?;
     let header = NetfilterHeader::new(NetfilterProtoFamily::Unspec, 0, 0);
     let get = NfTablesMessage::GetTable(TableMessage { attributes: vec![] });
     send(&socket, &[message(header, get, NLM_F_REQUEST | NLM_F_DUMP, 1)])?;
     let mut found = Vec::new();
-    receive(&socket, |msg| match msg.payload {
+    receive(&socket, |msg: NetlinkMessage<NetfilterMessage>| match msg.payload {
         NetlinkPayload::Done(_) => Ok(true),
         NetlinkPayload::Error(e) if e.code.is_some() => Err(e.to_io()),
         NetlinkPayload::InnerMessage(m) => {
@@ -125,7 +83,7 @@ pub fn delete_tables(tables: &[(&str, &str)]) -> io::Result<()> {
     if tables.is_empty() {
         return Ok(());
     }
-    let socket = open()?;
+    let socket = open(NETLINK_NETFILTER)?;
     let batch = NetfilterHeader::new(NetfilterProtoFamily::Unspec, 0, NFNL_SUBSYS_NFTABLES);
     let mut messages = vec![message(batch.clone(), ControlMessage::BatchBegin, NLM_F_REQUEST, 1)];
     for (i, (fam, name)) in tables.iter().enumerate() {
@@ -138,7 +96,7 @@ pub fn delete_tables(tables: &[(&str, &str)]) -> io::Result<()> {
     send(&socket, &messages)?;
     // One answer per deletion (each asks for its ack): an ack, or the error that aborted the batch.
     let (mut answered, mut first_error) = (0, None);
-    receive(&socket, |msg| {
+    receive(&socket, |msg: NetlinkMessage<NetfilterMessage>| {
         if let NetlinkPayload::Error(e) = msg.payload {
             answered += 1;
             if e.code.is_some() && first_error.is_none() {
